@@ -1,0 +1,119 @@
+"""Labelled structures as flat arrays in one ``.npz`` file.
+
+Training and inference tasks read datasets from the run directory, never as task
+arguments. The format is a handful of concatenated arrays so that loading is one
+``numpy.load`` and no text parsing:
+
+=============  ===================  ==========================================
+key            shape                meaning
+=============  ===================  ==========================================
+``numbers``    (n_atoms_total,)     atomic numbers
+``positions``  (n_atoms_total, 3)   Cartesian positions, Å
+``n_atoms``    (n_structures,)      atoms per structure, in order
+``cells``      (n_structures, 3, 3) cell vectors, Å (zeros when not periodic)
+``pbc``        (n_structures, 3)    periodic directions
+``energy``     (n_structures,)      potential energy, eV (NaN when unlabelled)
+``forces``     (n_atoms_total, 3)   forces, eV/Å (NaN when unlabelled)
+=============  ===================  ==========================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_write_bytes(path: str | os.PathLike, write) -> None:
+    """Write a file so that readers see either the old or the complete new content.
+
+    Parameters
+    ----------
+    path
+        Destination.
+    write
+        Callable taking an open binary file object.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_dataset(
+    path: str | os.PathLike,
+    structures: Sequence[Atoms],
+    extra: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Write structures (labelled or not) to ``path`` atomically.
+
+    Energies and forces are taken from each structure's calculator results when
+    present; otherwise they are stored as NaN. ``extra`` holds further per-structure
+    arrays (candidate ids, scores, statuses); plain dtypes only, nothing pickled.
+    """
+    numbers, positions, forces, n_atoms, cells, pbc, energy = [], [], [], [], [], [], []
+    for atoms in structures:
+        numbers.append(atoms.numbers)
+        positions.append(atoms.positions)
+        n_atoms.append(len(atoms))
+        cells.append(np.asarray(atoms.cell[:]))
+        pbc.append(atoms.pbc)
+        results = atoms.calc.results if atoms.calc is not None else {}
+        energy.append(results.get("energy", np.nan))
+        forces.append(results.get("forces", np.full((len(atoms), 3), np.nan)))
+    arrays = {
+        "numbers": np.concatenate(numbers) if numbers else np.zeros(0, int),
+        "positions": np.concatenate(positions) if positions else np.zeros((0, 3)),
+        "n_atoms": np.asarray(n_atoms, dtype=np.int64),
+        "cells": np.asarray(cells, dtype=float).reshape(-1, 3, 3),
+        "pbc": np.asarray(pbc, dtype=bool).reshape(-1, 3),
+        "energy": np.asarray(energy, dtype=float),
+        "forces": np.concatenate(forces) if forces else np.zeros((0, 3)),
+    }
+    for key, values in (extra or {}).items():
+        values = np.asarray(values)
+        if key in arrays or len(values) != len(structures):
+            raise ValueError(f"extra array {key!r} clashes or has the wrong length")
+        arrays[key] = values
+    atomic_write_bytes(path, lambda handle: np.savez(handle, **arrays))
+
+
+def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All arrays of a dataset file, including the ``extra`` ones."""
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def read_dataset(path: str | os.PathLike) -> list[Atoms]:
+    """Read structures written by :func:`write_dataset`.
+
+    Labelled structures come back with a :class:`SinglePointCalculator` holding
+    ``energy`` (eV) and ``forces`` (eV/Å).
+    """
+    arrays = read_arrays(path)
+    structures = []
+    offsets = np.concatenate([[0], np.cumsum(arrays["n_atoms"])])
+    for index, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
+        atoms = Atoms(
+            numbers=arrays["numbers"][start:stop],
+            positions=arrays["positions"][start:stop],
+            cell=arrays["cells"][index],
+            pbc=arrays["pbc"][index],
+        )
+        energy = arrays["energy"][index]
+        if np.isfinite(energy):
+            atoms.calc = SinglePointCalculator(
+                atoms, energy=float(energy), forces=arrays["forces"][start:stop].copy()
+            )
+        structures.append(atoms)
+    return structures

@@ -1,0 +1,203 @@
+"""Campaign settings: what to learn, typed and validated in one place.
+
+Where the campaign runs (executors, nodes, slots) belongs to the site config, never
+here. Every section forbids unknown keys, so a misspelt key is an error naming the
+key instead of a silently ignored value.
+
+The defaults describe the embedded campaign: ethanol with GFN2-xTB, sized to
+finish within ten minutes on two CPU cores. A TOML file overrides any of them::
+
+    [oracle]
+    calculator = "ase.calculators.emt:EMT"
+
+    [stop]
+    max_labels = 300
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+class CampaignError(ValueError):
+    """A campaign file or setting is invalid; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SystemSettings(_Section):
+    structure: str = Field("CH3CH2OH", min_length=1)
+    """An ASE molecule name (``ase.build.molecule``) or a structure file readable by ASE."""
+    vacuum: float = Field(0.0, ge=0)
+    """Vacuum (Å) added around a non-periodic structure; 0 leaves the cell as read."""
+
+
+class OracleSettings(_Section):
+    calculator: str = "xtb.ase.calculator:XTB"
+    """Import path ``module:Class`` of any ASE calculator."""
+    kwargs: dict[str, Any] = Field(default_factory=lambda: {"method": "GFN2-xTB"})
+    """Keyword arguments for the calculator."""
+    batch_size: int = Field(4, ge=1)
+    """Structures labelled per oracle task."""
+    max_force: float = Field(50.0, gt=0)
+    """Forces above this (eV/Å) are recorded as a failed label, never trained on."""
+
+
+class ModelSettings(_Section):
+    name: Literal["schnet"] = "schnet"
+    n_members: int = Field(4, ge=2)
+    cutoff: float = Field(5.0, gt=0)
+    """Neighbour cutoff, Å."""
+    n_features: int = Field(32, ge=4)
+    n_interactions: int = Field(2, ge=1)
+    n_rbf: int = Field(16, ge=2)
+
+
+class TrainingSettings(_Section):
+    epochs_per_task: int = Field(8, ge=1)
+    """Epochs one training task runs for one member before new data is taken in."""
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    force_weight: float = Field(10.0, ge=0)
+    bootstrap: bool = True
+    """Each member trains on its own bootstrap resample of the labels."""
+    rolling_window: int = Field(0, ge=0)
+    """Train on the newest N labels only (0 keeps all); for cheap oracles."""
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+
+
+class GeneratorSettings(_Section):
+    n_walkers: int = Field(4, ge=1)
+    integrator: Literal["langevin", "verlet"] = "langevin"
+    steps_per_task: int = Field(100, ge=1)
+    timestep_fs: float = Field(0.5, gt=0)
+    temperature_K: float = Field(500.0, gt=0)
+    friction: float = Field(0.02, gt=0)
+    """Langevin friction, 1/fs."""
+    sample_interval: int = Field(5, ge=1)
+    """MD steps between recorded candidate frames."""
+    max_force_disagreement: float = Field(3.0, gt=0)
+    """Hard cap (eV/Å): above it the walker has blown up and is reset."""
+    min_distance: float = Field(0.6, gt=0)
+    """Atoms closer than this (Å) mean the walker has blown up."""
+    max_neighbour_distance: float = Field(4.0, gt=0)
+    """A non-periodic atom farther than this (Å) from every other atom has flown off."""
+
+
+class SelectionSettings(_Section):
+    threshold: float = Field(0.05, ge=0)
+    """Force disagreement (eV/Å) above which a frame is worth labelling."""
+    max_per_trajectory: int = Field(3, ge=1)
+    """Cap on frames taken from one generator task."""
+    min_frame_gap: int = Field(4, ge=0)
+    """Diversity: picked frames of one trajectory are at least this many frames apart."""
+    rescore: bool = True
+    """Re-score the oracle queue with each new ensemble (PAL's dynamic oracle list)."""
+    max_queue: int = Field(256, ge=1)
+    """The oracle queue keeps at most this many candidates, the most uncertain."""
+
+
+class InitialSettings(_Section):
+    n_structures: int = Field(16, ge=2)
+    """Rattled copies of the start structure labelled before the first training."""
+    rattle: float = Field(0.05, ge=0)
+    """Standard deviation of the rattle, Å."""
+
+
+class TestSetSettings(_Section):
+    __test__ = False  # not a pytest class despite the name
+
+    n_structures: int = Field(32, ge=1)
+    """Held-out frames, labelled by the oracle, for the test force MAE."""
+    md_stride: int = Field(10, ge=1)
+    """Oracle-driven MD steps between held-out frames."""
+    temperature_K: float | None = None
+    """Temperature of the held-out MD; defaults to the generator's."""
+    file: str = ""
+    """A labelled structure file to use instead of oracle-driven MD."""
+
+
+class StopSettings(_Section):
+    max_labels: int = Field(160, ge=1)
+    """Active-learning labels (initial ones not counted)."""
+    max_wall_s: float = Field(480.0, gt=0)
+    target_force_mae: float = Field(0.0, ge=0)
+    """Stop when the test force MAE (eV/Å) reaches this; 0 disables."""
+
+
+class Campaign(_Section):
+    name: str = "ethanol-gfn2"
+    seed: int = 0
+    system: SystemSettings = SystemSettings()
+    oracle: OracleSettings = OracleSettings()
+    model: ModelSettings = ModelSettings()
+    training: TrainingSettings = TrainingSettings()
+    generator: GeneratorSettings = GeneratorSettings()
+    selection: SelectionSettings = SelectionSettings()
+    initial: InitialSettings = InitialSettings()
+    test: TestSetSettings = TestSetSettings()
+    stop: StopSettings = StopSettings()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid campaign settings"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}': check its spelling against pipeline/settings.py")
+        else:
+            lines.append(f"  '{key}': {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def campaign_from_dict(data: dict[str, Any], source: str = "<settings>") -> Campaign:
+    """Validate a nested dict of settings into a :class:`Campaign`.
+
+    Raises
+    ------
+    CampaignError
+        On an unknown key or a value of the wrong type, naming the key.
+    """
+    try:
+        return Campaign.model_validate(data)
+    except ValidationError as error:
+        raise CampaignError(_describe(error, source)) from None
+
+
+def load_campaign(path: str | Path | None = None, **overrides: Any) -> Campaign:
+    """Load the embedded default, a TOML file over it, then dotted overrides.
+
+    Parameters
+    ----------
+    path
+        A TOML campaign file, or None for the embedded default.
+    overrides
+        Values keyed by section and key joined with ``__``, e.g.
+        ``stop__max_labels=50``.
+    """
+    data: dict[str, Any] = {}
+    source = "<default campaign>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise CampaignError(f"{path}: campaign file not found") from None
+        except tomllib.TOMLDecodeError as error:
+            raise CampaignError(f"{path}: not valid TOML: {error}") from None
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split("__")
+        target = data
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value
+    return campaign_from_dict(data, source)
