@@ -173,6 +173,14 @@ def campaign_from_dict(data: dict[str, Any], source: str = "<settings>") -> Camp
         raise CampaignError(_describe(error, source)) from None
 
 
+def _resolve_relative_files(data: dict[str, Any], folder: Path) -> None:
+    """Make file settings relative to the campaign file's folder, where they exist."""
+    for section, key in (("system", "structure"), ("test", "file")):
+        value = data.get(section, {}).get(key)
+        if isinstance(value, str) and value and (folder / value).exists():
+            data[section][key] = str(folder / value)
+
+
 def load_campaign(path: str | Path | None = None, **overrides: Any) -> Campaign:
     """Load the embedded default, a TOML file over it, then dotted overrides.
 
@@ -194,6 +202,7 @@ def load_campaign(path: str | Path | None = None, **overrides: Any) -> Campaign:
             raise CampaignError(f"{path}: campaign file not found") from None
         except tomllib.TOMLDecodeError as error:
             raise CampaignError(f"{path}: not valid TOML: {error}") from None
+        _resolve_relative_files(data, Path(path).resolve().parent)
     for dotted, value in overrides.items():
         *sections, key = dotted.split("__")
         target = data

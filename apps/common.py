@@ -1,0 +1,48 @@
+"""Small pieces every app shares: where it ran, and importing objects by path."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import time
+from typing import Any
+
+
+def import_object(path: str) -> Any:
+    """Import ``module:attribute`` (or ``module.attribute``) and return the attribute.
+
+    Raises
+    ------
+    ImportError
+        Naming the path when the module or the attribute does not exist.
+    """
+    module_name, sep, attribute = path.partition(":")
+    if not sep:
+        module_name, _, attribute = path.rpartition(".")
+    if not module_name or not attribute:
+        raise ImportError(f"{path!r} is not of the form 'package.module:Name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"cannot import module {module_name!r} of {path!r}: {error}") from error
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") from None
+
+
+def where_and_when(t_start: float) -> dict[str, Any]:
+    """The record every app returns about itself: its own start and end times and host.
+
+    Times are seconds since the epoch as measured by the worker, so ``events.jsonl``
+    shows when the work itself ran, apart from queueing in Parsl.
+    """
+    return {
+        "t_start": t_start,
+        "t_end": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_partition": os.environ.get("SLURM_JOB_PARTITION"),
+    }

@@ -1,0 +1,181 @@
+"""The oracle: label structures with energy and forces from any ASE calculator.
+
+A calculator is named by import path plus keyword arguments, e.g.
+``{"calculator": "xtb.ase.calculator:XTB", "kwargs": {"method": "GFN2-xTB"}}``, so
+xTB, DFT codes and ASE's own EMT or LJ plug in the same way. Each task works in its
+own scratch directory so that file-based calculators (DFT codes) do not collide.
+
+A structure that cannot be labelled is an expected outcome, not a crash: it is
+recorded with its reason and never reaches the training data.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from apps.common import import_object, where_and_when
+from apps.dataset import read_arrays, read_dataset, write_dataset
+
+logger = logging.getLogger(__name__)
+
+OK = "ok"
+
+
+class OracleError(RuntimeError):
+    """An oracle could not label a structure."""
+
+
+class BadLabel(OracleError):
+    """The oracle returned numbers that must not be trained on (NaN, inf, absurd)."""
+
+
+def make_calculator(spec: dict[str, Any], directory: str | Path | None = None) -> Calculator:
+    """Build the ASE calculator that ``spec`` names.
+
+    Parameters
+    ----------
+    spec
+        ``{"calculator": "module:Class", "kwargs": {...}}``.
+    directory
+        Scratch directory for calculators that write files; ignored by those that
+        do not accept one.
+    """
+    factory = import_object(spec["calculator"])
+    kwargs = dict(spec.get("kwargs", {}))
+    if directory is not None:
+        try:
+            return factory(directory=str(directory), **kwargs)
+        except TypeError:
+            pass  # calculators without a ``directory`` argument work in memory
+    return factory(**kwargs)
+
+
+def label_structure(atoms: Atoms, calculator: Calculator, max_force: float) -> Atoms:
+    """Return a copy of ``atoms`` holding validated energy (eV) and forces (eV/Å).
+
+    Raises
+    ------
+    BadLabel
+        When the energy or forces are not finite, or a force exceeds ``max_force``.
+    """
+    work = atoms.copy()
+    work.calc = calculator
+    energy = float(work.get_potential_energy())
+    forces = np.array(work.get_forces(), dtype=float)
+    if forces.shape != (len(work), 3):
+        raise BadLabel(f"forces have shape {forces.shape}, expected {(len(work), 3)}")
+    if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
+        raise BadLabel("energy or forces are not finite")
+    largest = float(np.abs(forces).max(initial=0.0))
+    if largest > max_force:
+        raise BadLabel(f"force component {largest:.3g} eV/Å exceeds max_force {max_force:g}")
+    labelled = atoms.copy()
+    labelled.calc = SinglePointCalculator(labelled, energy=energy, forces=forces)
+    return labelled
+
+
+def _label_batch(
+    input_path: str,
+    output_path: str,
+    calculator_spec: dict[str, Any],
+    scratch_dir: str,
+    max_force: float = 50.0,
+) -> dict[str, Any]:
+    """Label every structure of ``input_path`` and write them to ``output_path``.
+
+    The output is written atomically, so an existing output file is a complete
+    result. Structures that failed keep NaN labels and their reason in the
+    ``status`` array; ``"ok"`` marks the good ones.
+
+    Returns
+    -------
+    dict
+        ``n_ok``, ``failures`` (list of ``[candidate_id, reason]``), the output path,
+        per-structure oracle seconds, and where and when the task ran.
+    """
+    t_start = time.time()
+    structures = read_dataset(input_path)
+    ids = read_arrays(input_path).get("candidate_id", np.arange(len(structures)))
+    scratch = Path(scratch_dir)
+    scratch.mkdir(parents=True, exist_ok=True)
+    calculator = make_calculator(calculator_spec, scratch)
+    labelled, statuses, seconds = [], [], []
+    for atoms in structures:
+        t0 = time.perf_counter()
+        try:
+            labelled.append(label_structure(atoms, calculator, max_force))
+            statuses.append(OK)
+        except Exception as error:  # any calculator failure is a recorded outcome
+            logger.warning("oracle failed on a structure: %s", error)
+            labelled.append(atoms.copy())
+            statuses.append(f"{type(error).__name__}: {error}"[:500])
+            calculator = make_calculator(calculator_spec, scratch)  # drop broken state
+        seconds.append(time.perf_counter() - t0)
+    write_dataset(
+        output_path,
+        labelled,
+        extra={"candidate_id": np.asarray(ids), "status": np.asarray(statuses, dtype=str)},
+    )
+    shutil.rmtree(scratch, ignore_errors=True)
+    failures = [[int(i), s] for i, s in zip(ids, statuses) if s != OK]
+    return {
+        "output_path": output_path,
+        "n_ok": len(statuses) - len(failures),
+        "failures": failures,
+        "oracle_seconds": seconds,
+        **where_and_when(t_start),
+    }
+
+
+def _oracle_md(
+    start_path: str,
+    output_path: str,
+    calculator_spec: dict[str, Any],
+    scratch_dir: str,
+    n_frames: int,
+    stride: int,
+    temperature_K: float,
+    timestep_fs: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Run Langevin MD on the oracle itself and keep every ``stride``-th frame.
+
+    Used to make the held-out test set: frames from the oracle's own thermal
+    ensemble, labelled by the same oracle as the training data.
+    """
+    from ase import units
+    from ase.io import read
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    t_start = time.time()
+    atoms = read(start_path)
+    scratch = Path(scratch_dir)
+    scratch.mkdir(parents=True, exist_ok=True)
+    atoms.calc = make_calculator(calculator_spec, scratch)
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    dynamics = Langevin(
+        atoms, timestep_fs * units.fs, temperature_K=temperature_K, friction=0.02, rng=rng
+    )
+    frames = []
+    # The first stride lets the start structure's memory fade before sampling.
+    for _ in range(n_frames):
+        dynamics.run(stride)
+        frame = atoms.copy()
+        frame.calc = SinglePointCalculator(
+            frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces()
+        )
+        frames.append(frame)
+    write_dataset(output_path, frames)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"output_path": output_path, "n_frames": len(frames), **where_and_when(t_start)}

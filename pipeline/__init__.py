@@ -1,0 +1,1 @@
+"""palflow: the coordinator, campaign settings and the command line."""

@@ -1,0 +1,291 @@
+"""What a campaign knows at any moment: labels, walkers, members, ensemble versions.
+
+The coordinator decides what to submit; this module holds the bookkeeping that
+those decisions read, and writes the files that other tasks consume (training
+snapshots, stacked ensemble checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.io import read, write
+
+from apps.dataset import read_dataset, write_dataset
+from pipeline.metrics import busy_fractions, concurrency_fraction
+from pipeline.rundir import RunDirectory
+from pipeline.selection import Candidate
+from pipeline.settings import Campaign
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Walker:
+    """One MD walker; it moves on from its last sound frame, or resets to the start."""
+
+    walker_id: int
+    start_path: str
+    busy: bool = False
+    segments: int = 0
+    resets: int = 0
+
+
+@dataclass
+class Member:
+    """One ensemble member and the checkpoint its training has reached."""
+
+    index: int
+    checkpoint: str | None = None
+    busy: bool = False
+    tasks: int = 0
+    epochs: int = 0
+    trained_on: int = 0
+    """Labels (initial and active) in the snapshot of its latest finished task."""
+    fresh: bool = False
+    """Advanced since the last published ensemble version."""
+
+    def advance(self, checkpoint: str, labels: int, epochs: int) -> None:
+        """Move to a newer checkpoint; the older one is in a stacked version already."""
+        previous, self.checkpoint = self.checkpoint, checkpoint
+        self.trained_on, self.epochs, self.fresh = labels, epochs, True
+        if previous and previous != checkpoint and os.path.exists(previous):
+            os.remove(previous)
+
+
+@dataclass(frozen=True)
+class Version:
+    """A published ensemble: K member checkpoints stacked into one file."""
+
+    number: int
+    path: str
+    n_labels: int
+    """Active-learning labels when it was published."""
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A training snapshot: the labels one training task sees, as files."""
+
+    train_path: str
+    valid_path: str | None
+    n_labels: int
+
+
+def load_start_structure(spec: str, vacuum: float = 0.0) -> Atoms:
+    """The start structure: an ASE molecule name or a structure file.
+
+    Raises
+    ------
+    ValueError
+        When ``spec`` is neither a known molecule nor a readable file.
+    """
+    from ase.build import molecule
+    from ase.collections import g2
+
+    if spec in g2.names:
+        atoms = molecule(spec)
+    elif os.path.exists(spec):
+        try:
+            atoms = read(spec)
+        except Exception as error:
+            raise ValueError(f"structure file {spec!r} does not parse: {error}") from None
+    else:
+        raise ValueError(
+            f"structure {spec!r} is neither an ASE molecule name nor an existing file"
+        )
+    if vacuum > 0 and not atoms.pbc.any():
+        atoms.center(vacuum=vacuum)
+    return atoms
+
+
+@dataclass
+class CampaignState:
+    """Bookkeeping of one campaign."""
+
+    campaign: Campaign
+    run: RunDirectory
+    start: Atoms
+    start_path: str
+    walkers: list[Walker]
+    members: list[Member]
+    t0: float = field(default_factory=time.time)
+    versions: list[Version] = field(default_factory=list)
+    labelled: list[Atoms] = field(default_factory=list)
+    label_ids: list[int] = field(default_factory=list)
+    n_labels_active: int = 0
+    n_labels_initial: int = 0
+    failures: dict[int, str] = field(default_factory=dict)
+    test_errors: list[dict[str, Any]] = field(default_factory=list)
+    train_snapshot: Snapshot | None = None
+    pending_initial: list[Candidate] = field(default_factory=list)
+    stop_reason: str | None = None
+    test_ready: bool = False
+    evaluated_version: int = 0
+    rescored_version: int = 0
+    _last_candidate_id: int = 0
+
+    @classmethod
+    def new(cls, campaign: Campaign, run: RunDirectory, start: Atoms) -> CampaignState:
+        start_path = run.path("system", "start.extxyz")
+        write(start_path, start, format="extxyz")
+        return cls(
+            campaign=campaign, run=run, start=start, start_path=start_path,
+            walkers=[Walker(i, start_path) for i in range(campaign.generator.n_walkers)],
+            members=[Member(i) for i in range(campaign.model.n_members)],
+        )
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def version(self) -> Version | None:
+        """The newest published ensemble."""
+        return self.versions[-1] if self.versions else None
+
+    @property
+    def n_labels_total(self) -> int:
+        return len(self.labelled)
+
+    @property
+    def n_failures(self) -> int:
+        return len(self.failures)
+
+    def label_room(self, campaign: Campaign, in_flight: int) -> int:
+        """Active labels that may still be requested within the budget."""
+        return campaign.stop.max_labels - self.n_labels_active - in_flight
+
+    def model_spec(self, campaign: Campaign) -> dict[str, Any]:
+        return campaign.model.model_dump(exclude={"name", "n_members"})
+
+    # ---------------------------------------------------------------- changes
+    def new_candidate_id(self) -> int:
+        self._last_candidate_id += 1
+        return self._last_candidate_id
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            logger.info("stopping: %s", reason)
+            self.stop_reason = reason
+
+    def initial_candidates(self, campaign: Campaign) -> list[Candidate]:
+        """The start structure and rattled copies of it, labelled before any training."""
+        rng = np.random.default_rng(campaign.seed)
+        candidates = []
+        for index in range(campaign.initial.n_structures):
+            atoms = self.start.copy()
+            if index > 0:
+                atoms.positions += rng.normal(0.0, campaign.initial.rattle, atoms.positions.shape)
+            candidates.append(Candidate(self.new_candidate_id(), atoms, float("inf"), 0.0, 0))
+        return candidates
+
+    def use_test_file(self, path: str) -> None:
+        """Take the held-out set from a labelled structure file."""
+        from ase.io import read as read_any
+
+        frames = read_any(path, index=":")
+        if not all(f.calc is not None and "forces" in f.calc.results for f in frames):
+            raise ValueError(f"test file {path!r} must hold energies and forces")
+        write_dataset(self.run.path("data", "test.npz"), frames)
+        self.test_ready = True
+
+    def record_failure(self, candidate_id: int, reason: str) -> None:
+        self.failures[candidate_id] = reason
+
+    def add_labels(self, structures: list[Atoms], metadata: list[dict], source: str) -> None:
+        """Store new labels and write the training snapshot that includes them."""
+        if not structures:
+            return
+        self.run.store_labels(structures, metadata)
+        self.labelled.extend(structures)
+        self.label_ids.extend(m["candidate_id"] for m in metadata)
+        if source == "initial":
+            self.n_labels_initial += len(structures)
+        else:
+            self.n_labels_active += len(structures)
+        self._write_snapshot()
+
+    def _write_snapshot(self) -> None:
+        settings = self.campaign.training
+        window = settings.rolling_window or len(self.labelled)
+        structures = self.labelled[-window:]
+        ids = np.asarray(self.label_ids[-window:])
+        # A fixed hash of the candidate id keeps each label on one side for good.
+        is_valid = (ids * 2654435761 % 1000) / 1000 < settings.validation_fraction
+        if is_valid.all():
+            is_valid[:] = False
+        total = len(self.labelled)
+        train_path = self.run.path("data", f"train.{total:06d}.npz")
+        write_dataset(train_path, [s for s, v in zip(structures, is_valid) if not v])
+        valid_path = None
+        if is_valid.any():
+            valid_path = self.run.path("data", f"valid.{total:06d}.npz")
+            write_dataset(valid_path, [s for s, v in zip(structures, is_valid) if v])
+        self.train_snapshot = Snapshot(train_path, valid_path, total)
+
+    def maybe_publish_version(self, final: bool = False) -> Version | None:
+        """Stack the members into a new ensemble version once each has advanced.
+
+        With ``final``, publish whatever members advanced, so the last labels of a
+        stopped campaign reach the last version.
+        """
+        from apps.training import stack_member_checkpoints
+
+        fresh = [m.fresh for m in self.members]
+        if not any(fresh) or not all(m.checkpoint for m in self.members):
+            return None
+        if not (all(fresh) or final):
+            return None
+        number = len(self.versions) + 1
+        path = self.run.path("models", f"ensemble.v{number:05d}.pt")
+        stack_member_checkpoints(
+            [m.checkpoint for m in self.members], path,
+            extra={"version": number, "labels": self.n_labels_active,
+                   "epochs": [m.epochs for m in self.members]},
+        )
+        for member in self.members:
+            member.fresh = False
+        version = Version(number, path, self.n_labels_active, time.time() - self.t0)
+        self.versions.append(version)
+        return version
+
+    def record_test_error(self, version: Version, errors: dict[str, Any]) -> None:
+        self.test_errors.append({
+            "version": version.number, "labels": version.n_labels, "wall_s": version.wall_s,
+            "force_mae": errors["force_mae"], "force_rmse": errors.get("force_rmse"),
+            "energy_mae_per_atom": errors.get("energy_mae_per_atom"),
+        })
+
+    # ---------------------------------------------------------------- the end
+    def summary(self, events: list[dict[str, Any]], slots: dict[str, int]) -> dict[str, Any]:
+        """What ``summary.json`` says about the campaign."""
+        t_end = time.time()
+        kinds = Counter(reason.split(":")[0] for reason in self.failures.values())
+        errors = sorted(self.test_errors, key=lambda e: e["version"])
+        return {
+            "campaign": self.campaign.name,
+            "stop_reason": self.stop_reason or "nothing left to run",
+            "labels": self.n_labels_active,
+            "initial_labels": self.n_labels_initial,
+            "oracle_failures": self.n_failures,
+            "oracle_failures_by_kind": dict(kinds),
+            "wall_s": t_end - self.t0,
+            "versions": len(self.versions),
+            "test_force_mae": [[e["labels"], e["wall_s"], e["force_mae"]] for e in errors],
+            "test_errors": errors,
+            "busy_fraction": busy_fractions(events, self.t0, t_end),
+            "all_modules_busy_fraction": concurrency_fraction(
+                events, self.t0, t_end, ("oracle", "generator", "train")
+            ),
+            "slots": slots,
+            "tasks": dict(Counter(e["module"] for e in events)),
+            "failed_tasks": dict(Counter(e["module"] for e in events if not e["ok"])),
+            "walker_resets": sum(w.resets for w in self.walkers),
+        }
+

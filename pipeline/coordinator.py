@@ -1,0 +1,450 @@
+"""The streaming coordinator: keep every module busy, react to whatever finishes first.
+
+Deciding what to run is kept apart from running it. The coordinator only ever
+sees ``concurrent.futures.Future`` objects, so it runs on Parsl executors in a
+campaign and on a standard-library executor in tests. Its loop is::
+
+    submit whatever a free slot allows  ->  wait(FIRST_COMPLETED)  ->  handle each result
+
+One small handler per kind of result says what arrived, what it changes and what
+becomes submittable:
+
+============  =========  ==============================================================
+kind          module     on completion
+============  =========  ==============================================================
+reference     oracle     the held-out test set exists; ensembles can be evaluated
+label         oracle     labels enter ``labels.db`` and the next training snapshot
+generate      generator  frames above the threshold enter the oracle queue; the walker
+                         moves on, or is reset when it blew up
+train         train      the member's checkpoint advances; once every member has, a new
+                         ensemble version is published
+score         infer      the oracle queue is re-scored with the newer ensemble
+evaluate      infer      the test force MAE of a version is recorded
+============  =========  ==============================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.io import write
+
+from apps.dataset import read_arrays, read_dataset, write_dataset
+from pipeline.campaign_state import CampaignState, Member, Walker
+from pipeline.rundir import RunDirectory
+from pipeline.selection import Candidate, OracleQueue, select_frames
+from pipeline.settings import Campaign
+
+logger = logging.getLogger(__name__)
+
+MODULES = ("oracle", "generator", "train", "infer")
+"""Executor labels: the only link between apps and site configs."""
+
+MODULE_OF_KIND = {
+    "reference": "oracle",
+    "label": "oracle",
+    "generate": "generator",
+    "train": "train",
+    "score": "infer",
+    "evaluate": "infer",
+}
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+@dataclass
+class Apps:
+    """How each kind of task is submitted; every callable returns a Future."""
+
+    label_batch: Callable[..., Future]
+    oracle_md: Callable[..., Future]
+    run_md: Callable[..., Future]
+    train_member: Callable[..., Future]
+    score_candidates: Callable[..., Future]
+    evaluate_test: Callable[..., Future]
+
+    @classmethod
+    def parsl(cls) -> Apps:
+        """The Parsl apps, routed by executor label."""
+        import apps
+
+        return cls(
+            label_batch=apps.label_batch,
+            oracle_md=apps.oracle_md,
+            run_md=apps.run_md,
+            train_member=apps.train_member,
+            score_candidates=apps.score_candidates,
+            evaluate_test=apps.evaluate_test,
+        )
+
+    @classmethod
+    def from_executors(cls, executors: Mapping[str, Executor]) -> Apps:
+        """The plain app functions on standard-library executors, keyed by module."""
+        from apps.generator import _run_md
+        from apps.inference import _evaluate_test, _score_candidates
+        from apps.oracle import _label_batch, _oracle_md
+        from apps.training import _train_member
+
+        return cls(
+            label_batch=partial(executors["oracle"].submit, _label_batch),
+            oracle_md=partial(executors["oracle"].submit, _oracle_md),
+            run_md=partial(executors["generator"].submit, _run_md),
+            train_member=partial(executors["train"].submit, _train_member),
+            score_candidates=partial(executors["infer"].submit, _score_candidates),
+            evaluate_test=partial(executors["infer"].submit, _evaluate_test),
+        )
+
+
+@dataclass
+class Task:
+    """A task in flight: what it is and what the handler needs to know about it."""
+
+    task_id: int
+    kind: str
+    submitted: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def module(self) -> str:
+        return MODULE_OF_KIND[self.kind]
+
+
+class Coordinator:
+    """Run one campaign to a stop, keeping ``slots[module]`` tasks in flight per module.
+
+    Parameters
+    ----------
+    campaign
+        Validated campaign settings.
+    run
+        The run directory, already created.
+    apps
+        How tasks are submitted.
+    slots
+        Most tasks in flight per module (``oracle``, ``generator``, ``train``,
+        ``infer``); a site's capacity.
+    start
+        The start structure.
+    """
+
+    def __init__(
+        self,
+        campaign: Campaign,
+        run: RunDirectory,
+        apps: Apps,
+        slots: Mapping[str, int],
+        start: Atoms,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.campaign = campaign
+        self.run_dir = run
+        self.apps = apps
+        self.slots = {module: max(1, int(slots.get(module, 1))) for module in MODULES}
+        self.poll_s = poll_s
+        self.state = CampaignState.new(campaign, run, start)
+        self.queue = OracleQueue(campaign.selection.max_queue)
+        self.in_flight: dict[Future, Task] = {}
+        self._next_task_id = 0
+        self._failures_in_a_row: Counter[str] = Counter()
+        self._handlers = {
+            "reference": self._on_reference,
+            "label": self._on_label,
+            "generate": self._on_generate,
+            "train": self._on_train,
+            "score": self._on_score,
+            "evaluate": self._on_evaluate,
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        """Run until a stop condition holds and in-flight oracle work is saved.
+
+        Returns
+        -------
+        dict
+            The summary, also written to ``summary.json``.
+        """
+        self.state.t0 = time.time()
+        logger.info("campaign %s starts in %s", self.campaign.name, self.run_dir.root)
+        self._submit_reference()
+        while True:
+            self._check_stop()
+            self._submit_ready()
+            if not self.in_flight or (self.state.stop_reason and not self._draining()):
+                break
+            done, _ = wait(list(self.in_flight), timeout=self.poll_s, return_when=FIRST_COMPLETED)
+            for future in done:
+                self._finish(future, self.in_flight.pop(future))
+        return self._close()
+
+    def _draining(self) -> list[Task]:
+        """Tasks a stop still waits for: labels being paid for, and training on them."""
+        return [t for t in self.in_flight.values() if t.kind in ("label", "train", "evaluate")]
+
+    def _finish(self, future: Future, task: Task) -> None:
+        ended = time.time()
+        event = {"task": task.task_id, "kind": task.kind, "module": task.module,
+                 "submitted": task.submitted, "returned": ended}
+        try:
+            result = future.result()
+        except Exception as error:  # a task failure is recorded, never fatal by itself
+            logger.warning("%s task %d failed: %s", task.kind, task.task_id, error)
+            event.update(ok=False, error=f"{type(error).__name__}: {error}"[:500])
+            self.run_dir.append_event(event)
+            self._on_task_failure(task, error)
+            return
+        self._failures_in_a_row[task.module] = 0
+        event.update(ok=True, started=result.get("t_start"), ended=result.get("t_end"),
+                     host=result.get("host"), slurm_job_id=result.get("slurm_job_id"),
+                     slurm_partition=result.get("slurm_partition"))
+        self.run_dir.append_event(event)
+        self._handlers[task.kind](result, task)
+        if result.get("stop"):
+            self.state.request_stop(f"{task.module} asked to stop: {result['stop']}")
+
+    def _submit(self, kind: str, submit: Callable[..., Future], *args: Any, **meta: Any) -> None:
+        task = Task(self._next_task_id, kind, time.time(), meta)
+        self._next_task_id += 1
+        self.in_flight[submit(*args)] = task
+
+    def _busy(self, module: str) -> int:
+        return sum(1 for task in self.in_flight.values() if task.module == module)
+
+    def _free(self, module: str) -> bool:
+        return self._busy(module) < self.slots[module]
+
+    # ---------------------------------------------------------- what to submit
+    def _submit_ready(self) -> None:
+        stopping = self.state.stop_reason is not None
+        if not stopping:
+            self._submit_labels()
+            self._submit_walkers()
+        self._submit_training(final=stopping)
+        self._submit_inference(stopping)
+
+    def _submit_reference(self) -> None:
+        """Start the held-out set and the initial labels; both need only the oracle."""
+        state, settings = self.state, self.campaign
+        if settings.test.file:
+            state.use_test_file(settings.test.file)
+        else:
+            self._submit(
+                "reference", self.apps.oracle_md, state.start_path,
+                self.run_dir.path("data", "test.npz"), self._oracle_spec(),
+                self.run_dir.path("oracle", "scratch", "reference"),
+                settings.test.n_structures, settings.test.md_stride,
+                settings.test.temperature_K or settings.generator.temperature_K,
+                settings.generator.timestep_fs, settings.seed,
+            )
+        self.state.pending_initial = state.initial_candidates(self.campaign)
+
+    def _submit_labels(self) -> None:
+        batch_size = self.campaign.oracle.batch_size
+        while self._free("oracle"):
+            if self.state.pending_initial:
+                batch = self.state.pending_initial[:batch_size]
+                del self.state.pending_initial[:batch_size]
+                source = "initial"
+            else:
+                room = self.state.label_room(self.campaign, self._labels_in_flight())
+                if room <= 0 or not self.queue:
+                    return
+                batch = self.queue.pop_batch(min(batch_size, room))
+                source = "active"
+            task_id = self._next_task_id
+            input_path = self.run_dir.path("oracle", f"batch{task_id:06d}.in.npz")
+            write_dataset(
+                input_path, [c.atoms for c in batch],
+                extra={"candidate_id": np.array([c.candidate_id for c in batch], dtype=np.int64)},
+            )
+            self._submit(
+                "label", self.apps.label_batch, input_path,
+                self.run_dir.path("oracle", f"batch{task_id:06d}.out.npz"), self._oracle_spec(),
+                self.run_dir.path("oracle", "scratch", f"batch{task_id:06d}"),
+                self.campaign.oracle.max_force,
+                candidates=batch, source=source,
+            )
+
+    def _labels_in_flight(self) -> int:
+        return sum(
+            len(t.meta["candidates"]) for t in self.in_flight.values()
+            if t.kind == "label" and t.meta["source"] == "active"
+        )
+
+    def _submit_walkers(self) -> None:
+        version = self.state.version
+        if version is None or len(self.queue) >= self.campaign.selection.max_queue:
+            return  # no ensemble to drive MD yet, or the oracle is far behind
+        for walker in self.state.walkers:
+            if not self._free("generator"):
+                return
+            if walker.busy:
+                continue
+            walker.busy = True
+            walker.segments += 1
+            stem = f"walker{walker.walker_id:03d}.seg{walker.segments:05d}"
+            self._submit(
+                "generate", self.apps.run_md, walker.start_path, version.path,
+                self.run_dir.path("generator", f"{stem}.npz"),
+                self.run_dir.path("generator", f"{stem}.last.extxyz"),
+                self.campaign.generator.model_dump(),
+                self.campaign.seed * 1_000_003 + self._next_task_id,
+                walker=walker, version=version.number,
+            )
+
+    def _submit_training(self, final: bool) -> None:
+        snapshot = self.state.train_snapshot
+        if snapshot is None:
+            return
+        for member in self.state.members:
+            if not self._free("train"):
+                return
+            # After a stop, each member takes in the last labels once, then rests.
+            if member.busy or (final and member.trained_on >= self.state.n_labels_total):
+                continue
+            member.busy = True
+            out = self.run_dir.path("models", f"member{member.index}.{member.tasks:05d}.pt")
+            member.tasks += 1
+            self._submit(
+                "train", self.apps.train_member, member.index, snapshot.train_path,
+                member.checkpoint, out, self.state.model_spec(self.campaign),
+                self.campaign.training.model_dump(), self.campaign.seed * 1000 + member.index,
+                self.campaign.training.epochs_per_task, snapshot.valid_path,
+                member=member, labels=snapshot.n_labels, checkpoint_out=out,
+            )
+
+    def _submit_inference(self, stopping: bool) -> None:
+        state = self.state
+        version = state.version
+        if version is None:
+            return
+        if state.test_ready and state.evaluated_version < version.number and self._free("infer"):
+            state.evaluated_version = version.number
+            self._submit("evaluate", self.apps.evaluate_test, version.path,
+                         self.run_dir.path("data", "test.npz"), version=version)
+        if (stopping or not self.campaign.selection.rescore or not self.queue
+                or state.rescored_version >= version.number or not self._free("infer")):
+            return
+        state.rescored_version = version.number
+        candidates = self.queue.candidates()
+        path = self.run_dir.path("infer", f"queue.v{version.number:05d}.npz")
+        write_dataset(path, [c.atoms for c in candidates],
+                      extra={"candidate_id": np.array([c.candidate_id for c in candidates])})
+        self._submit("score", self.apps.score_candidates, path, version=version)
+
+    # ---------------------------------------------------------- what arrived
+    def _on_reference(self, result: dict[str, Any], task: Task) -> None:
+        self.state.test_ready = True
+        logger.info("held-out set ready: %d frames", result["n_frames"])
+
+    def _on_label(self, result: dict[str, Any], task: Task) -> None:
+        arrays = read_arrays(result["output_path"])
+        structures = read_dataset(result["output_path"])
+        by_id = {c.candidate_id: c for c in task.meta["candidates"]}
+        good, meta = [], []
+        for atoms, candidate_id, status in zip(structures, arrays["candidate_id"], arrays["status"]):
+            candidate = by_id[int(candidate_id)]
+            if status != "ok":
+                self.state.record_failure(int(candidate_id), str(status))
+                continue
+            good.append(atoms)
+            meta.append({
+                "candidate_id": int(candidate_id), "source": task.meta["source"],
+                "oracle_task": task.task_id, "scored_version": candidate.version,
+                "predicted_force_disagreement": candidate.force_disagreement,
+            })
+        self.state.add_labels(good, meta, task.meta["source"])
+        logger.info("labels: %d active (+%d %s), %d failed, queue %d",
+                    self.state.n_labels_active, len(good), task.meta["source"],
+                    self.state.n_failures, len(self.queue))
+
+    def _on_generate(self, result: dict[str, Any], task: Task) -> None:
+        walker: Walker = task.meta["walker"]
+        walker.busy = False
+        if result["blew_up"]:
+            walker.resets += 1
+            walker.start_path = self.state.start_path
+            logger.info("walker %d reset: %s", walker.walker_id, result["reason"])
+        else:
+            walker.start_path = result["last_frame_path"]
+        selection = self.campaign.selection
+        picks = select_frames(result["force_disagreement"], selection.threshold,
+                              selection.max_per_trajectory, selection.min_frame_gap)
+        if not picks:
+            return
+        frames = read_dataset(result["output_path"])
+        candidates = [
+            Candidate(self.state.new_candidate_id(), frames[i], result["force_disagreement"][i],
+                      result["energy_disagreement"][i], task.meta["version"])
+            for i in picks
+        ]
+        self.queue.extend(candidates)
+
+    def _on_train(self, result: dict[str, Any], task: Task) -> None:
+        member: Member = task.meta["member"]
+        member.busy = False
+        member.advance(result["checkpoint"], task.meta["labels"], result["epochs"])
+        last_of_stop = self.state.stop_reason is not None and self._busy("train") == 0
+        version = self.state.maybe_publish_version(final=last_of_stop)
+        if version is not None:
+            logger.info("ensemble v%d published (%d labels)", version.number, version.n_labels)
+
+    def _on_score(self, result: dict[str, Any], task: Task) -> None:
+        scores = dict(zip(result["candidate_id"],
+                          zip(result["force_disagreement"], result["energy_disagreement"])))
+        dropped = self.queue.rescore(scores, result["version"], self.campaign.selection.threshold)
+        logger.info("queue re-scored with v%d: %d dropped, %d left",
+                    result["version"], len(dropped), len(self.queue))
+
+    def _on_evaluate(self, result: dict[str, Any], task: Task) -> None:
+        version = task.meta["version"]
+        self.state.record_test_error(version, result)
+        logger.info("v%d test force MAE %.4f eV/Å (%d labels)",
+                    version.number, result["force_mae"], version.n_labels)
+        target = self.campaign.stop.target_force_mae
+        if target and result["force_mae"] <= target:
+            self.state.request_stop(f"test force MAE {result['force_mae']:.4f} <= {target}")
+
+    def _on_task_failure(self, task: Task, error: BaseException) -> None:
+        if task.kind == "label":
+            for candidate in task.meta["candidates"]:
+                self.state.record_failure(candidate.candidate_id, f"task failed: {error}")
+        elif task.kind == "generate":
+            task.meta["walker"].busy = False
+            task.meta["walker"].start_path = self.state.start_path
+        elif task.kind == "train":
+            task.meta["member"].busy = False
+        elif task.kind == "reference":
+            self.state.request_stop(f"the held-out set could not be labelled: {error}")
+        self._failures_in_a_row[task.module] += 1
+        if self._failures_in_a_row[task.module] >= MAX_CONSECUTIVE_FAILURES:
+            self.state.request_stop(
+                f"{task.module}: {MAX_CONSECUTIVE_FAILURES} tasks failed in a row, last: {error}"
+            )
+
+    # ---------------------------------------------------------- stopping
+    def _check_stop(self) -> None:
+        state, stop = self.state, self.campaign.stop
+        if state.stop_reason:
+            return
+        if state.n_labels_active >= stop.max_labels:
+            state.request_stop(f"label budget of {stop.max_labels} reached")
+        elif time.time() - state.t0 >= stop.max_wall_s:
+            state.request_stop(f"wall-time limit of {stop.max_wall_s:g} s reached")
+
+    def _close(self) -> dict[str, Any]:
+        summary = self.state.summary(self.run_dir.read_events(), self.slots)
+        self.run_dir.write_json("summary.json", summary)
+        self.run_dir.export_extxyz()
+        write(self.run_dir.path("system", "queue_at_stop.extxyz"),
+              [c.atoms for c in self.queue.candidates()] or [], format="extxyz")
+        logger.info("campaign stopped: %s", summary["stop_reason"])
+        return summary

@@ -1,0 +1,118 @@
+"""The run directory: every file a campaign writes, and the only place it writes.
+
+Layout::
+
+    RUN_DIR/
+      campaign.json        resolved campaign settings
+      labels.db            labelled data, ASE database (SQLite)
+      labels.extxyz        the same, exported at the end
+      events.jsonl         one line per finished task
+      summary.json         written at the end
+      system/start.extxyz  the start structure, for walker resets
+      data/                training snapshots and the held-out test set (.npz)
+      models/              member checkpoints and one ensemble checkpoint per version
+      oracle/              oracle inputs and results (the results are the journal)
+      generator/           MD frames and walker states
+      infer/               candidate sets sent for re-scoring
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+
+from apps.dataset import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+SUBDIRECTORIES = ("system", "data", "models", "oracle", "generator", "infer")
+
+
+class RunDirectory:
+    """Paths and writers for one campaign's run directory."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).resolve()
+
+    @classmethod
+    def create(cls, root: str | os.PathLike) -> RunDirectory:
+        """Create a new run directory, readable by its owner only.
+
+        Raises
+        ------
+        FileExistsError
+            When ``root`` exists and is not empty, so that no earlier run is
+            overwritten.
+        """
+        run = cls(root)
+        if run.root.exists() and any(run.root.iterdir()):
+            raise FileExistsError(f"run directory {run.root} exists and is not empty")
+        run.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(run.root, 0o700)
+        for name in SUBDIRECTORIES:
+            (run.root / name).mkdir(exist_ok=True)
+        return run
+
+    def path(self, *parts: str) -> str:
+        """Absolute path of a file in the run directory, as a string for apps."""
+        return str(self.root.joinpath(*parts))
+
+    @property
+    def labels_db(self) -> Path:
+        return self.root / "labels.db"
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write ``data`` as JSON atomically."""
+        text = json.dumps(data, indent=2, default=_jsonable).encode()
+        atomic_write_bytes(self.root / name, lambda handle: handle.write(text))
+
+    def append_event(self, event: dict[str, Any]) -> None:
+        """Append one task record to ``events.jsonl``."""
+        with open(self.root / "events.jsonl", "a") as handle:
+            handle.write(json.dumps(event, default=_jsonable) + "\n")
+
+    def read_events(self) -> list[dict[str, Any]]:
+        """All task records written so far (a torn last line is skipped)."""
+        path = self.root / "events.jsonl"
+        if not path.exists():
+            return []
+        events = []
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("skipping a torn line in %s", path)
+        return events
+
+    def store_labels(self, structures: Sequence[Atoms], metadata: Iterable[dict]) -> None:
+        """Add labelled structures to ``labels.db`` in one transaction."""
+        from ase.db import connect
+
+        with connect(self.labels_db) as database:
+            for atoms, key_value_pairs in zip(structures, metadata):
+                database.write(atoms, key_value_pairs=key_value_pairs)
+
+    def export_extxyz(self) -> None:
+        """Export ``labels.db`` to ``labels.extxyz`` for tools that do not read ASE db."""
+        from ase.db import connect
+        from ase.io import write
+
+        if not self.labels_db.exists():
+            return
+        rows = [row.toatoms(add_additional_information=False) for row in connect(self.labels_db).select()]
+        tmp = self.root / ".labels.extxyz.tmp"
+        write(tmp, rows, format="extxyz")
+        os.replace(tmp, self.root / "labels.extxyz")
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn NumPy scalars and arrays into JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,42 @@
+"""One machine: a High-Throughput Executor per module, workers on this host.
+
+HTEX rather than thread pools: training, MD and the oracle run in separate worker
+processes, so they overlap without contending for the Python GIL, a crashing
+calculator cannot take the coordinator down, and tasks travel exactly as they will
+on a cluster. The interchanges listen on loopback only and encrypt their traffic.
+"""
+
+from parsl.config import Config
+from parsl.executors import HighThroughputExecutor
+from parsl.providers import LocalProvider
+
+# Worker processes per module. Two cores are shared by all of them: training and
+# MD take most, the oracle (xTB, milliseconds per call) and inference little.
+WORKERS = {"oracle": 1, "generator": 2, "train": 2, "infer": 1}
+
+# Tasks the coordinator keeps in flight per module. One extra oracle task waits in
+# the interchange so that the oracle never idles between batches.
+slots = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
+
+
+def _executor(label: str) -> HighThroughputExecutor:
+    return HighThroughputExecutor(
+        label=label,                          # the module this executor serves
+        address="127.0.0.1",                  # loopback only: nothing off this machine connects
+        encrypted=True,                       # CurveZMQ between interchange and workers
+        max_workers_per_node=WORKERS[label],  # worker processes for this module
+        cpu_affinity="none",                  # let the OS spread workers over the cores
+        provider=LocalProvider(
+            init_blocks=1, min_blocks=1, max_blocks=1,   # one pool of workers, started at once
+            # One OpenMP/BLAS thread per worker: the workers already fill the cores.
+            worker_init="export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1",
+        ),
+    )
+
+
+config = Config(
+    executors=[_executor(label) for label in ("oracle", "generator", "train", "infer")],
+    run_dir="runinfo",        # Parsl's own logs, beside the campaign's run directory
+    strategy="none",          # fixed blocks: no scaling on a laptop
+    usage_tracking=0,         # send nothing anywhere
+)

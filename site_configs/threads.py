@@ -1,0 +1,21 @@
+"""Thread pools in the coordinator's own process: no start-up cost, for quick tries.
+
+Handy for notebooks and debugging. Torch and xTB release the GIL in their kernels,
+but Python-heavy work (small-molecule MD) contends for it; use laptop.py for real
+runs on one machine.
+"""
+
+from parsl.config import Config
+from parsl.executors.threads import ThreadPoolExecutor
+
+# Tasks the coordinator keeps in flight per module; each pool has as many threads.
+slots = {"oracle": 1, "generator": 2, "train": 2, "infer": 1}
+
+config = Config(
+    executors=[
+        ThreadPoolExecutor(label=label, max_threads=slots[label])  # one pool per module
+        for label in ("oracle", "generator", "train", "infer")
+    ],
+    run_dir="runinfo",   # Parsl's own logs
+    usage_tracking=0,    # send nothing anywhere
+)
