@@ -1,0 +1,279 @@
+"""Training of one ensemble member per task, and helpers around member checkpoints.
+
+A training task is a pure function of its arguments (:func:`_train_member`): it reads
+the dataset from disk, continues from the member's previous checkpoint when given one,
+and writes a new checkpoint atomically. Members train independently, each on its own
+bootstrap resample, and are stacked into one ensemble checkpoint for inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import vesin
+from ase import Atoms
+
+from apps.dataset import read_dataset
+from apps.model import (
+    ModelSpec,
+    SchNetEnsemble,
+    StructureGraph,
+    collate,
+    default_device,
+    load_checkpoint,
+    save_checkpoint,
+    structure_graph,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SETTINGS = {
+    "learning_rate": 1e-3,
+    "batch_size": 16,
+    "force_weight": 10.0,
+    "bootstrap": True,
+    "torch_threads": 1,
+    "rolling_window": 0,
+}
+
+
+def _is_labelled(atoms: Atoms) -> bool:
+    results = getattr(atoms.calc, "results", None) or {}
+    return "energy" in results and "forces" in results
+
+
+def bootstrap_multiplicity(seed: int, indices: Sequence[int]) -> np.ndarray:
+    """Poisson(1) bootstrap multiplicity of each structure index for one member.
+
+    Each multiplicity depends only on ``(seed, index)``, so a member's resample of the
+    old structures stays the same as the dataset grows.
+    """
+    return np.array(
+        [np.random.default_rng([seed, int(j)]).poisson(1.0) for j in indices], dtype=np.int64
+    )
+
+
+def _graphs(structures: Sequence[Atoms], cutoff: float) -> list[StructureGraph]:
+    nl = vesin.NeighborList(cutoff=cutoff, full_list=True)
+    return [structure_graph(atoms, cutoff, True, nl) for atoms in structures]
+
+
+def _loss(model: SchNetEnsemble, batch, force_weight: float) -> torch.Tensor:
+    """Mean sq. per-atom energy error ((eV/atom)^2) + weight * mean sq. force error."""
+    out = model(batch, compute_forces=True)
+    n_atoms = batch.n_atoms.to(out["energy"].dtype)
+    energy_error = (out["energy"] - batch.energy.to(out["energy"].dtype)) / n_atoms
+    loss = energy_error.pow(2).mean()
+    if force_weight > 0 and batch.forces.numel() > 0:
+        force_error = out["forces"] - batch.forces.to(out["forces"].dtype)
+        loss = loss + force_weight * force_error.pow(2).mean()
+    return loss
+
+
+def _train_member(
+    member: int,
+    dataset_path: str,
+    checkpoint_in: str | None,
+    checkpoint_out: str,
+    spec: dict,
+    settings: dict,
+    seed: int,
+    n_epochs: int,
+    validation_path: str | None = None,
+    device: str | None = None,
+) -> dict:
+    """Train one ensemble member for ``n_epochs`` epochs and write its checkpoint.
+
+    Parameters
+    ----------
+    member
+        Member index (recorded in the checkpoint and result).
+    dataset_path
+        Training set written by :func:`apps.dataset.write_dataset`; unlabelled
+        structures are skipped.
+    checkpoint_in
+        Previous checkpoint of this member to continue from (model and optimiser), or
+        ``None`` to start from a fresh model seeded with ``seed``.
+    checkpoint_out
+        Where to write the updated K=1 checkpoint (atomically).
+    spec
+        :meth:`ModelSpec.to_dict` of the architecture; ignored when continuing (the
+        checkpoint's own spec is used).
+    settings
+        ``learning_rate``, ``batch_size``, ``force_weight``, ``bootstrap``,
+        ``torch_threads``, ``rolling_window`` (train on the newest N labels, 0 = all);
+        other keys are ignored.
+    seed
+        Member seed: fixes the initial weights, the bootstrap resample and the shuffles.
+    n_epochs
+        Epochs to run in this call.
+    validation_path
+        Optional dataset for the returned validation errors.
+    device
+        Torch device; default CUDA when available.
+
+    Returns
+    -------
+    dict
+        ``member``, ``checkpoint``, ``epochs`` (total so far), ``n_train``,
+        ``train_loss`` (mean over the last epoch), ``val_force_mae`` (eV/Å),
+        ``val_energy_mae`` (eV/atom), ``t_start``, ``t_end``, ``host``, ``device``.
+    """
+    t_start = time.time()
+    opts = {**DEFAULT_SETTINGS, **settings}
+    device = device or default_device()
+    torch.set_num_threads(int(opts["torch_threads"]))
+
+    structures = [atoms for atoms in read_dataset(dataset_path) if _is_labelled(atoms)]
+    if not structures:
+        raise ValueError(f"{dataset_path} holds no labelled structures")
+    indices = np.arange(len(structures))
+    if opts["rolling_window"] and opts["rolling_window"] < len(structures):
+        indices = indices[-int(opts["rolling_window"]) :]
+
+    if checkpoint_in is None:
+        torch.manual_seed(seed)
+        model = SchNetEnsemble(ModelSpec.from_dict(spec), 1).to(device)
+        model.fit_energy_reference([structures[j] for j in indices])
+        optimizer = torch.optim.Adam(model.parameters(), lr=opts["learning_rate"])
+        epochs_done = 0
+    else:
+        model, extra = load_checkpoint(checkpoint_in, device=device)
+        if model.n_members != 1:
+            raise ValueError(f"{checkpoint_in} holds {model.n_members} members, expected 1")
+        optimizer = torch.optim.Adam(model.parameters(), lr=opts["learning_rate"])
+        if "optimizer" in extra:
+            optimizer.load_state_dict(extra["optimizer"])
+        epochs_done = int(extra.get("epochs", 0))
+    # The settings' rate wins over the one stored with the optimiser state.
+    for group in optimizer.param_groups:
+        group["lr"] = opts["learning_rate"]
+
+    if opts["bootstrap"]:
+        train_indices = np.repeat(indices, bootstrap_multiplicity(seed, indices))
+        if train_indices.size == 0:  # tiny datasets can draw an empty resample
+            train_indices = indices
+    else:
+        train_indices = indices
+    unique = np.unique(train_indices)
+    unique_graphs = _graphs([structures[j] for j in unique], model.spec.cutoff)
+    graphs = dict(zip(unique, unique_graphs, strict=True))
+    batch_size = int(opts["batch_size"])
+    force_weight = float(opts["force_weight"])
+
+    model.train()
+    train_loss = math.nan
+    for _ in range(n_epochs):
+        order = np.random.default_rng([seed, epochs_done]).permutation(train_indices)
+        total, count = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            batch = collate([graphs[j] for j in chosen], device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss(model, batch, force_weight)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(chosen)
+            count += len(chosen)
+        train_loss = total / max(count, 1)
+        epochs_done += 1
+        logger.debug("member %d epoch %d loss %.5g", member, epochs_done, train_loss)
+    model.eval()
+
+    save_checkpoint(
+        checkpoint_out,
+        model,
+        {"optimizer": optimizer.state_dict(), "epochs": epochs_done, "member": member},
+    )
+    val_force_mae = val_energy_mae = None
+    if validation_path is not None:
+        validation = [a for a in read_dataset(validation_path) if _is_labelled(a)]
+        if validation:
+            errors = evaluate_errors(model, validation, device)
+            val_force_mae = errors["force_mae"]
+            val_energy_mae = errors["energy_mae_per_atom"]
+    return {
+        "member": member,
+        "checkpoint": str(checkpoint_out),
+        "epochs": epochs_done,
+        "n_train": int(len(train_indices)),
+        "train_loss": float(train_loss),
+        "val_force_mae": val_force_mae,
+        "val_energy_mae": val_energy_mae,
+        "t_start": t_start,
+        "t_end": time.time(),
+        "host": socket.gethostname(),
+        "device": str(device),
+    }
+
+
+def stack_member_checkpoints(paths: Sequence[str], out_path: str, extra: dict) -> None:
+    """Stack K member checkpoints (in order) into one ensemble checkpoint at ``out_path``.
+
+    The members' optimiser states are dropped; ``extra`` is stored instead.
+    """
+    members = [load_checkpoint(path, device="cpu")[0] for path in paths]
+    ensemble = type(members[0]).stack(members)
+    save_checkpoint(out_path, ensemble, extra)
+
+
+@torch.no_grad()
+def _predict_batches(model, structures, device, batch_size):
+    cutoff = model.spec.cutoff
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start : start + batch_size]
+        batch = collate(_graphs(chunk, cutoff), device)
+        out = model(batch, compute_forces=True)
+        yield batch, out["energy"].detach(), out["forces"].detach()
+
+
+def evaluate_errors(
+    model: SchNetEnsemble,
+    structures: Sequence[Atoms],
+    device: str | torch.device | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Errors of the ensemble mean prediction against labelled ``structures``.
+
+    Parameters
+    ----------
+    model
+        Ensemble on ``device``.
+    structures
+        Labelled structures (energy in eV, forces in eV/Å).
+    device
+        Device for the batches; default the model's device.
+    batch_size
+        Structures per forward pass.
+
+    Returns
+    -------
+    dict
+        ``energy_mae_per_atom`` (eV/atom), ``force_mae`` and ``force_rmse`` (eV/Å, over
+        force components).
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    energy_abs, force_abs, force_sq, n_components = 0.0, 0.0, 0.0, 0
+    for batch, energy, forces in _predict_batches(model, list(structures), device, batch_size):
+        per_atom = (energy.mean(0).double() - batch.energy) / batch.n_atoms
+        energy_abs += float(per_atom.abs().sum())
+        error = (forces.mean(0) - batch.forces).double()
+        force_abs += float(error.abs().sum())
+        force_sq += float(error.pow(2).sum())
+        n_components += error.numel()
+    model.train(was_training)
+    n_structures = max(len(structures), 1)
+    n_components = max(n_components, 1)
+    return {
+        "energy_mae_per_atom": energy_abs / n_structures,
+        "force_mae": force_abs / n_components,
+        "force_rmse": math.sqrt(force_sq / n_components),
+    }
