@@ -99,7 +99,7 @@ def _run_md(
     timestep = settings["timestep_fs"] * units.fs
     if settings["integrator"] == "langevin":
         dynamics = Langevin(
-            atoms, timestep, temperature_K=temperature, friction=settings["friction"] / units.fs,
+            atoms, timestep, temperature_K=temperature, friction=settings["friction"] / units.fs, fixcm=False,
             rng=rng,
         )
     else:

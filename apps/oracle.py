@@ -165,7 +165,7 @@ def _oracle_md(
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
     dynamics = Langevin(
-        atoms, timestep_fs * units.fs, temperature_K=temperature_K, friction=0.02, rng=rng
+        atoms, timestep_fs * units.fs, temperature_K=temperature_K, friction=0.02, fixcm=False, rng=rng
     )
     frames = []
     # The first stride lets the start structure's memory fade before sampling.

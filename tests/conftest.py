@@ -1,0 +1,35 @@
+"""Shared fixtures, and the rule that a requested program must not be skipped.
+
+A test that needs a missing program (xTB, Slurm, MPI, a GPU) skips with the reason,
+unless PALFLOW_REQUIRE names that marker (comma-separated, or ``all``): then the
+skip becomes a failure. CI sets PALFLOW_REQUIRE=all so nothing it should exercise
+is silently skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def required(marker: str) -> bool:
+    wanted = {w.strip() for w in os.environ.get("PALFLOW_REQUIRE", "").split(",") if w.strip()}
+    return "all" in wanted or marker in wanted
+
+
+def need(marker: str, available: bool, reason: str) -> None:
+    """Skip, or fail when the environment requires ``marker``."""
+    if available:
+        return
+    if required(marker):
+        pytest.fail(f"{reason}, but PALFLOW_REQUIRE asks for {marker!r} tests")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def require_xtb():
+    try:
+        import xtb.ase.calculator  # noqa: F401
+    except ImportError as error:
+        need("xtb", False, f"xtb-python is not importable: {error}")
