@@ -172,14 +172,18 @@ class EnsembleCalculator(Calculator):
             model = model.to(device)
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.checkpoint_extra: dict = {}
+        """What the checkpoint recorded besides weights, e.g. the ensemble ``version``."""
 
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike, device: str | torch.device | None = None, **kwargs
     ) -> EnsembleCalculator:
         """Load an ensemble checkpoint (default device: CUDA when available)."""
-        model, _ = load_checkpoint(path, device=device or default_device())
-        return cls(model, **kwargs)
+        model, extra = load_checkpoint(path, device=device or default_device())
+        calculator = cls(model, **kwargs)
+        calculator.checkpoint_extra = extra
+        return calculator
 
     def calculate(
         self,

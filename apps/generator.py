@@ -143,6 +143,6 @@ def _run_md(
         "energy_disagreement": energy_spread,
         "blew_up": reason is not None,
         "reason": reason,
-        "version": calculator.version,
+        "version": int(calculator.checkpoint_extra.get("version", -1)),
         **where_and_when(t_start),
     }

@@ -29,14 +29,14 @@ def _score_candidates(
     import torch
 
     from apps.calculator import predict_structures
-    from apps.model import load_checkpoint
+    from apps.model import default_device, load_checkpoint
 
     t_start = time.time()
     torch.set_num_threads(1)
-    model, extra = load_checkpoint(ensemble_path, device=device or _default_device())
+    model, extra = load_checkpoint(ensemble_path, device=device or default_device())
     structures = read_dataset(input_path)
     ids = read_arrays(input_path)["candidate_id"]
-    scores = predict_structures(model, structures, device=device or _default_device())
+    scores = predict_structures(model, structures, device=device or default_device())
     return {
         "candidate_id": [int(i) for i in ids],
         "force_disagreement": np.asarray(scores["force_disagreement"]).tolist(),
@@ -57,12 +57,12 @@ def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None
     """
     import torch
 
-    from apps.model import load_checkpoint
+    from apps.model import default_device, load_checkpoint
     from apps.training import evaluate_errors
 
     t_start = time.time()
     torch.set_num_threads(1)
-    device = device or _default_device()
+    device = device or default_device()
     model, extra = load_checkpoint(ensemble_path, device=device)
     errors = evaluate_errors(model, read_dataset(test_path), device=device)
     return {
@@ -71,8 +71,3 @@ def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None
         **where_and_when(t_start),
     }
 
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import time
 from collections.abc import Sequence
 
@@ -19,6 +18,7 @@ import torch
 import vesin
 from ase import Atoms
 
+from apps.common import where_and_when
 from apps.dataset import read_dataset
 from apps.model import (
     ModelSpec,
@@ -40,6 +40,7 @@ DEFAULT_SETTINGS = {
     "bootstrap": True,
     "torch_threads": 1,
     "rolling_window": 0,
+    "min_task_s": 0.0,
 }
 
 
@@ -107,7 +108,8 @@ def _train_member(
         checkpoint's own spec is used).
     settings
         ``learning_rate``, ``batch_size``, ``force_weight``, ``bootstrap``,
-        ``torch_threads``, ``rolling_window`` (train on the newest N labels, 0 = all);
+        ``torch_threads``, ``rolling_window`` (train on the newest N labels, 0 = all),
+        ``min_task_s`` (keep running epochs until this many seconds have passed);
         other keys are ignored.
     seed
         Member seed: fixes the initial weights, the bootstrap resample and the shuffles.
@@ -169,7 +171,12 @@ def _train_member(
 
     model.train()
     train_loss = math.nan
-    for _ in range(n_epochs):
+    # At least n_epochs, and at least min_task_s seconds: while the dataset is small an
+    # epoch takes milliseconds, and a task that short would spend its time on overhead.
+    min_seconds = float(opts["min_task_s"])
+    epochs_this_task = 0
+    while epochs_this_task < n_epochs or time.time() - t_start < min_seconds:
+        epochs_this_task += 1
         order = np.random.default_rng([seed, epochs_done]).permutation(train_indices)
         total, count = 0.0, 0
         for start in range(0, len(order), batch_size):
@@ -206,10 +213,8 @@ def _train_member(
         "train_loss": float(train_loss),
         "val_force_mae": val_force_mae,
         "val_energy_mae": val_energy_mae,
-        "t_start": t_start,
-        "t_end": time.time(),
-        "host": socket.gethostname(),
         "device": str(device),
+        **where_and_when(t_start),
     }
 
 

@@ -246,6 +246,10 @@ class Coordinator:
             )
         self.state.pending_initial = state.initial_candidates(self.campaign)
 
+    def _oracle_spec(self) -> dict[str, Any]:
+        oracle = self.campaign.oracle
+        return {"calculator": oracle.calculator, "kwargs": dict(oracle.kwargs)}
+
     def _submit_labels(self) -> None:
         batch_size = self.campaign.oracle.batch_size
         while self._free("oracle"):
@@ -283,7 +287,7 @@ class Coordinator:
         version = self.state.version
         if version is None or len(self.queue) >= self.campaign.selection.max_queue:
             return  # no ensemble to drive MD yet, or the oracle is far behind
-        for walker in self.state.walkers:
+        for walker in sorted(self.state.walkers, key=lambda w: w.segments):
             if not self._free("generator"):
                 return
             if walker.busy:
@@ -304,7 +308,8 @@ class Coordinator:
         snapshot = self.state.train_snapshot
         if snapshot is None:
             return
-        for member in self.state.members:
+        # Least-trained first, so that every member advances and versions get published.
+        for member in sorted(self.state.members, key=lambda m: m.tasks):
             if not self._free("train"):
                 return
             # After a stop, each member takes in the last labels once, then rests.
@@ -338,7 +343,7 @@ class Coordinator:
         path = self.run_dir.path("infer", f"queue.v{version.number:05d}.npz")
         write_dataset(path, [c.atoms for c in candidates],
                       extra={"candidate_id": np.array([c.candidate_id for c in candidates])})
-        self._submit("score", self.apps.score_candidates, path, version=version)
+        self._submit("score", self.apps.score_candidates, version.path, path, version=version)
 
     # ---------------------------------------------------------- what arrived
     def _on_reference(self, result: dict[str, Any], task: Task) -> None:

@@ -51,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # Parsl logs to its own files in the run directory; keep the console readable.
-    logging.getLogger("parsl").setLevel(logging.WARNING)
+    # Parsl logs everything to its own files in the run directory; on the console
+    # only its warnings, so that the campaign's progress stays readable.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(
+            lambda record: not record.name.startswith("parsl") or record.levelno >= logging.WARNING
+        )
 
     from pipeline.campaign_state import load_start_structure
     from pipeline.rundir import RunDirectory

@@ -65,6 +65,9 @@ class ModelSettings(_Section):
 class TrainingSettings(_Section):
     epochs_per_task: int = Field(8, ge=1)
     """Epochs one training task runs for one member before new data is taken in."""
+    min_task_s: float = Field(2.0, ge=0)
+    """A task also runs until this many seconds have passed (s), so that tasks on a
+    small dataset are not all overhead and ensemble versions come at a steady pace."""
     learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     force_weight: float = Field(10.0, ge=0)
