@@ -32,6 +32,17 @@ def import_object(path: str) -> Any:
         raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") from None
 
 
+def draw_velocities(atoms, temperature_K: float, rng) -> None:
+    """Give ``atoms`` Maxwell-Boltzmann momenta at ``temperature_K`` (K)."""
+    from ase.md import velocitydistribution
+
+    # ASE 3.29 renamed MaxwellBoltzmannDistribution; accept both spellings.
+    draw = getattr(velocitydistribution, "thermalize_momenta", None)
+    if draw is None:
+        draw = velocitydistribution.MaxwellBoltzmannDistribution
+    draw(atoms, temperature_K=temperature_K, rng=rng)
+
+
 def where_and_when(t_start: float) -> dict[str, Any]:
     """The record every app returns about itself: its own start and end times and host.
 

@@ -16,7 +16,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.io import read, write
 
-from apps.common import where_and_when
+from apps.common import draw_velocities, where_and_when
 from apps.dataset import write_dataset
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,6 @@ def _run_md(
 
     from apps.calculator import EnsembleCalculator
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
 
     t_start = time.time()
@@ -95,7 +94,7 @@ def _run_md(
     rng = np.random.default_rng(seed)
     temperature = settings["temperature_K"]
     if not atoms.get_momenta().any():
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        draw_velocities(atoms, temperature, rng)
     timestep = settings["timestep_fs"] * units.fs
     if settings["integrator"] == "langevin":
         dynamics = Langevin(

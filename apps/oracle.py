@@ -22,7 +22,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from apps.common import import_object, where_and_when
+from apps.common import draw_velocities, import_object, where_and_when
 from apps.dataset import read_arrays, read_dataset, write_dataset
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,6 @@ def _oracle_md(
     from ase import units
     from ase.io import read
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     t_start = time.time()
     atoms = read(start_path)
@@ -163,7 +162,7 @@ def _oracle_md(
     scratch.mkdir(parents=True, exist_ok=True)
     atoms.calc = make_calculator(calculator_spec, scratch)
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    draw_velocities(atoms, temperature_K, rng)
     dynamics = Langevin(
         atoms, timestep_fs * units.fs, temperature_K=temperature_K, friction=0.02, fixcm=False, rng=rng
     )

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SETTINGS = {
     "learning_rate": 1e-3,
+    "learning_rate_min": 1e-3,
+    "learning_rate_half_life_steps": 0,
     "batch_size": 16,
     "force_weight": 10.0,
     "bootstrap": True,
@@ -42,6 +44,19 @@ DEFAULT_SETTINGS = {
     "rolling_window": 0,
     "min_task_s": 0.0,
 }
+
+
+def learning_rate(settings: dict, steps: int) -> float:
+    """Learning rate after ``steps`` optimiser steps: halves every half-life, down to a floor.
+
+    Counting steps rather than epochs keeps the schedule the same however large the
+    dataset grows while the member trains.
+    """
+    start, floor = settings["learning_rate"], settings["learning_rate_min"]
+    half_life = settings["learning_rate_half_life_steps"]
+    if half_life <= 0:
+        return start
+    return floor + (start - floor) * 0.5 ** (steps / half_life)
 
 
 def _is_labelled(atoms: Atoms) -> bool:
@@ -107,7 +122,8 @@ def _train_member(
         :meth:`ModelSpec.to_dict` of the architecture; ignored when continuing (the
         checkpoint's own spec is used).
     settings
-        ``learning_rate``, ``batch_size``, ``force_weight``, ``bootstrap``,
+        ``learning_rate``, ``learning_rate_min``, ``learning_rate_half_life_steps``
+        (see :func:`learning_rate`), ``batch_size``, ``force_weight``, ``bootstrap``,
         ``torch_threads``, ``rolling_window`` (train on the newest N labels, 0 = all),
         ``min_task_s`` (keep running epochs until this many seconds have passed);
         other keys are ignored.
@@ -144,7 +160,7 @@ def _train_member(
         model = SchNetEnsemble(ModelSpec.from_dict(spec), 1).to(device)
         model.fit_energy_reference([structures[j] for j in indices])
         optimizer = torch.optim.Adam(model.parameters(), lr=opts["learning_rate"])
-        epochs_done = 0
+        epochs_done = steps_done = 0
     else:
         model, extra = load_checkpoint(checkpoint_in, device=device)
         if model.n_members != 1:
@@ -153,9 +169,7 @@ def _train_member(
         if "optimizer" in extra:
             optimizer.load_state_dict(extra["optimizer"])
         epochs_done = int(extra.get("epochs", 0))
-    # The settings' rate wins over the one stored with the optimiser state.
-    for group in optimizer.param_groups:
-        group["lr"] = opts["learning_rate"]
+        steps_done = int(extra.get("steps", 0))
 
     if opts["bootstrap"]:
         train_indices = np.repeat(indices, bootstrap_multiplicity(seed, indices))
@@ -182,6 +196,9 @@ def _train_member(
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
             batch = collate([graphs[j] for j in chosen], device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(opts, steps_done)
+            steps_done += 1
             optimizer.zero_grad(set_to_none=True)
             loss = _loss(model, batch, force_weight)
             loss.backward()
@@ -196,7 +213,12 @@ def _train_member(
     save_checkpoint(
         checkpoint_out,
         model,
-        {"optimizer": optimizer.state_dict(), "epochs": epochs_done, "member": member},
+        {
+            "optimizer": optimizer.state_dict(),
+            "epochs": epochs_done,
+            "steps": steps_done,
+            "member": member,
+        },
     )
     val_force_mae = val_energy_mae = None
     if validation_path is not None:
@@ -209,6 +231,8 @@ def _train_member(
         "member": member,
         "checkpoint": str(checkpoint_out),
         "epochs": epochs_done,
+        "steps": steps_done,
+        "learning_rate": learning_rate(opts, steps_done),
         "n_train": int(len(train_indices)),
         "train_loss": float(train_loss),
         "val_force_mae": val_force_mae,

@@ -128,6 +128,7 @@ class CampaignState:
     train_snapshot: Snapshot | None = None
     pending_initial: list[Candidate] = field(default_factory=list)
     stop_reason: str | None = None
+    stop_time: float = 0.0
     test_ready: bool = False
     evaluated_version: int = 0
     rescored_version: int = 0
@@ -173,6 +174,7 @@ class CampaignState:
         if self.stop_reason is None:
             logger.info("stopping: %s", reason)
             self.stop_reason = reason
+            self.stop_time = time.time()
 
     def initial_candidates(self, campaign: Campaign) -> list[Candidate]:
         """The start structure and rattled copies of it, labelled before any training."""

@@ -227,7 +227,7 @@ class Coordinator:
         if not stopping:
             self._submit_labels()
             self._submit_walkers()
-        self._submit_training(final=stopping)
+        self._submit_training(stopping)
         self._submit_inference(stopping)
 
     def _submit_reference(self) -> None:
@@ -304,16 +304,17 @@ class Coordinator:
                 walker=walker, version=version.number,
             )
 
-    def _submit_training(self, final: bool) -> None:
+    def _submit_training(self, stopping: bool) -> None:
         snapshot = self.state.train_snapshot
         if snapshot is None:
             return
+        resting = stopping and not self._final_training()
         # Least-trained first, so that every member advances and versions get published.
         for member in sorted(self.state.members, key=lambda m: m.tasks):
             if not self._free("train"):
                 return
-            # After a stop, each member takes in the last labels once, then rests.
-            if member.busy or (final and member.trained_on >= self.state.n_labels_total):
+            # Once resting, each member takes in the last labels once, then stops.
+            if member.busy or (resting and member.trained_on >= self.state.n_labels_total):
                 continue
             member.busy = True
             out = self.run_dir.path("models", f"member{member.index}.{member.tasks:05d}.pt")
@@ -444,6 +445,16 @@ class Coordinator:
             state.request_stop(f"label budget of {stop.max_labels} reached")
         elif time.time() - state.t0 >= stop.max_wall_s:
             state.request_stop(f"wall-time limit of {stop.max_wall_s:g} s reached")
+
+    def _final_training(self) -> bool:
+        """Whether training goes on after a stop, on the labels the campaign has."""
+        state, stop = self.state, self.campaign.stop
+        now = time.time()
+        return (
+            not state.stop_reason.startswith("wall-time")
+            and now - state.stop_time < stop.final_training_s
+            and now - state.t0 < stop.max_wall_s
+        )
 
     def _close(self) -> dict[str, Any]:
         summary = self.state.summary(self.run_dir.read_events(), self.slots)

@@ -68,7 +68,12 @@ class TrainingSettings(_Section):
     min_task_s: float = Field(2.0, ge=0)
     """A task also runs until this many seconds have passed (s), so that tasks on a
     small dataset are not all overhead and ensemble versions come at a steady pace."""
-    learning_rate: float = Field(2e-3, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    """Initial Adam learning rate."""
+    learning_rate_min: float = Field(3e-4, gt=0)
+    """The rate decays towards this floor..."""
+    learning_rate_half_life_steps: int = Field(1500, ge=0)
+    """...halving its distance to it every this many optimiser steps (0: constant)."""
     batch_size: int = Field(16, ge=1)
     force_weight: float = Field(10.0, ge=0)
     bootstrap: bool = True
@@ -130,11 +135,14 @@ class TestSetSettings(_Section):
 
 
 class StopSettings(_Section):
-    max_labels: int = Field(160, ge=1)
+    max_labels: int = Field(300, ge=1)
     """Active-learning labels (initial ones not counted)."""
-    max_wall_s: float = Field(480.0, gt=0)
+    max_wall_s: float = Field(540.0, gt=0)
     target_force_mae: float = Field(0.0, ge=0)
     """Stop when the test force MAE (eV/Å) reaches this; 0 disables."""
+    final_training_s: float = Field(60.0, ge=0)
+    """After a stop (other than the wall-time limit), training goes on this long on the
+    final labels before the last ensemble version is published, within max_wall_s."""
 
 
 class Campaign(_Section):

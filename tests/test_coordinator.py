@@ -1,0 +1,96 @@
+"""The coordinator on standard-library executors, with real apps and an EMT oracle."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from ase.db import connect
+
+from pipeline.campaign_state import load_start_structure
+from pipeline.coordinator import MODULES, Apps, Coordinator
+from pipeline.rundir import RunDirectory
+from pipeline.settings import load_campaign
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SLOTS = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
+
+
+def small_campaign(**overrides):
+    settings = {
+        "stop__max_labels": 24, "stop__max_wall_s": 240.0,
+        "model__n_features": 16, "model__n_interactions": 2, "model__n_rbf": 8,
+        "training__min_task_s": 0.0, "training__epochs_per_task": 4,
+        "generator__steps_per_task": 40, "generator__n_walkers": 3,
+        "initial__n_structures": 8, "test__n_structures": 8,
+        "oracle__batch_size": 4, "stop__final_training_s": 0.0,
+    }
+    settings.update(overrides)
+    return load_campaign(EXAMPLES / "cu_emt.toml", **settings)
+
+
+def run_campaign(tmp_path, campaign):
+    run = RunDirectory.create(tmp_path / "run")
+    executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
+    try:
+        start = load_start_structure(campaign.system.structure)
+        summary = Coordinator(campaign, run, Apps.from_executors(executors), SLOTS, start,
+                              poll_s=0.2).run()
+    finally:
+        for executor in executors.values():
+            executor.shutdown(wait=True, cancel_futures=True)
+    return run, summary
+
+
+@pytest.mark.timeout(400)
+def test_short_campaign_labels_exactly_the_budget_and_learns(tmp_path):
+    campaign = small_campaign()
+    run, summary = run_campaign(tmp_path, campaign)
+
+    assert summary["stop_reason"] == "label budget of 24 reached"
+    assert summary["labels"] == 24
+    assert summary["initial_labels"] == 8
+    rows = list(connect(run.labels_db).select())
+    assert len(rows) == 32
+    ids = [row.candidate_id for row in rows]
+    assert len(set(ids)) == len(ids), "no candidate is labelled twice"
+    active = [row for row in rows if row.source == "active"]
+    # Only frames the ensemble disagreed on were sent to the oracle.
+    threshold = campaign.selection.threshold
+    assert all(row.predicted_force_disagreement > threshold for row in active)
+
+    events = [json.loads(line) for line in (run.root / "events.jsonl").read_text().splitlines()]
+    assert {e["module"] for e in events} == set(MODULES)
+    for event in events:
+        if event["ok"]:
+            assert event["submitted"] <= event["started"] <= event["ended"] <= event["returned"]
+
+    assert summary["versions"] >= 2
+    mae = [entry[2] for entry in summary["test_force_mae"]]
+    assert len(mae) >= 2 and mae[-1] < mae[0]
+    assert set(summary["busy_fraction"]) == set(MODULES)
+    assert json.loads((run.root / "summary.json").read_text())["labels"] == 24
+    assert (run.root / "labels.extxyz").exists()
+    assert sorted(p.name for p in (run.root / "models").glob("ensemble.v*.pt"))[0] == \
+        "ensemble.v00001.pt"
+
+
+@pytest.mark.timeout(300)
+def test_target_error_stops_the_campaign(tmp_path):
+    campaign = small_campaign(stop__target_force_mae=50.0, stop__max_labels=1000)
+    _, summary = run_campaign(tmp_path, campaign)
+    assert summary["stop_reason"].startswith("test force MAE")
+    assert summary["labels"] < 1000
+
+
+@pytest.mark.timeout(300)
+def test_wall_time_stop_finishes_in_flight_labels(tmp_path):
+    campaign = small_campaign(stop__max_wall_s=8.0, stop__max_labels=10_000)
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["stop_reason"].startswith("wall-time limit")
+    # Every oracle batch that was submitted was harvested into the database.
+    labelled = sum(1 for _ in connect(run.labels_db).select())
+    submitted = sum(1 for _ in (run.root / "oracle").glob("batch*.in.npz"))
+    harvested = sum(1 for _ in (run.root / "oracle").glob("batch*.out.npz"))
+    assert submitted == harvested
+    assert labelled == summary["labels"] + summary["initial_labels"]
