@@ -24,6 +24,9 @@ if sys.path and Path(sys.path[0]).resolve() == ROOT / "pipeline":
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
 )
+# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
+# this interpreter's scripts folder (the venv's bin) win even when not activated.
+os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
 logger = logging.getLogger("palflow")
 

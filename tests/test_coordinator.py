@@ -94,3 +94,18 @@ def test_wall_time_stop_finishes_in_flight_labels(tmp_path):
     harvested = sum(1 for _ in (run.root / "oracle").glob("batch*.out.npz"))
     assert submitted == harvested
     assert labelled == summary["labels"] + summary["initial_labels"]
+
+
+@pytest.mark.timeout(300)
+def test_training_goes_on_after_the_label_budget(tmp_path):
+    campaign = small_campaign(stop__final_training_s=4.0)
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 24
+    stopped = summary["started_at"] + summary["stopped_at_s"]
+    events = run.read_events()
+    late_training = [e for e in events if e["kind"] == "train" and e["started"] > stopped]
+    assert len(late_training) >= campaign.model.n_members
+    assert not [e for e in events if e["kind"] in ("label", "generate") and e["submitted"] > stopped]
+    # The last version, published after the stop, holds the final training and is evaluated.
+    assert summary["test_errors"][-1]["wall_s"] > summary["stopped_at_s"]
+    assert summary["test_errors"][-1]["version"] == summary["versions"]
