@@ -103,7 +103,7 @@ def read_dataset(path: str | os.PathLike) -> list[Atoms]:
     arrays = read_arrays(path)
     structures = []
     offsets = np.concatenate([[0], np.cumsum(arrays["n_atoms"])])
-    for index, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
+    for index, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
         atoms = Atoms(
             numbers=arrays["numbers"][start:stop],
             positions=arrays["positions"][start:stop],

@@ -81,10 +81,10 @@ def _run_md(
         the ensemble version used, and where and when the task ran.
     """
     import torch
-
-    from apps.calculator import EnsembleCalculator
     from ase.md.langevin import Langevin
     from ase.md.verlet import VelocityVerlet
+
+    from apps.calculator import EnsembleCalculator
 
     t_start = time.time()
     torch.set_num_threads(settings.get("torch_threads", 1))
@@ -98,7 +98,11 @@ def _run_md(
     timestep = settings["timestep_fs"] * units.fs
     if settings["integrator"] == "langevin":
         dynamics = Langevin(
-            atoms, timestep, temperature_K=temperature, friction=settings["friction"] / units.fs, fixcm=False,
+            atoms,
+            timestep,
+            temperature_K=temperature,
+            friction=settings["friction"] / units.fs,
+            fixcm=False,
             rng=rng,
         )
     else:

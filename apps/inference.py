@@ -70,4 +70,3 @@ def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None
         "version": int(extra.get("version", -1)),
         **where_and_when(t_start),
     }
-

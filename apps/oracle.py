@@ -126,7 +126,7 @@ def _label_batch(
         extra={"candidate_id": np.asarray(ids), "status": np.asarray(statuses, dtype=str)},
     )
     shutil.rmtree(scratch, ignore_errors=True)
-    failures = [[int(i), s] for i, s in zip(ids, statuses) if s != OK]
+    failures = [[int(i), s] for i, s in zip(ids, statuses, strict=True) if s != OK]
     return {
         "output_path": output_path,
         "n_ok": len(statuses) - len(failures),
@@ -164,7 +164,12 @@ def _oracle_md(
     rng = np.random.default_rng(seed)
     draw_velocities(atoms, temperature_K, rng)
     dynamics = Langevin(
-        atoms, timestep_fs * units.fs, temperature_K=temperature_K, friction=0.02, fixcm=False, rng=rng
+        atoms,
+        timestep_fs * units.fs,
+        temperature_K=temperature_K,
+        friction=0.02,
+        fixcm=False,
+        rng=rng,
     )
     frames = []
     # The first stride lets the start structure's memory fade before sampling.

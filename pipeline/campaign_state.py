@@ -18,7 +18,7 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
-from apps.dataset import read_dataset, write_dataset
+from apps.dataset import write_dataset
 from pipeline.metrics import busy_fractions, concurrency_fraction
 from pipeline.rundir import RunDirectory
 from pipeline.selection import Candidate
@@ -99,9 +99,7 @@ def load_start_structure(spec: str, vacuum: float = 0.0) -> Atoms:
         except Exception as error:
             raise ValueError(f"structure file {spec!r} does not parse: {error}") from None
     else:
-        raise ValueError(
-            f"structure {spec!r} is neither an ASE molecule name nor an existing file"
-        )
+        raise ValueError(f"structure {spec!r} is neither an ASE molecule name nor an existing file")
     if vacuum > 0 and not atoms.pbc.any():
         atoms.center(vacuum=vacuum)
     return atoms
@@ -139,7 +137,10 @@ class CampaignState:
         start_path = run.path("system", "start.extxyz")
         write(start_path, start, format="extxyz")
         return cls(
-            campaign=campaign, run=run, start=start, start_path=start_path,
+            campaign=campaign,
+            run=run,
+            start=start,
+            start_path=start_path,
             walkers=[Walker(i, start_path) for i in range(campaign.generator.n_walkers)],
             members=[Member(i) for i in range(campaign.model.n_members)],
         )
@@ -224,11 +225,11 @@ class CampaignState:
             is_valid[:] = False
         total = len(self.labelled)
         train_path = self.run.path("data", f"train.{total:06d}.npz")
-        write_dataset(train_path, [s for s, v in zip(structures, is_valid) if not v])
+        write_dataset(train_path, [s for s, v in zip(structures, is_valid, strict=True) if not v])
         valid_path = None
         if is_valid.any():
             valid_path = self.run.path("data", f"valid.{total:06d}.npz")
-            write_dataset(valid_path, [s for s, v in zip(structures, is_valid) if v])
+            write_dataset(valid_path, [s for s, v in zip(structures, is_valid, strict=True) if v])
         self.train_snapshot = Snapshot(train_path, valid_path, total)
 
     def maybe_publish_version(self, final: bool = False) -> Version | None:
@@ -247,9 +248,13 @@ class CampaignState:
         number = len(self.versions) + 1
         path = self.run.path("models", f"ensemble.v{number:05d}.pt")
         stack_member_checkpoints(
-            [m.checkpoint for m in self.members], path,
-            extra={"version": number, "labels": self.n_labels_active,
-                   "epochs": [m.epochs for m in self.members]},
+            [m.checkpoint for m in self.members],
+            path,
+            extra={
+                "version": number,
+                "labels": self.n_labels_active,
+                "epochs": [m.epochs for m in self.members],
+            },
         )
         for member in self.members:
             member.fresh = False
@@ -258,11 +263,16 @@ class CampaignState:
         return version
 
     def record_test_error(self, version: Version, errors: dict[str, Any]) -> None:
-        self.test_errors.append({
-            "version": version.number, "labels": version.n_labels, "wall_s": version.wall_s,
-            "force_mae": errors["force_mae"], "force_rmse": errors.get("force_rmse"),
-            "energy_mae_per_atom": errors.get("energy_mae_per_atom"),
-        })
+        self.test_errors.append(
+            {
+                "version": version.number,
+                "labels": version.n_labels,
+                "wall_s": version.wall_s,
+                "force_mae": errors["force_mae"],
+                "force_rmse": errors.get("force_rmse"),
+                "energy_mae_per_atom": errors.get("energy_mae_per_atom"),
+            }
+        )
 
     # ---------------------------------------------------------------- the end
     def summary(self, events: list[dict[str, Any]], slots: dict[str, int]) -> dict[str, Any]:
@@ -292,4 +302,3 @@ class CampaignState:
             "failed_tasks": dict(Counter(e["module"] for e in events if not e["ok"])),
             "walker_resets": sum(w.resets for w in self.walkers),
         }
-

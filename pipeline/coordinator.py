@@ -191,8 +191,13 @@ class Coordinator:
 
     def _finish(self, future: Future, task: Task) -> None:
         ended = time.time()
-        event = {"task": task.task_id, "kind": task.kind, "module": task.module,
-                 "submitted": task.submitted, "returned": ended}
+        event = {
+            "task": task.task_id,
+            "kind": task.kind,
+            "module": task.module,
+            "submitted": task.submitted,
+            "returned": ended,
+        }
         try:
             result = future.result()
         except Exception as error:  # a task failure is recorded, never fatal by itself
@@ -202,9 +207,14 @@ class Coordinator:
             self._on_task_failure(task, error)
             return
         self._failures_in_a_row[task.module] = 0
-        event.update(ok=True, started=result.get("t_start"), ended=result.get("t_end"),
-                     host=result.get("host"), slurm_job_id=result.get("slurm_job_id"),
-                     slurm_partition=result.get("slurm_partition"))
+        event.update(
+            ok=True,
+            started=result.get("t_start"),
+            ended=result.get("t_end"),
+            host=result.get("host"),
+            slurm_job_id=result.get("slurm_job_id"),
+            slurm_partition=result.get("slurm_partition"),
+        )
         self.run_dir.append_event(event)
         self._handlers[task.kind](result, task)
         if result.get("stop"):
@@ -237,12 +247,17 @@ class Coordinator:
             state.use_test_file(settings.test.file)
         else:
             self._submit(
-                "reference", self.apps.oracle_md, state.start_path,
-                self.run_dir.path("data", "test.npz"), self._oracle_spec(),
+                "reference",
+                self.apps.oracle_md,
+                state.start_path,
+                self.run_dir.path("data", "test.npz"),
+                self._oracle_spec(),
                 self.run_dir.path("oracle", "scratch", "reference"),
-                settings.test.n_structures, settings.test.md_stride,
+                settings.test.n_structures,
+                settings.test.md_stride,
                 settings.test.temperature_K or settings.generator.temperature_K,
-                settings.generator.timestep_fs, settings.seed,
+                settings.generator.timestep_fs,
+                settings.seed,
             )
         self.state.pending_initial = state.initial_candidates(self.campaign)
 
@@ -266,20 +281,26 @@ class Coordinator:
             task_id = self._next_task_id
             input_path = self.run_dir.path("oracle", f"batch{task_id:06d}.in.npz")
             write_dataset(
-                input_path, [c.atoms for c in batch],
+                input_path,
+                [c.atoms for c in batch],
                 extra={"candidate_id": np.array([c.candidate_id for c in batch], dtype=np.int64)},
             )
             self._submit(
-                "label", self.apps.label_batch, input_path,
-                self.run_dir.path("oracle", f"batch{task_id:06d}.out.npz"), self._oracle_spec(),
+                "label",
+                self.apps.label_batch,
+                input_path,
+                self.run_dir.path("oracle", f"batch{task_id:06d}.out.npz"),
+                self._oracle_spec(),
                 self.run_dir.path("oracle", "scratch", f"batch{task_id:06d}"),
                 self.campaign.oracle.max_force,
-                candidates=batch, source=source,
+                candidates=batch,
+                source=source,
             )
 
     def _labels_in_flight(self) -> int:
         return sum(
-            len(t.meta["candidates"]) for t in self.in_flight.values()
+            len(t.meta["candidates"])
+            for t in self.in_flight.values()
             if t.kind == "label" and t.meta["source"] == "active"
         )
 
@@ -296,12 +317,16 @@ class Coordinator:
             walker.segments += 1
             stem = f"walker{walker.walker_id:03d}.seg{walker.segments:05d}"
             self._submit(
-                "generate", self.apps.run_md, walker.start_path, version.path,
+                "generate",
+                self.apps.run_md,
+                walker.start_path,
+                version.path,
                 self.run_dir.path("generator", f"{stem}.npz"),
                 self.run_dir.path("generator", f"{stem}.last.extxyz"),
                 self.campaign.generator.model_dump(),
                 self.campaign.seed * 1_000_003 + self._next_task_id,
-                walker=walker, version=version.number,
+                walker=walker,
+                version=version.number,
             )
 
     def _submit_training(self, stopping: bool) -> None:
@@ -320,11 +345,20 @@ class Coordinator:
             out = self.run_dir.path("models", f"member{member.index}.{member.tasks:05d}.pt")
             member.tasks += 1
             self._submit(
-                "train", self.apps.train_member, member.index, snapshot.train_path,
-                member.checkpoint, out, self.state.model_spec(self.campaign),
-                self.campaign.training.model_dump(), self.campaign.seed * 1000 + member.index,
-                self.campaign.training.epochs_per_task, snapshot.valid_path,
-                member=member, labels=snapshot.n_labels, checkpoint_out=out,
+                "train",
+                self.apps.train_member,
+                member.index,
+                snapshot.train_path,
+                member.checkpoint,
+                out,
+                self.state.model_spec(self.campaign),
+                self.campaign.training.model_dump(),
+                self.campaign.seed * 1000 + member.index,
+                self.campaign.training.epochs_per_task,
+                snapshot.valid_path,
+                member=member,
+                labels=snapshot.n_labels,
+                checkpoint_out=out,
             )
 
     def _submit_inference(self, stopping: bool) -> None:
@@ -334,16 +368,29 @@ class Coordinator:
             return
         if state.test_ready and state.evaluated_version < version.number and self._free("infer"):
             state.evaluated_version = version.number
-            self._submit("evaluate", self.apps.evaluate_test, version.path,
-                         self.run_dir.path("data", "test.npz"), version=version)
-        if (stopping or not self.campaign.selection.rescore or not self.queue
-                or state.rescored_version >= version.number or not self._free("infer")):
+            self._submit(
+                "evaluate",
+                self.apps.evaluate_test,
+                version.path,
+                self.run_dir.path("data", "test.npz"),
+                version=version,
+            )
+        if (
+            stopping
+            or not self.campaign.selection.rescore
+            or not self.queue
+            or state.rescored_version >= version.number
+            or not self._free("infer")
+        ):
             return
         state.rescored_version = version.number
         candidates = self.queue.candidates()
         path = self.run_dir.path("infer", f"queue.v{version.number:05d}.npz")
-        write_dataset(path, [c.atoms for c in candidates],
-                      extra={"candidate_id": np.array([c.candidate_id for c in candidates])})
+        write_dataset(
+            path,
+            [c.atoms for c in candidates],
+            extra={"candidate_id": np.array([c.candidate_id for c in candidates])},
+        )
         self._submit("score", self.apps.score_candidates, version.path, path, version=version)
 
     # ---------------------------------------------------------- what arrived
@@ -356,21 +403,32 @@ class Coordinator:
         structures = read_dataset(result["output_path"])
         by_id = {c.candidate_id: c for c in task.meta["candidates"]}
         good, meta = [], []
-        for atoms, candidate_id, status in zip(structures, arrays["candidate_id"], arrays["status"]):
+        for atoms, candidate_id, status in zip(
+            structures, arrays["candidate_id"], arrays["status"], strict=True
+        ):
             candidate = by_id[int(candidate_id)]
             if status != "ok":
                 self.state.record_failure(int(candidate_id), str(status))
                 continue
             good.append(atoms)
-            meta.append({
-                "candidate_id": int(candidate_id), "source": task.meta["source"],
-                "oracle_task": task.task_id, "scored_version": candidate.version,
-                "predicted_force_disagreement": candidate.force_disagreement,
-            })
+            meta.append(
+                {
+                    "candidate_id": int(candidate_id),
+                    "source": task.meta["source"],
+                    "oracle_task": task.task_id,
+                    "scored_version": candidate.version,
+                    "predicted_force_disagreement": candidate.force_disagreement,
+                }
+            )
         self.state.add_labels(good, meta, task.meta["source"])
-        logger.info("labels: %d active (+%d %s), %d failed, queue %d",
-                    self.state.n_labels_active, len(good), task.meta["source"],
-                    self.state.n_failures, len(self.queue))
+        logger.info(
+            "labels: %d active (+%d %s), %d failed, queue %d",
+            self.state.n_labels_active,
+            len(good),
+            task.meta["source"],
+            self.state.n_failures,
+            len(self.queue),
+        )
 
     def _on_generate(self, result: dict[str, Any], task: Task) -> None:
         walker: Walker = task.meta["walker"]
@@ -382,14 +440,23 @@ class Coordinator:
         else:
             walker.start_path = result["last_frame_path"]
         selection = self.campaign.selection
-        picks = select_frames(result["force_disagreement"], selection.threshold,
-                              selection.max_per_trajectory, selection.min_frame_gap)
+        picks = select_frames(
+            result["force_disagreement"],
+            selection.threshold,
+            selection.max_per_trajectory,
+            selection.min_frame_gap,
+        )
         if not picks:
             return
         frames = read_dataset(result["output_path"])
         candidates = [
-            Candidate(self.state.new_candidate_id(), frames[i], result["force_disagreement"][i],
-                      result["energy_disagreement"][i], task.meta["version"])
+            Candidate(
+                self.state.new_candidate_id(),
+                frames[i],
+                result["force_disagreement"][i],
+                result["energy_disagreement"][i],
+                task.meta["version"],
+            )
             for i in picks
         ]
         self.queue.extend(candidates)
@@ -404,17 +471,25 @@ class Coordinator:
             logger.info("ensemble v%d published (%d labels)", version.number, version.n_labels)
 
     def _on_score(self, result: dict[str, Any], task: Task) -> None:
-        scores = dict(zip(result["candidate_id"],
-                          zip(result["force_disagreement"], result["energy_disagreement"])))
+        spreads = zip(result["force_disagreement"], result["energy_disagreement"], strict=True)
+        scores = dict(zip(result["candidate_id"], spreads, strict=True))
         dropped = self.queue.rescore(scores, result["version"], self.campaign.selection.threshold)
-        logger.info("queue re-scored with v%d: %d dropped, %d left",
-                    result["version"], len(dropped), len(self.queue))
+        logger.info(
+            "queue re-scored with v%d: %d dropped, %d left",
+            result["version"],
+            len(dropped),
+            len(self.queue),
+        )
 
     def _on_evaluate(self, result: dict[str, Any], task: Task) -> None:
         version = task.meta["version"]
         self.state.record_test_error(version, result)
-        logger.info("v%d test force MAE %.4f eV/Å (%d labels)",
-                    version.number, result["force_mae"], version.n_labels)
+        logger.info(
+            "v%d test force MAE %.4f eV/Å (%d labels)",
+            version.number,
+            result["force_mae"],
+            version.n_labels,
+        )
         target = self.campaign.stop.target_force_mae
         if target and result["force_mae"] <= target:
             self.state.request_stop(f"test force MAE {result['force_mae']:.4f} <= {target}")
@@ -460,7 +535,10 @@ class Coordinator:
         summary = self.state.summary(self.run_dir.read_events(), self.slots)
         self.run_dir.write_json("summary.json", summary)
         self.run_dir.export_extxyz()
-        write(self.run_dir.path("system", "queue_at_stop.extxyz"),
-              [c.atoms for c in self.queue.candidates()] or [], format="extxyz")
+        write(
+            self.run_dir.path("system", "queue_at_stop.extxyz"),
+            [c.atoms for c in self.queue.candidates()] or [],
+            format="extxyz",
+        )
         logger.info("campaign stopped: %s", summary["stop_reason"])
         return summary

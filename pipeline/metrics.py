@@ -36,7 +36,8 @@ def intersect_intervals(a: Sequence[Interval], b: Sequence[Interval]) -> list[In
 def module_intervals(events: Iterable[dict[str, Any]], module: str) -> list[Interval]:
     """When at least one task of ``module`` was running, from the apps' own clocks."""
     return merge_intervals(
-        (e["started"], e["ended"]) for e in events
+        (e["started"], e["ended"])
+        for e in events
         if e["module"] == module and e.get("started") is not None and e.get("ended") is not None
     )
 

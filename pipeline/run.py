@@ -36,13 +36,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="pipeline/run.py",
         description="Streaming active learning of an interatomic potential.",
     )
-    parser.add_argument("--site", required=True,
-                        help="site config: a name in site_configs/ (laptop.py) or a path")
+    parser.add_argument(
+        "--site", required=True, help="site config: a name in site_configs/ (laptop.py) or a path"
+    )
     parser.add_argument("--campaign", help="campaign TOML file (default: ethanol with GFN2-xTB)")
     parser.add_argument("--run-dir", help="new directory for this run (default: runs/NAME-TIME)")
     parser.add_argument("--max-labels", type=int, help="override stop.max_labels")
-    parser.add_argument("--max-wall", type=float, metavar="SECONDS",
-                        help="override stop.max_wall_s")
+    parser.add_argument(
+        "--max-wall", type=float, metavar="SECONDS", help="override stop.max_wall_s"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     return parser.parse_args(argv)
 
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         check_calculator(campaign.oracle.calculator)
         start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
         site = load_site(args.site)
-        run_dir = Path(args.run_dir or ROOT / "runs" / f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(
+            args.run_dir or ROOT / "runs" / f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         run = RunDirectory.create(run_dir)
     except (CampaignError, SiteError, ValueError, ImportError, FileExistsError) as error:
         print(f"palflow: error: {error}", file=sys.stderr)
@@ -86,12 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = execute(campaign, run, site, start)
     print(f"run directory: {run.root}")
     print(f"stopped: {summary['stop_reason']}")
-    print(f"labels: {summary['labels']} (+{summary['initial_labels']} initial), "
-          f"oracle failures: {summary['oracle_failures']}, wall: {summary['wall_s']:.0f} s")
+    print(
+        f"labels: {summary['labels']} (+{summary['initial_labels']} initial), "
+        f"oracle failures: {summary['oracle_failures']}, wall: {summary['wall_s']:.0f} s"
+    )
     if summary["test_force_mae"]:
         first, last = summary["test_force_mae"][0][2], summary["test_force_mae"][-1][2]
         print(f"test force MAE: {first:.4f} -> {last:.4f} eV/Å")
-    print("busy fraction: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["busy_fraction"].items()))
+    print(
+        "busy fraction: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["busy_fraction"].items())
+    )
     return 0
 
 

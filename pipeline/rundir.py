@@ -95,7 +95,7 @@ class RunDirectory:
         from ase.db import connect
 
         with connect(self.labels_db) as database:
-            for atoms, key_value_pairs in zip(structures, metadata):
+            for atoms, key_value_pairs in zip(structures, metadata, strict=True):
                 database.write(atoms, key_value_pairs=key_value_pairs)
 
     def export_extxyz(self) -> None:
@@ -105,7 +105,10 @@ class RunDirectory:
 
         if not self.labels_db.exists():
             return
-        rows = [row.toatoms(add_additional_information=False) for row in connect(self.labels_db).select()]
+        rows = [
+            row.toatoms(add_additional_information=False)
+            for row in connect(self.labels_db).select()
+        ]
         tmp = self.root / ".labels.extxyz.tmp"
         write(tmp, rows, format="extxyz")
         os.replace(tmp, self.root / "labels.extxyz")

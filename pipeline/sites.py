@@ -64,8 +64,9 @@ def load_site(name: str) -> Site:
     except ConfigurationError as error:
         raise SiteError(f"{path}: the Parsl config is invalid: {error}") from None
     except Exception as error:
-        raise SiteError(f"{path}: the site file does not import: "
-                        f"{type(error).__name__}: {error}") from None
+        raise SiteError(
+            f"{path}: the site file does not import: {type(error).__name__}: {error}"
+        ) from None
     if hasattr(module, "fresh_config"):
         config = module.fresh_config()
     elif hasattr(module, "config"):

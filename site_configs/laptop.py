@@ -21,13 +21,15 @@ slots = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
 
 def _executor(label: str) -> HighThroughputExecutor:
     return HighThroughputExecutor(
-        label=label,                          # the module this executor serves
-        address="127.0.0.1",                  # loopback only: nothing off this machine connects
-        encrypted=True,                       # CurveZMQ between interchange and workers
+        label=label,  # the module this executor serves
+        address="127.0.0.1",  # loopback only: nothing off this machine connects
+        encrypted=True,  # CurveZMQ between interchange and workers
         max_workers_per_node=WORKERS[label],  # worker processes for this module
-        cpu_affinity="none",                  # let the OS spread workers over the cores
+        cpu_affinity="none",  # let the OS spread workers over the cores
         provider=LocalProvider(
-            init_blocks=1, min_blocks=1, max_blocks=1,   # one pool of workers, started at once
+            init_blocks=1,
+            min_blocks=1,
+            max_blocks=1,  # one pool of workers, started at once
             # One OpenMP/BLAS thread per worker: the workers already fill the cores.
             worker_init="export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1",
         ),
@@ -36,7 +38,7 @@ def _executor(label: str) -> HighThroughputExecutor:
 
 config = Config(
     executors=[_executor(label) for label in ("oracle", "generator", "train", "infer")],
-    run_dir="runinfo",        # Parsl's own logs, beside the campaign's run directory
-    strategy="none",          # fixed blocks: no scaling on a laptop
-    usage_tracking=0,         # send nothing anywhere
+    run_dir="runinfo",  # Parsl's own logs, beside the campaign's run directory
+    strategy="none",  # fixed blocks: no scaling on a laptop
+    usage_tracking=0,  # send nothing anywhere
 )

@@ -16,6 +16,6 @@ config = Config(
         ThreadPoolExecutor(label=label, max_threads=slots[label])  # one pool per module
         for label in ("oracle", "generator", "train", "infer")
     ],
-    run_dir="runinfo",   # Parsl's own logs
-    usage_tracking=0,    # send nothing anywhere
+    run_dir="runinfo",  # Parsl's own logs
+    usage_tracking=0,  # send nothing anywhere
 )

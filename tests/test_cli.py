@@ -47,8 +47,13 @@ def small_campaign(tmp_path: Path) -> Path:
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "pipeline" / "run.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pipeline" / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.slow
@@ -56,8 +61,16 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("site", ["threads.py", "laptop.py"])
 def test_campaign_runs_end_to_end(tmp_path, site):
     run_dir = tmp_path / "run"
-    result = run_cli("--site", site, "--campaign", str(small_campaign(tmp_path)),
-                     "--run-dir", str(run_dir), "--max-labels", "10")
+    result = run_cli(
+        "--site",
+        site,
+        "--campaign",
+        str(small_campaign(tmp_path)),
+        "--run-dir",
+        str(run_dir),
+        "--max-labels",
+        "10",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["labels"] == 10
@@ -77,10 +90,14 @@ def test_campaign_runs_end_to_end(tmp_path, site):
         (lambda d: ["--site", "threads.py", "--max-labels", "0"], "stop.max_labels"),
         (lambda d: ["--site", "threads.py", "--max-wall", "-5"], "stop.max_wall_s"),
         (lambda d: ["--site", "threads.py", "--campaign", str(d / "typo.toml")], "max_lables"),
-        (lambda d: ["--site", "threads.py", "--campaign", str(d / "calc.toml")],
-         "cannot import module 'no_such_code'"),
-        (lambda d: ["--site", "threads.py", "--campaign", str(d / "structure.toml")],
-         "does not parse"),
+        (
+            lambda d: ["--site", "threads.py", "--campaign", str(d / "calc.toml")],
+            "cannot import module 'no_such_code'",
+        ),
+        (
+            lambda d: ["--site", "threads.py", "--campaign", str(d / "structure.toml")],
+            "does not parse",
+        ),
         (lambda d: ["--site", "threads.py", "--run-dir", str(d)], "exists and is not empty"),
     ],
     ids=["site", "labels", "wall", "key", "calculator", "structure", "run-dir"],

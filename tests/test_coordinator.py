@@ -18,12 +18,19 @@ SLOTS = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
 
 def small_campaign(**overrides):
     settings = {
-        "stop__max_labels": 24, "stop__max_wall_s": 240.0,
-        "model__n_features": 16, "model__n_interactions": 2, "model__n_rbf": 8,
-        "training__min_task_s": 0.0, "training__epochs_per_task": 4,
-        "generator__steps_per_task": 40, "generator__n_walkers": 3,
-        "initial__n_structures": 8, "test__n_structures": 8,
-        "oracle__batch_size": 4, "stop__final_training_s": 0.0,
+        "stop__max_labels": 24,
+        "stop__max_wall_s": 240.0,
+        "model__n_features": 16,
+        "model__n_interactions": 2,
+        "model__n_rbf": 8,
+        "training__min_task_s": 0.0,
+        "training__epochs_per_task": 4,
+        "generator__steps_per_task": 40,
+        "generator__n_walkers": 3,
+        "initial__n_structures": 8,
+        "test__n_structures": 8,
+        "oracle__batch_size": 4,
+        "stop__final_training_s": 0.0,
     }
     settings.update(overrides)
     return load_campaign(EXAMPLES / "cu_emt.toml", **settings)
@@ -34,8 +41,9 @@ def run_campaign(tmp_path, campaign):
     executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
     try:
         start = load_start_structure(campaign.system.structure)
-        summary = Coordinator(campaign, run, Apps.from_executors(executors), SLOTS, start,
-                              poll_s=0.2).run()
+        summary = Coordinator(
+            campaign, run, Apps.from_executors(executors), SLOTS, start, poll_s=0.2
+        ).run()
     finally:
         for executor in executors.values():
             executor.shutdown(wait=True, cancel_futures=True)
@@ -71,8 +79,10 @@ def test_short_campaign_labels_exactly_the_budget_and_learns(tmp_path):
     assert set(summary["busy_fraction"]) == set(MODULES)
     assert json.loads((run.root / "summary.json").read_text())["labels"] == 24
     assert (run.root / "labels.extxyz").exists()
-    assert sorted(p.name for p in (run.root / "models").glob("ensemble.v*.pt"))[0] == \
-        "ensemble.v00001.pt"
+    assert (
+        sorted(p.name for p in (run.root / "models").glob("ensemble.v*.pt"))[0]
+        == "ensemble.v00001.pt"
+    )
 
 
 @pytest.mark.timeout(300)
@@ -105,7 +115,9 @@ def test_training_goes_on_after_the_label_budget(tmp_path):
     events = run.read_events()
     late_training = [e for e in events if e["kind"] == "train" and e["started"] > stopped]
     assert len(late_training) >= campaign.model.n_members
-    assert not [e for e in events if e["kind"] in ("label", "generate") and e["submitted"] > stopped]
+    assert not [
+        e for e in events if e["kind"] in ("label", "generate") and e["submitted"] > stopped
+    ]
     # The last version, published after the stop, holds the final training and is evaluated.
     assert summary["test_errors"][-1]["wall_s"] > summary["stopped_at_s"]
     assert summary["test_errors"][-1]["version"] == summary["versions"]

@@ -35,8 +35,14 @@ def md_settings(**changes):
 
 
 def test_md_records_sampled_frames_with_their_disagreement(tmp_path, ensemble_path, start_path):
-    result = _run_md(start_path, ensemble_path, str(tmp_path / "traj.npz"),
-                     str(tmp_path / "last.extxyz"), md_settings(max_force_disagreement=1e9), seed=1)
+    result = _run_md(
+        start_path,
+        ensemble_path,
+        str(tmp_path / "traj.npz"),
+        str(tmp_path / "last.extxyz"),
+        md_settings(max_force_disagreement=1e9),
+        seed=1,
+    )
     assert not result["blew_up"], result["reason"]
     assert result["version"] == 3
     assert result["n_frames"] == 4
@@ -49,7 +55,8 @@ def test_md_records_sampled_frames_with_their_disagreement(tmp_path, ensemble_pa
     frames[2].calc = calc
     frames[2].get_potential_energy()
     assert calc.results["force_disagreement"] == pytest.approx(
-        result["force_disagreement"][2], rel=1e-4)
+        result["force_disagreement"][2], rel=1e-4
+    )
     # The walker's next segment starts from the last frame, momenta included.
     last = read(tmp_path / "last.extxyz")
     np.testing.assert_allclose(last.positions, frames[-1].positions, atol=1e-6)
@@ -57,16 +64,23 @@ def test_md_records_sampled_frames_with_their_disagreement(tmp_path, ensemble_pa
 
 
 def test_md_stops_when_ensemble_disagreement_passes_the_hard_cap(
-        tmp_path, ensemble_path, start_path):
-    result = _run_md(start_path, ensemble_path, str(tmp_path / "traj.npz"),
-                     str(tmp_path / "last.extxyz"), md_settings(max_force_disagreement=1e-9),
-                     seed=1)
+    tmp_path, ensemble_path, start_path
+):
+    result = _run_md(
+        start_path,
+        ensemble_path,
+        str(tmp_path / "traj.npz"),
+        str(tmp_path / "last.extxyz"),
+        md_settings(max_force_disagreement=1e-9),
+        seed=1,
+    )
     assert result["blew_up"]
     assert "hard cap" in result["reason"]
     assert result["n_frames"] == 0
     # Nothing sound was reached: the walker's state is still its start.
-    np.testing.assert_allclose(read(tmp_path / "last.extxyz").positions,
-                               read(start_path).positions, atol=1e-6)
+    np.testing.assert_allclose(
+        read(tmp_path / "last.extxyz").positions, read(start_path).positions, atol=1e-6
+    )
 
 
 def test_blow_up_reasons():
@@ -93,8 +107,9 @@ def test_scores_match_the_calculator_and_keep_ids(tmp_path, ensemble_path):
     assert result["candidate_id"] == [5, 9, 2]
     assert result["version"] == 3
     calc = EnsembleCalculator.from_checkpoint(ensemble_path)
-    for atoms, force, energy in zip(structures, result["force_disagreement"],
-                                    result["energy_disagreement"]):
+    for atoms, force, energy in zip(
+        structures, result["force_disagreement"], result["energy_disagreement"], strict=True
+    ):
         atoms.calc = calc
         atoms.get_potential_energy()
         assert force == pytest.approx(calc.results["force_disagreement"], rel=1e-4)
@@ -102,8 +117,8 @@ def test_scores_match_the_calculator_and_keep_ids(tmp_path, ensemble_path):
 
 
 def test_test_error_is_the_mean_prediction_error(tmp_path, ensemble_path):
-    from ase.calculators.emt import EMT
     from ase.build import bulk
+    from ase.calculators.emt import EMT
 
     structures = []
     for seed in range(3):

@@ -22,7 +22,9 @@ def test_busy_fraction_counts_overlapping_tasks_once():
 def test_concurrency_fraction_is_time_all_modules_run():
     events = [event("oracle", 0, 6), event("train", 4, 10), event("generator", 5, 8)]
     assert concurrency_fraction(events, 0, 10, ("oracle", "train")) == pytest.approx(0.2)
-    assert concurrency_fraction(events, 0, 10, ("oracle", "train", "generator")) == pytest.approx(0.1)
+    assert concurrency_fraction(events, 0, 10, ("oracle", "train", "generator")) == pytest.approx(
+        0.1
+    )
 
 
 def test_failed_tasks_without_times_are_ignored():

@@ -24,14 +24,15 @@ def rattled_copper(n: int, seed: int = 0):
 def test_label_batch_matches_direct_emt_and_keeps_ids(tmp_path):
     structures = rattled_copper(3)
     write_dataset(tmp_path / "in.npz", structures, extra={"candidate_id": np.array([7, 8, 9])})
-    result = _label_batch(str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), EMT_SPEC,
-                          str(tmp_path / "scratch"))
+    result = _label_batch(
+        str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), EMT_SPEC, str(tmp_path / "scratch")
+    )
     assert result["n_ok"] == 3 and result["failures"] == []
     labelled = read_dataset(tmp_path / "out.npz")
     arrays = read_arrays(tmp_path / "out.npz")
     assert arrays["candidate_id"].tolist() == [7, 8, 9]
     assert arrays["status"].tolist() == ["ok"] * 3
-    for atoms, original in zip(labelled, structures):
+    for atoms, original in zip(labelled, structures, strict=True):
         reference = original.copy()
         reference.calc = EMT()
         assert atoms.get_potential_energy() == pytest.approx(reference.get_potential_energy())
@@ -43,10 +44,11 @@ def test_label_batch_matches_direct_emt_and_keeps_ids(tmp_path):
 def test_a_failing_structure_is_recorded_not_raised(tmp_path):
     structures = rattled_copper(2)
     structures.insert(1, molecule("H2O"))  # EMT has no parameters for this... oxygen works,
-    structures[1].numbers[:] = 92          # but not uranium
+    structures[1].numbers[:] = 92  # but not uranium
     write_dataset(tmp_path / "in.npz", structures, extra={"candidate_id": np.array([1, 2, 3])})
-    result = _label_batch(str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), EMT_SPEC,
-                          str(tmp_path / "scratch"))
+    result = _label_batch(
+        str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), EMT_SPEC, str(tmp_path / "scratch")
+    )
     assert result["n_ok"] == 2
     assert [f[0] for f in result["failures"]] == [2]
     arrays = read_arrays(tmp_path / "out.npz")
@@ -62,8 +64,9 @@ def test_absurd_forces_are_a_bad_label():
 
 
 def test_make_calculator_passes_kwargs():
-    calc = make_calculator({"calculator": "ase.calculators.lj:LennardJones",
-                            "kwargs": {"sigma": 2.0}})
+    calc = make_calculator(
+        {"calculator": "ase.calculators.lj:LennardJones", "kwargs": {"sigma": 2.0}}
+    )
     assert calc.parameters.sigma == 2.0
 
 
@@ -77,9 +80,17 @@ def test_oracle_md_makes_labelled_held_out_frames(tmp_path):
 
     atoms = bulk("Cu", cubic=True).repeat((2, 1, 1))
     write(tmp_path / "start.extxyz", atoms)
-    result = _oracle_md(str(tmp_path / "start.extxyz"), str(tmp_path / "test.npz"), EMT_SPEC,
-                        str(tmp_path / "scratch"), n_frames=4, stride=5, temperature_K=300,
-                        timestep_fs=2.0, seed=1)
+    result = _oracle_md(
+        str(tmp_path / "start.extxyz"),
+        str(tmp_path / "test.npz"),
+        EMT_SPEC,
+        str(tmp_path / "scratch"),
+        n_frames=4,
+        stride=5,
+        temperature_K=300,
+        timestep_fs=2.0,
+        seed=1,
+    )
     frames = read_dataset(tmp_path / "test.npz")
     assert result["n_frames"] == 4 == len(frames)
     positions = [f.positions for f in frames]
@@ -97,8 +108,9 @@ def test_real_gfn2_xtb_labels_water(tmp_path, require_xtb):
     stretched.positions[1] *= 1.1
     write_dataset(tmp_path / "in.npz", [water, stretched])
     spec = {"calculator": "xtb.ase.calculator:XTB", "kwargs": {"method": "GFN2-xTB"}}
-    result = _label_batch(str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), spec,
-                          str(tmp_path / "scratch"))
+    result = _label_batch(
+        str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), spec, str(tmp_path / "scratch")
+    )
     assert result["n_ok"] == 2
     labelled = read_dataset(tmp_path / "out.npz")
     energies = [a.get_potential_energy() for a in labelled]

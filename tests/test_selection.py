@@ -47,8 +47,9 @@ def test_queue_evicts_least_uncertain_when_full():
 def test_rescore_drops_confident_and_reorders_rest():
     queue = OracleQueue(max_size=10)
     queue.extend([make(1, 0.9), make(2, 0.5), make(3, 0.3)])
-    dropped = queue.rescore({1: (0.01, 0.0), 2: (0.2, 0.0), 3: (0.8, 0.0)}, version=2,
-                            threshold=0.05)
+    dropped = queue.rescore(
+        {1: (0.01, 0.0), 2: (0.2, 0.0), 3: (0.8, 0.0)}, version=2, threshold=0.05
+    )
     assert [c.candidate_id for c in dropped] == [1]
     assert [c.candidate_id for c in queue.candidates()] == [3, 2]
     assert all(c.version == 2 for c in queue.candidates())
@@ -57,8 +58,9 @@ def test_rescore_drops_confident_and_reorders_rest():
 def test_rescore_ignores_older_versions_and_unknown_ids():
     queue = OracleQueue(max_size=10)
     queue.extend([make(1, 0.9, version=5), make(2, 0.5, version=1)])
-    dropped = queue.rescore({1: (0.0, 0.0), 2: (0.7, 0.0), 99: (1.0, 0.0)}, version=3,
-                            threshold=0.05)
+    dropped = queue.rescore(
+        {1: (0.0, 0.0), 2: (0.7, 0.0), 99: (1.0, 0.0)}, version=3, threshold=0.05
+    )
     assert dropped == []
     scores = {c.candidate_id: c.force_disagreement for c in queue.candidates()}
     assert scores == {1: 0.9, 2: 0.7}

@@ -19,7 +19,7 @@ def test_default_campaign_is_ethanol_with_gfn2_xtb():
 
 def test_toml_file_overrides_only_what_it_names(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[stop]\nmax_labels = 7\n[oracle]\nbatch_size = 3\n')
+    path.write_text("[stop]\nmax_labels = 7\n[oracle]\nbatch_size = 3\n")
     campaign = load_campaign(path)
     assert campaign.stop.max_labels == 7
     assert campaign.oracle.batch_size == 3
