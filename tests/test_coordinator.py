@@ -2,6 +2,7 @@
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,52 @@ def test_training_goes_on_after_the_label_budget(tmp_path):
     # The last version, published after the stop, holds the final training and is evaluated.
     assert summary["test_errors"][-1]["wall_s"] > summary["stopped_at_s"]
     assert summary["test_errors"][-1]["version"] == summary["versions"]
+
+
+@pytest.mark.timeout(300)
+def test_a_module_can_stop_the_campaign(tmp_path):
+    """A task that returns ``{"stop": reason}`` stops the run, like PAL's stop signal."""
+    from apps.generator import _run_md
+
+    calls = []
+
+    def generator_that_gives_up(*args, **kwargs):
+        result = _run_md(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            result["stop"] = "the walkers have explored enough"
+        return result
+
+    campaign = small_campaign(stop__max_labels=10_000)
+    run = RunDirectory.create(tmp_path / "run")
+    executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
+    apps = Apps.from_executors(executors)
+    apps.run_md = partial(executors["generator"].submit, generator_that_gives_up)
+    try:
+        start = load_start_structure(campaign.system.structure)
+        summary = Coordinator(campaign, run, apps, SLOTS, start, poll_s=0.2).run()
+    finally:
+        for executor in executors.values():
+            executor.shutdown(wait=True, cancel_futures=True)
+    assert summary["stop_reason"] == "generator asked to stop: the walkers have explored enough"
+
+
+def test_rolling_window_trains_on_the_newest_labels(tmp_path):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from apps.dataset import read_dataset
+    from pipeline.campaign_state import CampaignState
+
+    campaign = small_campaign(training__rolling_window=5, training__validation_fraction=0.0)
+    start = load_start_structure(campaign.system.structure)
+    state = CampaignState.new(campaign, RunDirectory.create(tmp_path / "run"), start)
+    labelled = []
+    for index in range(12):
+        atoms = start.copy()
+        atoms.calc = SinglePointCalculator(atoms, energy=float(index), forces=start.positions * 0)
+        labelled.append(atoms)
+    state.add_labels(labelled[:7], [{"candidate_id": i} for i in range(7)], "initial")
+    state.add_labels(labelled[7:], [{"candidate_id": i} for i in range(7, 12)], "active")
+    snapshot = read_dataset(state.train_snapshot.train_path)
+    assert [a.get_potential_energy() for a in snapshot] == [7.0, 8.0, 9.0, 10.0, 11.0]
+    assert state.train_snapshot.n_labels == 12
