@@ -10,7 +10,7 @@ gets its own pilot jobs (blocks), so a slow DFT queue never holds up training.
 
 from parsl.addresses import address_by_hostname
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor
+from parsl.executors import HighThroughputExecutor, MPIExecutor
 from parsl.launchers import SimpleLauncher, SingleNodeLauncher
 from parsl.providers import SlurmProvider
 
@@ -29,13 +29,12 @@ slots = {"oracle": 8, "generator": 2 * CPU_CORES_PER_NODE // 4, "train": GPUS_PE
 
 config = Config(
     executors=[
-        HighThroughputExecutor(
+        MPIExecutor(                          # each oracle task may span ranks and nodes
             label="oracle",
             address=address_by_hostname(),   # where compute nodes reach the login node
             encrypted=True,                   # login nodes are shared: encrypt task traffic
-            enable_mpi_mode=True,             # each oracle task may span ranks and nodes
             mpi_launcher="srun",              # the launcher Parsl puts in $PARSL_MPI_PREFIX
-            max_workers_per_node=4,           # MPI tasks one block runs at once
+            max_workers_per_block=4,          # MPI tasks one block runs at once
             provider=SlurmProvider(
                 account=ACCOUNT,
                 partition=CPU_PARTITION,
