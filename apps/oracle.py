@@ -3,7 +3,8 @@
 A calculator is named by import path plus keyword arguments, e.g.
 ``{"calculator": "xtb.ase.calculator:XTB", "kwargs": {"method": "GFN2-xTB"}}``, so
 xTB, DFT codes and ASE's own EMT or LJ plug in the same way. Each task works in its
-own scratch directory so that file-based calculators (DFT codes) do not collide.
+own scratch directory so that file-based calculators (DFT codes) do not collide; a
+task with a failed structure leaves it in the run directory for a post-mortem.
 
 A structure that cannot be labelled is an expected outcome, not a crash: it is
 recorded with its reason and never reaches the training data.
@@ -12,7 +13,9 @@ recorded with its reason and never reaches the training data.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,13 +53,65 @@ def make_calculator(spec: dict[str, Any], directory: str | Path | None = None) -
         do not accept one.
     """
     factory = import_object(spec["calculator"])
-    kwargs = dict(spec.get("kwargs", {}))
+    prefix = mpi_prefix(spec)
+    kwargs = {key: _fill(value, prefix) for key, value in spec.get("kwargs", {}).items()}
     if directory is not None:
         try:
             return factory(directory=str(directory), **kwargs)
         except TypeError:
             pass  # calculators without a ``directory`` argument work in memory
     return factory(**kwargs)
+
+
+def mpi_prefix(spec: dict[str, Any]) -> str:
+    """The launch prefix that ``{mpi_prefix}`` in calculator kwargs stands for.
+
+    ``spec["mpi_command"]`` comes from the site. ``"parsl"`` takes the prefix that an
+    MPIExecutor composes for each task from its resource specification
+    (``$PARSL_MPI_PREFIX``), or ``mpiexec -n {ranks}`` on other executors. Any other
+    value is a template with ``{ranks}``, ``{nodes}`` and ``{hosts}``, for launchers
+    Parsl does not compose (Parsl's mpiexec flags are MPICH's, not Open MPI's).
+    """
+    command = spec.get("mpi_command", "parsl")
+    ranks = int(os.environ.get("PARSL_NUM_RANKS", spec.get("mpi_ranks", 1)))
+    if command == "parsl":
+        if os.environ.get("PARSL_MPI_PREFIX"):
+            return os.environ["PARSL_MPI_PREFIX"]
+        command = "mpiexec -n {ranks}"
+    return command.format(
+        ranks=ranks,
+        nodes=os.environ.get("PARSL_NUM_NODES", spec.get("mpi_nodes", 1)),
+        hosts=os.environ.get("PARSL_MPI_NODELIST", "localhost"),
+    )
+
+
+def _fill(value: Any, prefix: str) -> Any:
+    """Replace ``{mpi_prefix}`` in strings, also inside nested dicts and lists."""
+    if isinstance(value, str):
+        return value.replace("{mpi_prefix}", prefix)
+    if isinstance(value, dict):
+        return {key: _fill(item, prefix) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_fill(item, prefix) for item in value]
+    return value
+
+
+def _local_scratch() -> Path:
+    """A fresh working directory for one task, on node-local disk.
+
+    It lives under ``$PALFLOW_SCRATCH`` or the system's temporary folder, not in the
+    run directory: DFT codes write heavily, and some (NWChem) cut long paths short.
+    """
+    return Path(tempfile.mkdtemp(prefix="palflow-", dir=os.environ.get("PALFLOW_SCRATCH")))
+
+
+def _release_scratch(scratch: Path, keep_at: str | None) -> None:
+    """Remove a task's scratch, or move it to ``keep_at`` for a post-mortem."""
+    if keep_at is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
+    Path(keep_at).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(scratch), keep_at)
 
 
 def label_structure(atoms: Atoms, calculator: Calculator, max_force: float) -> Atoms:
@@ -89,12 +144,15 @@ def _label_batch(
     calculator_spec: dict[str, Any],
     scratch_dir: str,
     max_force: float = 50.0,
+    parsl_resource_specification: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Label every structure of ``input_path`` and write them to ``output_path``.
 
     The output is written atomically, so an existing output file is a complete
-    result. Structures that failed keep NaN labels and their reason in the
-    ``status`` array; ``"ok"`` marks the good ones.
+    result. ``parsl_resource_specification`` (ranks, nodes) is read by Parsl's
+    MPIExecutor, which sets ``$PARSL_MPI_PREFIX`` for the task. Structures that
+    failed keep NaN labels and their reason in the ``status`` array; ``"ok"`` marks
+    the good ones.
 
     Returns
     -------
@@ -105,8 +163,7 @@ def _label_batch(
     t_start = time.time()
     structures = read_dataset(input_path)
     ids = read_arrays(input_path).get("candidate_id", np.arange(len(structures)))
-    scratch = Path(scratch_dir)
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = _local_scratch()
     calculator = make_calculator(calculator_spec, scratch)
     labelled, statuses, seconds = [], [], []
     for atoms in structures:
@@ -125,8 +182,8 @@ def _label_batch(
         labelled,
         extra={"candidate_id": np.asarray(ids), "status": np.asarray(statuses, dtype=str)},
     )
-    shutil.rmtree(scratch, ignore_errors=True)
     failures = [[int(i), s] for i, s in zip(ids, statuses, strict=True) if s != OK]
+    _release_scratch(scratch, keep_at=scratch_dir if failures else None)
     return {
         "output_path": output_path,
         "n_ok": len(statuses) - len(failures),
@@ -146,6 +203,7 @@ def _oracle_md(
     temperature_K: float,
     timestep_fs: float,
     seed: int,
+    parsl_resource_specification: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run Langevin MD on the oracle itself and keep every ``stride``-th frame.
 
@@ -158,8 +216,7 @@ def _oracle_md(
 
     t_start = time.time()
     atoms = read(start_path)
-    scratch = Path(scratch_dir)
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = _local_scratch()
     atoms.calc = make_calculator(calculator_spec, scratch)
     rng = np.random.default_rng(seed)
     draw_velocities(atoms, temperature_K, rng)
@@ -181,5 +238,5 @@ def _oracle_md(
         )
         frames.append(frame)
     write_dataset(output_path, frames)
-    shutil.rmtree(scratch, ignore_errors=True)
+    _release_scratch(scratch, keep_at=None)
     return {"output_path": output_path, "n_frames": len(frames), **where_and_when(t_start)}

@@ -133,6 +133,12 @@ class Coordinator:
         ``infer``); a site's capacity.
     start
         The start structure.
+    oracle_resources
+        Parsl resource specification of every oracle task (ranks, nodes), for sites
+        whose oracle executor is an MPIExecutor; None elsewhere.
+    mpi_command
+        The site's launch prefix template for MPI oracles (see
+        :func:`apps.oracle.mpi_prefix`).
     """
 
     def __init__(
@@ -143,12 +149,22 @@ class Coordinator:
         slots: Mapping[str, int],
         start: Atoms,
         poll_s: float = 1.0,
+        oracle_resources: dict[str, Any] | None = None,
+        mpi_command: str = "parsl",
     ) -> None:
         self.campaign = campaign
         self.run_dir = run
         self.apps = apps
         self.slots = {module: max(1, int(slots.get(module, 1))) for module in MODULES}
         self.poll_s = poll_s
+        self.mpi_command = mpi_command
+        resources = (
+            {}
+            if oracle_resources is None
+            else {"parsl_resource_specification": dict(oracle_resources)}
+        )
+        self._label_batch = partial(apps.label_batch, **resources)
+        self._oracle_md = partial(apps.oracle_md, **resources)
         self.state = CampaignState.new(campaign, run, start)
         self.queue = OracleQueue(campaign.selection.max_queue)
         self.in_flight: dict[Future, Task] = {}
@@ -248,7 +264,7 @@ class Coordinator:
         else:
             self._submit(
                 "reference",
-                self.apps.oracle_md,
+                self._oracle_md,
                 state.start_path,
                 self.run_dir.path("data", "test.npz"),
                 self._oracle_spec(),
@@ -263,7 +279,13 @@ class Coordinator:
 
     def _oracle_spec(self) -> dict[str, Any]:
         oracle = self.campaign.oracle
-        return {"calculator": oracle.calculator, "kwargs": dict(oracle.kwargs)}
+        return {
+            "calculator": oracle.calculator,
+            "kwargs": dict(oracle.kwargs),
+            "mpi_ranks": oracle.mpi_ranks,
+            "mpi_nodes": oracle.mpi_nodes,
+            "mpi_command": self.mpi_command,
+        }
 
     def _submit_labels(self) -> None:
         batch_size = self.campaign.oracle.batch_size
@@ -287,7 +309,7 @@ class Coordinator:
             )
             self._submit(
                 "label",
-                self.apps.label_batch,
+                self._label_batch,
                 input_path,
                 self.run_dir.path("oracle", f"batch{task_id:06d}.out.npz"),
                 self._oracle_spec(),

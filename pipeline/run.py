@@ -118,7 +118,11 @@ def execute(campaign, run, site, start) -> dict:
 
     site.config.run_dir = run.path("parsl")
     with parsl.load(site.config):
-        coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start)
+        resources = site.oracle_resources(campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes)
+        coordinator = Coordinator(
+            campaign, run, Apps.parsl(), site.slots, start,
+            oracle_resources=resources, mpi_command=site.mpi_command,
+        )
         return coordinator.run()
 
 

@@ -50,6 +50,11 @@ class OracleSettings(_Section):
     """Structures labelled per oracle task."""
     max_force: float = Field(50.0, gt=0)
     """Forces above this (eV/Å) are recorded as a failed label, never trained on."""
+    mpi_ranks: int = Field(1, ge=1)
+    """MPI ranks of one oracle task. A calculator uses them through the placeholder
+    ``{mpi_prefix}`` in its kwargs, e.g. ``command = "{mpi_prefix} nwchem PREFIX.nwi"``."""
+    mpi_nodes: int = Field(1, ge=1)
+    """Nodes one oracle task spans (on a site whose oracle is an MPIExecutor)."""
 
 
 class ModelSettings(_Section):

@@ -1,8 +1,9 @@
 """Load a site config and check it against the one contract apps rely on.
 
 A site is a plain Python module exposing a ``parsl.config.Config`` as ``config``
-(or a ``fresh_config()`` function returning one), and optionally ``slots``: the
-tasks the coordinator keeps in flight per module. It must define exactly one
+(or a ``fresh_config()`` function returning one), and optionally ``slots`` (the
+tasks the coordinator keeps in flight per module) and ``mpi_command`` (how MPI
+oracles launch where Parsl composes no prefix). It must define exactly one
 executor per label in :data:`pipeline.coordinator.MODULES`.
 """
 
@@ -31,6 +32,18 @@ class Site:
     config: object
     """The ``parsl.config.Config``."""
     slots: dict[str, int]
+    mpi_command: str = "parsl"
+    """Launch prefix template of MPI oracles where Parsl composes none; see
+    :func:`apps.oracle.mpi_prefix`."""
+    oracle_mpi: bool = False
+    """The oracle executor runs in Parsl's MPI mode: every oracle task needs a resource
+    specification, and Parsl composes its launch prefix."""
+
+    def oracle_resources(self, ranks: int, nodes: int) -> dict[str, int] | None:
+        """The resource specification oracle tasks carry on this site, if any."""
+        if not self.oracle_mpi:
+            return None
+        return {"num_ranks": ranks, "num_nodes": nodes, "ranks_per_node": -(-ranks // nodes)}
 
 
 def resolve_site_path(name: str) -> Path:
@@ -87,4 +100,10 @@ def load_site(name: str) -> Site:
     if unknown:
         raise SiteError(f"{path}: 'slots' names unknown modules {sorted(unknown)}")
     slots.update(given)
-    return Site(path=path, config=config, slots=slots)
+    oracle = next(e for e in config.executors if e.label == "oracle")
+    return Site(
+        path=path,
+        config=config,
+        slots=slots,
+        oracle_mpi=bool(getattr(oracle, "enable_mpi_mode", False)),
+    )

@@ -31,7 +31,10 @@ def _executor(label: str) -> HighThroughputExecutor:
             min_blocks=1,
             max_blocks=1,  # one pool of workers, started at once
             # One OpenMP/BLAS thread per worker: the workers already fill the cores.
-            worker_init="export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1",
+            # Open MPI may start more ranks than cores (and run as root in containers).
+            worker_init="export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "
+            "OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_ALLOW_RUN_AS_ROOT=1 "
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
         ),
     )
 

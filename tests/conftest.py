@@ -9,8 +9,14 @@ is silently skipped.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: the venv's
+# scripts must be found even when the venv is not activated.
+os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
 
 def required(marker: str) -> bool:
@@ -33,3 +39,21 @@ def require_xtb():
         import xtb.ase.calculator  # noqa: F401
     except ImportError as error:
         need("xtb", False, f"xtb-python is not importable: {error}")
+
+
+def slurm_is_up() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None:
+        return False
+    done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                          check=False)
+    return done.returncode == 0 and any(
+        state in done.stdout for state in ("idle", "mixed", "allocated"))
+
+
+@pytest.fixture
+def slurm_cluster():
+    """A running Slurm with idle nodes (.ci/slurm/start.sh starts one)."""
+    need("slurm", slurm_is_up(), "no running Slurm cluster (start one: .ci/slurm/start.sh)")

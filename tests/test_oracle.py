@@ -38,7 +38,7 @@ def test_label_batch_matches_direct_emt_and_keeps_ids(tmp_path):
         assert atoms.get_potential_energy() == pytest.approx(reference.get_potential_energy())
         np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), atol=1e-10)
     assert result["t_end"] >= result["t_start"]
-    assert not (tmp_path / "scratch").exists(), "scratch is removed after a clean batch"
+    assert not (tmp_path / "scratch").exists(), "a clean batch leaves no scratch behind"
 
 
 def test_a_failing_structure_is_recorded_not_raised(tmp_path):
@@ -53,6 +53,7 @@ def test_a_failing_structure_is_recorded_not_raised(tmp_path):
     assert [f[0] for f in result["failures"]] == [2]
     arrays = read_arrays(tmp_path / "out.npz")
     assert arrays["status"][1] != "ok"
+    assert (tmp_path / "scratch").is_dir(), "a failed batch keeps its scratch for a post-mortem"
     assert np.isnan(arrays["energy"][1]) and np.isfinite(arrays["energy"][[0, 2]]).all()
 
 
