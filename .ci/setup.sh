@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
-# Set up palflow on a fresh machine: a virtual environment in .venv with the
-# package, its test tools, and the CPU build of torch pinned in constraints.txt.
-# Safe to run again: it only installs what is missing.
+# Set up palflow: a virtual environment in .venv with the package, its test tools,
+# and the CPU build of torch pinned in constraints.txt. Safe to run again.
+#
+#   bash .ci/setup.sh            Python packages only
+#   bash .ci/setup.sh --system   also Debian's Open MPI, NWChem, Slurm and munge (root or
+#                                sudo), mpi4py, and a running single-node Slurm cluster,
+#                                so that the MPI, DFT and Slurm tests run too
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+system=0
+[ "${1:-}" = "--system" ] && system=1
+
+if [ "$system" = 1 ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq openmpi-bin libopenmpi-dev nwchem slurm-wlm munge >/dev/null
+fi
 
 PYTHON=${PYTHON:-python3}
 # xtb-python ships wheels for CPython 3.11 only.
@@ -14,5 +29,11 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The constraints file pins torch to its CPU build; the package itself asks for a range.
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+extras="test"
+command -v mpicc >/dev/null && extras="test,mpi"   # mpi4py compiles against the MPI found
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[$extras]"
 .venv/bin/python -c "import torch, parsl, xtb, ase, vesin; print('palflow set up: torch', torch.__version__, '| parsl', parsl.__version__)"
+
+if [ "$system" = 1 ]; then
+    $sudo bash .ci/slurm/start.sh
+fi

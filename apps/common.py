@@ -57,3 +57,8 @@ def where_and_when(t_start: float) -> dict[str, Any]:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_partition": os.environ.get("SLURM_JOB_PARTITION"),
     }
+
+
+def _ping(parsl_resource_specification: dict | None = None) -> dict[str, Any]:
+    """A task that does nothing but say where it ran: for start-up and latency checks."""
+    return where_and_when(time.time())

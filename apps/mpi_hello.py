@@ -19,8 +19,14 @@ def main() -> None:
     token = comm.sendrecv(rank, dest=(rank + 1) % size, source=(rank - 1) % size)
     total = comm.allreduce(rank, op=MPI.SUM)
     reports = comm.gather(
-        {"rank": rank, "size": size, "host": socket.gethostname(), "pid": os.getpid(),
-         "token_from": token, "rank_sum": total},
+        {
+            "rank": rank,
+            "size": size,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token_from": token,
+            "rank_sum": total,
+        },
         root=0,
     )
     if rank == 0:

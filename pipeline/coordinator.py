@@ -257,8 +257,14 @@ class Coordinator:
         self._submit_inference(stopping)
 
     def _submit_reference(self) -> None:
-        """Start the held-out set and the initial labels; both need only the oracle."""
+        """Start the initial labels, then the held-out set; both need only the oracle.
+
+        The first initial batches go first, so that training starts while the
+        held-out set, which no other module waits for, is still being labelled.
+        """
         state, settings = self.state, self.campaign
+        state.pending_initial = state.initial_candidates(self.campaign)
+        self._submit_labels()
         if settings.test.file:
             state.use_test_file(settings.test.file)
         else:
@@ -275,7 +281,6 @@ class Coordinator:
                 settings.generator.timestep_fs,
                 settings.seed,
             )
-        self.state.pending_initial = state.initial_candidates(self.campaign)
 
     def _oracle_spec(self) -> dict[str, Any]:
         oracle = self.campaign.oracle

@@ -120,8 +120,13 @@ def execute(campaign, run, site, start) -> dict:
     with parsl.load(site.config):
         resources = site.oracle_resources(campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes)
         coordinator = Coordinator(
-            campaign, run, Apps.parsl(), site.slots, start,
-            oracle_resources=resources, mpi_command=site.mpi_command,
+            campaign,
+            run,
+            Apps.parsl(),
+            site.slots,
+            start,
+            oracle_resources=resources,
+            mpi_command=site.mpi_command,
         )
         return coordinator.run()
 

@@ -14,64 +14,74 @@ from parsl.executors import HighThroughputExecutor, MPIExecutor
 from parsl.launchers import SimpleLauncher, SingleNodeLauncher
 from parsl.providers import SlurmProvider
 
-ACCOUNT = "YOUR_ACCOUNT"            # EDIT: the account (project) jobs are charged to
+ACCOUNT = "YOUR_ACCOUNT"  # EDIT: the account (project) jobs are charged to
 CPU_PARTITION = "YOUR_CPU_PARTITION"  # EDIT: partition of the CPU nodes
 GPU_PARTITION = "YOUR_GPU_PARTITION"  # EDIT: partition of the GPU nodes
-GPUS_PER_NODE = 4                     # EDIT: GPUs on one GPU node
-CPU_CORES_PER_NODE = 128              # EDIT: cores on one CPU node
+GPUS_PER_NODE = 4  # EDIT: GPUs on one GPU node
+CPU_CORES_PER_NODE = 128  # EDIT: cores on one CPU node
 # EDIT: how a job gets palflow's environment (module loads, then the venv).
 WORKER_INIT = "module load python/3.11; source $HOME/palflow/.venv/bin/activate"
 
 # Tasks the coordinator keeps in flight per module: a little above the workers, so
 # that none idles while the coordinator reacts.
-slots = {"oracle": 8, "generator": 2 * CPU_CORES_PER_NODE // 4, "train": GPUS_PER_NODE,
-         "infer": GPUS_PER_NODE}
+slots = {
+    "oracle": 8,
+    "generator": 2 * CPU_CORES_PER_NODE // 4,
+    "train": GPUS_PER_NODE,
+    "infer": GPUS_PER_NODE,
+}
 
 config = Config(
     executors=[
-        MPIExecutor(                          # each oracle task may span ranks and nodes
+        MPIExecutor(  # each oracle task may span ranks and nodes
             label="oracle",
-            address=address_by_hostname(),   # where compute nodes reach the login node
-            encrypted=True,                   # login nodes are shared: encrypt task traffic
-            mpi_launcher="srun",              # the launcher Parsl puts in $PARSL_MPI_PREFIX
-            max_workers_per_block=4,          # MPI tasks one block runs at once
+            address=address_by_hostname(),  # where compute nodes reach the login node
+            encrypted=True,  # login nodes are shared: encrypt task traffic
+            mpi_launcher="srun",  # the launcher Parsl puts in $PARSL_MPI_PREFIX
+            max_workers_per_block=4,  # MPI tasks one block runs at once
             provider=SlurmProvider(
                 account=ACCOUNT,
                 partition=CPU_PARTITION,
-                nodes_per_block=2,            # nodes one oracle block holds for MPI tasks
-                init_blocks=1, min_blocks=0, max_blocks=4,   # blocks at start, fewest, most
-                walltime="12:00:00",          # a block's lifetime; tasks resubmit to new ones
+                nodes_per_block=2,  # nodes one oracle block holds for MPI tasks
+                init_blocks=1,
+                min_blocks=0,
+                max_blocks=4,  # blocks at start, fewest, most
+                walltime="12:00:00",  # a block's lifetime; tasks resubmit to new ones
                 worker_init=WORKER_INIT,
-                launcher=SimpleLauncher(),    # MPI mode: one manager per block, srun per task
-                exclusive=True,               # whole nodes for DFT
+                launcher=SimpleLauncher(),  # MPI mode: one manager per block, srun per task
+                exclusive=True,  # whole nodes for DFT
             ),
         ),
         HighThroughputExecutor(
             label="generator",
             address=address_by_hostname(),
             encrypted=True,
-            cores_per_worker=4,               # cores per MD walker process
+            cores_per_worker=4,  # cores per MD walker process
             provider=SlurmProvider(
                 account=ACCOUNT,
                 partition=CPU_PARTITION,
                 nodes_per_block=1,
-                init_blocks=1, min_blocks=0, max_blocks=2,
+                init_blocks=1,
+                min_blocks=0,
+                max_blocks=2,
                 walltime="12:00:00",
                 worker_init=WORKER_INIT + "; export OMP_NUM_THREADS=4",
                 launcher=SingleNodeLauncher(),
-                exclusive=False,              # MD walkers share nodes politely
+                exclusive=False,  # MD walkers share nodes politely
             ),
         ),
         HighThroughputExecutor(
             label="train",
             address=address_by_hostname(),
             encrypted=True,
-            available_accelerators=GPUS_PER_NODE,   # one worker per GPU, own CUDA_VISIBLE_DEVICES
+            available_accelerators=GPUS_PER_NODE,  # one worker per GPU, own CUDA_VISIBLE_DEVICES
             provider=SlurmProvider(
                 account=ACCOUNT,
                 partition=GPU_PARTITION,
                 nodes_per_block=1,
-                init_blocks=1, min_blocks=1, max_blocks=1,
+                init_blocks=1,
+                min_blocks=1,
+                max_blocks=1,
                 walltime="12:00:00",
                 # EDIT: some clusters want --gres=gpu:N instead
                 scheduler_options=f"#SBATCH --gpus-per-node={GPUS_PER_NODE}",
@@ -89,7 +99,9 @@ config = Config(
                 account=ACCOUNT,
                 partition=GPU_PARTITION,
                 nodes_per_block=1,
-                init_blocks=1, min_blocks=1, max_blocks=1,
+                init_blocks=1,
+                min_blocks=1,
+                max_blocks=1,
                 walltime="12:00:00",
                 scheduler_options=f"#SBATCH --gpus-per-node={GPUS_PER_NODE}",
                 worker_init=WORKER_INIT,
@@ -98,6 +110,6 @@ config = Config(
             ),
         ),
     ],
-    strategy="htex_auto_scale",   # grow and shrink blocks between min_blocks and max_blocks
-    usage_tracking=0,             # send nothing anywhere
+    strategy="htex_auto_scale",  # grow and shrink blocks between min_blocks and max_blocks
+    usage_tracking=0,  # send nothing anywhere
 )

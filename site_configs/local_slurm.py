@@ -16,8 +16,9 @@ from parsl.providers import SlurmProvider
 
 # Jobs find palflow's venv by this interpreter; srun launches MPI ranks through PMIx
 # and may place ranks beyond the job's one core (a two-core test machine).
-WORKER_INIT = (f"export PATH={sys.prefix}/bin:$PATH OMP_NUM_THREADS=1 "
-               "SLURM_MPI_TYPE=pmix SLURM_OVERCOMMIT=1")
+WORKER_INIT = (
+    f"export PATH={sys.prefix}/bin:$PATH OMP_NUM_THREADS=1 SLURM_MPI_TYPE=pmix SLURM_OVERCOMMIT=1"
+)
 
 # Tasks the coordinator keeps in flight per module.
 slots = {"oracle": 2, "generator": 1, "train": 1, "infer": 1}
@@ -25,14 +26,16 @@ slots = {"oracle": 2, "generator": 1, "train": 1, "infer": 1}
 
 def _provider(partition: str, options: str = "", launcher=None) -> SlurmProvider:
     return SlurmProvider(
-        partition=partition,                  # the test cluster's cpu or gpu partition
-        nodes_per_block=1,                    # one node is all there is
-        init_blocks=1, min_blocks=1, max_blocks=1,   # one pilot job per module, at once
-        walltime="01:00:00",                  # longer than any test campaign
+        partition=partition,  # the test cluster's cpu or gpu partition
+        nodes_per_block=1,  # one node is all there is
+        init_blocks=1,
+        min_blocks=1,
+        max_blocks=1,  # one pilot job per module, at once
+        walltime="01:00:00",  # longer than any test campaign
         # Share the node's two cores between the four pilot jobs.
         scheduler_options="#SBATCH --oversubscribe\n" + options,
         worker_init=WORKER_INIT,
-        exclusive=False,                      # else the gpu jobs wait for the cpu job to end
+        exclusive=False,  # else the gpu jobs wait for the cpu job to end
         launcher=launcher or SingleNodeLauncher(),
     )
 
@@ -41,28 +44,34 @@ config = Config(
     executors=[
         MPIExecutor(
             label="oracle",
-            address="127.0.0.1",              # jobs run on this very host
-            encrypted=True,                   # CurveZMQ, as on a shared login node
-            mpi_launcher="srun",              # $PARSL_MPI_PREFIX is an srun step
-            max_workers_per_block=1,          # MPI tasks at once per block
+            address="127.0.0.1",  # jobs run on this very host
+            encrypted=True,  # CurveZMQ, as on a shared login node
+            mpi_launcher="srun",  # $PARSL_MPI_PREFIX is an srun step
+            max_workers_per_block=1,  # MPI tasks at once per block
             provider=_provider("cpu", launcher=SimpleLauncher()),
         ),
         HighThroughputExecutor(
-            label="generator", address="127.0.0.1", encrypted=True,
-            max_workers_per_node=1,           # one MD worker
+            label="generator",
+            address="127.0.0.1",
+            encrypted=True,
+            max_workers_per_node=1,  # one MD worker
             provider=_provider("cpu"),
         ),
         HighThroughputExecutor(
-            label="train", address="127.0.0.1", encrypted=True,
-            available_accelerators=1,         # one worker per GPU of the job
+            label="train",
+            address="127.0.0.1",
+            encrypted=True,
+            available_accelerators=1,  # one worker per GPU of the job
             provider=_provider("gpu", "#SBATCH --gres=gpu:1"),
         ),
         HighThroughputExecutor(
-            label="infer", address="127.0.0.1", encrypted=True,
+            label="infer",
+            address="127.0.0.1",
+            encrypted=True,
             available_accelerators=1,
             provider=_provider("gpu", "#SBATCH --gres=gpu:1"),
         ),
     ],
-    strategy="none",          # fixed blocks
-    usage_tracking=0,         # send nothing anywhere
+    strategy="none",  # fixed blocks
+    usage_tracking=0,  # send nothing anywhere
 )

@@ -47,10 +47,10 @@ def slurm_is_up() -> bool:
 
     if shutil.which("sinfo") is None:
         return False
-    done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False)
     return done.returncode == 0 and any(
-        state in done.stdout for state in ("idle", "mixed", "allocated"))
+        state in done.stdout for state in ("idle", "mixed", "allocated")
+    )
 
 
 @pytest.fixture

@@ -73,8 +73,13 @@ def test_ranks_of_one_task_meet_inside_a_slurm_job(tmp_path, slurm_cluster):
 def nwchem_spec():
     return {
         "calculator": "ase.calculators.nwchem:NWChem",
-        "kwargs": {"command": "{mpi_prefix} nwchem PREFIX.nwi > PREFIX.nwo", "theory": "dft",
-                   "xc": "PBE", "basis": "3-21G", "task": "gradient"},
+        "kwargs": {
+            "command": "{mpi_prefix} nwchem PREFIX.nwi > PREFIX.nwo",
+            "theory": "dft",
+            "xc": "PBE",
+            "basis": "3-21G",
+            "task": "gradient",
+        },
         "mpi_command": "mpiexec -n {ranks}",
     }
 
@@ -88,8 +93,9 @@ def test_nwchem_labels_water_the_same_on_one_and_two_ranks(tmp_path):
     for ranks in (1, 2):
         spec = {**nwchem_spec(), "mpi_ranks": ranks}
         out = tmp_path / f"out{ranks}.npz"
-        result = _label_batch(str(tmp_path / "in.npz"), str(out), spec,
-                              str(tmp_path / f"scratch{ranks}"))
+        result = _label_batch(
+            str(tmp_path / "in.npz"), str(out), spec, str(tmp_path / f"scratch{ranks}")
+        )
         assert result["n_ok"] == 1, result["failures"]
         labelled = read_dataset(out)[0]
         energies[ranks] = labelled.get_potential_energy()

@@ -1,0 +1,100 @@
+"""What one MPI oracle task costs with 1 and with 2 ranks: NWChem DFT on water.
+
+    python benchmarks/mpi_oracle.py --repeat 5
+
+Each task labels a batch of rattled water molecules (PBE/3-21G) through the oracle
+app, with ``{mpi_prefix}`` becoming ``mpiexec -n RANKS``. Reports the median task
+time and the median seconds per structure. Writes
+``benchmarks/results/mpi_oracle.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Open MPI refuses root and more ranks than cores unless told.
+os.environ.update(
+    OMPI_ALLOW_RUN_AS_ROOT="1",
+    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+    OMPI_MCA_rmaps_base_oversubscribe="1",
+)
+
+
+def main() -> None:
+    from ase.build import molecule
+
+    from apps.dataset import write_dataset
+    from apps.oracle import _label_batch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2, help="structures per task")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="palflow-mpi-"))
+    structures = []
+    for seed in range(args.batch):
+        atoms = molecule("H2O")
+        atoms.rattle(0.05, seed=seed)
+        structures.append(atoms)
+    write_dataset(work / "in.npz", structures)
+    spec = {
+        "calculator": "ase.calculators.nwchem:NWChem",
+        "kwargs": {
+            "command": "{mpi_prefix} nwchem PREFIX.nwi > PREFIX.nwo",
+            "theory": "dft",
+            "xc": "PBE",
+            "basis": "3-21G",
+            "task": "gradient",
+        },
+        "mpi_command": "mpiexec -n {ranks}",
+    }
+    times: dict[int, list[float]] = {ranks: [] for ranks in args.ranks}
+    for repeat in range(args.repeat):
+        for ranks in args.ranks:  # interleaved, so machine noise hits both alike
+            t0 = time.perf_counter()
+            result = _label_batch(
+                str(work / "in.npz"),
+                str(work / f"out{repeat}.npz"),
+                {**spec, "mpi_ranks": ranks},
+                str(work / "failed"),
+            )
+            if result["n_ok"] != args.batch:
+                raise RuntimeError(f"NWChem failed: {result['failures']}")
+            times[ranks].append(time.perf_counter() - t0)
+    rows = []
+    print(f"{'ranks':>5}{'task s (median)':>18}{'s per structure':>17}")
+    for ranks in args.ranks:
+        median = statistics.median(times[ranks])
+        rows.append(
+            {
+                "ranks": ranks,
+                "task_s": median,
+                "per_structure_s": median / args.batch,
+                "all_s": times[ranks],
+            }
+        )
+        print(f"{ranks:>5}{median:>18.2f}{median / args.batch:>17.2f}")
+    if len(rows) > 1:
+        print(
+            f"speed-up {args.ranks[-1]} vs {args.ranks[0]} ranks: "
+            f"{rows[0]['task_s'] / rows[-1]['task_s']:.2f}"
+        )
+    out = ROOT / "benchmarks" / "results" / "mpi_oracle.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The same short campaign on several sites, wall time side by side.
+
+    python benchmarks/site_campaign.py laptop.py local_slurm.py --repeat 3
+
+Runs ``pipeline/run.py`` on ``benchmarks/short_cu13.toml`` (Cu13, EMT, 40 labels)
+for each site in turn and reports the median wall time of the process and of the
+campaign itself (from the coordinator's start). Writes
+``benchmarks/results/site_campaign.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CAMPAIGN = ROOT / "benchmarks" / "short_cu13.toml"
+
+
+def run_once(site: str) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix="palflow-bench-")) / "run"
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipeline" / "run.py"),
+            "--site",
+            site,
+            "--campaign",
+            str(CAMPAIGN),
+            "--run-dir",
+            str(run_dir),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    elapsed = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{site}: run failed\n{done.stderr[-2000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "site": site,
+        "process_s": elapsed,
+        "campaign_s": summary["wall_s"],
+        "labels": summary["labels"],
+        "final_force_mae": summary["test_force_mae"][-1][2],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sites", nargs="+")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    runs = [run_once(site) for _ in range(args.repeat) for site in args.sites]
+    rows = []
+    print(f"{'site':<16}{'process s':>11}{'campaign s':>12}{'final MAE eV/Å':>16}")
+    for site in args.sites:
+        mine = [r for r in runs if r["site"] == site]
+        row = {"site": site, "runs": mine}
+        for key in ("process_s", "campaign_s", "final_force_mae"):
+            row[key] = statistics.median(r[key] for r in mine)
+        rows.append(row)
+        print(
+            f"{site:<16}{row['process_s']:>11.1f}{row['campaign_s']:>12.1f}"
+            f"{row['final_force_mae']:>16.4f}"
+        )
+    base = rows[0]["process_s"]
+    for row in rows[1:]:
+        print(f"{row['site']} / {rows[0]['site']} process time: {row['process_s'] / base:.2f}")
+    out = ROOT / "benchmarks" / "results" / "site_campaign.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Time from ``parsl.load`` to the first result of each module, per site.
+
+    python benchmarks/site_startup.py laptop.py local_slurm.py --repeat 3
+
+Each module gets one no-op task as soon as the site is loaded; the table gives the
+median seconds until the first and the last of them came back. Writes
+``benchmarks/results/site_startup.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+
+
+def time_site(name: str) -> dict:
+    import parsl
+    from parsl import python_app
+
+    from apps.common import _ping
+    from pipeline.coordinator import MODULES
+    from pipeline.sites import load_site
+
+    site = load_site(name)
+    site.config.run_dir = tempfile.mkdtemp(prefix="palflow-startup-")
+    t0 = time.perf_counter()
+    with parsl.load(site.config):
+        futures = {}
+        for module in MODULES:
+            kwargs = {}
+            if module == "oracle" and site.oracle_mpi:
+                kwargs["parsl_resource_specification"] = site.oracle_resources(1, 1)
+            futures[module] = python_app(_ping, executors=[module])(**kwargs)
+        results = {}
+        for module, future in futures.items():
+            record = future.result(timeout=600)
+            results[module] = {
+                "first_result_s": time.perf_counter() - t0,
+                "slurm_partition": record["slurm_partition"],
+                "slurm_job_id": record["slurm_job_id"],
+            }
+    return {
+        "site": name,
+        "first_result_s": min(r["first_result_s"] for r in results.values()),
+        "all_modules_s": max(r["first_result_s"] for r in results.values()),
+        "modules": results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sites", nargs="+")
+    parser.add_argument("--repeat", type=int, default=3, help="loads per site")
+    args = parser.parse_args()
+    rows = []
+    # Interleave the sites, so that a busy spell on the machine hits them alike.
+    runs = [time_site(name) for _ in range(args.repeat) for name in args.sites]
+    print(f"{'site':<16}{'first result s (median)':>25}{'all modules s (median)':>24}")
+    for name in args.sites:
+        mine = [r for r in runs if r["site"] == name]
+        first = statistics.median(r["first_result_s"] for r in mine)
+        last = statistics.median(r["all_modules_s"] for r in mine)
+        rows.append({"site": name, "first_result_s": first, "all_modules_s": last, "runs": mine})
+        print(f"{name:<16}{first:>25.1f}{last:>24.1f}")
+    out = ROOT / "benchmarks" / "results" / "site_startup.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
