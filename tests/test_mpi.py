@@ -106,3 +106,31 @@ def test_nwchem_labels_water_the_same_on_one_and_two_ranks(tmp_path):
     # PBE/3-21G water sits near -2065 eV; 2 ranks give the 1-rank answer.
     assert -2070 < energies[1] < -2060
     assert energies[2] == pytest.approx(energies[1], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_water_dft_example_campaign_runs_on_two_ranks(tmp_path):
+    """examples/water_nwchem.toml, cut short, end to end with NWChem on 2 ranks."""
+    need("mpi", shutil.which("nwchem") is not None, "nwchem is not installed")
+    from pipeline.settings import load_campaign
+    from tests.test_coordinator import EXAMPLES, run_campaign
+
+    campaign = load_campaign(
+        EXAMPLES / "water_nwchem.toml",
+        stop__max_labels=4,
+        stop__final_training_s=0.0,
+        initial__n_structures=4,
+        test__n_structures=2,
+        test__md_stride=2,
+        training__min_task_s=0.5,
+        model__n_features=16,
+        model__n_interactions=2,
+    )
+    assert campaign.oracle.mpi_ranks == 2
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 4 and summary["initial_labels"] == 4
+    assert summary["oracle_failures"] == 0
+    assert summary["test_force_mae"], "the DFT-labelled held-out set was evaluated"
+    labels = [e for e in run.read_events() if e["kind"] == "label"]
+    assert len(labels) >= 4 and all(e["ok"] for e in labels)
