@@ -19,7 +19,8 @@ CPU_PARTITION = "YOUR_CPU_PARTITION"  # EDIT: partition of the CPU nodes
 GPU_PARTITION = "YOUR_GPU_PARTITION"  # EDIT: partition of the GPU nodes
 GPUS_PER_NODE = 4  # EDIT: GPUs on one GPU node
 CPU_CORES_PER_NODE = 128  # EDIT: cores on one CPU node
-# EDIT: how a job gets palflow's environment (module loads, then the venv).
+# EDIT: how a job gets palflow's environment (module loads, then the venv). Where
+# srun needs it, add the MPI plug-in too, e.g. "export SLURM_MPI_TYPE=pmix".
 WORKER_INIT = "module load python/3.11; source $HOME/palflow/.venv/bin/activate"
 
 # Tasks the coordinator keeps in flight per module: a little above the workers, so
