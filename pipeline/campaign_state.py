@@ -18,7 +18,7 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
-from apps.dataset import write_dataset
+from apps.dataset import read_arrays, read_dataset, write_dataset
 from pipeline.metrics import busy_fractions, concurrency_fraction
 from pipeline.rundir import RunDirectory
 from pipeline.selection import Candidate
@@ -130,7 +130,8 @@ class CampaignState:
     test_ready: bool = False
     evaluated_version: int = 0
     rescored_version: int = 0
-    _last_candidate_id: int = 0
+    last_candidate_id: int = 0
+    resumes: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def new(cls, campaign: Campaign, run: RunDirectory, start: Atoms) -> CampaignState:
@@ -168,8 +169,8 @@ class CampaignState:
 
     # ---------------------------------------------------------------- changes
     def new_candidate_id(self) -> int:
-        self._last_candidate_id += 1
-        return self._last_candidate_id
+        self.last_candidate_id += 1
+        return self.last_candidate_id
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -201,20 +202,55 @@ class CampaignState:
     def record_failure(self, candidate_id: int, reason: str) -> None:
         self.failures[candidate_id] = reason
 
-    def add_labels(self, structures: list[Atoms], metadata: list[dict], source: str) -> None:
+    def harvest(self, out_path: str, oracle_task: int) -> tuple[int, int]:
+        """Store a finished oracle batch: its good labels, each candidate id once, and
+        its failures with their reasons.
+
+        Returns
+        -------
+        tuple of int
+            New labels stored, structures that failed.
+        """
+        asked = read_arrays(out_path.replace(".out.npz", ".in.npz"))
+        answered = read_arrays(out_path)
+        structures = read_dataset(out_path)
+        known = set(self.label_ids)
+        good, metadata, failed = [], [], 0
+        for index, atoms in enumerate(structures):
+            candidate_id = int(answered["candidate_id"][index])
+            status = str(answered["status"][index])
+            if status != "ok":
+                self.record_failure(candidate_id, status)
+                failed += 1
+                continue
+            if candidate_id in known:
+                continue
+            good.append(atoms)
+            metadata.append(
+                {
+                    "candidate_id": candidate_id,
+                    "source": str(asked["source"][index]),
+                    "oracle_task": oracle_task,
+                    "scored_version": int(asked["version"][index]),
+                    "predicted_force_disagreement": float(asked["force_disagreement"][index]),
+                }
+            )
+        self.add_labels(good, metadata)
+        return len(good), failed
+
+    def add_labels(self, structures: list[Atoms], metadata: list[dict]) -> None:
         """Store new labels and write the training snapshot that includes them."""
         if not structures:
             return
         self.run.store_labels(structures, metadata)
         self.labelled.extend(structures)
         self.label_ids.extend(m["candidate_id"] for m in metadata)
-        if source == "initial":
-            self.n_labels_initial += len(structures)
-        else:
-            self.n_labels_active += len(structures)
-        self._write_snapshot()
+        initial = sum(m["source"] == "initial" for m in metadata)
+        self.n_labels_initial += initial
+        self.n_labels_active += len(structures) - initial
+        self.write_snapshot()
 
-    def _write_snapshot(self) -> None:
+    def write_snapshot(self) -> None:
         settings = self.campaign.training
         window = settings.rolling_window or len(self.labelled)
         structures = self.labelled[-window:]
@@ -301,4 +337,5 @@ class CampaignState:
             "tasks": dict(Counter(e["module"] for e in events)),
             "failed_tasks": dict(Counter(e["module"] for e in events if not e["ok"])),
             "walker_resets": sum(w.resets for w in self.walkers),
+            "resumes": self.resumes,
         }

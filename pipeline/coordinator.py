@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
 from ase import Atoms
 from ase.io import write
 
-from apps.dataset import read_arrays, read_dataset, write_dataset
+from apps.dataset import read_dataset, write_dataset
 from pipeline.campaign_state import CampaignState, Member, Walker
+from pipeline.journal import Journal, candidate_arrays, resume_state
 from pipeline.rundir import RunDirectory
 from pipeline.selection import Candidate, OracleQueue, select_frames
 from pipeline.settings import Campaign
@@ -139,6 +139,8 @@ class Coordinator:
     mpi_command
         The site's launch prefix template for MPI oracles (see
         :func:`apps.oracle.mpi_prefix`).
+    state
+        The state to continue from (see :meth:`resume`); a new campaign by default.
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class Coordinator:
         poll_s: float = 1.0,
         oracle_resources: dict[str, Any] | None = None,
         mpi_command: str = "parsl",
+        state: CampaignState | None = None,
     ) -> None:
         self.campaign = campaign
         self.run_dir = run
@@ -165,10 +168,12 @@ class Coordinator:
         )
         self._label_batch = partial(apps.label_batch, **resources)
         self._oracle_md = partial(apps.oracle_md, **resources)
-        self.state = CampaignState.new(campaign, run, start)
+        self.state = state or CampaignState.new(campaign, run, start)
         self.queue = OracleQueue(campaign.selection.max_queue)
         self.in_flight: dict[Future, Task] = {}
         self._next_task_id = 0
+        self.journal = Journal(run)
+        self._resumed_at: float | None = None
         self._failures_in_a_row: Counter[str] = Counter()
         self._handlers = {
             "reference": self._on_reference,
@@ -179,6 +184,29 @@ class Coordinator:
             "evaluate": self._on_evaluate,
         }
 
+    @classmethod
+    def resume(
+        cls,
+        campaign: Campaign,
+        run: RunDirectory,
+        apps: Apps,
+        slots: Mapping[str, int],
+        **options: Any,
+    ) -> Coordinator:
+        """A coordinator that continues the campaign of ``run`` where it stopped.
+
+        Finished oracle results are harvested, labels sent but not returned are
+        queued again, training continues from the newest member checkpoints, and the
+        budgets count what earlier sessions spent (see :mod:`pipeline.journal`).
+        """
+        resumed_at = time.time()
+        state, queue, next_task_id = resume_state(campaign, run)
+        coordinator = cls(campaign, run, apps, slots, state.start, state=state, **options)
+        coordinator.queue = queue
+        coordinator._next_task_id = next_task_id
+        coordinator._resumed_at = resumed_at
+        return coordinator
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
         """Run until a stop condition holds and in-flight oracle work is saved.
@@ -188,18 +216,43 @@ class Coordinator:
         dict
             The summary, also written to ``summary.json``.
         """
-        self.state.t0 = time.time()
-        logger.info("campaign %s starts in %s", self.campaign.name, self.run_dir.root)
+        if self._resumed_at is None:
+            self.state.t0 = time.time()
+            self.state.pending_initial = self.state.initial_candidates(self.campaign)
+        logger.info(
+            "campaign %s %s in %s",
+            self.campaign.name,
+            "resumes" if self._resumed_at else "starts",
+            self.run_dir.root,
+        )
         self._submit_reference()
         while True:
             self._check_stop()
             self._submit_ready()
+            self._note_resume_cost()
+            self.journal.save(self.state, self.queue, self._next_task_id)
             if not self.in_flight or (self.state.stop_reason and not self._draining()):
                 break
             done, _ = wait(list(self.in_flight), timeout=self.poll_s, return_when=FIRST_COMPLETED)
             for future in done:
                 self._finish(future, self.in_flight.pop(future))
         return self._close()
+
+    def _note_resume_cost(self) -> None:
+        """Record, once, how long a resume took until its first task was submitted."""
+        if self._resumed_at is None or not self.in_flight:
+            return
+        first = min(task.submitted for task in self.in_flight.values())
+        self.state.resumes.append(
+            {
+                "elapsed_s": first - self.state.t0,
+                "seconds_to_first_task": first - self._resumed_at,
+            }
+        )
+        logger.info(
+            "resumed: first task submitted %.2f s after the resume began", first - self._resumed_at
+        )
+        self._resumed_at = None
 
     def _draining(self) -> list[Task]:
         """Tasks a stop still waits for: labels being paid for, and training on them."""
@@ -263,8 +316,9 @@ class Coordinator:
         held-out set, which no other module waits for, is still being labelled.
         """
         state, settings = self.state, self.campaign
-        state.pending_initial = state.initial_candidates(self.campaign)
         self._submit_labels()
+        if state.test_ready:
+            return
         if settings.test.file:
             state.use_test_file(settings.test.file)
         else:
@@ -308,9 +362,7 @@ class Coordinator:
             task_id = self._next_task_id
             input_path = self.run_dir.path("oracle", f"batch{task_id:06d}.in.npz")
             write_dataset(
-                input_path,
-                [c.atoms for c in batch],
-                extra={"candidate_id": np.array([c.candidate_id for c in batch], dtype=np.int64)},
+                input_path, [c.atoms for c in batch], extra=candidate_arrays(batch, source)
             )
             self._submit(
                 "label",
@@ -413,11 +465,7 @@ class Coordinator:
         state.rescored_version = version.number
         candidates = self.queue.candidates()
         path = self.run_dir.path("infer", f"queue.v{version.number:05d}.npz")
-        write_dataset(
-            path,
-            [c.atoms for c in candidates],
-            extra={"candidate_id": np.array([c.candidate_id for c in candidates])},
-        )
+        write_dataset(path, [c.atoms for c in candidates], extra=candidate_arrays(candidates))
         self._submit("score", self.apps.score_candidates, version.path, path, version=version)
 
     # ---------------------------------------------------------- what arrived
@@ -426,32 +474,11 @@ class Coordinator:
         logger.info("held-out set ready: %d frames", result["n_frames"])
 
     def _on_label(self, result: dict[str, Any], task: Task) -> None:
-        arrays = read_arrays(result["output_path"])
-        structures = read_dataset(result["output_path"])
-        by_id = {c.candidate_id: c for c in task.meta["candidates"]}
-        good, meta = [], []
-        for atoms, candidate_id, status in zip(
-            structures, arrays["candidate_id"], arrays["status"], strict=True
-        ):
-            candidate = by_id[int(candidate_id)]
-            if status != "ok":
-                self.state.record_failure(int(candidate_id), str(status))
-                continue
-            good.append(atoms)
-            meta.append(
-                {
-                    "candidate_id": int(candidate_id),
-                    "source": task.meta["source"],
-                    "oracle_task": task.task_id,
-                    "scored_version": candidate.version,
-                    "predicted_force_disagreement": candidate.force_disagreement,
-                }
-            )
-        self.state.add_labels(good, meta, task.meta["source"])
+        new, failed = self.state.harvest(result["output_path"], task.task_id)
         logger.info(
             "labels: %d active (+%d %s), %d failed, queue %d",
             self.state.n_labels_active,
-            len(good),
+            new,
             task.meta["source"],
             self.state.n_failures,
             len(self.queue),
@@ -559,6 +586,7 @@ class Coordinator:
         )
 
     def _close(self) -> dict[str, Any]:
+        self.journal.save(self.state, self.queue, self._next_task_id, force=True)
         summary = self.state.summary(self.run_dir.read_events(), self.slots)
         self.run_dir.write_json("summary.json", summary)
         self.run_dir.export_extxyz()

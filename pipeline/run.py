@@ -2,6 +2,7 @@
 
     python pipeline/run.py --site laptop.py
     python pipeline/run.py --site hpc.py --campaign examples/cu_emt.toml --max-labels 500
+    python pipeline/run.py --site laptop.py --resume runs/ethanol-gfn2-20261122-145705
 
 Exit status: 0 when the campaign ran to a stop, 2 on bad input (nothing submitted).
 """
@@ -9,6 +10,7 @@ Exit status: 0 when the campaign ran to a stop, 2 on bad input (nothing submitte
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-wall", type=float, metavar="SECONDS", help="override stop.max_wall_s"
     )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped or killed run; --max-labels/--max-wall may raise its budgets",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     return parser.parse_args(argv)
 
@@ -63,30 +70,18 @@ def main(argv: list[str] | None = None) -> int:
             lambda record: not record.name.startswith("parsl") or record.levelno >= logging.WARNING
         )
 
-    from pipeline.campaign_state import load_start_structure
-    from pipeline.rundir import RunDirectory
-    from pipeline.settings import CampaignError, load_campaign
+    from pipeline.rundir import RunDirectoryError
+    from pipeline.settings import CampaignError
     from pipeline.sites import SiteError, load_site
 
-    overrides = {}
-    if args.max_labels is not None:
-        overrides["stop__max_labels"] = args.max_labels
-    if args.max_wall is not None:
-        overrides["stop__max_wall_s"] = args.max_wall
     try:
-        campaign = load_campaign(args.campaign, **overrides)
-        check_calculator(campaign.oracle.calculator)
-        start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+        campaign, run, start = prepare_run(args)
         site = load_site(args.site)
-        run_dir = Path(
-            args.run_dir or ROOT / "runs" / f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-        run = RunDirectory.create(run_dir)
-    except (CampaignError, SiteError, ValueError, ImportError, FileExistsError) as error:
+        run.lock()
+    except (CampaignError, SiteError, RunDirectoryError, ValueError, ImportError) as error:
         print(f"palflow: error: {error}", file=sys.stderr)
         return 2
 
-    run.write_json("campaign.json", campaign.model_dump())
     summary = execute(campaign, run, site, start)
     print(f"run directory: {run.root}")
     print(f"stopped: {summary['stop_reason']}")
@@ -103,11 +98,58 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def prepare_run(args: argparse.Namespace):
+    """Validate every input and make (or reopen) the run directory; submit nothing.
+
+    Returns
+    -------
+    tuple
+        The campaign, the run directory, and the start structure (None on resume,
+        where the run directory holds it).
+    """
+    from pipeline.campaign_state import load_start_structure
+    from pipeline.rundir import RunDirectory, RunDirectoryError
+    from pipeline.settings import campaign_from_dict, load_campaign
+
+    overrides = {}
+    if args.max_labels is not None:
+        overrides["stop__max_labels"] = args.max_labels
+    if args.max_wall is not None:
+        overrides["stop__max_wall_s"] = args.max_wall
+    if args.resume:
+        if args.campaign or args.run_dir:
+            raise RunDirectoryError(
+                "--resume continues a run with its own campaign: drop --campaign and --run-dir"
+            )
+        run = RunDirectory.open(args.resume)
+        data = json.loads((run.root / "campaign.json").read_text())
+        data.setdefault("stop", {}).update(
+            {key.split("__")[1]: value for key, value in overrides.items()}
+        )
+        campaign = campaign_from_dict(data, str(run.root / "campaign.json"))
+        check_calculator(campaign.oracle.calculator)
+        return campaign, run, None
+    campaign = load_campaign(args.campaign, **overrides)
+    check_calculator(campaign.oracle.calculator)
+    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+    name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunDirectory.create(Path(args.run_dir or ROOT / "runs" / name))
+    run.write_json("campaign.json", campaign.model_dump())
+    return campaign, run, start
+
+
 def check_calculator(path: str) -> None:
-    """Fail before anything is submitted when the oracle's calculator does not import."""
+    """Fail before anything is submitted when the oracle's calculator does not import,
+    or cannot give forces."""
     from apps.common import import_object
 
-    import_object(path)
+    calculator = import_object(path)
+    implemented = getattr(calculator, "implemented_properties", None)
+    if implemented is not None and "forces" not in implemented:
+        raise ValueError(
+            f"calculator {path!r} does not compute forces (it implements "
+            f"{list(implemented)}): pick one whose implemented_properties include 'forces'"
+        )
 
 
 def execute(campaign, run, site, start) -> dict:
@@ -117,17 +159,17 @@ def execute(campaign, run, site, start) -> dict:
     from pipeline.coordinator import Apps, Coordinator
 
     site.config.run_dir = run.path("parsl")
+    options = {
+        "oracle_resources": site.oracle_resources(
+            campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes
+        ),
+        "mpi_command": site.mpi_command,
+    }
     with parsl.load(site.config):
-        resources = site.oracle_resources(campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes)
-        coordinator = Coordinator(
-            campaign,
-            run,
-            Apps.parsl(),
-            site.slots,
-            start,
-            oracle_resources=resources,
-            mpi_command=site.mpi_command,
-        )
+        if start is None:
+            coordinator = Coordinator.resume(campaign, run, Apps.parsl(), site.slots, **options)
+        else:
+            coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
         return coordinator.run()
 
 

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 SUBDIRECTORIES = ("system", "data", "models", "oracle", "generator", "infer")
 
 
+class RunDirectoryError(ValueError):
+    """A run directory cannot be created, reopened or locked as asked."""
+
+
 class RunDirectory:
     """Paths and writers for one campaign's run directory."""
 
@@ -46,18 +50,59 @@ class RunDirectory:
 
         Raises
         ------
-        FileExistsError
+        RunDirectoryError
             When ``root`` exists and is not empty, so that no earlier run is
             overwritten.
         """
         run = cls(root)
         if run.root.exists() and any(run.root.iterdir()):
-            raise FileExistsError(f"run directory {run.root} exists and is not empty")
+            raise RunDirectoryError(
+                f"run directory {run.root} exists and is not empty: "
+                "continue it with --resume, or choose another --run-dir"
+            )
         run.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(run.root, 0o700)
         for name in SUBDIRECTORIES:
             (run.root / name).mkdir(exist_ok=True)
         return run
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> RunDirectory:
+        """Reopen an existing run directory, to resume it.
+
+        Raises
+        ------
+        RunDirectoryError
+            When ``root`` is not a run directory (it has no ``campaign.json``).
+        """
+        run = cls(root)
+        if not (run.root / "campaign.json").is_file():
+            raise RunDirectoryError(
+                f"{run.root} is not a palflow run directory (no campaign.json): "
+                "give the directory a run wrote"
+            )
+        return run
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the run directory while this process lives.
+
+        The kernel drops the lock when the process ends, however it ends, so a
+        killed coordinator never leaves a stale lock behind.
+
+        Raises
+        ------
+        RunDirectoryError
+            When another coordinator holds it.
+        """
+        import fcntl
+
+        self._lock_handle = open(self.root / ".lock", "w")  # noqa: SIM115 (held for life)
+        try:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirectoryError(
+                f"another coordinator is running on {self.root}: stop it first"
+            ) from None
 
     def path(self, *parts: str) -> str:
         """Absolute path of a file in the run directory, as a string for apps."""

@@ -166,8 +166,8 @@ def test_rolling_window_trains_on_the_newest_labels(tmp_path):
         atoms = start.copy()
         atoms.calc = SinglePointCalculator(atoms, energy=float(index), forces=start.positions * 0)
         labelled.append(atoms)
-    state.add_labels(labelled[:7], [{"candidate_id": i} for i in range(7)], "initial")
-    state.add_labels(labelled[7:], [{"candidate_id": i} for i in range(7, 12)], "active")
+    state.add_labels(labelled[:7], [{"candidate_id": i, "source": "initial"} for i in range(7)])
+    state.add_labels(labelled[7:], [{"candidate_id": i, "source": "active"} for i in range(7, 12)])
     snapshot = read_dataset(state.train_snapshot.train_path)
     assert [a.get_potential_energy() for a in snapshot] == [7.0, 8.0, 9.0, 10.0, 11.0]
     assert state.train_snapshot.n_labels == 12

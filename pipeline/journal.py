@@ -1,0 +1,229 @@
+"""What survives a kill of the coordinator, and how a run picks it up again.
+
+Labels are journalled by the oracle itself: a finished batch is an atomically
+written ``oracle/batchNNNNNN.out.npz``, beside the ``.in.npz`` that says what was
+asked (candidate ids, their source and scores). ``labels.db`` is filled from those
+files in one SQLite transaction per batch, so on resume:
+
+* an output not yet in ``labels.db`` (it finished while the coordinator was down)
+  is harvested, never recomputed;
+* an input without an output (selected, sent, not labelled) is queued again;
+* a candidate id already in ``labels.db`` is never stored twice.
+
+The rest of the coordinator's bookkeeping (elapsed time, members, walkers, test
+errors, the oracle queue) goes to ``state.json`` and ``state.queue.npz`` at most
+once a second and at the end. What the last second added to the queue may be lost
+in a kill; those are unlabelled MD frames, which the walkers make again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apps.dataset import read_arrays, read_dataset, write_dataset
+from pipeline.campaign_state import CampaignState, Member, Version, Walker
+from pipeline.rundir import RunDirectory
+from pipeline.selection import Candidate, OracleQueue
+from pipeline.settings import Campaign
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+QUEUE_FILE = "state.queue.npz"
+
+
+def candidate_arrays(candidates: list[Candidate], source: str | None = None) -> dict:
+    """The per-candidate arrays stored beside their structures."""
+    arrays = {
+        "candidate_id": np.array([c.candidate_id for c in candidates], dtype=np.int64),
+        "force_disagreement": np.array([c.force_disagreement for c in candidates], dtype=float),
+        "energy_disagreement": np.array([c.energy_disagreement for c in candidates], dtype=float),
+        "version": np.array([c.version for c in candidates], dtype=np.int64),
+    }
+    if source is not None:
+        arrays["source"] = np.array([source] * len(candidates), dtype=str)
+    return arrays
+
+
+def read_candidates(path: str | Path) -> tuple[list[Candidate], list[str]]:
+    """Candidates stored with :func:`candidate_arrays`, and their sources."""
+    arrays = read_arrays(path)
+    structures = read_dataset(path)
+    n = len(structures)
+    forces = arrays.get("force_disagreement", np.full(n, np.inf))
+    energies = arrays.get("energy_disagreement", np.zeros(n))
+    versions = arrays.get("version", np.zeros(n, dtype=int))
+    sources = [str(s) for s in arrays.get("source", np.array(["active"] * n))]
+    candidates = [
+        Candidate(int(i), atoms, float(f), float(e), int(v))
+        for i, atoms, f, e, v in zip(
+            arrays["candidate_id"], structures, forces, energies, versions, strict=True
+        )
+    ]
+    return candidates, sources
+
+
+class Journal:
+    """Saves the coordinator's bookkeeping, throttled, and restores it on resume."""
+
+    def __init__(self, run: RunDirectory, min_interval_s: float = 1.0) -> None:
+        self.run = run
+        self.min_interval_s = min_interval_s
+        self._last_save = 0.0
+
+    def save(
+        self, state: CampaignState, queue: OracleQueue, next_task_id: int, force: bool = False
+    ) -> None:
+        """Write ``state.json`` and ``state.queue.npz``, at most once per interval."""
+        now = time.time()
+        if not force and now - self._last_save < self.min_interval_s:
+            return
+        self._last_save = now
+        queued = queue.candidates()
+        write_dataset(
+            self.run.path(QUEUE_FILE), [c.atoms for c in queued], extra=candidate_arrays(queued)
+        )
+        self.run.write_json(
+            STATE_FILE,
+            {
+                "elapsed_s": now - state.t0,
+                "last_candidate_id": state.last_candidate_id,
+                "next_task_id": next_task_id,
+                "members": [{**asdict(m), "busy": False} for m in state.members],
+                "walkers": [{**asdict(w), "busy": False} for w in state.walkers],
+                "versions": [asdict(v) for v in state.versions],
+                "test_errors": state.test_errors,
+                "task_failures": {str(k): v for k, v in state.failures.items()},
+                "resumes": state.resumes,
+            },
+        )
+
+
+def is_run_directory(path: str | Path) -> bool:
+    return (Path(path) / "campaign.json").is_file()
+
+
+def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, OracleQueue, int]:
+    """Rebuild a campaign's state from its run directory.
+
+    Returns
+    -------
+    tuple
+        The state, the oracle queue, and the next free task id.
+    """
+    from ase.io import read
+
+    saved: dict[str, Any] = {}
+    state_path = run.root / STATE_FILE
+    if state_path.exists():
+        saved = json.loads(state_path.read_text())
+    start_path = run.path("system", "start.extxyz")
+    state = CampaignState(
+        campaign=campaign,
+        run=run,
+        start=read(start_path),
+        start_path=start_path,
+        walkers=[Walker(**w) for w in saved.get("walkers", [])]
+        or [Walker(i, start_path) for i in range(campaign.generator.n_walkers)],
+        members=[Member(**m) for m in saved.get("members", [])]
+        or [Member(i) for i in range(campaign.model.n_members)],
+    )
+    state.t0 = time.time() - saved.get("elapsed_s", _elapsed_from_events(run))
+    state.versions = [Version(**v) for v in saved.get("versions", [])]
+    state.test_errors = saved.get("test_errors", [])
+    state.evaluated_version = max((e["version"] for e in state.test_errors), default=0)
+    state.failures = {int(k): v for k, v in saved.get("task_failures", {}).items()}
+    state.resumes = saved.get("resumes", [])
+    state.test_ready = (run.root / "data" / "test.npz").exists()
+    _restore_labels(state, run)
+    _restore_checkpoints(state, run)
+    for walker in state.walkers:
+        if not Path(walker.start_path).exists():
+            walker.start_path = start_path
+
+    queue = OracleQueue(campaign.selection.max_queue)
+    seen: set[int] = set(state.label_ids)
+    next_task_id = int(saved.get("next_task_id", 0))
+    for in_path in sorted((run.root / "oracle").glob("batch*.in.npz")):
+        task_id = int(re.search(r"batch(\d+)", in_path.name).group(1))
+        next_task_id = max(next_task_id, task_id + 1)
+        candidates, sources = read_candidates(in_path)
+        seen.update(c.candidate_id for c in candidates)
+        out_path = in_path.with_name(in_path.name.replace(".in.npz", ".out.npz"))
+        if out_path.exists():
+            state.harvest(str(out_path), task_id)
+            continue
+        for candidate, source in zip(candidates, sources, strict=True):
+            if source == "initial":
+                state.pending_initial.append(candidate)
+            else:
+                queue.push(candidate)
+    logger.info(
+        "resume: %d candidates sent but not labelled are queued again",
+        len(queue) + len(state.pending_initial),
+    )
+    if (run.root / QUEUE_FILE).exists():
+        queued, _ = read_candidates(run.root / QUEUE_FILE)
+        queue.extend(c for c in queued if c.candidate_id not in seen)
+        seen.update(c.candidate_id for c in queued)
+    initial_ids = set(range(1, campaign.initial.n_structures + 1))
+    state.pending_initial.extend(
+        c for c in state.initial_candidates(campaign) if c.candidate_id not in seen
+    )
+    state.pending_initial.sort(key=lambda c: c.candidate_id)
+    state.last_candidate_id = max(
+        [saved.get("last_candidate_id", 0), *seen, *initial_ids, *state.failures]
+    )
+    if state.labelled:
+        state.write_snapshot()
+    events = run.read_events()
+    next_task_id = max([next_task_id, *(e["task"] + 1 for e in events)])
+    return state, queue, next_task_id
+
+
+def _elapsed_from_events(run: RunDirectory) -> float:
+    events = run.read_events()
+    if not events:
+        return 0.0
+    return max(e["returned"] for e in events) - min(e["submitted"] for e in events)
+
+
+def _restore_labels(state: CampaignState, run: RunDirectory) -> None:
+    from ase.db import connect
+
+    if not run.labels_db.exists():
+        return
+    for row in connect(run.labels_db).select(sort="id"):
+        state.labelled.append(row.toatoms())
+        state.label_ids.append(int(row.candidate_id))
+        if row.source == "initial":
+            state.n_labels_initial += 1
+        else:
+            state.n_labels_active += 1
+
+
+def _restore_checkpoints(state: CampaignState, run: RunDirectory) -> None:
+    """Take each member's newest checkpoint on disk and every published version."""
+    for member in state.members:
+        found = sorted(run.root.glob(f"models/member{member.index}.*.pt"))
+        if found:
+            member.checkpoint = str(found[-1])
+            member.tasks = int(found[-1].suffixes[0].lstrip(".")) + 1
+    known = {v.number for v in state.versions}
+    for path in sorted(run.root.glob("models/ensemble.v*.pt")):
+        number = int(path.name.split(".v")[1].split(".")[0])
+        if number not in known:
+            # Published after the last save: its label count and time are not known
+            # exactly; the current ones are an upper bound.
+            state.versions.append(
+                Version(number, str(path), state.n_labels_active, time.time() - state.t0)
+            )
+    state.versions.sort(key=lambda v: v.number)

@@ -1,0 +1,92 @@
+"""Kill -9 the coordinator at random moments, resume each time: no label lost or doubled."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.db import connect
+
+from tests.test_cli import ROOT, run_cli, small_campaign
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "pipeline" / "run.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def good_labels_in_results(run_dir: Path) -> set[int]:
+    ids = set()
+    for path in (run_dir / "oracle").glob("batch*.out.npz"):
+        with np.load(path) as data:
+            ids.update(int(i) for i, s in zip(data["candidate_id"], data["status"], strict=True)
+                       if s == "ok")
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_five_kills_lose_and_double_no_label(tmp_path):
+    campaign = small_campaign(tmp_path)
+    run_dir = tmp_path / "run"
+    rng = random.Random(4)
+    kills = 0
+    process = start_cli("--site", "threads.py", "--campaign", str(campaign),
+                        "--run-dir", str(run_dir), "--max-labels", "40", "--quiet")
+    while kills < 5:
+        time.sleep(rng.uniform(2.0, 6.0))
+        if process.poll() is not None:
+            break  # it finished before the kill: the budget is too small for the test
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        kills += 1
+        stored = [row.candidate_id for row in connect(run_dir / "labels.db").select()] \
+            if (run_dir / "labels.db").exists() else []
+        assert len(stored) == len(set(stored)), f"a label was stored twice before kill {kills}"
+        process = start_cli("--site", "threads.py", "--resume", str(run_dir), "--quiet")
+    output = process.communicate(timeout=500)[0].decode()
+    assert kills == 5, "the campaign ended before five kills"
+    assert process.returncode == 0, output[-3000:]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["labels"] == 40, "the label budget counts across resumes"
+    rows = list(connect(run_dir / "labels.db").select())
+    ids = [row.candidate_id for row in rows]
+    assert [i for i, n in Counter(ids).items() if n > 1] == [], "duplicates"
+    lost = good_labels_in_results(run_dir) - set(ids)
+    assert lost == set(), f"labels computed but not stored: {sorted(lost)}"
+    assert len(rows) == summary["labels"] + summary["initial_labels"]
+    assert len(summary["resumes"]) >= 1
+    assert all(r["seconds_to_first_task"] >= 0 for r in summary["resumes"])
+
+
+def test_resume_harvests_a_result_that_finished_while_the_coordinator_was_down(tmp_path):
+    """An oracle output written after the coordinator died is stored, not recomputed."""
+    run_dir = tmp_path / "run"
+    result = run_cli("--site", "threads.py", "--campaign", str(small_campaign(tmp_path)),
+                     "--run-dir", str(run_dir), "--max-labels", "4", "--quiet")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # Make the run look killed with its last batch done but not stored.
+    database = connect(run_dir / "labels.db")
+    last_batch = max((run_dir / "oracle").glob("batch*.out.npz"))
+    with np.load(last_batch) as data:
+        orphaned = [int(i) for i, s in zip(data["candidate_id"], data["status"], strict=True)
+                    if s == "ok"]
+    database.delete([row.id for row in database.select() if row.candidate_id in orphaned])
+    os.remove(run_dir / "summary.json")
+    mtime = last_batch.stat().st_mtime
+
+    result = run_cli("--site", "threads.py", "--resume", str(run_dir), "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    stored = {row.candidate_id for row in connect(run_dir / "labels.db").select()}
+    assert set(orphaned) <= stored
+    assert last_batch.stat().st_mtime == mtime, "the finished batch was not recomputed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["labels"] == 4
