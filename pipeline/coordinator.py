@@ -191,6 +191,7 @@ class Coordinator:
         run: RunDirectory,
         apps: Apps,
         slots: Mapping[str, int],
+        began_at: float | None = None,
         **options: Any,
     ) -> Coordinator:
         """A coordinator that continues the campaign of ``run`` where it stopped.
@@ -198,8 +199,10 @@ class Coordinator:
         Finished oracle results are harvested, labels sent but not returned are
         queued again, training continues from the newest member checkpoints, and the
         budgets count what earlier sessions spent (see :mod:`pipeline.journal`).
+        ``began_at`` is when the resume began (default: now), for the record of how
+        long it took until the first new task.
         """
-        resumed_at = time.time()
+        resumed_at = began_at or time.time()
         state, queue, next_task_id = resume_state(campaign, run)
         coordinator = cls(campaign, run, apps, slots, state.start, state=state, **options)
         coordinator.queue = queue

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+PROCESS_START = time.time()
 ROOT = Path(__file__).resolve().parent.parent
 # Run as a script, this file's folder heads sys.path, where its siblings could
 # shadow other modules; the project root belongs there instead. Parsl workers
@@ -167,7 +168,9 @@ def execute(campaign, run, site, start) -> dict:
     }
     with parsl.load(site.config):
         if start is None:
-            coordinator = Coordinator.resume(campaign, run, Apps.parsl(), site.slots, **options)
+            coordinator = Coordinator.resume(
+                campaign, run, Apps.parsl(), site.slots, began_at=PROCESS_START, **options
+            )
         else:
             coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
         return coordinator.run()
