@@ -27,6 +27,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from apps.common import draw_velocities, import_object, where_and_when
 from apps.dataset import read_arrays, read_dataset, write_dataset
+from apps.isolation import label_isolated
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,27 @@ class OracleError(RuntimeError):
 
 class BadLabel(OracleError):
     """The oracle returned numbers that must not be trained on (NaN, inf, absurd)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+DETERMINISTIC = frozenset({"non-finite", "absurd-force", "bad-shape", "scf"})
+"""Failure kinds that the same structure would meet again: never retried. The other
+kinds (``error``, ``timeout``, ``crash``, ``task-lost``) are retried up to a limit."""
+
+
+def failure_kind(error: BaseException) -> str:
+    """The kind of a failed calculation, for the status ``"kind: message"``."""
+    from ase.calculators.calculator import SCFError
+
+    if isinstance(error, BadLabel):
+        return error.kind
+    name = type(error).__name__.lower()
+    if isinstance(error, SCFError) or "scf" in name or "converge" in name:
+        return "scf"
+    return "error"
 
 
 def make_calculator(spec: dict[str, Any], directory: str | Path | None = None) -> Calculator:
@@ -127,12 +149,14 @@ def label_structure(atoms: Atoms, calculator: Calculator, max_force: float) -> A
     energy = float(work.get_potential_energy())
     forces = np.array(work.get_forces(), dtype=float)
     if forces.shape != (len(work), 3):
-        raise BadLabel(f"forces have shape {forces.shape}, expected {(len(work), 3)}")
+        raise BadLabel("bad-shape", f"forces have shape {forces.shape}, expected {(len(work), 3)}")
     if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
-        raise BadLabel("energy or forces are not finite")
+        raise BadLabel("non-finite", "energy or forces are not finite")
     largest = float(np.abs(forces).max(initial=0.0))
     if largest > max_force:
-        raise BadLabel(f"force component {largest:.3g} eV/Å exceeds max_force {max_force:g}")
+        raise BadLabel(
+            "absurd-force", f"force component {largest:.3g} eV/Å exceeds max_force {max_force:g}"
+        )
     labelled = atoms.copy()
     labelled.calc = SinglePointCalculator(labelled, energy=energy, forces=forces)
     return labelled
@@ -144,9 +168,15 @@ def _label_batch(
     calculator_spec: dict[str, Any],
     scratch_dir: str,
     max_force: float = 50.0,
+    timeout_s: float = 0.0,
+    isolate: bool = True,
     parsl_resource_specification: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Label every structure of ``input_path`` and write them to ``output_path``.
+
+    With ``isolate`` each calculation runs in a forked child, so that one that
+    hangs past ``timeout_s`` (0: no limit) or kills its process costs only its
+    structure (see :mod:`apps.isolation`).
 
     The output is written atomically, so an existing output file is a complete
     result. ``parsl_resource_specification`` (ranks, nodes) is read by Parsl's
@@ -164,19 +194,31 @@ def _label_batch(
     structures = read_dataset(input_path)
     ids = read_arrays(input_path).get("candidate_id", np.arange(len(structures)))
     scratch = _local_scratch()
-    calculator = make_calculator(calculator_spec, scratch)
-    labelled, statuses, seconds = [], [], []
-    for atoms in structures:
-        t0 = time.perf_counter()
+    calculator = None
+
+    def label_one(atoms: Atoms) -> tuple[str, Atoms | None]:
+        nonlocal calculator
         try:
-            labelled.append(label_structure(atoms, calculator, max_force))
-            statuses.append(OK)
+            calculator = calculator or make_calculator(calculator_spec, scratch)
+            return OK, label_structure(atoms, calculator, max_force)
         except Exception as error:  # any calculator failure is a recorded outcome
+            calculator = None  # a failed calculator may hold broken state
             logger.warning("oracle failed on a structure: %s", error)
-            labelled.append(atoms.copy())
-            statuses.append(f"{type(error).__name__}: {error}"[:500])
-            calculator = make_calculator(calculator_spec, scratch)  # drop broken state
-        seconds.append(time.perf_counter() - t0)
+            return f"{failure_kind(error)}: {type(error).__name__}: {error}"[:500], None
+
+    if isolate:
+        outcomes = label_isolated(structures, label_one, timeout_s or None)
+    else:
+        outcomes = []
+        for atoms in structures:
+            t0 = time.perf_counter()
+            outcomes.append((*label_one(atoms), time.perf_counter() - t0))
+    statuses = [status for status, _, _ in outcomes]
+    seconds = [elapsed for _, _, elapsed in outcomes]
+    labelled = [
+        done if done is not None else atoms.copy()
+        for (_, done, _), atoms in zip(outcomes, structures, strict=True)
+    ]
     write_dataset(
         output_path,
         labelled,

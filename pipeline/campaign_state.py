@@ -132,6 +132,8 @@ class CampaignState:
     rescored_version: int = 0
     last_candidate_id: int = 0
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    retried: Counter[str] = field(default_factory=Counter)
+    """Oracle attempts that failed transiently and were tried again, by kind."""
 
     @classmethod
     def new(cls, campaign: Campaign, run: RunDirectory, start: Atoms) -> CampaignState:
@@ -202,26 +204,25 @@ class CampaignState:
     def record_failure(self, candidate_id: int, reason: str) -> None:
         self.failures[candidate_id] = reason
 
-    def harvest(self, out_path: str, oracle_task: int) -> tuple[int, int]:
-        """Store a finished oracle batch: its good labels, each candidate id once, and
-        its failures with their reasons.
+    def harvest(self, out_path: str, oracle_task: int) -> tuple[int, list[tuple[int, str]]]:
+        """Store the good labels of a finished oracle batch, each candidate id once.
 
         Returns
         -------
-        tuple of int
-            New labels stored, structures that failed.
+        tuple
+            New labels stored, and ``(candidate_id, reason)`` of those that failed:
+            whether they are tried again is the caller's decision.
         """
         asked = read_arrays(out_path.replace(".out.npz", ".in.npz"))
         answered = read_arrays(out_path)
         structures = read_dataset(out_path)
         known = set(self.label_ids)
-        good, metadata, failed = [], [], 0
+        good, metadata, failed = [], [], []
         for index, atoms in enumerate(structures):
             candidate_id = int(answered["candidate_id"][index])
             status = str(answered["status"][index])
             if status != "ok":
-                self.record_failure(candidate_id, status)
-                failed += 1
+                failed.append((candidate_id, status))
                 continue
             if candidate_id in known:
                 continue
@@ -323,6 +324,7 @@ class CampaignState:
             "initial_labels": self.n_labels_initial,
             "oracle_failures": self.n_failures,
             "oracle_failures_by_kind": dict(kinds),
+            "oracle_retries_by_kind": dict(self.retried),
             "started_at": self.t0,
             "wall_s": t_end - self.t0,
             "stopped_at_s": self.stop_time - self.t0 if self.stop_reason else None,

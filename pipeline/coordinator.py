@@ -39,7 +39,7 @@ from ase.io import write
 
 from apps.dataset import read_dataset, write_dataset
 from pipeline.campaign_state import CampaignState, Member, Walker
-from pipeline.journal import Journal, candidate_arrays, resume_state
+from pipeline.journal import Journal, candidate_arrays, resume_state, retry_allowed
 from pipeline.rundir import RunDirectory
 from pipeline.selection import Candidate, OracleQueue, select_frames
 from pipeline.settings import Campaign
@@ -174,6 +174,7 @@ class Coordinator:
         self._next_task_id = 0
         self.journal = Journal(run)
         self._resumed_at: float | None = None
+        self._reference_attempts = 0
         self._failures_in_a_row: Counter[str] = Counter()
         self._handlers = {
             "reference": self._on_reference,
@@ -375,6 +376,8 @@ class Coordinator:
                 self._oracle_spec(),
                 self.run_dir.path("oracle", "scratch", f"batch{task_id:06d}"),
                 self.campaign.oracle.max_force,
+                self.campaign.oracle.timeout_s,
+                self.campaign.oracle.isolate,
                 candidates=batch,
                 source=source,
             )
@@ -478,6 +481,9 @@ class Coordinator:
 
     def _on_label(self, result: dict[str, Any], task: Task) -> None:
         new, failed = self.state.harvest(result["output_path"], task.task_id)
+        by_id = {c.candidate_id: c for c in task.meta["candidates"]}
+        for candidate_id, reason in failed:
+            self._retry_or_record(by_id[candidate_id], reason, task.meta["source"])
         logger.info(
             "labels: %d active (+%d %s), %d failed, queue %d",
             self.state.n_labels_active,
@@ -486,6 +492,24 @@ class Coordinator:
             self.state.n_failures,
             len(self.queue),
         )
+
+    def _retry_or_record(self, candidate: Candidate, reason: str, source: str) -> None:
+        """Give a transiently failed structure another attempt, or record its failure."""
+        if not retry_allowed(candidate, reason, self.campaign):
+            self.state.record_failure(candidate.candidate_id, reason)
+            return
+        candidate.attempts += 1
+        self.state.retried[reason.split(":", 1)[0]] += 1
+        logger.info(
+            "candidate %d: attempt %d after %s",
+            candidate.candidate_id,
+            candidate.attempts + 1,
+            reason[:120],
+        )
+        if source == "initial":
+            self.state.pending_initial.append(candidate)
+        else:
+            self.queue.push(candidate)
 
     def _on_generate(self, result: dict[str, Any], task: Task) -> None:
         walker: Walker = task.meta["walker"]
@@ -553,15 +577,20 @@ class Coordinator:
 
     def _on_task_failure(self, task: Task, error: BaseException) -> None:
         if task.kind == "label":
+            reason = f"task-lost: {type(error).__name__}: {error}"[:500]
             for candidate in task.meta["candidates"]:
-                self.state.record_failure(candidate.candidate_id, f"task failed: {error}")
+                self._retry_or_record(candidate, reason, task.meta["source"])
         elif task.kind == "generate":
             task.meta["walker"].busy = False
             task.meta["walker"].start_path = self.state.start_path
         elif task.kind == "train":
             task.meta["member"].busy = False
         elif task.kind == "reference":
-            self.state.request_stop(f"the held-out set could not be labelled: {error}")
+            self._reference_attempts += 1
+            if self._reference_attempts < self.campaign.oracle.max_attempts:
+                self._submit_reference()  # a transient fault need not recur
+            else:
+                self.state.request_stop(f"the held-out set could not be labelled: {error}")
         self._failures_in_a_row[task.module] += 1
         if self._failures_in_a_row[task.module] >= MAX_CONSECUTIVE_FAILURES:
             self.state.request_stop(

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ def candidate_arrays(candidates: list[Candidate], source: str | None = None) -> 
         "force_disagreement": np.array([c.force_disagreement for c in candidates], dtype=float),
         "energy_disagreement": np.array([c.energy_disagreement for c in candidates], dtype=float),
         "version": np.array([c.version for c in candidates], dtype=np.int64),
+        "attempts": np.array([c.attempts for c in candidates], dtype=np.int64),
     }
     if source is not None:
         arrays["source"] = np.array([source] * len(candidates), dtype=str)
@@ -61,11 +63,12 @@ def read_candidates(path: str | Path) -> tuple[list[Candidate], list[str]]:
     forces = arrays.get("force_disagreement", np.full(n, np.inf))
     energies = arrays.get("energy_disagreement", np.zeros(n))
     versions = arrays.get("version", np.zeros(n, dtype=int))
+    attempts = arrays.get("attempts", np.zeros(n, dtype=int))
     sources = [str(s) for s in arrays.get("source", np.array(["active"] * n))]
     candidates = [
-        Candidate(int(i), atoms, float(f), float(e), int(v))
-        for i, atoms, f, e, v in zip(
-            arrays["candidate_id"], structures, forces, energies, versions, strict=True
+        Candidate(int(i), atoms, float(f), float(e), int(v), int(a))
+        for i, atoms, f, e, v, a in zip(
+            arrays["candidate_id"], structures, forces, energies, versions, attempts, strict=True
         )
     ]
     return candidates, sources
@@ -103,8 +106,17 @@ class Journal:
                 "test_errors": state.test_errors,
                 "task_failures": {str(k): v for k, v in state.failures.items()},
                 "resumes": state.resumes,
+                "retried": dict(state.retried),
             },
         )
+
+
+def retry_allowed(candidate: Candidate, reason: str, campaign: Campaign) -> bool:
+    """Whether a failed structure gets another oracle attempt."""
+    from apps.oracle import DETERMINISTIC
+
+    kind = reason.split(":", 1)[0]
+    return kind not in DETERMINISTIC and candidate.attempts + 1 < campaign.oracle.max_attempts
 
 
 def is_run_directory(path: str | Path) -> bool:
@@ -142,6 +154,7 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     state.evaluated_version = max((e["version"] for e in state.test_errors), default=0)
     state.failures = {int(k): v for k, v in saved.get("task_failures", {}).items()}
     state.resumes = saved.get("resumes", [])
+    state.retried = Counter(saved.get("retried", {}))
     state.test_ready = (run.root / "data" / "test.npz").exists()
     _restore_labels(state, run)
     _restore_checkpoints(state, run)
@@ -152,16 +165,31 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     queue = OracleQueue(campaign.selection.max_queue)
     seen: set[int] = set(state.label_ids)
     next_task_id = int(saved.get("next_task_id", 0))
-    for in_path in sorted((run.root / "oracle").glob("batch*.in.npz")):
+    batches = sorted((run.root / "oracle").glob("batch*.in.npz"))
+    last_batch = {}
+    for in_path in batches:
+        for candidate in read_candidates(in_path)[0]:
+            last_batch[candidate.candidate_id] = in_path
+    for in_path in batches:
         task_id = int(re.search(r"batch(\d+)", in_path.name).group(1))
         next_task_id = max(next_task_id, task_id + 1)
         candidates, sources = read_candidates(in_path)
         seen.update(c.candidate_id for c in candidates)
         out_path = in_path.with_name(in_path.name.replace(".in.npz", ".out.npz"))
+        failed: dict[int, str] = {}
         if out_path.exists():
-            state.harvest(str(out_path), task_id)
-            continue
+            failed = dict(state.harvest(str(out_path), task_id)[1])
         for candidate, source in zip(candidates, sources, strict=True):
+            if last_batch[candidate.candidate_id] != in_path:
+                continue  # tried again in a later batch, which decides
+            if out_path.exists() and candidate.candidate_id not in failed:
+                continue  # labelled
+            reason = failed.get(candidate.candidate_id)
+            if reason is not None and not retry_allowed(candidate, reason, campaign):
+                state.record_failure(candidate.candidate_id, reason)
+                continue
+            if reason is not None:
+                candidate.attempts += 1
             if source == "initial":
                 state.pending_initial.append(candidate)
             else:

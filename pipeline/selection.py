@@ -24,6 +24,8 @@ class Candidate:
     """Ensemble energy spread, eV/atom."""
     version: int
     """Ensemble version that produced the scores."""
+    attempts: int = 0
+    """Oracle attempts that failed transiently so far."""
 
 
 def select_frames(

@@ -50,6 +50,14 @@ class OracleSettings(_Section):
     """Structures labelled per oracle task."""
     max_force: float = Field(50.0, gt=0)
     """Forces above this (eV/Å) are recorded as a failed label, never trained on."""
+    timeout_s: float = Field(1800.0, ge=0)
+    """Longest one structure's calculation may take (s) before it is killed and
+    counted as a transient failure; 0 waits for ever."""
+    isolate: bool = True
+    """Calculate in a child process, so that a hang or a crash costs one structure."""
+    max_attempts: int = Field(3, ge=1)
+    """Attempts per structure at a transient failure (error, timeout, crash, lost
+    task). Deterministic ones (NaN, absurd forces, SCF not converged) get one."""
     mpi_ranks: int = Field(1, ge=1)
     """MPI ranks of one oracle task. A calculator uses them through the placeholder
     ``{mpi_prefix}`` in its kwargs, e.g. ``command = "{mpi_prefix} nwchem PREFIX.nwi"``."""

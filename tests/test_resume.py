@@ -18,16 +18,23 @@ from tests.test_cli import ROOT, run_cli, small_campaign
 
 
 def start_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "pipeline" / "run.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pipeline" / "run.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
 
 
 def good_labels_in_results(run_dir: Path) -> set[int]:
     ids = set()
     for path in (run_dir / "oracle").glob("batch*.out.npz"):
         with np.load(path) as data:
-            ids.update(int(i) for i, s in zip(data["candidate_id"], data["status"], strict=True)
-                       if s == "ok")
+            ids.update(
+                int(i)
+                for i, s in zip(data["candidate_id"], data["status"], strict=True)
+                if s == "ok"
+            )
     return ids
 
 
@@ -38,8 +45,17 @@ def test_five_kills_lose_and_double_no_label(tmp_path):
     run_dir = tmp_path / "run"
     rng = random.Random(4)
     kills = 0
-    process = start_cli("--site", "threads.py", "--campaign", str(campaign),
-                        "--run-dir", str(run_dir), "--max-labels", "40", "--quiet")
+    process = start_cli(
+        "--site",
+        "threads.py",
+        "--campaign",
+        str(campaign),
+        "--run-dir",
+        str(run_dir),
+        "--max-labels",
+        "40",
+        "--quiet",
+    )
     while kills < 5:
         time.sleep(rng.uniform(2.0, 6.0))
         if process.poll() is not None:
@@ -47,8 +63,11 @@ def test_five_kills_lose_and_double_no_label(tmp_path):
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         kills += 1
-        stored = [row.candidate_id for row in connect(run_dir / "labels.db").select()] \
-            if (run_dir / "labels.db").exists() else []
+        stored = (
+            [row.candidate_id for row in connect(run_dir / "labels.db").select()]
+            if (run_dir / "labels.db").exists()
+            else []
+        )
         assert len(stored) == len(set(stored)), f"a label was stored twice before kill {kills}"
         process = start_cli("--site", "threads.py", "--resume", str(run_dir), "--quiet")
     output = process.communicate(timeout=500)[0].decode()
@@ -70,15 +89,25 @@ def test_five_kills_lose_and_double_no_label(tmp_path):
 def test_resume_harvests_a_result_that_finished_while_the_coordinator_was_down(tmp_path):
     """An oracle output written after the coordinator died is stored, not recomputed."""
     run_dir = tmp_path / "run"
-    result = run_cli("--site", "threads.py", "--campaign", str(small_campaign(tmp_path)),
-                     "--run-dir", str(run_dir), "--max-labels", "4", "--quiet")
+    result = run_cli(
+        "--site",
+        "threads.py",
+        "--campaign",
+        str(small_campaign(tmp_path)),
+        "--run-dir",
+        str(run_dir),
+        "--max-labels",
+        "4",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     # Make the run look killed with its last batch done but not stored.
     database = connect(run_dir / "labels.db")
     last_batch = max((run_dir / "oracle").glob("batch*.out.npz"))
     with np.load(last_batch) as data:
-        orphaned = [int(i) for i, s in zip(data["candidate_id"], data["status"], strict=True)
-                    if s == "ok"]
+        orphaned = [
+            int(i) for i, s in zip(data["candidate_id"], data["status"], strict=True) if s == "ok"
+        ]
     database.delete([row.id for row in database.select() if row.candidate_id in orphaned])
     os.remove(run_dir / "summary.json")
     mtime = last_batch.stat().st_mtime
