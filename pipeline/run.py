@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.sites import SiteError, load_site
 
     try:
-        campaign, run, start = prepare_run(args)
         site = load_site(args.site)
+        campaign, run, start = prepare_run(args)
         run.lock()
     except (CampaignError, SiteError, RunDirectoryError, ValueError, ImportError) as error:
         print(f"palflow: error: {error}", file=sys.stderr)
@@ -133,6 +133,8 @@ def prepare_run(args: argparse.Namespace):
     campaign = load_campaign(args.campaign, **overrides)
     check_calculator(campaign.oracle.calculator)
     start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+    if campaign.test.file:
+        check_labelled_file(campaign.test.file)
     name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunDirectory.create(Path(args.run_dir or ROOT / "runs" / name))
     run.write_json("campaign.json", campaign.model_dump())
@@ -151,6 +153,18 @@ def check_calculator(path: str) -> None:
             f"calculator {path!r} does not compute forces (it implements "
             f"{list(implemented)}): pick one whose implemented_properties include 'forces'"
         )
+
+
+def check_labelled_file(path: str) -> None:
+    """The held-out file must parse and hold energies and forces."""
+    from ase.io import read
+
+    try:
+        frames = read(path, index=":")
+    except Exception as error:
+        raise ValueError(f"test file {path!r} does not parse: {error}") from None
+    if not frames or not all(f.calc is not None and "forces" in f.calc.results for f in frames):
+        raise ValueError(f"test file {path!r} must hold energies and forces for every frame")
 
 
 def execute(campaign, run, site, start) -> dict:

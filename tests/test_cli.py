@@ -81,33 +81,3 @@ def test_campaign_runs_end_to_end(tmp_path, site):
     assert (run_dir / "labels.db").exists() and (run_dir / "campaign.json").exists()
     assert (run_dir.stat().st_mode & 0o777) == 0o700
     assert "test force MAE" in result.stdout
-
-
-@pytest.mark.parametrize(
-    ("make_args", "message"),
-    [
-        (lambda d: ["--site", "no-such-site"], "site 'no-such-site' not found"),
-        (lambda d: ["--site", "threads.py", "--max-labels", "0"], "stop.max_labels"),
-        (lambda d: ["--site", "threads.py", "--max-wall", "-5"], "stop.max_wall_s"),
-        (lambda d: ["--site", "threads.py", "--campaign", str(d / "typo.toml")], "max_lables"),
-        (
-            lambda d: ["--site", "threads.py", "--campaign", str(d / "calc.toml")],
-            "cannot import module 'no_such_code'",
-        ),
-        (
-            lambda d: ["--site", "threads.py", "--campaign", str(d / "structure.toml")],
-            "does not parse",
-        ),
-        (lambda d: ["--site", "threads.py", "--run-dir", str(d)], "exists and is not empty"),
-    ],
-    ids=["site", "labels", "wall", "key", "calculator", "structure", "run-dir"],
-)
-def test_bad_input_exits_2_with_a_clear_message(tmp_path, make_args, message):
-    (tmp_path / "typo.toml").write_text("[stop]\nmax_lables = 3\n")
-    (tmp_path / "calc.toml").write_text('[oracle]\ncalculator = "no_such_code:Calc"\n')
-    (tmp_path / "garbage.xyz").write_text("this is not\na structure file\n")
-    (tmp_path / "structure.toml").write_text(f'[system]\nstructure = "{tmp_path}/garbage.xyz"\n')
-    result = run_cli(*make_args(tmp_path), timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr

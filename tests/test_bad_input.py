@@ -1,0 +1,109 @@
+"""Bad input: one clear message naming the problem and the fix, exit status 2, and
+nothing submitted (no run directory is even created)."""
+
+import fcntl
+import json
+
+import pytest
+
+from tests.test_cli import ROOT, run_cli
+
+SITE_HEADER = "from parsl.config import Config\nfrom parsl.executors.threads import ThreadPoolExecutor\n"
+
+
+class EnergyOnly:
+    """Importable stand-in for a calculator that cannot give forces."""
+
+    implemented_properties = ["energy"]
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def three_label_site(d):
+    return write(d / "site3.py", SITE_HEADER + "config = Config(executors=[" + ", ".join(
+        f"ThreadPoolExecutor(label={x!r})" for x in ("oracle", "generator", "train")) + "])\n")
+
+
+def a_run_directory(d):
+    run = d / "old-run"
+    run.mkdir()
+    (run / "campaign.json").write_text(json.dumps({"name": "old"}))
+    return str(run)
+
+
+CASES = {
+    "unknown site": (lambda d: ["--site", "no-such-site"], "site 'no-such-site' not found"),
+    "site syntax error": (lambda d: ["--site", write(d / "bad.py", "config = (\n")],
+                          "the site file does not import"),
+    "site lacks a label": (lambda d: ["--site", three_label_site(d)],
+                           "no executor labelled 'infer'"),
+    "site without config": (lambda d: ["--site", write(d / "empty.py", "x = 1\n")],
+                            "defines neither 'config'"),
+    "zero budget": (lambda d: ["--max-labels", "0"], "stop.max_labels"),
+    "negative budget": (lambda d: ["--max-labels", "-3"], "stop.max_labels"),
+    "negative wall time": (lambda d: ["--max-wall", "-5"], "stop.max_wall_s"),
+    "unknown key": (lambda d: ["--campaign", write(d / "c.toml", "[stop]\nmax_lables = 3\n")],
+                    "unknown key 'stop.max_lables'"),
+    "unknown section": (lambda d: ["--campaign", write(d / "c.toml", "[oracel]\nx = 1\n")],
+                        "unknown key 'oracel'"),
+    "wrong type": (lambda d: ["--campaign", write(d / "c.toml", '[oracle]\nbatch_size = "4"\n')],
+                   "'oracle.batch_size'"),
+    "unknown model": (lambda d: ["--campaign", write(d / "c.toml", '[model]\nname = "mace"\n')],
+                      "'model.name'"),
+    "malformed TOML": (lambda d: ["--campaign", write(d / "c.toml", "[stop\n")],
+                       "not valid TOML"),
+    "missing campaign file": (lambda d: ["--campaign", str(d / "nope.toml")],
+                              "campaign file not found"),
+    "calculator does not import": (
+        lambda d: ["--campaign", write(d / "c.toml", '[oracle]\ncalculator = "no_such:Calc"\n')],
+        "cannot import module 'no_such'"),
+    "calculator without forces": (
+        lambda d: ["--campaign", write(
+            d / "c.toml", '[oracle]\ncalculator = "tests.test_bad_input:EnergyOnly"\n')],
+        "does not compute forces"),
+    "structure does not parse": (
+        lambda d: ["--campaign", write(d / "c.toml", '[system]\nstructure = "{}"\n'.format(
+            write(d / "junk.xyz", "not\na structure\n")))],
+        "does not parse"),
+    "structure not found": (
+        lambda d: ["--campaign", write(d / "c.toml", '[system]\nstructure = "Unobtainium"\n')],
+        "neither an ASE molecule name nor an existing file"),
+    "test file without labels": (
+        lambda d: ["--campaign", write(d / "c.toml", '[test]\nfile = "{}"\n'.format(
+            write(d / "bare.xyz", "1\n\nH 0 0 0\n")))],
+        "must hold energies and forces"),
+    "run directory exists": (lambda d: ["--run-dir", str(d)], "continue it with --resume"),
+    "resume a non-run": (lambda d: ["--resume", str(d)], "is not a palflow run directory"),
+    "resume with a campaign": (
+        lambda d: ["--resume", a_run_directory(d), "--campaign", "x.toml"],
+        "drop --campaign"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exits_2_with_one_clear_message(tmp_path, case):
+    make_args, message = CASES[case]
+    (tmp_path / "stuff").write_text("so that the directory is not empty")
+    args = make_args(tmp_path)
+    if "--site" not in args:
+        args = ["--site", "threads.py", *args]
+    if "--run-dir" not in args and "--resume" not in args:
+        args += ["--run-dir", str(tmp_path / "new-run")]
+    result = run_cli(*args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 4, "one message, not a log"
+    assert not (tmp_path / "new-run").exists(), "nothing is created for a refused run"
+
+
+def test_a_locked_run_directory_is_refused(tmp_path):
+    run = a_run_directory(tmp_path)
+    with open(f"{run}/.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_cli("--site", "threads.py", "--resume", run, timeout=120)
+    assert result.returncode == 2
+    assert "another coordinator is running" in result.stderr
