@@ -112,5 +112,6 @@ config = Config(
         ),
     ],
     strategy="htex_auto_scale",  # grow and shrink blocks between min_blocks and max_blocks
+    retries=2,  # a task lost with a pilot job (node failure) runs again on another
     usage_tracking=0,  # send nothing anywhere
 )

@@ -20,6 +20,10 @@ WORKER_INIT = (
     f"export PATH={sys.prefix}/bin:$PATH OMP_NUM_THREADS=1 SLURM_MPI_TYPE=pmix SLURM_OVERCOMMIT=1"
 )
 
+# Managers and interchanges check on each other every 2 s and give a lost pilot job
+# up after 10 s, so that its tasks go to a new job quickly.
+HEARTBEAT = {"heartbeat_period": 2, "heartbeat_threshold": 10}
+
 # Tasks the coordinator keeps in flight per module.
 slots = {"oracle": 2, "generator": 1, "train": 1, "infer": 1}
 
@@ -48,12 +52,14 @@ config = Config(
             encrypted=True,  # CurveZMQ, as on a shared login node
             mpi_launcher="srun",  # $PARSL_MPI_PREFIX is an srun step
             max_workers_per_block=1,  # MPI tasks at once per block
+            **HEARTBEAT,
             provider=_provider("cpu", launcher=SimpleLauncher()),
         ),
         HighThroughputExecutor(
             label="generator",
             address="127.0.0.1",
             encrypted=True,
+            **HEARTBEAT,
             max_workers_per_node=1,  # one MD worker
             provider=_provider("cpu"),
         ),
@@ -61,6 +67,7 @@ config = Config(
             label="train",
             address="127.0.0.1",
             encrypted=True,
+            **HEARTBEAT,
             available_accelerators=1,  # one worker per GPU of the job
             provider=_provider("gpu", "#SBATCH --gres=gpu:1"),
         ),
@@ -68,10 +75,12 @@ config = Config(
             label="infer",
             address="127.0.0.1",
             encrypted=True,
+            **HEARTBEAT,
             available_accelerators=1,
             provider=_provider("gpu", "#SBATCH --gres=gpu:1"),
         ),
     ],
-    strategy="none",  # fixed blocks
+    strategy="simple",  # replaces a lost pilot job (scancel, node failure) at once
+    retries=2,  # a task lost with its pilot job runs again on the new one
     usage_tracking=0,  # send nothing anywhere
 )

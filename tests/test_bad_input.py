@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from tests.test_cli import ROOT, run_cli
+from tests.test_cli import run_cli
 
-SITE_HEADER = "from parsl.config import Config\nfrom parsl.executors.threads import ThreadPoolExecutor\n"
+SITE_HEADER = (
+    "from parsl.config import Config\nfrom parsl.executors.threads import ThreadPoolExecutor\n"
+)
 
 
 class EnergyOnly:
@@ -23,8 +25,13 @@ def write(path, text):
 
 
 def three_label_site(d):
-    return write(d / "site3.py", SITE_HEADER + "config = Config(executors=[" + ", ".join(
-        f"ThreadPoolExecutor(label={x!r})" for x in ("oracle", "generator", "train")) + "])\n")
+    return write(
+        d / "site3.py",
+        SITE_HEADER
+        + "config = Config(executors=["
+        + ", ".join(f"ThreadPoolExecutor(label={x!r})" for x in ("oracle", "generator", "train"))
+        + "])\n",
+    )
 
 
 def a_run_directory(d):
@@ -36,50 +43,83 @@ def a_run_directory(d):
 
 CASES = {
     "unknown site": (lambda d: ["--site", "no-such-site"], "site 'no-such-site' not found"),
-    "site syntax error": (lambda d: ["--site", write(d / "bad.py", "config = (\n")],
-                          "the site file does not import"),
-    "site lacks a label": (lambda d: ["--site", three_label_site(d)],
-                           "no executor labelled 'infer'"),
-    "site without config": (lambda d: ["--site", write(d / "empty.py", "x = 1\n")],
-                            "defines neither 'config'"),
+    "site syntax error": (
+        lambda d: ["--site", write(d / "bad.py", "config = (\n")],
+        "the site file does not import",
+    ),
+    "site lacks a label": (
+        lambda d: ["--site", three_label_site(d)],
+        "no executor labelled 'infer'",
+    ),
+    "site without config": (
+        lambda d: ["--site", write(d / "empty.py", "x = 1\n")],
+        "defines neither 'config'",
+    ),
     "zero budget": (lambda d: ["--max-labels", "0"], "stop.max_labels"),
     "negative budget": (lambda d: ["--max-labels", "-3"], "stop.max_labels"),
     "negative wall time": (lambda d: ["--max-wall", "-5"], "stop.max_wall_s"),
-    "unknown key": (lambda d: ["--campaign", write(d / "c.toml", "[stop]\nmax_lables = 3\n")],
-                    "unknown key 'stop.max_lables'"),
-    "unknown section": (lambda d: ["--campaign", write(d / "c.toml", "[oracel]\nx = 1\n")],
-                        "unknown key 'oracel'"),
-    "wrong type": (lambda d: ["--campaign", write(d / "c.toml", '[oracle]\nbatch_size = "4"\n')],
-                   "'oracle.batch_size'"),
-    "unknown model": (lambda d: ["--campaign", write(d / "c.toml", '[model]\nname = "mace"\n')],
-                      "'model.name'"),
-    "malformed TOML": (lambda d: ["--campaign", write(d / "c.toml", "[stop\n")],
-                       "not valid TOML"),
-    "missing campaign file": (lambda d: ["--campaign", str(d / "nope.toml")],
-                              "campaign file not found"),
+    "unknown key": (
+        lambda d: ["--campaign", write(d / "c.toml", "[stop]\nmax_lables = 3\n")],
+        "unknown key 'stop.max_lables'",
+    ),
+    "unknown section": (
+        lambda d: ["--campaign", write(d / "c.toml", "[oracel]\nx = 1\n")],
+        "unknown key 'oracel'",
+    ),
+    "wrong type": (
+        lambda d: ["--campaign", write(d / "c.toml", '[oracle]\nbatch_size = "4"\n')],
+        "'oracle.batch_size'",
+    ),
+    "unknown model": (
+        lambda d: ["--campaign", write(d / "c.toml", '[model]\nname = "mace"\n')],
+        "'model.name'",
+    ),
+    "malformed TOML": (lambda d: ["--campaign", write(d / "c.toml", "[stop\n")], "not valid TOML"),
+    "missing campaign file": (
+        lambda d: ["--campaign", str(d / "nope.toml")],
+        "campaign file not found",
+    ),
     "calculator does not import": (
         lambda d: ["--campaign", write(d / "c.toml", '[oracle]\ncalculator = "no_such:Calc"\n')],
-        "cannot import module 'no_such'"),
+        "cannot import module 'no_such'",
+    ),
     "calculator without forces": (
-        lambda d: ["--campaign", write(
-            d / "c.toml", '[oracle]\ncalculator = "tests.test_bad_input:EnergyOnly"\n')],
-        "does not compute forces"),
+        lambda d: [
+            "--campaign",
+            write(d / "c.toml", '[oracle]\ncalculator = "tests.test_bad_input:EnergyOnly"\n'),
+        ],
+        "does not compute forces",
+    ),
     "structure does not parse": (
-        lambda d: ["--campaign", write(d / "c.toml", '[system]\nstructure = "{}"\n'.format(
-            write(d / "junk.xyz", "not\na structure\n")))],
-        "does not parse"),
+        lambda d: [
+            "--campaign",
+            write(
+                d / "c.toml",
+                '[system]\nstructure = "{}"\n'.format(write(d / "junk.xyz", "not\na structure\n")),
+            ),
+        ],
+        "does not parse",
+    ),
     "structure not found": (
         lambda d: ["--campaign", write(d / "c.toml", '[system]\nstructure = "Unobtainium"\n')],
-        "neither an ASE molecule name nor an existing file"),
+        "neither an ASE molecule name nor an existing file",
+    ),
     "test file without labels": (
-        lambda d: ["--campaign", write(d / "c.toml", '[test]\nfile = "{}"\n'.format(
-            write(d / "bare.xyz", "1\n\nH 0 0 0\n")))],
-        "must hold energies and forces"),
+        lambda d: [
+            "--campaign",
+            write(
+                d / "c.toml",
+                '[test]\nfile = "{}"\n'.format(write(d / "bare.xyz", "1\n\nH 0 0 0\n")),
+            ),
+        ],
+        "must hold energies and forces",
+    ),
     "run directory exists": (lambda d: ["--run-dir", str(d)], "continue it with --resume"),
     "resume a non-run": (lambda d: ["--resume", str(d)], "is not a palflow run directory"),
     "resume with a campaign": (
         lambda d: ["--resume", a_run_directory(d), "--campaign", "x.toml"],
-        "drop --campaign"),
+        "drop --campaign",
+    ),
 }
 
 
