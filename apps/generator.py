@@ -9,6 +9,7 @@ walker goes next; this module only simulates.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -137,7 +138,10 @@ def _run_md(
         },
     )
     last_good.calc = None
-    write(last_frame_path, last_good, format="extxyz")
+    # Written beside, then renamed: a kill mid-write never leaves a torn walker state.
+    partial = f"{last_frame_path}.{os.getpid()}.tmp"
+    write(partial, last_good, format="extxyz")
+    os.replace(partial, last_frame_path)
     return {
         "output_path": output_path,
         "last_frame_path": last_frame_path,
