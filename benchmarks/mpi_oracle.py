@@ -35,6 +35,7 @@ def main() -> None:
 
     from apps.dataset import write_dataset
     from apps.oracle import _label_batch
+    from pipeline.settings import load_campaign
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -49,15 +50,10 @@ def main() -> None:
         atoms.rattle(0.05, seed=seed)
         structures.append(atoms)
     write_dataset(work / "in.npz", structures)
+    oracle = load_campaign(ROOT / "examples" / "water_nwchem.toml").oracle
     spec = {
-        "calculator": "ase.calculators.nwchem:NWChem",
-        "kwargs": {
-            "command": "{mpi_prefix} nwchem PREFIX.nwi > PREFIX.nwo",
-            "theory": "dft",
-            "xc": "PBE",
-            "basis": "3-21G",
-            "task": "gradient",
-        },
+        "calculator": oracle.calculator,
+        "kwargs": oracle.kwargs,
         "mpi_command": "mpiexec -n {ranks}",
     }
     times: dict[int, list[float]] = {ranks: [] for ranks in args.ranks}

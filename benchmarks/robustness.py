@@ -37,20 +37,11 @@ CAMPAIGN = ROOT / "benchmarks" / "short_cu13.toml"
 RUN = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--site", "threads.py", "--quiet"]
 
 
-def good_ids(run_dir: Path) -> set[int]:
-    ids = set()
-    for path in (run_dir / "oracle").glob("batch*.out.npz"):
-        with np.load(path) as data:
-            ids.update(
-                int(i)
-                for i, s in zip(data["candidate_id"], data["status"], strict=True)
-                if s == "ok"
-            )
-    return ids
-
-
 def kills(n_kills: int, labels: int, seed: int) -> dict:
     from ase.db import connect
+
+    from pipeline.journal import labelled_ids_in_results
+    from pipeline.rundir import RunDirectory
 
     run_dir = Path(tempfile.mkdtemp(prefix="palflow-kills-")) / "run"
     rng = random.Random(seed)
@@ -75,7 +66,7 @@ def kills(n_kills: int, labels: int, seed: int) -> dict:
         "labels": summary["labels"],
         "budget": labels,
         "duplicates": len(stored) - len(set(stored)),
-        "lost": len(good_ids(run_dir) - set(stored)),
+        "lost": len(labelled_ids_in_results(RunDirectory(run_dir)) - set(stored)),
         "resume_to_first_task_s_median": statistics.median(resumes) if resumes else None,
         "resume_to_first_task_s_max": max(resumes) if resumes else None,
         "exit_code": process.returncode,

@@ -119,6 +119,19 @@ def retry_allowed(candidate: Candidate, reason: str, campaign: Campaign) -> bool
     return kind not in DETERMINISTIC and candidate.attempts + 1 < campaign.oracle.max_attempts
 
 
+def labelled_ids_in_results(run: RunDirectory) -> set[int]:
+    """Candidate ids the oracle labelled successfully, from its result files alone."""
+    ids: set[int] = set()
+    for path in (run.root / "oracle").glob("batch*.out.npz"):
+        arrays = read_arrays(path)
+        ids.update(
+            int(i)
+            for i, s in zip(arrays["candidate_id"], arrays["status"], strict=True)
+            if s == "ok"
+        )
+    return ids
+
+
 def is_run_directory(path: str | Path) -> bool:
     return (Path(path) / "campaign.json").is_file()
 

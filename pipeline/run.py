@@ -136,8 +136,7 @@ def prepare_run(args: argparse.Namespace):
     if campaign.test.file:
         check_labelled_file(campaign.test.file)
     name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = RunDirectory.create(Path(args.run_dir or ROOT / "runs" / name))
-    run.write_json("campaign.json", campaign.model_dump())
+    run = RunDirectory.create(Path(args.run_dir or ROOT / "runs" / name), campaign.model_dump())
     return campaign, run, start
 
 

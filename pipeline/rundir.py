@@ -45,8 +45,14 @@ class RunDirectory:
         self.root = Path(root).resolve()
 
     @classmethod
-    def create(cls, root: str | os.PathLike) -> RunDirectory:
+    def create(
+        cls, root: str | os.PathLike, campaign: dict[str, Any] | None = None
+    ) -> RunDirectory:
         """Create a new run directory, readable by its owner only.
+
+        The directory is built under a temporary name, with ``campaign.json`` when
+        ``campaign`` is given, and renamed into place: a kill never leaves a
+        half-made run behind that could neither be resumed nor replaced.
 
         Raises
         ------
@@ -60,10 +66,15 @@ class RunDirectory:
                 f"run directory {run.root} exists and is not empty: "
                 "continue it with --resume, or choose another --run-dir"
             )
-        run.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(run.root, 0o700)
+        run.root.parent.mkdir(parents=True, exist_ok=True)
+        building = cls(run.root.parent / f".{run.root.name}.creating-{os.getpid()}")
+        building.root.mkdir(mode=0o700)
+        os.chmod(building.root, 0o700)
         for name in SUBDIRECTORIES:
-            (run.root / name).mkdir(exist_ok=True)
+            (building.root / name).mkdir()
+        if campaign is not None:
+            building.write_json("campaign.json", campaign)
+        os.replace(building.root, run.root)  # also over an empty directory
         return run
 
     @classmethod

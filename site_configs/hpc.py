@@ -71,45 +71,29 @@ config = Config(
                 exclusive=False,  # MD walkers share nodes politely
             ),
         ),
-        HighThroughputExecutor(
-            label="train",
-            address=address_by_hostname(),
-            encrypted=True,
-            available_accelerators=GPUS_PER_NODE,  # one worker per GPU, own CUDA_VISIBLE_DEVICES
-            provider=SlurmProvider(
-                account=ACCOUNT,
-                partition=GPU_PARTITION,
-                nodes_per_block=1,
-                init_blocks=1,
-                min_blocks=1,
-                max_blocks=1,
-                walltime="12:00:00",
-                # EDIT: some clusters want --gres=gpu:N instead
-                scheduler_options=f"#SBATCH --gpus-per-node={GPUS_PER_NODE}",
-                worker_init=WORKER_INIT,
-                launcher=SingleNodeLauncher(),
-                exclusive=False,
-            ),
-        ),
-        HighThroughputExecutor(
-            label="infer",
-            address=address_by_hostname(),
-            encrypted=True,
-            available_accelerators=GPUS_PER_NODE,
-            provider=SlurmProvider(
-                account=ACCOUNT,
-                partition=GPU_PARTITION,
-                nodes_per_block=1,
-                init_blocks=1,
-                min_blocks=1,
-                max_blocks=1,
-                walltime="12:00:00",
-                scheduler_options=f"#SBATCH --gpus-per-node={GPUS_PER_NODE}",
-                worker_init=WORKER_INIT,
-                launcher=SingleNodeLauncher(),
-                exclusive=False,
-            ),
-        ),
+        *[
+            HighThroughputExecutor(  # training and inference alike: GPU nodes
+                label=label,
+                address=address_by_hostname(),
+                encrypted=True,
+                available_accelerators=GPUS_PER_NODE,  # a worker per GPU, own CUDA_VISIBLE_DEVICES
+                provider=SlurmProvider(
+                    account=ACCOUNT,
+                    partition=GPU_PARTITION,
+                    nodes_per_block=1,
+                    init_blocks=1,
+                    min_blocks=1,
+                    max_blocks=1,
+                    walltime="12:00:00",
+                    # EDIT: some clusters want --gres=gpu:N instead
+                    scheduler_options=f"#SBATCH --gpus-per-node={GPUS_PER_NODE}",
+                    worker_init=WORKER_INIT,
+                    launcher=SingleNodeLauncher(),
+                    exclusive=False,
+                ),
+            )
+            for label in ("train", "infer")
+        ],
     ],
     strategy="htex_auto_scale",  # grow and shrink blocks between min_blocks and max_blocks
     retries=2,  # a task lost with a pilot job (node failure) runs again on another

@@ -71,15 +71,14 @@ def test_ranks_of_one_task_meet_inside_a_slurm_job(tmp_path, slurm_cluster):
 
 
 def nwchem_spec():
+    """The oracle of examples/water_nwchem.toml, launched with plain mpiexec."""
+    from pipeline.settings import load_campaign
+    from tests.test_coordinator import EXAMPLES
+
+    oracle = load_campaign(EXAMPLES / "water_nwchem.toml").oracle
     return {
-        "calculator": "ase.calculators.nwchem:NWChem",
-        "kwargs": {
-            "command": "{mpi_prefix} nwchem PREFIX.nwi > PREFIX.nwo",
-            "theory": "dft",
-            "xc": "PBE",
-            "basis": "3-21G",
-            "task": "gradient",
-        },
+        "calculator": oracle.calculator,
+        "kwargs": oracle.kwargs,
         "mpi_command": "mpiexec -n {ranks}",
     }
 

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from ase.db import connect
 
+from pipeline.journal import labelled_ids_in_results
+from pipeline.rundir import RunDirectory
 from tests.test_cli import ROOT, run_cli, small_campaign
 
 
@@ -24,18 +25,6 @@ def start_cli(*args: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
-
-
-def good_labels_in_results(run_dir: Path) -> set[int]:
-    ids = set()
-    for path in (run_dir / "oracle").glob("batch*.out.npz"):
-        with np.load(path) as data:
-            ids.update(
-                int(i)
-                for i, s in zip(data["candidate_id"], data["status"], strict=True)
-                if s == "ok"
-            )
-    return ids
 
 
 @pytest.mark.slow
@@ -57,6 +46,9 @@ def test_five_kills_lose_and_double_no_label(tmp_path):
         "--quiet",
     )
     while kills < 5:
+        # The first kill comes once the run exists, so that every later session resumes.
+        while kills == 0 and not (run_dir / "campaign.json").exists():
+            time.sleep(0.1)
         time.sleep(rng.uniform(2.0, 6.0))
         if process.poll() is not None:
             break  # it finished before the kill: the budget is too small for the test
@@ -69,7 +61,20 @@ def test_five_kills_lose_and_double_no_label(tmp_path):
             else []
         )
         assert len(stored) == len(set(stored)), f"a label was stored twice before kill {kills}"
-        process = start_cli("--site", "threads.py", "--resume", str(run_dir), "--quiet")
+        if (run_dir / "campaign.json").exists():
+            process = start_cli("--site", "threads.py", "--resume", str(run_dir), "--quiet")
+        else:  # killed before the run existed: nothing to resume, start it again
+            process = start_cli(
+                "--site",
+                "threads.py",
+                "--campaign",
+                str(campaign),
+                "--run-dir",
+                str(run_dir),
+                "--max-labels",
+                "40",
+                "--quiet",
+            )
     output = process.communicate(timeout=500)[0].decode()
     assert kills == 5, "the campaign ended before five kills"
     assert process.returncode == 0, output[-3000:]
@@ -79,7 +84,7 @@ def test_five_kills_lose_and_double_no_label(tmp_path):
     rows = list(connect(run_dir / "labels.db").select())
     ids = [row.candidate_id for row in rows]
     assert [i for i, n in Counter(ids).items() if n > 1] == [], "duplicates"
-    lost = good_labels_in_results(run_dir) - set(ids)
+    lost = labelled_ids_in_results(RunDirectory(run_dir)) - set(ids)
     assert lost == set(), f"labels computed but not stored: {sorted(lost)}"
     assert len(rows) == summary["labels"] + summary["initial_labels"]
     assert len(summary["resumes"]) >= 1

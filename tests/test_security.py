@@ -34,3 +34,9 @@ def test_dataset_with_objects_in_it_is_refused(tmp_path):
     np.savez(path, candidate_id=np.array([Exploit()], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle"):
         read_arrays(path)
+
+
+def test_run_directory_appears_whole_with_its_campaign(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", {"name": "x"})
+    assert (run.root / "campaign.json").read_text().count('"name": "x"') == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "no building leftovers"
