@@ -1,0 +1,159 @@
+"""Coordinator overhead: no-op tasks through the coordinator's loop against the same
+tasks submitted straight to Parsl, on the same executor.
+
+    python benchmarks/coordinator_overhead.py --tasks 2000
+
+For thread pools and for a local HTEX: throughput of each, their ratio (target
+>= 0.8), and the latency from one task's completion to the coordinator's next
+submission, p50 and p99 (target p50 <= 1 ms). The coordinator's loop is the real
+one (events written, state saved); only the handler does nothing. Writes
+``benchmarks/results/coordinator_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+
+from pipeline.coordinator import Apps, Coordinator  # noqa: E402
+
+
+class NoopCoordinator(Coordinator):
+    """The coordinator's loop, keeping ``in_flight`` no-op tasks going until ``n`` ran."""
+
+    def __init__(self, run, submit, n: int, in_flight: int) -> None:
+        from ase.build import molecule
+
+        from pipeline.settings import load_campaign
+
+        apps = Apps(*([submit] * 6))
+        super().__init__(
+            load_campaign(), run, apps, {"infer": in_flight}, molecule("H2O"), poll_s=5.0
+        )
+        self.n, self.submitted_count, self.completed_count = n, 0, 0
+        self.completions: list[float] = []
+        self.submissions: list[float] = []
+        self._handlers["score"] = self._on_noop
+
+    def _submit_reference(self) -> None:
+        self.t_start = time.perf_counter()
+
+    def _submit_ready(self) -> None:
+        while self.submitted_count < self.n and self._free("infer"):
+            self.submissions.append(time.perf_counter())
+            self._submit("score", self._submit_noop)
+            self.submitted_count += 1
+
+    def _submit_noop(self):
+        future = self.apps.score_candidates()
+        future.add_done_callback(lambda _: self.completions.append(time.perf_counter()))
+        return future
+
+    def _on_noop(self, result, task) -> None:
+        self.completed_count += 1
+
+    def _check_stop(self) -> None:
+        if self.completed_count >= self.n:
+            self.state.request_stop("done")
+
+    def _close(self) -> dict:
+        elapsed = time.perf_counter() - self.t_start
+        latencies = []
+        submissions = sorted(self.submissions)
+        for done in sorted(self.completions)[: self.n - 1]:
+            index = bisect.bisect_left(submissions, done)
+            if index < len(submissions):
+                latencies.append(submissions[index] - done)
+        latencies.sort()
+        return {
+            "tasks_per_s": self.n / elapsed,
+            "latency_p50_ms": 1e3 * statistics.median(latencies),
+            "latency_p99_ms": 1e3 * latencies[int(0.99 * (len(latencies) - 1))],
+        }
+
+
+def config_for(kind: str, workers: int, run_dir: str):
+    from parsl.config import Config
+    from parsl.executors import HighThroughputExecutor
+    from parsl.executors.threads import ThreadPoolExecutor
+    from parsl.providers import LocalProvider
+
+    if kind == "threads":
+        executor = ThreadPoolExecutor(label="infer", max_threads=workers)
+    else:
+        executor = HighThroughputExecutor(
+            label="infer",
+            address="127.0.0.1",
+            encrypted=True,
+            max_workers_per_node=workers,
+            provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
+        )
+    return Config(executors=[executor], run_dir=run_dir, usage_tracking=0, strategy="none")
+
+
+def measure(kind: str, n: int, in_flight: int, workers: int) -> dict:
+    import parsl
+    from parsl import python_app
+
+    from apps.common import _ping
+    from pipeline.rundir import RunDirectory
+
+    work = tempfile.mkdtemp(prefix="palflow-overhead-")
+    with parsl.load(config_for(kind, workers, f"{work}/parsl")):
+        noop = python_app(_ping, executors=["infer"])
+        for future in [noop() for _ in range(50)]:  # warm-up: workers started
+            future.result()
+        t0 = time.perf_counter()
+        for future in [noop() for _ in range(n)]:
+            future.result()
+        direct = n / (time.perf_counter() - t0)
+        run = RunDirectory.create(f"{work}/run")
+        through = NoopCoordinator(run, noop, n, in_flight).run()
+    return {
+        "executor": kind,
+        "tasks": n,
+        "in_flight": in_flight,
+        "direct_tasks_per_s": direct,
+        "coordinator_tasks_per_s": through["tasks_per_s"],
+        "throughput_ratio": through["tasks_per_s"] / direct,
+        "latency_p50_ms": through["latency_p50_ms"],
+        "latency_p99_ms": through["latency_p99_ms"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--executors", nargs="+", default=["threads", "htex"])
+    args = parser.parse_args()
+    rows = [measure(kind, args.tasks, args.in_flight, args.workers) for kind in args.executors]
+    print(
+        f"{'executor':<10}{'direct /s':>11}{'coordinator /s':>16}{'ratio':>7}"
+        f"{'p50 ms':>8}{'p99 ms':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['executor']:<10}{r['direct_tasks_per_s']:>11.0f}"
+            f"{r['coordinator_tasks_per_s']:>16.0f}{r['throughput_ratio']:>7.2f}"
+            f"{r['latency_p50_ms']:>8.2f}{r['latency_p99_ms']:>8.2f}"
+        )
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "coordinator_overhead.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
