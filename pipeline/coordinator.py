@@ -171,6 +171,7 @@ class Coordinator:
         self.state = state or CampaignState.new(campaign, run, start)
         self.queue = OracleQueue(campaign.selection.max_queue)
         self.in_flight: dict[Future, Task] = {}
+        self._in_flight_per_module: Counter[str] = Counter()
         self._next_task_id = 0
         self.journal = Journal(run)
         self._resumed_at: float | None = None
@@ -239,7 +240,9 @@ class Coordinator:
                 break
             done, _ = wait(list(self.in_flight), timeout=self.poll_s, return_when=FIRST_COMPLETED)
             for future in done:
-                self._finish(future, self.in_flight.pop(future))
+                task = self.in_flight.pop(future)
+                self._in_flight_per_module[task.module] -= 1
+                self._finish(future, task)
         return self._close()
 
     def _note_resume_cost(self) -> None:
@@ -297,9 +300,10 @@ class Coordinator:
         task = Task(self._next_task_id, kind, time.time(), meta)
         self._next_task_id += 1
         self.in_flight[submit(*args)] = task
+        self._in_flight_per_module[task.module] += 1
 
     def _busy(self, module: str) -> int:
-        return sum(1 for task in self.in_flight.values() if task.module == module)
+        return self._in_flight_per_module[module]
 
     def _free(self, module: str) -> bool:
         return self._busy(module) < self.slots[module]
@@ -619,6 +623,7 @@ class Coordinator:
 
     def _close(self) -> dict[str, Any]:
         self.journal.save(self.state, self.queue, self._next_task_id, force=True)
+        self.run_dir.close()
         summary = self.state.summary(self.run_dir.read_events(), self.slots)
         self.run_dir.write_json("summary.json", summary)
         self.run_dir.export_extxyz()

@@ -43,6 +43,7 @@ class RunDirectory:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).resolve()
+        self._events = None
 
     @classmethod
     def create(
@@ -129,9 +130,22 @@ class RunDirectory:
         atomic_write_bytes(self.root / name, lambda handle: handle.write(text))
 
     def append_event(self, event: dict[str, Any]) -> None:
-        """Append one task record to ``events.jsonl``."""
-        with open(self.root / "events.jsonl", "a") as handle:
-            handle.write(json.dumps(event, default=_jsonable) + "\n")
+        """Append one task record to ``events.jsonl``.
+
+        The file stays open, and each line is flushed to the operating system at
+        once: a killed coordinator loses no finished line, and the loop does not pay
+        an open and a close per task (a third of its time on no-op tasks).
+        """
+        if self._events is None:
+            self._events = open(self.root / "events.jsonl", "a")  # noqa: SIM115
+        self._events.write(json.dumps(event, default=_jsonable) + "\n")
+        self._events.flush()
+
+    def close(self) -> None:
+        """Close the events file; a later :meth:`append_event` reopens it."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     def read_events(self) -> list[dict[str, Any]]:
         """All task records written so far (a torn last line is skipped)."""
