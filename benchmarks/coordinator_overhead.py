@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
+RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
 sys.path.insert(0, str(ROOT))
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
@@ -150,7 +152,7 @@ def main() -> None:
             f"{r['coordinator_tasks_per_s']:>16.0f}{r['throughput_ratio']:>7.2f}"
             f"{r['latency_p50_ms']:>8.2f}{r['latency_p99_ms']:>8.2f}"
         )
-    out = ROOT / "benchmarks" / "results"
+    out = RESULTS
     out.mkdir(exist_ok=True)
     (out / "coordinator_overhead.json").write_text(json.dumps(rows, indent=2))
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
+RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
 sys.path.insert(0, str(ROOT))
 CAMPAIGN = ROOT / "benchmarks" / "short_cu13.toml"
 RUN = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--site", "threads.py", "--quiet"]
@@ -165,7 +167,7 @@ def main() -> None:
             f"{kind:<14}{f['faults_by_kind'][kind]:>9}{f['retried_by_kind'].get(kind, 0):>9}"
             f"{f['recorded_by_kind'].get(kind, 0):>10}"
         )
-    out = ROOT / "benchmarks" / "results" / "robustness.json"
+    out = RESULTS / "robustness.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
+RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
 CAMPAIGN = ROOT / "benchmarks" / "short_cu13.toml"
 
 
@@ -76,7 +79,7 @@ def main() -> None:
     base = rows[0]["process_s"]
     for row in rows[1:]:
         print(f"{row['site']} / {rows[0]['site']} process time: {row['process_s'] / base:.2f}")
-    out = ROOT / "benchmarks" / "results" / "site_campaign.json"
+    out = RESULTS / "site_campaign.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
 

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
+RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
 sys.path.insert(0, str(ROOT))
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
@@ -72,7 +74,7 @@ def main() -> None:
         last = statistics.median(r["all_modules_s"] for r in mine)
         rows.append({"site": name, "first_result_s": first, "all_modules_s": last, "runs": mine})
         print(f"{name:<16}{first:>25.1f}{last:>24.1f}")
-    out = ROOT / "benchmarks" / "results" / "site_startup.json"
+    out = RESULTS / "site_startup.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
 

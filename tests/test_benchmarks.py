@@ -1,0 +1,95 @@
+"""Each benchmark script runs on tiny settings and writes its JSON (speed is not tested)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(tmp_path, script, *args, timeout=300, env=None):
+    environment = {**os.environ, "PALFLOW_BENCH_OUT": str(tmp_path), **(env or {})}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=environment,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_batched_ensemble(tmp_path):
+    out = run_benchmark(tmp_path, "batched_ensemble.py", "--repeat", "3")
+    assert "K=4 batched / K=1" in out
+    rows = json.loads((tmp_path / "batched_ensemble.json").read_text())
+    assert {r["variant"] for r in rows} >= {"K=1", "K=4 batched", "W=32 together"}
+    assert (tmp_path / "batched_ensemble.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+def test_coordinator_overhead(tmp_path):
+    run_benchmark(
+        tmp_path,
+        "coordinator_overhead.py",
+        "--tasks",
+        "40",
+        "--in-flight",
+        "8",
+        "--executors",
+        "threads",
+    )
+    (row,) = json.loads((tmp_path / "coordinator_overhead.json").read_text())
+    assert row["tasks"] == 40 and row["throughput_ratio"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_site_startup_and_campaign(tmp_path):
+    run_benchmark(tmp_path, "site_startup.py", "threads.py", "--repeat", "1")
+    assert json.loads((tmp_path / "site_startup.json").read_text())[0]["site"] == "threads.py"
+    run_benchmark(tmp_path, "site_campaign.py", "threads.py", "--repeat", "1")
+    (row,) = json.loads((tmp_path / "site_campaign.json").read_text())
+    assert row["runs"][0]["labels"] == 40
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_robustness(tmp_path):
+    out = run_benchmark(
+        tmp_path,
+        "robustness.py",
+        "--kills",
+        "1",
+        "--labels",
+        "12",
+        "--fault-rate",
+        "0.3",
+        timeout=540,
+    )
+    result = json.loads((tmp_path / "robustness.json").read_text())
+    assert result["kills"]["lost"] == 0 and result["kills"]["duplicates"] == 0
+    assert result["faults"]["bad_labels_stored"] == 0
+    assert "kills survived" in out
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+def test_mpi_oracle(tmp_path):
+    need(
+        "mpi",
+        shutil.which("nwchem") is not None and shutil.which("mpiexec") is not None,
+        "nwchem or mpiexec is not installed",
+    )
+    run_benchmark(tmp_path, "mpi_oracle.py", "--repeat", "1", "--batch", "1")
+    rows = json.loads((tmp_path / "mpi_oracle.json").read_text())
+    assert [r["ranks"] for r in rows] == [1, 2]
