@@ -38,7 +38,7 @@ from ase import Atoms
 from ase.io import write
 
 from apps.dataset import read_dataset, write_dataset
-from pipeline.campaign_state import CampaignState, Member, Walker
+from pipeline.campaign_state import CampaignState, Member, Snapshot, Version, Walker
 from pipeline.journal import Journal, candidate_arrays, resume_state, retry_allowed
 from pipeline.rundir import RunDirectory
 from pipeline.selection import Candidate, OracleQueue, select_frames
@@ -367,24 +367,26 @@ class Coordinator:
                     return
                 batch = self.queue.pop_batch(min(batch_size, room))
                 source = "active"
-            task_id = self._next_task_id
-            input_path = self.run_dir.path("oracle", f"batch{task_id:06d}.in.npz")
-            write_dataset(
-                input_path, [c.atoms for c in batch], extra=candidate_arrays(batch, source)
-            )
-            self._submit(
-                "label",
-                self._label_batch,
-                input_path,
-                self.run_dir.path("oracle", f"batch{task_id:06d}.out.npz"),
-                self._oracle_spec(),
-                self.run_dir.path("oracle", "scratch", f"batch{task_id:06d}"),
-                self.campaign.oracle.max_force,
-                self.campaign.oracle.timeout_s,
-                self.campaign.oracle.isolate,
-                candidates=batch,
-                source=source,
-            )
+            self._submit_label_batch(batch, source)
+
+    def _submit_label_batch(self, batch: list[Candidate], source: str) -> None:
+        """Write one oracle batch to the run directory and submit it."""
+        task_id = self._next_task_id
+        input_path = self.run_dir.path("oracle", f"batch{task_id:06d}.in.npz")
+        write_dataset(input_path, [c.atoms for c in batch], extra=candidate_arrays(batch, source))
+        self._submit(
+            "label",
+            self._label_batch,
+            input_path,
+            self.run_dir.path("oracle", f"batch{task_id:06d}.out.npz"),
+            self._oracle_spec(),
+            self.run_dir.path("oracle", "scratch", f"batch{task_id:06d}"),
+            self.campaign.oracle.max_force,
+            self.campaign.oracle.timeout_s,
+            self.campaign.oracle.isolate,
+            candidates=batch,
+            source=source,
+        )
 
     def _labels_in_flight(self) -> int:
         return sum(
@@ -402,21 +404,25 @@ class Coordinator:
                 return
             if walker.busy:
                 continue
-            walker.busy = True
-            walker.segments += 1
-            stem = f"walker{walker.walker_id:03d}.seg{walker.segments:05d}"
-            self._submit(
-                "generate",
-                self.apps.run_md,
-                walker.start_path,
-                version.path,
-                self.run_dir.path("generator", f"{stem}.npz"),
-                self.run_dir.path("generator", f"{stem}.last.extxyz"),
-                self.campaign.generator.model_dump(),
-                self.campaign.seed * 1_000_003 + self._next_task_id,
-                walker=walker,
-                version=version.number,
-            )
+            self._submit_walker(walker, version)
+
+    def _submit_walker(self, walker: Walker, version: Version) -> None:
+        """Submit the next MD segment of ``walker`` on ensemble ``version``."""
+        walker.busy = True
+        walker.segments += 1
+        stem = f"walker{walker.walker_id:03d}.seg{walker.segments:05d}"
+        self._submit(
+            "generate",
+            self.apps.run_md,
+            walker.start_path,
+            version.path,
+            self.run_dir.path("generator", f"{stem}.npz"),
+            self.run_dir.path("generator", f"{stem}.last.extxyz"),
+            self.campaign.generator.model_dump(),
+            self.campaign.seed * 1_000_003 + self._next_task_id,
+            walker=walker,
+            version=version.number,
+        )
 
     def _submit_training(self, stopping: bool) -> None:
         snapshot = self.state.train_snapshot
@@ -430,25 +436,29 @@ class Coordinator:
             # Once resting, each member takes in the last labels once, then stops.
             if member.busy or (resting and member.trained_on >= self.state.n_labels_total):
                 continue
-            member.busy = True
-            out = self.run_dir.path("models", f"member{member.index}.{member.tasks:05d}.pt")
-            member.tasks += 1
-            self._submit(
-                "train",
-                self.apps.train_member,
-                member.index,
-                snapshot.train_path,
-                member.checkpoint,
-                out,
-                self.state.model_spec(self.campaign),
-                self.campaign.training.model_dump(),
-                self.campaign.seed * 1000 + member.index,
-                self.campaign.training.epochs_per_task,
-                snapshot.valid_path,
-                member=member,
-                labels=snapshot.n_labels,
-                checkpoint_out=out,
-            )
+            self._submit_member(member, snapshot)
+
+    def _submit_member(self, member: Member, snapshot: Snapshot) -> None:
+        """Submit one training task of ``member`` on the labels of ``snapshot``."""
+        member.busy = True
+        out = self.run_dir.path("models", f"member{member.index}.{member.tasks:05d}.pt")
+        member.tasks += 1
+        self._submit(
+            "train",
+            self.apps.train_member,
+            member.index,
+            snapshot.train_path,
+            member.checkpoint,
+            out,
+            self.state.model_spec(self.campaign),
+            self.campaign.training.model_dump(),
+            self.campaign.seed * 1000 + member.index,
+            self.campaign.training.epochs_per_task,
+            snapshot.valid_path,
+            member=member,
+            labels=snapshot.n_labels,
+            checkpoint_out=out,
+        )
 
     def _submit_inference(self, stopping: bool) -> None:
         state = self.state

@@ -1,0 +1,35 @@
+"""The serial baseline: the same apps and handlers, one phase at a time."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pipeline.campaign_state import load_start_structure
+from pipeline.coordinator import MODULES, Apps
+from pipeline.metrics import concurrency_fraction
+from pipeline.rundir import RunDirectory
+from pipeline.serial import SerialLoop
+from tests.test_coordinator import SLOTS, small_campaign
+
+
+@pytest.mark.timeout(400)
+def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path):
+    campaign = small_campaign(stop__max_labels=16)
+    run = RunDirectory.create(tmp_path / "run")
+    executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
+    try:
+        start = load_start_structure(campaign.system.structure)
+        loop = SerialLoop(campaign, run, Apps.from_executors(executors), SLOTS, start,
+                          poll_s=0.2, labels_per_iteration=4)
+        summary = loop.run()
+    finally:
+        for executor in executors.values():
+            executor.shutdown(wait=True, cancel_futures=True)
+    assert summary["labels"] == 16
+    assert loop.iterations >= 4, "4 labels per iteration make at least 4 iterations"
+    events = run.read_events()
+    stopped = summary["started_at"] + summary["stopped_at_s"]
+    before_stop = [e for e in events if e.get("ended") and e["ended"] <= stopped]
+    t0, t1 = summary["started_at"], stopped
+    for pair in [("oracle", "train"), ("oracle", "generator"), ("train", "generator")]:
+        assert concurrency_fraction(before_stop, t0, t1, pair) == 0.0, pair
