@@ -105,6 +105,23 @@ def load_start_structure(spec: str, vacuum: float = 0.0) -> Atoms:
     return atoms
 
 
+def read_labelled_file(path: str) -> list[Atoms]:
+    """Structures of a file that must hold energies and forces for every frame.
+
+    Raises
+    ------
+    ValueError
+        When the file does not parse, or a frame lacks its labels.
+    """
+    try:
+        frames = read(path, index=":")
+    except Exception as error:
+        raise ValueError(f"test file {path!r} does not parse: {error}") from None
+    if not frames or not all(f.calc is not None and "forces" in f.calc.results for f in frames):
+        raise ValueError(f"test file {path!r} must hold energies and forces for every frame")
+    return frames
+
+
 @dataclass
 class CampaignState:
     """Bookkeeping of one campaign."""
@@ -193,12 +210,7 @@ class CampaignState:
 
     def use_test_file(self, path: str) -> None:
         """Take the held-out set from a labelled structure file."""
-        from ase.io import read as read_any
-
-        frames = read_any(path, index=":")
-        if not all(f.calc is not None and "forces" in f.calc.results for f in frames):
-            raise ValueError(f"test file {path!r} must hold energies and forces")
-        write_dataset(self.run.path("data", "test.npz"), frames)
+        write_dataset(self.run.path("data", "test.npz"), read_labelled_file(path))
         self.test_ready = True
 
     def record_failure(self, candidate_id: int, reason: str) -> None:

@@ -108,7 +108,7 @@ def prepare_run(args: argparse.Namespace):
         The campaign, the run directory, and the start structure (None on resume,
         where the run directory holds it).
     """
-    from pipeline.campaign_state import load_start_structure
+    from pipeline.campaign_state import load_start_structure, read_labelled_file
     from pipeline.rundir import RunDirectory, RunDirectoryError
     from pipeline.settings import campaign_from_dict, load_campaign
 
@@ -134,7 +134,7 @@ def prepare_run(args: argparse.Namespace):
     check_calculator(campaign.oracle.calculator)
     start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
     if campaign.test.file:
-        check_labelled_file(campaign.test.file)
+        read_labelled_file(campaign.test.file)
     name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunDirectory.create(Path(args.run_dir or ROOT / "runs" / name), campaign.model_dump())
     return campaign, run, start
@@ -152,18 +152,6 @@ def check_calculator(path: str) -> None:
             f"calculator {path!r} does not compute forces (it implements "
             f"{list(implemented)}): pick one whose implemented_properties include 'forces'"
         )
-
-
-def check_labelled_file(path: str) -> None:
-    """The held-out file must parse and hold energies and forces."""
-    from ase.io import read
-
-    try:
-        frames = read(path, index=":")
-    except Exception as error:
-        raise ValueError(f"test file {path!r} does not parse: {error}") from None
-    if not frames or not all(f.calc is not None and "forces" in f.calc.results for f in frames):
-        raise ValueError(f"test file {path!r} must hold energies and forces for every frame")
 
 
 def execute(campaign, run, site, start) -> dict:
