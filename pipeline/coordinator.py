@@ -292,7 +292,13 @@ class Coordinator:
             slurm_partition=result.get("slurm_partition"),
         )
         self.run_dir.append_event(event)
-        self._handlers[task.kind](result, task)
+        try:
+            self._handlers[task.kind](result, task)
+        except Exception as error:  # an unreadable result costs its task, not the run
+            logger.exception("%s task %d: its result could not be used", task.kind, task.task_id)
+            self.run_dir.append_event({**event, "ok": False, "error": f"result unusable: {error}"})
+            self._on_task_failure(task, error)
+            return
         if result.get("stop"):
             self.state.request_stop(f"{task.module} asked to stop: {result['stop']}")
 

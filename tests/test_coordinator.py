@@ -171,3 +171,34 @@ def test_rolling_window_trains_on_the_newest_labels(tmp_path):
     snapshot = read_dataset(state.train_snapshot.train_path)
     assert [a.get_potential_energy() for a in snapshot] == [7.0, 8.0, 9.0, 10.0, 11.0]
     assert state.train_snapshot.n_labels == 12
+
+
+@pytest.mark.timeout(300)
+def test_an_unreadable_result_costs_its_task_not_the_run(tmp_path):
+    """A generator result whose frames file is garbage: the walker resets, the run goes on."""
+    from apps.generator import _run_md
+
+    spoiled = []
+
+    def generator_with_a_torn_file(*args, **kwargs):
+        result = _run_md(*args, **kwargs)
+        if not spoiled and result["n_frames"]:
+            Path(result["output_path"]).write_bytes(b"PK\x03\x04 torn")
+            spoiled.append(result["output_path"])
+        return result
+
+    campaign = small_campaign()
+    run = RunDirectory.create(tmp_path / "run")
+    executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
+    apps = Apps.from_executors(executors)
+    apps.run_md = partial(executors["generator"].submit, generator_with_a_torn_file)
+    try:
+        start = load_start_structure(campaign.system.structure)
+        summary = Coordinator(campaign, run, apps, SLOTS, start, poll_s=0.2).run()
+    finally:
+        for executor in executors.values():
+            executor.shutdown(wait=True, cancel_futures=True)
+    assert spoiled
+    assert summary["labels"] == 24
+    unusable = [e for e in run.read_events() if "result unusable" in (e.get("error") or "")]
+    assert len(unusable) == 1 and unusable[0]["kind"] == "generate"
