@@ -97,8 +97,17 @@ def test_mpi_oracle(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_overlap(tmp_path):
-    out = run_benchmark(tmp_path, "overlap.py", "--iterations", "1", "--sites", "threads",
-                        "--cases", "2: t_train >> t_oracle, t_gen", timeout=360)
+    out = run_benchmark(
+        tmp_path,
+        "overlap.py",
+        "--iterations",
+        "1",
+        "--sites",
+        "threads",
+        "--cases",
+        "2: t_train >> t_oracle, t_gen",
+        timeout=360,
+    )
     (row,) = json.loads((tmp_path / "overlap.json").read_text())
     assert {"ideal_speedup", "measured_speedup", "measured_over_ideal"} <= set(row)
     assert row["serial_wall_s"] > 0 and row["streaming_wall_s"] > 0

@@ -37,14 +37,16 @@ def small_campaign(**overrides):
     return load_campaign(EXAMPLES / "cu_emt.toml", **settings)
 
 
-def run_campaign(tmp_path, campaign):
+def run_campaign(tmp_path, campaign, generator=None):
+    """Run ``campaign`` on thread pools; ``generator`` replaces the MD app if given."""
     run = RunDirectory.create(tmp_path / "run")
     executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
+    apps = Apps.from_executors(executors)
+    if generator is not None:
+        apps.run_md = partial(executors["generator"].submit, generator)
     try:
         start = load_start_structure(campaign.system.structure)
-        summary = Coordinator(
-            campaign, run, Apps.from_executors(executors), SLOTS, start, poll_s=0.2
-        ).run()
+        summary = Coordinator(campaign, run, apps, SLOTS, start, poll_s=0.2).run()
     finally:
         for executor in executors.values():
             executor.shutdown(wait=True, cancel_futures=True)
@@ -139,16 +141,7 @@ def test_a_module_can_stop_the_campaign(tmp_path):
         return result
 
     campaign = small_campaign(stop__max_labels=10_000)
-    run = RunDirectory.create(tmp_path / "run")
-    executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
-    apps = Apps.from_executors(executors)
-    apps.run_md = partial(executors["generator"].submit, generator_that_gives_up)
-    try:
-        start = load_start_structure(campaign.system.structure)
-        summary = Coordinator(campaign, run, apps, SLOTS, start, poll_s=0.2).run()
-    finally:
-        for executor in executors.values():
-            executor.shutdown(wait=True, cancel_futures=True)
+    _, summary = run_campaign(tmp_path, campaign, generator=generator_that_gives_up)
     assert summary["stop_reason"] == "generator asked to stop: the walkers have explored enough"
 
 
@@ -187,17 +180,7 @@ def test_an_unreadable_result_costs_its_task_not_the_run(tmp_path):
             spoiled.append(result["output_path"])
         return result
 
-    campaign = small_campaign()
-    run = RunDirectory.create(tmp_path / "run")
-    executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
-    apps = Apps.from_executors(executors)
-    apps.run_md = partial(executors["generator"].submit, generator_with_a_torn_file)
-    try:
-        start = load_start_structure(campaign.system.structure)
-        summary = Coordinator(campaign, run, apps, SLOTS, start, poll_s=0.2).run()
-    finally:
-        for executor in executors.values():
-            executor.shutdown(wait=True, cancel_futures=True)
+    run, summary = run_campaign(tmp_path, small_campaign(), generator=generator_with_a_torn_file)
     assert spoiled
     assert summary["labels"] == 24
     unusable = [e for e in run.read_events() if "result unusable" in (e.get("error") or "")]

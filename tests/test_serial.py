@@ -19,8 +19,15 @@ def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path):
     executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
     try:
         start = load_start_structure(campaign.system.structure)
-        loop = SerialLoop(campaign, run, Apps.from_executors(executors), SLOTS, start,
-                          poll_s=0.2, labels_per_iteration=4)
+        loop = SerialLoop(
+            campaign,
+            run,
+            Apps.from_executors(executors),
+            SLOTS,
+            start,
+            poll_s=0.2,
+            labels_per_iteration=4,
+        )
         summary = loop.run()
     finally:
         for executor in executors.values():
