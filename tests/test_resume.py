@@ -61,20 +61,7 @@ def test_five_kills_lose_and_double_no_label(tmp_path):
             else []
         )
         assert len(stored) == len(set(stored)), f"a label was stored twice before kill {kills}"
-        if (run_dir / "campaign.json").exists():
-            process = start_cli("--site", "threads.py", "--resume", str(run_dir), "--quiet")
-        else:  # killed before the run existed: nothing to resume, start it again
-            process = start_cli(
-                "--site",
-                "threads.py",
-                "--campaign",
-                str(campaign),
-                "--run-dir",
-                str(run_dir),
-                "--max-labels",
-                "40",
-                "--quiet",
-            )
+        process = start_cli("--site", "threads.py", "--resume", str(run_dir), "--quiet")
     output = process.communicate(timeout=500)[0].decode()
     assert kills == 5, "the campaign ended before five kills"
     assert process.returncode == 0, output[-3000:]
