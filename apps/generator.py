@@ -1,9 +1,10 @@
 """The generator: molecular dynamics driven by the current ensemble.
 
-One task advances one walker by a short MD segment, records every
-``sample_interval``-th frame with the ensemble's disagreement on it, and stops early
-when the walker blows up. The coordinator decides what to label and where the
-walker goes next; this module only simulates.
+One task advances a group of walkers by a short MD segment, all of them in one
+batched ensemble pass per step, records every ``sample_interval``-th frame with the
+ensemble's disagreement on it, and stops a walker early when it blows up. The
+coordinator decides what to label and where each walker goes next; this module only
+simulates.
 """
 
 from __future__ import annotations
@@ -49,107 +50,180 @@ def blow_up_reason(
     return None
 
 
+class BatchedDynamics:
+    """Langevin (BAOAB) or velocity-Verlet MD of several walkers in lockstep.
+
+    Every step evaluates all walkers in one batched ensemble pass
+    (:func:`apps.calculator.predict_structures`), which costs little more than one
+    walker's pass (``benchmarks/batched_ensemble.py``). Walkers are ASE ``Atoms``
+    whose positions and momenta advance in place; units are ASE's.
+
+    Parameters
+    ----------
+    model
+        The ensemble driving the dynamics.
+    walkers
+        Structures with momenta.
+    settings
+        The campaign's generator section as a dict (integrator, timestep, temperature,
+        friction).
+    rng
+        Random numbers for the Langevin thermostat.
+    device
+        Device for the ensemble passes.
+    """
+
+    def __init__(self, model, walkers: list[Atoms], settings: dict[str, Any], rng, device=None):
+        self.model, self.device, self.rng = model, device, rng
+        self.walkers = walkers
+        self.dt = settings["timestep_fs"] * units.fs
+        self.kT = units.kB * settings["temperature_K"]
+        self.langevin = settings["integrator"] == "langevin"
+        self.c1 = float(np.exp(-settings["friction"] / units.fs * self.dt))
+        self.results = self._evaluate(range(len(walkers)))
+
+    def _evaluate(self, active) -> dict[int, tuple[np.ndarray, float, float]]:
+        """Mean forces, force and energy disagreement of the ``active`` walkers."""
+        from apps.calculator import predict_structures
+
+        active = list(active)
+        out = predict_structures(
+            self.model, [self.walkers[i] for i in active], self.device, batch_size=len(active)
+        )
+        return {
+            i: (
+                out["forces"][n],
+                float(out["force_disagreement"][n]),
+                float(out["energy_disagreement"][n]),
+            )
+            for n, i in enumerate(active)
+        }
+
+    def step(self, active: list[int]) -> None:
+        """Advance the ``active`` walkers by one step: B A O A, forces, B."""
+        half = 0.5 * self.dt
+        for i in active:
+            atoms = self.walkers[i]
+            masses = atoms.get_masses()[:, None]
+            momenta = atoms.get_momenta() + half * self.results[i][0]
+            positions = atoms.get_positions() + half * momenta / masses
+            if self.langevin:
+                noise = self.rng.standard_normal(momenta.shape)
+                momenta = self.c1 * momenta + np.sqrt((1 - self.c1**2) * masses * self.kT) * noise
+            atoms.set_positions(positions + half * momenta / masses)
+            atoms.set_momenta(momenta)
+        self.results.update(self._evaluate(active))
+        for i in active:
+            atoms = self.walkers[i]
+            atoms.set_momenta(atoms.get_momenta() + half * self.results[i][0])
+
+
 def _run_md(
-    start_path: str,
+    start_paths: list[str],
     ensemble_path: str,
-    output_path: str,
-    last_frame_path: str,
+    output_paths: list[str],
+    last_frame_paths: list[str],
     settings: dict[str, Any],
     seed: int,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Advance one walker with MD on the ensemble and record candidate frames.
+    """Advance several walkers together with MD on the ensemble; record candidates.
+
+    The walkers step in lockstep (:class:`BatchedDynamics`); one that blows up stops
+    there while the others go on.
 
     Parameters
     ----------
-    start_path
-        One-frame structure file to start from. Momenta are used when present;
-        otherwise velocities are drawn at ``settings["temperature_K"]``.
+    start_paths
+        One one-frame structure file per walker to start from. Momenta are used
+        when present; otherwise velocities are drawn at ``settings["temperature_K"]``.
     ensemble_path
         Stacked ensemble checkpoint to drive the dynamics.
-    output_path
-        Where the sampled frames go (dataset ``.npz`` with ``force_disagreement``
-        eV/Å, ``energy_disagreement`` eV/atom and ``step`` arrays).
-    last_frame_path
-        Where the last sound frame, with momenta, goes, for the walker's next task.
+    output_paths
+        Per walker, where its sampled frames go (dataset ``.npz`` with
+        ``force_disagreement`` eV/Å, ``energy_disagreement`` eV/atom and ``step``).
+    last_frame_paths
+        Per walker, where its last sound frame, with momenta, goes, for its next task.
     settings
         The campaign's generator section as a dict.
 
     Returns
     -------
     dict
-        Frame count, per-frame disagreement, whether and why the walker blew up,
-        the ensemble version used, and where and when the task ran.
+        ``walkers``: per walker, in order, its frame count, per-frame disagreement,
+        whether and why it blew up, and its file paths; the ensemble ``version``
+        used; and where and when the task ran.
     """
     import torch
-    from ase.md.langevin import Langevin
-    from ase.md.verlet import VelocityVerlet
 
-    from apps.calculator import EnsembleCalculator
+    from apps.model import default_device, load_checkpoint
 
     t_start = time.time()
     torch.set_num_threads(settings.get("torch_threads", 1))
-    calculator = EnsembleCalculator.from_checkpoint(ensemble_path, device=device)
-    atoms = read(start_path)
-    atoms.calc = calculator
+    model, extra = load_checkpoint(ensemble_path, device=device or default_device())
+    model.eval()
     rng = np.random.default_rng(seed)
-    temperature = settings["temperature_K"]
-    if not atoms.get_momenta().any():
-        draw_velocities(atoms, temperature, rng)
-    timestep = settings["timestep_fs"] * units.fs
-    if settings["integrator"] == "langevin":
-        dynamics = Langevin(
-            atoms,
-            timestep,
-            temperature_K=temperature,
-            friction=settings["friction"] / units.fs,
-            fixcm=False,
-            rng=rng,
-        )
-    else:
-        dynamics = VelocityVerlet(atoms, timestep)
+    walkers = [read(path) for path in start_paths]
+    for atoms in walkers:
+        if not atoms.get_momenta().any():
+            draw_velocities(atoms, settings["temperature_K"], rng)
+    dynamics = BatchedDynamics(model, walkers, settings, rng, device)
 
-    frames, force_spread, energy_spread, steps = [], [], [], []
-    last_good = atoms.copy()
-    reason = None
+    records = [{"frames": [], "force": [], "energy": [], "steps": []} for _ in walkers]
+    last_good = [atoms.copy() for atoms in walkers]
+    reasons: list[str | None] = [None] * len(walkers)
+    active = list(range(len(walkers)))
     interval = settings["sample_interval"]
-    for step in range(interval, settings["steps_per_task"] + 1, interval):
-        dynamics.run(interval)
-        atoms.get_potential_energy()
-        force = float(calculator.results["force_disagreement"])
-        reason = blow_up_reason(atoms, force, settings)
-        if reason is not None:
+    for step in range(1, settings["steps_per_task"] + 1):
+        dynamics.step(active)
+        if step % interval:
+            continue
+        for i in list(active):
+            _, force, energy = dynamics.results[i]
+            reasons[i] = blow_up_reason(walkers[i], force, settings)
+            if reasons[i] is not None:
+                active.remove(i)
+                continue
+            frame = walkers[i].copy()
+            frame.calc = None
+            record = records[i]
+            record["frames"].append(frame)
+            record["force"].append(force)
+            record["energy"].append(energy)
+            record["steps"].append(step)
+            last_good[i] = frame
+        if not active:
             break
-        frame = atoms.copy()
-        frame.calc = None
-        frames.append(frame)
-        force_spread.append(force)
-        energy_spread.append(float(calculator.results["energy_disagreement"]))
-        steps.append(step)
-        last_good = atoms.copy()
 
-    write_dataset(
-        output_path,
-        frames,
-        extra={
-            "force_disagreement": np.asarray(force_spread, dtype=float),
-            "energy_disagreement": np.asarray(energy_spread, dtype=float),
-            "step": np.asarray(steps, dtype=np.int64),
-        },
-    )
-    last_good.calc = None
-    # Written beside, then renamed: a kill mid-write never leaves a torn walker state.
-    partial = f"{last_frame_path}.{os.getpid()}.tmp"
-    write(partial, last_good, format="extxyz")
-    os.replace(partial, last_frame_path)
+    results = []
+    for i, record in enumerate(records):
+        write_dataset(
+            output_paths[i],
+            record["frames"],
+            extra={
+                "force_disagreement": np.asarray(record["force"], dtype=float),
+                "energy_disagreement": np.asarray(record["energy"], dtype=float),
+                "step": np.asarray(record["steps"], dtype=np.int64),
+            },
+        )
+        # Written beside, then renamed: a kill mid-write never leaves a torn walker state.
+        partial = f"{last_frame_paths[i]}.{os.getpid()}.tmp"
+        write(partial, last_good[i], format="extxyz")
+        os.replace(partial, last_frame_paths[i])
+        results.append(
+            {
+                "output_path": output_paths[i],
+                "last_frame_path": last_frame_paths[i],
+                "n_frames": len(record["frames"]),
+                "force_disagreement": record["force"],
+                "energy_disagreement": record["energy"],
+                "blew_up": reasons[i] is not None,
+                "reason": reasons[i],
+            }
+        )
     return {
-        "output_path": output_path,
-        "last_frame_path": last_frame_path,
-        "n_frames": len(frames),
-        "force_disagreement": force_spread,
-        "energy_disagreement": energy_spread,
-        "blew_up": reason is not None,
-        "reason": reason,
-        "version": int(calculator.checkpoint_extra.get("version", -1)),
+        "walkers": results,
+        "n_frames": sum(r["n_frames"] for r in results),
+        "version": int(extra.get("version", -1)),
         **where_and_when(t_start),
     }

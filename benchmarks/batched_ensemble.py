@@ -1,5 +1,6 @@
 """What one MD step costs: K ensemble members batched against one after another,
-and W walkers evaluated together against one at a time.
+W walkers evaluated together against one at a time, and whole generator tasks that
+advance W walkers together against W tasks of one walker each.
 
     python benchmarks/batched_ensemble.py --repeat 200
 
@@ -8,6 +9,11 @@ forces of every member, for the default campaign's molecule (ethanol) and model.
 Timings are medians over ``--repeat`` calls, the variants interleaved so that
 machine noise hits them alike. Writes ``benchmarks/results/batched_ensemble.json``
 and ``.png``.
+
+The generator tasks are the real app (``apps.generator._run_md``, checkpoint loading
+and file writing included) with the default campaign's generator settings; "one
+walker per task" runs W such tasks one after another in one process, which is what
+they cost on one core.
 """
 
 from __future__ import annotations
@@ -108,6 +114,21 @@ def main() -> None:
             {"variant": name, "walkers": walkers, "ms": median_ms[name], "ms_per_walker_step": per}
         )
         print(f"{name:<22}{per:>20.3f}")
+    tasks = generator_tasks(ensembles[4], base, campaign, max(args.repeat // 40, 3))
+    print(
+        f"{'generator tasks (K=4)':<26}{'s per walker-segment':>22}{'one per task / together':>26}"
+    )
+    for walkers, (together, alone) in tasks.items():
+        rows.append(
+            {
+                "variant": f"tasks W={walkers}",
+                "task_walkers": walkers,
+                "s_per_walker_segment_together": together,
+                "s_per_walker_segment_one_per_task": alone,
+                "one_per_task_over_together": alone / together,
+            }
+        )
+        print(f"{f'W={walkers}':<26}{together:>10.3f} vs {alone:<9.3f}{alone / together:>26.2f}")
     target = median_ms["K=4 batched"] / base_ms
     print(
         f"K=4 batched / K=1 = {target:.2f} (target <= 1.5); "
@@ -119,27 +140,89 @@ def main() -> None:
     plot(rows, out / "batched_ensemble.png")
 
 
+def generator_tasks(model, start, campaign, repeat: int) -> dict[int, tuple[float, float]]:
+    """Seconds per walker-segment of real generator tasks: W walkers in one task,
+    and W tasks of one walker; medians over ``repeat`` rounds, interleaved."""
+    import tempfile
+
+    from ase.io import write
+
+    from apps.generator import _run_md
+    from apps.model import save_checkpoint
+
+    settings = campaign.generator.model_dump()
+    work = Path(tempfile.mkdtemp(prefix="palflow-bench-"))
+    checkpoint = str(work / "ensemble.pt")
+    save_checkpoint(checkpoint, model, {"version": 1})
+    start_path = str(work / "start.extxyz")
+    write(start_path, start)
+
+    def task(walkers: int, seed: int) -> None:
+        _run_md(
+            [start_path] * walkers,
+            checkpoint,
+            [str(work / f"w{i}.npz") for i in range(walkers)],
+            [str(work / f"w{i}.extxyz") for i in range(walkers)],
+            settings,
+            seed,
+        )
+
+    timings: dict[int, tuple[list[float], list[float]]] = {w: ([], []) for w in (1, 4, 8)}
+    task(1, 0)  # warm-up
+    for round_ in range(repeat):
+        for walkers, (together, alone) in timings.items():
+            t0 = time.perf_counter()
+            task(walkers, round_)
+            together.append((time.perf_counter() - t0) / walkers)
+            t0 = time.perf_counter()
+            for walker in range(walkers):
+                task(1, round_ * 100 + walker)
+            alone.append((time.perf_counter() - t0) / walkers)
+    return {
+        w: (statistics.median(together), statistics.median(alone))
+        for w, (together, alone) in timings.items()
+    }
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    members = [r for r in rows if "walkers" not in r]
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4))
+    members = [r for r in rows if "over_K1" in r]
     left.bar([r["variant"] for r in members], [r["ms"] for r in members], color="tab:blue")
     left.set_ylabel("ms per MD step")
     left.set_title("ensemble members")
     left.tick_params(axis="x", rotation=30)
-    walkers = [r for r in rows if "walkers" in r]
-    right.bar(
+    walkers = [r for r in rows if "ms_per_walker_step" in r]
+    middle.bar(
         [r["variant"] for r in walkers],
         [r["ms_per_walker_step"] for r in walkers],
         color="tab:orange",
     )
-    right.set_ylabel("ms per walker-step (K=4)")
-    right.set_title("walkers")
-    right.tick_params(axis="x", rotation=30)
+    middle.set_ylabel("ms per walker-step (K=4)")
+    middle.set_title("walkers in one pass")
+    middle.tick_params(axis="x", rotation=30)
+    tasks = [r for r in rows if "task_walkers" in r]
+    x = range(len(tasks))
+    right.bar(
+        [i - 0.2 for i in x],
+        [r["s_per_walker_segment_together"] for r in tasks],
+        0.4,
+        label="W walkers in one task",
+    )
+    right.bar(
+        [i + 0.2 for i in x],
+        [r["s_per_walker_segment_one_per_task"] for r in tasks],
+        0.4,
+        label="one walker per task",
+    )
+    right.set_xticks(list(x), [f"W={r['task_walkers']}" for r in tasks])
+    right.set_ylabel("s per walker-segment")
+    right.set_title("generator tasks")
+    right.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

@@ -14,8 +14,8 @@ kind          module     on completion
 ============  =========  ==============================================================
 reference     oracle     the held-out test set exists; ensembles can be evaluated
 label         oracle     labels enter ``labels.db`` and the next training snapshot
-generate      generator  frames above the threshold enter the oracle queue; the walker
-                         moves on, or is reset when it blew up
+generate      generator  frames above the threshold enter the oracle queue; each walker
+                         of the task moves on, or is reset when it blew up
 train         train      the member's checkpoint advances; once every member has, a new
                          ensemble version is published
 score         infer      the oracle queue is re-scored with the newer ensemble
@@ -401,32 +401,44 @@ class Coordinator:
             if t.kind == "label" and t.meta["source"] == "active"
         )
 
+    def _walker_groups(self) -> list[list[Walker]]:
+        """The walkers, in the groups that one generator task advances together."""
+        walkers = self.state.walkers
+        size = self.campaign.generator.walkers_per_task or -(
+            -len(walkers) // self.slots["generator"]
+        )
+        return [walkers[i : i + size] for i in range(0, len(walkers), size)]
+
     def _submit_walkers(self) -> None:
         version = self.state.version
         if version is None or len(self.queue) >= self.campaign.selection.max_queue:
             return  # no ensemble to drive MD yet, or the oracle is far behind
-        for walker in sorted(self.state.walkers, key=lambda w: w.segments):
+        for group in sorted(self._walker_groups(), key=lambda g: min(w.segments for w in g)):
             if not self._free("generator"):
                 return
-            if walker.busy:
+            if any(walker.busy for walker in group):
                 continue
-            self._submit_walker(walker, version)
+            self._submit_walker_group(group, version)
 
-    def _submit_walker(self, walker: Walker, version: Version) -> None:
-        """Submit the next MD segment of ``walker`` on ensemble ``version``."""
-        walker.busy = True
-        walker.segments += 1
-        stem = f"walker{walker.walker_id:03d}.seg{walker.segments:05d}"
+    def _submit_walker_group(self, group: list[Walker], version: Version) -> None:
+        """Submit the next MD segment of the walkers of ``group`` on ensemble ``version``."""
+        outputs, last_frames = [], []
+        for walker in group:
+            walker.busy = True
+            walker.segments += 1
+            stem = f"walker{walker.walker_id:03d}.seg{walker.segments:05d}"
+            outputs.append(self.run_dir.path("generator", f"{stem}.npz"))
+            last_frames.append(self.run_dir.path("generator", f"{stem}.last.extxyz"))
         self._submit(
             "generate",
             self.apps.run_md,
-            walker.start_path,
+            [walker.start_path for walker in group],
             version.path,
-            self.run_dir.path("generator", f"{stem}.npz"),
-            self.run_dir.path("generator", f"{stem}.last.extxyz"),
+            outputs,
+            last_frames,
             self.campaign.generator.model_dump(),
             self.campaign.seed * 1_000_003 + self._next_task_id,
-            walker=walker,
+            walkers=group,
             version=version.number,
         )
 
@@ -532,31 +544,36 @@ class Coordinator:
             self.queue.push(candidate)
 
     def _on_generate(self, result: dict[str, Any], task: Task) -> None:
-        walker: Walker = task.meta["walker"]
-        walker.busy = False
-        if result["blew_up"]:
-            walker.resets += 1
-            walker.start_path = self.state.start_path
-            logger.info("walker %d reset: %s", walker.walker_id, result["reason"])
-        else:
-            walker.start_path = result["last_frame_path"]
+        for walker in task.meta["walkers"]:
+            walker.busy = False
+        for walker, outcome in zip(task.meta["walkers"], result["walkers"], strict=True):
+            if outcome["blew_up"]:
+                walker.resets += 1
+                walker.start_path = self.state.start_path
+                logger.info("walker %d reset: %s", walker.walker_id, outcome["reason"])
+            else:
+                walker.start_path = outcome["last_frame_path"]
+            self._queue_picks(outcome, task.meta["version"])
+
+    def _queue_picks(self, outcome: dict[str, Any], version: int) -> None:
+        """Put the frames of one walker's segment that selection picks in the queue."""
         selection = self.campaign.selection
         picks = select_frames(
-            result["force_disagreement"],
+            outcome["force_disagreement"],
             selection.threshold,
             selection.max_per_trajectory,
             selection.min_frame_gap,
         )
         if not picks:
             return
-        frames = read_dataset(result["output_path"])
+        frames = read_dataset(outcome["output_path"])
         candidates = [
             Candidate(
                 self.state.new_candidate_id(),
                 frames[i],
-                result["force_disagreement"][i],
-                result["energy_disagreement"][i],
-                task.meta["version"],
+                outcome["force_disagreement"][i],
+                outcome["energy_disagreement"][i],
+                version,
             )
             for i in picks
         ]
@@ -601,8 +618,9 @@ class Coordinator:
             for candidate in task.meta["candidates"]:
                 self._retry_or_record(candidate, reason, task.meta["source"])
         elif task.kind == "generate":
-            task.meta["walker"].busy = False
-            task.meta["walker"].start_path = self.state.start_path
+            for walker in task.meta["walkers"]:
+                walker.busy = False
+                walker.start_path = self.state.start_path
         elif task.kind == "train":
             task.meta["member"].busy = False
         elif task.kind == "reference":

@@ -7,8 +7,8 @@ on the very same work. One iteration:
 1. **label** up to ``labels_per_iteration`` candidates (the initial structures in
    the first), ``slots["oracle"]`` batches at a time;
 2. **train** every member for one task, then evaluate the new ensemble version;
-3. **generate**: one MD segment per walker; the frames they select are the next
-   iteration's candidates.
+3. **generate**: one MD segment per walker, in the coordinator's groups; the frames
+   they select are the next iteration's candidates.
 
 Only the order of submission differs from :class:`~pipeline.coordinator.Coordinator`;
 stopping, bookkeeping and files are the same.
@@ -113,11 +113,10 @@ class SerialLoop(Coordinator):
         version = self.state.version
         if version is None:
             return True
-        for walker in self.state.walkers:
-            if walker.walker_id in self._done_this_phase or not self._free("generator"):
+        groups = self._walker_groups()
+        for number, group in enumerate(groups):
+            if number in self._done_this_phase or not self._free("generator"):
                 continue
-            self._done_this_phase.add(walker.walker_id)
-            self._submit_walker(walker, version)
-        return self._busy("generator") == 0 and len(self._done_this_phase) == len(
-            self.state.walkers
-        )
+            self._done_this_phase.add(number)
+            self._submit_walker_group(group, version)
+        return self._busy("generator") == 0 and len(self._done_this_phase) == len(groups)

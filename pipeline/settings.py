@@ -98,6 +98,9 @@ class TrainingSettings(_Section):
 
 class GeneratorSettings(_Section):
     n_walkers: int = Field(4, ge=1)
+    walkers_per_task: int = Field(0, ge=0)
+    """Walkers one generator task advances together, in one batched ensemble pass per
+    step; 0 spreads the walkers evenly over the site's generator slots."""
     integrator: Literal["langevin", "verlet"] = "langevin"
     steps_per_task: int = Field(100, ge=1)
     timestep_fs: float = Field(0.5, gt=0)

@@ -175,9 +175,10 @@ def test_an_unreadable_result_costs_its_task_not_the_run(tmp_path):
 
     def generator_with_a_torn_file(*args, **kwargs):
         result = _run_md(*args, **kwargs)
-        if not spoiled and result["n_frames"]:
-            Path(result["output_path"]).write_bytes(b"PK\x03\x04 torn")
-            spoiled.append(result["output_path"])
+        walker = result["walkers"][0]
+        if not spoiled and walker["n_frames"]:
+            Path(walker["output_path"]).write_bytes(b"PK\x03\x04 torn")
+            spoiled.append(walker["output_path"])
         return result
 
     run, summary = run_campaign(tmp_path, small_campaign(), generator=generator_with_a_torn_file)

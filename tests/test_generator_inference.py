@@ -34,31 +34,40 @@ def md_settings(**changes):
     return GeneratorSettings(steps_per_task=20, sample_interval=5, **changes).model_dump()
 
 
-def test_md_records_sampled_frames_with_their_disagreement(tmp_path, ensemble_path, start_path):
-    result = _run_md(
-        start_path,
+def run_walkers(tmp_path, ensemble_path, start_paths, settings, seed=1):
+    """Run one generator task on ``start_paths``; per-walker file paths under tmp_path."""
+    n = len(start_paths)
+    return _run_md(
+        start_paths,
         ensemble_path,
-        str(tmp_path / "traj.npz"),
-        str(tmp_path / "last.extxyz"),
-        md_settings(max_force_disagreement=1e9),
-        seed=1,
+        [str(tmp_path / f"traj{i}.npz") for i in range(n)],
+        [str(tmp_path / f"last{i}.extxyz") for i in range(n)],
+        settings,
+        seed=seed,
     )
-    assert not result["blew_up"], result["reason"]
+
+
+def test_md_records_sampled_frames_with_their_disagreement(tmp_path, ensemble_path, start_path):
+    result = run_walkers(
+        tmp_path, ensemble_path, [start_path], md_settings(max_force_disagreement=1e9)
+    )
+    (walker,) = result["walkers"]
+    assert not walker["blew_up"], walker["reason"]
     assert result["version"] == 3
-    assert result["n_frames"] == 4
-    arrays = read_arrays(tmp_path / "traj.npz")
+    assert walker["n_frames"] == 4
+    arrays = read_arrays(tmp_path / "traj0.npz")
     assert arrays["step"].tolist() == [5, 10, 15, 20]
-    assert arrays["force_disagreement"].tolist() == pytest.approx(result["force_disagreement"])
+    assert arrays["force_disagreement"].tolist() == pytest.approx(walker["force_disagreement"])
     # The recorded disagreement is what the ensemble says about each recorded frame.
-    frames = read_dataset(tmp_path / "traj.npz")
+    frames = read_dataset(tmp_path / "traj0.npz")
     calc = EnsembleCalculator.from_checkpoint(ensemble_path)
     frames[2].calc = calc
     frames[2].get_potential_energy()
     assert calc.results["force_disagreement"] == pytest.approx(
-        result["force_disagreement"][2], rel=1e-4
+        walker["force_disagreement"][2], rel=1e-4
     )
     # The walker's next segment starts from the last frame, momenta included.
-    last = read(tmp_path / "last.extxyz")
+    last = read(tmp_path / "last0.extxyz")
     np.testing.assert_allclose(last.positions, frames[-1].positions, atol=1e-6)
     assert np.abs(last.get_momenta()).sum() > 0
 
@@ -66,21 +75,97 @@ def test_md_records_sampled_frames_with_their_disagreement(tmp_path, ensemble_pa
 def test_md_stops_when_ensemble_disagreement_passes_the_hard_cap(
     tmp_path, ensemble_path, start_path
 ):
-    result = _run_md(
-        start_path,
-        ensemble_path,
-        str(tmp_path / "traj.npz"),
-        str(tmp_path / "last.extxyz"),
-        md_settings(max_force_disagreement=1e-9),
-        seed=1,
+    result = run_walkers(
+        tmp_path, ensemble_path, [start_path], md_settings(max_force_disagreement=1e-9)
     )
-    assert result["blew_up"]
-    assert "hard cap" in result["reason"]
-    assert result["n_frames"] == 0
+    (walker,) = result["walkers"]
+    assert walker["blew_up"]
+    assert "hard cap" in walker["reason"]
+    assert walker["n_frames"] == 0
     # Nothing sound was reached: the walker's state is still its start.
     np.testing.assert_allclose(
-        read(tmp_path / "last.extxyz").positions, read(start_path).positions, atol=1e-6
+        read(tmp_path / "last0.extxyz").positions, read(start_path).positions, atol=1e-6
     )
+
+
+def test_walkers_in_one_task_move_as_they_would_alone(tmp_path, ensemble_path, start_path):
+    """Batching changes the cost, not the trajectory: velocity Verlet from the same
+    start gives the same frames for a walker alone and for one among three."""
+    settings = md_settings(integrator="verlet", max_force_disagreement=1e9)
+    atoms = read(start_path)
+    draw = np.random.default_rng(7)
+    paths = []
+    for i in range(3):
+        moved = atoms.copy()
+        moved.positions += draw.normal(0, 0.05, moved.positions.shape)
+        moved.set_momenta(draw.normal(0, 0.3, moved.positions.shape))
+        paths.append(str(tmp_path / f"start{i}.extxyz"))
+        write(paths[-1], moved)
+    (tmp_path / "together").mkdir()
+    (tmp_path / "alone").mkdir()
+    together = run_walkers(tmp_path / "together", ensemble_path, paths, settings)
+    alone = run_walkers(tmp_path / "alone", ensemble_path, paths[1:2], settings)
+    assert [w["n_frames"] for w in together["walkers"]] == [4, 4, 4]
+    np.testing.assert_allclose(
+        together["walkers"][1]["force_disagreement"],
+        alone["walkers"][0]["force_disagreement"],
+        rtol=1e-4,
+    )
+    batched = read_dataset(tmp_path / "together" / "traj1.npz")
+    single = read_dataset(tmp_path / "alone" / "traj0.npz")
+    for a, b in zip(batched, single, strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-5)
+    # The walkers are distinct trajectories, not copies of one.
+    first = read_dataset(tmp_path / "together" / "traj0.npz")
+    assert np.abs(first[-1].positions - batched[-1].positions).max() > 1e-3
+
+
+def test_verlet_conserves_energy_on_the_ensemble_surface(tmp_path, ensemble_path, start_path):
+    """The integrator is symplectic: total energy on the ensemble mean drifts little."""
+    from apps.generator import BatchedDynamics
+    from apps.model import load_checkpoint
+
+    settings = md_settings(integrator="verlet", timestep_fs=0.25)
+    model, _ = load_checkpoint(ensemble_path, device="cpu")
+    walkers = [read(start_path), read(start_path)]
+    rng = np.random.default_rng(0)
+    for atoms in walkers:
+        atoms.set_momenta(rng.normal(0, 0.2, atoms.positions.shape))
+    dynamics = BatchedDynamics(model, walkers, settings, rng)
+
+    def total_energies():
+        calc = EnsembleCalculator(model)
+        energies = []
+        for atoms in walkers:
+            atoms.calc = calc
+            energies.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
+            atoms.calc = None
+        return np.array(energies)
+
+    before = total_energies()
+    kinetic = np.array([a.get_kinetic_energy() for a in walkers])
+    for _ in range(200):
+        dynamics.step([0, 1])
+    drift = np.abs(total_energies() - before)
+    assert (drift < 0.02 * kinetic).all(), (drift, kinetic)
+    assert np.abs(walkers[0].positions - read(start_path).positions).max() > 0.01
+
+
+def test_langevin_holds_the_set_temperature(tmp_path, ensemble_path, start_path):
+    """BAOAB with strong friction brings cold walkers to the thermostat's temperature."""
+    from apps.generator import BatchedDynamics
+    from apps.model import load_checkpoint
+
+    settings = md_settings(integrator="langevin", temperature_K=300.0, friction=0.2)
+    model, _ = load_checkpoint(ensemble_path, device="cpu")
+    walkers = [read(start_path) for _ in range(4)]
+    dynamics = BatchedDynamics(model, walkers, settings, np.random.default_rng(0))
+    temperatures = []
+    for step in range(400):
+        dynamics.step([0, 1, 2, 3])
+        if step >= 100:
+            temperatures.extend(a.get_temperature() for a in walkers)
+    assert np.mean(temperatures) == pytest.approx(300.0, rel=0.15)
 
 
 def test_blow_up_reasons():
