@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 from ase import Atoms
 from ase.io import write
 
@@ -177,6 +178,7 @@ class Coordinator:
         self._resumed_at: float | None = None
         self._reference_attempts = 0
         self._failures_in_a_row: Counter[str] = Counter()
+        self._random = np.random.default_rng([campaign.seed, len(self.state.versions)])
         self._handlers = {
             "reference": self._on_reference,
             "label": self._on_label,
@@ -495,6 +497,7 @@ class Coordinator:
         if (
             stopping
             or not self.campaign.selection.rescore
+            or self.campaign.selection.measure == "random"
             or not self.queue
             or state.rescored_version >= version.number
             or not self._free("infer")
@@ -558,11 +561,12 @@ class Coordinator:
     def _queue_picks(self, outcome: dict[str, Any], version: int) -> None:
         """Put the frames of one walker's segment that selection picks in the queue."""
         selection = self.campaign.selection
+        scores, threshold, priorities = outcome["force_disagreement"], selection.threshold, None
+        if selection.measure == "random":  # the baseline: every frame eligible, any order
+            scores = priorities = self._random.uniform(size=len(scores)).tolist()
+            threshold = -1.0
         picks = select_frames(
-            outcome["force_disagreement"],
-            selection.threshold,
-            selection.max_per_trajectory,
-            selection.min_frame_gap,
+            scores, threshold, selection.max_per_trajectory, selection.min_frame_gap
         )
         if not picks:
             return
@@ -574,6 +578,7 @@ class Coordinator:
                 outcome["force_disagreement"][i],
                 outcome["energy_disagreement"][i],
                 version,
+                priority=None if priorities is None else priorities[i],
             )
             for i in picks
         ]

@@ -49,6 +49,9 @@ def candidate_arrays(candidates: list[Candidate], source: str | None = None) -> 
         "energy_disagreement": np.array([c.energy_disagreement for c in candidates], dtype=float),
         "version": np.array([c.version for c in candidates], dtype=np.int64),
         "attempts": np.array([c.attempts for c in candidates], dtype=np.int64),
+        "priority": np.array(
+            [np.nan if c.priority is None else c.priority for c in candidates], dtype=float
+        ),
     }
     if source is not None:
         arrays["source"] = np.array([source] * len(candidates), dtype=str)
@@ -64,11 +67,19 @@ def read_candidates(path: str | Path) -> tuple[list[Candidate], list[str]]:
     energies = arrays.get("energy_disagreement", np.zeros(n))
     versions = arrays.get("version", np.zeros(n, dtype=int))
     attempts = arrays.get("attempts", np.zeros(n, dtype=int))
+    priorities = arrays.get("priority", np.full(n, np.nan))
     sources = [str(s) for s in arrays.get("source", np.array(["active"] * n))]
     candidates = [
-        Candidate(int(i), atoms, float(f), float(e), int(v), int(a))
-        for i, atoms, f, e, v, a in zip(
-            arrays["candidate_id"], structures, forces, energies, versions, attempts, strict=True
+        Candidate(int(i), atoms, float(f), float(e), int(v), int(a), None if np.isnan(p) else p)
+        for i, atoms, f, e, v, a, p in zip(
+            arrays["candidate_id"],
+            structures,
+            forces,
+            energies,
+            versions,
+            attempts,
+            priorities.astype(float),
+            strict=True,
         )
     ]
     return candidates, sources

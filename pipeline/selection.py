@@ -26,6 +26,14 @@ class Candidate:
     """Ensemble version that produced the scores."""
     attempts: int = 0
     """Oracle attempts that failed transiently so far."""
+    priority: float | None = None
+    """Place in the queue, highest first, when the measure is not the force spread
+    (e.g. a random draw); None ranks by ``force_disagreement``."""
+
+    @property
+    def rank(self) -> float:
+        """What orders the queue."""
+        return self.force_disagreement if self.priority is None else self.priority
 
 
 def select_frames(
@@ -60,7 +68,8 @@ def select_frames(
 
 
 class OracleQueue:
-    """Candidates ordered by force disagreement, most uncertain first.
+    """Candidates ordered by their rank (the force disagreement by default), highest
+    first.
 
     The queue is bounded: past ``max_size`` the least uncertain candidate is dropped.
     When a newer ensemble re-scores the queue (PAL's dynamic oracle list) candidates
@@ -78,21 +87,21 @@ class OracleQueue:
         return candidate_id in self._items
 
     def candidates(self) -> list[Candidate]:
-        """All queued candidates, most uncertain first."""
-        return sorted(self._items.values(), key=lambda c: c.force_disagreement, reverse=True)
+        """All queued candidates, highest rank first."""
+        return sorted(self._items.values(), key=lambda c: c.rank, reverse=True)
 
     def push(self, candidate: Candidate) -> list[Candidate]:
         """Add a candidate; return those evicted to respect ``max_size``."""
         self._items[candidate.candidate_id] = candidate
         evicted = []
         while len(self._items) > self.max_size:
-            lowest = min(self._items.values(), key=lambda c: c.force_disagreement)
+            lowest = min(self._items.values(), key=lambda c: c.rank)
             evicted.append(self._items.pop(lowest.candidate_id))
         return evicted
 
     def pop_batch(self, size: int) -> list[Candidate]:
-        """Remove and return the ``size`` most uncertain candidates."""
-        batch = heapq.nlargest(size, self._items.values(), key=lambda c: c.force_disagreement)
+        """Remove and return the ``size`` highest-ranked candidates."""
+        batch = heapq.nlargest(size, self._items.values(), key=lambda c: c.rank)
         for candidate in batch:
             del self._items[candidate.candidate_id]
         return batch

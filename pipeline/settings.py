@@ -118,6 +118,9 @@ class GeneratorSettings(_Section):
 
 
 class SelectionSettings(_Section):
+    measure: Literal["force_spread", "random"] = "force_spread"
+    """What ranks frames: the ensemble's largest atomic force spread, or ``random``,
+    a baseline that ignores the ensemble (every frame is eligible, in random order)."""
     threshold: float = Field(0.05, ge=0)
     """Force disagreement (eV/Å) above which a frame is worth labelling."""
     max_per_trajectory: int = Field(3, ge=1)

@@ -186,3 +186,22 @@ def test_an_unreadable_result_costs_its_task_not_the_run(tmp_path):
     assert summary["labels"] == 24
     unusable = [e for e in run.read_events() if "result unusable" in (e.get("error") or "")]
     assert len(unusable) == 1 and unusable[0]["kind"] == "generate"
+
+
+@pytest.mark.timeout(300)
+def test_random_selection_ignores_the_ensemble(tmp_path):
+    """The baseline of the time-to-accuracy benchmark: with ``measure = "random"`` a
+    threshold no frame reaches still lets frames through, and the queue is never
+    re-scored by a newer ensemble."""
+    campaign = small_campaign(
+        selection__measure="random", selection__threshold=1e6, stop__max_labels=12
+    )
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 12
+    assert not [e for e in run.read_events() if e["kind"] == "score"]
+    with connect(run.path("labels.db")) as db:
+        predicted = [
+            row.key_value_pairs["predicted_force_disagreement"]
+            for row in db.select(source="active")
+        ]
+    assert len(predicted) == 12 and max(predicted) < 1e6

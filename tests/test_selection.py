@@ -64,3 +64,27 @@ def test_rescore_ignores_older_versions_and_unknown_ids():
     assert dropped == []
     scores = {c.candidate_id: c.force_disagreement for c in queue.candidates()}
     assert scores == {1: 0.9, 2: 0.7}
+
+
+def test_a_priority_orders_the_queue_instead_of_the_spread():
+    """Random selection ranks by its draw: the force spread no longer decides."""
+    queue = OracleQueue(max_size=3)
+    low, high = make(1, 0.9), make(2, 0.1)
+    low.priority, high.priority = 0.2, 0.8
+    evicted = queue.extend([low, high, make(3, 0.5), make(4, 0.7)])
+    # Without a priority a candidate ranks by its spread; 0.2 is the lowest rank.
+    assert [c.candidate_id for c in evicted] == [1]
+    assert [c.candidate_id for c in queue.pop_batch(3)] == [2, 4, 3]
+
+
+def test_candidates_keep_their_priority_through_the_journal(tmp_path):
+    from apps.dataset import write_dataset
+    from pipeline.journal import candidate_arrays, read_candidates
+
+    ranked, plain = make(1, 0.3), make(2, 0.6)
+    ranked.priority = 0.25
+    path = tmp_path / "queue.npz"
+    write_dataset(path, [ranked.atoms, plain.atoms], extra=candidate_arrays([ranked, plain]))
+    restored, _ = read_candidates(path)
+    assert [c.priority for c in restored] == [0.25, None]
+    assert [c.rank for c in restored] == [0.25, 0.6]
