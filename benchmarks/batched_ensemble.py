@@ -150,7 +150,14 @@ def generator_tasks(model, start, campaign, repeat: int) -> dict[int, tuple[floa
     from apps.generator import _run_md
     from apps.model import save_checkpoint
 
-    settings = campaign.generator.model_dump()
+    # Every walker runs every step: an untrained ensemble would otherwise end some
+    # segments early at its hard caps, and the timings would measure that.
+    settings = {
+        **campaign.generator.model_dump(),
+        "max_force_disagreement": 1e9,
+        "min_distance": 0.0,
+        "max_neighbour_distance": 1e9,
+    }
     work = Path(tempfile.mkdtemp(prefix="palflow-bench-"))
     checkpoint = str(work / "ensemble.pt")
     save_checkpoint(checkpoint, model, {"version": 1})
@@ -158,7 +165,7 @@ def generator_tasks(model, start, campaign, repeat: int) -> dict[int, tuple[floa
     write(start_path, start)
 
     def task(walkers: int, seed: int) -> None:
-        _run_md(
+        result = _run_md(
             [start_path] * walkers,
             checkpoint,
             [str(work / f"w{i}.npz") for i in range(walkers)],
@@ -166,6 +173,7 @@ def generator_tasks(model, start, campaign, repeat: int) -> dict[int, tuple[floa
             settings,
             seed,
         )
+        assert not any(w["blew_up"] for w in result["walkers"])
 
     timings: dict[int, tuple[list[float], list[float]]] = {w: ([], []) for w in (1, 4, 8)}
     task(1, 0)  # warm-up

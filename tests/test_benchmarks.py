@@ -34,6 +34,9 @@ def test_batched_ensemble(tmp_path):
     assert "K=4 batched / K=1" in out
     rows = json.loads((tmp_path / "batched_ensemble.json").read_text())
     assert {r["variant"] for r in rows} >= {"K=1", "K=4 batched", "W=32 together"}
+    tasks = [r for r in rows if "task_walkers" in r]
+    assert [r["task_walkers"] for r in tasks] == [1, 4, 8]
+    assert all(r["s_per_walker_segment_together"] > 0 for r in tasks)
     assert (tmp_path / "batched_ensemble.png").stat().st_size > 0
 
 
@@ -112,3 +115,30 @@ def test_overlap(tmp_path):
     assert {"ideal_speedup", "measured_speedup", "measured_over_ideal"} <= set(row)
     assert row["serial_wall_s"] > 0 and row["streaming_wall_s"] > 0
     assert "measured/ideal" in out
+
+
+@pytest.mark.timeout(600)
+def test_time_to_accuracy(tmp_path):
+    out = run_benchmark(
+        tmp_path,
+        "time_to_accuracy.py",
+        "--campaign",
+        "benchmarks/short_cu13.toml",
+        "--site",
+        "threads.py",
+        "--seeds",
+        "0",
+        "--labels",
+        "8",
+        "--test-structures",
+        "4",
+        timeout=540,
+    )
+    result = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    assert {r["variant"] for r in result["runs"]} == {"streaming", "serial", "random"}
+    assert all(r["labels"] == 8 and r["curve"] for r in result["runs"])
+    # The default target is one the typical run of every variant reaches.
+    assert all(row["reached"] == 1 for row in result["table"].values())
+    assert result["table"]["streaming"]["labels_to_target_over_streaming"] == 1.0
+    assert "target test force MAE" in out
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 0
