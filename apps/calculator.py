@@ -104,11 +104,12 @@ def predict_structures(
         ``energy`` [S] mean energy (eV); ``forces`` list of [n_s, 3] mean forces
         (eV/Å); ``energy_disagreement`` [S] (eV/atom); ``force_disagreement`` [S] max
         force deviation (eV/Å); ``mean_force_disagreement`` [S] (eV/Å);
-        ``member_energies`` [K, S] (eV).
+        ``member_energies`` [K, S] (eV); ``member_forces`` list of [K, n_s, 3] (eV/Å).
     """
     device = device or next(model.parameters()).device
     structures = list(structures)
     energy, forces, e_spread, f_max, f_mean, members = [], [], [], [], [], []
+    per_structure_member_forces = []
     for start in range(0, len(structures), batch_size):
         chunk = structures[start : start + batch_size]
         batch = build_batch(chunk, model.spec.cutoff, device, with_targets=False)
@@ -123,6 +124,7 @@ def predict_structures(
         members.append(member_energies)
         mean_forces = member_forces.mean(axis=0)
         forces.extend(np.split(mean_forces, np.cumsum(n_atoms)[:-1]))
+        per_structure_member_forces.extend(np.split(member_forces, np.cumsum(n_atoms)[:-1], axis=1))
     n_members = model.n_members
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -137,6 +139,7 @@ def predict_structures(
         "member_energies": (
             np.concatenate(members, axis=1) if members else np.zeros((n_members, 0))
         ),
+        "member_forces": per_structure_member_forces,
     }
 
 

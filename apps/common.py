@@ -10,13 +10,17 @@ from typing import Any
 
 
 def import_object(path: str) -> Any:
-    """Import ``module:attribute`` (or ``module.attribute``) and return the attribute.
+    """Import ``module:attribute`` (or ``module.attribute``, or ``path/to/file.py:name``)
+    and return the attribute.
 
     Raises
     ------
     ImportError
-        Naming the path when the module or the attribute does not exist.
+        Naming the path when the module, the file or the attribute does not exist.
     """
+    file_name, sep, attribute = path.rpartition(":")
+    if sep and file_name.endswith(".py"):
+        return _import_from_file(file_name, attribute, path)
     module_name, sep, attribute = path.partition(":")
     if not sep:
         module_name, _, attribute = path.rpartition(".")
@@ -30,6 +34,32 @@ def import_object(path: str) -> Any:
         return getattr(module, attribute)
     except AttributeError:
         raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") from None
+
+
+def _import_from_file(file_name: str, attribute: str, path: str) -> Any:
+    """The attribute of a Python file, loaded once as module ``palflow_user.<stem>``."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    file = Path(file_name).resolve()
+    if not file.is_file():
+        raise ImportError(f"{path!r}: no file {file_name!r}")
+    module_name = f"palflow_user.{file.stem}"
+    module = sys.modules.get(module_name)
+    if module is None or getattr(module, "__file__", None) != str(file):
+        spec = importlib.util.spec_from_file_location(module_name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            del sys.modules[module_name]
+            raise ImportError(f"{path!r}: {file_name} fails to import: {error}") from error
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ImportError(f"{file_name} has no attribute {attribute!r}") from None
 
 
 def draw_velocities(atoms, temperature_K: float, rng) -> None:

@@ -95,6 +95,8 @@ class BatchedDynamics:
                 out["forces"][n],
                 float(out["force_disagreement"][n]),
                 float(out["energy_disagreement"][n]),
+                out["member_energies"][:, n],
+                out["member_forces"][n],
             )
             for n, i in enumerate(active)
         }
@@ -141,7 +143,9 @@ def _run_md(
         Stacked ensemble checkpoint to drive the dynamics.
     output_paths
         Per walker, where its sampled frames go (dataset ``.npz`` with
-        ``force_disagreement`` eV/Å, ``energy_disagreement`` eV/atom and ``step``).
+        ``force_disagreement`` eV/Å, ``energy_disagreement`` eV/atom, ``step``, and
+        the members' ``member_energies`` [F, K] eV and ``member_forces``
+        [F, K, n, 3] eV/Å).
     last_frame_paths
         Per walker, where its last sound frame, with momenta, goes, for its next task.
     settings
@@ -169,7 +173,10 @@ def _run_md(
             draw_velocities(atoms, settings["temperature_K"], rng)
     dynamics = BatchedDynamics(model, walkers, settings, rng, device)
 
-    records = [{"frames": [], "force": [], "energy": [], "steps": []} for _ in walkers]
+    records = [
+        {"frames": [], "force": [], "energy": [], "steps": [], "members_e": [], "members_f": []}
+        for _ in walkers
+    ]
     last_good = [atoms.copy() for atoms in walkers]
     reasons: list[str | None] = [None] * len(walkers)
     active = list(range(len(walkers)))
@@ -179,7 +186,7 @@ def _run_md(
         if step % interval:
             continue
         for i in list(active):
-            _, force, energy = dynamics.results[i]
+            _, force, energy, member_energies, member_forces = dynamics.results[i]
             reasons[i] = blow_up_reason(walkers[i], force, settings)
             if reasons[i] is not None:
                 active.remove(i)
@@ -191,6 +198,8 @@ def _run_md(
             record["force"].append(force)
             record["energy"].append(energy)
             record["steps"].append(step)
+            record["members_e"].append(member_energies)
+            record["members_f"].append(member_forces)
             last_good[i] = frame
         if not active:
             break
@@ -204,6 +213,13 @@ def _run_md(
                 "force_disagreement": np.asarray(record["force"], dtype=float),
                 "energy_disagreement": np.asarray(record["energy"], dtype=float),
                 "step": np.asarray(record["steps"], dtype=np.int64),
+                # What every member said, for the coordinator's selection measure.
+                "member_energies": np.asarray(record["members_e"], dtype=float).reshape(
+                    len(record["frames"]), model.n_members
+                ),
+                "member_forces": np.asarray(record["members_f"], dtype=np.float32).reshape(
+                    len(record["frames"]), model.n_members, len(walkers[i]), 3
+                ),
             },
         )
         # Written beside, then renamed: a kill mid-write never leaves a torn walker state.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -15,16 +16,23 @@ logger = logging.getLogger(__name__)
 
 
 def _score_candidates(
-    ensemble_path: str, input_path: str, device: str | None = None
+    ensemble_path: str,
+    input_path: str,
+    device: str | None = None,
+    output_path: str | None = None,
 ) -> dict[str, Any]:
     """Score the structures of ``input_path`` with the ensemble in batched passes.
+
+    With ``output_path``, the members' predictions go there too (``member_energies``
+    [K, S] eV, ``member_forces`` [K, N, 3] eV/Å, ``n_atoms`` [S]), for the
+    coordinator's selection measure.
 
     Returns
     -------
     dict
         ``candidate_id``, ``force_disagreement`` (eV/Å) and ``energy_disagreement``
-        (eV/atom) as lists in input order, the ensemble ``version``, and where and
-        when the task ran.
+        (eV/atom) as lists in input order, the ensemble ``version``, ``output_path``,
+        and where and when the task ran.
     """
     import torch
 
@@ -37,36 +45,71 @@ def _score_candidates(
     structures = read_dataset(input_path)
     ids = read_arrays(input_path)["candidate_id"]
     scores = predict_structures(model, structures, device=device or default_device())
+    if output_path:
+        members = scores["member_forces"]
+        arrays = {
+            "member_energies": scores["member_energies"],
+            "member_forces": (
+                np.concatenate(members, axis=1) if members else np.zeros((model.n_members, 0, 3))
+            ).astype(np.float32),
+            "n_atoms": np.array([len(a) for a in structures], dtype=np.int64),
+        }
+        partial = f"{output_path}.tmp.npz"
+        np.savez(partial, **arrays)
+        os.replace(partial, output_path)
     return {
         "candidate_id": [int(i) for i in ids],
         "force_disagreement": np.asarray(scores["force_disagreement"]).tolist(),
         "energy_disagreement": np.asarray(scores["energy_disagreement"]).tolist(),
         "version": int(extra.get("version", -1)),
+        "output_path": output_path,
         **where_and_when(t_start),
     }
 
 
 def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None) -> dict[str, Any]:
-    """Errors of the ensemble's mean prediction on the held-out set.
+    """Errors of the ensemble's mean prediction on the held-out set, and its spread.
 
     Returns
     -------
     dict
-        ``force_mae`` and ``force_rmse`` (eV/Å), ``energy_mae_per_atom`` (eV/atom),
-        the ensemble ``version``, and where and when the task ran.
+        ``force_mae`` and ``force_rmse`` (eV/Å, over force components),
+        ``energy_mae_per_atom`` and ``energy_rmse_per_atom`` (eV/atom); per structure,
+        as lists: ``structure_force_error`` (mean absolute force error, eV/Å),
+        ``structure_force_spread`` (largest atomic force spread, eV/Å) and
+        ``structure_energy_error`` (signed, eV/atom); the ensemble ``version``; and
+        where and when the task ran.
     """
     import torch
 
+    from apps.calculator import predict_structures
     from apps.model import default_device, load_checkpoint
-    from apps.training import evaluate_errors
 
     t_start = time.time()
     torch.set_num_threads(1)
     device = device or default_device()
     model, extra = load_checkpoint(ensemble_path, device=device)
-    errors = evaluate_errors(model, read_dataset(test_path), device=device)
+    structures = read_dataset(test_path)
+    predicted = predict_structures(model, structures, device=device)
+    force_abs, force_sq, energy_error = [], [], []
+    for index, atoms in enumerate(structures):
+        error = predicted["forces"][index] - atoms.get_forces()
+        force_abs.append(np.abs(error).mean())
+        force_sq.append((error**2).mean())
+        energy_error.append(
+            (predicted["energy"][index] - atoms.get_potential_energy()) / len(atoms)
+        )
+    weights = np.array([len(atoms) for atoms in structures], dtype=float)
+    force_abs, force_sq = np.array(force_abs), np.array(force_sq)
+    energy_error = np.array(energy_error)
     return {
-        **{key: float(value) for key, value in errors.items()},
+        "force_mae": float(np.average(force_abs, weights=weights)),
+        "force_rmse": float(np.sqrt(np.average(force_sq, weights=weights))),
+        "energy_mae_per_atom": float(np.abs(energy_error).mean()),
+        "energy_rmse_per_atom": float(np.sqrt((energy_error**2).mean())),
+        "structure_force_error": force_abs.tolist(),
+        "structure_force_spread": np.asarray(predicted["force_disagreement"]).tolist(),
+        "structure_energy_error": energy_error.tolist(),
         "version": int(extra.get("version", -1)),
         **where_and_when(t_start),
     }

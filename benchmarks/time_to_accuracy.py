@@ -6,10 +6,13 @@ GFN2-xTB on the default molecule (ethanol), the default campaign with one label
 budget for every run, on one site (default ``laptop.py``), whose executors all runs
 share in turn. Three variants, each with every seed, interleaved:
 
-- ``streaming``: the streaming coordinator, selection by ensemble force spread;
+- ``streaming``: the streaming coordinator, selection by ensemble force spread,
+  paced at ``selection.max_labels_per_version = 8`` (the serial loop's N);
 - ``serial``: :class:`pipeline.serial.SerialLoop` on the same apps (label, train,
-  generate in turn);
-- ``random``: the streaming coordinator with ``selection.measure = "random"``.
+  generate in turn, 8 labels per iteration);
+- ``random``: as ``streaming``, with ``selection.measure = "random"``;
+- ``unpaced``: as ``streaming`` without pacing: labels as fast as MD and the
+  oracle make them.
 
 Every run is scored on one held-out set (GFN2-xTB MD at the generator's
 temperature, labelled once before the runs), so learning curves compare directly.
@@ -39,7 +42,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
-VARIANTS = ("streaming", "serial", "random")
+VARIANTS = ("streaming", "serial", "random", "unpaced")
+PACE = 8
+"""Labels per ensemble version for the paced variants: the serial loop's N."""
 
 
 def held_out_set(campaign, folder: Path, n_structures: int) -> str:
@@ -82,6 +87,8 @@ def campaign_for(variant: str, seed: int, args, test_file: str):
     }
     if variant == "random":
         overrides["selection__measure"] = "random"
+    if variant in ("streaming", "random"):
+        overrides["selection__max_labels_per_version"] = PACE
     return load_campaign(args.campaign, **overrides)
 
 
@@ -223,7 +230,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
+    colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:grey"), strict=True))
     figure, (by_labels, by_wall) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     seen = set()
     for run in result["runs"]:

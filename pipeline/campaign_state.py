@@ -20,6 +20,7 @@ from ase.io import read, write
 
 from apps.dataset import read_arrays, read_dataset, write_dataset
 from pipeline.metrics import busy_fractions, concurrency_fraction
+from pipeline.metrology import learning_curve_area
 from pipeline.rundir import RunDirectory
 from pipeline.selection import Candidate
 from pipeline.settings import Campaign
@@ -311,9 +312,13 @@ class CampaignState:
         self.versions.append(version)
         return version
 
-    def record_test_error(self, version: Version, errors: dict[str, Any]) -> None:
+    def record_test_error(
+        self, version: Version, errors: dict[str, Any], metrics: dict[str, Any] | None = None
+    ) -> None:
+        """Keep a version's held-out errors, and the metrology's ``metrics`` besides."""
         self.test_errors.append(
             {
+                **(metrics or {}),
                 "version": version.number,
                 "labels": version.n_labels,
                 "wall_s": version.wall_s,
@@ -343,6 +348,10 @@ class CampaignState:
             "versions": len(self.versions),
             "test_force_mae": [[e["labels"], e["wall_s"], e["force_mae"]] for e in errors],
             "test_errors": errors,
+            # Mean test force MAE over the label range: one number per learning curve.
+            "learning_curve_area": learning_curve_area(
+                [e["labels"] for e in errors], [e["force_mae"] for e in errors]
+            ),
             "busy_fraction": busy_fractions(events, self.t0, t_end),
             "all_modules_busy_fraction": concurrency_fraction(
                 events, self.t0, t_end, ("oracle", "generator", "train")

@@ -38,12 +38,15 @@ import numpy as np
 from ase import Atoms
 from ase.io import write
 
-from apps.dataset import read_dataset, write_dataset
+from apps.dataset import read_arrays, read_dataset, write_dataset
 from pipeline.campaign_state import CampaignState, Member, Snapshot, Version, Walker
 from pipeline.journal import Journal, candidate_arrays, resume_state, retry_allowed
+from pipeline.measures import EnsemblePrediction
+from pipeline.metrology import evaluation_from_result, load_plugins, measure_version
 from pipeline.rundir import RunDirectory
 from pipeline.selection import Candidate, OracleQueue, select_frames
 from pipeline.settings import Campaign
+from pipeline.strategies import Selector
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +181,10 @@ class Coordinator:
         self._resumed_at: float | None = None
         self._reference_attempts = 0
         self._failures_in_a_row: Counter[str] = Counter()
-        self._random = np.random.default_rng([campaign.seed, len(self.state.versions)])
+        self.selector = Selector(
+            campaign, seed=[campaign.seed, len(self.state.versions)], cutoff=campaign.model.cutoff
+        )
+        self.metrology = load_plugins(campaign.metrology.plugins)
         self._handlers = {
             "reference": self._on_reference,
             "label": self._on_label,
@@ -211,6 +217,11 @@ class Coordinator:
         coordinator = cls(campaign, run, apps, slots, state.start, state=state, **options)
         coordinator.queue = queue
         coordinator._next_task_id = next_task_id
+        if coordinator.selector.needs_descriptors:  # the diversity measures' reference
+            from ase.db import connect
+
+            with connect(run.labels_db) as db:
+                coordinator.selector.note_labelled([row.toatoms() for row in db.select()])
         coordinator._resumed_at = resumed_at
         return coordinator
 
@@ -370,10 +381,10 @@ class Coordinator:
                 del self.state.pending_initial[:batch_size]
                 source = "initial"
             else:
-                room = self.state.label_room(self.campaign, self._labels_in_flight())
+                room = self._label_room()
                 if room <= 0 or not self.queue:
                     return
-                batch = self.queue.pop_batch(min(batch_size, room))
+                batch = self.selector.pick_batch(self.queue, min(batch_size, room))
                 source = "active"
             self._submit_label_batch(batch, source)
 
@@ -396,6 +407,24 @@ class Coordinator:
             source=source,
         )
 
+    def _label_room(self) -> int:
+        """Active labels that may be requested now: the budget, and the pacing."""
+        in_flight = self._labels_in_flight()
+        room = self.state.label_room(self.campaign, in_flight)
+        per_version = self.campaign.selection.max_labels_per_version
+        if per_version:
+            paced = per_version * len(self.state.versions)
+            room = min(room, paced - self.state.n_labels_active - in_flight)
+        return room
+
+    def _queue_is_full(self) -> bool:
+        """Whether generators should pause: the oracle is far behind, or paced."""
+        selection = self.campaign.selection
+        limit = selection.max_queue
+        if selection.max_labels_per_version:
+            limit = min(limit, 2 * selection.max_labels_per_version)
+        return len(self.queue) >= limit
+
     def _labels_in_flight(self) -> int:
         return sum(
             len(t.meta["candidates"])
@@ -413,7 +442,7 @@ class Coordinator:
 
     def _submit_walkers(self) -> None:
         version = self.state.version
-        if version is None or len(self.queue) >= self.campaign.selection.max_queue:
+        if version is None or self._queue_is_full():
             return  # no ensemble to drive MD yet, or the oracle is far behind
         for group in sorted(self._walker_groups(), key=lambda g: min(w.segments for w in g)):
             if not self._free("generator"):
@@ -497,7 +526,7 @@ class Coordinator:
         if (
             stopping
             or not self.campaign.selection.rescore
-            or self.campaign.selection.measure == "random"
+            or not self.selector.ranks_by_ensemble
             or not self.queue
             or state.rescored_version >= version.number
             or not self._free("infer")
@@ -507,7 +536,15 @@ class Coordinator:
         candidates = self.queue.candidates()
         path = self.run_dir.path("infer", f"queue.v{version.number:05d}.npz")
         write_dataset(path, [c.atoms for c in candidates], extra=candidate_arrays(candidates))
-        self._submit("score", self.apps.score_candidates, version.path, path, version=version)
+        out = self.run_dir.path("infer", f"queue.v{version.number:05d}.scores.npz")
+        self._submit(
+            "score",
+            partial(self.apps.score_candidates, output_path=out),
+            version.path,
+            path,
+            version=version,
+            input_path=path,
+        )
 
     # ---------------------------------------------------------- what arrived
     def _on_reference(self, result: dict[str, Any], task: Task) -> None:
@@ -519,6 +556,10 @@ class Coordinator:
         by_id = {c.candidate_id: c for c in task.meta["candidates"]}
         for candidate_id, reason in failed:
             self._retry_or_record(by_id[candidate_id], reason, task.meta["source"])
+        failed_ids = {candidate_id for candidate_id, _ in failed}
+        self.selector.note_labelled(
+            [c.atoms for c in task.meta["candidates"] if c.candidate_id not in failed_ids]
+        )
         logger.info(
             "labels: %d active (+%d %s), %d failed, queue %d",
             self.state.n_labels_active,
@@ -550,39 +591,56 @@ class Coordinator:
         for walker in task.meta["walkers"]:
             walker.busy = False
         for walker, outcome in zip(task.meta["walkers"], result["walkers"], strict=True):
-            if outcome["blew_up"]:
+            left_domain = self._queue_picks(outcome, task.meta["version"])
+            reason = outcome["reason"] if outcome["blew_up"] else None
+            if left_domain:
+                reason = "a frame scored above selection.upper_threshold"
+            if reason:
                 walker.resets += 1
                 walker.start_path = self.state.start_path
-                logger.info("walker %d reset: %s", walker.walker_id, outcome["reason"])
+                logger.info("walker %d reset: %s", walker.walker_id, reason)
             else:
                 walker.start_path = outcome["last_frame_path"]
-            self._queue_picks(outcome, task.meta["version"])
 
-    def _queue_picks(self, outcome: dict[str, Any], version: int) -> None:
-        """Put the frames of one walker's segment that selection picks in the queue."""
+    def _queue_picks(self, outcome: dict[str, Any], version: int) -> bool:
+        """Score one walker's segment, and queue the frames selection picks.
+
+        Returns
+        -------
+        bool
+            Whether a frame lay above the upper trust level: the walker left the
+            model's domain, and neither that frame nor any after it is taken.
+        """
+        if not outcome["n_frames"]:
+            return False
         selection = self.campaign.selection
-        scores, threshold, priorities = outcome["force_disagreement"], selection.threshold, None
-        if selection.measure == "random":  # the baseline: every frame eligible, any order
-            scores = priorities = self._random.uniform(size=len(scores)).tolist()
-            threshold = -1.0
-        picks = select_frames(
-            scores, threshold, selection.max_per_trajectory, selection.min_frame_gap
-        )
-        if not picks:
-            return
         frames = read_dataset(outcome["output_path"])
-        candidates = [
+        prediction = prediction_of_frames(read_arrays(outcome["output_path"]))
+        if prediction is None:  # a generator that keeps no member predictions
+            scores = np.asarray(outcome["force_disagreement"], dtype=float)
+        else:
+            scores = self.selector.score(prediction, frames)
+        outside = self.selector.out_of_domain(scores)
+        if outside.any():
+            scores = scores[: int(np.argmax(outside))]
+        picks = select_frames(
+            scores,
+            self.selector.threshold(),
+            selection.max_per_trajectory,
+            selection.min_frame_gap,
+        )
+        self.queue.extend(
             Candidate(
                 self.state.new_candidate_id(),
                 frames[i],
                 outcome["force_disagreement"][i],
                 outcome["energy_disagreement"][i],
                 version,
-                priority=None if priorities is None else priorities[i],
+                priority=float(scores[i]),
             )
             for i in picks
-        ]
-        self.queue.extend(candidates)
+        )
+        return bool(outside.any())
 
     def _on_train(self, result: dict[str, Any], task: Task) -> None:
         member: Member = task.meta["member"]
@@ -594,9 +652,16 @@ class Coordinator:
             logger.info("ensemble v%d published (%d labels)", version.number, version.n_labels)
 
     def _on_score(self, result: dict[str, Any], task: Task) -> None:
-        spreads = zip(result["force_disagreement"], result["energy_disagreement"], strict=True)
-        scores = dict(zip(result["candidate_id"], spreads, strict=True))
-        dropped = self.queue.rescore(scores, result["version"], self.campaign.selection.threshold)
+        ids = [int(i) for i in result["candidate_id"]]
+        scores = np.asarray(result["force_disagreement"], dtype=float)
+        if result.get("output_path"):
+            prediction = prediction_of_frames(read_arrays(result["output_path"]))
+            if prediction is not None:
+                scores = self.selector.score(prediction, read_dataset(task.meta["input_path"]))
+        new = zip(result["force_disagreement"], result["energy_disagreement"], scores, strict=True)
+        dropped = self.queue.rescore(
+            dict(zip(ids, new, strict=True)), result["version"], self.selector.threshold()
+        )
         logger.info(
             "queue re-scored with v%d: %d dropped, %d left",
             result["version"],
@@ -606,7 +671,12 @@ class Coordinator:
 
     def _on_evaluate(self, result: dict[str, Any], task: Task) -> None:
         version = task.meta["version"]
-        self.state.record_test_error(version, result)
+        evaluation = evaluation_from_result(result, version.number, version.n_labels)
+        record = measure_version(evaluation, self.metrology)
+        record["wall_s"] = version.wall_s
+        self.run_dir.append_jsonl("metrics.jsonl", record)
+        self.state.record_test_error(version, result, record)
+        self.selector.calibrate(evaluation)
         logger.info(
             "v%d test force MAE %.4f eV/Å (%d labels)",
             version.number,
@@ -673,3 +743,29 @@ class Coordinator:
         )
         logger.info("campaign stopped: %s", summary["stop_reason"])
         return summary
+
+
+def prediction_of_frames(arrays: dict[str, np.ndarray]) -> EnsemblePrediction | None:
+    """The members' predictions stored beside frames (generator or scoring output),
+    or None when the file holds none.
+
+    Generator files hold ``member_energies`` [F, K] and ``member_forces``
+    [F, K, n, 3]; scoring files ``member_energies`` [K, S], ``member_forces``
+    [K, N, 3] and ``n_atoms`` [S].
+    """
+    if "member_forces" not in arrays:
+        return None
+    energies, forces = arrays["member_energies"], arrays["member_forces"]
+    if forces.ndim == 3:
+        n_atoms = arrays["n_atoms"].astype(np.int64)
+    else:
+        n_frames, _, n, _ = forces.shape
+        energies = energies.T
+        forces = forces.transpose(1, 0, 2, 3).reshape(forces.shape[1], n_frames * n, 3)
+        n_atoms = np.full(n_frames, n, dtype=np.int64)
+    return EnsemblePrediction(
+        member_energies=np.asarray(energies, dtype=float),
+        member_forces=np.asarray(forces, dtype=float),
+        structure_index=np.repeat(np.arange(len(n_atoms)), n_atoms),
+        n_atoms=n_atoms,
+    )

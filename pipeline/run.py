@@ -3,8 +3,14 @@
     python pipeline/run.py --site laptop.py
     python pipeline/run.py --site hpc.py --campaign examples/cu_emt.toml --max-labels 500
     python pipeline/run.py --site laptop.py --resume runs/ethanol-gfn2-20261122-145705
+    python pipeline/run.py --site laptop.py --campaign a.toml --campaign b.toml
 
-Exit status: 0 when the campaign ran to a stop, 2 on bad input (nothing submitted).
+Several ``--campaign`` files run side by side on the same executors, each with its
+own coordinator and run directory (``NAME-TIME-INDEX`` in ``--run-dir``, default
+``runs/``); one failing leaves the others running.
+
+Exit status: 0 when every campaign ran to a stop, 1 when one failed, 2 on bad input
+(nothing submitted).
 """
 
 from __future__ import annotations
@@ -42,8 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--site", required=True, help="site config: a name in site_configs/ (laptop.py) or a path"
     )
-    parser.add_argument("--campaign", help="campaign TOML file (default: ethanol with GFN2-xTB)")
-    parser.add_argument("--run-dir", help="new directory for this run (default: runs/NAME-TIME)")
+    parser.add_argument(
+        "--campaign",
+        action="append",
+        help="campaign TOML file (default: ethanol with GFN2-xTB); repeat it to run several "
+        "campaigns side by side on the same executors",
+    )
+    parser.add_argument(
+        "--run-dir",
+        help="new directory for this run (default: runs/NAME-TIME); with several "
+        "--campaign, the folder their runs go to (default: runs/)",
+    )
     parser.add_argument("--max-labels", type=int, help="override stop.max_labels")
     parser.add_argument(
         "--max-wall", type=float, metavar="SECONDS", help="override stop.max_wall_s"
@@ -61,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # With several campaigns, the thread names which campaign a line is about.
+        format="%(asctime)s %(levelname)s %(name)s"
+        + (" [%(threadName)s]" if len(args.campaign or []) > 1 else "")
+        + ": %(message)s",
         datefmt="%H:%M:%S",
     )
     # Parsl logs everything to its own files in the run directory; on the console
@@ -77,14 +95,38 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         site = load_site(args.site)
-        campaign, run, start = prepare_run(args)
-        run.lock()
-    except (CampaignError, SiteError, RunDirectoryError, ValueError, ImportError) as error:
-        print(f"palflow: error: {error}", file=sys.stderr)
+        prepared = prepare_runs(args)
+        for _, run, _ in prepared:
+            run.lock()
+    except (
+        CampaignError,
+        SiteError,
+        RunDirectoryError,
+        ValueError,
+        ImportError,
+        KeyError,
+        TypeError,
+    ) as error:
+        message = error.args[0] if isinstance(error, KeyError) else error
+        print(f"palflow: error: {message}", file=sys.stderr)
         return 2
 
-    summary = execute(campaign, run, site, start)
+    if len(prepared) == 1:
+        campaign, run, start = prepared[0]
+        summaries = [execute(campaign, run, site, start)]
+    else:
+        summaries = execute_side_by_side(prepared, site)
+    for (campaign, run, _), summary in zip(prepared, summaries, strict=True):
+        report(campaign, run, summary)
+    return 0 if all(s is not None for s in summaries) else 1
+
+
+def report(campaign, run, summary: dict | None) -> None:
+    """Print the outcome of one campaign."""
     print(f"run directory: {run.root}")
+    if summary is None:
+        print(f"campaign {campaign.name} failed: see the log above")
+        return
     print(f"stopped: {summary['stop_reason']}")
     print(
         f"labels: {summary['labels']} (+{summary['initial_labels']} initial), "
@@ -96,10 +138,34 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "busy fraction: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["busy_fraction"].items())
     )
-    return 0
 
 
-def prepare_run(args: argparse.Namespace):
+def prepare_runs(args: argparse.Namespace) -> list[tuple]:
+    """Validate every campaign of the command line, then make their run directories.
+
+    Nothing is created until every campaign has passed its checks.
+    """
+    from pipeline.rundir import RunDirectory, RunDirectoryError
+
+    files = args.campaign or [None]
+    if len(files) == 1:
+        return [prepare_run(args, files[0])]
+    if args.resume:
+        raise RunDirectoryError("--resume continues one run: drop the --campaign options")
+    checked = [prepare_run(args, path, create=False) for path in files]
+    parent = Path(args.run_dir) if args.run_dir else ROOT / "runs"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    roots = [parent / f"{c.name}-{stamp}-{i}" for i, (c, _, _) in enumerate(checked)]
+    for root in roots:
+        if root.exists():
+            raise RunDirectoryError(f"{root} already exists: pick another --run-dir")
+    return [
+        (campaign, RunDirectory.create(root, campaign.model_dump()), start)
+        for (campaign, _, start), root in zip(checked, roots, strict=True)
+    ]
+
+
+def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, create: bool = True):
     """Validate every input and make (or reopen) the run directory; submit nothing.
 
     Returns
@@ -130,14 +196,29 @@ def prepare_run(args: argparse.Namespace):
         campaign = campaign_from_dict(data, str(run.root / "campaign.json"))
         check_calculator(campaign.oracle.calculator)
         return campaign, run, None
-    campaign = load_campaign(args.campaign, **overrides)
+    campaign = load_campaign(campaign_file, **overrides)
     check_calculator(campaign.oracle.calculator)
+    check_strategy(campaign)
     start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
     if campaign.test.file:
         read_labelled_file(campaign.test.file)
+    if not create:
+        return campaign, None, start
     name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunDirectory.create(Path(args.run_dir or ROOT / "runs" / name), campaign.model_dump())
     return campaign, run, start
+
+
+def check_strategy(campaign) -> None:
+    """Fail before anything is submitted when the selection measure, the query or a
+    metrology plugin does not exist."""
+    from pipeline.measures import get_measure
+    from pipeline.metrology import load_plugins
+    from pipeline.strategies import make_query
+
+    get_measure(campaign.selection.measure)
+    make_query(campaign.selection.query)
+    load_plugins(campaign.metrology.plugins)
 
 
 def check_calculator(path: str) -> None:
@@ -175,6 +256,47 @@ def execute(campaign, run, site, start) -> dict:
         else:
             coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
         return coordinator.run()
+
+
+def execute_side_by_side(prepared: list[tuple], site) -> list[dict | None]:
+    """Run several campaigns at once on one set of executors, one thread each.
+
+    Every campaign has its own coordinator and run directory; a campaign that fails
+    is logged and leaves the others running. Returns the summaries in order (None
+    for a campaign that failed).
+    """
+    import threading
+
+    import parsl
+
+    from pipeline.coordinator import Apps, Coordinator
+
+    site.config.run_dir = prepared[0][1].path("parsl")
+    summaries: list[dict | None] = [None] * len(prepared)
+
+    def run_one(index: int, campaign, run, start) -> None:
+        try:
+            options = {
+                "oracle_resources": site.oracle_resources(
+                    campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes
+                ),
+                "mpi_command": site.mpi_command,
+            }
+            coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
+            summaries[index] = coordinator.run()
+        except Exception:
+            logger.exception("campaign %s failed; the others go on", campaign.name)
+
+    with parsl.load(site.config):
+        threads = [
+            threading.Thread(target=run_one, args=(i, *p), name=f"{p[0].name}-{i}")
+            for i, p in enumerate(prepared)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return summaries
 
 
 if __name__ == "__main__":

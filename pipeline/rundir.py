@@ -141,6 +141,11 @@ class RunDirectory:
         self._events.write(json.dumps(event, default=_jsonable) + "\n")
         self._events.flush()
 
+    def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Append one record to the JSON-lines file ``name`` (e.g. ``metrics.jsonl``)."""
+        with open(self.root / name, "a") as handle:
+            handle.write(json.dumps(record, default=_jsonable) + "\n")
+
     def close(self) -> None:
         """Close the events file; a later :meth:`append_event` reopens it."""
         if self._events is not None:

@@ -106,9 +106,13 @@ class OracleQueue:
             del self._items[candidate.candidate_id]
         return batch
 
+    def remove(self, candidate_ids: Sequence[int]) -> list[Candidate]:
+        """Remove and return the candidates with these ids, in that order."""
+        return [self._items.pop(i) for i in candidate_ids]
+
     def rescore(
         self,
-        scores: Mapping[int, tuple[float, float]],
+        scores: Mapping[int, tuple[float, ...]],
         version: int,
         threshold: float,
     ) -> list[Candidate]:
@@ -120,8 +124,10 @@ class OracleQueue:
         Parameters
         ----------
         scores
-            ``candidate_id -> (force_disagreement eV/Å, energy_disagreement eV/atom)``.
-            Ids no longer queued (already sent to the oracle) are ignored.
+            ``candidate_id -> (force_disagreement eV/Å, energy_disagreement eV/atom)``,
+            optionally followed by the selection measure's score, which then sets the
+            candidate's priority and meets the threshold (else the force spread
+            does). Ids no longer queued (already sent to the oracle) are ignored.
 
         Returns
         -------
@@ -129,14 +135,16 @@ class OracleQueue:
             Those dropped because they are no longer uncertain.
         """
         dropped = []
-        for candidate_id, (force, energy) in scores.items():
+        for candidate_id, (force, energy, *score) in scores.items():
             candidate = self._items.get(candidate_id)
             if candidate is None or candidate.version > version:
                 continue
             candidate.force_disagreement = force
             candidate.energy_disagreement = energy
             candidate.version = version
-            if force <= threshold:
+            if score:
+                candidate.priority = float(score[0])
+            if candidate.rank <= threshold:
                 dropped.append(self._items.pop(candidate_id))
         return dropped
 

@@ -82,7 +82,7 @@ class SerialLoop(Coordinator):
             room = min(self._quota, self.state.label_room(self.campaign, self._labels_in_flight()))
             if room <= 0 or not self.queue:
                 break
-            batch = self.queue.pop_batch(min(batch_size, room))
+            batch = self.selector.pick_batch(self.queue, min(batch_size, room))
             self._quota -= len(batch)
             self._submit_label_batch(batch, "active")
         return self._busy("oracle") == 0

@@ -118,19 +118,57 @@ class GeneratorSettings(_Section):
 
 
 class SelectionSettings(_Section):
-    measure: Literal["force_spread", "random"] = "force_spread"
-    """What ranks frames: the ensemble's largest atomic force spread, or ``random``,
-    a baseline that ignores the ensemble (every frame is eligible, in random order)."""
+    measure: str = Field("max_force_spread", min_length=1)
+    """What scores frames, higher meaning more worth labelling: a name registered in
+    :mod:`pipeline.measures` (``max_force_spread``, ``mean_force_spread``,
+    ``energy_spread``, ``relative_force_spread``, ``ucb``, ``thompson``, ``random``,
+    ``labelled_distance``) or a ``module:function`` / ``file.py:function`` path."""
+    measure_options: dict[str, Any] = Field(default_factory=dict)
+    """Options the measure reads, e.g. ``{kappa = 2.0}`` for ``ucb``."""
     threshold: float = Field(0.05, ge=0)
-    """Force disagreement (eV/Å) above which a frame is worth labelling."""
+    """Score above which a frame is worth labelling (the lower trust level), in the
+    measure's units: eV/Å for the force measures. ``random`` ignores it."""
+    threshold_mode: Literal["fixed", "percentile", "calibrated"] = "fixed"
+    """``fixed``: ``threshold``. ``percentile``: the ``threshold_percentile``-th
+    percentile of the last ``threshold_window`` frame scores. ``calibrated``: the
+    score at which the held-out set's force error is expected to reach
+    ``calibration_target``, from the newest evaluation (force measures only)."""
+    threshold_percentile: float = Field(90.0, ge=0, le=100)
+    threshold_window: int = Field(500, ge=1)
+    calibration_target: float = Field(0.05, gt=0)
+    """Force error (eV/Å) a frame should be expected to have to be worth a label."""
+    upper_threshold: float = Field(0.0, ge=0)
+    """Upper trust level (0: none): a frame scoring above it is out of the model's
+    domain. It is not labelled, and its walker resets (DP-GEN's trust levels)."""
+    query: str = Field("top", min_length=1)
+    """How an oracle batch is drawn from the queue: ``top`` (highest scores),
+    ``coreset`` (farthest from the labelled set and each other, in descriptor space),
+    ``cluster`` (the best of each cluster of the queue), or a ``module:Class`` /
+    ``file.py:Class`` implementing :class:`pipeline.protocols.Query`."""
+    random_fraction: float = Field(0.0, ge=0, le=1)
+    """Share of each oracle batch drawn at random from the queue instead (a hybrid:
+    0.4 takes 60% by the query and 40% at random, against a biased training set)."""
     max_per_trajectory: int = Field(3, ge=1)
-    """Cap on frames taken from one generator task."""
+    """Cap on frames taken from one walker's segment."""
     min_frame_gap: int = Field(4, ge=0)
     """Diversity: picked frames of one trajectory are at least this many frames apart."""
+    max_labels_per_version: int = Field(0, ge=0)
+    """Pacing (0: none): at most this many active labels per ensemble version
+    published, so that labels come no faster than the ensemble learns from them and
+    every batch is chosen by a recent ensemble. For oracles cheaper than training
+    (xTB); with DFT the oracle paces itself. Generators pause while the queue holds
+    twice this many candidates."""
     rescore: bool = True
     """Re-score the oracle queue with each new ensemble (PAL's dynamic oracle list)."""
     max_queue: int = Field(256, ge=1)
-    """The oracle queue keeps at most this many candidates, the most uncertain."""
+    """The oracle queue keeps at most this many candidates, the highest scored;
+    generators pause while it is full."""
+
+
+class MetrologySettings(_Section):
+    plugins: list[str] = Field(default_factory=list)
+    """Extra metrics per ensemble version: ``module:Class`` or ``file.py:Class`` paths
+    of :class:`pipeline.protocols.Metrology` implementations."""
 
 
 class InitialSettings(_Section):
@@ -173,6 +211,7 @@ class Campaign(_Section):
     training: TrainingSettings = TrainingSettings()
     generator: GeneratorSettings = GeneratorSettings()
     selection: SelectionSettings = SelectionSettings()
+    metrology: MetrologySettings = MetrologySettings()
     initial: InitialSettings = InitialSettings()
     test: TestSetSettings = TestSetSettings()
     stop: StopSettings = StopSettings()
@@ -204,11 +243,25 @@ def campaign_from_dict(data: dict[str, Any], source: str = "<settings>") -> Camp
 
 
 def _resolve_relative_files(data: dict[str, Any], folder: Path) -> None:
-    """Make file settings relative to the campaign file's folder, where they exist."""
+    """Make file settings relative to the campaign file's folder, where they exist,
+    including the ``file.py:name`` paths of plug-ins."""
     for section, key in (("system", "structure"), ("test", "file")):
         value = data.get(section, {}).get(key)
         if isinstance(value, str) and value and (folder / value).exists():
             data[section][key] = str(folder / value)
+
+    def resolve(value: Any) -> Any:
+        file_name, sep, name = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+        if sep and file_name.endswith(".py") and (folder / file_name).is_file():
+            return f"{folder / file_name}:{name}"
+        return value
+
+    for section, key in (("selection", "measure"), ("selection", "query")):
+        if key in data.get(section, {}):
+            data[section][key] = resolve(data[section][key])
+    metrology = data.get("metrology", {})
+    if isinstance(metrology.get("plugins"), list):
+        metrology["plugins"] = [resolve(v) for v in metrology["plugins"]]
 
 
 def load_campaign(path: str | Path | None = None, **overrides: Any) -> Campaign:

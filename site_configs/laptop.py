@@ -25,6 +25,9 @@ def _executor(label: str) -> HighThroughputExecutor:
         address="127.0.0.1",  # loopback only: nothing off this machine connects
         encrypted=True,  # CurveZMQ between interchange and workers
         max_workers_per_node=WORKERS[label],  # worker processes for this module
+        # WORKERS, not the core count, sizes the pool: HTEX would otherwise cap it
+        # at the cores (cores_per_worker defaults to 1).
+        cores_per_worker=1.0 / WORKERS[label],
         cpu_affinity="none",  # let the OS spread workers over the cores
         provider=LocalProvider(
             init_blocks=1,

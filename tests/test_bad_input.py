@@ -114,6 +114,34 @@ CASES = {
         ],
         "must hold energies and forces",
     ),
+    "unknown selection measure": (
+        lambda d: ["--campaign", write(d / "c.toml", '[selection]\nmeasure = "entropy"\n')],
+        "unknown measure 'entropy'",
+    ),
+    "unknown query": (
+        lambda d: ["--campaign", write(d / "c.toml", '[selection]\nquery = "best"\n')],
+        "unknown query 'best'",
+    ),
+    "metrology plug-in file missing": (
+        lambda d: [
+            "--campaign",
+            write(d / "c.toml", '[metrology]\nplugins = ["nowhere.py:Metric"]\n'),
+        ],
+        "no file 'nowhere.py'",
+    ),
+    "several campaigns, the second broken": (
+        lambda d: [
+            "--campaign",
+            write(d / "a.toml", 'name = "a"\n'),
+            "--campaign",
+            write(d / "b.toml", '[selection]\nquery = "best"\n'),
+        ],
+        "unknown query 'best'",
+    ),
+    "resume with several campaigns": (
+        lambda d: ["--resume", a_run_directory(d), "--campaign", "a.toml", "--campaign", "b.toml"],
+        "drop the --campaign options",
+    ),
     "run directory exists": (lambda d: ["--run-dir", str(d)], "continue it with --resume"),
     "resume a non-run": (lambda d: ["--resume", str(d)], "is not a palflow run directory"),
     "resume with a campaign": (

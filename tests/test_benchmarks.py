@@ -135,7 +135,7 @@ def test_time_to_accuracy(tmp_path):
         timeout=540,
     )
     result = json.loads((tmp_path / "time_to_accuracy.json").read_text())
-    assert {r["variant"] for r in result["runs"]} == {"streaming", "serial", "random"}
+    assert {r["variant"] for r in result["runs"]} == {"streaming", "serial", "random", "unpaced"}
     assert all(r["labels"] == 8 and r["curve"] for r in result["runs"])
     # The default target is one the typical run of every variant reaches.
     assert all(row["reached"] == 1 for row in result["table"].values())

@@ -81,3 +81,36 @@ def test_campaign_runs_end_to_end(tmp_path, site):
     assert (run_dir / "labels.db").exists() and (run_dir / "campaign.json").exists()
     assert (run_dir.stat().st_mode & 0o777) == 0o700
     assert "test force MAE" in result.stdout
+
+
+class BrokenQuery:
+    """A user's query with a bug: the campaign that names it fails at its first batch."""
+
+    def select(self, candidates, size, context):
+        raise RuntimeError("bug in a user's query")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_campaigns_side_by_side_and_one_failing_leaves_the_other(tmp_path):
+    good = small_campaign(tmp_path)
+    broken = tmp_path / "broken.toml"
+    broken.write_text(
+        good.read_text()
+        .replace('name = "cli-test"', 'name = "cli-broken"')
+        .replace("[selection]", '[selection]\nquery = "tests.test_cli:BrokenQuery"')
+    )
+    parent = tmp_path / "runs"
+    result = run_cli(
+        "--site", "threads.py", "--campaign", str(good), "--campaign", str(broken),
+        "--run-dir", str(parent),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    (good_run,) = parent.glob("cli-test-*-0")
+    (broken_run,) = parent.glob("cli-broken-*-1")
+    summary = json.loads((good_run / "summary.json").read_text())
+    assert summary["labels"] == 12 and summary["stop_reason"] == "label budget of 12 reached"
+    assert not (broken_run / "summary.json").exists()
+    assert "bug in a user's query" in result.stderr
+    assert "[cli-broken-1]" in result.stderr, "log lines name their campaign"
+    assert "campaign cli-broken failed" in result.stdout

@@ -205,3 +205,17 @@ def test_random_selection_ignores_the_ensemble(tmp_path):
             for row in db.select(source="active")
         ]
     assert len(predicted) == 12 and max(predicted) < 1e6
+
+
+@pytest.mark.timeout(300)
+def test_pacing_caps_labels_per_ensemble_version(tmp_path):
+    """``max_labels_per_version``: labels never run ahead of the ensembles learning
+    from them. A version publishes at most 2 labels more than the one before saw."""
+    campaign = small_campaign(selection__max_labels_per_version=2, stop__max_labels=10)
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 10
+    versions = json.loads(Path(run.path("state.json")).read_text())["versions"]
+    for version in versions:
+        # Labels requested while k versions existed number at most 2·k.
+        assert version["n_labels"] <= 2 * (version["number"] - 1), version
+    assert len(versions) >= 6

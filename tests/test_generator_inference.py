@@ -57,6 +57,9 @@ def test_md_records_sampled_frames_with_their_disagreement(tmp_path, ensemble_pa
     assert walker["n_frames"] == 4
     arrays = read_arrays(tmp_path / "traj0.npz")
     assert arrays["step"].tolist() == [5, 10, 15, 20]
+    # Every member's predictions are kept per frame, for the selection measure.
+    assert arrays["member_energies"].shape == (4, 4)
+    assert arrays["member_forces"].shape == (4, 4, 9, 3)
     assert arrays["force_disagreement"].tolist() == pytest.approx(walker["force_disagreement"])
     # The recorded disagreement is what the ensemble says about each recorded frame.
     frames = read_dataset(tmp_path / "traj0.npz")
@@ -199,6 +202,19 @@ def test_scores_match_the_calculator_and_keep_ids(tmp_path, ensemble_path):
         atoms.get_potential_energy()
         assert force == pytest.approx(calc.results["force_disagreement"], rel=1e-4)
         assert energy == pytest.approx(calc.results["energy_disagreement"], rel=1e-4, abs=1e-8)
+    # With an output file, every member's predictions come along for the coordinator's
+    # selection measure; the default measure recomputed from them gives the same spread.
+    from pipeline.coordinator import prediction_of_frames
+    from pipeline.measures import MeasureContext, max_force_spread
+
+    _score_candidates(
+        ensemble_path, str(tmp_path / "queue.npz"), output_path=str(tmp_path / "s.npz")
+    )
+    prediction = prediction_of_frames(read_arrays(tmp_path / "s.npz"))
+    assert prediction.member_forces.shape == (4, 27, 3)
+    np.testing.assert_allclose(
+        max_force_spread(prediction, MeasureContext()), result["force_disagreement"], rtol=1e-4
+    )
 
 
 def test_test_error_is_the_mean_prediction_error(tmp_path, ensemble_path):
@@ -222,3 +238,9 @@ def test_test_error_is_the_mean_prediction_error(tmp_path, ensemble_path):
         errors.append(np.abs(atoms.get_forces() - reference))
     assert result["force_mae"] == pytest.approx(np.concatenate(errors).mean(), rel=1e-4)
     assert result["version"] == 3
+    # Per structure: its own mean error, and the ensemble's spread on it.
+    np.testing.assert_allclose(
+        result["structure_force_error"], [e.mean() for e in errors], rtol=1e-4
+    )
+    assert len(result["structure_force_spread"]) == 3
+    assert result["energy_rmse_per_atom"] >= result["energy_mae_per_atom"]

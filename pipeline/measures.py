@@ -1,0 +1,264 @@
+"""Informativeness measures: how much a structure is worth labelling, by name.
+
+A measure maps an ensemble's predictions on S structures to S scores, higher
+meaning more worth labelling. Measures are plain functions kept in a registry, so
+a campaign picks one by name (``selection.measure``) and a user adds one with a
+decorator::
+
+    from pipeline.measures import register_measure
+
+    @register_measure("force_spread_squared")
+    def force_spread_squared(prediction, context):
+        return max_force_spread(prediction, context) ** 2
+
+A campaign may also name a measure by import path (``"mypackage.module:function"``
+or ``"path/to/file.py:function"``); it is imported, and registered, on first use.
+
+Every measure sees an :class:`EnsemblePrediction` (what the K members said) and a
+:class:`MeasureContext` (random numbers, the labelled set's descriptors, options).
+The coordinator evaluates them, so the generator and inference apps stay
+independent of the choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = [
+    "MEASURES",
+    "EnsemblePrediction",
+    "Measure",
+    "MeasureContext",
+    "get_measure",
+    "register_measure",
+]
+
+
+@dataclass
+class EnsemblePrediction:
+    """What the members of an ensemble predict for S structures.
+
+    Attributes
+    ----------
+    member_energies
+        [K, S] total energies, eV.
+    member_forces
+        [K, N, 3] forces, eV/Å, the atoms of all structures concatenated.
+    structure_index
+        [N] structure of each atom.
+    n_atoms
+        [S] atoms per structure.
+    descriptors
+        [S, D] a structural descriptor per structure (see :func:`descriptor`), for
+        the diversity measures; None when nobody asked for it.
+    """
+
+    member_energies: np.ndarray
+    member_forces: np.ndarray
+    structure_index: np.ndarray
+    n_atoms: np.ndarray
+    descriptors: np.ndarray | None = None
+
+    @property
+    def n_structures(self) -> int:
+        return len(self.n_atoms)
+
+    @property
+    def n_members(self) -> int:
+        return self.member_energies.shape[0]
+
+    def per_structure_max(self, per_atom: np.ndarray) -> np.ndarray:
+        """[S] largest per-atom value of each structure."""
+        out = np.full(self.n_structures, -np.inf)
+        np.maximum.at(out, self.structure_index, per_atom)
+        return out
+
+    def per_structure_mean(self, per_atom: np.ndarray) -> np.ndarray:
+        """[S] mean per-atom value of each structure."""
+        total = np.bincount(self.structure_index, weights=per_atom, minlength=self.n_structures)
+        return total / np.maximum(self.n_atoms, 1)
+
+    def atom_force_spread(self) -> np.ndarray:
+        """[N] root-mean-square deviation of the members' force vectors from their mean."""
+        deviation = self.member_forces - self.member_forces.mean(axis=0, keepdims=True)
+        return np.sqrt((deviation**2).sum(axis=-1).mean(axis=0))
+
+
+@dataclass
+class MeasureContext:
+    """What a measure may use besides the predictions.
+
+    Attributes
+    ----------
+    rng
+        Random numbers (random and Thompson-style measures).
+    labelled_descriptors
+        [L, D] descriptors of the labelled structures (diversity measures).
+    options
+        ``selection.measure_options`` of the campaign, e.g. ``{"kappa": 2.0}``.
+    """
+
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    labelled_descriptors: np.ndarray | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Measure(Protocol):
+    """Scores S structures, higher meaning more worth labelling."""
+
+    def __call__(self, prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray: ...
+
+
+MEASURES: dict[str, Measure] = {}
+"""Every registered measure by name."""
+
+NEEDS_DESCRIPTORS: set[str] = set()
+"""Names of the measures that read ``prediction.descriptors``."""
+
+
+def register_measure(name: str, *, descriptors: bool = False) -> Callable[[Measure], Measure]:
+    """Decorator: register a measure under ``name`` (set ``descriptors`` when it
+    reads ``prediction.descriptors``).
+
+    Raises
+    ------
+    ValueError
+        When another measure already has the name.
+    """
+
+    def register(function: Measure) -> Measure:
+        if name in MEASURES and MEASURES[name] is not function:
+            raise ValueError(f"a measure named {name!r} is already registered")
+        MEASURES[name] = function
+        if descriptors:
+            NEEDS_DESCRIPTORS.add(name)
+        return function
+
+    return register
+
+
+def get_measure(name: str) -> Measure:
+    """The measure registered as ``name``, or imported from a ``module:function`` path.
+
+    Raises
+    ------
+    KeyError
+        Naming the registered measures, when ``name`` is neither.
+    """
+    if name in MEASURES:
+        return MEASURES[name]
+    if ":" in name:
+        from apps.common import import_object
+
+        return register_measure(name)(import_object(name))
+    raise KeyError(
+        f"unknown measure {name!r}: registered are {', '.join(sorted(MEASURES))}, "
+        "or give 'module:function'"
+    )
+
+
+# ------------------------------------------------------------------- ensemble spread
+@register_measure("energy_spread")
+def energy_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
+    """Standard deviation over members of the energy per atom, eV/atom."""
+    return prediction.member_energies.std(axis=0) / np.maximum(prediction.n_atoms, 1)
+
+
+@register_measure("max_force_spread")
+def max_force_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
+    """Largest atomic force spread (DP-GEN's model deviation), eV/Å."""
+    return prediction.per_structure_max(prediction.atom_force_spread())
+
+
+@register_measure("mean_force_spread")
+def mean_force_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
+    """Atomic force spread averaged over the structure's atoms, eV/Å."""
+    return prediction.per_structure_mean(prediction.atom_force_spread())
+
+
+@register_measure("relative_force_spread")
+def relative_force_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
+    """Largest ratio of an atom's force spread to its mean force magnitude plus
+    ``epsilon`` (option, default 1 eV/Å), so that small forces are not drowned out."""
+    epsilon = float(context.options.get("epsilon", 1.0))
+    magnitude = np.linalg.norm(prediction.member_forces.mean(axis=0), axis=-1)
+    return prediction.per_structure_max(prediction.atom_force_spread() / (magnitude + epsilon))
+
+
+@register_measure("ucb")
+def upper_confidence_bound(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
+    """UCB-style: the largest mean atomic force magnitude plus ``kappa`` (option,
+    default 2) times the largest atomic force spread, eV/Å. Favours high-force,
+    uncertain regions, where a potential's errors cost most in MD."""
+    kappa = float(context.options.get("kappa", 2.0))
+    magnitude = np.linalg.norm(prediction.member_forces.mean(axis=0), axis=-1)
+    return prediction.per_structure_max(magnitude) + kappa * max_force_spread(prediction, context)
+
+
+@register_measure("thompson")
+def thompson(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
+    """Thompson-style: per structure, one member drawn at random; its largest atomic
+    force deviation from the ensemble mean, eV/Å."""
+    draw = context.rng.integers(prediction.n_members, size=prediction.n_structures)
+    member = draw[prediction.structure_index]  # [N]
+    forces = prediction.member_forces
+    chosen = forces[member, np.arange(forces.shape[1])]
+    deviation = np.linalg.norm(chosen - forces.mean(axis=0), axis=-1)
+    return prediction.per_structure_max(deviation)
+
+
+@register_measure("random")
+def random(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
+    """A uniform draw in [0, 1): the baseline that ignores the ensemble."""
+    return context.rng.uniform(size=prediction.n_structures)
+
+
+# ------------------------------------------------------------------------ diversity
+@register_measure("labelled_distance", descriptors=True)
+def labelled_distance(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
+    """Descriptor distance to the nearest labelled structure, relative to the typical
+    nearest-neighbour distance within the labelled set (1 = as far as labelled
+    structures are from each other). Uncovered regions first, whatever the ensemble
+    says."""
+    if prediction.descriptors is None:
+        raise ValueError("labelled_distance needs descriptors")
+    labelled = context.labelled_descriptors
+    if labelled is None or len(labelled) == 0:
+        return np.full(prediction.n_structures, np.inf)
+    nearest = _pairwise(prediction.descriptors, labelled).min(axis=1)
+    if len(labelled) < 2:
+        return nearest
+    within = _pairwise(labelled, labelled)
+    np.fill_diagonal(within, np.inf)
+    scale = float(np.median(within.min(axis=1)))
+    return nearest / scale if scale > 0 else nearest
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[len(a), len(b)] Euclidean distances."""
+    squared = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+def descriptor(structures, cutoff: float = 5.0, n_bins: int = 32, width: float = 0.2) -> np.ndarray:
+    """[S, n_bins] a smooth radial distribution per structure: pair distances up to
+    ``cutoff`` (Å) smeared by Gaussians of ``width`` (Å), per atom. Invariant to
+    rotation, translation and atom order; periodic cells use their images (vesin).
+    """
+    from vesin import NeighborList
+
+    centres = np.linspace(0.5, cutoff, n_bins)
+    rows = []
+    for atoms in structures:
+        calculator = NeighborList(cutoff=cutoff, full_list=False)
+        box = atoms.cell.array if atoms.pbc.any() else np.zeros((3, 3))
+        (distances,) = calculator.compute(
+            points=atoms.positions, box=box, periodic=bool(atoms.pbc.any()), quantities="d"
+        )
+        smeared = np.exp(-(((distances[:, None] - centres[None, :]) / width) ** 2)).sum(0)
+        rows.append(smeared / max(len(atoms), 1))
+    return np.asarray(rows).reshape(len(rows), n_bins)
