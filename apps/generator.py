@@ -166,6 +166,7 @@ def _run_md(
     torch.set_num_threads(settings.get("torch_threads", 1))
     model, extra = load_checkpoint(ensemble_path, device=device or default_device())
     model.eval()
+    version = int(extra.get("version", -1))
     rng = np.random.default_rng(seed)
     walkers = [read(path) for path in start_paths]
     for atoms in walkers:
@@ -213,6 +214,7 @@ def _run_md(
                 "force_disagreement": np.asarray(record["force"], dtype=float),
                 "energy_disagreement": np.asarray(record["energy"], dtype=float),
                 "step": np.asarray(record["steps"], dtype=np.int64),
+                "ensemble_version": np.full(len(record["frames"]), version, dtype=np.int64),
                 # What every member said, for the coordinator's selection measure.
                 "member_energies": np.asarray(record["members_e"], dtype=float).reshape(
                     len(record["frames"]), model.n_members
@@ -240,6 +242,6 @@ def _run_md(
     return {
         "walkers": results,
         "n_frames": sum(r["n_frames"] for r in results),
-        "version": int(extra.get("version", -1)),
+        "version": version,
         **where_and_when(t_start),
     }

@@ -181,6 +181,9 @@ class Coordinator:
         self._resumed_at: float | None = None
         self._reference_attempts = 0
         self._failures_in_a_row: Counter[str] = Counter()
+        self.observers: list[Callable[[Coordinator], None]] = []
+        """Called once per turn of the loop (live view, report refresh); they throttle
+        themselves, and one that raises is logged and dropped."""
         self.selector = Selector(
             campaign, seed=[campaign.seed, len(self.state.versions)], cutoff=campaign.model.cutoff
         )
@@ -249,6 +252,7 @@ class Coordinator:
             self._submit_ready()
             self._note_resume_cost()
             self.journal.save(self.state, self.queue, self._next_task_id)
+            self._notify_observers()
             if not self.in_flight or (self.state.stop_reason and not self._draining()):
                 break
             done, _ = wait(list(self.in_flight), timeout=self.poll_s, return_when=FIRST_COMPLETED)
@@ -257,6 +261,14 @@ class Coordinator:
                 self._in_flight_per_module[task.module] -= 1
                 self._finish(future, task)
         return self._close()
+
+    def _notify_observers(self) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(self)
+            except Exception:
+                logger.exception("observer %r failed; it is dropped", observer)
+                self.observers.remove(observer)
 
     def _note_resume_cost(self) -> None:
         """Record, once, how long a resume took until its first task was submitted."""

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         + ": %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Progress lines (pipeline/live.py) print even with --quiet.
+    logging.getLogger("palflow.progress").setLevel(logging.INFO)
     # Parsl logs everything to its own files in the run directory; on the console
     # only its warnings, so that the campaign's progress stays readable.
     for handler in logging.getLogger().handlers:
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if len(prepared) == 1:
         campaign, run, start = prepared[0]
-        summaries = [execute(campaign, run, site, start)]
+        interactive = sys.stderr.isatty() and not args.quiet
+        summaries = [execute(campaign, run, site, start, interactive)]
     else:
         summaries = execute_side_by_side(prepared, site)
     for (campaign, run, _), summary in zip(prepared, summaries, strict=True):
@@ -235,7 +238,28 @@ def check_calculator(path: str) -> None:
         )
 
 
-def execute(campaign, run, site, start) -> dict:
+def watch(coordinator, run, interactive: bool):
+    """Attach the live view and the report refresher to ``coordinator``."""
+    from pipeline.live import LiveView, ReportRefresher
+
+    view, refresher = LiveView(interactive), ReportRefresher(run.root)
+    coordinator.observers += [view, refresher]
+    return view, refresher
+
+
+def finish_watching(coordinator, run, view, refresher) -> None:
+    """Final view, and the final report (a failure to draw costs only the report)."""
+    from pipeline.report import build_report
+
+    view.close(coordinator)
+    refresher.close()
+    try:
+        logger.info("report: %s", build_report(run.root))
+    except Exception:
+        logger.exception("the report could not be built; the run itself is complete")
+
+
+def execute(campaign, run, site, start, interactive: bool = False) -> dict:
     """Load the site's executors, run the coordinator on them, and shut them down."""
     import parsl
 
@@ -255,7 +279,11 @@ def execute(campaign, run, site, start) -> dict:
             )
         else:
             coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
-        return coordinator.run()
+        view, refresher = watch(coordinator, run, interactive)
+        try:
+            return coordinator.run()
+        finally:
+            finish_watching(coordinator, run, view, refresher)
 
 
 def execute_side_by_side(prepared: list[tuple], site) -> list[dict | None]:
@@ -283,7 +311,11 @@ def execute_side_by_side(prepared: list[tuple], site) -> list[dict | None]:
                 "mpi_command": site.mpi_command,
             }
             coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
-            summaries[index] = coordinator.run()
+            view, refresher = watch(coordinator, run, interactive=False)
+            try:
+                summaries[index] = coordinator.run()
+            finally:
+                finish_watching(coordinator, run, view, refresher)
         except Exception:
             logger.exception("campaign %s failed; the others go on", campaign.name)
 

@@ -8,10 +8,13 @@ Edit the lines marked EDIT; the README's "Adapting hpc.py" lists them. Each modu
 gets its own pilot jobs (blocks), so a slow DFT queue never holds up training.
 """
 
+import os
+
 from parsl.addresses import address_by_hostname
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor, MPIExecutor
 from parsl.launchers import SimpleLauncher, SingleNodeLauncher
+from parsl.monitoring.monitoring import MonitoringHub
 from parsl.providers import SlurmProvider
 
 ACCOUNT = "YOUR_ACCOUNT"  # EDIT: the account (project) jobs are charged to
@@ -31,6 +34,11 @@ slots = {
     "train": GPUS_PER_NODE,
     "infer": GPUS_PER_NODE,
 }
+
+# Parsl's own monitoring (MonitoringHub: every task's states and resource use in an
+# SQLite database, RUN_DIR/parsl/monitoring.db, for parsl-visualize). Off by default;
+# PALFLOW_MONITORING=1 or True here turns it on. Needs: pip install "parsl[monitoring]".
+MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
 
 config = Config(
     executors=[
@@ -98,4 +106,5 @@ config = Config(
     strategy="htex_auto_scale",  # grow and shrink blocks between min_blocks and max_blocks
     retries=2,  # a task lost with a pilot job (node failure) runs again on another
     usage_tracking=0,  # send nothing anywhere
+    monitoring=MonitoringHub(workflow_name="palflow") if MONITORING else None,
 )

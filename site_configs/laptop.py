@@ -6,8 +6,11 @@ calculator cannot take the coordinator down, and tasks travel exactly as they wi
 on a cluster. The interchanges listen on loopback only and encrypt their traffic.
 """
 
+import os
+
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor
+from parsl.monitoring.monitoring import MonitoringHub
 from parsl.providers import LocalProvider
 
 # Worker processes per module. Two cores are shared by all of them: training and
@@ -42,9 +45,15 @@ def _executor(label: str) -> HighThroughputExecutor:
     )
 
 
+# Parsl's own monitoring (MonitoringHub: every task's states and resource use in an
+# SQLite database, RUN_DIR/parsl/monitoring.db, for parsl-visualize). Off by default;
+# PALFLOW_MONITORING=1 or True here turns it on. Needs: pip install "parsl[monitoring]".
+MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
+
 config = Config(
     executors=[_executor(label) for label in ("oracle", "generator", "train", "infer")],
     run_dir="runinfo",  # Parsl's own logs, beside the campaign's run directory
     strategy="none",  # fixed blocks: no scaling on a laptop
     usage_tracking=0,  # send nothing anywhere
+    monitoring=MonitoringHub(workflow_name="palflow") if MONITORING else None,
 )

@@ -7,11 +7,13 @@ with sbatch, exactly as on a cluster. Used by the Slurm integration tests:
     python pipeline/run.py --site local_slurm.py
 """
 
+import os
 import sys
 
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor, MPIExecutor
 from parsl.launchers import SimpleLauncher, SingleNodeLauncher
+from parsl.monitoring.monitoring import MonitoringHub
 from parsl.providers import SlurmProvider
 
 # Jobs find palflow's venv by this interpreter; srun launches MPI ranks through PMIx
@@ -43,6 +45,11 @@ def _provider(partition: str, options: str = "", launcher=None) -> SlurmProvider
         launcher=launcher or SingleNodeLauncher(),
     )
 
+
+# Parsl's own monitoring (MonitoringHub: every task's states and resource use in an
+# SQLite database, RUN_DIR/parsl/monitoring.db, for parsl-visualize). Off by default;
+# PALFLOW_MONITORING=1 or True here turns it on. Needs: pip install "parsl[monitoring]".
+MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
 
 config = Config(
     executors=[
@@ -83,4 +90,5 @@ config = Config(
     strategy="simple",  # replaces a lost pilot job (scancel, node failure) at once
     retries=2,  # a task lost with its pilot job runs again on the new one
     usage_tracking=0,  # send nothing anywhere
+    monitoring=MonitoringHub(workflow_name="palflow") if MONITORING else None,
 )

@@ -5,11 +5,19 @@ but Python-heavy work (small-molecule MD) contends for it; use laptop.py for rea
 runs on one machine.
 """
 
+import os
+
 from parsl.config import Config
 from parsl.executors.threads import ThreadPoolExecutor
+from parsl.monitoring.monitoring import MonitoringHub
 
 # Tasks the coordinator keeps in flight per module; each pool has as many threads.
 slots = {"oracle": 1, "generator": 2, "train": 2, "infer": 1}
+
+# Parsl's own monitoring (MonitoringHub: every task's states and resource use in an
+# SQLite database, RUN_DIR/parsl/monitoring.db, for parsl-visualize). Off by default;
+# PALFLOW_MONITORING=1 or True here turns it on. Needs: pip install "parsl[monitoring]".
+MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
 
 config = Config(
     executors=[
@@ -18,4 +26,5 @@ config = Config(
     ],
     run_dir="runinfo",  # Parsl's own logs
     usage_tracking=0,  # send nothing anywhere
+    monitoring=MonitoringHub(workflow_name="palflow") if MONITORING else None,
 )
