@@ -36,7 +36,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
-from benchmarks.time_to_accuracy import first_at_or_below, held_out_set  # noqa: E402
+from benchmarks.time_to_accuracy import first_at_or_below, held_out_set, warm_up  # noqa: E402
 
 STRATEGIES = {
     "max force spread": {},
@@ -59,6 +59,7 @@ def run_strategy(name: str, seed: int, args, site, work: Path, test_file: str) -
     campaign = load_campaign(
         args.campaign,
         seed=seed,
+        selection__max_labels_per_version=args.pace,
         stop__max_labels=args.labels,
         stop__max_wall_s=args.max_wall,
         stop__final_training_s=0.0,
@@ -97,7 +98,8 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--site", default="laptop.py")
     parser.add_argument("--campaign", help="campaign TOML (default: ethanol with GFN2-xTB)")
-    parser.add_argument("--labels", type=int, default=200, help="label budget of every run")
+    parser.add_argument("--labels", type=int, default=80, help="label budget of every run")
+    parser.add_argument("--pace", type=int, default=8, help="labels per ensemble version")
     parser.add_argument("--max-wall", type=float, default=400.0, help="wall limit per run, s")
     parser.add_argument("--test-structures", type=int, default=32)
     parser.add_argument("--target", type=float, help="target test force MAE, eV/Å")
@@ -115,6 +117,7 @@ def main() -> None:
     site.config.run_dir = str(work / "parsl")
     runs = []
     with parsl.load(site.config):
+        warm_up(site.slots)
         for seed in args.seeds:
             for name in args.strategies:
                 run = run_strategy(name, seed, args, site, work, test_file)

@@ -152,12 +152,12 @@ class SelectionSettings(_Section):
     """Cap on frames taken from one walker's segment."""
     min_frame_gap: int = Field(4, ge=0)
     """Diversity: picked frames of one trajectory are at least this many frames apart."""
-    max_labels_per_version: int = Field(0, ge=0)
+    max_labels_per_version: int = Field(8, ge=0)
     """Pacing (0: none): at most this many active labels per ensemble version
     published, so that labels come no faster than the ensemble learns from them and
-    every batch is chosen by a recent ensemble. For oracles cheaper than training
-    (xTB); with DFT the oracle paces itself. Generators pause while the queue holds
-    twice this many candidates."""
+    every batch is chosen by a recent ensemble. It binds with oracles cheaper than
+    training (xTB: see benchmarks/time_to_accuracy.py); a DFT oracle paces itself.
+    Generators pause while the queue holds twice this many candidates."""
     rescore: bool = True
     """Re-score the oracle queue with each new ensemble (PAL's dynamic oracle list)."""
     max_queue: int = Field(256, ge=1)
