@@ -44,12 +44,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     campaign = load_campaign()
     spec = ModelSpec(**campaign.model.model_dump(exclude={"name", "n_members"}))
     torch.manual_seed(0)
-    ensembles = {k: SchNetEnsemble(spec, k).eval() for k in (1, 4, 8)}
+    ensembles = {k: SchNetEnsemble(spec, k).eval().to(args.device) for k in (1, 4, 8)}
     singles = {k: [ensembles[k].member(i).eval() for i in range(k)] for k in (4, 8)}
     rng = np.random.default_rng(0)
     base = molecule(campaign.system.structure)
@@ -63,7 +64,7 @@ def main() -> None:
         return out
 
     def step(models, structures):
-        batch = build_batch(structures, spec.cutoff, "cpu", with_targets=False)
+        batch = build_batch(structures, spec.cutoff, args.device, with_targets=False)
         for model in models:
             _run(model, batch)
 
@@ -102,7 +103,9 @@ def main() -> None:
     median_ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
     base_ms = median_ms["K=1"]
     rows = []
-    print(f"one MD step of {campaign.system.structure}, torch threads {args.threads}")
+    print(
+        f"one MD step of {campaign.system.structure} on {args.device}, torch threads {args.threads}"
+    )
     print(f"{'variant':<22}{'ms (median)':>12}{'/ K=1':>8}")
     for name in variants:
         rows.append({"variant": name, "ms": median_ms[name], "over_K1": median_ms[name] / base_ms})
@@ -114,7 +117,9 @@ def main() -> None:
             {"variant": name, "walkers": walkers, "ms": median_ms[name], "ms_per_walker_step": per}
         )
         print(f"{name:<22}{per:>20.3f}")
-    tasks = generator_tasks(ensembles[4], base, campaign, max(args.repeat // 40, 3))
+    tasks = generator_tasks(
+        ensembles[4].to("cpu"), base, campaign, max(args.repeat // 40, 3), args.device
+    )
     print(
         f"{'generator tasks (K=4)':<26}{'s per walker-segment':>22}{'one per task / together':>26}"
     )
@@ -140,7 +145,9 @@ def main() -> None:
     plot(rows, out / "batched_ensemble.png")
 
 
-def generator_tasks(model, start, campaign, repeat: int) -> dict[int, tuple[float, float]]:
+def generator_tasks(
+    model, start, campaign, repeat: int, device: str = "cpu"
+) -> dict[int, tuple[float, float]]:
     """Seconds per walker-segment of real generator tasks: W walkers in one task,
     and W tasks of one walker; medians over ``repeat`` rounds, interleaved."""
     import tempfile
@@ -172,6 +179,7 @@ def generator_tasks(model, start, campaign, repeat: int) -> dict[int, tuple[floa
             [str(work / f"w{i}.extxyz") for i in range(walkers)],
             settings,
             seed,
+            device=device,
         )
         assert not any(w["blew_up"] for w in result["walkers"])
 

@@ -159,7 +159,7 @@ class LiveView:
         self.interactive = interactive
         self.interval_s = interval_s
         self.rate = LabelRate()
-        self._last = 0.0
+        self._last = float("-inf")  # the first call always shows
         self._live = None
         if interactive:
             from rich.console import Console
@@ -183,7 +183,7 @@ class LiveView:
     def close(self, coordinator=None) -> None:
         """Show the final state once more, and give the terminal back."""
         if coordinator is not None:
-            self._last = 0.0
+            self._last = float("-inf")
             self(coordinator)
         if self._live is not None:
             self._live.stop()
