@@ -22,6 +22,14 @@ from apps.model import SchNetEnsemble, build_batch, default_device, load_checkpo
 logger = logging.getLogger(__name__)
 
 
+def atom_force_spread(member_forces: np.ndarray) -> np.ndarray:
+    """[N] per atom, ``sqrt(mean_k |F_ik - <F_i>|^2)``: the root-mean-square deviation
+    of the members' force vectors [K, N, 3] from their mean, eV/Å."""
+    member_forces = np.asarray(member_forces, dtype=np.float64)
+    deviation = member_forces - member_forces.mean(axis=0, keepdims=True)
+    return np.sqrt((deviation**2).sum(axis=-1).mean(axis=0))
+
+
 def ensemble_disagreement(
     member_energies: np.ndarray,
     member_forces: np.ndarray,
@@ -51,14 +59,12 @@ def ensemble_disagreement(
         [S] the same per-atom deviation averaged over the structure's atoms, eV/Å.
     """
     member_energies = np.asarray(member_energies, dtype=np.float64)
-    member_forces = np.asarray(member_forces, dtype=np.float64)
     structure_index = np.asarray(structure_index, dtype=np.int64)
     n_atoms = np.asarray(n_atoms, dtype=np.int64)
     n_structures = len(n_atoms)
 
     energy_spread = member_energies.std(axis=0) / np.maximum(n_atoms, 1)
-    deviation = member_forces - member_forces.mean(axis=0, keepdims=True)
-    per_atom = np.sqrt((deviation**2).sum(axis=-1).mean(axis=0))  # [N]
+    per_atom = atom_force_spread(member_forces)
     max_spread = np.zeros(n_structures)
     np.maximum.at(max_spread, structure_index, per_atom)
     mean_spread = np.bincount(structure_index, weights=per_atom, minlength=n_structures)

@@ -100,7 +100,11 @@ def read_dataset(path: str | os.PathLike) -> list[Atoms]:
     Labelled structures come back with a :class:`SinglePointCalculator` holding
     ``energy`` (eV) and ``forces`` (eV/Å).
     """
-    arrays = read_arrays(path)
+    return structures_from_arrays(read_arrays(path))
+
+
+def structures_from_arrays(arrays: dict[str, np.ndarray]) -> list[Atoms]:
+    """The structures of a dataset already read with :func:`read_arrays`."""
     structures = []
     offsets = np.concatenate([[0], np.cumsum(arrays["n_atoms"])])
     for index, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):

@@ -160,22 +160,6 @@ def delayed_functions(times: dict[str, float]) -> dict[str, object]:
     }
 
 
-def warm_up(slots: dict[str, int]) -> None:
-    """Give every worker a first task, so that its imports (torch) happen before the
-    clocks start, for the serial loop and the streaming pipeline alike."""
-    from parsl import python_app
-
-    from apps.common import _ping
-
-    futures = [
-        python_app(_ping, executors=[module])()
-        for module, count in slots.items()
-        for _ in range(3 * count)
-    ]
-    for future in futures:
-        future.result()
-
-
 def run_one(site: str, loop: type, times: dict[str, float], iterations: int) -> dict:
     import parsl
     from parsl import python_app
@@ -185,6 +169,7 @@ def run_one(site: str, loop: type, times: dict[str, float], iterations: int) -> 
 
     from pipeline.campaign_state import load_start_structure
     from pipeline.rundir import RunDirectory
+    from pipeline.sites import warm_up
 
     settings = campaign(iterations)
     work = Path(tempfile.mkdtemp(prefix="palflow-overlap-"))

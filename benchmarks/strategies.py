@@ -36,7 +36,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
-from benchmarks.time_to_accuracy import first_at_or_below, held_out_set, warm_up  # noqa: E402
+from benchmarks.time_to_accuracy import first_at_or_below, held_out_set, run_on_site  # noqa: E402
 
 STRATEGIES = {
     "max force spread": {},
@@ -51,9 +51,7 @@ threshold."""
 
 
 def run_strategy(name: str, seed: int, args, site, work: Path, test_file: str) -> dict:
-    from pipeline.campaign_state import load_start_structure
-    from pipeline.coordinator import Apps, Coordinator
-    from pipeline.rundir import RunDirectory
+    from pipeline.coordinator import Coordinator
     from pipeline.settings import load_campaign
 
     campaign = load_campaign(
@@ -66,19 +64,8 @@ def run_strategy(name: str, seed: int, args, site, work: Path, test_file: str) -
         test__file=test_file,
         **STRATEGIES[name],
     )
-    run = RunDirectory.create(work / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}")
-    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
-    summary = Coordinator(
-        campaign,
-        run,
-        Apps.parsl(),
-        site.slots,
-        start,
-        oracle_resources=site.oracle_resources(
-            campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes
-        ),
-        mpi_command=site.mpi_command,
-    ).run()
+    root = work / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}"
+    summary = run_on_site(Coordinator, campaign, root, site)
     errors = summary["test_errors"]
     return {
         "strategy": name,
@@ -108,7 +95,7 @@ def main() -> None:
     import parsl
 
     from pipeline.settings import load_campaign
-    from pipeline.sites import load_site
+    from pipeline.sites import load_site, warm_up
 
     work = Path(tempfile.mkdtemp(prefix="palflow-strategies-"))
     print(f"runs in {work}", flush=True)

@@ -75,22 +75,6 @@ def held_out_set(campaign, folder: Path, n_structures: int) -> str:
     return str(path)
 
 
-def warm_up(slots: dict[str, int]) -> None:
-    """Give every worker a first task, so that its imports (torch) happen before the
-    first run's clock starts, not inside it."""
-    from parsl import python_app
-
-    from apps.common import _ping
-
-    futures = [
-        python_app(_ping, executors=[module])()
-        for module, count in slots.items()
-        for _ in range(3 * count)
-    ]
-    for future in futures:
-        future.result()
-
-
 def campaign_for(variant: str, seed: int, args, test_file: str):
     from pipeline.settings import load_campaign
 
@@ -107,27 +91,26 @@ def campaign_for(variant: str, seed: int, args, test_file: str):
     return load_campaign(args.campaign, **overrides)
 
 
-def run_variant(variant: str, seed: int, args, site, work: Path, test_file: str) -> dict:
+def run_on_site(loop: type, campaign, root: Path, site) -> dict:
+    """Run ``campaign`` with ``loop`` (a coordinator class) on the loaded ``site``, in
+    a new run directory ``root``; return its summary."""
     from pipeline.campaign_state import load_start_structure
-    from pipeline.coordinator import Apps, Coordinator
+    from pipeline.coordinator import Apps
     from pipeline.rundir import RunDirectory
+
+    run = RunDirectory.create(root, campaign.model_dump())
+    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+    options = site.coordinator_options(campaign)
+    return loop(campaign, run, Apps.parsl(), site.slots, start, **options).run()
+
+
+def run_variant(variant: str, seed: int, args, site, work: Path, test_file: str) -> dict:
+    from pipeline.coordinator import Coordinator
     from pipeline.serial import SerialLoop
 
     campaign = campaign_for(variant, seed, args, test_file)
-    run = RunDirectory.create(work / f"{variant}-seed{seed}", campaign.model_dump())
     loop = SerialLoop if variant == "serial" else Coordinator
-    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
-    summary = loop(
-        campaign,
-        run,
-        Apps.parsl(),
-        site.slots,
-        start,
-        oracle_resources=site.oracle_resources(
-            campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes
-        ),
-        mpi_command=site.mpi_command,
-    ).run()
+    summary = run_on_site(loop, campaign, work / f"{variant}-seed{seed}", site)
     curve = [
         {"labels": e["labels"], "wall_s": e["wall_s"], "force_mae": e["force_mae"]}
         for e in summary["test_errors"]
@@ -225,7 +208,7 @@ def main() -> None:
     import parsl
 
     from pipeline.settings import load_campaign
-    from pipeline.sites import load_site
+    from pipeline.sites import load_site, warm_up
 
     work = Path(tempfile.mkdtemp(prefix="palflow-tta-"))
     print(f"runs in {work}", flush=True)

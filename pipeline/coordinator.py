@@ -38,7 +38,7 @@ import numpy as np
 from ase import Atoms
 from ase.io import write
 
-from apps.dataset import read_arrays, read_dataset, write_dataset
+from apps.dataset import read_arrays, read_dataset, structures_from_arrays, write_dataset
 from pipeline.campaign_state import CampaignState, Member, Snapshot, Version, Walker
 from pipeline.journal import Journal, candidate_arrays, resume_state, retry_allowed
 from pipeline.measures import EnsemblePrediction
@@ -626,8 +626,9 @@ class Coordinator:
         if not outcome["n_frames"]:
             return False
         selection = self.campaign.selection
-        frames = read_dataset(outcome["output_path"])
-        prediction = prediction_of_frames(read_arrays(outcome["output_path"]))
+        arrays = read_arrays(outcome["output_path"])
+        frames = structures_from_arrays(arrays)
+        prediction = EnsemblePrediction.from_arrays(arrays)
         if prediction is None:  # a generator that keeps no member predictions
             scores = np.asarray(outcome["force_disagreement"], dtype=float)
         else:
@@ -667,9 +668,12 @@ class Coordinator:
         ids = [int(i) for i in result["candidate_id"]]
         scores = np.asarray(result["force_disagreement"], dtype=float)
         if result.get("output_path"):
-            prediction = prediction_of_frames(read_arrays(result["output_path"]))
+            prediction = EnsemblePrediction.from_arrays(read_arrays(result["output_path"]))
             if prediction is not None:
-                scores = self.selector.score(prediction, read_dataset(task.meta["input_path"]))
+                structures = None
+                if self.selector.needs_descriptors:
+                    structures = read_dataset(task.meta["input_path"])
+                scores = self.selector.score(prediction, structures)
         new = zip(result["force_disagreement"], result["energy_disagreement"], scores, strict=True)
         dropped = self.queue.rescore(
             dict(zip(ids, new, strict=True)), result["version"], self.selector.threshold()
@@ -755,29 +759,3 @@ class Coordinator:
         )
         logger.info("campaign stopped: %s", summary["stop_reason"])
         return summary
-
-
-def prediction_of_frames(arrays: dict[str, np.ndarray]) -> EnsemblePrediction | None:
-    """The members' predictions stored beside frames (generator or scoring output),
-    or None when the file holds none.
-
-    Generator files hold ``member_energies`` [F, K] and ``member_forces``
-    [F, K, n, 3]; scoring files ``member_energies`` [K, S], ``member_forces``
-    [K, N, 3] and ``n_atoms`` [S].
-    """
-    if "member_forces" not in arrays:
-        return None
-    energies, forces = arrays["member_energies"], arrays["member_forces"]
-    if forces.ndim == 3:
-        n_atoms = arrays["n_atoms"].astype(np.int64)
-    else:
-        n_frames, _, n, _ = forces.shape
-        energies = energies.T
-        forces = forces.transpose(1, 0, 2, 3).reshape(forces.shape[1], n_frames * n, 3)
-        n_atoms = np.full(n_frames, n, dtype=np.int64)
-    return EnsemblePrediction(
-        member_energies=np.asarray(energies, dtype=float),
-        member_forces=np.asarray(forces, dtype=float),
-        structure_index=np.repeat(np.arange(len(n_atoms)), n_atoms),
-        n_atoms=n_atoms,
-    )

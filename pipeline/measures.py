@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from scipy.spatial.distance import cdist
+
+from apps.calculator import atom_force_spread, ensemble_disagreement
 
 __all__ = [
     "MEASURES",
@@ -63,6 +66,32 @@ class EnsemblePrediction:
     n_atoms: np.ndarray
     descriptors: np.ndarray | None = None
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> EnsemblePrediction | None:
+        """The members' predictions stored beside structures, or None when the file
+        holds none.
+
+        Generator files hold ``member_energies`` [F, K] and ``member_forces``
+        [F, K, n, 3]; scoring files ``member_energies`` [K, S], ``member_forces``
+        [K, N, 3] and ``n_atoms`` [S].
+        """
+        if "member_forces" not in arrays:
+            return None
+        energies, forces = arrays["member_energies"], arrays["member_forces"]
+        if forces.ndim == 3:
+            n_atoms = arrays["n_atoms"].astype(np.int64)
+        else:
+            n_frames, n_members, n, _ = forces.shape
+            energies = energies.T
+            forces = forces.transpose(1, 0, 2, 3).reshape(n_members, n_frames * n, 3)
+            n_atoms = np.full(n_frames, n, dtype=np.int64)
+        return cls(
+            member_energies=np.asarray(energies, dtype=float),
+            member_forces=np.asarray(forces, dtype=float),
+            structure_index=np.repeat(np.arange(len(n_atoms)), n_atoms),
+            n_atoms=n_atoms,
+        )
+
     @property
     def n_structures(self) -> int:
         return len(self.n_atoms)
@@ -77,15 +106,16 @@ class EnsemblePrediction:
         np.maximum.at(out, self.structure_index, per_atom)
         return out
 
-    def per_structure_mean(self, per_atom: np.ndarray) -> np.ndarray:
-        """[S] mean per-atom value of each structure."""
-        total = np.bincount(self.structure_index, weights=per_atom, minlength=self.n_structures)
-        return total / np.maximum(self.n_atoms, 1)
-
     def atom_force_spread(self) -> np.ndarray:
         """[N] root-mean-square deviation of the members' force vectors from their mean."""
-        deviation = self.member_forces - self.member_forces.mean(axis=0, keepdims=True)
-        return np.sqrt((deviation**2).sum(axis=-1).mean(axis=0))
+        return atom_force_spread(self.member_forces)
+
+    def spreads(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[S] energy spread per atom, largest and mean atomic force spread: the
+        calculator's own :func:`~apps.calculator.ensemble_disagreement`."""
+        return ensemble_disagreement(
+            self.member_energies, self.member_forces, self.structure_index, self.n_atoms
+        )
 
 
 @dataclass
@@ -165,19 +195,19 @@ def get_measure(name: str) -> Measure:
 @register_measure("energy_spread")
 def energy_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
     """Standard deviation over members of the energy per atom, eV/atom."""
-    return prediction.member_energies.std(axis=0) / np.maximum(prediction.n_atoms, 1)
+    return prediction.spreads()[0]
 
 
 @register_measure("max_force_spread")
 def max_force_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
     """Largest atomic force spread (DP-GEN's model deviation), eV/Å."""
-    return prediction.per_structure_max(prediction.atom_force_spread())
+    return prediction.spreads()[1]
 
 
 @register_measure("mean_force_spread")
 def mean_force_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
     """Atomic force spread averaged over the structure's atoms, eV/Å."""
-    return prediction.per_structure_mean(prediction.atom_force_spread())
+    return prediction.spreads()[2]
 
 
 @register_measure("relative_force_spread")
@@ -229,19 +259,13 @@ def labelled_distance(prediction: EnsemblePrediction, context: MeasureContext) -
     labelled = context.labelled_descriptors
     if labelled is None or len(labelled) == 0:
         return np.full(prediction.n_structures, np.inf)
-    nearest = _pairwise(prediction.descriptors, labelled).min(axis=1)
+    nearest = cdist(prediction.descriptors, labelled).min(axis=1)
     if len(labelled) < 2:
         return nearest
-    within = _pairwise(labelled, labelled)
+    within = cdist(labelled, labelled)
     np.fill_diagonal(within, np.inf)
     scale = float(np.median(within.min(axis=1)))
     return nearest / scale if scale > 0 else nearest
-
-
-def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[len(a), len(b)] Euclidean distances."""
-    squared = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.maximum(squared, 0.0))
 
 
 def descriptor(structures, cutoff: float = 5.0, n_bins: int = 32, width: float = 0.2) -> np.ndarray:

@@ -266,12 +266,7 @@ def execute(campaign, run, site, start, interactive: bool = False) -> dict:
     from pipeline.coordinator import Apps, Coordinator
 
     site.config.run_dir = run.path("parsl")
-    options = {
-        "oracle_resources": site.oracle_resources(
-            campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes
-        ),
-        "mpi_command": site.mpi_command,
-    }
+    options = site.coordinator_options(campaign)
     with parsl.load(site.config):
         if start is None:
             coordinator = Coordinator.resume(
@@ -304,13 +299,9 @@ def execute_side_by_side(prepared: list[tuple], site) -> list[dict | None]:
 
     def run_one(index: int, campaign, run, start) -> None:
         try:
-            options = {
-                "oracle_resources": site.oracle_resources(
-                    campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes
-                ),
-                "mpi_command": site.mpi_command,
-            }
-            coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
+            coordinator = Coordinator(
+                campaign, run, Apps.parsl(), site.slots, start, **site.coordinator_options(campaign)
+            )
             view, refresher = watch(coordinator, run, interactive=False)
             try:
                 summaries[index] = coordinator.run()

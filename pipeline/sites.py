@@ -13,6 +13,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.coordinator import MODULES
 
@@ -44,6 +45,31 @@ class Site:
         if not self.oracle_mpi:
             return None
         return {"num_ranks": ranks, "num_nodes": nodes, "ranks_per_node": -(-ranks // nodes)}
+
+    def coordinator_options(self, campaign) -> dict[str, Any]:
+        """What a coordinator of ``campaign`` needs to know about this site."""
+        return {
+            "oracle_resources": self.oracle_resources(
+                campaign.oracle.mpi_ranks, campaign.oracle.mpi_nodes
+            ),
+            "mpi_command": self.mpi_command,
+        }
+
+
+def warm_up(slots: dict[str, int]) -> None:
+    """Give every worker of the loaded executors a first task (three per slot), so that
+    its imports (torch) happen now rather than inside a timed run."""
+    from parsl import python_app
+
+    from apps.common import _ping
+
+    futures = [
+        python_app(_ping, executors=[module])()
+        for module, count in slots.items()
+        for _ in range(3 * count)
+    ]
+    for future in futures:
+        future.result()
 
 
 def resolve_site_path(name: str) -> Path:

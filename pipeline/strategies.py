@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
+from scipy.spatial.distance import cdist
 
 from pipeline.measures import (
     NEEDS_DESCRIPTORS,
@@ -58,7 +59,7 @@ class CoresetQuery:
         known = context.labelled_descriptors
         nearest = np.full(len(candidates), np.inf)
         if known is not None and len(known):
-            nearest = _distances(points, known).min(axis=1)
+            nearest = cdist(points, known).min(axis=1)
         picked: list[int] = []
         for _ in range(min(size, len(candidates))):
             if np.isinf(nearest).all():  # nothing known yet: start from the top score
@@ -68,7 +69,7 @@ class CoresetQuery:
                 masked[picked] = -1.0
                 choice = int(np.argmax(masked))
             picked.append(choice)
-            nearest = np.minimum(nearest, _distances(points, points[choice : choice + 1])[:, 0])
+            nearest = np.minimum(nearest, cdist(points, points[choice : choice + 1])[:, 0])
         return [candidates[i] for i in picked]
 
 
@@ -124,11 +125,6 @@ def make_query(name: str) -> Query:
     return query
 
 
-def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    squared = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.maximum(squared, 0.0))
-
-
 class Selector:
     """The campaign's selection strategy (see the module's description).
 
@@ -176,9 +172,16 @@ class Selector:
         known = self.labelled_descriptors
         self.labelled_descriptors = new if known is None else np.vstack([known, new])
 
-    def score(self, prediction: EnsemblePrediction, structures: Sequence[Atoms]) -> np.ndarray:
-        """The measure's score of each structure; recent scores feed the percentile."""
+    def score(
+        self, prediction: EnsemblePrediction, structures: Sequence[Atoms] | None = None
+    ) -> np.ndarray:
+        """The measure's score of each structure; recent scores feed the percentile.
+
+        ``structures`` are read only by measures of descriptors (``needs_descriptors``).
+        """
         if self.needs_descriptors and prediction.descriptors is None:
+            if structures is None:
+                raise ValueError(f"measure {self.settings.measure!r} needs the structures")
             prediction.descriptors = self.descriptors(structures)
         context = MeasureContext(
             rng=self.rng,

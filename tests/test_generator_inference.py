@@ -204,13 +204,12 @@ def test_scores_match_the_calculator_and_keep_ids(tmp_path, ensemble_path):
         assert energy == pytest.approx(calc.results["energy_disagreement"], rel=1e-4, abs=1e-8)
     # With an output file, every member's predictions come along for the coordinator's
     # selection measure; the default measure recomputed from them gives the same spread.
-    from pipeline.coordinator import prediction_of_frames
-    from pipeline.measures import MeasureContext, max_force_spread
+    from pipeline.measures import EnsemblePrediction, MeasureContext, max_force_spread
 
     _score_candidates(
         ensemble_path, str(tmp_path / "queue.npz"), output_path=str(tmp_path / "s.npz")
     )
-    prediction = prediction_of_frames(read_arrays(tmp_path / "s.npz"))
+    prediction = EnsemblePrediction.from_arrays(read_arrays(tmp_path / "s.npz"))
     assert prediction.member_forces.shape == (4, 27, 3)
     np.testing.assert_allclose(
         max_force_spread(prediction, MeasureContext()), result["force_disagreement"], rtol=1e-4

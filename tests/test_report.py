@@ -8,25 +8,23 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from pipeline.live import LabelRate, LiveView, plain_line, render, snapshot
 from pipeline.report import FIGURES, build_report, run_status
 from tests.test_cli import ROOT, run_cli, small_campaign
-from tests.test_coordinator import run_campaign
 from tests.test_coordinator import small_campaign as small_settings
 
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
     """A finished short campaign (EMT, thread pools), and its coordinator."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline.campaign_state import load_start_structure
     from pipeline.coordinator import MODULES, Apps, Coordinator
     from pipeline.rundir import RunDirectory
-
-    from concurrent.futures import ThreadPoolExecutor
 
     tmp_path = tmp_path_factory.mktemp("recorded")
     campaign = small_settings(selection__max_labels_per_version=8)
