@@ -221,10 +221,7 @@ class Coordinator:
         coordinator.queue = queue
         coordinator._next_task_id = next_task_id
         if coordinator.selector.needs_descriptors:  # the diversity measures' reference
-            from ase.db import connect
-
-            with connect(run.labels_db) as db:
-                coordinator.selector.note_labelled([row.toatoms() for row in db.select()])
+            coordinator.selector.note_labelled(state.labelled)
         coordinator._resumed_at = resumed_at
         return coordinator
 

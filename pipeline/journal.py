@@ -249,11 +249,9 @@ def _elapsed_from_events(run: RunDirectory) -> float:
 
 
 def _restore_labels(state: CampaignState, run: RunDirectory) -> None:
-    from ase.db import connect
-
     if not run.labels_db.exists():
         return
-    for row in connect(run.labels_db).select(sort="id"):
+    for row in run.labels().select(sort="id"):
         state.labelled.append(row.toatoms())
         state.label_ids.append(int(row.candidate_id))
         if row.source == "initial":

@@ -156,12 +156,12 @@ class RunData:
         """For up to ``limit`` active labels: the force spread predicted when they were
         picked, and the true mean absolute force error of the ensemble that picked
         them (its checkpoint, against the oracle's forces)."""
-        from ase.db import connect
+        from pipeline.rundir import open_labels
 
         db_path = self.root / "labels.db"
         if not db_path.exists():
             return np.zeros(0), np.zeros(0)
-        with connect(db_path) as db:
+        with open_labels(db_path) as db:
             rows = [r for r in db.select(source="active") if "scored_version" in r.key_value_pairs]
         if not rows:
             return np.zeros(0), np.zeros(0)

@@ -165,28 +165,39 @@ class RunDirectory:
                 logger.warning("skipping a torn line in %s", path)
         return events
 
+    def labels(self):
+        """``labels.db``, opened for reading or writing (see :func:`open_labels`)."""
+        return open_labels(self.labels_db)
+
     def store_labels(self, structures: Sequence[Atoms], metadata: Iterable[dict]) -> None:
         """Add labelled structures to ``labels.db`` in one transaction."""
-        from ase.db import connect
-
-        with connect(self.labels_db) as database:
+        with self.labels() as database:
             for atoms, key_value_pairs in zip(structures, metadata, strict=True):
                 database.write(atoms, key_value_pairs=key_value_pairs)
 
     def export_extxyz(self) -> None:
         """Export ``labels.db`` to ``labels.extxyz`` for tools that do not read ASE db."""
-        from ase.db import connect
         from ase.io import write
 
         if not self.labels_db.exists():
             return
-        rows = [
-            row.toatoms(add_additional_information=False)
-            for row in connect(self.labels_db).select()
-        ]
+        rows = [row.toatoms(add_additional_information=False) for row in self.labels().select()]
         tmp = self.root / ".labels.extxyz.tmp"
         write(tmp, rows, format="extxyz")
         os.replace(tmp, self.root / "labels.extxyz")
+
+
+def open_labels(path: str | os.PathLike):
+    """An ASE database of labels, without ASE's lock file.
+
+    ASE guards writes with a ``.lock`` file that it creates and deletes; a process
+    killed between the two leaves it behind, and every later writer waits for it
+    forever. SQLite locks its own transactions, and the run directory's flock keeps
+    a second coordinator away, so the lock file only adds that failure.
+    """
+    from ase.db import connect
+
+    return connect(path, use_lock_file=False)
 
 
 def _jsonable(value: Any) -> Any:

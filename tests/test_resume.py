@@ -111,3 +111,19 @@ def test_resume_harvests_a_result_that_finished_while_the_coordinator_was_down(t
     assert last_batch.stat().st_mtime == mtime, "the finished batch was not recomputed"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["labels"] == 4
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_file_left_by_a_kill_does_not_stop_the_next_writer(tmp_path):
+    """ASE's database lock is a file made and removed around each write; a coordinator
+    killed in between left it, and the resumed run waited for it for ever (seen in
+    the five-kills test). The run directory's database does without it."""
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    run = RunDirectory.create(tmp_path / "run")
+    (run.root / "labels.db.lock").write_text("")  # what the kill left behind
+    atoms = molecule("H2O")
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((3, 3)))
+    run.store_labels([atoms], [{"candidate_id": 7, "source": "active"}])
+    assert [row.candidate_id for row in run.labels().select()] == [7]
