@@ -33,6 +33,18 @@ logger = logging.getLogger(__name__)
 
 SUBDIRECTORIES = ("system", "data", "models", "oracle", "generator", "infer")
 
+# Every file name of a run directory is spelled here, and only here.
+CAMPAIGN_FILE = "campaign.json"
+LABELS_DB = "labels.db"
+LABELS_EXTXYZ = "labels.extxyz"
+EVENTS_FILE = "events.jsonl"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+STATE_FILE = "state.json"
+QUEUE_FILE = "state.queue.npz"
+REPORT_FILE = "report.html"
+LOCK_FILE = ".lock"
+
 
 class RunDirectoryError(ValueError):
     """A run directory cannot be created, reopened or locked as asked."""
@@ -74,7 +86,7 @@ class RunDirectory:
         for name in SUBDIRECTORIES:
             (building.root / name).mkdir()
         if campaign is not None:
-            building.write_json("campaign.json", campaign)
+            building.write_json(CAMPAIGN_FILE, campaign)
         os.replace(building.root, run.root)  # also over an empty directory
         return run
 
@@ -88,7 +100,7 @@ class RunDirectory:
             When ``root`` is not a run directory (it has no ``campaign.json``).
         """
         run = cls(root)
-        if not (run.root / "campaign.json").is_file():
+        if not is_run_directory(run.root):
             raise RunDirectoryError(
                 f"{run.root} is not a palflow run directory (no campaign.json): "
                 "give the directory a run wrote"
@@ -108,7 +120,7 @@ class RunDirectory:
         """
         import fcntl
 
-        self._lock_handle = open(self.root / ".lock", "w")  # noqa: SIM115 (held for life)
+        self._lock_handle = open(self.root / LOCK_FILE, "w")  # noqa: SIM115 (held for life)
         try:
             fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,9 +132,119 @@ class RunDirectory:
         """Absolute path of a file in the run directory, as a string for apps."""
         return str(self.root.joinpath(*parts))
 
+    # ------------------------------------------------------------ named files
+    def file(self, name: str) -> Path:
+        """One of the run's top-level files (``STATE_FILE``, ``SUMMARY_FILE``, ...)."""
+        return self.root / name
+
     @property
     def labels_db(self) -> Path:
-        return self.root / "labels.db"
+        return self.root / LABELS_DB
+
+    @property
+    def start_structure(self) -> str:
+        """The start structure, which walkers reset to."""
+        return self.path("system", "start.extxyz")
+
+    @property
+    def queue_at_stop(self) -> str:
+        return self.path("system", "queue_at_stop.extxyz")
+
+    @property
+    def test_set(self) -> str:
+        """The labelled held-out set."""
+        return self.path("data", "test.npz")
+
+    def train_snapshot(self, n_labels: int) -> tuple[str, str]:
+        """The training and validation files of the snapshot holding ``n_labels``."""
+        return (
+            self.path("data", f"train.{n_labels:06d}.npz"),
+            self.path("data", f"valid.{n_labels:06d}.npz"),
+        )
+
+    def member_checkpoint(self, member: int, task: int) -> str:
+        """Member ``member``'s checkpoint after its training task number ``task``."""
+        return self.path("models", f"member{member}.{task:05d}.pt")
+
+    def member_checkpoints(self, member: int) -> list[tuple[int, Path]]:
+        """``(task, path)`` of the member's checkpoints on disk, oldest first."""
+        found = self.root.glob(f"models/member{member}.*.pt")
+        return sorted((int(p.suffixes[0].lstrip(".")), p) for p in found)
+
+    def ensemble(self, version: int) -> str:
+        """The stacked checkpoint of ensemble ``version``."""
+        return self.path("models", f"ensemble.v{version:05d}.pt")
+
+    def ensembles(self) -> list[tuple[int, Path]]:
+        """``(version, path)`` of every published ensemble, oldest first."""
+        found = self.root.glob("models/ensemble.v*.pt")
+        return sorted((int(p.name.split(".v")[1].split(".")[0]), p) for p in found)
+
+    def oracle_batch(self, task_id: int) -> tuple[str, str]:
+        """What oracle task ``task_id`` was asked (``.in.npz``) and answered (``.out.npz``)."""
+        stem = f"batch{task_id:06d}"
+        return self.path("oracle", f"{stem}.in.npz"), self.path("oracle", f"{stem}.out.npz")
+
+    def oracle_batches(self) -> list[tuple[int, Path, Path]]:
+        """``(task_id, input, output)`` of every oracle batch sent, oldest first; the
+        output may not exist."""
+        batches = []
+        for path in self.root.glob("oracle/batch*.in.npz"):
+            task_id = int(path.name[len("batch") :].split(".")[0])
+            batches.append((task_id, path, path.with_name(path.name.replace(".in.", ".out."))))
+        return sorted(batches)
+
+    @staticmethod
+    def batch_input_of(output_path: str) -> str:
+        """The ``.in.npz`` beside an oracle batch's ``.out.npz``."""
+        return output_path.replace(".out.npz", ".in.npz")
+
+    def oracle_scratch(self, name: str) -> str:
+        """Where a failed oracle task's scratch is kept for a post-mortem."""
+        return self.path("oracle", "scratch", name)
+
+    def walker_segment(self, walker: int, segment: int) -> tuple[str, str]:
+        """A walker's MD segment: its frames (``.npz``) and last frame (``.extxyz``)."""
+        stem = f"walker{walker:03d}.seg{segment:05d}"
+        return self.path("generator", f"{stem}.npz"), self.path("generator", f"{stem}.last.extxyz")
+
+    def walker_segments(self) -> list[tuple[int, Path]]:
+        """``(walker, frames file)`` of every MD segment written, in order."""
+        found = sorted(self.root.glob("generator/walker*.seg*.npz"))
+        return [(int(p.name[len("walker") :].split(".")[0]), p) for p in found]
+
+    def queue_for_scoring(self, version: int) -> tuple[str, str]:
+        """The oracle queue sent for re-scoring with ``version``, and the scores."""
+        stem = f"queue.v{version:05d}"
+        return self.path("infer", f"{stem}.npz"), self.path("infer", f"{stem}.scores.npz")
+
+    # ------------------------------------------------------------ reading and writing
+    def read_json(self, name: str) -> Any:
+        """A top-level JSON file, or None when it is missing or torn."""
+        try:
+            return json.loads((self.root / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """The records of a JSON-lines file (a torn last line is skipped)."""
+        path = self.root / name
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("skipping a torn line in %s", path)
+        return records
+
+    def read_state(self) -> dict[str, Any]:
+        """The coordinator's saved bookkeeping (empty before the first save)."""
+        return self.read_json(STATE_FILE) or {}
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.write_json(STATE_FILE, state)
 
     def write_json(self, name: str, data: Any) -> None:
         """Write ``data`` as JSON atomically."""
@@ -137,7 +259,7 @@ class RunDirectory:
         an open and a close per task (a third of its time on no-op tasks).
         """
         if self._events is None:
-            self._events = open(self.root / "events.jsonl", "a")  # noqa: SIM115
+            self._events = open(self.root / EVENTS_FILE, "a")  # noqa: SIM115
         self._events.write(json.dumps(event, default=_jsonable) + "\n")
         self._events.flush()
 
@@ -154,16 +276,7 @@ class RunDirectory:
 
     def read_events(self) -> list[dict[str, Any]]:
         """All task records written so far (a torn last line is skipped)."""
-        path = self.root / "events.jsonl"
-        if not path.exists():
-            return []
-        events = []
-        for line in path.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("skipping a torn line in %s", path)
-        return events
+        return self.read_jsonl(EVENTS_FILE)
 
     def labels(self):
         """``labels.db``, opened for reading or writing (see :func:`open_labels`)."""
@@ -184,7 +297,12 @@ class RunDirectory:
         rows = [row.toatoms(add_additional_information=False) for row in self.labels().select()]
         tmp = self.root / ".labels.extxyz.tmp"
         write(tmp, rows, format="extxyz")
-        os.replace(tmp, self.root / "labels.extxyz")
+        os.replace(tmp, self.root / LABELS_EXTXYZ)
+
+
+def is_run_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a run (its ``campaign.json``)."""
+    return (Path(path) / CAMPAIGN_FILE).is_file()
 
 
 def open_labels(path: str | os.PathLike):
