@@ -1,4 +1,4 @@
-"""Small pieces every app shares: where it ran, and importing objects by path."""
+"""Small pieces every app shares: where it ran, importing objects by path, settings checks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib
 import os
 import socket
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -60,6 +61,25 @@ def _import_from_file(file_name: str, attribute: str, path: str) -> Any:
         return getattr(module, attribute)
     except AttributeError:
         raise ImportError(f"{file_name} has no attribute {attribute!r}") from None
+
+
+def require_settings(settings: Mapping[str, Any], keys: Iterable[str], section: str) -> None:
+    """Check that a campaign section given to an app holds every key the app reads.
+
+    Apps take the complete, validated section (``pipeline.settings``) and keep no
+    defaults of their own, so that a campaign's value is the only value.
+
+    Raises
+    ------
+    ValueError
+        Naming every missing key.
+    """
+    missing = [key for key in keys if key not in settings]
+    if missing:
+        raise ValueError(
+            f"the {section} settings lack {', '.join(missing)}: pass the campaign's whole "
+            f"validated [{section}] section"
+        )
 
 
 def draw_velocities(atoms, temperature_K: float, rng) -> None:

@@ -18,10 +18,23 @@ import numpy as np
 from ase import Atoms, units
 from ase.io import read, write
 
-from apps.common import draw_velocities, where_and_when
+from apps.common import draw_velocities, require_settings, where_and_when
 from apps.dataset import write_dataset
 
 logger = logging.getLogger(__name__)
+
+SETTINGS_READ = (
+    "integrator",
+    "steps_per_task",
+    "timestep_fs",
+    "temperature_K",
+    "friction",
+    "sample_interval",
+    "max_force_disagreement",
+    "min_distance",
+    "max_neighbour_distance",
+)
+"""The keys of the campaign's generator section that an MD task reads."""
 
 
 def blow_up_reason(
@@ -149,7 +162,14 @@ def _run_md(
     last_frame_paths
         Per walker, where its last sound frame, with momenta, goes, for its next task.
     settings
-        The campaign's generator section as a dict.
+        The campaign's validated generator section
+        (``pipeline.settings.GeneratorSettings.model_dump()``); this task reads the
+        keys in :data:`SETTINGS_READ`.
+
+    Raises
+    ------
+    ValueError
+        When ``settings`` lacks a key the task reads, naming every missing key.
 
     Returns
     -------
@@ -163,7 +183,9 @@ def _run_md(
     from apps.model import default_device, load_checkpoint
 
     t_start = time.time()
-    torch.set_num_threads(settings.get("torch_threads", 1))
+    require_settings(settings, SETTINGS_READ, "generator")
+    # One thread per task: a site runs tasks side by side in its slots.
+    torch.set_num_threads(1)
     model, extra = load_checkpoint(ensemble_path, device=device or default_device())
     model.eval()
     version = int(extra.get("version", -1))

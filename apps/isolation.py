@@ -18,6 +18,8 @@ from typing import Any
 
 from ase import Atoms
 
+from apps.contracts import FailureKind
+
 logger = logging.getLogger(__name__)
 
 Outcome = tuple[str, Any, float]
@@ -63,7 +65,11 @@ def label_isolated(
                 child.kill()
                 child.join()
                 outcomes.append(
-                    (f"timeout: no result after {timeout_s:g} s", None, time.perf_counter() - t0)
+                    (
+                        FailureKind.TIMEOUT.reason(f"no result after {timeout_s:g} s"),
+                        None,
+                        time.perf_counter() - t0,
+                    )
                 )
                 break
             try:
@@ -72,7 +78,9 @@ def label_isolated(
                 child.join()
                 outcomes.append(
                     (
-                        f"crash: the calculation's process died (exit code {child.exitcode})",
+                        FailureKind.CRASH.reason(
+                            f"the calculation's process died (exit code {child.exitcode})"
+                        ),
                         None,
                         time.perf_counter() - t0,
                     )

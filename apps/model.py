@@ -39,6 +39,9 @@ def default_device() -> str:
 class ModelSpec:
     """Architecture hyper-parameters shared by all members of an ensemble.
 
+    The campaign's ``[model]`` section gives them (``pipeline.settings.ModelSettings``
+    holds the defaults), so this class has none of its own but ``max_z``.
+
     Attributes
     ----------
     cutoff
@@ -53,10 +56,10 @@ class ModelSpec:
         Largest supported atomic number.
     """
 
-    cutoff: float = 5.0
-    n_features: int = 64
-    n_interactions: int = 3
-    n_rbf: int = 20
+    cutoff: float
+    n_features: int
+    n_interactions: int
+    n_rbf: int
     max_z: int = 100
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from ase.calculators.calculator import Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from apps.common import draw_velocities, import_object, where_and_when
+from apps.contracts import FailureKind
 from apps.dataset import read_arrays, read_dataset, write_dataset
 from apps.isolation import label_isolated
 
@@ -41,26 +42,21 @@ class OracleError(RuntimeError):
 class BadLabel(OracleError):
     """The oracle returned numbers that must not be trained on (NaN, inf, absurd)."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: FailureKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
 
-DETERMINISTIC = frozenset({"non-finite", "absurd-force", "bad-shape", "scf"})
-"""Failure kinds that the same structure would meet again: never retried. The other
-kinds (``error``, ``timeout``, ``crash``, ``task-lost``) are retried up to a limit."""
-
-
-def failure_kind(error: BaseException) -> str:
-    """The kind of a failed calculation, for the status ``"kind: message"``."""
+def failure_kind(error: BaseException) -> FailureKind:
+    """The kind of a failed calculation (see :class:`apps.contracts.FailureKind`)."""
     from ase.calculators.calculator import SCFError
 
     if isinstance(error, BadLabel):
         return error.kind
     name = type(error).__name__.lower()
     if isinstance(error, SCFError) or "scf" in name or "converge" in name:
-        return "scf"
-    return "error"
+        return FailureKind.SCF
+    return FailureKind.ERROR
 
 
 def make_calculator(spec: dict[str, Any], directory: str | Path | None = None) -> Calculator:
@@ -149,13 +145,16 @@ def label_structure(atoms: Atoms, calculator: Calculator, max_force: float) -> A
     energy = float(work.get_potential_energy())
     forces = np.array(work.get_forces(), dtype=float)
     if forces.shape != (len(work), 3):
-        raise BadLabel("bad-shape", f"forces have shape {forces.shape}, expected {(len(work), 3)}")
+        raise BadLabel(
+            FailureKind.BAD_SHAPE, f"forces have shape {forces.shape}, expected {(len(work), 3)}"
+        )
     if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
-        raise BadLabel("non-finite", "energy or forces are not finite")
+        raise BadLabel(FailureKind.NON_FINITE, "energy or forces are not finite")
     largest = float(np.abs(forces).max(initial=0.0))
     if largest > max_force:
         raise BadLabel(
-            "absurd-force", f"force component {largest:.3g} eV/Å exceeds max_force {max_force:g}"
+            FailureKind.ABSURD_FORCE,
+            f"force component {largest:.3g} eV/Å exceeds max_force {max_force:g}",
         )
     labelled = atoms.copy()
     labelled.calc = SinglePointCalculator(labelled, energy=energy, forces=forces)
@@ -204,7 +203,7 @@ def _label_batch(
         except Exception as error:  # any calculator failure is a recorded outcome
             calculator = None  # a failed calculator may hold broken state
             logger.warning("oracle failed on a structure: %s", error)
-            return f"{failure_kind(error)}: {type(error).__name__}: {error}"[:500], None
+            return failure_kind(error).reason(f"{type(error).__name__}: {error}"), None
 
     if isolate:
         outcomes = label_isolated(structures, label_one, timeout_s or None)

@@ -18,7 +18,7 @@ import torch
 import vesin
 from ase import Atoms
 
-from apps.common import where_and_when
+from apps.common import require_settings, where_and_when
 from apps.dataset import read_dataset
 from apps.model import (
     ModelSpec,
@@ -33,17 +33,16 @@ from apps.model import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SETTINGS = {
-    "learning_rate": 1e-3,
-    "learning_rate_min": 1e-3,
-    "learning_rate_half_life_steps": 0,
-    "batch_size": 16,
-    "force_weight": 10.0,
-    "bootstrap": True,
-    "torch_threads": 1,
-    "rolling_window": 0,
-    "min_task_s": 0.0,
-}
+SETTINGS_READ = (
+    "learning_rate",
+    "learning_rate_min",
+    "learning_rate_half_life_steps",
+    "batch_size",
+    "force_weight",
+    "bootstrap",
+    "min_task_s",
+)
+"""The keys of the campaign's training section that a training task reads."""
 
 
 def learning_rate(settings: dict, steps: int) -> float:
@@ -112,7 +111,8 @@ def _train_member(
         Member index (recorded in the checkpoint and result).
     dataset_path
         Training set written by :func:`apps.dataset.write_dataset`; unlabelled
-        structures are skipped.
+        structures are skipped. The member trains on all of it: the coordinator's
+        snapshot already holds only the labels to train on (``rolling_window``).
     checkpoint_in
         Previous checkpoint of this member to continue from (model and optimiser), or
         ``None`` to start from a fresh model seeded with ``seed``.
@@ -122,11 +122,9 @@ def _train_member(
         :meth:`ModelSpec.to_dict` of the architecture; ignored when continuing (the
         checkpoint's own spec is used).
     settings
-        ``learning_rate``, ``learning_rate_min``, ``learning_rate_half_life_steps``
-        (see :func:`learning_rate`), ``batch_size``, ``force_weight``, ``bootstrap``,
-        ``torch_threads``, ``rolling_window`` (train on the newest N labels, 0 = all),
-        ``min_task_s`` (keep running epochs until this many seconds have passed);
-        other keys are ignored.
+        The campaign's validated training section
+        (``pipeline.settings.TrainingSettings.model_dump()``); this task reads the
+        keys in :data:`SETTINGS_READ`, and ignores the others.
     seed
         Member seed: fixes the initial weights, the bootstrap resample and the shuffles.
     n_epochs
@@ -136,6 +134,11 @@ def _train_member(
     device
         Torch device; default CUDA when available.
 
+    Raises
+    ------
+    ValueError
+        When ``settings`` lacks a key the task reads, naming every missing key.
+
     Returns
     -------
     dict
@@ -144,34 +147,33 @@ def _train_member(
         ``val_energy_mae`` (eV/atom), ``t_start``, ``t_end``, ``host``, ``device``.
     """
     t_start = time.time()
-    opts = {**DEFAULT_SETTINGS, **settings}
+    require_settings(settings, SETTINGS_READ, "training")
     device = device or default_device()
-    torch.set_num_threads(int(opts["torch_threads"]))
+    # One thread per task: a site runs tasks side by side in its slots.
+    torch.set_num_threads(1)
 
     structures = [atoms for atoms in read_dataset(dataset_path) if _is_labelled(atoms)]
     if not structures:
         raise ValueError(f"{dataset_path} holds no labelled structures")
     indices = np.arange(len(structures))
-    if opts["rolling_window"] and opts["rolling_window"] < len(structures):
-        indices = indices[-int(opts["rolling_window"]) :]
 
     if checkpoint_in is None:
         torch.manual_seed(seed)
         model = SchNetEnsemble(ModelSpec.from_dict(spec), 1).to(device)
-        model.fit_energy_reference([structures[j] for j in indices])
-        optimizer = torch.optim.Adam(model.parameters(), lr=opts["learning_rate"])
+        model.fit_energy_reference(structures)
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
         epochs_done = steps_done = 0
     else:
         model, extra = load_checkpoint(checkpoint_in, device=device)
         if model.n_members != 1:
             raise ValueError(f"{checkpoint_in} holds {model.n_members} members, expected 1")
-        optimizer = torch.optim.Adam(model.parameters(), lr=opts["learning_rate"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
         if "optimizer" in extra:
             optimizer.load_state_dict(extra["optimizer"])
         epochs_done = int(extra.get("epochs", 0))
         steps_done = int(extra.get("steps", 0))
 
-    if opts["bootstrap"]:
+    if settings["bootstrap"]:
         train_indices = np.repeat(indices, bootstrap_multiplicity(seed, indices))
         if train_indices.size == 0:  # tiny datasets can draw an empty resample
             train_indices = indices
@@ -180,14 +182,14 @@ def _train_member(
     unique = np.unique(train_indices)
     unique_graphs = _graphs([structures[j] for j in unique], model.spec.cutoff)
     graphs = dict(zip(unique, unique_graphs, strict=True))
-    batch_size = int(opts["batch_size"])
-    force_weight = float(opts["force_weight"])
+    batch_size = int(settings["batch_size"])
+    force_weight = float(settings["force_weight"])
 
     model.train()
     train_loss = math.nan
     # At least n_epochs, and at least min_task_s seconds: while the dataset is small an
     # epoch takes milliseconds, and a task that short would spend its time on overhead.
-    min_seconds = float(opts["min_task_s"])
+    min_seconds = float(settings["min_task_s"])
     epochs_this_task = 0
     while epochs_this_task < n_epochs or time.time() - t_start < min_seconds:
         epochs_this_task += 1
@@ -197,7 +199,7 @@ def _train_member(
             chosen = order[start : start + batch_size]
             batch = collate([graphs[j] for j in chosen], device)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(opts, steps_done)
+                group["lr"] = learning_rate(settings, steps_done)
             steps_done += 1
             optimizer.zero_grad(set_to_none=True)
             loss = _loss(model, batch, force_weight)
@@ -232,7 +234,7 @@ def _train_member(
         "checkpoint": str(checkpoint_out),
         "epochs": epochs_done,
         "steps": steps_done,
-        "learning_rate": learning_rate(opts, steps_done),
+        "learning_rate": learning_rate(settings, steps_done),
         "n_train": int(len(train_indices)),
         "train_loss": float(train_loss),
         "val_force_mae": val_force_mae,

@@ -29,10 +29,45 @@ sys.path.insert(0, str(ROOT))
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
 from pipeline.coordinator import Apps, Coordinator  # noqa: E402
+from pipeline.engine import TaskRecord  # noqa: E402
+
+
+class NoopTask(TaskRecord):
+    kind = "score"
+
+
+class NoopAgent:
+    """Keeps no-op tasks in every free ``infer`` slot until ``n`` were submitted."""
+
+    kinds = ("score",)
+
+    def __init__(self, engine, submit, n: int) -> None:
+        self.engine, self.submit, self.n = engine, submit, n
+        self.submitted_count = self.completed_count = 0
+        self.completions: list[float] = []
+        self.submissions: list[float] = []
+
+    def submit_ready(self, stopping: bool) -> None:
+        while self.submitted_count < self.n and self.engine.free("infer"):
+            self.submissions.append(time.perf_counter())
+            self.engine.submit(NoopTask(), self._submit_noop)
+            self.submitted_count += 1
+
+    def _submit_noop(self):
+        future = self.submit()
+        future.add_done_callback(lambda _: self.completions.append(time.perf_counter()))
+        return future
+
+    def on_result(self, task, result) -> None:
+        self.completed_count += 1
+
+    def on_failure(self, task, error) -> None:
+        raise RuntimeError(f"a no-op task failed: {error}")
 
 
 class NoopCoordinator(Coordinator):
-    """The coordinator's loop, keeping ``in_flight`` no-op tasks going until ``n`` ran."""
+    """The coordinator's loop (events written, state saved, observers called), with
+    one agent that keeps ``in_flight`` no-op tasks going until ``n`` ran."""
 
     def __init__(self, run, submit, n: int, in_flight: int) -> None:
         from ase.build import molecule
@@ -43,37 +78,24 @@ class NoopCoordinator(Coordinator):
         super().__init__(
             load_campaign(), run, apps, {"infer": in_flight}, molecule("H2O"), poll_s=5.0
         )
-        self.n, self.submitted_count, self.completed_count = n, 0, 0
-        self.completions: list[float] = []
-        self.submissions: list[float] = []
-        self._handlers["score"] = self._on_noop
+        self.n = n
+        self.noop = NoopAgent(self.engine, submit, n)
+        self.agents = [self.noop]
+        self.engine.register(self.noop)
 
-    def _submit_reference(self) -> None:
+    def begin(self) -> None:
         self.t_start = time.perf_counter()
 
-    def _submit_ready(self) -> None:
-        while self.submitted_count < self.n and self._free("infer"):
-            self.submissions.append(time.perf_counter())
-            self._submit("score", self._submit_noop)
-            self.submitted_count += 1
-
-    def _submit_noop(self):
-        future = self.apps.score_candidates()
-        future.add_done_callback(lambda _: self.completions.append(time.perf_counter()))
-        return future
-
-    def _on_noop(self, result, task) -> None:
-        self.completed_count += 1
-
-    def _check_stop(self) -> None:
-        if self.completed_count >= self.n:
+    def turn(self) -> bool:
+        if self.noop.completed_count >= self.n:
             self.state.request_stop("done")
+        return super().turn()
 
-    def _close(self) -> dict:
+    def close(self) -> dict:
         elapsed = time.perf_counter() - self.t_start
         latencies = []
-        submissions = sorted(self.submissions)
-        for done in sorted(self.completions)[: self.n - 1]:
+        submissions = sorted(self.noop.submissions)
+        for done in sorted(self.noop.completions)[: self.n - 1]:
             index = bisect.bisect_left(submissions, done)
             if index < len(submissions):
                 latencies.append(submissions[index] - done)

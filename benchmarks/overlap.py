@@ -4,7 +4,7 @@ built from the same apps, on a workload whose modules take set times.
     python benchmarks/overlap.py --iterations 8 --sites threads htex
 
 Each module is the real app (Cu13 with EMT, a tiny model) after a set sleep
-(``apps.delayed``), so two cores suffice. With P oracle slots and N labels per
+(``benchmarks/delayed.py``), so two cores suffice. With P oracle slots and N labels per
 iteration, PAL's model says
 
     T_serial   = N/P·t_oracle + t_train + t_gen         (per iteration)
@@ -37,10 +37,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Tests point this elsewhere, so that tiny runs never overwrite the measured results.
 RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-sys.path.insert(0, str(ROOT))
+# The local HTEX's workers unpickle the delayed apps from benchmarks/delayed.py.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")) if p
+)
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
-from pipeline.coordinator import MODULES, Apps, Coordinator  # noqa: E402
+from apps.contracts import MODULES  # noqa: E402
+from pipeline.coordinator import Apps, Coordinator  # noqa: E402
 from pipeline.serial import SerialLoop  # noqa: E402
 
 # PAL's three cases (SI S2): set seconds per task, N labels per iteration, P oracle slots.
@@ -67,12 +71,16 @@ class Measured:
 
     target_iterations: int
 
-    def _submit_reference(self) -> None:
+    def begin(self) -> None:
         """No held-out set: the benchmark times the loop, not its evaluation."""
         if not isinstance(self, SerialLoop):
-            self._submit_labels()
+            self.oracle.submit_labels()
 
-    def _check_stop(self) -> None:
+    def turn(self) -> bool:
+        self._clock()
+        return super().turn()
+
+    def _clock(self) -> None:
         state = self.state
         if state.stop_reason or not state.versions:
             return
@@ -144,7 +152,8 @@ def slots() -> dict[str, int]:
 
 
 def delayed_functions(times: dict[str, float]) -> dict[str, object]:
-    from apps.delayed import Delayed
+    from delayed import Delayed
+
     from apps.generator import _run_md
     from apps.inference import _evaluate_test, _score_candidates
     from apps.oracle import _label_batch, _oracle_md

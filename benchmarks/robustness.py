@@ -7,7 +7,7 @@
    labels lost and stored twice, and the seconds from a resumed process's start to
    its first new task.
 2. Runs the same campaign with an oracle that fails at ``--fault-rate`` in all six
-   ways (``apps.faults``), and counts the faults by kind: retried, recorded for
+   ways (``apps.fault_injection``), and counts the faults by kind: retried, recorded for
    good, and bad labels that reached ``labels.db`` (checked against EMT).
 
 Writes ``benchmarks/results/robustness.json``.
@@ -80,9 +80,9 @@ def faults(rate: float, labels: int) -> dict:
     from ase.db import connect
     from ase.io import write
 
-    from apps.oracle import DETERMINISTIC
+    from apps.contracts import MODULES, FailureKind
     from pipeline.campaign_state import load_start_structure
-    from pipeline.coordinator import MODULES, Apps, Coordinator
+    from pipeline.coordinator import Apps, Coordinator
     from pipeline.rundir import RunDirectory
     from pipeline.settings import load_campaign
 
@@ -100,7 +100,7 @@ def faults(rate: float, labels: int) -> dict:
         CAMPAIGN,
         stop__max_labels=labels,
         test__file=str(work / "held_out.extxyz"),
-        oracle__calculator="apps.faults:FaultyCalculator",
+        oracle__calculator="apps.fault_injection:FaultyCalculator",
         oracle__kwargs={
             "rate": rate,
             "hang_s": 120,
@@ -134,7 +134,7 @@ def faults(rate: float, labels: int) -> dict:
         "retried_by_kind": summary["oracle_retries_by_kind"],
         "recorded_by_kind": summary["oracle_failures_by_kind"],
         "deterministic_kinds_retried": sorted(
-            set(summary["oracle_retries_by_kind"]) & DETERMINISTIC
+            {k for k in summary["oracle_retries_by_kind"] if not FailureKind(k).transient}
         ),
         "bad_labels_stored": bad,
     }

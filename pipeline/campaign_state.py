@@ -18,6 +18,7 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
+from apps.contracts import MODULES, failure_counts
 from apps.dataset import read_arrays, read_dataset, write_dataset
 from pipeline.metrics import busy_fractions, concurrency_fraction
 from pipeline.metrology import learning_curve_area
@@ -155,7 +156,7 @@ class CampaignState:
 
     @classmethod
     def new(cls, campaign: Campaign, run: RunDirectory, start: Atoms) -> CampaignState:
-        start_path = run.path("system", "start.extxyz")
+        start_path = run.start_structure
         write(start_path, start, format="extxyz")
         return cls(
             campaign=campaign,
@@ -211,7 +212,7 @@ class CampaignState:
 
     def use_test_file(self, path: str) -> None:
         """Take the held-out set from a labelled structure file."""
-        write_dataset(self.run.path("data", "test.npz"), read_labelled_file(path))
+        write_dataset(self.run.test_set, read_labelled_file(path))
         self.test_ready = True
 
     def record_failure(self, candidate_id: int, reason: str) -> None:
@@ -226,7 +227,7 @@ class CampaignState:
             New labels stored, and ``(candidate_id, reason)`` of those that failed:
             whether they are tried again is the caller's decision.
         """
-        asked = read_arrays(out_path.replace(".out.npz", ".in.npz"))
+        asked = read_arrays(RunDirectory.batch_input_of(out_path))
         answered = read_arrays(out_path)
         structures = read_dataset(out_path)
         known = set(self.label_ids)
@@ -274,11 +275,11 @@ class CampaignState:
         if is_valid.all():
             is_valid[:] = False
         total = len(self.labelled)
-        train_path = self.run.path("data", f"train.{total:06d}.npz")
+        train_path, valid_path = self.run.train_snapshot(total)
         write_dataset(train_path, [s for s, v in zip(structures, is_valid, strict=True) if not v])
-        valid_path = None
-        if is_valid.any():
-            valid_path = self.run.path("data", f"valid.{total:06d}.npz")
+        if not is_valid.any():
+            valid_path = None
+        else:
             write_dataset(valid_path, [s for s, v in zip(structures, is_valid, strict=True) if v])
         self.train_snapshot = Snapshot(train_path, valid_path, total)
 
@@ -296,7 +297,7 @@ class CampaignState:
         if not (all(fresh) or final):
             return None
         number = len(self.versions) + 1
-        path = self.run.path("models", f"ensemble.v{number:05d}.pt")
+        path = self.run.ensemble(number)
         stack_member_checkpoints(
             [m.checkpoint for m in self.members],
             path,
@@ -332,7 +333,7 @@ class CampaignState:
     def summary(self, events: list[dict[str, Any]], slots: dict[str, int]) -> dict[str, Any]:
         """What ``summary.json`` says about the campaign."""
         t_end = time.time()
-        kinds = Counter(reason.split(":")[0] for reason in self.failures.values())
+        kinds = failure_counts(self.failures.values())
         errors = sorted(self.test_errors, key=lambda e: e["version"])
         return {
             "campaign": self.campaign.name,
@@ -340,7 +341,7 @@ class CampaignState:
             "labels": self.n_labels_active,
             "initial_labels": self.n_labels_initial,
             "oracle_failures": self.n_failures,
-            "oracle_failures_by_kind": dict(kinds),
+            "oracle_failures_by_kind": kinds,
             "oracle_retries_by_kind": dict(self.retried),
             "started_at": self.t0,
             "wall_s": t_end - self.t0,
@@ -354,7 +355,7 @@ class CampaignState:
             ),
             "busy_fraction": busy_fractions(events, self.t0, t_end),
             "all_modules_busy_fraction": concurrency_fraction(
-                events, self.t0, t_end, ("oracle", "generator", "train")
+                events, self.t0, t_end, tuple(m for m in MODULES if m != "infer")
             ),
             "slots": slots,
             "tasks": dict(Counter(e["module"] for e in events)),

@@ -18,9 +18,7 @@ in a kill; those are unlabelled MD frames, which the walkers make again.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -29,16 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from apps.contracts import FailureKind
 from apps.dataset import read_arrays, read_dataset, write_dataset
 from pipeline.campaign_state import CampaignState, Member, Version, Walker
-from pipeline.rundir import RunDirectory
+from pipeline.rundir import QUEUE_FILE, RunDirectory
 from pipeline.selection import Candidate, OracleQueue
 from pipeline.settings import Campaign
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "state.json"
-QUEUE_FILE = "state.queue.npz"
 
 
 def candidate_arrays(candidates: list[Candidate], source: str | None = None) -> dict:
@@ -103,10 +99,9 @@ class Journal:
         self._last_save = now
         queued = queue.candidates()
         write_dataset(
-            self.run.path(QUEUE_FILE), [c.atoms for c in queued], extra=candidate_arrays(queued)
+            self.run.file(QUEUE_FILE), [c.atoms for c in queued], extra=candidate_arrays(queued)
         )
-        self.run.write_json(
-            STATE_FILE,
+        self.run.write_state(
             {
                 "elapsed_s": now - state.t0,
                 "last_candidate_id": state.last_candidate_id,
@@ -124,16 +119,16 @@ class Journal:
 
 def retry_allowed(candidate: Candidate, reason: str, campaign: Campaign) -> bool:
     """Whether a failed structure gets another oracle attempt."""
-    from apps.oracle import DETERMINISTIC
-
-    kind = reason.split(":", 1)[0]
-    return kind not in DETERMINISTIC and candidate.attempts + 1 < campaign.oracle.max_attempts
+    transient = FailureKind.of(reason).transient
+    return transient and candidate.attempts + 1 < campaign.oracle.max_attempts
 
 
 def labelled_ids_in_results(run: RunDirectory) -> set[int]:
     """Candidate ids the oracle labelled successfully, from its result files alone."""
     ids: set[int] = set()
-    for path in (run.root / "oracle").glob("batch*.out.npz"):
+    for _, _, path in run.oracle_batches():
+        if not path.exists():
+            continue
         arrays = read_arrays(path)
         ids.update(
             int(i)
@@ -141,10 +136,6 @@ def labelled_ids_in_results(run: RunDirectory) -> set[int]:
             if s == "ok"
         )
     return ids
-
-
-def is_run_directory(path: str | Path) -> bool:
-    return (Path(path) / "campaign.json").is_file()
 
 
 def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, OracleQueue, int]:
@@ -157,11 +148,8 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     """
     from ase.io import read
 
-    saved: dict[str, Any] = {}
-    state_path = run.root / STATE_FILE
-    if state_path.exists():
-        saved = json.loads(state_path.read_text())
-    start_path = run.path("system", "start.extxyz")
+    saved: dict[str, Any] = run.read_state()
+    start_path = run.start_structure
     state = CampaignState(
         campaign=campaign,
         run=run,
@@ -179,7 +167,7 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     state.failures = {int(k): v for k, v in saved.get("task_failures", {}).items()}
     state.resumes = saved.get("resumes", [])
     state.retried = Counter(saved.get("retried", {}))
-    state.test_ready = (run.root / "data" / "test.npz").exists()
+    state.test_ready = Path(run.test_set).exists()
     _restore_labels(state, run)
     _restore_checkpoints(state, run)
     for walker in state.walkers:
@@ -189,17 +177,15 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     queue = OracleQueue(campaign.selection.max_queue)
     seen: set[int] = set(state.label_ids)
     next_task_id = int(saved.get("next_task_id", 0))
-    batches = sorted((run.root / "oracle").glob("batch*.in.npz"))
+    batches = run.oracle_batches()
     last_batch = {}
-    for in_path in batches:
+    for _, in_path, _ in batches:
         for candidate in read_candidates(in_path)[0]:
             last_batch[candidate.candidate_id] = in_path
-    for in_path in batches:
-        task_id = int(re.search(r"batch(\d+)", in_path.name).group(1))
+    for task_id, in_path, out_path in batches:
         next_task_id = max(next_task_id, task_id + 1)
         candidates, sources = read_candidates(in_path)
         seen.update(c.candidate_id for c in candidates)
-        out_path = in_path.with_name(in_path.name.replace(".in.npz", ".out.npz"))
         failed: dict[int, str] = {}
         if out_path.exists():
             failed = dict(state.harvest(str(out_path), task_id)[1])
@@ -222,8 +208,8 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
         "resume: %d candidates sent but not labelled are queued again",
         len(queue) + len(state.pending_initial),
     )
-    if (run.root / QUEUE_FILE).exists():
-        queued, _ = read_candidates(run.root / QUEUE_FILE)
+    if run.file(QUEUE_FILE).exists():
+        queued, _ = read_candidates(run.file(QUEUE_FILE))
         queue.extend(c for c in queued if c.candidate_id not in seen)
         seen.update(c.candidate_id for c in queued)
     initial_ids = set(range(1, campaign.initial.n_structures + 1))
@@ -263,13 +249,13 @@ def _restore_labels(state: CampaignState, run: RunDirectory) -> None:
 def _restore_checkpoints(state: CampaignState, run: RunDirectory) -> None:
     """Take each member's newest checkpoint on disk and every published version."""
     for member in state.members:
-        found = sorted(run.root.glob(f"models/member{member.index}.*.pt"))
+        found = run.member_checkpoints(member.index)
         if found:
-            member.checkpoint = str(found[-1])
-            member.tasks = int(found[-1].suffixes[0].lstrip(".")) + 1
+            task, path = found[-1]
+            member.checkpoint = str(path)
+            member.tasks = task + 1
     known = {v.number for v in state.versions}
-    for path in sorted(run.root.glob("models/ensemble.v*.pt")):
-        number = int(path.name.split(".v")[1].split(".")[0])
+    for number, path in run.ensembles():
         if number not in known:
             # Published after the last save: its label count and time are not known
             # exactly; the current ones are an upper bound.

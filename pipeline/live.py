@@ -18,7 +18,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,30 +67,27 @@ class LabelRate:
 
 
 def snapshot(coordinator, rate: LabelRate) -> Snapshot:
-    """Read what the view needs from a running coordinator (no locking: one thread)."""
-    state, campaign = coordinator.state, coordinator.campaign
+    """Read what the view needs from a running coordinator's public view."""
+    view = coordinator.view()
     now = time.time()
-    elapsed = now - state.t0
-    rate.add(now, state.n_labels_active)
-    left = campaign.stop.max_wall_s - elapsed
+    rate.add(now, view.labels)
+    left = view.max_wall_s - view.elapsed_s
     per_second = rate.per_second()
     if per_second:
-        left = min(left, (campaign.stop.max_labels - state.n_labels_active) / per_second)
-    version = state.versions[-1] if state.versions else None
-    errors = state.test_errors[-1] if state.test_errors else None
+        left = min(left, (view.budget - view.labels) / per_second)
     return Snapshot(
-        name=campaign.name,
-        labels=state.n_labels_active,
-        budget=campaign.stop.max_labels,
-        queue=len(coordinator.queue),
-        in_flight={m: coordinator._busy(m) for m in ("oracle", "generator", "train", "infer")},
-        version=version.number if version else None,
-        version_labels=version.n_labels if version else None,
-        test_mae=errors["force_mae"] if errors else None,
-        failures=dict(Counter(r.split(":", 1)[0] for r in state.failures.values())),
-        elapsed_s=elapsed,
-        left_s=max(left, 0.0) if not state.stop_reason else None,
-        stopping=state.stop_reason,
+        name=view.name,
+        labels=view.labels,
+        budget=view.budget,
+        queue=view.queue,
+        in_flight=view.in_flight,
+        version=view.versions or None,
+        version_labels=view.version_labels,
+        test_mae=view.test_force_mae,
+        failures=view.failures,
+        elapsed_s=view.elapsed_s,
+        left_s=max(left, 0.0) if not view.stop_reason else None,
+        stopping=view.stop_reason,
     )
 
 

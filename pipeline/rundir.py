@@ -8,6 +8,7 @@ Layout::
       labels.extxyz        the same, exported at the end
       events.jsonl         one line per finished task
       summary.json         written at the end
+      report.html          the run report (pipeline/report.py), its figures in report/
       system/start.extxyz  the start structure, for walker resets
       data/                training snapshots and the held-out test set (.npz)
       models/              member checkpoints and one ensemble checkpoint per version
@@ -43,6 +44,7 @@ SUMMARY_FILE = "summary.json"
 STATE_FILE = "state.json"
 QUEUE_FILE = "state.queue.npz"
 REPORT_FILE = "report.html"
+REPORT_FIGURES = "report"
 LOCK_FILE = ".lock"
 
 
@@ -127,6 +129,21 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"another coordinator is running on {self.root}: stop it first"
             ) from None
+
+    def is_locked(self) -> bool:
+        """Whether a coordinator holds the lock on this run directory now."""
+        import fcntl
+
+        try:
+            handle = open(self.root / LOCK_FILE)  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+        return False
 
     def path(self, *parts: str) -> str:
         """Absolute path of a file in the run directory, as a string for apps."""

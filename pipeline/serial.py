@@ -10,8 +10,9 @@ on the very same work. One iteration:
 3. **generate**: one MD segment per walker, in the coordinator's groups; the frames
    they select are the next iteration's candidates.
 
-Only the order of submission differs from :class:`~pipeline.coordinator.Coordinator`;
-stopping, bookkeeping and files are the same.
+Only the order of submission differs from :class:`~pipeline.coordinator.Coordinator`:
+the loop replaces its public :meth:`~pipeline.coordinator.Coordinator.submit_ready`
+and calls the agents' public methods; stopping, bookkeeping and files are the same.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ class SerialLoop(Coordinator):
         self._quota = self.labels_per_iteration
         self._done_this_phase: set[int] = set()
 
-    def _submit_ready(self) -> None:
-        if self.state.stop_reason is not None:
-            super()._submit_ready()  # drain and finish exactly as the coordinator does
+    def submit_ready(self) -> None:
+        if self.policy.stopping:
+            super().submit_ready()  # drain and finish exactly as the coordinator does
             return
         for _ in PHASES:  # a phase with nothing to do hands over at once
             if not self._advance_phase():
@@ -72,51 +73,35 @@ class SerialLoop(Coordinator):
         ]()
 
     def _label(self) -> bool:
-        batch_size = self.campaign.oracle.batch_size
-        while self._free("oracle"):
-            if self.state.pending_initial:
-                batch = self.state.pending_initial[:batch_size]
-                del self.state.pending_initial[:batch_size]
-                self._submit_label_batch(batch, "initial")
-                continue
-            room = min(self._quota, self.state.label_room(self.campaign, self._labels_in_flight()))
-            if room <= 0 or not self.queue:
-                break
-            batch = self.selector.pick_batch(self.queue, min(batch_size, room))
-            self._quota -= len(batch)
-            self._submit_label_batch(batch, "active")
-        return self._busy("oracle") == 0
+        self._quota -= self.oracle.submit_labels(quota=self._quota, paced=False)
+        return self.engine.busy("oracle") == 0
 
     def _train(self) -> bool:
-        snapshot = self.state.train_snapshot
+        engine, state = self.engine, self.state
+        snapshot = state.train_snapshot
         if snapshot is None:
-            return self._busy("train") == 0
-        for member in self.state.members:
-            if member.index in self._done_this_phase or not self._free("train"):
+            return engine.busy("train") == 0
+        for member in state.members:
+            if member.index in self._done_this_phase or not engine.free("train"):
                 continue
             self._done_this_phase.add(member.index)
-            self._submit_member(member, snapshot)
-        if self._busy("train") or len(self._done_this_phase) < len(self.state.members):
+            self.training.submit_member(member, snapshot)
+        if engine.busy("train") or len(self._done_this_phase) < len(state.members):
             return False
-        version = self.state.version
-        if (
-            version is not None
-            and self.state.test_ready
-            and self.state.evaluated_version < version.number
-        ):
-            if self._free("infer"):
-                self._submit_inference(stopping=True)  # evaluation only, no re-scoring
+        version = state.version
+        if version is not None and state.test_ready and state.evaluated_version < version.number:
+            self.inference.submit_evaluation()  # evaluation only, no re-scoring
             return False
-        return self._busy("infer") == 0
+        return engine.busy("infer") == 0
 
     def _generate(self) -> bool:
         version = self.state.version
         if version is None:
             return True
-        groups = self._walker_groups()
+        groups = self.generator.walker_groups()
         for number, group in enumerate(groups):
-            if number in self._done_this_phase or not self._free("generator"):
+            if number in self._done_this_phase or not self.engine.free("generator"):
                 continue
             self._done_this_phase.add(number)
-            self._submit_walker_group(group, version)
-        return self._busy("generator") == 0 and len(self._done_this_phase) == len(groups)
+            self.generator.submit_group(group, version)
+        return self.engine.busy("generator") == 0 and len(self._done_this_phase) == len(groups)

@@ -1,30 +1,90 @@
-"""Load a site config and check it against the one contract apps rely on.
+"""Load a site config: validate its attributes against one schema, check its labels.
 
-A site is a plain Python module exposing a ``parsl.config.Config`` as ``config``
-(or a ``fresh_config()`` function returning one), and optionally ``slots`` (the
-tasks the coordinator keeps in flight per module) and ``mpi_command`` (how MPI
-oracles launch where Parsl composes no prefix). It must define exactly one
-executor per label in :data:`pipeline.coordinator.MODULES`.
+A site is a plain Python module; :class:`SiteSchema` is all palflow reads from it:
+``config`` (a ``parsl.config.Config``) or ``fresh_config()`` returning a new one
+(preferred when both exist: a Config loads only once); ``slots``, positive ints of
+tasks in flight per label of :data:`apps.contracts.MODULES`; ``mpi_command``,
+``"parsl"`` or a launcher template with ``{ranks}``, ``{nodes}``, ``{hosts}`` (see
+:func:`apps.oracle.mpi_prefix`); and ``MONITORING``, a bool that requires the config
+to carry a MonitoringHub (shipped sites set it from ``PALFLOW_MONITORING=1``).
+
+Names starting with ``_``, UPPER_CASE constants, imports, functions and classes are
+the file's own. Any other public name, or one resembling a schema name (``slot``,
+``Slots``, ``mpi_comand``, ``MONITORNIG``), is an error naming it and the known ones.
+The config must define exactly one executor per module label.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
 import importlib.util
 import logging
+import os
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline.coordinator import MODULES
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from apps.contracts import MODULES
 
 logger = logging.getLogger(__name__)
 
 SITE_DIR = Path(__file__).resolve().parent.parent / "site_configs"
 DEFAULT_SLOTS = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
+# A name of the file's own this similar to a schema name (difflib ratio, case ignored)
+# is a misspelling: catches MONITORNIG (0.90), spares MONITORING_DB (0.87).
+_MISSPELT = 0.88
 
 
 class SiteError(ValueError):
     """A site config is missing, broken, or breaks the executor-label contract."""
+
+
+class SiteSchema(BaseModel):
+    """The attributes of a site module that palflow reads; any other is refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    config: Any = None
+    """The ``parsl.config.Config``."""
+    fresh_config: Callable[[], Any] | None = None
+    """Builds a new ``parsl.config.Config`` on each call."""
+    slots: dict[Literal[MODULES], PositiveInt] = Field(default_factory=dict)
+    """Tasks the coordinator keeps in flight per module."""
+    mpi_command: str = "parsl"
+    """Launch prefix template of MPI oracles; see :func:`apps.oracle.mpi_prefix`."""
+    MONITORING: bool = False
+    """Parsl's MonitoringHub is on (the config then carries it)."""
+
+    @field_validator("config")
+    @classmethod
+    def _is_parsl_config(cls, value: Any) -> Any:
+        from parsl.config import Config
+
+        if value is not None and not isinstance(value, Config):
+            raise ValueError(f"should be a parsl Config, not {type(value).__name__}")
+        return value
+
+    @field_validator("mpi_command")
+    @classmethod
+    def _is_launch_template(cls, value: str) -> str:
+        allowed = "allowed: {ranks}, {nodes}, {hosts}"
+        if not value.strip():
+            raise ValueError(f'is empty: give "parsl" or a launcher template; {allowed}')
+        try:
+            value.format(ranks=1, nodes=1, hosts="localhost")
+        except KeyError as error:
+            raise ValueError(f"has unknown placeholder {{{error.args[0]}}}; {allowed}") from None
+        except (ValueError, IndexError, AttributeError) as error:
+            raise ValueError(f"is not a launcher template: {error}; {allowed}") from None
+        return value
+
+
+SCHEMA_NAMES = tuple(SiteSchema.model_fields)
 
 
 @dataclass
@@ -39,6 +99,8 @@ class Site:
     oracle_mpi: bool = False
     """The oracle executor runs in Parsl's MPI mode: every oracle task needs a resource
     specification, and Parsl composes its launch prefix."""
+    monitoring: bool = False
+    """The site's ``MONITORING`` switch: Parsl's MonitoringHub records the run."""
 
     def oracle_resources(self, ranks: int, nodes: int) -> dict[str, int] | None:
         """The resource specification oracle tasks carry on this site, if any."""
@@ -84,52 +146,120 @@ def resolve_site_path(name: str) -> Path:
     raise SiteError(f"site {name!r} not found: give a file path or one of: {known}")
 
 
+def _misspelt(name: str) -> bool:
+    return any(
+        difflib.SequenceMatcher(None, name.lower(), known.lower()).ratio() >= _MISSPELT
+        for known in SCHEMA_NAMES
+    )
+
+
+def site_attributes(module: types.ModuleType, path: Path) -> dict[str, Any]:
+    """The names of ``module`` that are the site's, for :class:`SiteSchema` to judge."""
+    imported = {
+        (alias.asname or alias.name).split(".")[0]
+        for node in ast.walk(ast.parse(path.read_bytes(), str(path)))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    attributes = {}
+    for name, value in vars(module).items():
+        if name.startswith("_") or name in imported or isinstance(value, types.ModuleType):
+            continue
+        own = name.isupper() or callable(value)  # constants, helpers, classes of the file
+        if name in SCHEMA_NAMES or not own or _misspelt(name):
+            attributes[name] = value
+    return attributes
+
+
+def _problems(error: ValidationError) -> list[str]:
+    """One short phrase per schema violation."""
+    lowered = {known.lower(): known for known in SCHEMA_NAMES}
+    problems = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"] if part != "[key]")
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+            hint = f" (did you mean {lowered[close[0]]!r}?)" if close else ""
+            problems.append(f"unknown site attribute {name!r}{hint}")
+        else:
+            message = item["msg"].removeprefix("Value error, ").replace("Input should", "should", 1)
+            problems.append(f"{name!r} {message} (got {repr(item.get('input'))[:80]})")
+    return problems
+
+
+def validate_site(module: types.ModuleType, path: Path) -> SiteSchema:
+    """Read a site module's attributes through :class:`SiteSchema`; a
+    :class:`SiteError` names, on one line, every unknown attribute and wrong value."""
+    attributes = site_attributes(module, path)
+    problems = []
+    if "config" not in attributes and "fresh_config" not in attributes:
+        problems.append("defines neither 'config' nor 'fresh_config()'")
+    try:
+        schema = SiteSchema.model_validate(attributes)
+    except ValidationError as error:
+        problems += _problems(error)
+    if not problems:
+        return schema
+    known = "config or fresh_config(), slots, mpi_command, MONITORING"
+    if any(problem.startswith("unknown") for problem in problems):
+        problems.append(f"a site sets {known}; name values of its own _private or UPPER_CASE")
+    raise SiteError(f"{path}: " + "; ".join(problems))
+
+
+def _run_site_code(path: Path, doing: str, code: Callable[[], Any]) -> Any:
+    """Run a site's own code (its import, its ``fresh_config()``); any failure is a
+    :class:`SiteError` saying what was being done, never a traceback."""
+    from parsl.errors import ConfigurationError
+
+    try:
+        return code()
+    except ConfigurationError as error:
+        raise SiteError(f"{path}: the Parsl config is invalid: {error}") from None
+    except Exception as error:
+        raise SiteError(f"{path}: {doing}: {type(error).__name__}: {error}") from None
+
+
 def load_site(name: str) -> Site:
-    """Import a site file and check its executors, before anything is submitted.
+    """Import a site file and check its attributes and executors, before anything is
+    submitted.
 
     Raises
     ------
     SiteError
-        Naming the file and, where it applies, the label at fault.
+        Naming the file and, where it applies, the attribute or label at fault.
     """
     from parsl.config import Config
-    from parsl.errors import ConfigurationError
 
     path = resolve_site_path(name)
     spec = importlib.util.spec_from_file_location(f"palflow_site_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ConfigurationError as error:
-        raise SiteError(f"{path}: the Parsl config is invalid: {error}") from None
-    except Exception as error:
-        raise SiteError(
-            f"{path}: the site file does not import: {type(error).__name__}: {error}"
-        ) from None
-    if hasattr(module, "fresh_config"):
-        config = module.fresh_config()
-    elif hasattr(module, "config"):
-        config = module.config
-    else:
-        raise SiteError(f"{path}: defines neither 'config' nor 'fresh_config()'")
-    if not isinstance(config, Config):
-        raise SiteError(f"{path}: 'config' is a {type(config).__name__}, not a parsl Config")
+    _run_site_code(path, "the site file does not import", lambda: spec.loader.exec_module(module))
+    schema = validate_site(module, path)
+    config = schema.config
+    if schema.fresh_config is not None:
+        config = _run_site_code(path, "fresh_config() raised", schema.fresh_config)
+        if not isinstance(config, Config):
+            name = type(config).__name__
+            raise SiteError(f"{path}: fresh_config() should return a parsl Config, not {name}")
     labels = [executor.label for executor in config.executors]
     for label in MODULES:
         if labels.count(label) == 0:
             raise SiteError(f"{path}: no executor labelled {label!r} (needs all of {MODULES})")
         if labels.count(label) > 1:
             raise SiteError(f"{path}: executor label {label!r} appears {labels.count(label)} times")
-    slots = dict(DEFAULT_SLOTS)
-    given = getattr(module, "slots", {})
-    unknown = set(given) - set(MODULES)
-    if unknown:
-        raise SiteError(f"{path}: 'slots' names unknown modules {sorted(unknown)}")
-    slots.update(given)
+    if schema.MONITORING and config.monitoring is None:
+        raise SiteError(
+            f"{path}: MONITORING is True but the Config has no monitoring hub; give it "
+            "monitoring=MonitoringHub(workflow_name='palflow') if MONITORING else None"
+        )
+    if os.environ.get("PALFLOW_MONITORING") == "1" and config.monitoring is None:
+        logger.warning("PALFLOW_MONITORING=1, but %s sets no monitoring hub", path)
     oracle = next(e for e in config.executors if e.label == "oracle")
     return Site(
         path=path,
         config=config,
-        slots=slots,
+        slots={**DEFAULT_SLOTS, **schema.slots},
+        mpi_command=schema.mpi_command,
         oracle_mpi=bool(getattr(oracle, "enable_mpi_mode", False)),
+        monitoring=schema.MONITORING,
     )

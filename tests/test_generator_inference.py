@@ -8,7 +8,7 @@ from ase.io import read, write
 
 from apps.calculator import EnsembleCalculator
 from apps.dataset import read_arrays, read_dataset, write_dataset
-from apps.generator import _run_md, blow_up_reason
+from apps.generator import SETTINGS_READ, _run_md, blow_up_reason
 from apps.inference import _evaluate_test, _score_candidates
 from apps.model import ModelSpec, SchNetEnsemble, save_checkpoint
 from pipeline.settings import GeneratorSettings
@@ -182,6 +182,15 @@ def test_blow_up_reasons():
     flown.positions[3] += [20.0, 0, 0]
     assert "flew away" in blow_up_reason(flown, 0.1, settings)
     assert "non-finite" in blow_up_reason(atoms, float("nan"), settings)
+
+
+def test_md_takes_the_whole_generator_section_and_names_what_is_missing(
+    tmp_path, ensemble_path, start_path
+):
+    assert set(SETTINGS_READ) <= set(GeneratorSettings.model_fields)
+    partial = {k: v for k, v in md_settings().items() if k not in {"friction", "min_distance"}}
+    with pytest.raises(ValueError, match="friction, min_distance"):
+        run_walkers(tmp_path, ensemble_path, [start_path], partial)
 
 
 def test_scores_match_the_calculator_and_keep_ids(tmp_path, ensemble_path):

@@ -10,6 +10,7 @@ from apps.calculator import predict_structures
 from apps.dataset import write_dataset
 from apps.model import ModelSpec, SchNetEnsemble, load_checkpoint
 from apps.training import _train_member
+from pipeline.settings import TrainingSettings
 from tests.conftest import need
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +34,7 @@ def structures(n):
 
 def test_cuda_predictions_match_cpu():
     torch.manual_seed(0)
-    model = SchNetEnsemble(ModelSpec(n_features=16, n_interactions=2, n_rbf=8), 4)
+    model = SchNetEnsemble(ModelSpec(cutoff=5.0, n_features=16, n_interactions=2, n_rbf=8), 4)
     data = structures(3)
     on_cpu = predict_structures(model, data, device="cpu")
     on_gpu = predict_structures(model.to("cuda"), data, device="cuda")
@@ -45,9 +46,19 @@ def test_cuda_predictions_match_cpu():
 
 def test_member_trains_on_cuda(tmp_path):
     write_dataset(tmp_path / "train.npz", structures(8))
-    spec = ModelSpec(n_features=16, n_interactions=2, n_rbf=8).to_dict()
+    spec = ModelSpec(cutoff=5.0, n_features=16, n_interactions=2, n_rbf=8).to_dict()
+    settings = TrainingSettings(
+        learning_rate=1e-3, learning_rate_half_life_steps=0, min_task_s=0.0
+    ).model_dump()
     result = _train_member(
-        0, str(tmp_path / "train.npz"), None, str(tmp_path / "m.pt"), spec, {}, seed=0, n_epochs=2
+        0,
+        str(tmp_path / "train.npz"),
+        None,
+        str(tmp_path / "m.pt"),
+        spec,
+        settings,
+        seed=0,
+        n_epochs=2,
     )
     assert result["device"].startswith("cuda")
     model, extra = load_checkpoint(tmp_path / "m.pt", device="cpu")

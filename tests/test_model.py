@@ -23,11 +23,13 @@ from apps.model import (
     save_checkpoint,
 )
 from apps.training import (
+    SETTINGS_READ,
     _train_member,
     bootstrap_multiplicity,
     evaluate_errors,
     stack_member_checkpoints,
 )
+from pipeline.settings import TrainingSettings
 
 SPEC = ModelSpec(cutoff=4.0, n_features=16, n_interactions=2, n_rbf=10, max_z=30)
 
@@ -164,7 +166,9 @@ def test_bootstrap_is_stable_as_data_grows():
 def test_training_reduces_validation_error_and_continues(tmp_path):
     write_dataset(tmp_path / "train.npz", emt_labelled(40, seed=1))
     write_dataset(tmp_path / "val.npz", emt_labelled(10, seed=2))
-    settings = {"learning_rate": 3e-3, "batch_size": 8}
+    settings = TrainingSettings(
+        learning_rate=3e-3, learning_rate_half_life_steps=0, batch_size=8, min_task_s=0.0
+    ).model_dump()
     args = dict(
         dataset_path=str(tmp_path / "train.npz"),
         spec=SPEC.to_dict(),
@@ -207,6 +211,24 @@ def test_training_reduces_validation_error_and_continues(tmp_path):
     )
     ensemble, extra = load_checkpoint(tmp_path / "ensemble.pt")
     assert ensemble.n_members == 2 and extra == {"generation": 2}
+
+
+def test_training_takes_the_whole_training_section_and_names_what_is_missing(tmp_path):
+    assert set(SETTINGS_READ) <= set(TrainingSettings.model_fields)
+    write_dataset(tmp_path / "train.npz", emt_labelled(2, seed=1))
+    settings = TrainingSettings().model_dump()
+    del settings["bootstrap"], settings["min_task_s"]
+    with pytest.raises(ValueError, match="bootstrap, min_task_s"):
+        _train_member(
+            0,
+            str(tmp_path / "train.npz"),
+            None,
+            str(tmp_path / "m.pt"),
+            SPEC.to_dict(),
+            settings,
+            seed=0,
+            n_epochs=1,
+        )
 
 
 def test_checkpoint_round_trip_weights_only(tmp_path):

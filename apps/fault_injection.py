@@ -1,5 +1,7 @@
-"""An ASE calculator that wraps a real one and fails on purpose, for testing.
+"""An ASE calculator that wraps a real one and fails on purpose, for testing a set-up.
 
+    [oracle]
+    calculator = "apps.fault_injection:FaultyCalculator"
     kwargs = { calculator = "ase.calculators.emt:EMT", rate = 0.25,
                kinds = ["exception", "hang", "nan", "absurd", "crash", "scf"] }
 
@@ -26,13 +28,42 @@ import numpy as np
 from ase.calculators.calculator import Calculator, SCFError, all_changes
 
 from apps.common import import_object
+from apps.contracts import FailureKind
 
-TRANSIENT = ("exception", "hang", "crash")
-STRUCTURAL = ("nan", "absurd", "scf")
+RECORDED_AS = {
+    "exception": FailureKind.ERROR,
+    "hang": FailureKind.TIMEOUT,
+    "crash": FailureKind.CRASH,
+    "nan": FailureKind.NON_FINITE,
+    "absurd": FailureKind.ABSURD_FORCE,
+    "scf": FailureKind.SCF,
+}
+"""Each injected fault, and the failure the oracle records it as."""
+
+# A fault whose failure is worth a retry is drawn afresh on each call; the others
+# belong to the structure, as they would in a real code.
+TRANSIENT = tuple(fault for fault, failure in RECORDED_AS.items() if failure.transient)
+STRUCTURAL = tuple(fault for fault, failure in RECORDED_AS.items() if not failure.transient)
 
 
 class FaultyCalculator(Calculator):
-    """Wraps ``calculator`` (an import path) and injects faults at ``rate``."""
+    """Wraps a real calculator and injects faults at a set rate.
+
+    Parameters
+    ----------
+    calculator
+        Import path ``module:Class`` of the calculator that does the work.
+    kwargs
+        Keyword arguments for it.
+    rate
+        How often a calculation meets a fault, from 0 to 1.
+    kinds
+        The faults to inject, keys of :data:`RECORDED_AS`.
+    hang_s
+        How long a ``hang`` sleeps (s): longer than the oracle's ``timeout_s``.
+    seed
+        Changes which structures meet the structural faults.
+    """
 
     implemented_properties = ["energy", "forces"]
 

@@ -1,0 +1,136 @@
+"""The inference agent: held-out errors of each version, and re-scoring of the queue.
+
+Each new ensemble version is evaluated on the held-out set; its errors go to
+``metrics.jsonl`` with the metrology plug-ins' measures. The oracle queue is
+re-scored with a newer version (PAL's dynamic oracle list): candidates no longer
+worth a label drop out, the rest re-order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from apps.contracts import EvaluateRequest, ScoreRequest
+from apps.dataset import read_arrays, read_dataset, write_dataset
+from pipeline.campaign_state import Version
+from pipeline.engine import TaskRecord
+from pipeline.journal import candidate_arrays
+from pipeline.measures import EnsemblePrediction
+from pipeline.metrology import evaluation_from_result, load_plugins, measure_version
+from pipeline.rundir import METRICS_FILE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateTask(TaskRecord):
+    kind = "evaluate"
+    version: Version | None = None
+
+
+@dataclass
+class ScoreTask(TaskRecord):
+    kind = "score"
+    version: Version | None = None
+    input_path: str = ""
+    """The queue's candidates as sent, for measures that need their structures."""
+
+
+class InferenceAgent:
+    """Submits evaluations and re-scorings; records errors and re-orders the queue."""
+
+    kinds = ("score", "evaluate")
+
+    def __init__(self, context) -> None:
+        self.context = context
+        self.metrology = load_plugins(context.campaign.metrology.plugins)
+
+    def submit_ready(self, stopping: bool) -> None:
+        self.submit_evaluation()
+        if not stopping:
+            self.submit_rescore()
+
+    def submit_evaluation(self) -> None:
+        """Evaluate the newest version on the held-out set, once."""
+        context = self.context
+        state, version = context.state, context.state.version
+        if (
+            version is None
+            or not state.test_ready
+            or state.evaluated_version >= version.number
+            or not context.engine.free("infer")
+        ):
+            return
+        state.evaluated_version = version.number
+        request = EvaluateRequest(ensemble_path=version.path, test_path=context.run.test_set)
+        context.submit(EvaluateTask(version=version), request)
+
+    def submit_rescore(self) -> None:
+        """Re-score the oracle queue with the newest version, once per version."""
+        context = self.context
+        state, version = context.state, context.state.version
+        if (
+            version is None
+            or not context.campaign.selection.rescore
+            or not context.selector.ranks_by_ensemble
+            or not context.queue
+            or state.rescored_version >= version.number
+            or not context.engine.free("infer")
+        ):
+            return
+        state.rescored_version = version.number
+        candidates = context.queue.candidates()
+        path, out = context.run.queue_for_scoring(version.number)
+        write_dataset(path, [c.atoms for c in candidates], extra=candidate_arrays(candidates))
+        request = ScoreRequest(ensemble_path=version.path, input_path=path, output_path=out)
+        context.submit(ScoreTask(version=version, input_path=path), request)
+
+    def on_result(self, task: TaskRecord, result: dict[str, Any]) -> None:
+        if isinstance(task, EvaluateTask):
+            self._record_errors(task.version, result)
+        else:
+            self._rescore(task, result)
+
+    def on_failure(self, task: TaskRecord, error: BaseException) -> None:
+        """Nothing to undo: the next version is evaluated and scores the queue."""
+
+    def _rescore(self, task: ScoreTask, result: dict[str, Any]) -> None:
+        context = self.context
+        selector = context.selector
+        ids = [int(i) for i in result["candidate_id"]]
+        scores = np.asarray(result["force_disagreement"], dtype=float)
+        if result.get("output_path"):
+            prediction = EnsemblePrediction.from_arrays(read_arrays(result["output_path"]))
+            if prediction is not None:
+                structures = read_dataset(task.input_path) if selector.needs_descriptors else None
+                scores = selector.score(prediction, structures)
+        new = zip(result["force_disagreement"], result["energy_disagreement"], scores, strict=True)
+        dropped = context.queue.rescore(
+            dict(zip(ids, new, strict=True)), result["version"], selector.threshold()
+        )
+        logger.info(
+            "queue re-scored with v%d: %d dropped, %d left",
+            result["version"],
+            len(dropped),
+            len(context.queue),
+        )
+
+    def _record_errors(self, version: Version, result: dict[str, Any]) -> None:
+        context = self.context
+        evaluation = evaluation_from_result(result, version.number, version.n_labels)
+        record = measure_version(evaluation, self.metrology)
+        record["wall_s"] = version.wall_s
+        context.run.append_jsonl(METRICS_FILE, record)
+        context.state.record_test_error(version, result, record)
+        context.selector.calibrate(evaluation)
+        logger.info(
+            "v%d test force MAE %.4f eV/Å (%d labels)",
+            version.number,
+            result["force_mae"],
+            version.n_labels,
+        )
+        context.policy.note_test_error(result["force_mae"])
