@@ -1,33 +1,38 @@
 """Parsl apps of palflow, one per kind of task, each bound to its executor label.
 
 Each app is a plain function with a leading underscore in its own module, wrapped
-once here. Tests and the serial baseline call the plain functions; campaigns call
-these wrappers, which return Parsl futures. The executor label is the only link
-between an app and a site config.
+here on first use (``apps.label_batch``), so that importing a light module of this
+package (:mod:`apps.contracts`, :mod:`apps.dataset`) loads neither Parsl nor torch.
+Tests and the serial baseline call the plain functions; campaigns call these
+wrappers, which return Parsl futures. The executor label is the only link between
+an app and a site config; the keyword arguments of each app are its request in
+:mod:`apps.contracts`.
 """
 
-from parsl import python_app
+from importlib import import_module
+from typing import Any
 
-from apps.generator import _run_md
-from apps.inference import _evaluate_test, _score_candidates
-from apps.mpi_check import _mpi_ranks_check
-from apps.oracle import _label_batch, _oracle_md
-from apps.training import _train_member
+APPS = {
+    # name: (module, plain function, executor label)
+    "label_batch": ("apps.oracle", "_label_batch", "oracle"),
+    "oracle_md": ("apps.oracle", "_oracle_md", "oracle"),
+    "run_md": ("apps.generator", "_run_md", "generator"),
+    "train_member": ("apps.training", "_train_member", "train"),
+    "score_candidates": ("apps.inference", "_score_candidates", "infer"),
+    "evaluate_test": ("apps.inference", "_evaluate_test", "infer"),
+    "mpi_ranks_check": ("apps.mpi_check", "_mpi_ranks_check", "oracle"),
+}
 
-label_batch = python_app(_label_batch, executors=["oracle"])
-oracle_md = python_app(_oracle_md, executors=["oracle"])
-run_md = python_app(_run_md, executors=["generator"])
-train_member = python_app(_train_member, executors=["train"])
-score_candidates = python_app(_score_candidates, executors=["infer"])
-evaluate_test = python_app(_evaluate_test, executors=["infer"])
-mpi_ranks_check = python_app(_mpi_ranks_check, executors=["oracle"])
+__all__ = sorted(APPS)
 
-__all__ = [
-    "evaluate_test",
-    "label_batch",
-    "mpi_ranks_check",
-    "oracle_md",
-    "run_md",
-    "score_candidates",
-    "train_member",
-]
+
+def __getattr__(name: str) -> Any:
+    """Wrap an app as a Parsl ``python_app`` on its executor, once."""
+    if name not in APPS:
+        raise AttributeError(f"module 'apps' has no attribute {name!r}")
+    from parsl import python_app
+
+    module, function, label = APPS[name]
+    app = python_app(getattr(import_module(module), function), executors=[label])
+    globals()[name] = app
+    return app

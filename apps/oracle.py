@@ -166,16 +166,18 @@ def _label_batch(
     output_path: str,
     calculator_spec: dict[str, Any],
     scratch_dir: str,
-    max_force: float = 50.0,
-    timeout_s: float = 0.0,
-    isolate: bool = True,
+    *,
+    max_force: float,
+    timeout_s: float,
+    isolate: bool,
     parsl_resource_specification: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Label every structure of ``input_path`` and write them to ``output_path``.
 
-    With ``isolate`` each calculation runs in a forked child, so that one that
-    hangs past ``timeout_s`` (0: no limit) or kills its process costs only its
-    structure (see :mod:`apps.isolation`).
+    ``max_force``, ``timeout_s`` and ``isolate`` are the campaign's ``oracle``
+    settings, with no defaults here. With ``isolate`` each calculation runs in a
+    forked child, so that one that hangs past ``timeout_s`` (0: no limit) or kills
+    its process costs only its structure (see :mod:`apps.isolation`).
 
     The output is written atomically, so an existing output file is a complete
     result. ``parsl_resource_specification`` (ranks, nodes) is read by Parsl's

@@ -22,14 +22,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests point this elsewhere, so that tiny runs never overwrite the measured results.
 RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:

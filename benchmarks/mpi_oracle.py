@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Tests point this elsewhere, so that tiny runs never overwrite the measured results.
 RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-sys.path.insert(0, str(ROOT))
 
 # Open MPI refuses root and more ranks than cores unless told.
 os.environ.update(
@@ -67,6 +65,9 @@ def main() -> None:
                 str(work / f"out{repeat}.npz"),
                 {**spec, "mpi_ranks": ranks},
                 str(work / "failed"),
+                max_force=50.0,
+                timeout_s=0.0,
+                isolate=True,
             )
             if result["n_ok"] != args.batch:
                 raise RuntimeError(f"NWChem failed: {result['failures']}")

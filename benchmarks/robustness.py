@@ -80,7 +80,7 @@ def faults(rate: float, labels: int) -> dict:
     from ase.db import connect
     from ase.io import write
 
-    from apps.contracts import MODULES, FailureKind
+    from apps.contracts import MODULES, FailureKind, failure_counts
     from pipeline.campaign_state import load_start_structure
     from pipeline.coordinator import Apps, Coordinator
     from pipeline.rundir import RunDirectory
@@ -118,7 +118,7 @@ def faults(rate: float, labels: int) -> dict:
     injected: Counter[str] = Counter()
     for path in (run.root / "oracle").glob("batch*.out.npz"):
         with np.load(path) as data:
-            injected.update(str(s).split(":")[0] for s in data["status"] if s != "ok")
+            injected.update(failure_counts(str(s) for s in data["status"] if s != "ok"))
     bad = 0
     for row in connect(run.labels_db).select():
         atoms = row.toatoms()

@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Tests point this elsewhere, so that tiny runs never overwrite the measured results.
 RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-sys.path.insert(0, str(ROOT))
+# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
+# this interpreter's scripts folder (the venv's bin) win even when not activated.
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
 

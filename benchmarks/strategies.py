@@ -30,13 +30,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-sys.path.insert(0, str(ROOT))
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
-)
+# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
+# this interpreter's scripts folder (the venv's bin) win even when not activated.
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
-from benchmarks.time_to_accuracy import first_at_or_below, held_out_set, run_on_site  # noqa: E402
+# Run as a script, this file's folder heads sys.path: its sibling imports as is.
+from time_to_accuracy import first_at_or_below, held_out_set, run_on_site  # noqa: E402
 
 STRATEGIES = {
     "max force spread": {},

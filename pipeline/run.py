@@ -10,7 +10,7 @@ own coordinator and run directory (``NAME-TIME-INDEX`` in ``--run-dir``, default
 ``runs/``); one failing leaves the others running.
 
 Exit status: 0 when every campaign ran to a stop, 1 when one failed, 2 on bad input
-(nothing submitted).
+(nothing submitted). ``palflow run`` (:mod:`pipeline.cli`) is the same command.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from pathlib import Path
 
 PROCESS_START = time.time()
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this file's folder heads sys.path, where its siblings could
-# shadow other modules; the project root belongs there instead. Parsl workers
-# inherit PYTHONPATH, so they import ``apps`` even from an uninstalled checkout.
+# ``pipeline`` and ``apps`` import through the installed package (pip install -e .),
+# here and in Parsl's workers. Run as a script, though, this file's folder heads
+# sys.path, where its siblings (settings.py, metrics.py, ...) could shadow other
+# top-level modules: the checkout's root takes its place, which also keeps import
+# paths into the checkout (the tests' ``tests.test_cli:BrokenQuery``) resolving.
 if sys.path and Path(sys.path[0]).resolve() == ROOT / "pipeline":
     sys.path[0] = str(ROOT)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
-)
 # Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
 # this interpreter's scripts folder (the venv's bin) win even when not activated.
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
@@ -40,9 +39,9 @@ os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.envir
 logger = logging.getLogger("palflow")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="pipeline/run.py",
+        prog=prog,
         description="Streaming active learning of an interatomic potential.",
     )
     parser.add_argument(
@@ -72,8 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
+    """Run the campaigns of the command line ``argv``; ``prog`` names the command in
+    usage lines (``palflow run`` from :mod:`pipeline.cli`). Returns the exit status."""
+    args = parse_args(argv, prog)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         # With several campaigns, the thread names which campaign a line is about.

@@ -85,6 +85,7 @@ class SiteSchema(BaseModel):
 
 
 SCHEMA_NAMES = tuple(SiteSchema.model_fields)
+_LOWERED = {name.lower(): name for name in SCHEMA_NAMES}
 
 
 @dataclass
@@ -146,13 +147,6 @@ def resolve_site_path(name: str) -> Path:
     raise SiteError(f"site {name!r} not found: give a file path or one of: {known}")
 
 
-def _misspelt(name: str) -> bool:
-    return any(
-        difflib.SequenceMatcher(None, name.lower(), known.lower()).ratio() >= _MISSPELT
-        for known in SCHEMA_NAMES
-    )
-
-
 def site_attributes(module: types.ModuleType, path: Path) -> dict[str, Any]:
     """The names of ``module`` that are the site's, for :class:`SiteSchema` to judge."""
     imported = {
@@ -163,23 +157,24 @@ def site_attributes(module: types.ModuleType, path: Path) -> dict[str, Any]:
     }
     attributes = {}
     for name, value in vars(module).items():
-        if name.startswith("_") or name in imported or isinstance(value, types.ModuleType):
+        if name.startswith("_") or isinstance(value, types.ModuleType):
             continue
-        own = name.isupper() or callable(value)  # constants, helpers, classes of the file
-        if name in SCHEMA_NAMES or not own or _misspelt(name):
+        # A schema name counts even when imported (a ready-made Parsl ``config``).
+        own = name in imported or name.isupper() or callable(value)
+        misspelt = difflib.get_close_matches(name.lower(), list(_LOWERED), 1, _MISSPELT)
+        if name in SCHEMA_NAMES or not own or (misspelt and name not in imported):
             attributes[name] = value
     return attributes
 
 
 def _problems(error: ValidationError) -> list[str]:
     """One short phrase per schema violation."""
-    lowered = {known.lower(): known for known in SCHEMA_NAMES}
     problems = []
     for item in error.errors():
         name = ".".join(str(part) for part in item["loc"] if part != "[key]")
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
-            hint = f" (did you mean {lowered[close[0]]!r}?)" if close else ""
+            close = difflib.get_close_matches(name.lower(), list(_LOWERED), n=1, cutoff=0.6)
+            hint = f" (did you mean {_LOWERED[close[0]]!r}?)" if close else ""
             problems.append(f"unknown site attribute {name!r}{hint}")
         else:
             message = item["msg"].removeprefix("Value error, ").replace("Input should", "should", 1)
@@ -239,8 +234,8 @@ def load_site(name: str) -> Site:
     if schema.fresh_config is not None:
         config = _run_site_code(path, "fresh_config() raised", schema.fresh_config)
         if not isinstance(config, Config):
-            name = type(config).__name__
-            raise SiteError(f"{path}: fresh_config() should return a parsl Config, not {name}")
+            got = type(config).__name__
+            raise SiteError(f"{path}: fresh_config() should return a parsl Config, not {got}")
     labels = [executor.label for executor in config.executors]
     for label in MODULES:
         if labels.count(label) == 0:

@@ -49,7 +49,9 @@ def test_each_fault_kind_is_recorded_with_its_kind(tmp_path, kind):
         str(tmp_path / "out.npz"),
         spec,
         str(tmp_path / "scratch"),
+        max_force=50.0,
         timeout_s=2.0,
+        isolate=True,
     )
     expected = {
         "exception": "error",

@@ -93,7 +93,13 @@ def test_nwchem_labels_water_the_same_on_one_and_two_ranks(tmp_path):
         spec = {**nwchem_spec(), "mpi_ranks": ranks}
         out = tmp_path / f"out{ranks}.npz"
         result = _label_batch(
-            str(tmp_path / "in.npz"), str(out), spec, str(tmp_path / f"scratch{ranks}")
+            str(tmp_path / "in.npz"),
+            str(out),
+            spec,
+            str(tmp_path / f"scratch{ranks}"),
+            max_force=50.0,
+            timeout_s=0.0,
+            isolate=True,
         )
         assert result["n_ok"] == 1, result["failures"]
         labelled = read_dataset(out)[0]

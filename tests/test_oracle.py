@@ -25,7 +25,13 @@ def test_label_batch_matches_direct_emt_and_keeps_ids(tmp_path):
     structures = rattled_copper(3)
     write_dataset(tmp_path / "in.npz", structures, extra={"candidate_id": np.array([7, 8, 9])})
     result = _label_batch(
-        str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), EMT_SPEC, str(tmp_path / "scratch")
+        str(tmp_path / "in.npz"),
+        str(tmp_path / "out.npz"),
+        EMT_SPEC,
+        str(tmp_path / "scratch"),
+        max_force=50.0,
+        timeout_s=0.0,
+        isolate=True,
     )
     assert result["n_ok"] == 3 and result["failures"] == []
     labelled = read_dataset(tmp_path / "out.npz")
@@ -47,7 +53,13 @@ def test_a_failing_structure_is_recorded_not_raised(tmp_path):
     structures[1].numbers[:] = 92  # but not uranium
     write_dataset(tmp_path / "in.npz", structures, extra={"candidate_id": np.array([1, 2, 3])})
     result = _label_batch(
-        str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), EMT_SPEC, str(tmp_path / "scratch")
+        str(tmp_path / "in.npz"),
+        str(tmp_path / "out.npz"),
+        EMT_SPEC,
+        str(tmp_path / "scratch"),
+        max_force=50.0,
+        timeout_s=0.0,
+        isolate=True,
     )
     assert result["n_ok"] == 2
     assert [f[0] for f in result["failures"]] == [2]
@@ -110,7 +122,13 @@ def test_real_gfn2_xtb_labels_water(tmp_path, require_xtb):
     write_dataset(tmp_path / "in.npz", [water, stretched])
     spec = {"calculator": "xtb.ase.calculator:XTB", "kwargs": {"method": "GFN2-xTB"}}
     result = _label_batch(
-        str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), spec, str(tmp_path / "scratch")
+        str(tmp_path / "in.npz"),
+        str(tmp_path / "out.npz"),
+        spec,
+        str(tmp_path / "scratch"),
+        max_force=50.0,
+        timeout_s=0.0,
+        isolate=True,
     )
     assert result["n_ok"] == 2
     labelled = read_dataset(tmp_path / "out.npz")

@@ -97,6 +97,27 @@ def test_the_files_own_names_are_left_alone(tmp_path):
     assert load_site(str(write_site(tmp_path, own))).slots["oracle"] == 2
 
 
+def test_an_imported_ready_made_config_is_the_sites(tmp_path):
+    path = write_site(tmp_path, "", config="from parsl.configs.local_threads import config\n")
+    # Read as the site's config (not "defines neither"), then held to the label contract.
+    with pytest.raises(SiteError, match="no executor labelled 'oracle'"):
+        load_site(str(path))
+
+
+@pytest.mark.parametrize("name", ["threads.py", "laptop.py"])
+def test_palflow_monitoring_turns_the_shipped_switch_on(name, monkeypatch):
+    monkeypatch.setenv("PALFLOW_MONITORING", "1")
+    site = load_site(name)
+    assert site.monitoring is True and site.config.monitoring is not None
+
+
+def test_palflow_monitoring_on_a_site_without_the_switch_warns(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PALFLOW_MONITORING", "1")
+    site = load_site(str(write_site(tmp_path, "")))
+    assert site.monitoring is False
+    assert "sets no monitoring hub" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.coordinator import MODULES
+from apps.contracts import MODULES
 from pipeline.sites import SITE_DIR, SiteError, load_site
 
 SITES = sorted(p.name for p in SITE_DIR.glob("*.py"))

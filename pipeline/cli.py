@@ -1,0 +1,376 @@
+"""The ``palflow`` command: run a campaign, and see, report on or export a run.
+
+    palflow run --site laptop.py --campaign examples/cu_emt.toml
+    palflow status runs/cu-emt-20261122-145705 [--json]
+    palflow report runs/cu-emt-20261122-145705
+    palflow export runs/cu-emt-20261122-145705 --to cu-emt-data
+
+``run`` is ``python pipeline/run.py`` under another name, with the same options.
+``status``, ``report`` and ``export`` read the run directory's files alone, also
+while a coordinator is running on it: they never take its lock, ``status`` and
+``export`` write nothing in it (``report`` writes ``report.html`` and ``report/``),
+and a missing or torn file counts as not written yet.
+
+Exit status: 0 when done, 1 when a campaign failed (``run``), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from apps.contracts import MODULES, failure_counts
+from pipeline.rundir import (
+    CAMPAIGN_FILE,
+    LABELS_DB,
+    METRICS_FILE,
+    STATE_FILE,
+    SUMMARY_FILE,
+    RunDirectory,
+    RunDirectoryError,
+)
+
+logger = logging.getLogger(__name__)
+
+EXPORTED_LABELS = "labels.extxyz"
+EXPORTED_ENSEMBLE = "ensemble.pt"
+EXPORTED_README = "README.txt"
+
+
+# ------------------------------------------------------------------------ status
+def run_status_facts(root: str | Path) -> dict[str, Any]:
+    """What a run has done so far, from its files alone.
+
+    Parameters
+    ----------
+    root
+        The run directory; it may be running, stopped, killed or not started.
+
+    Returns
+    -------
+    dict
+        ``state`` is ``running``, ``stopped`` (``stop_reason`` says why),
+        ``stopped early`` (killed or crashed, no summary) or ``not started``; the
+        label counts, the oracle failures by kind, the ensemble versions, the latest
+        test force MAE (eV/Å), the elapsed wall time (s) and the finished tasks per
+        module (and how many of them failed).
+
+    Raises
+    ------
+    RunDirectoryError
+        When ``root`` is not a run directory.
+    """
+    from pipeline.report import run_status
+
+    run = RunDirectory.open(root)  # reading only: no lock
+    campaign = run.read_json(CAMPAIGN_FILE) or {}
+    summary = run.read_json(SUMMARY_FILE) or {}
+    state = run.read_state()
+    events = run.read_events()
+    status = run_status(run.root)
+    if status == "finished":
+        state_name = "stopped"
+    elif status == "running":
+        state_name = "running"
+    elif state or events:
+        state_name = "stopped early"
+    else:
+        state_name = "not started"
+
+    active, initial = count_labels(run)
+    if active is None:  # labels.db unreadable this instant: the last counts written
+        active, initial = summary.get("labels"), summary.get("initial_labels")
+    reasons = state.get("task_failures", {}).values()
+    failures = failure_counts(reasons) if state else summary.get("oracle_failures_by_kind", {})
+    ensembles = run.ensembles()
+    errors = run.read_jsonl(METRICS_FILE) or state.get("test_errors", [])
+    latest = max(errors, key=lambda e: e.get("version", 0), default={})
+    modules = sorted({e["module"] for e in events if "module" in e}, key=_module_order)
+    stop = campaign.get("stop", {})
+    return {
+        "run_dir": str(run.root),
+        "campaign": campaign.get("name", run.root.name),
+        "state": state_name,
+        "stop_reason": summary.get("stop_reason") if state_name == "stopped" else None,
+        "labels": {
+            "active": active,
+            "initial": initial,
+            "budget": stop.get("max_labels"),
+        },
+        "oracle_failures": {"total": sum(failures.values()), "by_kind": failures},
+        "ensemble_versions": len(ensembles),
+        "newest_ensemble": str(ensembles[-1][1]) if ensembles else None,
+        "test_force_mae": latest.get("force_mae"),
+        "test_force_mae_at": {"version": latest.get("version"), "labels": latest.get("labels")},
+        "elapsed_s": elapsed_s(run, summary, state, state_name),
+        "wall_budget_s": stop.get("max_wall_s"),
+        "tasks": {
+            module: {
+                "finished": sum(e.get("module") == module for e in events),
+                "failed": sum(e.get("module") == module and not e.get("ok") for e in events),
+            }
+            for module in modules
+        },
+    }
+
+
+def count_labels(run: RunDirectory) -> tuple[int | None, int | None]:
+    """Active and initial labels in ``labels.db`` (``source`` of each row); zeros
+    before it exists, and ``(None, None)`` when it cannot be read now."""
+    import sqlite3
+
+    path = run.file(LABELS_DB)
+    # ASE creates the tables of an empty file: never hand it one, or this reader
+    # would write to the run.
+    if not path.exists() or path.stat().st_size == 0:
+        return 0, 0
+    try:
+        with run.labels() as database:
+            sources = Counter(row.get("source") for row in database.select())
+    except (sqlite3.Error, OSError) as error:
+        logger.warning("could not read %s: %s", path, error)
+        return None, None
+    return sources["active"], sources["initial"]
+
+
+def elapsed_s(run: RunDirectory, summary: dict, state: dict, state_name: str) -> float | None:
+    """Wall time of the campaign (s): the summary's once stopped; while running, the
+    last saved state's plus the time since it was saved."""
+    if state_name == "stopped" and "wall_s" in summary:
+        return summary["wall_s"]
+    if "elapsed_s" not in state:
+        return None
+    elapsed = state["elapsed_s"]
+    if state_name == "running":
+        try:
+            elapsed += max(0.0, time.time() - run.file(STATE_FILE).stat().st_mtime)
+        except OSError:
+            pass
+    return elapsed
+
+
+def format_status(facts: dict[str, Any]) -> str:
+    """The facts of :func:`run_status_facts` as aligned ``name: value`` lines."""
+    labels, failures = facts["labels"], facts["oracle_failures"]
+    state = facts["state"]
+    if facts["stop_reason"]:
+        state += f": {facts['stop_reason']}"
+    elif state == "stopped early":
+        state += " (killed or crashed; continue it with palflow run --resume)"
+    budget = f" of {labels['budget']}" if labels["budget"] is not None else ""
+    by_kind = ", ".join(f"{k} {n}" for k, n in sorted(failures["by_kind"].items()))
+    mae = "-"
+    if facts["test_force_mae"] is not None:
+        at = facts["test_force_mae_at"]
+        mae = f"{facts['test_force_mae']:.4f} eV/Å (version {at['version']}, {at['labels']} labels)"
+    label_line = f"{_count(labels['active'])}{budget} active, {_count(labels['initial'])} initial"
+    wall = "-" if facts["elapsed_s"] is None else _clock(facts["elapsed_s"])
+    if facts["wall_budget_s"] is not None:
+        wall += f" of {_clock(facts['wall_budget_s'])}"
+    tasks = ", ".join(
+        f"{module} {n['finished']}" + (f" ({n['failed']} failed)" if n["failed"] else "")
+        for module, n in facts["tasks"].items()
+    )
+    rows = [
+        ("run", facts["run_dir"]),
+        ("campaign", facts["campaign"]),
+        ("state", state),
+        ("labels", label_line),
+        ("oracle failures", f"{failures['total']}" + (f" ({by_kind})" if by_kind else "")),
+        ("ensemble versions", str(facts["ensemble_versions"])),
+        ("test force MAE", mae),
+        ("elapsed", wall),
+        ("tasks finished", tasks or "none yet"),
+    ]
+    return "\n".join(f"{name + ':':<19}{value}" for name, value in rows)
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else str(n)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _module_order(module: str) -> int:
+    return MODULES.index(module) if module in MODULES else len(MODULES)
+
+
+# ------------------------------------------------------------------------ export
+def export_run(root: str | Path, to: str | Path) -> dict[str, Any]:
+    """Write a run's labels as extxyz, and its newest ensemble, to the new folder ``to``.
+
+    ``labels.extxyz`` holds every label with its energy (eV) and forces (eV/Å) three
+    times over, so that trainers read it unchanged: ``REF_energy`` (info) and
+    ``REF_forces`` (arrays), MACE's default keys since mace-torch 0.3.10; the
+    calculator results ``energy``/``forces`` (what ASE's reader, and NequIP's ASE
+    dataset, take); besides, ``config_type`` (``initial`` or ``active``) and
+    ``candidate_id``. ``ensemble.pt`` is the newest ensemble checkpoint, for
+    :meth:`apps.calculator.EnsembleCalculator.from_checkpoint`.
+
+    Returns
+    -------
+    dict
+        ``labels`` (how many), ``labels_file``, ``ensemble_version`` and
+        ``ensemble_file`` (None when no ensemble is published yet), ``readme_file``.
+
+    Raises
+    ------
+    RunDirectoryError
+        When ``root`` is not a run, has no labels yet, or ``to`` exists and is not
+        empty.
+    """
+    from ase.io import write
+
+    run = RunDirectory.open(root)
+    target = Path(to)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise RunDirectoryError(f"{target} exists and is not empty: export to a new folder")
+    frames = labelled_frames(run)
+    if not frames:
+        raise RunDirectoryError(f"{run.root} has no labels yet: export it once the oracle has")
+    ensembles = run.ensembles()
+    target.mkdir(parents=True, exist_ok=True)
+    write(target / EXPORTED_LABELS, frames, format="extxyz")
+    version = None
+    if ensembles:
+        version, checkpoint = ensembles[-1]
+        shutil.copyfile(checkpoint, target / EXPORTED_ENSEMBLE)
+    (target / EXPORTED_README).write_text(_readme(run, len(frames), version))
+    return {
+        "labels": len(frames),
+        "labels_file": str(target / EXPORTED_LABELS),
+        "ensemble_version": version,
+        "ensemble_file": str(target / EXPORTED_ENSEMBLE) if version is not None else None,
+        "readme_file": str(target / EXPORTED_README),
+    }
+
+
+def labelled_frames(run: RunDirectory) -> list:
+    """Every label of ``labels.db`` as ``Atoms`` with the keys of :func:`export_run`."""
+    if not run.labels_db.exists() or run.labels_db.stat().st_size == 0:
+        return []  # see count_labels: an empty file must not reach ASE
+    with run.labels() as database:
+        rows = list(database.select())
+    frames = []
+    for row in rows:
+        atoms = row.toatoms()  # a SinglePointCalculator holds the oracle's results
+        results = atoms.calc.results
+        atoms.info["REF_energy"] = float(results["energy"])
+        atoms.arrays["REF_forces"] = results["forces"].copy()
+        if "stress" in results:
+            atoms.info["REF_stress"] = results["stress"].copy()
+        atoms.info["config_type"] = row.get("source", "Default")
+        atoms.info["candidate_id"] = int(row.get("candidate_id", row.id))
+        frames.append(atoms)
+    return frames
+
+
+def _readme(run: RunDirectory, n_labels: int, version: int | None) -> str:
+    ensemble = (
+        f"""{EXPORTED_ENSEMBLE}
+  Ensemble version {version} of the run, an ASE calculator (energies eV, forces eV/Å):
+    from apps.calculator import EnsembleCalculator
+    atoms.calc = EnsembleCalculator.from_checkpoint("{EXPORTED_ENSEMBLE}", device="cpu")
+  Its results also hold force_disagreement (eV/Å), the ensemble's spread.
+"""
+        if version is not None
+        else "No ensemble was published yet, so there is no checkpoint.\n"
+    )
+    return f"""Exported by palflow export from {run.root}
+
+{EXPORTED_LABELS}
+  {n_labels} labelled structures, extended XYZ (energies eV, forces eV/Å).
+  MACE (mace-torch >= 0.3.10) reads it with its default keys, REF_energy and
+  REF_forces: mace_run_train --train_file {EXPORTED_LABELS} ...
+  NequIP's ASE dataset and ase.io.read take energy and forces from the calculator
+  results written in the same file. config_type is initial or active; candidate_id
+  is the structure's id in the run.
+
+{ensemble}"""
+
+
+# ------------------------------------------------------------------------ commands
+def _status(args: argparse.Namespace) -> int:
+    # A torn last line is what a running coordinator leaves mid-write, not news.
+    logging.getLogger("pipeline.rundir").setLevel(logging.ERROR)
+    facts = run_status_facts(args.run_dir)
+    print(json.dumps(facts, indent=2) if args.json else format_status(facts))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import build_report
+
+    RunDirectory.open(args.run_dir)
+    print(build_report(args.run_dir))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    done = export_run(args.run_dir, args.to)
+    print(f"{done['labels_file']}: {done['labels']} labels")
+    if done["ensemble_file"]:
+        print(f"{done['ensemble_file']}: ensemble version {done['ensemble_version']}")
+    else:
+        print("no ensemble published yet: no checkpoint exported")
+    print(f"{done['readme_file']}: how to load them")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
+    parser = argparse.ArgumentParser(
+        prog="palflow", description="Parallel active learning of interatomic potentials."
+    )
+    parser.add_argument("--version", action="version", version=f"palflow {version('palflow')}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Listed for the help only: main() hands `run` and its options to pipeline/run.py.
+    commands.add_parser("run", help="run a campaign (palflow run --help for its options)")
+
+    status = commands.add_parser("status", help="what a run has done, running or not")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.add_argument("--json", action="store_true", help="print the facts as JSON")
+    status.set_defaults(handler=_status)
+
+    report = commands.add_parser("report", help="build RUN_DIR/report.html")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(handler=_report)
+
+    export = commands.add_parser(
+        "export", help="labels as extxyz (MACE, NequIP) and the newest ensemble checkpoint"
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--to", required=True, metavar="DIR", help="new folder to write")
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``palflow`` command; returns its exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from pipeline import run
+
+        return run.main(argv[1:], prog="palflow run")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except RunDirectoryError as error:
+        print(f"palflow: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
