@@ -40,10 +40,9 @@ RUN = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--site", "threads.py"
 
 
 def kills(n_kills: int, labels: int, seed: int) -> dict:
-    from ase.db import connect
 
     from pipeline.journal import labelled_ids_in_results
-    from pipeline.rundir import RunDirectory
+    from pipeline.rundir import SUMMARY_FILE, RunDirectory
 
     run_dir = Path(tempfile.mkdtemp(prefix="palflow-kills-")) / "run"
     rng = random.Random(seed)
@@ -60,8 +59,9 @@ def kills(n_kills: int, labels: int, seed: int) -> dict:
         done += 1
         process = subprocess.Popen([*RUN, "--resume", str(run_dir)])
     process.wait()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    stored = [row.candidate_id for row in connect(run_dir / "labels.db").select()]
+    run = RunDirectory(run_dir)
+    summary = run.read_json(SUMMARY_FILE)
+    stored = [row.candidate_id for row in run.labels().select()]
     resumes = [r["seconds_to_first_task"] for r in summary["resumes"]]
     return {
         "kills": done,
@@ -116,7 +116,7 @@ def faults(rate: float, labels: int) -> dict:
     for executor in executors.values():
         executor.shutdown(wait=True, cancel_futures=True)
     injected: Counter[str] = Counter()
-    for path in (run.root / "oracle").glob("batch*.out.npz"):
+    for _, _, path in run.oracle_batches():
         with np.load(path) as data:
             injected.update(failure_counts(str(s) for s in data["status"] if s != "ok"))
     bad = 0

@@ -13,6 +13,8 @@ from parsl.executors import HighThroughputExecutor
 from parsl.monitoring.monitoring import MonitoringHub
 from parsl.providers import LocalProvider
 
+from apps.contracts import MODULES  # the executor labels
+
 # Worker processes per module. Two cores are shared by all of them: training and
 # MD take most, the oracle (xTB, milliseconds per call) and inference little.
 WORKERS = {"oracle": 1, "generator": 2, "train": 2, "infer": 1}
@@ -51,7 +53,7 @@ def _executor(label: str) -> HighThroughputExecutor:
 MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
 
 config = Config(
-    executors=[_executor(label) for label in ("oracle", "generator", "train", "infer")],
+    executors=[_executor(label) for label in MODULES],
     run_dir="runinfo",  # Parsl's own logs, beside the campaign's run directory
     strategy="none",  # fixed blocks: no scaling on a laptop
     usage_tracking=0,  # send nothing anywhere

@@ -11,6 +11,8 @@ from parsl.config import Config
 from parsl.executors.threads import ThreadPoolExecutor
 from parsl.monitoring.monitoring import MonitoringHub
 
+from apps.contracts import MODULES  # the executor labels
+
 # Tasks the coordinator keeps in flight per module; each pool has as many threads.
 slots = {"oracle": 1, "generator": 2, "train": 2, "infer": 1}
 
@@ -22,7 +24,7 @@ MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
 config = Config(
     executors=[
         ThreadPoolExecutor(label=label, max_threads=slots[label])  # one pool per module
-        for label in ("oracle", "generator", "train", "infer")
+        for label in MODULES
     ],
     run_dir="runinfo",  # Parsl's own logs
     usage_tracking=0,  # send nothing anywhere
