@@ -67,23 +67,12 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
     RunDirectoryError
         When ``root`` is not a run directory.
     """
-    from pipeline.report import run_status
-
     run = RunDirectory.open(root)  # reading only: no lock
     campaign = run.read_json(CAMPAIGN_FILE) or {}
     summary = run.read_json(SUMMARY_FILE) or {}
     state = run.read_state()
     events = run.read_events()
-    status = run_status(run.root)
-    if status == "finished":
-        state_name = "stopped"
-    elif status == "running":
-        state_name = "running"
-    elif state or events:
-        state_name = "stopped early"
-    else:
-        state_name = "not started"
-
+    state_name = run_state(run, state, events)
     active, initial = count_labels(run)
     if active is None:  # labels.db unreadable this instant: the last counts written
         active, initial = summary.get("labels"), summary.get("initial_labels")
@@ -92,18 +81,13 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
     ensembles = run.ensembles()
     errors = run.read_jsonl(METRICS_FILE) or state.get("test_errors", [])
     latest = max(errors, key=lambda e: e.get("version", 0), default={})
-    modules = sorted({e["module"] for e in events if "module" in e}, key=_module_order)
     stop = campaign.get("stop", {})
     return {
         "run_dir": str(run.root),
         "campaign": campaign.get("name", run.root.name),
         "state": state_name,
         "stop_reason": summary.get("stop_reason") if state_name == "stopped" else None,
-        "labels": {
-            "active": active,
-            "initial": initial,
-            "budget": stop.get("max_labels"),
-        },
+        "labels": {"active": active, "initial": initial, "budget": stop.get("max_labels")},
         "oracle_failures": {"total": sum(failures.values()), "by_kind": failures},
         "ensemble_versions": len(ensembles),
         "newest_ensemble": str(ensembles[-1][1]) if ensembles else None,
@@ -111,13 +95,29 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
         "test_force_mae_at": {"version": latest.get("version"), "labels": latest.get("labels")},
         "elapsed_s": elapsed_s(run, summary, state, state_name),
         "wall_budget_s": stop.get("max_wall_s"),
-        "tasks": {
-            module: {
-                "finished": sum(e.get("module") == module for e in events),
-                "failed": sum(e.get("module") == module and not e.get("ok") for e in events),
-            }
-            for module in modules
-        },
+        "tasks": tasks_by_module(events),
+    }
+
+
+def run_state(run: RunDirectory, state: dict, events: list[dict]) -> str:
+    """``running``, ``stopped``, ``stopped early`` or ``not started``."""
+    from pipeline.report import run_status
+
+    status = run_status(run.root)
+    if status == "finished":
+        return "stopped"
+    if status == "running":
+        return "running"
+    return "stopped early" if state or events else "not started"
+
+
+def tasks_by_module(events: list[dict]) -> dict[str, dict[str, int]]:
+    """Finished tasks per module, and how many of them failed."""
+    finished = Counter(e["module"] for e in events if "module" in e)
+    failed = Counter(e["module"] for e in events if "module" in e and not e.get("ok"))
+    return {
+        module: {"finished": finished[module], "failed": failed[module]}
+        for module in sorted(finished, key=_module_order)
     }
 
 
@@ -133,11 +133,10 @@ def count_labels(run: RunDirectory) -> tuple[int | None, int | None]:
         return 0, 0
     try:
         with run.labels() as database:
-            sources = Counter(row.get("source") for row in database.select())
+            return database.count(source="active"), database.count(source="initial")
     except (sqlite3.Error, OSError) as error:
         logger.warning("could not read %s: %s", path, error)
         return None, None
-    return sources["active"], sources["initial"]
 
 
 def elapsed_s(run: RunDirectory, summary: dict, state: dict, state_name: str) -> float | None:
@@ -163,7 +162,7 @@ def format_status(facts: dict[str, Any]) -> str:
     if facts["stop_reason"]:
         state += f": {facts['stop_reason']}"
     elif state == "stopped early":
-        state += " (killed or crashed; continue it with palflow run --resume)"
+        state += " (killed or crashed; continue it: palflow run --site SITE --resume RUN_DIR)"
     budget = f" of {labels['budget']}" if labels["budget"] is not None else ""
     by_kind = ", ".join(f"{k} {n}" for k, n in sorted(failures["by_kind"].items()))
     mae = "-"
@@ -237,7 +236,7 @@ def export_run(root: str | Path, to: str | Path) -> dict[str, Any]:
         raise RunDirectoryError(f"{target} exists and is not empty: export to a new folder")
     frames = labelled_frames(run)
     if not frames:
-        raise RunDirectoryError(f"{run.root} has no labels yet: export it once the oracle has")
+        raise RunDirectoryError(f"{run.root} has no labels yet: export it once it has some")
     ensembles = run.ensembles()
     target.mkdir(parents=True, exist_ok=True)
     write(target / EXPORTED_LABELS, frames, format="extxyz")

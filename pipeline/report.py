@@ -42,12 +42,15 @@ logger = logging.getLogger(__name__)
 
 
 def run_status(root: str | Path) -> str:
-    """``finished``, ``running`` (a coordinator holds the lock) or ``stopped early``."""
+    """``running`` (a coordinator holds the lock), ``finished`` or ``stopped early``.
+
+    The lock comes first: a finished run that was resumed keeps its old summary.
+    """
     run = RunDirectory(root)
-    if run.file(SUMMARY_FILE).exists():
-        return "finished"
     if run.is_locked():
         return "running"
+    if run.file(SUMMARY_FILE).exists():
+        return "finished"
     return "stopped early (no summary: killed or crashed; resume with --resume)"
 
 
