@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.rundir import SUMMARY_FILE, RunDirectory
+
 ROOT = Path(__file__).resolve().parent.parent
 # Tests point this elsewhere, so that tiny runs never overwrite the measured results.
 RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
@@ -48,7 +50,7 @@ def run_once(site: str) -> dict:
     elapsed = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"{site}: run failed\n{done.stderr[-2000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunDirectory(run_dir).read_json(SUMMARY_FILE)
     return {
         "site": site,
         "process_s": elapsed,

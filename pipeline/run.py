@@ -179,7 +179,7 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
         where the run directory holds it).
     """
     from pipeline.campaign_state import load_start_structure, read_labelled_file
-    from pipeline.rundir import RunDirectory, RunDirectoryError
+    from pipeline.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
     from pipeline.settings import campaign_from_dict, load_campaign
 
     overrides = {}
@@ -193,11 +193,11 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
                 "--resume continues a run with its own campaign: drop --campaign and --run-dir"
             )
         run = RunDirectory.open(args.resume)
-        data = json.loads((run.root / "campaign.json").read_text())
+        data = json.loads(run.file(CAMPAIGN_FILE).read_text())
         data.setdefault("stop", {}).update(
             {key.split("__")[1]: value for key, value in overrides.items()}
         )
-        campaign = campaign_from_dict(data, str(run.root / "campaign.json"))
+        campaign = campaign_from_dict(data, str(run.file(CAMPAIGN_FILE)))
         check_calculator(campaign.oracle.calculator)
         return campaign, run, None
     campaign = load_campaign(campaign_file, **overrides)
