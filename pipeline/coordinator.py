@@ -275,8 +275,10 @@ class Coordinator:
 
     def _note_resume_cost(self) -> None:
         """Record, once, how long a resume took until its first task was submitted."""
+        if self._resumed_at is None:
+            return
         tasks = self.engine.tasks()
-        if self._resumed_at is None or not tasks:
+        if not tasks:
             return
         first = min(task.submitted for task in tasks)
         self.state.resumes.append(
