@@ -68,8 +68,9 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        """Build a spec from :meth:`to_dict` output; unknown keys raise ``TypeError``."""
-        return cls(**data)
+        """Build a spec from :meth:`to_dict` output (or the campaign's ``[model]``
+        section: its ``name`` is dropped); unknown keys raise ``TypeError``."""
+        return cls(**{k: v for k, v in data.items() if k != "name"})
 
 
 # --------------------------------------------------------------------------- batches
@@ -331,7 +332,13 @@ class SchNetEnsemble(torch.nn.Module):
         Device of the parameters (``"meta"`` builds an empty shell).
     """
 
-    def __init__(self, spec: ModelSpec, n_members: int, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        n_members: int,
+        device: str | torch.device | None = None,
+        seed: int | None = None,
+    ):
         super().__init__()
         if n_members < 1:
             raise ValueError(f"n_members must be >= 1, got {n_members}")
@@ -478,13 +485,41 @@ def _from_state_dict(cls, spec, n_members: int, state: dict, training: bool = Fa
     return model.train(training)
 
 
-MODELS: dict[str, type] = {"schnet": SchNetEnsemble}
-"""Registry of ensemble potentials by checkpoint name."""
+SchNetEnsemble.spec_class = ModelSpec
+
+MODELS: dict[str, type | str] = {
+    "schnet": SchNetEnsemble,
+    "mace": "apps.mace_ensemble:MACEEnsemble",  # imported on first use: mace is heavy
+}
+"""Registry of ensemble potentials by ``model.name`` (and checkpoint name). Each
+class follows :class:`PotentialEnsemble` and names its spec class as ``spec_class``."""
+
+
+def model_class(name: str) -> type:
+    """The ensemble class registered as ``name``."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}: choose one of {sorted(MODELS)}")
+    entry = MODELS[name]
+    if isinstance(entry, str):
+        from apps.common import import_object
+
+        entry = MODELS[name] = import_object(entry)
+    return entry
+
+
+def new_ensemble(
+    name: str, spec: dict[str, Any], n_members: int = 1, seed: int = 0, device=None
+) -> PotentialEnsemble:
+    """A freshly initialised ensemble of the registered model ``name``."""
+    cls = model_class(name)
+    torch.manual_seed(seed)
+    model = cls(cls.spec_class.from_dict(spec), n_members, seed=seed)
+    return model.to(device) if device is not None else model
 
 
 def _model_name(model: torch.nn.Module) -> str:
-    for name, cls in MODELS.items():
-        if type(model) is cls:
+    for name in MODELS:
+        if type(model) is model_class(name):
             return name
     raise KeyError(f"{type(model).__name__} is not registered in MODELS")
 
@@ -528,7 +563,7 @@ def load_checkpoint(
         are also mapped to ``device``).
     """
     payload = torch.load(path, map_location=device, weights_only=True)
-    cls = MODELS[payload["model"]]
-    spec = ModelSpec.from_dict(payload["spec"])
+    cls = model_class(payload["model"])
+    spec = cls.spec_class.from_dict(payload["spec"])
     model = _from_state_dict(cls, spec, int(payload["n_members"]), payload["state_dict"])
     return model.eval(), payload.get("extra", {})

@@ -21,12 +21,12 @@ from ase import Atoms
 from apps.common import require_settings, where_and_when
 from apps.dataset import read_dataset
 from apps.model import (
-    ModelSpec,
-    SchNetEnsemble,
+    PotentialEnsemble,
     StructureGraph,
     collate,
     default_device,
     load_checkpoint,
+    new_ensemble,
     save_checkpoint,
     structure_graph,
 )
@@ -79,7 +79,7 @@ def _graphs(structures: Sequence[Atoms], cutoff: float) -> list[StructureGraph]:
     return [structure_graph(atoms, cutoff, True, nl) for atoms in structures]
 
 
-def _loss(model: SchNetEnsemble, batch, force_weight: float) -> torch.Tensor:
+def _loss(model: PotentialEnsemble, batch, force_weight: float) -> torch.Tensor:
     """Mean sq. per-atom energy error ((eV/atom)^2) + weight * mean sq. force error."""
     out = model(batch, compute_forces=True)
     n_atoms = batch.n_atoms.to(out["energy"].dtype)
@@ -158,8 +158,7 @@ def _train_member(
     indices = np.arange(len(structures))
 
     if checkpoint_in is None:
-        torch.manual_seed(seed)
-        model = SchNetEnsemble(ModelSpec.from_dict(spec), 1).to(device)
+        model = new_ensemble(spec.get("name", "schnet"), spec, 1, seed=seed, device=device)
         model.fit_energy_reference(structures)
         optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
         epochs_done = steps_done = 0
@@ -252,6 +251,8 @@ def stack_member_checkpoints(paths: Sequence[str], out_path: str, extra: dict) -
     members = [load_checkpoint(path, device="cpu")[0] for path in paths]
     ensemble = type(members[0]).stack(members)
     save_checkpoint(out_path, ensemble, extra)
+    if hasattr(ensemble, "export"):  # e.g. MACE: each member as its code's own model file
+        ensemble.export(str(out_path).removesuffix(".pt"))
 
 
 @torch.no_grad()
@@ -265,7 +266,7 @@ def _predict_batches(model, structures, device, batch_size):
 
 
 def evaluate_errors(
-    model: SchNetEnsemble,
+    model: PotentialEnsemble,
     structures: Sequence[Atoms],
     device: str | torch.device | None = None,
     batch_size: int = 32,

@@ -151,6 +151,8 @@ class CampaignState:
     rescored_version: int = 0
     last_candidate_id: int = 0
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    resolved_model: dict[str, Any] | None = None
+    """The members' spec, once fixed (:meth:`model_spec`)."""
     retried: Counter[str] = field(default_factory=Counter)
     """Oracle attempts that failed transiently and were tried again, by kind."""
 
@@ -186,7 +188,13 @@ class CampaignState:
         return campaign.stop.max_labels - self.n_labels_active - in_flight
 
     def model_spec(self, campaign: Campaign) -> dict[str, Any]:
-        return campaign.model.model_dump(exclude={"name", "n_members"})
+        """The spec every member is built with, fixed at its first use (see
+        :func:`pipeline.models.resolve_model_spec`)."""
+        if self.resolved_model is None:
+            from pipeline.models import resolve_model_spec
+
+            self.resolved_model = resolve_model_spec(campaign, self.labelled, self.start)
+        return self.resolved_model
 
     # ---------------------------------------------------------------- changes
     def new_candidate_id(self) -> int:

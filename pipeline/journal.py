@@ -113,6 +113,7 @@ class Journal:
                 "task_failures": {str(k): v for k, v in state.failures.items()},
                 "resumes": state.resumes,
                 "retried": dict(state.retried),
+                "model_spec": state.resolved_model,
             },
         )
 
@@ -167,6 +168,7 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     state.failures = {int(k): v for k, v in saved.get("task_failures", {}).items()}
     state.resumes = saved.get("resumes", [])
     state.retried = Counter(saved.get("retried", {}))
+    state.resolved_model = saved.get("model_spec")
     state.test_ready = Path(run.test_set).exists()
     _restore_labels(state, run)
     _restore_checkpoints(state, run)

@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +65,64 @@ class OracleSettings(_Section):
     """Nodes one oracle task spans (on a site whose oracle is an MPIExecutor)."""
 
 
+SCHNET_KEYS = ("cutoff", "n_features", "n_interactions", "n_rbf")
+MACE_KEYS = (
+    "r_max",
+    "num_channels",
+    "max_L",
+    "correlation",
+    "num_interactions",
+    "num_radial_basis",
+    "num_cutoff_basis",
+    "dtype",
+    "e0s",
+    "foundation",
+)
+
+
 class ModelSettings(_Section):
-    name: Literal["schnet"] = "schnet"
+    name: Literal["schnet", "mace"] = "schnet"
+    """``schnet`` (palflow's compact SchNet) or ``mace`` (mace-torch)."""
     n_members: int = Field(4, ge=2)
+    # SchNet
     cutoff: float = Field(5.0, gt=0)
-    """Neighbour cutoff, Å."""
+    """Neighbour cutoff, Å (SchNet)."""
     n_features: int = Field(32, ge=4)
     n_interactions: int = Field(2, ge=1)
     n_rbf: int = Field(16, ge=2)
+    # MACE
+    r_max: float = Field(5.0, gt=0)
+    """Cutoff radius, Å (MACE)."""
+    num_channels: int = Field(16, ge=1)
+    """Channels of MACE's hidden features."""
+    max_L: int = Field(1, ge=0, le=3)
+    """Largest L of the equivariant hidden features (0: invariant only)."""
+    correlation: int = Field(3, ge=1, le=4)
+    """Body order of the product basis."""
+    num_interactions: int = Field(2, ge=1)
+    """Message-passing layers (MACE)."""
+    num_radial_basis: int = Field(8, ge=1)
+    num_cutoff_basis: int = Field(5, ge=1)
+    dtype: Literal["float32", "float64"] = "float64"
+    """Precision of MACE's training and MD (MACE advises float64 for MD)."""
+    e0s: Literal["average", "oracle"] | dict[str, float] = "average"
+    """Isolated-atom energies: ``average`` (least squares on the first labels),
+    ``oracle`` (one oracle call per element on an isolated atom, in the coordinator's
+    process), or a table ``{"H": -13.6, ...}`` in eV."""
+    foundation: str | None = None
+    """A MACE model file every member starts from (fine-tuning), e.g. MACE-MP-0 or
+    MACE-OFF, downloaded beforehand; its element table, E0s and cutoff are kept."""
+
+    @model_validator(mode="after")
+    def _keys_of_the_model(self) -> ModelSettings:
+        other = SCHNET_KEYS if self.name == "mace" else MACE_KEYS
+        wrong = sorted(set(other) & self.model_fields_set)
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not a setting of "
+                f"model.name = {self.name!r}: drop it or change the model's name"
+            )
+        return self
 
 
 class TrainingSettings(_Section):
