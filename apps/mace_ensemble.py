@@ -27,9 +27,11 @@ Units: Å, eV, eV/Å.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +44,55 @@ from ase import Atoms
 from apps.model import AtomsBatch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+
+class _BuildLock:
+    """Building or copying a MACE model traces code with ``torch.fx``, which patches
+    ``torch.nn.Module.__call__`` for the whole process while it runs, and so breaks a
+    forward pass in another thread. On a thread-pool site, builds therefore take this
+    lock alone (re-entrantly), and forward passes share it."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._owner: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> None:  # exclusive: a build or a copy
+        me = threading.get_ident()
+        with self._condition:
+            if self._owner != me:
+                self._condition.wait_for(lambda: self._owner is None and not self._readers)
+                self._owner = me
+            self._depth += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._condition:
+            self._depth -= 1
+            if not self._depth:
+                self._owner = None
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self):
+        """Held by forward passes: many at once, never beside a build."""
+        me = threading.get_ident()
+        if self._owner == me:  # a build that evaluates
+            yield
+            return
+        with self._condition:
+            self._condition.wait_for(lambda: self._owner is None)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+
+_BUILD_LOCK = _BuildLock()
 
 
 @dataclass(frozen=True)
@@ -151,7 +202,8 @@ def foundation_elements(path: str) -> tuple[list[int], list[float], float, dict[
     if not os.path.isfile(path):
         raise ValueError(f"model.foundation {path!r} does not exist: download it first")
     try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
+        with _BUILD_LOCK:
+            model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise ValueError(
             f"model.foundation {path!r} is not a MACE model file: {error}"
@@ -175,7 +227,12 @@ def foundation_elements(path: str) -> tuple[list[int], list[float], float, dict[
 # ------------------------------------------------------------------ the ensemble
 def _new_member(spec: MACESpec, seed: int) -> torch.nn.Module:
     """One MACE model with ``spec``'s architecture, or a perturbed foundation copy."""
-    torch.manual_seed(seed)
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_member(spec, seed)
+
+
+def _build_member(spec: MACESpec, seed: int) -> torch.nn.Module:
     if spec.foundation:
         model = torch.load(spec.foundation, map_location="cpu", weights_only=False)
         _perturb_readout(model, seed)
@@ -261,7 +318,8 @@ class MACEEnsemble(torch.nn.Module):
         """Every member on ``batch``: ``energy`` [K, S] eV, ``forces`` [K, N, 3] eV/Å."""
         data = self.mace_input(batch)
         energies, forces = [], []
-        with torch.set_grad_enabled(torch.is_grad_enabled() or compute_forces):
+        grad = torch.is_grad_enabled() or compute_forces
+        with _BUILD_LOCK.shared(), torch.set_grad_enabled(grad):
             for member in self.members:
                 out = member(
                     dict(data, positions=data["positions"].detach().clone()),
@@ -328,7 +386,9 @@ class MACEEnsemble(torch.nn.Module):
         """A K=1 copy of member ``index``."""
         if not -self.n_members <= index < self.n_members:
             raise IndexError(f"member {index} out of range for K={self.n_members}")
-        return self.stack_modules(self.spec, [copy.deepcopy(self.members[index])])
+        with _BUILD_LOCK:
+            module = copy.deepcopy(self.members[index])
+        return self.stack_modules(self.spec, [module])
 
     @classmethod
     def stack(cls, members: Sequence[MACEEnsemble]) -> MACEEnsemble:
@@ -338,7 +398,8 @@ class MACEEnsemble(torch.nn.Module):
         spec = members[0].spec
         if any(m.spec != spec for m in members):
             raise ValueError("cannot stack members with different specs")
-        modules = [copy.deepcopy(module) for m in members for module in m.members]
+        with _BUILD_LOCK:
+            modules = [copy.deepcopy(module) for m in members for module in m.members]
         return cls.stack_modules(spec, modules).train(members[0].training)
 
     def export(self, stem: str) -> list[str]:
@@ -349,7 +410,8 @@ class MACEEnsemble(torch.nn.Module):
         paths = []
         for k, member in enumerate(self.members):
             path = f"{stem}.member{k}.model"
-            module = copy.deepcopy(member).to("cpu").eval()
+            with _BUILD_LOCK:
+                module = copy.deepcopy(member).to("cpu").eval()
             atomic_write_bytes(path, lambda handle, m=module: torch.save(m, handle))
             paths.append(path)
         return paths

@@ -29,6 +29,7 @@ from ase import Atoms
 from ase.io import write
 
 from apps.contracts import MODULE_OF_KIND, MODULES, failure_counts  # noqa: F401 (re-exported)
+from apps.model import model_class
 from pipeline.agents import Context, GeneratorAgent, InferenceAgent, OracleAgent, TrainingAgent
 from pipeline.campaign_state import CampaignState
 from pipeline.engine import Engine
@@ -146,6 +147,10 @@ class Coordinator:
         self.campaign = campaign
         self.run_dir = run
         self.apps = apps
+        if campaign.model.name != "schnet":
+            # Heavy imports happen here, in the main thread, never while a task thread
+            # is running: an oracle's forked child would inherit a held import lock.
+            model_class(campaign.model.name)
         self.state = state or CampaignState.new(campaign, run, start)
         self.queue = queue or OracleQueue(campaign.selection.max_queue)
         self.policy = policy(campaign, self.state)

@@ -7,11 +7,17 @@ runs on one machine.
 
 import os
 
-from parsl.config import Config
-from parsl.executors.threads import ThreadPoolExecutor
-from parsl.monitoring.monitoring import MonitoringHub
+# Oracle tasks fork a child per batch (apps/isolation.py). A child forked from a
+# process whose OpenMP thread pool is running (torch's, xTB's) can hang in xTB's
+# first parallel region; one OpenMP thread per task keeps forks safe, and tasks here
+# share the process's cores anyway. Set before torch or xTB starts OpenMP.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from apps.contracts import MODULES  # the executor labels
+from parsl.config import Config  # noqa: E402
+from parsl.executors.threads import ThreadPoolExecutor  # noqa: E402
+from parsl.monitoring.monitoring import MonitoringHub  # noqa: E402
+
+from apps.contracts import MODULES  # noqa: E402 (the executor labels)
 
 # Tasks the coordinator keeps in flight per module; each pool has as many threads.
 slots = {"oracle": 1, "generator": 2, "train": 2, "infer": 1}
