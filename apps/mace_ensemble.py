@@ -32,19 +32,24 @@ import copy
 import dataclasses
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import mace  # noqa: F401  (first: it lets e3nn load its constants under torch >= 2.6)
-import numpy as np
-import torch
-from ase import Atoms
+# TorchScript warns at every MACE build about e3nn's annotations (thousands of lines
+# a run); it says nothing a user can act on.
+warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support")
+warnings.filterwarnings("ignore", message="Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY")
 
-from apps.model import AtomsBatch
+import mace  # noqa: E402, F401  (first: it lets e3nn load its constants under torch >= 2.6)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from ase import Atoms  # noqa: E402
+
+from apps.model import AtomsBatch  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 
 class _BuildLock:
@@ -205,9 +210,7 @@ def foundation_elements(path: str) -> tuple[list[int], list[float], float, dict[
         with _BUILD_LOCK:
             model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise ValueError(
-            f"model.foundation {path!r} is not a MACE model file: {error}"
-        ) from None
+        raise ValueError(f"model.foundation {path!r} is not a MACE model file: {error}") from None
     if not all(hasattr(model, a) for a in ("atomic_numbers", "r_max", "interactions")):
         raise ValueError(
             f"model.foundation {path!r} is not a MACE model file "
@@ -312,9 +315,7 @@ class MACEEnsemble(torch.nn.Module):
     def n_members(self) -> int:
         return len(self.members)
 
-    def forward(
-        self, batch: AtomsBatch, compute_forces: bool = True
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, batch: AtomsBatch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
         """Every member on ``batch``: ``energy`` [K, S] eV, ``forces`` [K, N, 3] eV/Å."""
         data = self.mace_input(batch)
         energies, forces = [], []

@@ -179,6 +179,7 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
         where the run directory holds it).
     """
     from pipeline.campaign_state import load_start_structure, read_labelled_file
+    from pipeline.models import check_model
     from pipeline.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
     from pipeline.settings import campaign_from_dict, load_campaign
 
@@ -204,6 +205,7 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     check_calculator(campaign.oracle.calculator)
     check_strategy(campaign)
     start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+    check_model(campaign, start)
     if campaign.test.file:
         read_labelled_file(campaign.test.file)
     if not create:
