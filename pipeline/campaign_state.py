@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -193,7 +194,13 @@ class CampaignState:
         if self.resolved_model is None:
             from pipeline.models import resolve_model_spec
 
-            self.resolved_model = resolve_model_spec(campaign, self.labelled, self.start)
+            spec = resolve_model_spec(campaign, self.labelled, self.start)
+            if spec.get("foundation"):
+                # Workers read the run's own copy: the run directory is where every
+                # node looks, and the user's file may move or change.
+                shutil.copyfile(spec["foundation"], self.run.foundation_model)
+                spec["foundation"] = self.run.foundation_model
+            self.resolved_model = spec
         return self.resolved_model
 
     # ---------------------------------------------------------------- changes

@@ -188,6 +188,11 @@ class RunDirectory:
         found = self.root.glob(f"models/member{member}.*.pt")
         return sorted((int(p.suffixes[0].lstrip(".")), p) for p in found)
 
+    @property
+    def foundation_model(self) -> str:
+        """The run's copy of ``model.foundation``, which every member starts from."""
+        return self.path("models", "foundation.model")
+
     def ensemble(self, version: int) -> str:
         """The stacked checkpoint of ensemble ``version``."""
         return self.path("models", f"ensemble.v{version:05d}.pt")

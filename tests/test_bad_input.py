@@ -34,6 +34,35 @@ def three_label_site(d):
     )
 
 
+def mace_campaign(d, model_lines: str) -> str:
+    """A MACE campaign on ethanol with EMT, its ``[model]`` section ending in ``model_lines``."""
+    return write(
+        d / "c.toml",
+        '[oracle]\ncalculator = "ase.calculators.emt:EMT"\nkwargs = {}\n'
+        f'[model]\nname = "mace"\n{model_lines}\n',
+    )
+
+
+def h_o_foundation(d) -> str:
+    """A tiny MACE model file that knows H and O only (ethanol also has C)."""
+    from apps.mace_ensemble import MACEEnsemble, MACESpec
+
+    spec = MACESpec(
+        r_max=4.0, num_channels=8, max_L=0, correlation=2, num_interactions=1,
+        num_radial_basis=4, num_cutoff_basis=5, dtype="float64",
+        atomic_numbers=(1, 8), e0s=(-13.6, -2040.0), avg_num_neighbors=3.0,
+    )  # fmt: skip
+    (path,) = MACEEnsemble(spec, 1).export(str(d / "h-o"))
+    return path
+
+
+def a_torch_dict(d) -> str:
+    import torch
+
+    torch.save({"weights": torch.zeros(3)}, d / "dict.model")
+    return str(d / "dict.model")
+
+
 def a_run_directory(d):
     run = d / "old-run"
     run.mkdir()
@@ -71,8 +100,47 @@ CASES = {
         "'oracle.batch_size'",
     ),
     "unknown model": (
-        lambda d: ["--campaign", write(d / "c.toml", '[model]\nname = "mace"\n')],
+        lambda d: ["--campaign", write(d / "c.toml", '[model]\nname = "nequip"\n')],
         "'model.name'",
+    ),
+    "MACE foundation file missing": (
+        lambda d: ["--campaign", mace_campaign(d, f'foundation = "{d / "mp0.model"}"')],
+        "mp0.model' does not exist",
+    ),
+    "MACE foundation is a text file": (
+        lambda d: [
+            "--campaign",
+            mace_campaign(d, f'foundation = "{write(d / "notes.model", "weights")}"'),
+        ],
+        "notes.model' is not a MACE model file",
+    ),
+    "MACE foundation is a torch dict": (
+        lambda d: ["--campaign", mace_campaign(d, f'foundation = "{a_torch_dict(d)}"')],
+        "dict.model' is not a MACE model file (it holds a dict)",
+    ),
+    "MACE foundation lacks an element": (
+        lambda d: ["--campaign", mace_campaign(d, f'foundation = "{h_o_foundation(d)}"')],
+        "element(s) C are not in the foundation model",
+    ),
+    "MACE setting of the wrong type": (
+        lambda d: ["--campaign", mace_campaign(d, 'num_channels = "16"')],
+        "'model.num_channels'",
+    ),
+    "MACE dtype unknown": (
+        lambda d: ["--campaign", mace_campaign(d, 'dtype = "float16"')],
+        "'model.dtype'",
+    ),
+    "MACE e0s table lacks an element": (
+        lambda d: ["--campaign", mace_campaign(d, "e0s = { H = -13.6, O = -2040.0 }")],
+        "element(s) C are not in model.e0s",
+    ),
+    "MACE e0s table names no element": (
+        lambda d: ["--campaign", mace_campaign(d, "e0s = { H = -13.6, C = -1000.0, Oo = -2040.0 }")],
+        "model.e0s names unknown elements ['Oo']",
+    ),
+    "MACE setting with SchNet": (
+        lambda d: ["--campaign", write(d / "c.toml", "[model]\nnum_channels = 8\n")],
+        "num_channels is not a setting of model.name = 'schnet'",
     ),
     "malformed TOML": (lambda d: ["--campaign", write(d / "c.toml", "[stop\n")], "not valid TOML"),
     "missing campaign file": (
