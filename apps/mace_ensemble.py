@@ -216,12 +216,16 @@ def foundation_elements(path: str) -> tuple[list[int], list[float], float, dict[
             f"model.foundation {path!r} is not a MACE model file "
             f"(it holds a {type(model).__name__})"
         )
+    from e3nn import o3
+
     numbers = [int(z) for z in model.atomic_numbers]
     e0s = model.atomic_energies_fn.atomic_energies.detach().reshape(-1, len(numbers))[0]
+    # A one-layer MACE keeps its hidden irreps as a string.
+    hidden = o3.Irreps(str(model.interactions[0].hidden_irreps))
     architecture = {
         "num_interactions": int(model.num_interactions),
-        "num_channels": int(model.interactions[0].hidden_irreps.count("0e")),
-        "max_L": int(model.interactions[0].hidden_irreps.lmax),
+        "num_channels": int(hidden.count("0e")),
+        "max_L": int(hidden.lmax),
         "avg_num_neighbors": float(model.interactions[0].avg_num_neighbors),
     }
     return numbers, [float(e) for e in e0s], float(model.r_max), architecture
@@ -239,6 +243,9 @@ def _build_member(spec: MACESpec, seed: int) -> torch.nn.Module:
     if spec.foundation:
         model = torch.load(spec.foundation, map_location="cpu", weights_only=False)
         _perturb_readout(model, seed)
+        with torch.no_grad():  # the campaign's E0s (see pipeline.models.resolve_model_spec)
+            e0s = model.atomic_energies_fn.atomic_energies
+            e0s.copy_(torch.as_tensor(spec.e0s, dtype=e0s.dtype).expand_as(e0s))
         return model.to(DTYPES[spec.dtype])
     from e3nn import o3
     from mace import modules
@@ -314,6 +321,12 @@ class MACEEnsemble(torch.nn.Module):
     @property
     def n_members(self) -> int:
         return len(self.members)
+
+    def __call__(self, *args, **kwargs):
+        # The shared lock is taken before torch.nn.Module.__call__ runs: while another
+        # thread builds a member, torch.fx has that method patched.
+        with _BUILD_LOCK.shared():
+            return super().__call__(*args, **kwargs)
 
     def forward(self, batch: AtomsBatch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
         """Every member on ``batch``: ``energy`` [K, S] eV, ``forces`` [K, N, 3] eV/Å."""

@@ -14,6 +14,15 @@ The generator tasks are the real app (``apps.generator._run_md``, checkpoint loa
 and file writing included) with the default campaign's generator settings; "one
 walker per task" runs W such tasks one after another in one process, which is what
 they cost on one core.
+
+With ``--model mace`` (``examples/ethanol_mace.toml``'s members), the committee's
+cost for K = 1, 4 and 8 members and W = 1 and 8 walkers: one ``build_batch`` and
+one ensemble forward of all K members ("batched") against K ``build_batch`` calls
+and K one-member forwards ("separate"), as K separate calculators would run.
+Writes ``batched_ensemble_mace.json`` and ``.png``; ``--dtype float32 float64``
+compares precisions in the same run.
+
+    python benchmarks/batched_ensemble.py --model mace --repeat 30 --dtype float32 float64
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,22 +41,41 @@ RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "result
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("schnet", "mace"), default="schnet")
+    parser.add_argument(
+        "--repeat", type=int, help="timed rounds (default: 200 for SchNet, 30 for MACE)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=("float32", "float64"),
+        help="MACE precisions to compare (default: the campaign's)",
+    )
+    args = parser.parse_args()
+    if args.model == "mace":
+        args.repeat = args.repeat or 30
+        mace_committee_cost(args)
+    else:
+        args.repeat = args.repeat or 200
+        schnet_step_cost(args)
+
+
+def schnet_step_cost(args) -> None:
+    """The SchNet committee, walkers and generator tasks (see the module's description)."""
     import numpy as np
     import torch
     from ase.build import molecule
 
     from apps.calculator import _run
     from apps.model import ModelSpec, SchNetEnsemble, build_batch
-    from pipeline.settings import load_campaign
+    from pipeline.settings import SCHNET_KEYS, load_campaign
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    args = parser.parse_args()
     torch.set_num_threads(args.threads)
     campaign = load_campaign()
-    spec = ModelSpec(**campaign.model.model_dump(exclude={"name", "n_members"}))
+    spec = ModelSpec(**campaign.model.model_dump(include=set(SCHNET_KEYS)))
     torch.manual_seed(0)
     ensembles = {k: SchNetEnsemble(spec, k).eval().to(args.device) for k in (1, 4, 8)}
     singles = {k: [ensembles[k].member(i).eval() for i in range(k)] for k in (4, 8)}
@@ -237,6 +266,185 @@ def plot(rows: list[dict], path: Path) -> None:
     right.set_ylabel("s per walker-segment")
     right.set_title("generator tasks")
     right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+# ------------------------------------------------------------------ MACE (--model mace)
+MACE_CAMPAIGN = ROOT / "examples" / "ethanol_mace.toml"
+MACE_MEMBERS = (1, 4, 8)
+MACE_WALKERS = (1, 8)
+
+
+def mace_committee_cost(args) -> None:
+    """MACE: K members on one graph against K separate calculators; median ms per MD
+    step over ``args.repeat`` interleaved rounds (see the module's description)."""
+    import numpy as np
+    import torch
+    from ase.build import molecule
+
+    from apps.calculator import _run
+    from apps.model import build_batch
+    from pipeline.settings import load_campaign
+
+    torch.set_num_threads(args.threads)
+    campaign = load_campaign(MACE_CAMPAIGN)
+    dtypes = args.dtype or [campaign.model.dtype]
+    base = molecule(campaign.system.structure)
+    rng = np.random.default_rng(0)
+    frames = {w: rattled(base, w, rng) for w in MACE_WALKERS}
+    r_max = campaign.model.r_max
+
+    def batched(committee, structures):
+        _run(committee, build_batch(structures, r_max, args.device, with_targets=False))
+
+    def separate(members, structures):
+        for member in members:  # each calculator builds its own neighbour list
+            _run(member, build_batch(structures, r_max, args.device, with_targets=False))
+
+    calls, specs = {}, {}
+    for dtype in dtypes:
+        specs[dtype], committees, singles = mace_committees(dtype, base, rng, args.device)
+        prefix = f"{dtype} " if len(dtypes) > 1 else ""
+        for walkers, structures in frames.items():
+            for k in MACE_MEMBERS:
+                modes = {"batched": partial(batched, committees[k], structures)}
+                if k > 1:  # one member alone is the same either way
+                    modes["separate"] = partial(separate, singles[:k], structures)
+                for mode, call in modes.items():
+                    name = f"{prefix}K={k} W={walkers}" + (f" {mode}" if k > 1 else "")
+                    calls[name] = ({"dtype": dtype, "members": k, "walkers": walkers}, mode, call)
+    times = {name: [] for name in calls}
+    for *_, call in calls.values():
+        call()  # warm-up
+    for _ in range(args.repeat):
+        for name, (*_, call) in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    rows = [
+        {"variant": name, **key, "mode": mode, "ms": 1e3 * statistics.median(times[name])}
+        for name, (key, mode, _) in calls.items()
+    ]
+    summary = mace_summary(rows)
+    print_mace(rows, summary, campaign.system.structure, args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {
+        "model": "mace",
+        "molecule": campaign.system.structure,
+        "device": args.device,
+        "threads": args.threads,
+        "repeat": args.repeat,
+        "specs": specs,
+        "rows": rows,
+        "summary": summary,
+    }
+    (RESULTS / "batched_ensemble_mace.json").write_text(json.dumps(result, indent=2))
+    plot_mace(rows, RESULTS / "batched_ensemble_mace.png")
+
+
+def rattled(base, n: int, rng, sigma: float = 0.05) -> list:
+    """``n`` copies of ``base`` with Gaussian noise of ``sigma`` Å on every position."""
+    frames = []
+    for _ in range(n):
+        atoms = base.copy()
+        atoms.positions += rng.normal(0, sigma, atoms.positions.shape)
+        frames.append(atoms)
+    return frames
+
+
+def mace_committees(dtype: str, base, rng, device: str):
+    """The MACE campaign's member spec in ``dtype``, committees of K = 1, 4 and 8, and
+    the eight members as K=1 models.
+
+    The E0s are fitted on EMT labels of rattled frames: they shift energies only, and
+    this benchmark times the passes.
+    """
+    from ase.calculators.emt import EMT
+
+    from apps.mace_ensemble import MACEEnsemble
+    from apps.model import new_ensemble
+    from pipeline.models import resolve_model_spec
+    from pipeline.settings import load_campaign
+
+    campaign = load_campaign(MACE_CAMPAIGN, model__dtype=dtype)
+    labelled = rattled(base, 8, rng)
+    for atoms in labelled:
+        atoms.calc = EMT()
+        atoms.get_potential_energy()
+    spec = resolve_model_spec(campaign, labelled, base)
+    largest = new_ensemble(spec["name"], spec, max(MACE_MEMBERS), seed=0, device=device).eval()
+    singles = [largest.member(i).eval() for i in range(largest.n_members)]
+    committees = {k: MACEEnsemble.stack(singles[:k]).eval() for k in MACE_MEMBERS}
+    return spec, committees, singles
+
+
+def mace_summary(rows: list[dict]) -> list[dict]:
+    """Per precision and walker count: batched over separate, and K over K=1."""
+    ms = {(r["dtype"], r["members"], r["walkers"], r["mode"]): r["ms"] for r in rows}
+    summary = []
+    for dtype, k, walkers, mode in ms:
+        if k != 1:
+            continue
+        one = ms[dtype, 1, walkers, mode]
+        entry = {"dtype": dtype, "walkers": walkers, "K1_ms": one}
+        for members in MACE_MEMBERS[1:]:
+            batched = ms[dtype, members, walkers, "batched"]
+            entry[f"K{members}_batched_over_separate"] = (
+                batched / ms[dtype, members, walkers, "separate"]
+            )
+            entry[f"K{members}_over_K1"] = batched / one
+        summary.append(entry)
+    return summary
+
+
+def print_mace(rows: list[dict], summary: list[dict], molecule: str, args) -> None:
+    print(
+        f"MACE: one MD step of {molecule} (neighbour list, energies and forces of every "
+        f"member) on {args.device}, torch threads {args.threads}, {args.repeat} rounds"
+    )
+    print(f"{'variant':<34}{'ms (median)':>12}{'ms per walker-step':>20}")
+    for row in rows:
+        print(f"{row['variant']:<34}{row['ms']:>12.2f}{row['ms'] / row['walkers']:>20.2f}")
+    for entry in summary:
+        print(
+            f"{entry['dtype']} W={entry['walkers']}: K=4 batched / four separate = "
+            f"{entry['K4_batched_over_separate']:.2f} (goal <= 0.6), "
+            f"K=4 / K=1 = {entry['K4_over_K1']:.2f}; K=8 batched / eight separate = "
+            f"{entry['K8_batched_over_separate']:.2f}, K=8 / K=1 = {entry['K8_over_K1']:.2f}"
+        )
+
+
+def plot_mace(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    walkers = sorted({r["walkers"] for r in rows})
+    kinds = sorted({(r["dtype"], r["mode"]) for r in rows if r["members"] > 1})
+    figure, axes = plt.subplots(1, len(walkers), figsize=(5.5 * len(walkers), 4), squeeze=False)
+    width = 0.8 / len(kinds)
+    for axis, w in zip(axes[0], walkers, strict=True):
+        for i, (dtype, mode) in enumerate(kinds):
+            offset = (i - (len(kinds) - 1) / 2) * width
+            chosen = [
+                r
+                for r in rows
+                if r["walkers"] == w
+                and r["dtype"] == dtype
+                and (r["mode"] == mode or r["members"] == 1)
+            ]
+            axis.bar(
+                [MACE_MEMBERS.index(r["members"]) + offset for r in chosen],
+                [r["ms"] for r in chosen],
+                width,
+                label=f"{dtype} {mode}",
+            )
+        axis.set_xticks(range(len(MACE_MEMBERS)), [f"K={k}" for k in MACE_MEMBERS])
+        axis.set_ylabel("ms per MD step")
+        axis.set_title(f"MACE committee, W={w} walker(s)")
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

@@ -9,6 +9,7 @@ goes to ``state.json``, so a resumed campaign builds the same members.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,32 +74,49 @@ def resolve_model_spec(
     model = campaign.model
     if model.name == "schnet":
         return {"name": "schnet", **model.model_dump(include=set(SCHNET_KEYS))}
-    from apps.mace_ensemble import fit_e0s, foundation_elements, mean_neighbours, oracle_e0s
+    from apps.mace_ensemble import foundation_elements, mean_neighbours
 
     spec = model.model_dump(include=set(MACE_KEYS) - {"e0s"})
     elements = sorted({int(z) for atoms in [start, *labelled] for z in atoms.numbers})
     if model.foundation:
+        # The foundation's table and architecture stay; the E0s of the campaign's own
+        # elements are re-fitted to its oracle as model.e0s says (a foundation trained
+        # on another level of theory is offset by eV per atom), the others kept.
         table, e0s, r_max, architecture = foundation_elements(model.foundation)
         _require(elements, table, f"the foundation model {model.foundation!r}")
-        spec.update(architecture, r_max=r_max, atomic_numbers=table, e0s=e0s)
+        own = dict(zip(elements, _e0s(campaign, labelled, elements), strict=True))
+        e0s = [own.get(z, e0) for z, e0 in zip(table, e0s, strict=True)]
+        path = os.path.abspath(model.foundation)
+        spec.update(architecture, r_max=r_max, atomic_numbers=table, e0s=e0s, foundation=path)
         return {"name": "mace", **spec}
     if isinstance(model.e0s, dict):
         table = sorted(atomic_numbers[s] for s in model.e0s)
         _require(elements, table, "model.e0s")
-        e0s = [model.e0s[chemical_symbols[z]] for z in table]
-    elif model.e0s == "oracle":
-        from apps.oracle import make_calculator
-
-        oracle = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
-        table, e0s = elements, oracle_e0s(elements, make_calculator(oracle))
     else:
-        table, e0s = elements, fit_e0s(labelled, elements)
+        table = elements
+    e0s = _e0s(campaign, labelled, table)
     spec.update(
         atomic_numbers=table,
         e0s=e0s,
         avg_num_neighbors=mean_neighbours(list(labelled)[:200] or [start], model.r_max),
     )
     return {"name": "mace", **spec}
+
+
+def _e0s(campaign: Campaign, labelled: Sequence[Atoms], elements: list[int]) -> list[float]:
+    """The isolated-atom energies of ``elements`` as ``model.e0s`` says, eV."""
+    from apps.mace_ensemble import fit_e0s, oracle_e0s
+
+    setting = campaign.model.e0s
+    if isinstance(setting, dict):
+        _require(elements, [atomic_numbers[s] for s in setting], "model.e0s")
+        return [float(setting[chemical_symbols[z]]) for z in elements]
+    if setting == "oracle":
+        from apps.oracle import make_calculator
+
+        oracle = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
+        return oracle_e0s(elements, make_calculator(oracle))
+    return fit_e0s(labelled, elements)
 
 
 def missing_elements(spec: dict[str, Any], structures: Sequence[Atoms]) -> list[str]:

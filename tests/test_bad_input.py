@@ -135,7 +135,7 @@ CASES = {
         "element(s) C are not in model.e0s",
     ),
     "MACE e0s table names no element": (
-        lambda d: ["--campaign", mace_campaign(d, "e0s = { H = -13.6, C = -1000.0, Oo = -2040.0 }")],
+        lambda d: ["--campaign", mace_campaign(d, "e0s = { H = -13.6, C = -1030.0, Oo = 0.0 }")],
         "model.e0s names unknown elements ['Oo']",
     ),
     "MACE setting with SchNet": (

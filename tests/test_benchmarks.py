@@ -142,3 +142,99 @@ def test_time_to_accuracy(tmp_path):
     assert result["table"]["streaming"]["labels_to_target_over_streaming"] == 1.0
     assert "target test force MAE" in out
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+def test_batched_ensemble_mace(tmp_path):
+    out = run_benchmark(
+        tmp_path,
+        "batched_ensemble.py",
+        "--model",
+        "mace",
+        "--repeat",
+        "1",
+        "--dtype",
+        "float32",
+        "float64",
+        timeout=240,
+    )
+    assert "K=4 batched / four separate" in out
+    result = json.loads((tmp_path / "batched_ensemble_mace.json").read_text())
+    assert set(result["specs"]) == {"float32", "float64"}
+    cells = {(r["dtype"], r["members"], r["walkers"], r["mode"]) for r in result["rows"]}
+    assert ("float64", 4, 8, "separate") in cells and ("float32", 1, 1, "batched") in cells
+    assert len(cells) == 2 * 2 * 5  # dtypes, walkers, K=1 and K=4, 8 both ways
+    assert all(r["ms"] > 0 for r in result["rows"])
+    assert all(s["K4_batched_over_separate"] > 0 for s in result["summary"])
+    assert (tmp_path / "batched_ensemble_mace.png").stat().st_size > 0
+    assert not (tmp_path / "batched_ensemble.json").exists()  # SchNet's file stays
+
+
+SMALL_CAMPAIGN = """
+[training]
+epochs_per_task = 2
+min_task_s = 0.2
+
+[generator]
+n_walkers = 2
+steps_per_task = 20
+
+[initial]
+n_structures = 8
+"""
+"""Ethanol with GFN2-xTB as in the default campaign, less of everything."""
+
+
+@pytest.mark.slow
+@pytest.mark.xtb
+@pytest.mark.timeout(420)
+def test_models(tmp_path, require_xtb):
+    schnet, mace = tmp_path / "schnet.toml", tmp_path / "mace.toml"
+    schnet.write_text("[model]\nn_features = 16\n" + SMALL_CAMPAIGN)
+    mace.write_text('[model]\nname = "mace"\nnum_channels = 8\nmax_L = 0\n' + SMALL_CAMPAIGN)
+    out = run_benchmark(
+        tmp_path,
+        "models.py",
+        "--campaign",
+        str(schnet),
+        "--mace-campaign",
+        str(mace),
+        "--site",
+        "threads.py",
+        "--seeds",
+        "0",
+        "--labels",
+        "8",
+        "--max-wall",
+        "20",
+        "--test-structures",
+        "4",
+        "--at",
+        "4",
+        "8",
+        "--finetune",
+        "--foundation-structures",
+        "8",
+        "--foundation-epochs",
+        "2",
+        timeout=400,
+    )
+    result = json.loads((tmp_path / "models.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in result["runs"]] == [
+        ("schnet", 0),
+        ("mace", 0),
+        ("finetune", 0),
+    ]
+    assert all(r["curve"] for r in result["runs"])
+    for row in result["table"].values():
+        assert {"force_mae_at_4", "energy_mae_at_8", "final_force_mae", "wall_s"} <= set(row)
+        assert {"learning_curve_area", "final_uncertainty_spearman", "energy_increases"} <= set(row)
+        assert row["final_force_mae"]["min"] <= row["final_force_mae"]["max"]
+    assert result["mace_over_schnet_final_force_mae"] > 0
+    assert {"pairs", "median_ratio"} <= set(result["finetune"])
+    assert result["foundation"]["path"].endswith(".model")
+    assert "MACE / SchNet final test force MAE" in out
+    assert (tmp_path / "models.png").stat().st_size > 0
+    # The saved runs analyse again without running anything.
+    again = run_benchmark(tmp_path, "models.py", "--reanalyse", str(tmp_path / "models.json"))
+    assert "final_force_mae" in again
