@@ -374,12 +374,20 @@ class MACEEnsemble(torch.nn.Module):
             "ptr": ptr,
         }
 
-    @torch.no_grad()
     def fit_energy_reference(self, structures: Sequence[Atoms]) -> None:
-        """Set each member's interaction scale to the force RMS of ``structures`` (eV/Å)
-        and its shift to the mean interaction energy per atom; the E0s stay."""
-        if self.spec.foundation:
-            return  # a foundation model keeps its own scale and shift
+        """Set each member's interaction scale to the force RMS of ``structures`` (eV/Å),
+        then its shift so that its mean energy error per atom on them is zero.
+
+        The E0s stay. Without the second step a fresh member starts eV per molecule
+        off, and the energy term of the loss, small beside the forces', takes many
+        epochs to remove a constant that one number fixes.
+        """
+        if not self.spec.foundation:
+            self._scale_to(structures)
+        self._zero_mean_error(structures)
+
+    @torch.no_grad()
+    def _scale_to(self, structures: Sequence[Atoms]) -> None:
         e0 = dict(zip(self.spec.atomic_numbers, self.spec.e0s, strict=True))
         per_atom, forces = [], []
         for atoms in structures:
@@ -395,6 +403,27 @@ class MACEEnsemble(torch.nn.Module):
         for member in self.members:
             member.scale_shift.scale.fill_(scale if scale > 1e-6 else 1.0)
             member.scale_shift.shift.fill_(shift)
+
+    def _zero_mean_error(self, structures: Sequence[Atoms], limit: int = 64) -> None:
+        from apps.model import build_batch
+
+        labelled = [a for a in structures if "energy" in (getattr(a.calc, "results", None) or {})][
+            :limit
+        ]
+        if not labelled:
+            return
+        batch = build_batch(labelled, self.spec.r_max, next(self.parameters()).device, False)
+        reference = torch.tensor([a.calc.results["energy"] for a in labelled], dtype=torch.float64)
+        n_atoms = torch.tensor([len(a) for a in labelled], dtype=torch.float64)
+        was_training = self.training
+        self.eval()
+        predicted = self(batch, compute_forces=False)["energy"].detach().cpu().double()
+        self.train(was_training)
+        offsets = ((predicted - reference) / n_atoms).mean(dim=1)  # eV/atom, per member
+        with torch.no_grad():
+            for member, offset in zip(self.members, offsets, strict=True):
+                shift = member.scale_shift.shift
+                shift.sub_(offset.to(shift.dtype))
 
     def member(self, index: int) -> MACEEnsemble:
         """A K=1 copy of member ``index``."""
