@@ -295,7 +295,7 @@ def campaign_from_dict(data: dict[str, Any], source: str = "<settings>") -> Camp
 def _resolve_relative_files(data: dict[str, Any], folder: Path) -> None:
     """Make file settings relative to the campaign file's folder, where they exist,
     including the ``file.py:name`` paths of plug-ins."""
-    for section, key in (("system", "structure"), ("test", "file")):
+    for section, key in (("system", "structure"), ("test", "file"), ("model", "foundation")):
         value = data.get(section, {}).get(key)
         if isinstance(value, str) and value and (folder / value).exists():
             data[section][key] = str(folder / value)
