@@ -234,9 +234,19 @@ def foundation_elements(path: str) -> tuple[list[int], list[float], float, dict[
 # ------------------------------------------------------------------ the ensemble
 def _new_member(spec: MACESpec, seed: int) -> torch.nn.Module:
     """One MACE model with ``spec``'s architecture, or a perturbed foundation copy."""
-    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _build_member(spec, seed)
+    with _BUILD_LOCK:
+        key = (spec, seed)
+        if key not in _BUILT:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                _BUILT[key] = _build_member(spec, seed)
+        return copy.deepcopy(_BUILT[key])
+
+
+_BUILT: dict[tuple[MACESpec, int], torch.nn.Module] = {}
+"""Members as first built, per spec and seed: building one compiles e3nn's code for
+seconds, a copy takes a fraction of that, and a worker loads the same architecture
+for every task (checkpoints overwrite the weights)."""
 
 
 def _build_member(spec: MACESpec, seed: int) -> torch.nn.Module:
