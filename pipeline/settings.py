@@ -21,7 +21,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +119,13 @@ class ModelSettings(_Section):
     foundation: str | None = None
     """A MACE model file every member starts from (fine-tuning), e.g. MACE-MP-0 or
     MACE-OFF, downloaded beforehand; its element table, E0s and cutoff are kept."""
+
+    @model_serializer(mode="wrap")
+    def _only_this_models_keys(self, handler) -> dict[str, Any]:
+        """Dump (``campaign.json``) the keys of the chosen model only, so that the
+        dump validates again on ``--resume``."""
+        other = SCHNET_KEYS if self.name == "mace" else MACE_KEYS
+        return {k: v for k, v in handler(self).items() if k not in other}
 
     @model_validator(mode="after")
     def _keys_of_the_model(self) -> ModelSettings:

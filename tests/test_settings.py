@@ -65,3 +65,13 @@ def test_missing_file_is_a_campaign_error(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.toml")))
 def test_shipped_examples_validate(name):
     load_campaign(EXAMPLES / name)
+
+
+@pytest.mark.parametrize("name", ["schnet", "mace"])
+def test_a_dumped_campaign_validates_again(name):
+    """campaign.json is a dump of the settings; --resume validates it again."""
+    from pipeline.settings import campaign_from_dict
+
+    campaign = load_campaign(None, model__name=name)
+    again = campaign_from_dict(campaign.model_dump(), "campaign.json")
+    assert again == campaign
