@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ase import Atoms  # noqa: E402
 
-from apps.model import AtomsBatch  # noqa: E402
+from apps.model import AtomsBatch, common_spec  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -446,11 +446,7 @@ class MACEEnsemble(torch.nn.Module):
     @classmethod
     def stack(cls, members: Sequence[MACEEnsemble]) -> MACEEnsemble:
         """Concatenate ensembles (usually K=1 members)."""
-        if not members:
-            raise ValueError("stack needs at least one member")
-        spec = members[0].spec
-        if any(m.spec != spec for m in members):
-            raise ValueError("cannot stack members with different specs")
+        spec = common_spec(members)
         with _BUILD_LOCK:
             modules = [copy.deepcopy(module) for m in members for module in m.members]
         return cls.stack_modules(spec, modules).train(members[0].training)

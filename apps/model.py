@@ -466,15 +466,21 @@ class SchNetEnsemble(torch.nn.Module):
     @classmethod
     def stack(cls, members: Sequence[SchNetEnsemble]) -> SchNetEnsemble:
         """Concatenate ensembles (usually K=1 members) along the ensemble dimension."""
-        if not members:
-            raise ValueError("stack needs at least one member")
-        spec = members[0].spec
-        if any(m.spec != spec for m in members):
-            raise ValueError("cannot stack members with different specs")
+        spec = common_spec(members)
         states = [m.state_dict() for m in members]
         state = {name: torch.cat([s[name].detach() for s in states]) for name in states[0]}
         n_members = sum(m.n_members for m in members)
         return _from_state_dict(cls, spec, n_members, state, training=members[0].training)
+
+
+def common_spec(members: Sequence[PotentialEnsemble]) -> Any:
+    """The spec that all ``members`` share, which stacking them requires."""
+    if not members:
+        raise ValueError("stack needs at least one member")
+    spec = members[0].spec
+    if any(m.spec != spec for m in members):
+        raise ValueError("cannot stack members with different specs")
+    return spec
 
 
 def _from_state_dict(cls, spec, n_members: int, state: dict, training: bool = False):
