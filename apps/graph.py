@@ -1,0 +1,190 @@
+"""Structures as graphs: the batches every model of palflow evaluates.
+
+:func:`build_batch` turns ASE structures into one :class:`AtomsBatch`: their atoms
+concatenated, and a full neighbour list within the cutoff (vesin), periodic shifts
+included. Both backends (:mod:`apps.model`, :mod:`apps.mace_ensemble`) take it.
+
+Units: positions and cutoff in Å, energies in eV, forces in eV/Å.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import vesin
+from ase import Atoms
+
+
+@dataclass
+class AtomsBatch:
+    """Many structures concatenated into one graph.
+
+    Attributes
+    ----------
+    numbers
+        Atomic numbers, [N] long.
+    positions
+        Cartesian positions, [N, 3] float32, Å.
+    edge_src, edge_dst
+        Global atom indices of each directed pair, [E] long; both directions of
+        every pair are present (full neighbour list).
+    edge_shift
+        Cartesian periodic shift, [E, 3], Å, so that the pair vector is
+        ``positions[edge_dst] - positions[edge_src] + edge_shift``.
+    structure_index
+        Structure of each atom, [N] long.
+    n_structures
+        Number of structures S.
+    n_atoms
+        Atoms per structure, [S] long.
+    energy
+        Reference energies, [S] float64, eV; ``None`` unless every structure is
+        labelled.
+    forces
+        Reference forces, [N, 3] float32, eV/Å; ``None`` unless every structure is
+        labelled.
+    """
+
+    numbers: torch.Tensor
+    positions: torch.Tensor
+    edge_src: torch.Tensor
+    edge_dst: torch.Tensor
+    edge_shift: torch.Tensor
+    structure_index: torch.Tensor
+    n_structures: int
+    n_atoms: torch.Tensor
+    energy: torch.Tensor | None = None
+    forces: torch.Tensor | None = None
+
+    def to(self, device: str | torch.device) -> AtomsBatch:
+        """Return a copy with every tensor moved to ``device``."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return AtomsBatch(
+            **{
+                name: value.to(device) if isinstance(value, torch.Tensor) else value
+                for name, value in values.items()
+            }
+        )
+
+
+@dataclass
+class StructureGraph:
+    """Neighbour list and labels of one structure, as numpy arrays (local indices)."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    edge_src: np.ndarray
+    edge_dst: np.ndarray
+    edge_shift: np.ndarray
+    energy: float | None
+    forces: np.ndarray | None
+
+
+def structure_graph(
+    atoms: Atoms,
+    cutoff: float,
+    with_targets: bool = True,
+    neighbor_list: vesin.NeighborList | None = None,
+) -> StructureGraph:
+    """Compute the full neighbour list (within ``cutoff``, Å) of one structure.
+
+    Parameters
+    ----------
+    atoms
+        The structure; directions with ``pbc`` False are treated as open.
+    cutoff
+        Neighbour cutoff, Å.
+    with_targets
+        Read ``energy`` (eV) and ``forces`` (eV/Å) from ``atoms.calc.results`` when
+        both are present. The results are read directly so that no calculation is
+        ever triggered.
+    neighbor_list
+        Reusable :class:`vesin.NeighborList` with the same cutoff.
+    """
+    nl = neighbor_list or vesin.NeighborList(cutoff=cutoff, full_list=True)
+    positions = np.ascontiguousarray(atoms.positions, dtype=np.float64)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.any():
+        cell = np.ascontiguousarray(atoms.cell[:], dtype=np.float64)
+        periodic: bool | list[bool] = pbc.tolist()
+    else:
+        # vesin ignores the box when nothing is periodic; zeros avoid relying on
+        # whatever (possibly degenerate) cell an isolated molecule carries.
+        cell = np.zeros((3, 3))
+        periodic = False
+    if len(atoms) > 0:
+        src, dst, shift = nl.compute(positions, cell, periodic, quantities="ijS")
+    else:
+        src = dst = np.zeros(0, dtype=np.int64)
+        shift = np.zeros((0, 3), dtype=np.int64)
+    energy = forces = None
+    results = getattr(atoms.calc, "results", None) if with_targets else None
+    if results and "energy" in results and "forces" in results:
+        energy = float(results["energy"])
+        forces = np.asarray(results["forces"], dtype=np.float64).reshape(len(atoms), 3)
+    return StructureGraph(
+        numbers=np.asarray(atoms.numbers, dtype=np.int64),
+        positions=positions,
+        edge_src=src.astype(np.int64),
+        edge_dst=dst.astype(np.int64),
+        edge_shift=shift.astype(np.float64) @ cell,
+        energy=energy,
+        forces=forces,
+    )
+
+
+def collate(graphs: Sequence[StructureGraph], device: str | torch.device = "cpu") -> AtomsBatch:
+    """Concatenate per-structure graphs into one :class:`AtomsBatch` on ``device``."""
+    n_atoms = np.array([len(g.numbers) for g in graphs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)
+
+    def cat(arrays: list[np.ndarray], width: int, dtype) -> torch.Tensor:
+        shape = (0, width) if width else (0,)
+        joined = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(shape, dtype)
+        return torch.as_tensor(joined, device=device)
+
+    labelled = len(graphs) > 0 and all(g.energy is not None for g in graphs)
+    return AtomsBatch(
+        numbers=cat([g.numbers for g in graphs], 0, np.int64),
+        positions=cat([g.positions for g in graphs], 3, np.float32),
+        edge_src=cat([g.edge_src + o for g, o in zip(graphs, offsets, strict=True)], 0, np.int64),
+        edge_dst=cat([g.edge_dst + o for g, o in zip(graphs, offsets, strict=True)], 0, np.int64),
+        edge_shift=cat([g.edge_shift for g in graphs], 3, np.float32),
+        structure_index=torch.as_tensor(np.repeat(np.arange(len(graphs)), n_atoms), device=device),
+        n_structures=len(graphs),
+        n_atoms=torch.as_tensor(n_atoms, device=device),
+        energy=cat([np.array([g.energy for g in graphs])], 0, np.float64) if labelled else None,
+        forces=cat([g.forces for g in graphs], 3, np.float32) if labelled else None,
+    )
+
+
+def build_batch(
+    structures: Sequence[Atoms],
+    cutoff: float,
+    device: str | torch.device = "cpu",
+    with_targets: bool = True,
+) -> AtomsBatch:
+    """Build one graph holding all ``structures`` with neighbours within ``cutoff`` (Å).
+
+    Parameters
+    ----------
+    structures
+        Periodic, partly periodic or isolated structures.
+    cutoff
+        Neighbour cutoff, Å.
+    device
+        Device of the returned tensors.
+    with_targets
+        Attach reference energies/forces when every structure carries them.
+
+    Returns
+    -------
+    AtomsBatch
+    """
+    nl = vesin.NeighborList(cutoff=cutoff, full_list=True)
+    graphs = [structure_graph(atoms, cutoff, with_targets, nl) for atoms in structures]
+    return collate(graphs, device)
