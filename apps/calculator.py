@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from apps.model import SchNetEnsemble, build_batch, default_device, load_checkpoint
 
@@ -72,17 +73,27 @@ def ensemble_disagreement(
     return energy_spread, max_spread, mean_spread
 
 
-def _run(model: SchNetEnsemble, batch) -> tuple[np.ndarray, np.ndarray]:
-    """Member energies [K, S] (eV) and forces [K, N, 3] (eV/Å) as float64 numpy."""
+def stress_disagreement(member_stress: np.ndarray) -> np.ndarray:
+    """[S] the largest, over the 9 components, standard deviation over the members of
+    the stress [K, S, 3, 3], eV/Å³ (NaN for a structure without a cell)."""
+    member_stress = np.asarray(member_stress, dtype=np.float64)
+    return member_stress.std(axis=0).reshape(member_stress.shape[1], 9).max(axis=1)
+
+
+def _run(model: SchNetEnsemble, batch, compute_stress: bool = False):
+    """Member energies [K, S] (eV), forces [K, N, 3] (eV/Å) and, with
+    ``compute_stress``, stresses [K, S, 3, 3] (eV/Å³, else None) as float64 numpy."""
     was_training = model.training
     model.eval()
     try:
-        out = model(batch, compute_forces=True)
+        out = model(batch, compute_forces=True, compute_stress=compute_stress)
     finally:
         model.train(was_training)
-    energies = out["energy"].detach().to("cpu", torch.float64).numpy()
-    forces = out["forces"].detach().to("cpu", torch.float64).numpy()
-    return energies, forces
+
+    def numpy(key):
+        return out[key].detach().to("cpu", torch.float64).numpy() if key in out else None
+
+    return numpy("energy"), numpy("forces"), numpy("stress")
 
 
 def predict_structures(
@@ -110,16 +121,22 @@ def predict_structures(
         ``energy`` [S] mean energy (eV); ``forces`` list of [n_s, 3] mean forces
         (eV/Å); ``energy_disagreement`` [S] (eV/atom); ``force_disagreement`` [S] max
         force deviation (eV/Å); ``mean_force_disagreement`` [S] (eV/Å);
-        ``member_energies`` [K, S] (eV); ``member_forces`` list of [K, n_s, 3] (eV/Å).
+        ``member_energies`` [K, S] (eV); ``member_forces`` list of [K, n_s, 3] (eV/Å);
+        and, when some structure has a cell, ``stress`` [S, 3, 3] mean stress
+        (eV/Å³, NaN for a structure without a cell), ``member_stress``
+        [K, S, 3, 3] and ``stress_disagreement`` [S] (:func:`stress_disagreement`).
     """
     device = device or next(model.parameters()).device
     structures = list(structures)
     energy, forces, e_spread, f_max, f_mean, members = [], [], [], [], [], []
-    per_structure_member_forces = []
+    per_structure_member_forces, stresses = [], []
+    with_stress = any(atoms.pbc.all() and atoms.cell.volume > 1e-6 for atoms in structures)
     for start in range(0, len(structures), batch_size):
         chunk = structures[start : start + batch_size]
         batch = build_batch(chunk, model.spec.cutoff, device, with_targets=False)
-        member_energies, member_forces = _run(model, batch)
+        member_energies, member_forces, member_stress = _run(model, batch, with_stress)
+        if with_stress:
+            stresses.append(member_stress)
         index = batch.structure_index.cpu().numpy()
         n_atoms = batch.n_atoms.cpu().numpy()
         spread = ensemble_disagreement(member_energies, member_forces, index, n_atoms)
@@ -136,7 +153,16 @@ def predict_structures(
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0)
 
+    stress = {}
+    if with_stress:
+        member_stress = np.concatenate(stresses, axis=1)
+        stress = {
+            "stress": member_stress.mean(axis=0),
+            "member_stress": member_stress,
+            "stress_disagreement": stress_disagreement(member_stress),
+        }
     return {
+        **stress,
         "energy": cat(energy),
         "forces": forces,
         "energy_disagreement": cat(e_spread),
@@ -165,10 +191,13 @@ class EnsembleCalculator(Calculator):
     -----
     Besides ``energy``/``free_energy`` (eV) and ``forces`` (eV/Å), ``results`` holds
     ``energy_disagreement`` (eV/atom), ``force_disagreement`` (eV/Å),
-    ``member_energies`` [K] (eV) and ``member_forces`` [K, N, 3] (eV/Å).
+    ``member_energies`` [K] (eV) and ``member_forces`` [K, N, 3] (eV/Å). For a cell
+    periodic in all directions it also gives ``stress`` (Voigt, eV/Å³, the members'
+    mean), ``stress_disagreement`` (eV/Å³, :func:`stress_disagreement`) and
+    ``member_stress`` [K, 3, 3].
     """
 
-    implemented_properties = ["energy", "forces", "free_energy"]
+    implemented_properties = ["energy", "forces", "free_energy", "stress"]
 
     def __init__(
         self,
@@ -202,7 +231,10 @@ class EnsembleCalculator(Calculator):
     ) -> None:
         super().calculate(atoms, properties, system_changes)
         batch = build_batch([self.atoms], self.model.spec.cutoff, self.device, with_targets=False)
-        member_energies, member_forces = _run(self.model, batch)
+        periodic = bool(self.atoms.pbc.all()) and self.atoms.cell.volume > 1e-6
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs a cell periodic in all directions")
+        member_energies, member_forces, member_stress = _run(self.model, batch, periodic)
         e_spread, f_max, _ = ensemble_disagreement(
             member_energies,
             member_forces,
@@ -219,3 +251,9 @@ class EnsembleCalculator(Calculator):
             "member_energies": member_energies[:, 0].copy(),
             "member_forces": member_forces,
         }
+        if periodic:
+            self.results.update(
+                stress=full_3x3_to_voigt_6_stress(member_stress[:, 0].mean(axis=0)),
+                stress_disagreement=float(stress_disagreement(member_stress)[0]),
+                member_stress=member_stress[:, 0].copy(),
+            )

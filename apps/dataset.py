@@ -14,6 +14,8 @@ key            shape                meaning
 ``pbc``        (n_structures, 3)    periodic directions
 ``energy``     (n_structures,)      potential energy, eV (NaN when unlabelled)
 ``forces``     (n_atoms_total, 3)   forces, eV/Å (NaN when unlabelled)
+``stress``     (n_structures, 3, 3) stress, eV/Å³, ASE's sign (NaN when the
+                                    oracle gave none, e.g. for a molecule)
 =============  ===================  ==========================================
 """
 
@@ -27,8 +29,18 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 
 logger = logging.getLogger(__name__)
+
+
+def full_stress(stress) -> np.ndarray:
+    """A stress as a 3x3 array (eV/Å³), NaN when ``stress`` is None; takes ASE's
+    Voigt 6-vector or a 3x3."""
+    if stress is None:
+        return np.full((3, 3), np.nan)
+    stress = np.asarray(stress, dtype=float)
+    return voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
 
 
 def atomic_write_bytes(path: str | os.PathLike, write) -> None:
@@ -57,11 +69,12 @@ def write_dataset(
 ) -> None:
     """Write structures (labelled or not) to ``path`` atomically.
 
-    Energies and forces are taken from each structure's calculator results when
-    present; otherwise they are stored as NaN. ``extra`` holds further per-structure
+    Energies, forces and stress (3x3, eV/Å³, ASE's sign) are taken from each
+    structure's calculator results when present; otherwise they are stored as NaN. ``extra`` holds further per-structure
     arrays (candidate ids, scores, statuses); plain dtypes only, nothing pickled.
     """
     numbers, positions, forces, n_atoms, cells, pbc, energy = [], [], [], [], [], [], []
+    stress = []
     for atoms in structures:
         numbers.append(atoms.numbers)
         positions.append(atoms.positions)
@@ -71,6 +84,7 @@ def write_dataset(
         results = atoms.calc.results if atoms.calc is not None else {}
         energy.append(results.get("energy", np.nan))
         forces.append(results.get("forces", np.full((len(atoms), 3), np.nan)))
+        stress.append(full_stress(results.get("stress")))
     arrays = {
         "numbers": np.concatenate(numbers) if numbers else np.zeros(0, int),
         "positions": np.concatenate(positions) if positions else np.zeros((0, 3)),
@@ -79,6 +93,7 @@ def write_dataset(
         "pbc": np.asarray(pbc, dtype=bool).reshape(-1, 3),
         "energy": np.asarray(energy, dtype=float),
         "forces": np.concatenate(forces) if forces else np.zeros((0, 3)),
+        "stress": np.asarray(stress, dtype=float).reshape(-1, 3, 3),
     }
     for key, values in (extra or {}).items():
         values = np.asarray(values)
@@ -98,7 +113,8 @@ def read_dataset(path: str | os.PathLike) -> list[Atoms]:
     """Read structures written by :func:`write_dataset`.
 
     Labelled structures come back with a :class:`SinglePointCalculator` holding
-    ``energy`` (eV) and ``forces`` (eV/Å).
+    ``energy`` (eV), ``forces`` (eV/Å) and, when it was stored, ``stress`` (eV/Å³,
+    Voigt order as ASE gives it).
     """
     return structures_from_arrays(read_arrays(path))
 
@@ -116,8 +132,10 @@ def structures_from_arrays(arrays: dict[str, np.ndarray]) -> list[Atoms]:
         )
         energy = arrays["energy"][index]
         if np.isfinite(energy):
-            atoms.calc = SinglePointCalculator(
-                atoms, energy=float(energy), forces=arrays["forces"][start:stop].copy()
-            )
+            results = {"energy": float(energy), "forces": arrays["forces"][start:stop].copy()}
+            # Files written before stress was stored have no "stress" array.
+            if "stress" in arrays and np.all(np.isfinite(arrays["stress"][index])):
+                results["stress"] = full_3x3_to_voigt_6_stress(arrays["stress"][index])
+            atoms.calc = SinglePointCalculator(atoms, **results)
         structures.append(atoms)
     return structures

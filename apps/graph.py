@@ -10,6 +10,7 @@ Units: positions and cutoff in Å, energies in eV, forces in eV/Å.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 import vesin
 from ase import Atoms
+
+from apps.dataset import full_stress
 
 
 @dataclass
@@ -35,6 +38,8 @@ class AtomsBatch:
     edge_shift
         Cartesian periodic shift, [E, 3], Å, so that the pair vector is
         ``positions[edge_dst] - positions[edge_src] + edge_shift``.
+    edge_unit_shift
+        The same shift in cell vectors, [E, 3] (whole numbers, stored as floats).
     structure_index
         Structure of each atom, [N] long.
     n_structures
@@ -47,6 +52,12 @@ class AtomsBatch:
     forces
         Reference forces, [N, 3] float32, eV/Å; ``None`` unless every structure is
         labelled.
+    cell
+        Cell vectors, [S, 3, 3] float32, Å (zeros for a structure that is not
+        periodic).
+    stress
+        Reference stress, [S, 3, 3] float32, eV/Å³ (ASE's sign), NaN for a structure
+        without one; ``None`` when no structure has one.
     """
 
     numbers: torch.Tensor
@@ -59,6 +70,19 @@ class AtomsBatch:
     n_atoms: torch.Tensor
     energy: torch.Tensor | None = None
     forces: torch.Tensor | None = None
+    edge_unit_shift: torch.Tensor | None = None
+    cell: torch.Tensor | None = None
+    stress: torch.Tensor | None = None
+
+    @property
+    def volume(self) -> torch.Tensor:
+        """Cell volume per structure, [S], Å³ (0 for a structure that is not periodic)."""
+        return torch.linalg.det(self.cell.double()).abs()
+
+    @property
+    def periodic(self) -> bool:
+        """Whether every structure has a cell with a volume (stress is defined)."""
+        return self.n_structures > 0 and bool((self.volume > 1e-6).all())
 
     def to(self, device: str | torch.device) -> AtomsBatch:
         """Return a copy with every tensor moved to ``device``."""
@@ -82,6 +106,9 @@ class StructureGraph:
     edge_shift: np.ndarray
     energy: float | None
     forces: np.ndarray | None
+    unit_shift: np.ndarray | None = None
+    cell: np.ndarray | None = None
+    stress: np.ndarray | None = None
 
 
 def structure_graph(
@@ -100,7 +127,7 @@ def structure_graph(
         Neighbour cutoff, Å.
     with_targets
         Read ``energy`` (eV) and ``forces`` (eV/Å) from ``atoms.calc.results`` when
-        both are present. The results are read directly so that no calculation is
+        both are present, and ``stress`` (eV/Å³) when it is too. The results are read directly so that no calculation is
         ever triggered.
     neighbor_list
         Reusable :class:`vesin.NeighborList` with the same cutoff.
@@ -121,11 +148,13 @@ def structure_graph(
     else:
         src = dst = np.zeros(0, dtype=np.int64)
         shift = np.zeros((0, 3), dtype=np.int64)
-    energy = forces = None
+    energy = forces = stress = None
     results = getattr(atoms.calc, "results", None) if with_targets else None
     if results and "energy" in results and "forces" in results:
         energy = float(results["energy"])
         forces = np.asarray(results["forces"], dtype=np.float64).reshape(len(atoms), 3)
+        if results.get("stress") is not None:
+            stress = full_stress(results["stress"])
     return StructureGraph(
         numbers=np.asarray(atoms.numbers, dtype=np.int64),
         positions=positions,
@@ -134,6 +163,9 @@ def structure_graph(
         edge_shift=shift.astype(np.float64) @ cell,
         energy=energy,
         forces=forces,
+        unit_shift=shift.astype(np.float64),
+        cell=cell,
+        stress=stress,
     )
 
 
@@ -159,6 +191,21 @@ def collate(graphs: Sequence[StructureGraph], device: str | torch.device = "cpu"
         n_atoms=torch.as_tensor(n_atoms, device=device),
         energy=cat([np.array([g.energy for g in graphs])], 0, np.float64) if labelled else None,
         forces=cat([g.forces for g in graphs], 3, np.float32) if labelled else None,
+        edge_unit_shift=cat([g.unit_shift for g in graphs], 3, np.float32),
+        cell=torch.as_tensor(
+            np.asarray([g.cell for g in graphs], dtype=np.float32).reshape(-1, 3, 3), device=device
+        ),
+        stress=(
+            torch.as_tensor(
+                np.asarray(
+                    [g.stress if g.stress is not None else np.full((3, 3), np.nan) for g in graphs],
+                    dtype=np.float32,
+                ),
+                device=device,
+            )
+            if labelled and any(g.stress is not None for g in graphs)
+            else None
+        ),
     )
 
 
@@ -188,3 +235,44 @@ def build_batch(
     nl = vesin.NeighborList(cutoff=cutoff, full_list=True)
     graphs = [structure_graph(atoms, cutoff, with_targets, nl) for atoms in structures]
     return collate(graphs, device)
+
+
+def strain(
+    batch: AtomsBatch, positions: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deform every structure of ``batch`` by a symmetric strain ε (zero, but part of
+    the autograd graph) so that ``dE/dε / V`` is the stress.
+
+    Parameters
+    ----------
+    positions
+        [K, N, 3] positions of K members (requires grad for forces).
+    shift
+        [E, 3] Cartesian periodic shifts of the edges.
+
+    Returns
+    -------
+    strained positions [K, N, 3], strained shifts [K, E, 3], and the displacement
+    [K, S, 3, 3] to differentiate with respect to.
+    """
+    k = positions.shape[0]
+    displacement = positions.new_zeros(k, batch.n_structures, 3, 3, requires_grad=True)
+    symmetric = 0.5 * (displacement + displacement.transpose(-1, -2))
+    per_atom = symmetric[:, batch.structure_index]
+    per_edge = symmetric[:, batch.structure_index[batch.edge_src]]
+    positions = positions + torch.einsum("kni,knij->knj", positions, per_atom)
+    shift = shift + torch.einsum("ei,keij->kej", shift, per_edge)
+    return positions, shift, displacement
+
+
+def stress_from_strain(
+    batch: AtomsBatch, grad: torch.Tensor | None, displacement: torch.Tensor
+) -> torch.Tensor:
+    """Stress [K, S, 3, 3] (eV/Å³) from ``dE/dε``; NaN where a structure has no volume."""
+    if grad is None:  # the energy does not depend on the cell (e.g. no edges)
+        grad = torch.zeros_like(displacement)
+    volume = batch.volume.to(grad.device, grad.dtype)
+    has_volume = volume > 1e-6
+    safe = torch.where(has_volume, volume, torch.ones_like(volume))  # no 0/0 in backward
+    stress = grad / safe[None, :, None, None]
+    return torch.where(has_volume[None, :, None, None], stress, torch.full_like(stress, math.nan))

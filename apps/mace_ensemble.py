@@ -160,24 +160,35 @@ class MACEEnsemble(torch.nn.Module):
         with _BUILD_LOCK.shared():
             return super().__call__(*args, **kwargs)
 
-    def forward(self, batch: AtomsBatch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
-        """Every member on ``batch``: ``energy`` [K, S] eV, ``forces`` [K, N, 3] eV/Å."""
+    def forward(
+        self, batch: AtomsBatch, compute_forces: bool = True, compute_stress: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Every member on ``batch``: ``energy`` [K, S] eV, ``forces`` [K, N, 3] eV/Å and,
+        with ``compute_stress``, ``stress`` [K, S, 3, 3] eV/Å³ (MACE's own strain
+        derivative, ASE's sign; NaN for a structure without a cell)."""
         data = self.mace_input(batch)
-        energies, forces = [], []
-        grad = torch.is_grad_enabled() or compute_forces
+        energies, forces, stresses = [], [], []
+        grad = torch.is_grad_enabled() or compute_forces or compute_stress
         with _BUILD_LOCK.shared(), torch.set_grad_enabled(grad):
             for member in self.members:
                 out = member(
                     dict(data, positions=data["positions"].detach().clone()),
                     training=self.training,
                     compute_force=compute_forces,
+                    compute_stress=compute_stress,
                 )
                 energies.append(out["energy"])
                 if compute_forces:
                     forces.append(out["forces"])
+                if compute_stress:
+                    stresses.append(out["stress"])
         result = {"energy": torch.stack(energies)}
         if compute_forces:
             result["forces"] = torch.stack(forces)
+        if compute_stress:
+            stress = torch.stack(stresses)
+            has_volume = (batch.volume > 1e-6).to(stress.device)[None, :, None, None]
+            result["stress"] = torch.where(has_volume, stress, torch.full_like(stress, np.nan))
         return result
 
     def mace_input(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
@@ -200,8 +211,16 @@ class MACEEnsemble(torch.nn.Module):
             "node_attrs": node_attrs,
             "edge_index": torch.stack([batch.edge_src, batch.edge_dst]),
             "shifts": batch.edge_shift.to(dtype),
-            "unit_shifts": torch.zeros(n_edges, 3, dtype=dtype, device=index.device),
-            "cell": torch.zeros(3 * batch.n_structures, 3, dtype=dtype, device=index.device),
+            "unit_shifts": (
+                batch.edge_unit_shift.to(dtype)
+                if batch.edge_unit_shift is not None
+                else torch.zeros(n_edges, 3, dtype=dtype, device=index.device)
+            ),
+            "cell": (
+                batch.cell.to(dtype).reshape(-1, 3)
+                if batch.cell is not None
+                else torch.zeros(3 * batch.n_structures, 3, dtype=dtype, device=index.device)
+            ),
             "batch": batch.structure_index,
             "ptr": ptr,
         }

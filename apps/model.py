@@ -29,6 +29,8 @@ from apps.graph import (  # noqa: F401 (also re-exported: the batches that model
     AtomsBatch,
     StructureGraph,
     build_batch,
+    strain,
+    stress_from_strain,
     collate,
     structure_graph,
 )
@@ -132,7 +134,9 @@ class _Interaction(torch.nn.Module):
 class PotentialEnsemble(Protocol):
     """What the rest of palflow expects of an ensemble potential.
 
-    ``forward`` returns ``{"energy": [K, S] eV, "forces": [K, N, 3] eV/Å}``.
+    ``forward`` returns ``{"energy": [K, S] eV, "forces": [K, N, 3] eV/Å}``, and with
+    ``compute_stress`` also ``"stress": [K, S, 3, 3]`` eV/Å³ (ASE's sign, NaN for a
+    structure without a cell).
     """
 
     spec: Any
@@ -140,7 +144,9 @@ class PotentialEnsemble(Protocol):
     @property
     def n_members(self) -> int: ...
 
-    def forward(self, batch: AtomsBatch, compute_forces: bool = True) -> dict: ...
+    def forward(
+        self, batch: AtomsBatch, compute_forces: bool = True, compute_stress: bool = False
+    ) -> dict: ...
 
     def member(self, index: int) -> PotentialEnsemble: ...
 
@@ -192,7 +198,9 @@ class SchNetEnsemble(torch.nn.Module):
         """Ensemble size K."""
         return self.embedding.shape[0]
 
-    def forward(self, batch: AtomsBatch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: AtomsBatch, compute_forces: bool = True, compute_stress: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Evaluate all members on ``batch`` in one pass.
 
         Parameters
@@ -202,21 +210,29 @@ class SchNetEnsemble(torch.nn.Module):
         compute_forces
             Also return forces as ``-dE/dr``; the graph of the force is kept when the
             module is in training mode so that a force loss can be back-propagated.
+        compute_stress
+            Also return the stress ``(1/V) dE/dε`` (ASE's sign) from a symmetric strain
+            ε of every structure's cell (positions and periodic shifts deformed
+            together, :func:`apps.graph.strain`); NaN for a structure without a cell.
 
         Returns
         -------
         dict
             ``"energy"``: [K, S] eV; ``"forces"``: [K, N, 3] eV/Å (only when
-            ``compute_forces``).
+            ``compute_forces``); ``"stress"``: [K, S, 3, 3] eV/Å³ (only when
+            ``compute_stress``).
         """
         k = self.n_members
         dtype = self.embedding.dtype
         positions = batch.positions.detach().to(dtype).unsqueeze(0).repeat(k, 1, 1)
-        with torch.set_grad_enabled(torch.is_grad_enabled() or compute_forces):
-            if compute_forces:
-                positions.requires_grad_(True)
+        derivatives = compute_forces or compute_stress
+        with torch.set_grad_enabled(torch.is_grad_enabled() or derivatives):
+            positions.requires_grad_(derivatives)
             shift = batch.edge_shift.to(dtype)
-            vectors = positions[:, batch.edge_dst] - positions[:, batch.edge_src] + shift
+            strained, displacement = positions, None
+            if compute_stress:
+                strained, shift, displacement = strain(batch, positions, shift)
+            vectors = strained[:, batch.edge_dst] - strained[:, batch.edge_src] + shift
             distances = torch.linalg.vector_norm(vectors, dim=-1)  # [K, E]
             rbf, envelope = self._radial(distances)
 
@@ -231,11 +247,16 @@ class SchNetEnsemble(torch.nn.Module):
                 1, batch.structure_index, atomic
             )
             out = {"energy": energy}
-            if compute_forces:
-                (grad,) = torch.autograd.grad(
-                    energy.sum(), positions, create_graph=self.training, allow_unused=True
+            if derivatives:
+                inputs = [positions] + ([displacement] if compute_stress else [])
+                grads = torch.autograd.grad(
+                    energy.sum(), inputs, create_graph=self.training, allow_unused=True
                 )
-                out["forces"] = -grad if grad is not None else torch.zeros_like(positions)
+                if compute_forces:
+                    grad = grads[0]
+                    out["forces"] = -grad if grad is not None else torch.zeros_like(positions)
+                if compute_stress:
+                    out["stress"] = stress_from_strain(batch, grads[1], displacement)
         return out
 
     def _radial(self, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,7 +133,9 @@ def _release_scratch(scratch: Path, keep_at: str | None) -> None:
 
 
 def label_structure(atoms: Atoms, calculator: Calculator, max_force: float) -> Atoms:
-    """Return a copy of ``atoms`` holding validated energy (eV) and forces (eV/Å).
+    """Return a copy of ``atoms`` holding validated energy (eV) and forces (eV/Å), and
+    the stress (eV/Å³) of a cell periodic in all three directions when the
+    calculator gives one (:func:`stress_label`).
 
     Raises
     ------
@@ -157,8 +159,32 @@ def label_structure(atoms: Atoms, calculator: Calculator, max_force: float) -> A
             f"force component {largest:.3g} eV/Å exceeds max_force {max_force:g}",
         )
     labelled = atoms.copy()
-    labelled.calc = SinglePointCalculator(labelled, energy=energy, forces=forces)
+    stress = stress_label(work, calculator)
+    extra = {} if stress is None else {"stress": stress}
+    labelled.calc = SinglePointCalculator(labelled, energy=energy, forces=forces, **extra)
     return labelled
+
+
+def stress_label(atoms: Atoms, calculator: Calculator) -> np.ndarray | None:
+    """The stress (Voigt, eV/Å³) of ``atoms`` already evaluated by ``calculator``, or
+    None: for a cell not periodic in all directions, a calculator that does not
+    implement stress, or an all-zero stress, which xtb-python returns for periodic
+    GFN1-xTB in place of one (tblite's ``TBLite`` gives the real one).
+
+    Raises
+    ------
+    BadLabel
+        When the stress is not finite.
+    """
+    if not atoms.pbc.all() or "stress" not in getattr(calculator, "implemented_properties", ()):
+        return None
+    stress = np.asarray(atoms.get_stress(voigt=True), dtype=float)
+    if not np.all(np.isfinite(stress)):
+        raise BadLabel(FailureKind.NON_FINITE, "stress is not finite")
+    if not stress.any():
+        logger.debug("the calculator returned an all-zero stress: not stored")
+        return None
+    return stress
 
 
 def _label_batch(
@@ -276,8 +302,12 @@ def _oracle_md(
     for _ in range(n_frames):
         dynamics.run(stride)
         frame = atoms.copy()
+        stress = stress_label(atoms, atoms.calc)
         frame.calc = SinglePointCalculator(
-            frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces()
+            frame,
+            energy=atoms.get_potential_energy(),
+            forces=atoms.get_forces(),
+            **({} if stress is None else {"stress": stress}),
         )
         frames.append(frame)
     write_dataset(output_path, frames)

@@ -39,6 +39,7 @@ SETTINGS_READ = (
     "learning_rate_half_life_steps",
     "batch_size",
     "force_weight",
+    "stress_weight",
     "bootstrap",
     "min_task_s",
 )
@@ -79,15 +80,28 @@ def _graphs(structures: Sequence[Atoms], cutoff: float) -> list[StructureGraph]:
     return [structure_graph(atoms, cutoff, True, nl) for atoms in structures]
 
 
-def _loss(model: PotentialEnsemble, batch, force_weight: float) -> torch.Tensor:
-    """Mean sq. per-atom energy error ((eV/atom)^2) + weight * mean sq. force error."""
-    out = model(batch, compute_forces=True)
+def _loss(
+    model: PotentialEnsemble, batch, force_weight: float, stress_weight: float = 0.0
+) -> torch.Tensor:
+    """Mean sq. per-atom energy error ((eV/atom)^2) + ``force_weight`` * mean sq. force
+    error ((eV/Å)^2) + ``stress_weight`` * mean sq. virial error per atom ((eV/atom)^2,
+    the stress error times the volume over the atom count, so that it weighs like the
+    energy term), over the structures with a stress label."""
+    with_stress = stress_weight > 0 and batch.stress is not None
+    out = model(batch, compute_forces=True, compute_stress=with_stress)
     n_atoms = batch.n_atoms.to(out["energy"].dtype)
     energy_error = (out["energy"] - batch.energy.to(out["energy"].dtype)) / n_atoms
     loss = energy_error.pow(2).mean()
     if force_weight > 0 and batch.forces.numel() > 0:
         force_error = out["forces"] - batch.forces.to(out["forces"].dtype)
         loss = loss + force_weight * force_error.pow(2).mean()
+    if with_stress:
+        labelled = torch.isfinite(batch.stress).all(dim=(-1, -2))
+        if labelled.any():
+            per_atom = (batch.volume / batch.n_atoms).to(out["stress"].dtype)[labelled]
+            error = out["stress"][:, labelled] - batch.stress[labelled].to(out["stress"].dtype)
+            virial_error = error * per_atom[None, :, None, None]
+            loss = loss + stress_weight * virial_error.pow(2).mean()
     return loss
 
 
@@ -183,6 +197,7 @@ def _train_member(
     graphs = dict(zip(unique, unique_graphs, strict=True))
     batch_size = int(settings["batch_size"])
     force_weight = float(settings["force_weight"])
+    stress_weight = float(settings["stress_weight"])
 
     model.train()
     train_loss = math.nan
@@ -201,7 +216,7 @@ def _train_member(
                 group["lr"] = learning_rate(settings, steps_done)
             steps_done += 1
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss(model, batch, force_weight)
+            loss = _loss(model, batch, force_weight, stress_weight)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(chosen)
@@ -261,8 +276,9 @@ def _predict_batches(model, structures, device, batch_size):
     for start in range(0, len(structures), batch_size):
         chunk = structures[start : start + batch_size]
         batch = collate(_graphs(chunk, cutoff), device)
-        out = model(batch, compute_forces=True)
-        yield batch, out["energy"].detach(), out["forces"].detach()
+        out = model(batch, compute_forces=True, compute_stress=batch.stress is not None)
+        stress = out["stress"].detach() if "stress" in out else None
+        yield batch, out["energy"].detach(), out["forces"].detach(), stress
 
 
 def evaluate_errors(
@@ -288,19 +304,28 @@ def evaluate_errors(
     -------
     dict
         ``energy_mae_per_atom`` (eV/atom), ``force_mae`` and ``force_rmse`` (eV/Å, over
-        force components).
+        force components), and ``stress_mae`` (eV/Å³, over the stress components of
+        the structures with a stress label; NaN when none has one).
     """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     energy_abs, force_abs, force_sq, n_components = 0.0, 0.0, 0.0, 0
-    for batch, energy, forces in _predict_batches(model, list(structures), device, batch_size):
+    stress_abs, n_stress = 0.0, 0
+    for batch, energy, forces, stress in _predict_batches(
+        model, list(structures), device, batch_size
+    ):
         per_atom = (energy.mean(0).double() - batch.energy) / batch.n_atoms
         energy_abs += float(per_atom.abs().sum())
         error = (forces.mean(0) - batch.forces).double()
         force_abs += float(error.abs().sum())
         force_sq += float(error.pow(2).sum())
         n_components += error.numel()
+        if stress is not None:
+            labelled = torch.isfinite(batch.stress).all(dim=(-1, -2))
+            error = (stress.mean(0)[labelled] - batch.stress[labelled]).double()
+            stress_abs += float(error.abs().sum())
+            n_stress += error.numel()
     model.train(was_training)
     n_structures = max(len(structures), 1)
     n_components = max(n_components, 1)
@@ -308,4 +333,5 @@ def evaluate_errors(
         "energy_mae_per_atom": energy_abs / n_structures,
         "force_mae": force_abs / n_components,
         "force_rmse": math.sqrt(force_sq / n_components),
+        "stress_mae": stress_abs / n_stress if n_stress else math.nan,
     }

@@ -153,6 +153,10 @@ class TrainingSettings(_Section):
     """...halving its distance to it every this many optimiser steps (0: constant)."""
     batch_size: int = Field(16, ge=1)
     force_weight: float = Field(10.0, ge=0)
+    stress_weight: float = Field(1.0, ge=0)
+    """Weight of the stress term, on the virial per atom (eV/atom) so that it weighs
+    like the energy term; it applies to the labels with a stress (periodic cells whose
+    oracle gives one), and 0 ignores stress."""
     bootstrap: bool = True
     """Each member trains on its own bootstrap resample of the labels."""
     rolling_window: int = Field(0, ge=0)
