@@ -16,7 +16,7 @@ APPS = {
     # name: (module, plain function, executor label)
     "label_batch": ("apps.oracle", "_label_batch", "oracle"),
     "oracle_md": ("apps.oracle", "_oracle_md", "oracle"),
-    "run_md": ("apps.generator", "_run_md", "generator"),
+    "generate": ("apps.generator", "_generate", "generator"),
     "train_member": ("apps.training", "_train_member", "train"),
     "score_candidates": ("apps.inference", "_score_candidates", "infer"),
     "evaluate_test": ("apps.inference", "_evaluate_test", "infer"),

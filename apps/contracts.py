@@ -130,9 +130,11 @@ class ReferenceRequest(Request):
 
 @dataclass(frozen=True)
 class MDRequest(Request):
-    """One MD segment of a group of walkers (:func:`apps.generator._run_md`)."""
+    """One segment of a group of walkers, by the generator ``generator.kind`` names
+    (:func:`apps.generator._generate`; MD by default)."""
 
-    app: ClassVar[str] = "run_md"
+    app: ClassVar[str] = "generate"
+    generator: str
     start_paths: list[str]
     ensemble_path: str
     output_paths: list[str]

@@ -93,18 +93,23 @@ def campaign_for(variant: str, seed: int, args, test_file: str, foundation: str 
 
 
 def check_same_problem(args) -> None:
-    """The SchNet and MACE campaigns must differ in their model only."""
+    """The SchNet and MACE campaigns must differ in their model and its training
+    recipe only (each model keeps the loss weights and learning rates it trains best
+    with; the differences are printed)."""
     from pipeline.settings import load_campaign
 
     schnet, mace = load_campaign(args.campaign), load_campaign(args.mace_campaign)
     if schnet.model.name != "schnet" or mace.model.name != "mace":
         raise SystemExit("--campaign must use model.name 'schnet', --mace-campaign 'mace'")
-    mine, theirs = (c.model_dump(exclude={"name", "model"}) for c in (schnet, mace))
+    recipes = schnet.training.model_dump(), mace.training.model_dump()
+    for key in sorted(k for k in recipes[0] if recipes[0][k] != recipes[1][k]):
+        print(f"training.{key}: schnet {recipes[0][key]}, mace {recipes[1][key]}")
+    mine, theirs = (c.model_dump(exclude={"name", "model", "training"}) for c in (schnet, mace))
     differ = sorted(k for k in mine if mine[k] != theirs[k])
     if differ:
         raise SystemExit(
-            f"--campaign and --mace-campaign differ in {differ}, not only in [model]: "
-            "the comparison would not be between models alone"
+            f"--campaign and --mace-campaign differ in {differ}, not only in [model] and "
+            "[training]: the comparison would not be between models alone"
         )
 
 

@@ -154,7 +154,7 @@ def slots() -> dict[str, int]:
 def delayed_functions(times: dict[str, float]) -> dict[str, object]:
     from delayed import Delayed
 
-    from apps.generator import _run_md
+    from apps.generator import _generate
     from apps.inference import _evaluate_test, _score_candidates
     from apps.oracle import _label_batch, _oracle_md
     from apps.training import _train_member
@@ -162,7 +162,7 @@ def delayed_functions(times: dict[str, float]) -> dict[str, object]:
     return {
         "label_batch": ("oracle", Delayed(_label_batch, times["oracle"])),
         "oracle_md": ("oracle", Delayed(_oracle_md, 0.0)),
-        "run_md": ("generator", Delayed(_run_md, times["generator"])),
+        "generate": ("generator", Delayed(_generate, times["generator"])),
         "train_member": ("train", Delayed(_train_member, times["train"])),
         "score_candidates": ("infer", Delayed(_score_candidates, 0.0)),
         "evaluate_test": ("infer", Delayed(_evaluate_test, 0.0)),

@@ -50,7 +50,7 @@ class Apps:
 
     label_batch: Callable[..., Future]
     oracle_md: Callable[..., Future]
-    run_md: Callable[..., Future]
+    generate: Callable[..., Future]
     train_member: Callable[..., Future]
     score_candidates: Callable[..., Future]
     evaluate_test: Callable[..., Future]
@@ -63,7 +63,7 @@ class Apps:
         return cls(
             label_batch=apps.label_batch,
             oracle_md=apps.oracle_md,
-            run_md=apps.run_md,
+            generate=apps.generate,
             train_member=apps.train_member,
             score_candidates=apps.score_candidates,
             evaluate_test=apps.evaluate_test,
@@ -72,7 +72,7 @@ class Apps:
     @classmethod
     def from_executors(cls, executors: Mapping[str, Executor]) -> Apps:
         """The plain app functions on standard-library executors, keyed by module."""
-        from apps.generator import _run_md
+        from apps.generator import _generate
         from apps.inference import _evaluate_test, _score_candidates
         from apps.oracle import _label_batch, _oracle_md
         from apps.training import _train_member
@@ -80,7 +80,7 @@ class Apps:
         return cls(
             label_batch=partial(executors["oracle"].submit, _label_batch),
             oracle_md=partial(executors["oracle"].submit, _oracle_md),
-            run_md=partial(executors["generator"].submit, _run_md),
+            generate=partial(executors["generator"].submit, _generate),
             train_member=partial(executors["train"].submit, _train_member),
             score_candidates=partial(executors["infer"].submit, _score_candidates),
             evaluate_test=partial(executors["infer"].submit, _evaluate_test),

@@ -11,7 +11,7 @@ Query      which queued candidates the next oracle batch    ``selection.query``
            takes
 Label      energies and forces of a batch of structures     ``oracle.calculator`` (any
            (the oracle)                                     ASE calculator); or the app
-Generator  new candidate structures from the ensemble       the ``run_md`` app
+Generator  new candidate structures from the ensemble       ``generator.kind``
 Metrology  extra numbers per ensemble version, on the       ``metrology.plugins``
            held-out set
 ========== ================================================ ============================
@@ -84,12 +84,17 @@ class Label(Protocol):
 
 @runtime_checkable
 class Generator(Protocol):
-    """Propose candidates: the generator app's signature (:func:`apps.generator._run_md`).
+    """Propose candidates: the signature of a generator (:func:`apps.generator._run_md`,
+    :func:`apps.generator._rattle`, or a user's function named by ``generator.kind``).
 
     Advances the walkers that start at ``start_paths`` on the ensemble, writes each
     walker's frames (with the members' predictions) to ``output_paths`` and its last
     sound frame to ``last_frame_paths``, and returns ``{"walkers": [...]}`` with one
-    dict per walker.
+    dict per walker (``output_path``, ``last_frame_path``, ``n_frames``,
+    ``force_disagreement`` and ``energy_disagreement`` per frame, ``blew_up``,
+    ``reason``). :func:`apps.generator.write_walkers` writes and returns all that.
+    ``settings`` is the campaign's generator section, plus ``labelled_path`` (the
+    newest training snapshot) once there are labels.
     """
 
     def __call__(

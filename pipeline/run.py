@@ -206,6 +206,7 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     check_strategy(campaign)
     start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
     check_model(campaign, start)
+    check_ensemble(campaign, start)
     if campaign.test.file:
         read_labelled_file(campaign.test.file)
     if not create:
@@ -216,15 +217,36 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
 
 
 def check_strategy(campaign) -> None:
-    """Fail before anything is submitted when the selection measure, the query or a
-    metrology plugin does not exist."""
+    """Fail before anything is submitted when the generator, the selection measure, the
+    query or a metrology plugin does not exist."""
+    from apps.generator import resolve_generator
     from pipeline.measures import get_measure
     from pipeline.metrology import load_plugins
     from pipeline.strategies import make_query
 
+    resolve_generator(campaign.generator.kind)
     get_measure(campaign.selection.measure)
     make_query(campaign.selection.query)
     load_plugins(campaign.metrology.plugins)
+
+
+def check_ensemble(campaign, start) -> None:
+    """Fail before anything is submitted when constant pressure is asked of a start
+    structure without a cell periodic in all directions."""
+    generator = campaign.generator
+    if generator.pressure_bar is None:
+        return
+    if generator.kind != "md":
+        raise ValueError(
+            f"generator.pressure_bar is for MD, not for generator.kind {generator.kind!r}: "
+            "drop it, or set generator.kind = 'md'"
+        )
+    if not start.pbc.all() or start.cell.volume < 1e-6:
+        raise ValueError(
+            f"generator.pressure_bar = {generator.pressure_bar:g} asks for constant pressure, "
+            f"but the start structure {campaign.system.structure!r} has no cell periodic in "
+            "all three directions: give a periodic structure, or drop the pressure"
+        )
 
 
 def check_calculator(path: str) -> None:

@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -165,6 +166,13 @@ class TrainingSettings(_Section):
 
 
 class GeneratorSettings(_Section):
+    kind: str = "md"
+    """What proposes candidates: ``"md"`` (molecular dynamics on the ensemble: NVT with
+    the Langevin integrator, NVE with Verlet, NPT with ``pressure_bar``), ``"rattle"``
+    (random displacements and cell strains around the start and the labelled
+    structures), or a user's generator, ``"module:function"`` or
+    ``"path/to/file.py:function"``, with the signature of
+    :class:`pipeline.protocols.Generator`."""
     n_walkers: int = Field(4, ge=1)
     walkers_per_task: int = Field(0, ge=0)
     """Walkers one generator task advances together, in one batched ensemble pass per
@@ -183,6 +191,29 @@ class GeneratorSettings(_Section):
     """Atoms closer than this (Å) mean the walker has blown up."""
     max_neighbour_distance: float = Field(4.0, gt=0)
     """A non-periodic atom farther than this (Å) from every other atom has flown off."""
+    pressure_bar: float | None = None
+    """Constant pressure (bar) for MD: isotropic stochastic cell rescaling (NPT with the
+    Langevin integrator); needs a cell periodic in all directions. None: constant
+    volume."""
+    barostat_time_fs: float = Field(500.0, gt=0)
+    """The barostat's relaxation time, fs."""
+    compressibility_per_bar: float = Field(4.5e-5, gt=0)
+    """The isothermal compressibility the barostat assumes, 1/bar (water's by default;
+    it sets how fast the volume relaxes, not the volume it relaxes to)."""
+    rattle_stdev: float = Field(0.05, gt=0)
+    """``kind = "rattle"``: standard deviation of the atomic displacements, Å."""
+    rattle_strain: float = Field(0.02, ge=0)
+    """``kind = "rattle"``: largest cell strain component (periodic cells only)."""
+
+    @field_validator("kind")
+    @classmethod
+    def _known_generator(cls, kind: str) -> str:
+        if kind in ("md", "rattle") or ":" in kind:
+            return kind
+        raise ValueError(
+            f"unknown generator {kind!r}: built in are 'md' and 'rattle', or give "
+            "'module:function' or 'path/to/file.py:function'"
+        )
 
 
 class SelectionSettings(_Section):

@@ -206,6 +206,28 @@ CASES = {
         ],
         "unknown query 'best'",
     ),
+    "pressure on a molecule": (
+        lambda d: ["--campaign", write(d / "c.toml", "[generator]\npressure_bar = 1.0\n")],
+        "has no cell periodic in all three directions",
+    ),
+    "pressure with the rattle generator": (
+        lambda d: [
+            "--campaign",
+            write(d / "c.toml", '[generator]\nkind = "rattle"\npressure_bar = 1.0\n'),
+        ],
+        "generator.pressure_bar is for MD",
+    ),
+    "unknown generator": (
+        lambda d: ["--campaign", write(d / "c.toml", '[generator]\nkind = "metadynamics"\n')],
+        "unknown generator 'metadynamics'",
+    ),
+    "generator plug-in missing": (
+        lambda d: [
+            "--campaign",
+            write(d / "c.toml", '[generator]\nkind = "nowhere.py:generate"\n'),
+        ],
+        "no file 'nowhere.py'",
+    ),
     "resume with several campaigns": (
         lambda d: ["--resume", a_run_directory(d), "--campaign", "a.toml", "--campaign", "b.toml"],
         "drop the --campaign options",

@@ -38,12 +38,17 @@ def small_campaign(**overrides):
 
 
 def run_campaign(tmp_path, campaign, generator=None):
-    """Run ``campaign`` on thread pools; ``generator`` replaces the MD app if given."""
+    """Run ``campaign`` on thread pools; ``generator`` replaces the generator if given."""
     run = RunDirectory.create(tmp_path / "run")
     executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
     apps = Apps.from_executors(executors)
     if generator is not None:
-        apps.run_md = partial(executors["generator"].submit, generator)
+        custom = generator
+
+        def generate(generator: str, **request):  # whatever generator.kind says
+            return executors["generator"].submit(custom, **request)
+
+        apps.generate = generate
     try:
         start = load_start_structure(campaign.system.structure)
         summary = Coordinator(campaign, run, apps, SLOTS, start, poll_s=0.2).run()

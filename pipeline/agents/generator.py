@@ -1,7 +1,7 @@
-"""The generator agent: MD segments of the walkers on the newest ensemble.
+"""The generator agent: segments of the walkers on the newest ensemble.
 
-Walkers move in groups: one task advances a group in lockstep
-(:func:`apps.generator._run_md`). When a segment ends, its frames are scored by the
+Walkers move in groups: one task advances a group in lockstep, with the generator
+``generator.kind`` names (:func:`apps.generator._generate`; MD by default). When a segment ends, its frames are scored by the
 selection measure and the picks enter the oracle queue; each walker moves on from
 its last frame, or is reset to the start structure when it blew up or left the
 model's domain. Generators pause while the queue holds enough candidates.
@@ -80,12 +80,16 @@ class GeneratorAgent:
             frames, last = context.run.walker_segment(walker.walker_id, walker.segments)
             outputs.append(frames)
             last_frames.append(last)
+        settings = context.campaign.generator.model_dump()
+        if context.state.train_snapshot is not None:  # what "rattle" perturbs besides the start
+            settings["labelled_path"] = context.state.train_snapshot.train_path
         request = MDRequest(
+            generator=settings["kind"],
             start_paths=[walker.start_path for walker in group],
             ensemble_path=version.path,
             output_paths=outputs,
             last_frame_paths=last_frames,
-            settings=context.campaign.generator.model_dump(),
+            settings=settings,
             seed=context.campaign.seed * 1_000_003 + context.engine.next_task_id,
         )
         context.submit(GenerateTask(walkers=group, version=version.number), request)
