@@ -125,6 +125,15 @@ def read_labelled_file(path: str) -> list[Atoms]:
     return frames
 
 
+INITIAL_SOURCES = ("initial", "file")
+"""Sources of labels that count as initial, not against the active-label budget: the
+rattled start structures, and a warm start's file (:mod:`pipeline.warm_start`)."""
+
+
+def is_initial(source: str) -> bool:
+    return source in INITIAL_SOURCES
+
+
 @dataclass
 class CampaignState:
     """Bookkeeping of one campaign."""
@@ -215,7 +224,10 @@ class CampaignState:
             self.stop_time = time.time()
 
     def initial_candidates(self, campaign: Campaign) -> list[Candidate]:
-        """The start structure and rattled copies of it, labelled before any training."""
+        """The start structure and rattled copies of it, labelled before any training;
+        none with a warm start from labelled structures (``initial.file``)."""
+        if campaign.initial.file:
+            return []
         rng = np.random.default_rng(campaign.seed)
         candidates = []
         for index in range(campaign.initial.n_structures):
@@ -224,6 +236,25 @@ class CampaignState:
                 atoms.positions += rng.normal(0.0, campaign.initial.rattle, atoms.positions.shape)
             candidates.append(Candidate(self.new_candidate_id(), atoms, float("inf"), 0.0, 0))
         return candidates
+
+    def warm_start(self, campaign: Campaign) -> None:
+        """Take ``initial.file``'s labels and ``initial.ensemble``'s members, once, at
+        the start of a run (resume finds both in the run directory)."""
+        from pipeline import warm_start
+
+        if campaign.initial.file:
+            frames = warm_start.read_warm_labels(campaign.initial.file, campaign, self.start)
+            metadata = [
+                {"candidate_id": self.new_candidate_id(), "source": warm_start.SOURCE}
+                for _ in frames
+            ]
+            self.add_labels(frames, metadata)
+            logger.info("warm start: %d labels from %s", len(frames), campaign.initial.file)
+        if campaign.initial.ensemble:
+            paths = warm_start.warm_member_checkpoints(campaign, self.run.root / "models")
+            for member, path in zip(self.members, paths, strict=True):
+                member.checkpoint = path
+            logger.info("warm start: members continue from %s", campaign.initial.ensemble)
 
     def use_test_file(self, path: str) -> None:
         """Take the held-out set from a labelled structure file."""
@@ -275,7 +306,7 @@ class CampaignState:
         self.run.store_labels(structures, metadata)
         self.labelled.extend(structures)
         self.label_ids.extend(m["candidate_id"] for m in metadata)
-        initial = sum(m["source"] == "initial" for m in metadata)
+        initial = sum(is_initial(m["source"]) for m in metadata)
         self.n_labels_initial += initial
         self.n_labels_active += len(structures) - initial
         self.write_snapshot()

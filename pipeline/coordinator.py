@@ -244,6 +244,7 @@ class Coordinator:
         """
         if self._resumed_at is None:
             self.state.t0 = time.time()
+            self.state.warm_start(self.campaign)
             self.state.pending_initial = self.state.initial_candidates(self.campaign)
         logger.info(
             "campaign %s %s in %s",

@@ -29,7 +29,7 @@ import numpy as np
 
 from apps.contracts import FailureKind
 from apps.dataset import read_arrays, read_dataset, write_dataset
-from pipeline.campaign_state import CampaignState, Member, Version, Walker
+from pipeline.campaign_state import CampaignState, Member, Version, Walker, is_initial
 from pipeline.rundir import QUEUE_FILE, RunDirectory
 from pipeline.selection import Candidate, OracleQueue
 from pipeline.settings import Campaign
@@ -242,7 +242,7 @@ def _restore_labels(state: CampaignState, run: RunDirectory) -> None:
     for row in run.labels().select(sort="id"):
         state.labelled.append(row.toatoms())
         state.label_ids.append(int(row.candidate_id))
-        if row.source == "initial":
+        if is_initial(row.source):
             state.n_labels_initial += 1
         else:
             state.n_labels_active += 1

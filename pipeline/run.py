@@ -180,6 +180,7 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     """
     from pipeline.campaign_state import load_start_structure, read_labelled_file
     from pipeline.models import check_model
+    from pipeline.warm_start import check_warm_start
     from pipeline.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
     from pipeline.settings import campaign_from_dict, load_campaign
 
@@ -207,6 +208,7 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
     check_model(campaign, start)
     check_ensemble(campaign, start)
+    check_warm_start(campaign, start)
     if campaign.test.file:
         read_labelled_file(campaign.test.file)
     if not create:

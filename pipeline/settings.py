@@ -275,6 +275,15 @@ class InitialSettings(_Section):
     """Rattled copies of the start structure labelled before the first training."""
     rattle: float = Field(0.05, ge=0)
     """Standard deviation of the rattle, Å."""
+    file: str | None = None
+    """A warm start: labelled structures (extxyz, an ASE database, any file ASE reads,
+    with energies and forces; stress optional) taken as the first training data with
+    no oracle call. The rattled copies are then skipped. A finished run's
+    ``labels.extxyz`` or ``labels.db`` serves."""
+    ensemble: str | None = None
+    """A warm start of the members: an earlier run's ensemble file
+    (``models/ensemble.vNNNNN.pt``) or run directory (its newest ensemble). Member k
+    continues from its member k (modulo its size), with a fresh optimiser."""
 
 
 class TestSetSettings(_Section):
@@ -344,7 +353,13 @@ def campaign_from_dict(data: dict[str, Any], source: str = "<settings>") -> Camp
 def _resolve_relative_files(data: dict[str, Any], folder: Path) -> None:
     """Make file settings relative to the campaign file's folder, where they exist,
     including the ``file.py:name`` paths of plug-ins."""
-    for section, key in (("system", "structure"), ("test", "file"), ("model", "foundation")):
+    for section, key in (
+        ("system", "structure"),
+        ("test", "file"),
+        ("model", "foundation"),
+        ("initial", "file"),
+        ("initial", "ensemble"),
+    ):
         value = data.get(section, {}).get(key)
         if isinstance(value, str) and value and (folder / value).exists():
             data[section][key] = str(folder / value)

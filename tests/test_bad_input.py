@@ -63,6 +63,36 @@ def a_torch_dict(d) -> str:
     return str(d / "dict.model")
 
 
+def labelled_file(d, name="warm.extxyz", structure="CH3CH2OH", forces=True, scale=1.0):
+    """An extxyz file of two labelled frames of ``structure`` (EMT), forces times
+    ``scale``, or without forces."""
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write as write_frames
+
+    frames = []
+    for seed in range(2):
+        atoms = molecule(structure)
+        atoms.rattle(0.05, seed=seed)
+        atoms.calc = EMT()
+        results = {"energy": atoms.get_potential_energy()}
+        if forces:
+            results["forces"] = atoms.get_forces() * scale
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        frames.append(atoms)
+    write_frames(d / name, frames, format="extxyz")
+    return str(d / name)
+
+
+def warm_campaign(d, line: str) -> str:
+    return write(
+        d / "c.toml",
+        '[oracle]\ncalculator = "ase.calculators.emt:EMT"\nkwargs = {}\n'
+        f"[initial]\n{line}\n",
+    )
+
+
 def a_run_directory(d):
     run = d / "old-run"
     run.mkdir()
@@ -227,6 +257,29 @@ CASES = {
             write(d / "c.toml", '[generator]\nkind = "nowhere.py:generate"\n'),
         ],
         "no file 'nowhere.py'",
+    ),
+    "warm-start file without forces": (
+        lambda d: ["--campaign", warm_campaign(d, f'file = "{labelled_file(d, forces=False)}"')],
+        "has no forces: a warm start needs energies and forces",
+    ),
+    "warm-start file with a foreign element": (
+        lambda d: ["--campaign", warm_campaign(d, f'file = "{labelled_file(d, structure="NH3")}"')],
+        "has element(s) N that the start structure 'CH3CH2OH' lacks",
+    ),
+    "warm-start forces in other units": (
+        lambda d: ["--campaign", warm_campaign(d, f'file = "{labelled_file(d, scale=1e4)}"')],
+        "are the units eV and Å?",
+    ),
+    "warm-start file missing": (
+        lambda d: ["--campaign", warm_campaign(d, f'file = "{d / "gone.extxyz"}"')],
+        "gone.extxyz' does not exist",
+    ),
+    "warm-start ensemble is not a checkpoint": (
+        lambda d: [
+            "--campaign",
+            warm_campaign(d, f'ensemble = "{write(d / "v1.pt", "not a checkpoint")}"'),
+        ],
+        "is not a palflow ensemble checkpoint",
     ),
     "resume with several campaigns": (
         lambda d: ["--resume", a_run_directory(d), "--campaign", "a.toml", "--campaign", "b.toml"],
