@@ -24,7 +24,8 @@ def _score_candidates(
     """Score the structures of ``input_path`` with the ensemble in batched passes.
 
     With ``output_path``, the members' predictions go there too (``member_energies``
-    [K, S] eV, ``member_forces`` [K, N, 3] eV/Å, ``n_atoms`` [S]), for the
+    [K, S] eV, ``member_forces`` [K, N, 3] eV/Å, ``n_atoms`` [S], and
+    ``member_stress`` [K, S, 3, 3] eV/Å³ when some structure has a cell), for the
     coordinator's selection measure.
 
     Returns
@@ -54,6 +55,8 @@ def _score_candidates(
             ).astype(np.float32),
             "n_atoms": np.array([len(a) for a in structures], dtype=np.int64),
         }
+        if "member_stress" in scores:
+            arrays["member_stress"] = scores["member_stress"]
         partial = f"{output_path}.tmp.npz"
         np.savez(partial, **arrays)
         os.replace(partial, output_path)

@@ -58,6 +58,9 @@ class EnsemblePrediction:
     descriptors
         [S, D] a structural descriptor per structure (see :func:`descriptor`), for
         the diversity measures; None when nobody asked for it.
+    member_stress
+        [K, S, 3, 3] stresses, eV/Å³ (NaN for a structure without a cell); None when
+        no structure has a cell.
     """
 
     member_energies: np.ndarray
@@ -65,6 +68,7 @@ class EnsemblePrediction:
     structure_index: np.ndarray
     n_atoms: np.ndarray
     descriptors: np.ndarray | None = None
+    member_stress: np.ndarray | None = None
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> EnsemblePrediction | None:
@@ -72,12 +76,14 @@ class EnsemblePrediction:
         holds none.
 
         Generator files hold ``member_energies`` [F, K] and ``member_forces``
-        [F, K, n, 3]; scoring files ``member_energies`` [K, S], ``member_forces``
-        [K, N, 3] and ``n_atoms`` [S].
+        [F, K, n, 3] (and ``member_stress`` [F, K, 3, 3] with a cell); scoring files
+        ``member_energies`` [K, S], ``member_forces`` [K, N, 3], ``n_atoms`` [S] (and
+        ``member_stress`` [K, S, 3, 3]).
         """
         if "member_forces" not in arrays:
             return None
         energies, forces = arrays["member_energies"], arrays["member_forces"]
+        stress = arrays.get("member_stress")
         if forces.ndim == 3:
             n_atoms = arrays["n_atoms"].astype(np.int64)
         else:
@@ -85,11 +91,13 @@ class EnsemblePrediction:
             energies = energies.T
             forces = forces.transpose(1, 0, 2, 3).reshape(n_members, n_frames * n, 3)
             n_atoms = np.full(n_frames, n, dtype=np.int64)
+            stress = None if stress is None else stress.transpose(1, 0, 2, 3)
         return cls(
             member_energies=np.asarray(energies, dtype=float),
             member_forces=np.asarray(forces, dtype=float),
             structure_index=np.repeat(np.arange(len(n_atoms)), n_atoms),
             n_atoms=n_atoms,
+            member_stress=None if stress is None else np.asarray(stress, dtype=float),
         )
 
     @property
@@ -202,6 +210,21 @@ def energy_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np
 def max_force_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
     """Largest atomic force spread (DP-GEN's model deviation), eV/Å."""
     return prediction.spreads()[1]
+
+
+@register_measure("stress_spread")
+def stress_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
+    """Largest standard deviation over members of a stress component, GPa (0 for a
+    structure without a cell, or when no structure has one): for campaigns on
+    periodic cells that need the stress, e.g. for constant-pressure MD."""
+    from ase import units
+
+    from apps.calculator import stress_disagreement
+
+    if prediction.member_stress is None:
+        return np.zeros(prediction.n_structures)
+    spread = stress_disagreement(prediction.member_stress) / units.GPa
+    return np.nan_to_num(spread, nan=0.0)
 
 
 @register_measure("mean_force_spread")

@@ -173,3 +173,39 @@ def test_training_on_stress_lowers_the_stress_error(tmp_path):
         errors[weight] = evaluate_errors(load_checkpoint(out)[0], test, "cpu")["stress_mae"]
     assert all(np.isfinite(e) for e in errors.values())
     assert errors[1.0] < 0.5 * errors[0.0], errors
+
+
+# ------------------------------------------------------------------------- selection
+def test_the_stress_spread_measure_reads_generator_and_scoring_files(tmp_path):
+    from ase import units
+    from ase.io import write
+
+    from apps.calculator import stress_disagreement
+    from apps.dataset import read_arrays
+    from apps.generator import _run_md
+    from apps.model import save_checkpoint
+    from pipeline.measures import MEASURES, EnsemblePrediction, MeasureContext
+    from pipeline.settings import GeneratorSettings
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "e.pt", SchNetEnsemble(SPEC, 3), {"version": 1})
+    write(tmp_path / "cu.extxyz", strained_cu(0))
+    settings = GeneratorSettings(steps_per_task=10, sample_interval=5, pressure_bar=0.0,
+                                 max_force_disagreement=1e9).model_dump()  # fmt: skip
+    _run_md([str(tmp_path / "cu.extxyz")], str(tmp_path / "e.pt"), [str(tmp_path / "f.npz")],
+            [str(tmp_path / "last.extxyz")], settings, seed=0)  # fmt: skip
+    arrays = read_arrays(tmp_path / "f.npz")
+    prediction = EnsemblePrediction.from_arrays(arrays)
+    context = MeasureContext(np.random.default_rng(0))
+    expected = stress_disagreement(arrays["member_stress"].transpose(1, 0, 2, 3)) / units.GPa
+    scores = MEASURES["stress_spread"](prediction, context)
+    assert scores.shape == (2,) and (scores > 0).all()
+    np.testing.assert_allclose(scores, expected)
+
+    out = predict_structures(SchNetEnsemble(SPEC, 3).eval(), [strained_cu(1), molecule("H2O")])
+    mixed = EnsemblePrediction(
+        out["member_energies"], np.concatenate(out["member_forces"], axis=1),
+        np.repeat([0, 1], [32, 3]), np.array([32, 3]), member_stress=out["member_stress"],
+    )  # fmt: skip
+    scores = MEASURES["stress_spread"](mixed, context)
+    assert scores[0] > 0 and scores[1] == 0
