@@ -70,8 +70,9 @@ def write_dataset(
     """Write structures (labelled or not) to ``path`` atomically.
 
     Energies, forces and stress (3x3, eV/Å³, ASE's sign) are taken from each
-    structure's calculator results when present; otherwise they are stored as NaN. ``extra`` holds further per-structure
-    arrays (candidate ids, scores, statuses); plain dtypes only, nothing pickled.
+    structure's calculator results when present; otherwise they are stored as NaN.
+    ``extra`` holds further per-structure arrays (candidate ids, scores, statuses);
+    plain dtypes only, nothing pickled.
     """
     numbers, positions, forces, n_atoms, cells, pbc, energy = [], [], [], [], [], [], []
     stress = []

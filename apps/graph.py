@@ -127,8 +127,8 @@ def structure_graph(
         Neighbour cutoff, Å.
     with_targets
         Read ``energy`` (eV) and ``forces`` (eV/Å) from ``atoms.calc.results`` when
-        both are present, and ``stress`` (eV/Å³) when it is too. The results are read directly so that no calculation is
-        ever triggered.
+        both are present, and ``stress`` (eV/Å³) when it is too. The results are
+        read directly so that no calculation is ever triggered.
     neighbor_list
         Reusable :class:`vesin.NeighborList` with the same cutoff.
     """

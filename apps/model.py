@@ -29,9 +29,9 @@ from apps.graph import (  # noqa: F401 (also re-exported: the batches that model
     AtomsBatch,
     StructureGraph,
     build_batch,
+    collate,
     strain,
     stress_from_strain,
-    collate,
     structure_graph,
 )
 

@@ -180,9 +180,9 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     """
     from pipeline.campaign_state import load_start_structure, read_labelled_file
     from pipeline.models import check_model
-    from pipeline.warm_start import check_warm_start
     from pipeline.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
     from pipeline.settings import campaign_from_dict, load_campaign
+    from pipeline.warm_start import check_warm_start
 
     overrides = {}
     if args.max_labels is not None:

@@ -88,8 +88,7 @@ def labelled_file(d, name="warm.extxyz", structure="CH3CH2OH", forces=True, scal
 def warm_campaign(d, line: str) -> str:
     return write(
         d / "c.toml",
-        '[oracle]\ncalculator = "ase.calculators.emt:EMT"\nkwargs = {}\n'
-        f"[initial]\n{line}\n",
+        f'[oracle]\ncalculator = "ase.calculators.emt:EMT"\nkwargs = {{}}\n[initial]\n{line}\n',
     )
 
 

@@ -133,9 +133,7 @@ def test_mace_stress_matches_maces_own_calculator(tmp_path):
     np.testing.assert_allclose(stress, reference.get_stress(), atol=1e-6)
     members = ours.results["member_stress"]
     assert members.shape == (2, 3, 3)
-    assert ours.results["stress_disagreement"] == pytest.approx(
-        members.std(axis=0).max(), rel=1e-9
-    )
+    assert ours.results["stress_disagreement"] == pytest.approx(members.std(axis=0).max(), rel=1e-9)
 
 
 def test_the_calculator_refuses_stress_without_a_cell():
@@ -168,8 +166,17 @@ def test_training_on_stress_lowers_the_stress_error(tmp_path):
     for weight in (0.0, 1.0):
         settings["stress_weight"] = weight
         out = tmp_path / f"member{weight}.pt"
-        _train_member(0, str(tmp_path / "train.npz"), None, str(out), SPEC.to_dict(), settings,
-                      seed=0, n_epochs=30, device="cpu")
+        _train_member(
+            0,
+            str(tmp_path / "train.npz"),
+            None,
+            str(out),
+            SPEC.to_dict(),
+            settings,
+            seed=0,
+            n_epochs=30,
+            device="cpu",
+        )
         errors[weight] = evaluate_errors(load_checkpoint(out)[0], test, "cpu")["stress_mae"]
     assert all(np.isfinite(e) for e in errors.values())
     assert errors[1.0] < 0.5 * errors[0.0], errors
