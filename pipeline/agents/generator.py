@@ -4,7 +4,8 @@ Walkers move in groups: one task advances a group in lockstep, with the generato
 ``generator.kind`` names (:func:`apps.generator._generate`; MD by default). When a
 segment ends, its frames are scored by the selection measure and the picks enter the
 oracle queue; each walker moves on from its last frame, or is reset to the start
-structure when it blew up or left the model's domain. Generators pause while the queue holds enough candidates.
+structure when it blew up or left the model's domain. Generators pause while the
+queue holds enough candidates.
 """
 
 from __future__ import annotations
