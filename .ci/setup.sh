@@ -32,7 +32,7 @@ fi
 extras="test"
 command -v mpicc >/dev/null && extras="test,mpi"   # mpi4py compiles against the MPI found
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[$extras]"
-.venv/bin/python -W ignore -c "import mace, torch, parsl, xtb, ase, vesin; print('palflow set up: torch', torch.__version__, '| parsl', parsl.__version__, '| mace-torch', mace.__version__)"
+.venv/bin/python -W ignore -c "import mace, torch, parsl, xtb, tblite, ase, vesin; print('palflow set up: torch', torch.__version__, '| parsl', parsl.__version__, '| mace-torch', mace.__version__)"
 
 if [ "$system" = 1 ]; then
     $sudo bash .ci/slurm/start.sh

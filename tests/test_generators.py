@@ -173,3 +173,36 @@ def test_constant_pressure_matches_ases_npt_on_emt_copper():
     print(f"mean volume per atom (Å³): {mean}, combined standard error {error:.4f}")
     assert abs(mean["palflow"] - mean["ase"]) < 3 * error, (mean, error)
     assert error < 0.003 * mean["ase"], "the runs are long enough to mean something"
+
+
+# ---------------------------------------------------------------- the water example
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_water_example_runs_at_constant_pressure_with_stress(tmp_path):
+    """examples/water_tblite.toml, cut short, end to end: periodic GFN1-xTB labels
+    with stress, a committee trained on them, NPT walkers."""
+    pytest.importorskip("tblite", reason="tblite is not installed")
+    from ase.db import connect
+
+    from pipeline.settings import load_campaign
+
+    campaign = load_campaign(
+        EXAMPLES / "water_tblite.toml",
+        stop__max_labels=8,
+        stop__final_training_s=0.0,
+        initial__n_structures=4,
+        test__n_structures=4,
+        test__md_stride=2,
+        training__min_task_s=0.5,
+        model__n_features=16,
+        model__n_interactions=2,
+        generator__steps_per_task=20,
+        generator__n_walkers=2,
+    )
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 8 and summary["oracle_failures"] == 0
+    rows = list(connect(run.labels_db).select())
+    assert all("stress" in row.toatoms().calc.results for row in rows), "stress is stored"
+    cells = {round(row.toatoms().get_volume(), 3) for row in rows if row.source == "active"}
+    assert len(cells) > 1, "the walkers' cells moved at constant pressure"
+    assert summary["test_force_mae"], "the held-out set was evaluated"

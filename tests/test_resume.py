@@ -27,10 +27,27 @@ def start_cli(*args: str) -> subprocess.Popen:
     )
 
 
+def npt_campaign(tmp_path):
+    """The small campaign on a periodic copper cell at constant pressure, with stress."""
+    from ase.build import bulk
+    from ase.io import write
+
+    write(tmp_path / "cu32.extxyz", bulk("Cu", cubic=True).repeat(2))
+    path = tmp_path / "npt.toml"
+    text = small_campaign(tmp_path).read_text()
+    text = text.replace(str(ROOT / "examples" / "structures" / "cu13.xyz"),
+                        str(tmp_path / "cu32.extxyz"))  # fmt: skip
+    text = text.replace("[generator]\n", "[generator]\npressure_bar = 1.0\ntemperature_K = 600.0\n")
+    text = text.replace("temperature_K = 800.0\n", "")
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_five_kills_lose_and_double_no_label(tmp_path):
-    campaign = small_campaign(tmp_path)
+@pytest.mark.parametrize("kind", ["cluster", "npt"])
+def test_five_kills_lose_and_double_no_label(tmp_path, kind):
+    campaign = small_campaign(tmp_path) if kind == "cluster" else npt_campaign(tmp_path)
     run_dir = tmp_path / "run"
     rng = random.Random(4)
     kills = 0
@@ -76,6 +93,10 @@ def test_five_kills_lose_and_double_no_label(tmp_path):
     assert len(rows) == summary["labels"] + summary["initial_labels"]
     assert len(summary["resumes"]) >= 1
     assert all(r["seconds_to_first_task"] >= 0 for r in summary["resumes"])
+    if kind == "npt":
+        assert all("stress" in row.toatoms().calc.results for row in rows), "stress is kept"
+        volumes = {round(row.toatoms().get_volume(), 3) for row in rows if row.source == "active"}
+        assert len(volumes) > 1, "constant pressure moved the cells"
 
 
 def test_resume_harvests_a_result_that_finished_while_the_coordinator_was_down(tmp_path):
