@@ -80,8 +80,9 @@ def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None
         ``energy_mae_per_atom`` and ``energy_rmse_per_atom`` (eV/atom); per structure,
         as lists: ``structure_force_error`` (mean absolute force error, eV/Å),
         ``structure_force_spread`` (largest atomic force spread, eV/Å) and
-        ``structure_energy_error`` (signed, eV/atom); the ensemble ``version``; and
-        where and when the task ran.
+        ``structure_energy_error`` (signed, eV/atom); ``stress_mae`` (eV/Å³, over the
+        stress components of the held-out structures with a stress label; None when
+        none has one); the ensemble ``version``; and where and when the task ran.
     """
     import torch
 
@@ -102,6 +103,11 @@ def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None
         energy_error.append(
             (predicted["energy"][index] - atoms.get_potential_energy()) / len(atoms)
         )
+    stress_errors = [
+        np.abs(predicted["stress"][index] - atoms.get_stress(voigt=False))
+        for index, atoms in enumerate(structures)
+        if "stress" in predicted and "stress" in atoms.calc.results
+    ]
     weights = np.array([len(atoms) for atoms in structures], dtype=float)
     force_abs, force_sq = np.array(force_abs), np.array(force_sq)
     energy_error = np.array(energy_error)
@@ -110,6 +116,7 @@ def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None
         "force_rmse": float(np.sqrt(np.average(force_sq, weights=weights))),
         "energy_mae_per_atom": float(np.abs(energy_error).mean()),
         "energy_rmse_per_atom": float(np.sqrt((energy_error**2).mean())),
+        "stress_mae": float(np.mean(stress_errors)) if stress_errors else None,
         "structure_force_error": force_abs.tolist(),
         "structure_force_spread": np.asarray(predicted["force_disagreement"]).tolist(),
         "structure_energy_error": energy_error.tolist(),

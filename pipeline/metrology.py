@@ -44,7 +44,8 @@ def spearman_rho(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def standard_metrics(evaluation: Evaluation) -> dict[str, float | None]:
-    """Energy and force errors, and the uncertainty's ranking of the true error.
+    """Energy, force and (with stress labels; else None) stress errors, and the
+    uncertainty's ranking of the true error.
 
     ``uncertainty_spearman`` is Spearman's rho between each held-out structure's
     largest atomic force spread and its mean absolute force error: 1 when the
@@ -56,6 +57,7 @@ def standard_metrics(evaluation: Evaluation) -> dict[str, float | None]:
         "force_rmse": extra.get("force_rmse"),
         "energy_mae_per_atom": extra.get("energy_mae_per_atom"),
         "energy_rmse_per_atom": extra.get("energy_rmse_per_atom"),
+        "stress_mae": extra.get("stress_mae"),
         "uncertainty_spearman": spearman_rho(evaluation.force_spread, evaluation.force_error),
     }
 

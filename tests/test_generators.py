@@ -206,3 +206,4 @@ def test_water_example_runs_at_constant_pressure_with_stress(tmp_path):
     cells = {round(row.toatoms().get_volume(), 3) for row in rows if row.source == "active"}
     assert len(cells) > 1, "the walkers' cells moved at constant pressure"
     assert summary["test_force_mae"], "the held-out set was evaluated"
+    assert summary["test_errors"][-1]["stress_mae"] > 0, "and its stress error measured"

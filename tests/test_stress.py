@@ -216,3 +216,19 @@ def test_the_stress_spread_measure_reads_generator_and_scoring_files(tmp_path):
     )  # fmt: skip
     scores = MEASURES["stress_spread"](mixed, context)
     assert scores[0] > 0 and scores[1] == 0
+
+
+def test_the_held_out_evaluation_reports_the_stress_error(tmp_path):
+    from apps.inference import _evaluate_test
+    from apps.model import save_checkpoint
+
+    save_checkpoint(tmp_path / "e.pt", SchNetEnsemble(SPEC, 2), {"version": 1})
+    write_dataset(tmp_path / "test.npz", [*emt_labels(3, seed=4), label_structure(
+        molecule("H2O"), EMT(), max_force=50.0)])  # fmt: skip
+    result = _evaluate_test(str(tmp_path / "e.pt"), str(tmp_path / "test.npz"))
+    assert result["stress_mae"] > 0
+    write_dataset(tmp_path / "molecules.npz", [label_structure(molecule("H2O"), EMT(), 50.0)])
+    assert (
+        _evaluate_test(str(tmp_path / "e.pt"), str(tmp_path / "molecules.npz"))["stress_mae"]
+        is None
+    )
