@@ -97,7 +97,8 @@ def run_on_site(loop: type, campaign, root: Path, site) -> dict:
     from pipeline.rundir import RunDirectory
 
     run = RunDirectory.create(root, campaign.model_dump())
-    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+    first = campaign.all_systems()[0]
+    start = load_start_structure(first.structure, first.vacuum)
     options = site.coordinator_options(campaign)
     return loop(campaign, run, Apps.parsl(), site.slots, start, **options).run()
 

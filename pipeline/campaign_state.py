@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,13 +33,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Walker:
-    """One MD walker; it moves on from its last sound frame, or resets to the start."""
+    """One MD walker; it moves on from its last sound frame, or resets to its home,
+    its system's start configuration."""
 
     walker_id: int
     start_path: str
     busy: bool = False
     segments: int = 0
     resets: int = 0
+    system: str = ""
+    """The system it samples (empty in runs made before systems had names)."""
+    home: str = ""
+    """Where it resets to; empty: the campaign's start structure."""
+    temperature_K: float | None = None
+    """Its own temperature; None: its system's generator settings."""
 
 
 @dataclass
@@ -108,6 +116,35 @@ def load_start_structure(spec: str, vacuum: float = 0.0) -> Atoms:
     return atoms
 
 
+def load_start_structures(spec: str, vacuum: float = 0.0) -> list[Atoms]:
+    """Every start configuration of a system: an ASE molecule name gives one, a file
+    every frame it holds (see :func:`load_start_structure`)."""
+    if not os.path.exists(spec):
+        return [load_start_structure(spec, vacuum)]
+    try:
+        frames = read(spec, index=":")
+    except Exception as error:
+        raise ValueError(f"structure file {spec!r} does not parse: {error}") from None
+    if not frames:
+        raise ValueError(f"structure file {spec!r} holds no structure")
+    for atoms in frames:
+        atoms.calc = None
+        if vacuum > 0 and not atoms.pbc.any():
+            atoms.center(vacuum=vacuum)
+    return frames
+
+
+def element_carrier(starts: Sequence[Atoms]) -> Atoms:
+    """One structure holding every element of ``starts``: what the model's element
+    table and the warm-start checks read (no geometry is used)."""
+    carrier = starts[0].copy()
+    for atoms in starts[1:]:
+        extra = sorted(set(atoms.numbers) - set(carrier.numbers))
+        if extra:
+            carrier += Atoms(numbers=extra, positions=np.zeros((len(extra), 3)))
+    return carrier
+
+
 def read_labelled_file(path: str) -> list[Atoms]:
     """Structures of a file that must hold energies and forces for every frame.
 
@@ -163,19 +200,45 @@ class CampaignState:
     resumes: list[dict[str, Any]] = field(default_factory=list)
     resolved_model: dict[str, Any] | None = None
     """The members' spec, once fixed (:meth:`model_spec`)."""
+    active_by_system: Counter[str] = field(default_factory=Counter)
+    """Active labels per system name."""
     retried: Counter[str] = field(default_factory=Counter)
     """Oracle attempts that failed transiently and were tried again, by kind."""
 
     @classmethod
     def new(cls, campaign: Campaign, run: RunDirectory, start: Atoms) -> CampaignState:
+        """A new campaign's state; ``start`` is the first system's (first) start
+        structure, the others are read from the campaign's systems."""
         start_path = run.start_structure
         write(start_path, start, format="extxyz")
+        walkers = []
+        for index, system in enumerate(campaign.all_systems()):
+            frames = load_start_structures(system.structure, system.vacuum)
+            if index == 0:
+                frames[0] = start
+            homes = []
+            for k, atoms in enumerate(frames):
+                path = run.system_start(system.name, k)
+                write(path, atoms, format="extxyz")
+                homes.append(path)
+            temperatures = system.temperatures_K or [None]
+            for i in range(system.n_walkers or campaign.generator.n_walkers):
+                home = homes[i % len(homes)]
+                walkers.append(
+                    Walker(
+                        len(walkers),
+                        home,
+                        system=system.name,
+                        home=home,
+                        temperature_K=temperatures[i % len(temperatures)],
+                    )  # fmt: skip
+                )
         return cls(
             campaign=campaign,
             run=run,
             start=start,
             start_path=start_path,
-            walkers=[Walker(i, start_path) for i in range(campaign.generator.n_walkers)],
+            walkers=walkers,
             members=[Member(i) for i in range(campaign.model.n_members)],
         )
 
@@ -197,13 +260,18 @@ class CampaignState:
         """Active labels that may still be requested within the budget."""
         return campaign.stop.max_labels - self.n_labels_active - in_flight
 
+    def elements(self) -> Atoms:
+        """One structure holding the elements of every system's start structures."""
+        homes = dict.fromkeys(w.home for w in self.walkers if w.home)
+        return element_carrier([self.start, *(read(path) for path in homes)])
+
     def model_spec(self, campaign: Campaign) -> dict[str, Any]:
         """The spec every member is built with, fixed at its first use (see
         :func:`pipeline.models.resolve_model_spec`)."""
         if self.resolved_model is None:
             from pipeline.models import resolve_model_spec
 
-            spec = resolve_model_spec(campaign, self.labelled, self.start)
+            spec = resolve_model_spec(campaign, self.labelled, self.elements())
             if spec.get("foundation"):
                 # Workers read the run's own copy: the run directory is where every
                 # node looks, and the user's file may move or change.
@@ -224,17 +292,26 @@ class CampaignState:
             self.stop_time = time.time()
 
     def initial_candidates(self, campaign: Campaign) -> list[Candidate]:
-        """The start structure and rattled copies of it, labelled before any training;
-        none with a warm start from labelled structures (``initial.file``)."""
+        """Each system's start configurations and rattled copies of them,
+        ``initial.n_structures`` per system, labelled before any training; none with a
+        warm start from labelled structures (``initial.file``)."""
         if campaign.initial.file:
             return []
         rng = np.random.default_rng(campaign.seed)
         candidates = []
-        for index in range(campaign.initial.n_structures):
-            atoms = self.start.copy()
-            if index > 0:
-                atoms.positions += rng.normal(0.0, campaign.initial.rattle, atoms.positions.shape)
-            candidates.append(Candidate(self.new_candidate_id(), atoms, float("inf"), 0.0, 0))
+        for system in campaign.all_systems():
+            homes = list(dict.fromkeys(w.home for w in self.walkers if w.system == system.name))
+            starts = [read(path) for path in homes] or [self.start]
+            for index in range(campaign.initial.n_structures):
+                atoms = starts[index % len(starts)].copy()
+                if index >= len(starts):
+                    noise = rng.normal(0.0, campaign.initial.rattle, atoms.positions.shape)
+                    atoms.positions += noise
+                candidates.append(
+                    Candidate(
+                        self.new_candidate_id(), atoms, float("inf"), 0.0, 0, system=system.name
+                    )  # fmt: skip
+                )
         return candidates
 
     def warm_start(self, campaign: Campaign) -> None:
@@ -243,7 +320,7 @@ class CampaignState:
         from pipeline import warm_start
 
         if campaign.initial.file:
-            frames = warm_start.read_warm_labels(campaign.initial.file, campaign, self.start)
+            frames = warm_start.read_warm_labels(campaign.initial.file, campaign, self.elements())
             metadata = [
                 {"candidate_id": self.new_candidate_id(), "source": warm_start.SOURCE}
                 for _ in frames
@@ -293,6 +370,7 @@ class CampaignState:
                     "source": str(asked["source"][index]),
                     "oracle_task": oracle_task,
                     "scored_version": int(asked["version"][index]),
+                    "system": str(asked["system"][index]) if "system" in asked else "",
                     "predicted_force_disagreement": float(asked["force_disagreement"][index]),
                 }
             )
@@ -307,6 +385,9 @@ class CampaignState:
         self.labelled.extend(structures)
         self.label_ids.extend(m["candidate_id"] for m in metadata)
         initial = sum(is_initial(m["source"]) for m in metadata)
+        self.active_by_system.update(
+            m.get("system", "") for m in metadata if not is_initial(m["source"])
+        )
         self.n_labels_initial += initial
         self.n_labels_active += len(structures) - initial
         self.write_snapshot()
@@ -408,4 +489,12 @@ class CampaignState:
             "failed_tasks": dict(Counter(e["module"] for e in events if not e["ok"])),
             "walker_resets": sum(w.resets for w in self.walkers),
             "resumes": self.resumes,
+            # Per system: active labels, and the newest version's held-out errors.
+            "systems": {
+                system.name: {
+                    "labels": self.active_by_system[system.name],
+                    **(errors[-1].get("systems", {}).get(system.name, {}) if errors else {}),
+                }
+                for system in self.campaign.all_systems()
+            },
         }

@@ -48,6 +48,7 @@ def candidate_arrays(candidates: list[Candidate], source: str | None = None) -> 
         "priority": np.array(
             [np.nan if c.priority is None else c.priority for c in candidates], dtype=float
         ),
+        "system": np.array([c.system for c in candidates], dtype=str).reshape(len(candidates)),
     }
     if source is not None:
         arrays["source"] = np.array([source] * len(candidates), dtype=str)
@@ -65,9 +66,12 @@ def read_candidates(path: str | Path) -> tuple[list[Candidate], list[str]]:
     attempts = arrays.get("attempts", np.zeros(n, dtype=int))
     priorities = arrays.get("priority", np.full(n, np.nan))
     sources = [str(s) for s in arrays.get("source", np.array(["active"] * n))]
+    systems = [str(s) for s in arrays.get("system", np.array([""] * n))]
     candidates = [
-        Candidate(int(i), atoms, float(f), float(e), int(v), int(a), None if np.isnan(p) else p)
-        for i, atoms, f, e, v, a, p in zip(
+        Candidate(
+            int(i), atoms, float(f), float(e), int(v), int(a), None if np.isnan(p) else p, system
+        )
+        for i, atoms, f, e, v, a, p, system in zip(
             arrays["candidate_id"],
             structures,
             forces,
@@ -75,6 +79,7 @@ def read_candidates(path: str | Path) -> tuple[list[Candidate], list[str]]:
             versions,
             attempts,
             priorities.astype(float),
+            systems,
             strict=True,
         )
     ]
@@ -246,6 +251,7 @@ def _restore_labels(state: CampaignState, run: RunDirectory) -> None:
             state.n_labels_initial += 1
         else:
             state.n_labels_active += 1
+            state.active_by_system[row.get("system", "")] += 1
 
 
 def _restore_checkpoints(state: CampaignState, run: RunDirectory) -> None:

@@ -178,7 +178,7 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
         The campaign, the run directory, and the start structure (None on resume,
         where the run directory holds it).
     """
-    from pipeline.campaign_state import load_start_structure, read_labelled_file
+    from pipeline.campaign_state import element_carrier, load_start_structures, read_labelled_file
     from pipeline.models import check_model
     from pipeline.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
     from pipeline.settings import campaign_from_dict, load_campaign
@@ -205,10 +205,15 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     campaign = load_campaign(campaign_file, **overrides)
     check_calculator(campaign.oracle.calculator)
     check_strategy(campaign)
-    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
-    check_model(campaign, start)
-    check_ensemble(campaign, start)
-    check_warm_start(campaign, start)
+    starts = {
+        system.name: load_start_structures(system.structure, system.vacuum)
+        for system in campaign.all_systems()
+    }
+    start = next(iter(starts.values()))[0]
+    carrier = element_carrier([atoms for frames in starts.values() for atoms in frames])
+    check_model(campaign, carrier)
+    check_ensemble(campaign, starts)
+    check_warm_start(campaign, carrier)
     if campaign.test.file:
         read_labelled_file(campaign.test.file)
     if not create:
@@ -227,28 +232,35 @@ def check_strategy(campaign) -> None:
     from pipeline.strategies import make_query
 
     resolve_generator(campaign.generator.kind)
+    for system in campaign.all_systems():
+        if system.generator:
+            resolve_generator(system.generator)
     get_measure(campaign.selection.measure)
     make_query(campaign.selection.query)
     load_plugins(campaign.metrology.plugins)
 
 
-def check_ensemble(campaign, start) -> None:
-    """Fail before anything is submitted when constant pressure is asked of a start
-    structure without a cell periodic in all directions."""
-    generator = campaign.generator
-    if generator.pressure_bar is None:
-        return
-    if generator.kind != "md":
-        raise ValueError(
-            f"generator.pressure_bar is for MD, not for generator.kind {generator.kind!r}: "
-            "drop it, or set generator.kind = 'md'"
-        )
-    if not start.pbc.all() or start.cell.volume < 1e-6:
-        raise ValueError(
-            f"generator.pressure_bar = {generator.pressure_bar:g} asks for constant pressure, "
-            f"but the start structure {campaign.system.structure!r} has no cell periodic in "
-            "all three directions: give a periodic structure, or drop the pressure"
-        )
+def check_ensemble(campaign, starts: dict) -> None:
+    """Fail before anything is submitted when constant pressure is asked of a system
+    whose start structures lack a cell periodic in all directions, or of a generator
+    other than MD. ``starts`` maps each system's name to its start structures."""
+    for system in campaign.all_systems():
+        settings = campaign.generator_for(system)
+        pressure, kind = settings["pressure_bar"], settings["kind"]
+        if pressure is None:
+            continue
+        where = f"system {system.name!r}: " if campaign.systems else ""
+        if kind != "md":
+            raise ValueError(
+                f"{where}a pressure is for MD, not for the generator {kind!r}: drop it, or "
+                "use the 'md' generator"
+            )
+        if any(not a.pbc.all() or a.cell.volume < 1e-6 for a in starts[system.name]):
+            raise ValueError(
+                f"{where}pressure_bar = {pressure:g} asks for constant pressure, but the start "
+                f"structure {system.structure!r} has no cell periodic in all three directions: "
+                "give a periodic structure, or drop the pressure"
+            )
 
 
 def check_calculator(path: str) -> None:

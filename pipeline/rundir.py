@@ -163,6 +163,10 @@ class RunDirectory:
         """The start structure, which walkers reset to."""
         return self.path("system", "start.extxyz")
 
+    def system_start(self, system: str, index: int) -> str:
+        """Start configuration ``index`` of the system named ``system``."""
+        return self.path("system", f"{system}.start{index:03d}.extxyz")
+
     @property
     def queue_at_stop(self) -> str:
         return self.path("system", "queue_at_stop.extxyz")
@@ -171,6 +175,10 @@ class RunDirectory:
     def test_set(self) -> str:
         """The labelled held-out set."""
         return self.path("data", "test.npz")
+
+    def test_part(self, system: str) -> str:
+        """The held-out frames of one system, before the parts are joined."""
+        return self.path("data", f"test.{system}.npz")
 
     def train_snapshot(self, n_labels: int) -> tuple[str, str]:
         """The training and validation files of the snapshot holding ``n_labels``."""

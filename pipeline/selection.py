@@ -29,6 +29,8 @@ class Candidate:
     priority: float | None = None
     """Place in the queue, highest first, when the measure is not the force spread
     (e.g. a random draw); None ranks by ``force_disagreement``."""
+    system: str = ""
+    """The system it belongs to (``[[systems]]``); empty in runs made before."""
 
     @property
     def rank(self) -> float:

@@ -43,10 +43,45 @@ class _Section(BaseModel):
 
 
 class SystemSettings(_Section):
+    """One system the potential must cover: ``[system]``, or each of ``[[systems]]``.
+
+    The optional settings override the campaign's for this system's walkers and
+    candidates; unset, the campaign's ``[generator]`` and ``[selection]`` apply.
+    """
+
+    name: str = Field("main", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """A name for the system's numbers in metrics and labels (letters, digits, ``_.-``)."""
     structure: str = Field("CH3CH2OH", min_length=1)
-    """An ASE molecule name (``ase.build.molecule``) or a structure file readable by ASE."""
+    """An ASE molecule name (``ase.build.molecule``) or a structure file readable by ASE;
+    a file of several frames gives several start configurations, which the walkers
+    share out."""
     vacuum: float = Field(0.0, ge=0)
     """Vacuum (Å) added around a non-periodic structure; 0 leaves the cell as read."""
+    n_walkers: int | None = Field(None, ge=1)
+    """This system's walkers; default ``generator.n_walkers``."""
+    temperatures_K: list[float] | None = None
+    """Temperatures (K) that this system's walkers share out, e.g. ``[300, 1200]``;
+    default ``[generator.temperature_K]``."""
+    pressure_bar: float | None = None
+    """Constant pressure (bar) for this system's MD; default ``generator.pressure_bar``."""
+    generator: str | None = None
+    """This system's generator (as ``generator.kind``); default ``generator.kind``."""
+    threshold: float | None = Field(None, gt=0)
+    """This system's selection threshold (a fixed one); default the campaign's."""
+    max_labels: int | None = Field(None, ge=1)
+    """A cap on this system's active labels, within ``stop.max_labels``."""
+
+    @field_validator("temperatures_K")
+    @classmethod
+    def _positive_temperatures(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and (not values or min(values) <= 0):
+            raise ValueError("give one or more temperatures above 0 K")
+        return values
+
+    @field_validator("generator")
+    @classmethod
+    def _known_generator(cls, kind: str | None) -> str | None:
+        return None if kind is None else GeneratorSettings._known_generator(kind)
 
 
 class OracleSettings(_Section):
@@ -314,6 +349,8 @@ class Campaign(_Section):
     name: str = "ethanol-gfn2"
     seed: int = 0
     system: SystemSettings = SystemSettings()
+    systems: list[SystemSettings] = []
+    """Several systems in one campaign (``[[systems]]``); empty: ``[system]`` alone."""
     oracle: OracleSettings = OracleSettings()
     model: ModelSettings = ModelSettings()
     training: TrainingSettings = TrainingSettings()
@@ -323,6 +360,36 @@ class Campaign(_Section):
     initial: InitialSettings = InitialSettings()
     test: TestSetSettings = TestSetSettings()
     stop: StopSettings = StopSettings()
+
+    @model_validator(mode="after")
+    def _one_way_to_give_systems(self) -> Campaign:
+        if self.systems and "system" in self.model_fields_set:
+            raise ValueError("give either [system] or [[systems]], not both")
+        names = [system.name for system in self.systems]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"two systems are named {repeated[0]!r}: give each its own name")
+        return self
+
+    def all_systems(self) -> list[SystemSettings]:
+        """The campaign's systems: ``[[systems]]``, or the one ``[system]``."""
+        return list(self.systems) or [self.system]
+
+    def system_named(self, name: str) -> SystemSettings:
+        """The system ``name`` (the first one for an empty name, as old runs have)."""
+        for system in self.all_systems():
+            if system.name == name:
+                return system
+        return self.all_systems()[0]
+
+    def generator_for(self, system: SystemSettings) -> dict[str, Any]:
+        """The generator section as ``system``'s walkers run it (its overrides applied)."""
+        settings = self.generator.model_dump()
+        if system.pressure_bar is not None:
+            settings["pressure_bar"] = system.pressure_bar
+        if system.generator is not None:
+            settings["kind"] = system.generator
+        return settings
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -363,6 +430,11 @@ def _resolve_relative_files(data: dict[str, Any], folder: Path) -> None:
         value = data.get(section, {}).get(key)
         if isinstance(value, str) and value and (folder / value).exists():
             data[section][key] = str(folder / value)
+
+    for system in data.get("systems", []) if isinstance(data.get("systems"), list) else []:
+        value = system.get("structure") if isinstance(system, dict) else None
+        if isinstance(value, str) and value and (folder / value).exists():
+            system["structure"] = str(folder / value)
 
     def resolve(value: Any) -> Any:
         file_name, sep, name = value.rpartition(":") if isinstance(value, str) else ("", "", "")

@@ -68,8 +68,9 @@ def read_warm_labels(path: str, campaign: Any, start: Atoms) -> list[Atoms]:
         if extra:
             raise WarmStartError(
                 f"{where} has element(s) {', '.join(extra)} that the start structure "
-                f"{campaign.system.structure!r} lacks: the campaign's oracle labels only "
-                "its elements; drop those frames or start from a structure that has them"
+                f"{', '.join(repr(s.structure) for s in campaign.all_systems())} lacks: the "
+                "campaign's oracle labels only its elements; drop those frames or start from "
+                "a structure that has them"
             )
         largest = float(np.abs(forces).max(initial=0.0))
         if largest > max_force:
@@ -150,14 +151,36 @@ def check_warm_start(campaign: Any, start: Atoms) -> None:
 
 def warm_member_checkpoints(campaign: Any, folder: Path) -> list[str]:
     """Write one K=1 checkpoint per member of the campaign from ``initial.ensemble``
-    (member k from its member k modulo its size) into ``folder``; return their paths."""
-    from apps.model import load_checkpoint, save_checkpoint
+    into ``folder``; return their paths. Member k continues from member k (modulo the
+    earlier ensemble's size).
 
-    model, _ = load_checkpoint(ensemble_file(campaign.initial.ensemble))
+    Where the earlier run's own member checkpoints lie beside its ensemble (its
+    ``models/`` folder), each member continues from its newest one, optimiser state
+    and learning-rate schedule included: a true continuation. A stacked ensemble alone
+    keeps no optimiser state; its members then continue with a fresh Adam at the
+    floor of the schedule (``learning_rate_min``), and the first epochs cost some
+    accuracy (a fresh Adam moves every weight by about the learning rate at once).
+    """
+    import shutil
+
+    from apps.model import load_checkpoint, save_checkpoint
+    from pipeline.rundir import RunDirectory
+
+    path = Path(ensemble_file(campaign.initial.ensemble))
+    model, _ = load_checkpoint(path)
+    earlier = RunDirectory(path.parent.parent)
+    half_life = campaign.training.learning_rate_half_life_steps
+    extra = {"warm_start": True, "steps": 20 * half_life}  # 2**-20 of the way from the floor
     paths = []
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(campaign.model.n_members):
-        path = folder / f"warm.member{k:02d}.pt"
-        save_checkpoint(path, model.member(k % model.n_members), {"warm_start": True})
-        paths.append(str(path))
+        out = folder / f"warm.member{k:02d}.pt"
+        own = (
+            earlier.member_checkpoints(k % model.n_members) if path.parent.name == "models" else []
+        )
+        if own:
+            shutil.copyfile(own[-1][1], out)
+        else:
+            save_checkpoint(out, model.member(k % model.n_members), extra)
+        paths.append(str(out))
     return paths

@@ -63,13 +63,23 @@ class GeneratorAgent:
         return len(self.context.queue) >= limit
 
     def walker_groups(self) -> list[list[Walker]]:
-        """The walkers, in the groups that one generator task advances together."""
+        """The walkers, in the groups that one generator task advances together: only
+        walkers of one system at one temperature share a task. The walkers of a
+        system that has reached its own label cap (``max_labels``) rest."""
         context = self.context
-        walkers = context.state.walkers
+        walkers = [w for w in context.state.walkers if not self.system_is_full(w.system)]
         size = context.campaign.generator.walkers_per_task or -(
-            -len(walkers) // context.engine.slots["generator"]
+            -len(context.state.walkers) // context.engine.slots["generator"]
         )
-        return [walkers[i : i + size] for i in range(0, len(walkers), size)]
+        alike: dict[tuple, list[Walker]] = {}
+        for walker in walkers:
+            alike.setdefault((walker.system, walker.temperature_K), []).append(walker)
+        return [group[i : i + size] for group in alike.values() for i in range(0, len(group), size)]
+
+    def system_is_full(self, name: str) -> bool:
+        """Whether the system ``name`` has its own label cap and has reached it."""
+        cap = self.context.campaign.system_named(name).max_labels
+        return cap is not None and self.context.state.active_by_system[name] >= cap
 
     def submit_group(self, group: list[Walker], version: Version) -> None:
         """Submit the next MD segment of the walkers of ``group`` on ``version``."""
@@ -81,7 +91,10 @@ class GeneratorAgent:
             frames, last = context.run.walker_segment(walker.walker_id, walker.segments)
             outputs.append(frames)
             last_frames.append(last)
-        settings = context.campaign.generator.model_dump()
+        first = group[0]
+        settings = context.campaign.generator_for(context.campaign.system_named(first.system))
+        if first.temperature_K is not None:
+            settings["temperature_K"] = first.temperature_K
         if context.state.train_snapshot is not None:  # what "rattle" perturbs besides the start
             settings["labelled_path"] = context.state.train_snapshot.train_path
         request = MDRequest(
@@ -95,19 +108,22 @@ class GeneratorAgent:
         )
         context.submit(GenerateTask(walkers=group, version=version.number), request)
 
+    def home(self, walker: Walker) -> str:
+        """Where ``walker`` resets to: its system's start configuration."""
+        return walker.home or self.context.state.start_path
+
     # ---------------------------------------------------------------- results
     def on_result(self, task: GenerateTask, result: dict[str, Any]) -> None:
-        state = self.context.state
         for walker in task.walkers:
             walker.busy = False
         for walker, outcome in zip(task.walkers, result["walkers"], strict=True):
-            left_domain = self.queue_picks(outcome, task.version)
+            left_domain = self.queue_picks(outcome, task.version, walker.system)
             reason = outcome["reason"] if outcome["blew_up"] else None
             if left_domain:
                 reason = "a frame scored above selection.upper_threshold"
             if reason:
                 walker.resets += 1
-                walker.start_path = state.start_path
+                walker.start_path = self.home(walker)
                 logger.info("walker %d reset: %s", walker.walker_id, reason)
             else:
                 walker.start_path = outcome["last_frame_path"]
@@ -115,10 +131,11 @@ class GeneratorAgent:
     def on_failure(self, task: GenerateTask, error: BaseException) -> None:
         for walker in task.walkers:
             walker.busy = False
-            walker.start_path = self.context.state.start_path
+            walker.start_path = self.home(walker)
 
-    def queue_picks(self, outcome: dict[str, Any], version: int) -> bool:
-        """Score one walker's segment, and queue the frames selection picks.
+    def queue_picks(self, outcome: dict[str, Any], version: int, system: str = "") -> bool:
+        """Score one walker's segment, and queue the frames selection picks (above the
+        system's own threshold when it has one), tagged with the walker's ``system``.
 
         Returns
         -------
@@ -140,8 +157,9 @@ class GeneratorAgent:
         outside = selector.out_of_domain(scores)
         if outside.any():
             scores = scores[: int(np.argmax(outside))]
+        threshold = context.campaign.system_named(system).threshold or selector.threshold()
         picks = select_frames(
-            scores, selector.threshold(), selection.max_per_trajectory, selection.min_frame_gap
+            scores, threshold, selection.max_per_trajectory, selection.min_frame_gap
         )
         context.queue.extend(
             Candidate(
@@ -151,6 +169,7 @@ class GeneratorAgent:
                 outcome["energy_disagreement"][i],
                 version,
                 priority=float(scores[i]),
+                system=system,
             )
             for i in picks
         )

@@ -20,7 +20,12 @@ from pipeline.campaign_state import Version
 from pipeline.engine import TaskRecord
 from pipeline.journal import candidate_arrays
 from pipeline.measures import EnsemblePrediction
-from pipeline.metrology import evaluation_from_result, load_plugins, measure_version
+from pipeline.metrology import (
+    evaluation_from_result,
+    load_plugins,
+    measure_version,
+    spearman_rho,
+)
 from pipeline.rundir import METRICS_FILE
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,8 @@ class InferenceAgent:
     def __init__(self, context) -> None:
         self.context = context
         self.metrology = load_plugins(context.campaign.metrology.plugins)
+        self._test_systems: tuple[np.ndarray, np.ndarray] | None = None
+        """The held-out set's system per frame and atom counts, read once."""
 
     def submit_ready(self, stopping: bool) -> None:
         self.submit_evaluation()
@@ -119,10 +126,38 @@ class InferenceAgent:
             len(context.queue),
         )
 
+    def per_system(self, evaluation) -> dict[str, dict[str, Any]]:
+        """The standard metrics of each system's held-out frames, when the held-out
+        set tags its frames with systems (several systems, labelled by palflow)."""
+        if self._test_systems is None:
+            arrays = read_arrays(self.context.run.test_set)
+            self._test_systems = (
+                np.asarray(arrays["system"], dtype=str) if "system" in arrays else np.array([]),
+                np.asarray(arrays["n_atoms"], dtype=float),
+            )
+        systems, n_atoms = self._test_systems
+        if len(systems) != len(evaluation.force_error) or len(set(systems)) < 2:
+            return {}
+        out = {}
+        for name in dict.fromkeys(systems):
+            mask = systems == name
+            out[str(name)] = {
+                "force_mae": float(np.average(evaluation.force_error[mask], weights=n_atoms[mask])),
+                "energy_mae_per_atom": float(np.abs(evaluation.energy_error[mask]).mean()),
+                "uncertainty_spearman": spearman_rho(
+                    evaluation.force_spread[mask], evaluation.force_error[mask]
+                ),
+                "n_structures": int(mask.sum()),
+            }
+        return out
+
     def _record_errors(self, version: Version, result: dict[str, Any]) -> None:
         context = self.context
         evaluation = evaluation_from_result(result, version.number, version.n_labels)
         record = measure_version(evaluation, self.metrology)
+        by_system = self.per_system(evaluation)
+        if by_system:
+            record["systems"] = by_system
         record["wall_s"] = version.wall_s
         context.run.append_jsonl(METRICS_FILE, record)
         context.state.record_test_error(version, result, record)

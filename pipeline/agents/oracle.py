@@ -11,8 +11,12 @@ transiently is tried again, up to ``oracle.max_attempts``.
 from __future__ import annotations
 
 import logging
+import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from apps.contracts import FailureKind, LabelRequest, ReferenceRequest
 from apps.dataset import write_dataset
@@ -34,6 +38,8 @@ class LabelTask(TaskRecord):
 @dataclass
 class ReferenceTask(TaskRecord):
     kind = "reference"
+    system: str = ""
+    """The system whose held-out frames it labels."""
 
 
 class OracleAgent:
@@ -81,7 +87,13 @@ class OracleAgent:
         }
 
     def submit_reference(self) -> None:
-        """Label the held-out set by oracle-driven MD, or read it from ``test.file``."""
+        """Label the held-out set by oracle-driven MD from each system's start, or read
+        it from ``test.file``.
+
+        With several systems, each system's frames are labelled by their own task into
+        a part of the set; once every part is there, they are joined into the held-out
+        set, each frame tagged with its system for the per-system metrics.
+        """
         context = self.context
         state, settings, run = context.state, context.campaign, context.run
         if state.test_ready:
@@ -89,18 +101,46 @@ class OracleAgent:
         if settings.test.file:
             state.use_test_file(settings.test.file)
             return
-        request = ReferenceRequest(
-            start_path=state.start_path,
-            output_path=run.test_set,
-            calculator_spec=self.calculator_spec(),
-            scratch_dir=run.oracle_scratch("reference"),
-            n_frames=settings.test.n_structures,
-            stride=settings.test.md_stride,
-            temperature_K=settings.test.temperature_K or settings.generator.temperature_K,
-            timestep_fs=settings.generator.timestep_fs,
-            seed=settings.seed,
-        )
-        context.submit(ReferenceTask(), request, **self.options)
+        systems = settings.all_systems()
+        if len(systems) > 1 and all(os.path.exists(run.test_part(s.name)) for s in systems):
+            self.join_reference_parts()
+            return
+        busy = {t.system for t in context.engine.tasks() if isinstance(t, ReferenceTask)}
+        for system in systems:
+            output = run.test_set if len(systems) == 1 else run.test_part(system.name)
+            if system.name in busy or os.path.exists(output):
+                continue
+            homes = [w.home for w in state.walkers if w.system == system.name and w.home]
+            temperature = (
+                settings.test.temperature_K
+                or (system.temperatures_K or [settings.generator.temperature_K])[0]
+            )
+            request = ReferenceRequest(
+                start_path=homes[0] if homes else state.start_path,
+                output_path=output,
+                calculator_spec=self.calculator_spec(),
+                scratch_dir=run.oracle_scratch(f"reference-{system.name}"),
+                n_frames=settings.test.n_structures,
+                stride=settings.test.md_stride,
+                temperature_K=temperature,
+                timestep_fs=settings.generator.timestep_fs,
+                seed=settings.seed,
+            )
+            context.submit(ReferenceTask(system=system.name), request, **self.options)
+
+    def join_reference_parts(self) -> None:
+        """Join the systems' held-out parts into the held-out set, tagged by system."""
+        from apps.dataset import read_dataset
+
+        context = self.context
+        frames, names = [], []
+        for system in context.campaign.all_systems():
+            part = read_dataset(context.run.test_part(system.name))
+            frames.extend(part)
+            names.extend([system.name] * len(part))
+        write_dataset(context.run.test_set, frames, extra={"system": np.array(names, dtype=str)})
+        context.state.test_ready = True
+        logger.info("held-out set ready: %d frames of %d systems", len(frames), len(set(names)))
 
     def submit_labels(self, quota: int | None = None, paced: bool = True) -> int:
         """Fill free oracle slots: initial structures first, then the queue.
@@ -129,12 +169,47 @@ class OracleAgent:
             room = self.label_room(paced)
             if quota is not None:
                 room = min(room, quota - requested)
+            counts = self.drop_capped_systems()
             if room <= 0 or not context.queue:
                 break
             batch = context.selector.pick_batch(context.queue, min(batch_size, room))
+            batch = self.within_system_caps(batch, counts)
+            if not batch:
+                continue
             self.submit_batch(batch, "active")
             requested += len(batch)
         return requested
+
+    def system_caps(self) -> dict[str, int]:
+        return {s.name: s.max_labels for s in self.context.campaign.all_systems() if s.max_labels}
+
+    def within_system_caps(self, batch: list[Candidate], counts: Counter) -> list[Candidate]:
+        """The candidates of ``batch`` that their systems' label caps still admit."""
+        caps, kept = self.system_caps(), []
+        for candidate in batch:
+            cap = caps.get(candidate.system)
+            if cap is None or counts[candidate.system] < cap:
+                counts[candidate.system] += 1
+                kept.append(candidate)
+        return kept
+
+    def drop_capped_systems(self) -> Counter:
+        """Take out of the queue the candidates of every system whose own label cap
+        (``max_labels``) the labels stored and in flight have reached; return those
+        counts per system."""
+        context = self.context
+        capped = self.system_caps()
+        counts = Counter(context.state.active_by_system)
+        if not capped:
+            return counts
+        for task in context.engine.tasks():
+            if isinstance(task, LabelTask) and task.source == "active":
+                counts.update(c.system for c in task.candidates)
+        full = {name for name, cap in capped.items() if counts[name] >= cap}
+        dropped = [c.candidate_id for c in context.queue.candidates() if c.system in full]
+        if dropped:
+            context.queue.remove(dropped)
+        return counts
 
     def submit_batch(self, batch: list[Candidate], source: str) -> None:
         """Write one oracle batch to the run directory and submit it."""
@@ -177,6 +252,9 @@ class OracleAgent:
     # ---------------------------------------------------------------- results
     def on_result(self, task: TaskRecord, result: dict[str, Any]) -> None:
         if isinstance(task, ReferenceTask):
+            if len(self.context.campaign.all_systems()) > 1:
+                self.submit_reference()  # joins the parts once every one is there
+                return
             self.context.state.test_ready = True
             logger.info("held-out set ready: %d frames", result["n_frames"])
             return
