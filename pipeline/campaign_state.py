@@ -207,15 +207,23 @@ class CampaignState:
 
     @classmethod
     def new(cls, campaign: Campaign, run: RunDirectory, start: Atoms) -> CampaignState:
-        """A new campaign's state; ``start`` is the first system's (first) start
-        structure, the others are read from the campaign's systems."""
+        """A new campaign's state. With one ``[system]``, ``start`` is its start
+        structure (a file's further frames are read from it); with ``[[systems]]``
+        every start structure is read from the systems, and the first system's first
+        is the campaign's ``start``."""
+        walkers = []
+        frames_of = {
+            system.name: load_start_structures(system.structure, system.vacuum)
+            for system in campaign.all_systems()
+        }
+        if campaign.systems:
+            start = next(iter(frames_of.values()))[0]
+        else:
+            frames_of[campaign.system.name][0] = start
         start_path = run.start_structure
         write(start_path, start, format="extxyz")
-        walkers = []
-        for index, system in enumerate(campaign.all_systems()):
-            frames = load_start_structures(system.structure, system.vacuum)
-            if index == 0:
-                frames[0] = start
+        for system in campaign.all_systems():
+            frames = frames_of[system.name]
             homes = []
             for k, atoms in enumerate(frames):
                 path = run.system_start(system.name, k)

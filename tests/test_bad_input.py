@@ -244,7 +244,7 @@ CASES = {
             "--campaign",
             write(d / "c.toml", '[generator]\nkind = "rattle"\npressure_bar = 1.0\n'),
         ],
-        "generator.pressure_bar is for MD",
+        "a pressure is for MD, not for the generator 'rattle'",
     ),
     "unknown generator": (
         lambda d: ["--campaign", write(d / "c.toml", '[generator]\nkind = "metadynamics"\n')],
@@ -279,6 +279,38 @@ CASES = {
             warm_campaign(d, f'ensemble = "{write(d / "v1.pt", "not a checkpoint")}"'),
         ],
         "is not a palflow ensemble checkpoint",
+    ),
+    "two systems with one name": (
+        lambda d: [
+            "--campaign",
+            write(d / "c.toml", '[[systems]]\nname = "a"\n[[systems]]\nname = "a"\n'),
+        ],
+        "two systems are named 'a'",
+    ),
+    "[system] and [[systems]] together": (
+        lambda d: [
+            "--campaign",
+            write(d / "c.toml", '[system]\nstructure = "H2O"\n[[systems]]\nname = "a"\n'),
+        ],
+        "give either [system] or [[systems]], not both",
+    ),
+    "pressure on a system without a cell": (
+        lambda d: [
+            "--campaign",
+            write(
+                d / "c.toml",
+                '[[systems]]\nname = "gas"\nstructure = "H2O"\npressure_bar = 1.0\n'
+                '[[systems]]\nname = "ethanol"\n',
+            ),
+        ],
+        "system 'gas': pressure_bar = 1 asks for constant pressure",
+    ),
+    "unknown generator of a system": (
+        lambda d: [
+            "--campaign",
+            write(d / "c.toml", '[[systems]]\nname = "a"\ngenerator = "metadynamics"\n'),
+        ],
+        "unknown generator 'metadynamics'",
     ),
     "resume with several campaigns": (
         lambda d: ["--resume", a_run_directory(d), "--campaign", "a.toml", "--campaign", "b.toml"],

@@ -49,7 +49,8 @@ def run_campaign(tmp_path, campaign, generator=None):
 
         apps.generate = generate
     try:
-        start = load_start_structure(campaign.system.structure)
+        first = campaign.all_systems()[0]
+        start = load_start_structure(first.structure, first.vacuum)
         summary = Coordinator(campaign, run, apps, SLOTS, start, poll_s=0.2).run()
     finally:
         for executor in executors.values():

@@ -27,27 +27,32 @@ def start_cli(*args: str) -> subprocess.Popen:
     )
 
 
-def npt_campaign(tmp_path):
-    """The small campaign on a periodic copper cell at constant pressure, with stress."""
+def systems_campaign(tmp_path):
+    """The small campaign with two systems: a periodic copper cell at constant
+    pressure (stress labels) and the copper cluster."""
     from ase.build import bulk
     from ase.io import write
 
     write(tmp_path / "cu32.extxyz", bulk("Cu", cubic=True).repeat(2))
-    path = tmp_path / "npt.toml"
+    cluster = ROOT / "examples" / "structures" / "cu13.xyz"
+    systems = (
+        f'[[systems]]\nname = "bulk"\nstructure = "{tmp_path / "cu32.extxyz"}"\n'
+        "pressure_bar = 1.0\ntemperatures_K = [600.0]\nn_walkers = 1\n"
+        f'[[systems]]\nname = "cluster"\nstructure = "{cluster}"\nn_walkers = 1\n'
+    )
     text = small_campaign(tmp_path).read_text()
-    text = text.replace(str(ROOT / "examples" / "structures" / "cu13.xyz"),
-                        str(tmp_path / "cu32.extxyz"))  # fmt: skip
-    text = text.replace("[generator]\n", "[generator]\npressure_bar = 1.0\ntemperature_K = 600.0\n")
-    text = text.replace("temperature_K = 800.0\n", "")
+    text = text.replace(f'[system]\nstructure = "{cluster}"\n', systems)
+    path = tmp_path / "systems.toml"
     path.write_text(text)
     return path
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("kind", ["cluster", "npt"])
+@pytest.mark.parametrize("kind", ["cluster", "systems"])
 def test_five_kills_lose_and_double_no_label(tmp_path, kind):
-    campaign = small_campaign(tmp_path) if kind == "cluster" else npt_campaign(tmp_path)
+    """Also for two systems, one of them periodic at constant pressure."""
+    campaign = small_campaign(tmp_path) if kind == "cluster" else systems_campaign(tmp_path)
     run_dir = tmp_path / "run"
     rng = random.Random(4)
     kills = 0
@@ -93,10 +98,12 @@ def test_five_kills_lose_and_double_no_label(tmp_path, kind):
     assert len(rows) == summary["labels"] + summary["initial_labels"]
     assert len(summary["resumes"]) >= 1
     assert all(r["seconds_to_first_task"] >= 0 for r in summary["resumes"])
-    if kind == "npt":
-        assert all("stress" in row.toatoms().calc.results for row in rows), "stress is kept"
-        volumes = {round(row.toatoms().get_volume(), 3) for row in rows if row.source == "active"}
+    if kind == "systems":
+        bulk = [row for row in rows if row.system == "bulk"]
+        assert bulk and all("stress" in row.toatoms().calc.results for row in bulk)
+        volumes = {round(row.toatoms().get_volume(), 3) for row in bulk if row.source == "active"}
         assert len(volumes) > 1, "constant pressure moved the cells"
+        assert sum(s["labels"] for s in summary["systems"].values()) == 40
 
 
 def test_resume_harvests_a_result_that_finished_while_the_coordinator_was_down(tmp_path):

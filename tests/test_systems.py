@@ -1,0 +1,78 @@
+"""Several systems in one campaign: their walkers, labels, held-out parts and metrics."""
+
+import json
+from pathlib import Path
+
+import pytest
+from ase.build import bulk
+from ase.db import connect
+from ase.io import write
+
+from pipeline.settings import CampaignError, campaign_from_dict, load_campaign
+from tests.test_coordinator import run_campaign, small_campaign
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CLUSTER = str(EXAMPLES / "structures" / "cu13.xyz")
+
+
+def copper_systems(tmp_path, **cluster):
+    """A periodic copper cell at constant pressure, and the 13-atom cluster at two
+    temperatures (``cluster`` overrides its settings)."""
+    write(tmp_path / "cu32.extxyz", bulk("Cu", cubic=True).repeat(2))
+    return [
+        {"name": "bulk", "structure": str(tmp_path / "cu32.extxyz"), "n_walkers": 2,
+         "pressure_bar": 1.0, "temperatures_K": [600.0]},
+        {"name": "cluster", "structure": CLUSTER, "n_walkers": 2,
+         "temperatures_K": [300.0, 1200.0], **cluster},
+    ]  # fmt: skip
+
+
+def multi_campaign(systems, **overrides):
+    """The small copper campaign of the coordinator tests, with ``systems`` in place
+    of its one ``[system]``."""
+    data = small_campaign(**overrides).model_dump()
+    del data["system"]
+    return campaign_from_dict({**data, "systems": systems}, "test campaign")
+
+
+def test_settings_name_each_system_once():
+    campaign = load_campaign(None, systems=[{"name": "a"}, {"name": "b", "pressure_bar": 2.0}])
+    assert [s.name for s in campaign.all_systems()] == ["a", "b"]
+    assert campaign.generator_for(campaign.all_systems()[1])["pressure_bar"] == 2.0
+    assert campaign.generator_for(campaign.all_systems()[0])["pressure_bar"] is None
+    assert [s.name for s in load_campaign(None).all_systems()] == ["main"]
+    with pytest.raises(CampaignError, match="two systems are named 'a'"):
+        load_campaign(None, systems=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(CampaignError, match="not both"):
+        load_campaign(None, system={"structure": "H2O"}, systems=[{"name": "a"}])
+    with pytest.raises(CampaignError, match="systems"):
+        load_campaign(None, systems=[{"name": "no spaces"}])
+
+
+def test_a_campaign_learns_every_system_and_reports_each(tmp_path):
+    campaign = multi_campaign(copper_systems(tmp_path), stop__max_labels=24)
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 24
+    rows = list(connect(run.labels_db).select())
+    by_system = {name: [r for r in rows if r.system == name] for name in ("bulk", "cluster")}
+    assert all(len(r) >= 8 for r in by_system.values()), "initial labels of each system"
+    assert all("stress" in r.toatoms().calc.results for r in by_system["bulk"])
+    assert sum(r.source == "active" for r in rows) == 24
+    assert set(summary["systems"]) == {"bulk", "cluster"}
+    assert sum(s["labels"] for s in summary["systems"].values()) == 24
+    assert all(s["force_mae"] > 0 for s in summary["systems"].values())
+    metrics = [json.loads(line) for line in (run.root / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(m["systems"]) == {"bulk", "cluster"} for m in metrics)
+    assert sum(m["systems"]["bulk"]["n_structures"] for m in metrics[:1]) == 8
+    homes = {
+        w["system"]: w["home"] for w in json.loads(run.file("state.json").read_text())["walkers"]
+    }
+    assert set(homes) == {"bulk", "cluster"}
+
+
+def test_a_system_label_cap_holds_exactly(tmp_path):
+    campaign = multi_campaign(copper_systems(tmp_path, max_labels=5), stop__max_labels=20)
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 20
+    assert summary["systems"]["cluster"]["labels"] == 5
+    assert summary["systems"]["bulk"]["labels"] == 15
