@@ -361,6 +361,14 @@ class Campaign(_Section):
     test: TestSetSettings = TestSetSettings()
     stop: StopSettings = StopSettings()
 
+    @model_serializer(mode="wrap")
+    def _one_way_of_systems(self, handler) -> dict[str, Any]:
+        """Dump (``campaign.json``) ``[system]`` or ``[[systems]]``, whichever the
+        campaign uses, so that the dump validates again on ``--resume``."""
+        data = handler(self)
+        data.pop("system" if self.systems else "systems", None)
+        return data
+
     @model_validator(mode="after")
     def _one_way_to_give_systems(self) -> Campaign:
         if self.systems and "system" in self.model_fields_set:

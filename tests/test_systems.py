@@ -41,6 +41,10 @@ def test_settings_name_each_system_once():
     assert campaign.generator_for(campaign.all_systems()[1])["pressure_bar"] == 2.0
     assert campaign.generator_for(campaign.all_systems()[0])["pressure_bar"] is None
     assert [s.name for s in load_campaign(None).all_systems()] == ["main"]
+    # campaign.json holds one way of giving systems, so that --resume validates it.
+    again = campaign_from_dict(campaign.model_dump(), "campaign.json")
+    assert again.all_systems() == campaign.all_systems() and "system" not in campaign.model_dump()
+    assert "systems" not in load_campaign(None).model_dump()
     with pytest.raises(CampaignError, match="two systems are named 'a'"):
         load_campaign(None, systems=[{"name": "a"}, {"name": "a"}])
     with pytest.raises(CampaignError, match="not both"):
