@@ -80,3 +80,29 @@ def test_a_system_label_cap_holds_exactly(tmp_path):
     assert summary["labels"] == 20
     assert summary["systems"]["cluster"]["labels"] == 5
     assert summary["systems"]["bulk"]["labels"] == 15
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_copper_systems_example_runs(tmp_path):
+    """examples/cu_systems.toml (bulk under NPT, a slab, a cluster; two temperatures
+    each), cut short, end to end."""
+    campaign = load_campaign(
+        EXAMPLES / "cu_systems.toml",
+        stop__max_labels=24,
+        stop__final_training_s=0.0,
+        initial__n_structures=4,
+        test__n_structures=4,
+        training__min_task_s=0.5,
+        model__n_features=16,
+        model__n_interactions=2,
+        generator__steps_per_task=40,
+    )
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 24
+    assert set(summary["systems"]) == {"bulk", "slab", "cluster"}
+    assert all(s["force_mae"] > 0 for s in summary["systems"].values())
+    walkers = json.loads(run.file("state.json").read_text())["walkers"]
+    assert sorted((w["system"], w["temperature_K"]) for w in walkers) == sorted(
+        (name, t) for name in ("bulk", "slab", "cluster") for t in (300.0, 1200.0)
+    )
