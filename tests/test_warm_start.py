@@ -15,7 +15,9 @@ def finished(tmp_path_factory):
 
 def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, finished):
     """The first version continues from the finished run's members on its labels: it
-    is as good as that run's final version at once, before any new label."""
+    is about as good as that run's final version at once, before any new label
+    (within 25%: SchNet's test error moves that much from one version to the next
+    of one run), and far better than that run's first version."""
     first_run, first = finished
     final = first["test_errors"][-1]["force_mae"]
     campaign = small_campaign(
@@ -29,7 +31,8 @@ def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, fini
     assert sources.count("file") == summary["initial_labels"], "no oracle call for them"
     warm = [e for e in summary["test_errors"] if e["labels"] == 0]
     assert warm, "a version before any new label"
-    assert warm[0]["force_mae"] <= 1.1 * final, (warm[0], final)
+    assert warm[0]["force_mae"] <= 1.25 * final, (warm[0], final)
+    assert warm[0]["force_mae"] < 0.8 * first["test_errors"][0]["force_mae"]
 
 
 def test_labels_alone_reach_the_final_error_in_one_training_period(tmp_path, finished):
