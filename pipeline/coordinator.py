@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -103,6 +103,8 @@ class CampaignView:
     failures: dict[str, int]
     elapsed_s: float
     stop_reason: str | None
+    systems: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """With several systems: per system, its active ``labels`` and newest ``force_mae``."""
 
 
 class Coordinator:
@@ -231,6 +233,17 @@ class Coordinator:
             failures=failure_counts(state.failures.values()),
             elapsed_s=time.time() - state.t0,
             stop_reason=state.stop_reason,
+            systems={
+                system.name: {
+                    "labels": state.active_by_system[system.name],
+                    "force_mae": (
+                        state.test_errors[-1].get("systems", {}) if state.test_errors else {}
+                    )
+                    .get(system.name, {})
+                    .get("force_mae"),
+                }
+                for system in campaign.systems
+            },
         )
 
     # ------------------------------------------------------------------ the loop

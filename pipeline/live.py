@@ -45,6 +45,14 @@ class Snapshot:
     left_s: float | None
     stopping: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    systems: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """With several systems: each one's active ``labels`` and newest ``force_mae``."""
+
+
+def _system_text(numbers: dict[str, Any]) -> str:
+    mae = numbers.get("force_mae")
+    return f"{numbers['labels']} labels, MAE {mae:.4f}" if mae is not None else (
+        f"{numbers['labels']} labels, MAE -")  # fmt: skip
 
 
 class LabelRate:
@@ -88,6 +96,7 @@ def snapshot(coordinator, rate: LabelRate) -> Snapshot:
         elapsed_s=view.elapsed_s,
         left_s=max(left, 0.0) if not view.stop_reason else None,
         stopping=view.stop_reason,
+        systems=view.systems,
     )
 
 
@@ -106,9 +115,10 @@ def plain_line(s: Snapshot) -> str:
     mae = f"{s.test_mae:.4f} eV/Å" if s.test_mae is not None else "-"
     version = f"v{s.version} ({s.version_labels} labels)" if s.version else "none yet"
     state = f"stopping: {s.stopping}" if s.stopping else f"left ~{_clock(s.left_s)}"
+    systems = "".join(f", {name}: {_system_text(n)}" for name, n in s.systems.items())
     return (
         f"{s.name}: labels {s.labels}/{s.budget}, queue {s.queue}, in flight [{flight}], "
-        f"ensemble {version}, test force MAE {mae}, failures {failures}, "
+        f"ensemble {version}, test force MAE {mae}{systems}, failures {failures}, "
         f"elapsed {_clock(s.elapsed_s)}, {state}"
     )
 
@@ -131,6 +141,8 @@ def render(s: Snapshot):
         "ensemble", f"v{s.version} on {s.version_labels} labels" if s.version else "none yet"
     )
     table.add_row("test force MAE", f"{s.test_mae:.4f} eV/Å" if s.test_mae is not None else "-")
+    for name, numbers in s.systems.items():
+        table.add_row(f"  {name}", _system_text(numbers))
     failures = ", ".join(f"{k} {v}" for k, v in sorted(s.failures.items()))
     table.add_row("failures", failures or "none")
     table.add_row("elapsed", _clock(s.elapsed_s))

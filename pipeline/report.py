@@ -165,6 +165,13 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
         facts.append(("latest uncertainty Spearman rho", f"{last['uncertainty_spearman']:.2f}"))
     if summary.get("learning_curve_area") is not None:
         facts.append(("learning-curve area", f"{summary['learning_curve_area']:.4f} eV/Å"))
+    first = data.metrics[0] if data.metrics else {}
+    for name, numbers in last.get("systems", {}).items():
+        start = first.get("systems", {}).get(name, {}).get("force_mae")
+        text = f"{numbers['force_mae']:.4f} eV/Å"
+        if start is not None:
+            text = f"{start:.4f} → {text} ({numbers['n_structures']} held-out frames)"
+        facts.append((f"system {name}: test force MAE", text))
     return facts
 
 

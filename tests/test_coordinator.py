@@ -38,7 +38,7 @@ def small_campaign(**overrides):
 
 def run_campaign(tmp_path, campaign, generator=None):
     """Run ``campaign`` on thread pools; ``generator`` replaces the generator if given."""
-    run = RunDirectory.create(tmp_path / "run")
+    run = RunDirectory.create(tmp_path / "run", campaign.model_dump())
     executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
     apps = Apps.from_executors(executors)
     if generator is not None:

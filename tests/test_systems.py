@@ -106,3 +106,22 @@ def test_copper_systems_example_runs(tmp_path):
     assert sorted((w["system"], w["temperature_K"]) for w in walkers) == sorted(
         (name, t) for name in ("bulk", "slab", "cluster") for t in (300.0, 1200.0)
     )
+
+
+def test_the_live_view_and_the_report_show_each_system(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.coordinator import MODULES, Apps, Coordinator
+    from pipeline.live import LabelRate, plain_line, snapshot
+    from pipeline.report import build_report
+    from pipeline.rundir import RunDirectory
+
+    campaign = multi_campaign(copper_systems(tmp_path), stop__max_labels=8)
+    run, summary = run_campaign(tmp_path, campaign)
+    page = build_report(run.root).read_text()
+    assert "system bulk: test force MAE" in page and "system cluster: test force MAE" in page
+    executors = {module: ThreadPoolExecutor(1) for module in MODULES}
+    apps, slots = Apps.from_executors(executors), {module: 1 for module in MODULES}
+    resumed = Coordinator.resume(campaign, RunDirectory(run.root), apps, slots)
+    line = plain_line(snapshot(resumed, LabelRate()))
+    assert "bulk: " in line and "cluster: " in line and "labels, MAE" in line
