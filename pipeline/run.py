@@ -214,8 +214,9 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     check_model(campaign, carrier)
     check_ensemble(campaign, starts)
     check_warm_start(campaign, carrier)
-    if campaign.test.file:
-        read_labelled_file(campaign.test.file)
+    for path in [campaign.test.file, *(s.test_file for s in campaign.all_systems())]:
+        if path:
+            read_labelled_file(path)
     if not create:
         return campaign, None, start
     name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -70,6 +70,9 @@ class SystemSettings(_Section):
     """This system's selection threshold (a fixed one); default the campaign's."""
     max_labels: int | None = Field(None, ge=1)
     """A cap on this system's active labels, within ``stop.max_labels``."""
+    test_file: str | None = None
+    """A labelled structure file for this system's held-out frames, instead of
+    oracle-driven MD from its start (``test.file`` replaces every system's)."""
 
     @field_validator("temperatures_K")
     @classmethod
@@ -440,9 +443,10 @@ def _resolve_relative_files(data: dict[str, Any], folder: Path) -> None:
             data[section][key] = str(folder / value)
 
     for system in data.get("systems", []) if isinstance(data.get("systems"), list) else []:
-        value = system.get("structure") if isinstance(system, dict) else None
-        if isinstance(value, str) and value and (folder / value).exists():
-            system["structure"] = str(folder / value)
+        for key in ("structure", "test_file"):
+            value = system.get(key) if isinstance(system, dict) else None
+            if isinstance(value, str) and value and (folder / value).exists():
+                system[key] = str(folder / value)
 
     def resolve(value: Any) -> Any:
         file_name, sep, name = value.rpartition(":") if isinstance(value, str) else ("", "", "")

@@ -312,6 +312,18 @@ CASES = {
         ],
         "unknown generator 'metadynamics'",
     ),
+    "held-out file of a system without labels": (
+        lambda d: [
+            "--campaign",
+            write(
+                d / "c.toml",
+                '[[systems]]\nname = "a"\ntest_file = "{}"\n'.format(
+                    write(d / "bare.xyz", "1\n\nH 0 0 0\n")
+                ),
+            ),
+        ],
+        "must hold energies and forces",
+    ),
     "resume with several campaigns": (
         lambda d: ["--resume", a_run_directory(d), "--campaign", "a.toml", "--campaign", "b.toml"],
         "drop the --campaign options",

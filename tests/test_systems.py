@@ -125,3 +125,23 @@ def test_the_live_view_and_the_report_show_each_system(tmp_path):
     resumed = Coordinator.resume(campaign, RunDirectory(run.root), apps, slots)
     line = plain_line(snapshot(resumed, LabelRate()))
     assert "bulk: " in line and "cluster: " in line and "labels, MAE" in line
+
+
+def test_a_system_can_bring_its_own_held_out_frames(tmp_path):
+    from ase.calculators.emt import EMT
+    from ase.io import read
+
+    from apps.oracle import label_structure
+
+    frames = []
+    for seed in range(5):
+        atoms = read(CLUSTER)
+        atoms.rattle(0.1, seed=seed)
+        frames.append(label_structure(atoms, EMT(), 50.0))
+    write(tmp_path / "cluster-test.extxyz", frames, format="extxyz")
+    systems = copper_systems(tmp_path, test_file=str(tmp_path / "cluster-test.extxyz"))
+    campaign = multi_campaign(systems, stop__max_labels=8)
+    run, summary = run_campaign(tmp_path, campaign)
+    metrics = [json.loads(line) for line in (run.root / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["systems"]["cluster"]["n_structures"] == 5, "its own file"
+    assert metrics[-1]["systems"]["bulk"]["n_structures"] == 8, "oracle MD for the other"
