@@ -51,6 +51,12 @@ def kills(n_kills: int, labels: int, seed: int) -> dict:
     )
     done = 0
     while done < n_kills:
+        # The first kill comes once the run exists (its campaign.json), so that every
+        # later session resumes a run rather than one that was never made.
+        while done == 0 and not (run_dir / "campaign.json").exists():
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
         time.sleep(rng.uniform(2.0, 6.0))
         if process.poll() is not None:
             break
