@@ -58,7 +58,7 @@ def generate(
     seed: int,
 ) -> dict[str, Any]:
     from apps.calculator import predict_structures
-    from apps.generator import Evaluation, add_frame, new_record, write_walkers
+    from apps.generator import add_frame, evaluations, new_record, write_walkers
     from apps.model import load_checkpoint
 
     model, extra = load_checkpoint(ensemble_path)
@@ -69,14 +69,7 @@ def generate(
     out = predict_structures(model, frames)
 
     records = [new_record() for _ in starts]
-    for n, frame in enumerate(frames):
-        evaluation = Evaluation(
-            out["forces"][n],
-            float(out["force_disagreement"][n]),
-            float(out["energy_disagreement"][n]),
-            out["member_energies"][:, n],
-            out["member_forces"][n],
-        )
+    for n, (frame, evaluation) in enumerate(zip(frames, evaluations(out), strict=True)):
         add_frame(records[n // n_frames], frame, evaluation, step=n)
     results = write_walkers(
         records,
