@@ -1,10 +1,17 @@
 """Warm starts: a finished run's labels and ensemble as the first training data and
 the members' starting point, with no oracle call for them."""
 
+import numpy as np
 import pytest
 from ase.db import connect
 
 from tests.test_coordinator import run_campaign, small_campaign
+
+
+def final_error(summary) -> float:
+    """A run's final test force MAE, as the median of its last three versions: one
+    version's error moves by up to a quarter from the next."""
+    return float(np.median([e["force_mae"] for e in summary["test_errors"][-3:]]))
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +26,7 @@ def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, fini
     (within 25%: SchNet's test error moves that much from one version to the next
     of one run), and far better than that run's first version."""
     first_run, first = finished
-    final = first["test_errors"][-1]["force_mae"]
+    final = final_error(first)
     campaign = small_campaign(
         initial__file=str(first_run.root / "labels.extxyz"),
         initial__ensemble=str(first_run.ensembles()[-1][1]),
@@ -49,4 +56,4 @@ def test_labels_alone_reach_the_final_error_in_one_training_period(tmp_path, fin
     assert summary["initial_labels"] == first["labels"] + first["initial_labels"]
     assert summary["labels"] == 0 and summary["stop_reason"].startswith("wall-time")
     best = min(e["force_mae"] for e in summary["test_errors"])
-    assert best <= 1.1 * first["test_errors"][-1]["force_mae"], summary["test_errors"]
+    assert best <= 1.1 * final_error(first), summary["test_errors"]
