@@ -17,6 +17,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +126,25 @@ def _local_scratch() -> Path:
 
 
 def _release_scratch(scratch: Path, keep_at: str | None) -> None:
-    """Remove a task's scratch, or move it to ``keep_at`` for a post-mortem."""
-    if keep_at is None:
+    """Remove a task's scratch, or move it to ``keep_at`` for a post-mortem; an empty
+    one (a calculator that writes no files) is removed either way."""
+    if keep_at is None or not any(scratch.rglob("*")):
         shutil.rmtree(scratch, ignore_errors=True)
         return
     Path(keep_at).parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(scratch), keep_at)
+
+
+@contextmanager
+def _task_scratch(keep_at: str) -> Iterator[Path]:
+    """A task's scratch (:func:`_local_scratch`); a task that raises leaves it at
+    ``keep_at`` for a post-mortem, unless it is empty."""
+    scratch = _local_scratch()
+    try:
+        yield scratch
+    except BaseException:
+        _release_scratch(scratch, keep_at=keep_at)
+        raise
 
 
 def label_structure(atoms: Atoms, calculator: Calculator, max_force: float) -> Atoms:
@@ -220,39 +235,39 @@ def _label_batch(
     t_start = time.time()
     structures = read_dataset(input_path)
     ids = read_arrays(input_path).get("candidate_id", np.arange(len(structures)))
-    scratch = _local_scratch()
-    calculator = None
+    with _task_scratch(scratch_dir) as scratch:
+        calculator = None
 
-    def label_one(atoms: Atoms) -> tuple[str, Atoms | None]:
-        nonlocal calculator
-        try:
-            calculator = calculator or make_calculator(calculator_spec, scratch)
-            return OK, label_structure(atoms, calculator, max_force)
-        except Exception as error:  # any calculator failure is a recorded outcome
-            calculator = None  # a failed calculator may hold broken state
-            logger.warning("oracle failed on a structure: %s", error)
-            return failure_kind(error).reason(f"{type(error).__name__}: {error}"), None
+        def label_one(atoms: Atoms) -> tuple[str, Atoms | None]:
+            nonlocal calculator
+            try:
+                calculator = calculator or make_calculator(calculator_spec, scratch)
+                return OK, label_structure(atoms, calculator, max_force)
+            except Exception as error:  # any calculator failure is a recorded outcome
+                calculator = None  # a failed calculator may hold broken state
+                logger.warning("oracle failed on a structure: %s", error)
+                return failure_kind(error).reason(f"{type(error).__name__}: {error}"), None
 
-    if isolate:
-        outcomes = label_isolated(structures, label_one, timeout_s or None)
-    else:
-        outcomes = []
-        for atoms in structures:
-            t0 = time.perf_counter()
-            outcomes.append((*label_one(atoms), time.perf_counter() - t0))
-    statuses = [status for status, _, _ in outcomes]
-    seconds = [elapsed for _, _, elapsed in outcomes]
-    labelled = [
-        done if done is not None else atoms.copy()
-        for (_, done, _), atoms in zip(outcomes, structures, strict=True)
-    ]
-    write_dataset(
-        output_path,
-        labelled,
-        extra={"candidate_id": np.asarray(ids), "status": np.asarray(statuses, dtype=str)},
-    )
-    failures = [[int(i), s] for i, s in zip(ids, statuses, strict=True) if s != OK]
-    _release_scratch(scratch, keep_at=scratch_dir if failures else None)
+        if isolate:
+            outcomes = label_isolated(structures, label_one, timeout_s or None)
+        else:
+            outcomes = []
+            for atoms in structures:
+                t0 = time.perf_counter()
+                outcomes.append((*label_one(atoms), time.perf_counter() - t0))
+        statuses = [status for status, _, _ in outcomes]
+        seconds = [elapsed for _, _, elapsed in outcomes]
+        labelled = [
+            done if done is not None else atoms.copy()
+            for (_, done, _), atoms in zip(outcomes, structures, strict=True)
+        ]
+        write_dataset(
+            output_path,
+            labelled,
+            extra={"candidate_id": np.asarray(ids), "status": np.asarray(statuses, dtype=str)},
+        )
+        failures = [[int(i), s] for i, s in zip(ids, statuses, strict=True) if s != OK]
+        _release_scratch(scratch, keep_at=scratch_dir if failures else None)
     return {
         "output_path": output_path,
         "n_ok": len(statuses) - len(failures),
@@ -285,31 +300,31 @@ def _oracle_md(
 
     t_start = time.time()
     atoms = read(start_path)
-    scratch = _local_scratch()
-    atoms.calc = make_calculator(calculator_spec, scratch)
-    rng = np.random.default_rng(seed)
-    draw_velocities(atoms, temperature_K, rng)
-    dynamics = Langevin(
-        atoms,
-        timestep_fs * units.fs,
-        temperature_K=temperature_K,
-        friction=0.02,
-        fixcm=False,
-        rng=rng,
-    )
-    frames = []
-    # The first stride lets the start structure's memory fade before sampling.
-    for _ in range(n_frames):
-        dynamics.run(stride)
-        frame = atoms.copy()
-        stress = stress_label(atoms, atoms.calc)
-        frame.calc = SinglePointCalculator(
-            frame,
-            energy=atoms.get_potential_energy(),
-            forces=atoms.get_forces(),
-            **({} if stress is None else {"stress": stress}),
+    with _task_scratch(scratch_dir) as scratch:
+        atoms.calc = make_calculator(calculator_spec, scratch)
+        rng = np.random.default_rng(seed)
+        draw_velocities(atoms, temperature_K, rng)
+        dynamics = Langevin(
+            atoms,
+            timestep_fs * units.fs,
+            temperature_K=temperature_K,
+            friction=0.02,
+            fixcm=False,
+            rng=rng,
         )
-        frames.append(frame)
-    write_dataset(output_path, frames)
-    _release_scratch(scratch, keep_at=None)
+        frames = []
+        # The first stride lets the start structure's memory fade before sampling.
+        for _ in range(n_frames):
+            dynamics.run(stride)
+            frame = atoms.copy()
+            stress = stress_label(atoms, atoms.calc)
+            frame.calc = SinglePointCalculator(
+                frame,
+                energy=atoms.get_potential_energy(),
+                forces=atoms.get_forces(),
+                **({} if stress is None else {"stress": stress}),
+            )
+            frames.append(frame)
+        write_dataset(output_path, frames)
+        _release_scratch(scratch, keep_at=None)
     return {"output_path": output_path, "n_frames": len(frames), **where_and_when(t_start)}

@@ -154,6 +154,10 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     """
     from ase.io import read
 
+    from pipeline.mend import highest_task_id, mend_run
+
+    if not getattr(run, "mended", False):
+        mend_run(campaign, run)  # every file read below is checked first
     saved: dict[str, Any] = run.read_state()
     start_path = run.start_structure
     state = CampaignState(
@@ -161,15 +165,14 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
         run=run,
         start=read(start_path),
         start_path=start_path,
-        walkers=[Walker(**w) for w in saved.get("walkers", [])]
+        walkers=[Walker(**_own(run, w, "start_path", "home")) for w in saved.get("walkers", [])]
         or [Walker(i, start_path) for i in range(campaign.generator.n_walkers)],
-        members=[Member(**m) for m in saved.get("members", [])]
+        members=[Member(**_own(run, m, "checkpoint")) for m in saved.get("members", [])]
         or [Member(i) for i in range(campaign.model.n_members)],
     )
     state.t0 = time.time() - saved.get("elapsed_s", _elapsed_from_events(run))
-    state.versions = [Version(**v) for v in saved.get("versions", [])]
+    state.versions = [Version(**_own(run, v, "path")) for v in saved.get("versions", [])]
     state.test_errors = saved.get("test_errors", [])
-    state.evaluated_version = max((e["version"] for e in state.test_errors), default=0)
     state.failures = {int(k): v for k, v in saved.get("task_failures", {}).items()}
     state.resumes = saved.get("resumes", [])
     state.retried = Counter(saved.get("retried", {}))
@@ -179,11 +182,12 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     _restore_checkpoints(state, run)
     for walker in state.walkers:
         if not Path(walker.start_path).exists():
-            walker.start_path = start_path
+            walker.start_path = walker.home if Path(walker.home or "").is_file() else start_path
 
     queue = OracleQueue(campaign.selection.max_queue)
     seen: set[int] = set(state.label_ids)
-    next_task_id = int(saved.get("next_task_id", 0))
+    stored = set(state.label_ids)
+    next_task_id = max(int(saved.get("next_task_id", 0)), highest_task_id(run) + 1)
     batches = run.oracle_batches()
     last_batch = {}
     for _, in_path, _ in batches:
@@ -199,6 +203,8 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
         for candidate, source in zip(candidates, sources, strict=True):
             if last_batch[candidate.candidate_id] != in_path:
                 continue  # tried again in a later batch, which decides
+            if candidate.candidate_id in stored:
+                continue  # labelled (also when the output was lost after it was stored)
             if out_path.exists() and candidate.candidate_id not in failed:
                 continue  # labelled
             reason = failed.get(candidate.candidate_id)
@@ -234,6 +240,12 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     return state, queue, next_task_id
 
 
+def _own(run: RunDirectory, record: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``record`` with its paths in ``keys`` moved into ``run``: a run directory that
+    was moved or copied reads its own files, not those of where it was."""
+    return {k: run.own(v) if k in keys and v else v for k, v in record.items()}
+
+
 def _elapsed_from_events(run: RunDirectory) -> float:
     events = run.read_events()
     if not events:
@@ -257,11 +269,17 @@ def _restore_labels(state: CampaignState, run: RunDirectory) -> None:
 def _restore_checkpoints(state: CampaignState, run: RunDirectory) -> None:
     """Take each member's newest checkpoint on disk and every published version."""
     for member in state.members:
+        if member.checkpoint and not Path(member.checkpoint).exists():
+            member.checkpoint = None  # moved aside as damaged: its older copy is found below
         found = run.member_checkpoints(member.index)
         if found:
             task, path = found[-1]
             member.checkpoint = str(path)
             member.tasks = task + 1
+    # The newest versions whose files were moved aside as damaged are published again
+    # under their numbers; their held-out errors go with them.
+    while state.versions and not Path(run.ensemble(state.versions[-1].number)).exists():
+        state.versions.pop()
     known = {v.number for v in state.versions}
     for number, path in run.ensembles():
         if number not in known:
@@ -271,3 +289,6 @@ def _restore_checkpoints(state: CampaignState, run: RunDirectory) -> None:
                 Version(number, str(path), state.n_labels_active, time.time() - state.t0)
             )
     state.versions.sort(key=lambda v: v.number)
+    newest = state.versions[-1].number if state.versions else 0
+    state.test_errors = [e for e in state.test_errors if e["version"] <= newest]
+    state.evaluated_version = max((e["version"] for e in state.test_errors), default=0)

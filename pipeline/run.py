@@ -201,6 +201,10 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
         )
         campaign = campaign_from_dict(data, str(run.file(CAMPAIGN_FILE)))
         check_calculator(campaign.oracle.calculator)
+        from pipeline.mend import mend_run
+
+        run.lock()  # first: no other coordinator may be writing what is mended
+        mend_run(campaign, run)  # rebuilds what the journal can; names what it cannot
         return campaign, run, None
     campaign = load_campaign(campaign_file, **overrides)
     check_calculator(campaign.oracle.calculator)

@@ -19,9 +19,12 @@ Layout::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,27 +72,56 @@ class RunDirectory:
         ``campaign`` is given, and renamed into place: a kill never leaves a
         half-made run behind that could neither be resumed nor replaced.
 
+        Creation is exclusive: of two callers racing on one new ``root`` exactly one
+        wins; the other gets a :class:`RunDirectoryError`, and its temporary folder is
+        removed.
+
         Raises
         ------
         RunDirectoryError
             When ``root`` exists and is not empty, so that no earlier run is
-            overwritten.
+            overwritten; when another caller made it first; when it cannot be made.
         """
         run = cls(root)
-        if run.root.exists() and any(run.root.iterdir()):
+        if run.root.is_dir() and any(run.root.iterdir()):
             raise RunDirectoryError(
                 f"run directory {run.root} exists and is not empty: "
                 "continue it with --resume, or choose another --run-dir"
             )
-        run.root.parent.mkdir(parents=True, exist_ok=True)
-        building = cls(run.root.parent / f".{run.root.name}.creating-{os.getpid()}")
-        building.root.mkdir(mode=0o700)
-        os.chmod(building.root, 0o700)
-        for name in SUBDIRECTORIES:
-            (building.root / name).mkdir()
-        if campaign is not None:
-            building.write_json(CAMPAIGN_FILE, campaign)
-        os.replace(building.root, run.root)  # also over an empty directory
+        if run.root.exists() and not run.root.is_dir():
+            raise RunDirectoryError(f"run directory {run.root} is a file: choose another --run-dir")
+        try:
+            run.root.parent.mkdir(parents=True, exist_ok=True)
+            # A name of its own per caller (and per thread), made with mode 0700.
+            building = cls(
+                tempfile.mkdtemp(prefix=f".{run.root.name}.creating-", dir=run.root.parent)
+            )
+        except OSError as error:
+            raise RunDirectoryError(
+                f"run directory {run.root} cannot be created: {error}"
+            ) from None
+        try:
+            for name in SUBDIRECTORIES:
+                (building.root / name).mkdir()
+            if campaign is not None:
+                building.write_json(CAMPAIGN_FILE, campaign)
+            # rename(2) is atomic and replaces only an empty directory (or none): of
+            # two coordinators racing on one new run directory exactly one gets here.
+            os.replace(building.root, run.root)
+        except OSError as error:
+            shutil.rmtree(building.root, ignore_errors=True)
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise RunDirectoryError(
+                    f"run directory {run.root} was created by another coordinator at the "
+                    "same moment: continue it with --resume once that one stops, or choose "
+                    "another --run-dir"
+                ) from None
+            raise RunDirectoryError(
+                f"run directory {run.root} cannot be created: {error}"
+            ) from None
+        except BaseException:
+            shutil.rmtree(building.root, ignore_errors=True)
+            raise
         return run
 
     @classmethod
@@ -107,6 +139,17 @@ class RunDirectory:
                 f"{run.root} is not a palflow run directory (no campaign.json): "
                 "give the directory a run wrote"
             )
+        try:
+            settings = json.loads(run.file(CAMPAIGN_FILE).read_text())
+        except (OSError, ValueError) as error:
+            settings = error
+        if not isinstance(settings, dict):
+            problem = settings if isinstance(settings, Exception) else "holds no settings"
+            raise RunDirectoryError(
+                f"{CAMPAIGN_FILE} in {run.root} is damaged ({problem}): it holds the run's "
+                "settings and nothing else does; restore it from a backup, or start a new "
+                "run with --campaign (labels.db and oracle/ keep what this one labelled)"
+            )
         return run
 
     def lock(self) -> None:
@@ -122,10 +165,14 @@ class RunDirectory:
         """
         import fcntl
 
+        if getattr(self, "_lock_handle", None) is not None:
+            return  # held already (a resume locks before it mends)
         self._lock_handle = open(self.root / LOCK_FILE, "w")  # noqa: SIM115 (held for life)
         try:
             fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._lock_handle.close()
+            self._lock_handle = None
             raise RunDirectoryError(
                 f"another coordinator is running on {self.root}: stop it first"
             ) from None
@@ -148,6 +195,14 @@ class RunDirectory:
     def path(self, *parts: str) -> str:
         """Absolute path of a file in the run directory, as a string for apps."""
         return str(self.root.joinpath(*parts))
+
+    def own(self, path: str) -> str:
+        """``path``, a file of this run as a saved state names it, in this run
+        directory: the state of a run that was moved or copied names the old place."""
+        where = Path(path)
+        if where.parent.name in SUBDIRECTORIES and not where.is_relative_to(self.root):
+            return str(self.root / where.parent.name / where.name)
+        return path
 
     # ------------------------------------------------------------ named files
     def file(self, name: str) -> Path:
@@ -257,16 +312,23 @@ class RunDirectory:
             return None
 
     def read_jsonl(self, name: str) -> list[dict[str, Any]]:
-        """The records of a JSON-lines file (a torn last line is skipped)."""
+        """The records of a JSON-lines file; torn or damaged lines are skipped, with
+        one warning."""
         path = self.root / name
         if not path.exists():
             return []
-        records = []
-        for line in path.read_text().splitlines():
+        records, skipped = [], 0
+        for line in path.read_bytes().decode(errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                logger.warning("skipping a torn line in %s", path)
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif line.strip():
+                skipped += 1
+        if skipped:
+            logger.warning("skipping %d torn or damaged line(s) in %s", skipped, path)
         return records
 
     def read_state(self) -> dict[str, Any]:
@@ -305,8 +367,9 @@ class RunDirectory:
             self._events = None
 
     def read_events(self) -> list[dict[str, Any]]:
-        """All task records written so far (a torn last line is skipped)."""
-        return self.read_jsonl(EVENTS_FILE)
+        """All task records written so far (a torn or damaged line is skipped)."""
+        keys = ("task", "module", "ok", "submitted", "returned")
+        return [e for e in self.read_jsonl(EVENTS_FILE) if all(k in e for k in keys)]
 
     def labels(self):
         """``labels.db``, opened for reading or writing (see :func:`open_labels`)."""
