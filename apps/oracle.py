@@ -128,7 +128,7 @@ def _local_scratch() -> Path:
 def _release_scratch(scratch: Path, keep_at: str | None) -> None:
     """Remove a task's scratch, or move it to ``keep_at`` for a post-mortem; an empty
     one (a calculator that writes no files) is removed either way."""
-    if keep_at is None or not any(scratch.rglob("*")):
+    if keep_at is None or all(p.is_dir() for p in scratch.rglob("*")):
         shutil.rmtree(scratch, ignore_errors=True)
         return
     Path(keep_at).parent.mkdir(parents=True, exist_ok=True)

@@ -390,7 +390,7 @@ def sweep_empty_scratch(run: RunDirectory) -> int:
         return 0
     removed = 0
     for folder in sorted(scratch.iterdir()):
-        if folder.is_dir() and not any(folder.rglob("*")):
+        if folder.is_dir() and not any(not p.is_dir() for p in folder.rglob("*")):
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     if not any(scratch.iterdir()):
