@@ -6,7 +6,8 @@ and the summary. What happens in between is theirs:
 * :mod:`pipeline.engine` keeps tasks in flight and hands each result to an agent;
 * :mod:`pipeline.agents` decide, one per module, what to submit and what a result
   changes;
-* :mod:`pipeline.stopping` says when the campaign stops and what it still waits for;
+* :mod:`pipeline.stopping` says when the campaign stops and what it still waits for,
+  and :mod:`pipeline.watchdog` stops one that cannot progress;
 * :mod:`pipeline.campaign_state` holds the bookkeeping, :mod:`pipeline.journal` saves
   it, and :mod:`pipeline.rundir` names every file.
 
@@ -316,6 +317,7 @@ class Coordinator:
         self.journal.save(self.state, self.queue, self.engine.next_task_id, force=True)
         self.run_dir.close()
         summary = self.state.summary(self.run_dir.read_events(), self.slots)
+        summary.update(self.policy.verdict(summary))  # failed, failure, exit_status
         self.run_dir.write_json(SUMMARY_FILE, summary)
         self.run_dir.export_extxyz()
         write(
@@ -324,4 +326,6 @@ class Coordinator:
             format="extxyz",
         )
         logger.info("campaign stopped: %s", summary["stop_reason"])
+        if summary["failed"]:
+            logger.error("campaign failed: %s", summary["failure"])
         return summary

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from apps.contracts import MODULE_OF_KIND, MODULES
+from pipeline.watchdog import RepeatLog
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Engine:
         self._in_flight: dict[Future, TaskRecord] = {}
         self._busy: Counter[str] = Counter()
         self._agents: dict[str, Agent] = {}
+        self.errors = RepeatLog(logger)
+        """Logs each error in full once, and its repeats counted (bounded logs)."""
 
     # ------------------------------------------------------------ read-only view
     def busy(self, module: str) -> int:
@@ -163,7 +166,7 @@ class Engine:
         try:
             result = future.result()
         except Exception as error:  # a task failure is recorded, never fatal by itself
-            logger.warning("%s task %d failed: %s", task.kind, task.task_id, error)
+            self.errors.error(task.kind, f"{task.kind} task {task.task_id} failed", error, False)
             self.events.append_event({**event, "ok": False, "error": _describe(error)})
             self._failed(agent, task, error)
             return
@@ -178,15 +181,20 @@ class Engine:
         self.events.append_event(event)
         try:
             agent.on_result(task, result)
-        except Exception as error:  # an unreadable result costs its task, not the run
-            logger.exception("%s task %d: its result could not be used", task.kind, task.task_id)
+        except Exception as error:  # an unusable result costs its task, and counts as failed
+            headline = f"{task.kind} task {task.task_id}: its result could not be used"
+            self.errors.error(f"{task.kind} result", headline, error, True)
             self.events.append_event({**event, "ok": False, "error": f"result unusable: {error}"})
             self._failed(agent, task, error)
             return
         self.outcomes.task_succeeded(task, result)
 
     def _failed(self, agent: Agent, task: TaskRecord, error: BaseException) -> None:
-        agent.on_failure(task, error)
+        try:
+            agent.on_failure(task, error)
+        except Exception as handler_error:  # still counted as the task's failure below
+            headline = f"{task.kind} task {task.task_id}: its failure could not be handled"
+            self.errors.error(f"{task.kind} failure", headline, handler_error, True)
         self.outcomes.task_failed(task, error)
 
 

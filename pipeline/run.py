@@ -9,7 +9,9 @@ Several ``--campaign`` files run side by side on the same executors, each with i
 own coordinator and run directory (``NAME-TIME-INDEX`` in ``--run-dir``, default
 ``runs/``); one failing leaves the others running.
 
-Exit status: 0 when every campaign ran to a stop, 1 when one failed, 2 on bad input
+Exit status: 0 when every campaign reached a stop (a budget, a target, a wall time)
+with labels stored and a finite held-out force MAE; 1 when one failed or achieved
+nothing (the reason on the last line and in ``summary.json``); 2 on bad input
 (nothing submitted). ``palflow run`` (:mod:`pipeline.cli`) is the same command.
 """
 
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
         summaries = execute_side_by_side(prepared, site)
     for (campaign, run, _), summary in zip(prepared, summaries, strict=True):
         report(campaign, run, summary)
-    return 0 if all(s is not None for s in summaries) else 1
+    # 0 only for a real stop with labels and a finite MAE (pipeline.watchdog.verdict).
+    return 0 if all(s is not None and not s["failed"] for s in summaries) else 1
 
 
 def report(campaign, run, summary: dict | None) -> None:
@@ -142,6 +145,8 @@ def report(campaign, run, summary: dict | None) -> None:
     print(
         "busy fraction: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["busy_fraction"].items())
     )
+    if summary["failed"]:  # the last line says why the exit status is 1
+        print(f"campaign {campaign.name} failed: {summary['failure']}")
 
 
 def prepare_runs(args: argparse.Namespace) -> list[tuple]:

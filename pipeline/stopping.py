@@ -1,8 +1,8 @@
 """When a campaign stops, and what it still waits for once it has.
 
 The stop conditions are a label budget, a wall-time limit, a target test force MAE,
-a task returning ``{"stop": reason}``, and ``MAX_CONSECUTIVE_FAILURES`` failed tasks
-in a row of one module. A stop finishes the in-flight oracle work and stores it;
+and a task returning ``{"stop": reason}``; the progress watchdog
+(:mod:`pipeline.watchdog`) stops a campaign that cannot progress. A stop finishes the in-flight oracle work and stores it;
 training then goes on for ``stop.final_training_s`` on the final labels (not after a
 wall-time stop), and the last version is evaluated.
 """
@@ -10,14 +10,12 @@ wall-time stop), and the last version is evaluated.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Any
 
 from pipeline.campaign_state import CampaignState
 from pipeline.engine import Engine, TaskRecord
 from pipeline.settings import Campaign
-
-MAX_CONSECUTIVE_FAILURES = 5
+from pipeline.watchdog import Watchdog, verdict
 
 DRAINED_KINDS = ("label", "train", "evaluate")
 """Tasks a stop still waits for: labels being paid for, and training on them."""
@@ -29,7 +27,7 @@ class StopPolicy:
     def __init__(self, campaign: Campaign, state: CampaignState) -> None:
         self.campaign = campaign
         self.state = state
-        self._failures_in_a_row: Counter[str] = Counter()
+        self.watchdog = Watchdog(campaign, state)
 
     @property
     def stopping(self) -> bool:
@@ -68,13 +66,17 @@ class StopPolicy:
 
     # ------------------------------------------------------------ task outcomes
     def task_succeeded(self, task: TaskRecord, result: dict[str, Any]) -> None:
-        self._failures_in_a_row[task.module] = 0
         if result.get("stop"):
             self.state.request_stop(f"{task.module} asked to stop: {result['stop']}")
+        self.watchdog.succeeded(task, result)
 
     def task_failed(self, task: TaskRecord, error: BaseException) -> None:
-        self._failures_in_a_row[task.module] += 1
-        if self._failures_in_a_row[task.module] >= MAX_CONSECUTIVE_FAILURES:
-            self.state.request_stop(
-                f"{task.module}: {MAX_CONSECUTIVE_FAILURES} tasks failed in a row, last: {error}"
-            )
+        self.watchdog.failed(task, error)
+
+    def fail(self, reason: str) -> None:
+        """Stop the campaign as failed (the watchdog's verdict), with ``reason``."""
+        self.watchdog.fail(reason)
+
+    def verdict(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """``failed``, ``failure`` and ``exit_status`` of a finished campaign."""
+        return verdict(summary, self.watchdog.failure)

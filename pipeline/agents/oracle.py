@@ -292,7 +292,7 @@ class OracleAgent:
             if self.reference_attempts < self.context.campaign.oracle.max_attempts:
                 self.submit_reference()  # a transient fault need not recur
             else:
-                self.context.state.request_stop(f"the held-out set could not be labelled: {error}")
+                self.context.policy.fail(f"the held-out set could not be labelled: {error}")
             return
         reason = FailureKind.TASK_LOST.reason(f"{type(error).__name__}: {error}")
         for candidate in task.candidates:

@@ -15,6 +15,7 @@ from typing import Any
 from apps.contracts import TrainRequest
 from pipeline.campaign_state import Member, Snapshot
 from pipeline.engine import TaskRecord
+from pipeline.watchdog import MAX_FAILURES_IN_A_ROW
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,20 @@ class TrainingAgent:
         if snapshot is None:
             return
         resting = stopping and not context.policy.final_training()
+        watchdog = context.policy.watchdog
         # Least-trained first, so that every member advances and versions get published.
         for member in sorted(state.members, key=lambda m: m.tasks):
             if not context.engine.free("train"):
                 return
-            # Once resting, each member takes in the last labels once, then stops.
-            if member.busy or (resting and member.trained_on >= state.n_labels_total):
+            # Once resting, each member takes in the last labels once, then stops; one
+            # whose last task failed is not tried again, nor, at all, one that failed
+            # the watchdog's limit in a row (it would otherwise be retried for ever).
+            failing = watchdog.failures_in_a_row(member)
+            if (
+                member.busy
+                or failing >= MAX_FAILURES_IN_A_ROW
+                or (resting and (failing or member.trained_on >= state.n_labels_total))
+            ):
                 continue
             self.submit_member(member, snapshot)
 
