@@ -37,6 +37,7 @@ __all__ = [
     "Measure",
     "MeasureContext",
     "get_measure",
+    "measure_options",
     "register_measure",
 ]
 
@@ -157,10 +158,17 @@ MEASURES: dict[str, Measure] = {}
 NEEDS_DESCRIPTORS: set[str] = set()
 """Names of the measures that read ``prediction.descriptors``."""
 
+OPTIONS: dict[str, dict[str, Any]] = {}
+"""The options each registered measure reads, with their defaults."""
 
-def register_measure(name: str, *, descriptors: bool = False) -> Callable[[Measure], Measure]:
+
+def register_measure(
+    name: str, *, descriptors: bool = False, options: dict[str, Any] | None = None
+) -> Callable[[Measure], Measure]:
     """Decorator: register a measure under ``name`` (set ``descriptors`` when it
-    reads ``prediction.descriptors``).
+    reads ``prediction.descriptors``; ``options`` names the keys of
+    ``selection.measure_options`` it reads, with their defaults, else its own
+    ``options`` attribute does; without either it takes any).
 
     Raises
     ------
@@ -172,6 +180,9 @@ def register_measure(name: str, *, descriptors: bool = False) -> Callable[[Measu
         if name in MEASURES and MEASURES[name] is not function:
             raise ValueError(f"a measure named {name!r} is already registered")
         MEASURES[name] = function
+        declared = options if options is not None else getattr(function, "options", None)
+        if isinstance(declared, dict):
+            OPTIONS[name] = dict(declared)
         if descriptors:
             NEEDS_DESCRIPTORS.add(name)
         return function
@@ -200,6 +211,34 @@ def get_measure(name: str) -> Measure:
 
 
 # ------------------------------------------------------------------- ensemble spread
+def measure_options(name: str, given: dict[str, Any]) -> None:
+    """Check ``selection.measure_options`` against what measure ``name`` reads.
+
+    Raises
+    ------
+    ValueError
+        Naming a key the measure does not read, or a value unlike its default.
+    """
+    get_measure(name)
+    schema = OPTIONS.get(name, {} if name in BUILT_IN else None)
+    if schema is None:
+        return  # a plug-in that declares no options reads what it likes
+    for key, value in given.items():
+        if key not in schema:
+            known = ", ".join(sorted(schema)) or "none"
+            raise ValueError(
+                f"selection.measure_options: {key!r} is not an option of measure {name!r} "
+                f"(its options: {known}): check the spelling, or drop it"
+            )
+        default = schema[key]
+        number = isinstance(default, int | float) and not isinstance(default, bool)
+        if number and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(
+                f"selection.measure_options.{key} = {value!r} should be a number, like its "
+                f"default {default!r}"
+            )
+
+
 @register_measure("energy_spread")
 def energy_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
     """Standard deviation over members of the energy per atom, eV/atom."""
@@ -233,7 +272,7 @@ def mean_force_spread(prediction: EnsemblePrediction, context: MeasureContext) -
     return prediction.spreads()[2]
 
 
-@register_measure("relative_force_spread")
+@register_measure("relative_force_spread", options={"epsilon": 1.0})
 def relative_force_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
     """Largest ratio of an atom's force spread to its mean force magnitude plus
     ``epsilon`` (option, default 1 eV/Å), so that small forces are not drowned out."""
@@ -242,7 +281,7 @@ def relative_force_spread(prediction: EnsemblePrediction, context: MeasureContex
     return prediction.per_structure_max(prediction.atom_force_spread() / (magnitude + epsilon))
 
 
-@register_measure("ucb")
+@register_measure("ucb", options={"kappa": 2.0})
 def upper_confidence_bound(prediction: EnsemblePrediction, context: MeasureContext) -> np.ndarray:
     """UCB-style: the largest mean atomic force magnitude plus ``kappa`` (option,
     default 2) times the largest atomic force spread, eV/Å. Favours high-force,
@@ -289,6 +328,10 @@ def labelled_distance(prediction: EnsemblePrediction, context: MeasureContext) -
     np.fill_diagonal(within, np.inf)
     scale = float(np.median(within.min(axis=1)))
     return nearest / scale if scale > 0 else nearest
+
+
+BUILT_IN = frozenset(MEASURES)
+"""palflow's own measures: they read no option but those they declare."""
 
 
 def descriptor(structures, cutoff: float = 5.0, n_bins: int = 32, width: float = 0.2) -> np.ndarray:

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
         ImportError,
         KeyError,
         TypeError,
+        OSError,
     ) as error:
         message = error.args[0] if isinstance(error, KeyError) else error
         print(f"palflow: error: {message}", file=sys.stderr)
@@ -161,8 +162,11 @@ def prepare_runs(args: argparse.Namespace) -> list[tuple]:
         return [prepare_run(args, files[0])]
     if args.resume:
         raise RunDirectoryError("--resume continues one run: drop the --campaign options")
-    checked = [prepare_run(args, path, create=False) for path in files]
+    from pipeline.preflight import check_run_path
+
     parent = Path(args.run_dir) if args.run_dir else ROOT / "runs"
+    check_run_path(parent, args.site)  # first: a bad path fails before the trials
+    checked = [prepare_run(args, path, create=False) for path in files]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     roots = [parent / f"{c.name}-{stamp}-{i}" for i, (c, _, _) in enumerate(checked)]
     for root in roots:
@@ -185,6 +189,13 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     """
     from pipeline.campaign_state import element_carrier, load_start_structures, read_labelled_file
     from pipeline.models import check_model
+    from pipeline.preflight import (
+        check_run_path,
+        check_settings,
+        check_structures,
+        trial_oracle,
+        trial_plugins,
+    )
     from pipeline.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
     from pipeline.settings import campaign_from_dict, load_campaign
     from pipeline.warm_start import check_warm_start
@@ -212,12 +223,18 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
         mend_run(campaign, run)  # rebuilds what the journal can; names what it cannot
         return campaign, run, None
     campaign = load_campaign(campaign_file, **overrides)
+    name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = Path(args.run_dir or ROOT / "runs" / name)
+    if create:
+        check_run_path(root, args.site)
     check_calculator(campaign.oracle.calculator)
     check_strategy(campaign)
+    check_settings(campaign)
     starts = {
         system.name: load_start_structures(system.structure, system.vacuum)
         for system in campaign.all_systems()
     }
+    check_structures(campaign, starts)
     start = next(iter(starts.values()))[0]
     carrier = element_carrier([atoms for frames in starts.values() for atoms in frames])
     check_model(campaign, carrier)
@@ -226,10 +243,11 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     for path in [campaign.test.file, *(s.test_file for s in campaign.all_systems())]:
         if path:
             read_labelled_file(path)
+    trial_plugins(campaign, starts)
+    trial_oracle(campaign, starts)  # last: the one check that may take a while
     if not create:
         return campaign, None, start
-    name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = RunDirectory.create(Path(args.run_dir or ROOT / "runs" / name), campaign.model_dump())
+    run = RunDirectory.create(root, campaign.model_dump())
     return campaign, run, start
 
 

@@ -21,25 +21,26 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_serializer,
-    model_validator,
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
+
+# The members' sections live in pipeline/model_settings.py; re-exported here.
+from pipeline.model_settings import (  # noqa: F401
+    MACE_KEYS,
+    SCHNET_KEYS,
+    ModelSettings,
+    TrainingSettings,
+    _Section,
 )
 
 logger = logging.getLogger(__name__)
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""A name that is a safe file name: no path, no spaces, no leading dot."""
+
+
 class CampaignError(ValueError):
     """A campaign file or setting is invalid; the message names the key and the fix."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class SystemSettings(_Section):
@@ -49,7 +50,7 @@ class SystemSettings(_Section):
     candidates; unset, the campaign's ``[generator]`` and ``[selection]`` apply.
     """
 
-    name: str = Field("main", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("main", pattern=NAME_PATTERN)
     """A name for the system's numbers in metrics and labels (letters, digits, ``_.-``)."""
     structure: str = Field("CH3CH2OH", min_length=1)
     """An ASE molecule name (``ase.build.molecule``) or a structure file readable by ASE;
@@ -99,6 +100,9 @@ class OracleSettings(_Section):
     timeout_s: float = Field(1800.0, ge=0)
     """Longest one structure's calculation may take (s) before it is killed and
     counted as a transient failure; 0 waits for ever."""
+    trial: bool = True
+    """Label the start structures once, within ``timeout_s``, before anything is created
+    (skipped for MPI oracles); false skips it, e.g. for a DFT oracle."""
     isolate: bool = True
     """Calculate in a child process, so that a hang or a crash costs one structure."""
     max_attempts: int = Field(3, ge=1)
@@ -109,98 +113,6 @@ class OracleSettings(_Section):
     ``{mpi_prefix}`` in its kwargs, e.g. ``command = "{mpi_prefix} nwchem PREFIX.nwi"``."""
     mpi_nodes: int = Field(1, ge=1)
     """Nodes one oracle task spans (on a site whose oracle is an MPIExecutor)."""
-
-
-SCHNET_KEYS = ("cutoff", "n_features", "n_interactions", "n_rbf")
-MACE_KEYS = (
-    "r_max",
-    "num_channels",
-    "max_L",
-    "correlation",
-    "num_interactions",
-    "num_radial_basis",
-    "num_cutoff_basis",
-    "dtype",
-    "e0s",
-    "foundation",
-)
-
-
-class ModelSettings(_Section):
-    name: Literal["schnet", "mace"] = "schnet"
-    """``schnet`` (palflow's compact SchNet) or ``mace`` (mace-torch)."""
-    n_members: int = Field(4, ge=2)
-    # SchNet
-    cutoff: float = Field(5.0, gt=0)
-    """Neighbour cutoff, Å (SchNet)."""
-    n_features: int = Field(32, ge=4)
-    n_interactions: int = Field(2, ge=1)
-    n_rbf: int = Field(16, ge=2)
-    # MACE
-    r_max: float = Field(5.0, gt=0)
-    """Cutoff radius, Å (MACE)."""
-    num_channels: int = Field(16, ge=1)
-    """Channels of MACE's hidden features."""
-    max_L: int = Field(1, ge=0, le=3)
-    """Largest L of the equivariant hidden features (0: invariant only)."""
-    correlation: int = Field(3, ge=1, le=4)
-    """Body order of the product basis."""
-    num_interactions: int = Field(2, ge=1)
-    """Message-passing layers (MACE)."""
-    num_radial_basis: int = Field(8, ge=1)
-    num_cutoff_basis: int = Field(5, ge=1)
-    dtype: Literal["float32", "float64"] = "float64"
-    """Precision of MACE's training and MD (MACE advises float64 for MD)."""
-    e0s: Literal["average", "oracle"] | dict[str, float] = "average"
-    """Isolated-atom energies: ``average`` (least squares on the first labels),
-    ``oracle`` (one oracle call per element on an isolated atom, in the coordinator's
-    process), or a table ``{"H": -13.6, ...}`` in eV."""
-    foundation: str | None = None
-    """A MACE model file every member starts from (fine-tuning), e.g. MACE-MP-0 or
-    MACE-OFF, downloaded beforehand; its element table, E0s and cutoff are kept."""
-
-    @model_serializer(mode="wrap")
-    def _only_this_models_keys(self, handler) -> dict[str, Any]:
-        """Dump (``campaign.json``) the keys of the chosen model only, so that the
-        dump validates again on ``--resume``."""
-        other = SCHNET_KEYS if self.name == "mace" else MACE_KEYS
-        return {k: v for k, v in handler(self).items() if k not in other}
-
-    @model_validator(mode="after")
-    def _keys_of_the_model(self) -> ModelSettings:
-        other = SCHNET_KEYS if self.name == "mace" else MACE_KEYS
-        wrong = sorted(set(other) & self.model_fields_set)
-        if wrong:
-            raise ValueError(
-                f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not a setting of "
-                f"model.name = {self.name!r}: drop it or change the model's name"
-            )
-        return self
-
-
-class TrainingSettings(_Section):
-    epochs_per_task: int = Field(8, ge=1)
-    """Epochs one training task runs for one member before new data is taken in."""
-    min_task_s: float = Field(2.0, ge=0)
-    """A task also runs until this many seconds have passed (s), so that tasks on a
-    small dataset are not all overhead and ensemble versions come at a steady pace."""
-    learning_rate: float = Field(3e-3, gt=0)
-    """Initial Adam learning rate."""
-    learning_rate_min: float = Field(3e-4, gt=0)
-    """The rate decays towards this floor..."""
-    learning_rate_half_life_steps: int = Field(1500, ge=0)
-    """...halving its distance to it every this many optimiser steps (0: constant)."""
-    batch_size: int = Field(16, ge=1)
-    force_weight: float = Field(10.0, ge=0)
-    stress_weight: float = Field(1.0, ge=0)
-    """Weight of the stress term, on the virial per atom (eV/atom) so that it weighs
-    like the energy term; it applies to the labels with a stress (periodic cells whose
-    oracle gives one), and 0 ignores stress."""
-    bootstrap: bool = True
-    """Each member trains on its own bootstrap resample of the labels."""
-    rolling_window: int = Field(0, ge=0)
-    """Train on the newest N labels only (0 keeps all); for cheap oracles."""
-    validation_fraction: float = Field(0.1, ge=0, lt=1)
 
 
 class GeneratorSettings(_Section):
@@ -261,7 +173,8 @@ class SelectionSettings(_Section):
     ``energy_spread``, ``relative_force_spread``, ``ucb``, ``thompson``, ``random``,
     ``labelled_distance``) or a ``module:function`` / ``file.py:function`` path."""
     measure_options: dict[str, Any] = Field(default_factory=dict)
-    """Options the measure reads, e.g. ``{kappa = 2.0}`` for ``ucb``."""
+    """Options the measure reads, e.g. ``{kappa = 2.0}`` for ``ucb``; a key the measure
+    does not declare is an error (see :func:`pipeline.measures.measure_options`)."""
     threshold: float = Field(0.05, ge=0)
     """Score above which a frame is worth labelling (the lower trust level), in the
     measure's units: eV/Å for the force measures. ``random`` ignores it."""
@@ -331,7 +244,7 @@ class TestSetSettings(_Section):
     """Held-out frames, labelled by the oracle, for the test force MAE."""
     md_stride: int = Field(10, ge=1)
     """Oracle-driven MD steps between held-out frames."""
-    temperature_K: float | None = None
+    temperature_K: float | None = Field(None, gt=0)
     """Temperature of the held-out MD; defaults to the generator's."""
     file: str = ""
     """A labelled structure file to use instead of oracle-driven MD."""
@@ -349,8 +262,9 @@ class StopSettings(_Section):
 
 
 class Campaign(_Section):
-    name: str = "ethanol-gfn2"
-    seed: int = 0
+    name: str = Field("ethanol-gfn2", pattern=NAME_PATTERN, max_length=100)
+    """Names the run directory: a plain file name (letters, digits, ``_.-``)."""
+    seed: int = Field(0, ge=0, lt=2**32)
     system: SystemSettings = SystemSettings()
     systems: list[SystemSettings] = []
     """Several systems in one campaign (``[[systems]]``); empty: ``[system]`` alone."""
@@ -403,6 +317,12 @@ class Campaign(_Section):
         return settings
 
 
+_HINTS = {
+    "finite_number": " (inf and nan mean nothing here; for no limit give a large number)",
+    "string_pattern_mismatch": ": give a plain name of letters, digits and _.- (no path)",
+}
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid campaign settings"]
     for item in error.errors():
@@ -410,7 +330,8 @@ def _describe(error: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}': check its spelling against pipeline/settings.py")
         else:
-            lines.append(f"  '{key}': {item['msg']} (got {item.get('input')!r})")
+            hint = _HINTS.get(item["type"], "")
+            lines.append(f"  '{key}': {item['msg']}{hint} (got {item.get('input')!r})")
     return "\n".join(lines)
 
 
@@ -481,6 +402,8 @@ def load_campaign(path: str | Path | None = None, **overrides: Any) -> Campaign:
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise CampaignError(f"{path}: campaign file not found") from None
+        except (OSError, UnicodeDecodeError) as error:  # a folder, unreadable, binary
+            raise CampaignError(f"{path}: not a readable campaign file: {error}") from None
         except tomllib.TOMLDecodeError as error:
             raise CampaignError(f"{path}: not valid TOML: {error}") from None
         _resolve_relative_files(data, Path(path).resolve().parent)

@@ -210,7 +210,7 @@ def _run_site_code(path: Path, doing: str, code: Callable[[], Any]) -> Any:
         return code()
     except ConfigurationError as error:
         raise SiteError(f"{path}: the Parsl config is invalid: {error}") from None
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a site's sys.exit() is no exit of palflow's
         raise SiteError(f"{path}: {doing}: {type(error).__name__}: {error}") from None
 
 

@@ -84,10 +84,16 @@ def test_campaign_runs_end_to_end(tmp_path, site):
 
 
 class BrokenQuery:
-    """A user's query with a bug: the campaign that names it fails at its first batch."""
+    """A user's query with a bug that its trial call before the run (pipeline/preflight.py)
+    does not meet: the campaign that names it fails at its first real batch."""
+
+    calls = 0
 
     def select(self, candidates, size, context):
-        raise RuntimeError("bug in a user's query")
+        BrokenQuery.calls += 1
+        if BrokenQuery.calls > 1:
+            raise RuntimeError("bug in a user's query")
+        return list(candidates[:size])
 
 
 @pytest.mark.slow
