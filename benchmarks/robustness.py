@@ -10,7 +10,18 @@
    ways (``apps.fault_injection``), and counts the faults by kind: retried, recorded for
    good, and bad labels that reached ``labels.db`` (checked against EMT).
 
-Writes ``benchmarks/results/robustness.json``.
+3. With ``--corrupt``, instead: kills the coordinator as in 1, and between a kill
+   and its resume damages one run file (truncated, garbage or deleted, in turn:
+   labels.db, state.json, the queue, the newest oracle output and input, the start
+   structure, the newest member checkpoint and ensemble version, events.jsonl).
+   Counts labels lost (stored before the damage, missing at the end; goal 0) and
+   resumes that ended clearly: mended with a warning, or stopped with one message
+   and exit status 2 (goal: all; the file is then put back and the run resumed).
+
+    python benchmarks/robustness.py --corrupt --kills 6 --labels 30
+
+Writes ``benchmarks/results/robustness.json`` (``robustness_corrupt.json`` with
+``--corrupt``).
 """
 
 from __future__ import annotations
@@ -77,6 +88,132 @@ def kills(n_kills: int, labels: int, seed: int) -> dict:
         "lost": len(labelled_ids_in_results(RunDirectory(run_dir)) - set(stored)),
         "resume_to_first_task_s_median": statistics.median(resumes) if resumes else None,
         "resume_to_first_task_s_max": max(resumes) if resumes else None,
+        "exit_code": process.returncode,
+    }
+
+
+DAMAGES = [
+    ("labels.db", "labels.db"),
+    ("state.json", "state.json"),
+    ("state.queue.npz", "state.queue.npz"),
+    ("oracle output", "oracle/batch*.out.npz"),
+    ("oracle input", "oracle/batch*.in.npz"),
+    ("start structure", "system/start.extxyz"),
+    ("member checkpoint", "models/member*.pt"),
+    ("ensemble version", "models/ensemble.v*.pt"),
+    ("events.jsonl", "events.jsonl"),
+]
+WAYS = ("truncate", "garbage", "delete")
+
+
+def damage_one(run_dir: Path, turn: int, rng: random.Random) -> dict:
+    """Damage the turn-th file kind of :data:`DAMAGES` that exists (its newest file);
+    returns the kind, the way, the path and the bytes it held."""
+    for k in range(len(DAMAGES)):
+        kind, pattern = DAMAGES[(turn + k) % len(DAMAGES)]
+        found = sorted(run_dir.glob(pattern))
+        if found:
+            break
+    path = found[-1]
+    how = WAYS[(turn + rng.randrange(len(WAYS))) % len(WAYS)]
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(rng.randbytes(max(len(data), 256)))
+    else:
+        path.unlink()
+    return {"file": kind, "how": how, "path": path, "data": data}
+
+
+def outcome_of(logs: list[Path], exit_code: int | None, name: str = "") -> str:
+    """How the sessions after a damage met it: mended (a warning naming the file),
+    named (one message, exit status 2), quiet (nothing to mend), or not clearly (a
+    traceback, another exit status)."""
+    text = "".join(log.read_text() for log in logs)
+    if exit_code == 2:
+        errors = [line for line in text.splitlines() if line.startswith("palflow: error:")]
+        return "named" if len(errors) == 1 and "Traceback" not in text else "unclear exit 2"
+    if "Traceback" in text:
+        return "traceback"
+    if any("resume mends the run" in line and name in line for line in text.splitlines()):
+        return "mended"
+    return "quiet" if exit_code in (0, -signal.SIGKILL) else f"exit {exit_code}"
+
+
+def corrupt(n_kills: int, labels: int, seed: int) -> dict:
+    """Kill, damage one file, resume; as :func:`kills`, with the damage between."""
+    from pipeline.journal import labelled_ids_in_results
+    from pipeline.rundir import RunDirectory
+
+    work = Path(tempfile.mkdtemp(prefix="palflow-corrupt-"))
+    run_dir, rng = work / "run", random.Random(seed)
+    names = iter(work / f"session{i}.log" for i in range(10_000))
+
+    def start(*args: str) -> tuple[subprocess.Popen, Path]:
+        log = next(names)
+        with open(log, "w") as handle:
+            return subprocess.Popen([*RUN, *args], stdout=handle, stderr=subprocess.STDOUT), log
+
+    def stored() -> set[int]:
+        try:
+            return {row.candidate_id for row in RunDirectory(run_dir).labels().select()}
+        except Exception:  # missing or damaged: what was read before counts
+            return set()
+
+    def held_or_ended(process: subprocess.Popen) -> None:
+        while process.poll() is None and not RunDirectory(run_dir).is_locked():
+            time.sleep(0.1)
+
+    process, log = start(
+        "--campaign", str(CAMPAIGN), "--run-dir", str(run_dir), "--max-labels", str(labels)
+    )
+    seen: set[int] = set()
+    damages: list[dict] = []
+    logs: list[Path] = []  # of every resumed session, in order
+    while True:
+        held_or_ended(process)  # killed only once it holds the run (and mends it)
+        if len(damages) < n_kills:
+            time.sleep(rng.uniform(2.0, 6.0))
+        else:
+            process.wait()  # the last damage: let the run finish
+        if process.poll() is not None and process.returncode == 2 and damages:
+            damages[-1]["outcome"] = outcome_of(logs[damages[-1]["from"] :], 2)
+            damages[-1]["path"].write_bytes(damages[-1]["data"])  # put back, and go on
+            process, log = start("--resume", str(run_dir))
+            logs.append(log)
+            continue
+        if process.poll() is not None:
+            break  # finished (or failed, which the outcome says)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        seen |= stored()
+        damages.append({**damage_one(run_dir, len(damages), rng), "from": len(logs)})
+        process, log = start("--resume", str(run_dir))
+        logs.append(log)
+    for damage in damages:
+        if "outcome" not in damage:
+            # A session killed before its mend leaves it to the next one: every
+            # session from the damage on is read for the file's name.
+            damage["outcome"] = outcome_of(logs[damage["from"] :], process.returncode,
+                                           damage["path"].name)  # fmt: skip
+        text = "".join(log.read_text() for log in logs[damage.pop("from") :])
+        said = [line for line in text.splitlines() if damage["path"].name in line]
+        damage["message"] = said[0].split(": ", 1)[-1][:300] if said else None
+        damage.pop("data")
+        damage["path"] = str(damage["path"].relative_to(run_dir))
+    ids = [row.candidate_id for row in RunDirectory(run_dir).labels().select()]
+    final = set(ids)
+    clear = [d for d in damages if d["outcome"] in ("mended", "named", "quiet")]
+    return {
+        "kills": len(damages),
+        "labels_stored": len(final),
+        "budget": labels,
+        "labels_lost": len(seen - final),
+        "duplicates": len(ids) - len(final),
+        "labels_computed_not_stored": len(labelled_ids_in_results(RunDirectory(run_dir)) - final),
+        "damages": damages,
+        "ended_clearly": len(clear),
         "exit_code": process.returncode,
     }
 
@@ -152,7 +289,12 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.3)
     parser.add_argument("--labels", type=int, default=60)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--corrupt", action="store_true", help="damage one run file between kills (only)"
+    )
     args = parser.parse_args()
+    if args.corrupt:
+        return report_corrupt(corrupt(args.kills, args.labels, args.seed))
     result = {
         "kills": kills(args.kills, args.labels, args.seed),
         "faults": faults(args.fault_rate, args.labels),
@@ -174,6 +316,22 @@ def main() -> None:
             f"{f['recorded_by_kind'].get(kind, 0):>10}"
         )
     out = RESULTS / "robustness.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
+def report_corrupt(result: dict) -> None:
+    print(f"{'file':<19}{'how':<10}outcome")
+    for d in result["damages"]:
+        print(f"{d['file']:<19}{d['how']:<10}{d['outcome']}")
+    print(
+        f"kills with a damaged file {result['kills']}; labels stored {result['labels_stored']} "
+        f"(budget {result['budget']} + initial); duplicates {result['duplicates']}; "
+        f"labels lost {result['labels_lost']} (goal 0); ended clearly (mended or named) "
+        f"{result['ended_clearly']}/{len(result['damages'])} (goal all); "
+        f"final exit status {result['exit_code']}"
+    )
+    out = RESULTS / "robustness_corrupt.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 

@@ -175,6 +175,14 @@ def mend_checkpoints(campaign: Any, run: RunDirectory, mends: list[str]) -> None
             f"ensemble version {number} ({path.name}) does not load: "
             "dropped; the members publish it again",
         )
+    saved = run.read_state()
+    for record in saved.get("members", []) if isinstance(saved, dict) else []:
+        path = Path(run.own(record.get("checkpoint") or "")) if isinstance(record, dict) else None
+        if path and path.name and not path.exists():
+            found = run.member_checkpoints(record.get("index", -1))
+            back = f"goes back to {found[-1][1].name}" if found else "trains again from the start"
+            record_mend(run, mends, None, f"member {record.get('index')}'s checkpoint "
+                        f"{path.name} is missing: the member {back}")  # fmt: skip
     for index in range(campaign.model.n_members):
         found = run.member_checkpoints(index)
         if not found or _loads(found[-1][1], 1) is not None:

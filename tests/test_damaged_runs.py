@@ -121,6 +121,7 @@ CASES = [
     ("system start", "delete", "mend"),
     ("member checkpoint", "truncate", "mend"),
     ("member checkpoint", "garbage", "mend"),
+    ("member checkpoint", "delete", "mend"),
     ("ensemble version", "truncate", "mend"),
     ("ensemble version", "garbage", "mend"),
     ("walker frame", "garbage", "mend"),
