@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
     if len(prepared) == 1:
         campaign, run, start = prepared[0]
         interactive = sys.stderr.isatty() and not args.quiet
-        summaries = [execute(campaign, run, site, start, interactive)]
+        try:
+            summaries = [execute(campaign, run, site, start, interactive)]
+        except Exception:  # logged in full; the last line printed says it failed
+            logger.exception("campaign %s failed", campaign.name)
+            summaries = [None]
     else:
         summaries = execute_side_by_side(prepared, site)
     for (campaign, run, _), summary in zip(prepared, summaries, strict=True):

@@ -2,9 +2,10 @@
 
 The stop conditions are a label budget, a wall-time limit, a target test force MAE,
 and a task returning ``{"stop": reason}``; the progress watchdog
-(:mod:`pipeline.watchdog`) stops a campaign that cannot progress. A stop finishes the in-flight oracle work and stores it;
-training then goes on for ``stop.final_training_s`` on the final labels (not after a
-wall-time stop), and the last version is evaluated.
+(:mod:`pipeline.watchdog`) stops a campaign that cannot progress. A stop finishes
+the in-flight oracle work and stores it; training then goes on for
+``stop.final_training_s`` on the final labels (not after a wall-time stop), and the
+last version is evaluated.
 """
 
 from __future__ import annotations

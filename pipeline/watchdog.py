@@ -113,9 +113,7 @@ class Watchdog:
             self.in_a_row[key] += 1
             if self.in_a_row[key] >= MAX_FAILURES_IN_A_ROW:
                 what = f"training of {key}" if task.kind == "train" else key
-                self.fail(
-                    f"{what} failed {self.in_a_row[key]} times in a row, last: {message}"
-                )
+                self.fail(f"{what} failed {self.in_a_row[key]} times in a row, last: {message}")
         if task.kind == "generate":
             self._segments_since_version += 1
         elif task.kind == "label":

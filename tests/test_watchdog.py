@@ -417,3 +417,20 @@ class TestExitStatus:
         )
         assert "injected fault" in summary["failure"]
         assert json.loads((run.root / "summary.json").read_text())["failed"] is True
+
+    @pytest.mark.timeout(120)
+    def test_cli_exits_1_with_a_last_line_when_the_coordinator_itself_fails(self, tmp_path):
+        """A query that passes its trial, then raises while the campaign runs."""
+        campaign = cli_campaign(tmp_path)
+        campaign.write_text(
+            campaign.read_text().replace(
+                "[selection]", '[selection]\nquery = "tests.test_cli:BrokenQuery"'
+            )
+        )
+        result = run_cli(
+            "--site", "threads.py", "--campaign", str(campaign),
+            "--run-dir", str(tmp_path / "run"), "-q",
+        )  # fmt: skip
+        assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+        assert "bug in a user's query" in result.stderr
+        assert result.stdout.strip().splitlines()[-1].startswith("campaign cli-test failed")
