@@ -74,7 +74,8 @@ FILES = {
 def damage(path: Path, how: str) -> None:
     data = path.read_bytes()
     if how == "truncate":
-        path.write_bytes(data[: len(data) // 2])
+        cut = len(data) // 2
+        path.write_bytes(data[: cut - (data[cut - 1 : cut] == b"\n")])  # mid-line
     elif how == "garbage":
         path.write_bytes(np.random.default_rng(0).bytes(max(len(data), 256)))
     elif how == "empty":
@@ -91,6 +92,11 @@ def damaged_copy(finished: Path, tmp_path: Path, name: str, how: str) -> Path:
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     (run / "summary.json").unlink()
+    if name == "walker frame":
+        # The walker continues from its newest frame (it may have been reset home).
+        state = json.loads((run / "state.json").read_text())
+        state["walkers"][1]["start_path"] = str(FILES[name](run))
+        (run / "state.json").write_text(json.dumps(state))
     damage(FILES[name](run), how)
     return run
 
