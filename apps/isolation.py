@@ -31,7 +31,18 @@ def _child(connection, structures: Sequence[Atoms], start: int, label_one: Calla
         t0 = time.perf_counter()
         status, labelled = label_one(structures[index])
         connection.send((index, status, labelled, time.perf_counter() - t0))
+    close_labeller(label_one)
     connection.close()
+
+
+def close_labeller(label_one: Callable) -> None:
+    """Close what ``label_one`` holds open (a calculator's shell process), if it can."""
+    close = getattr(label_one, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception as error:  # closing must not cost the labels
+            logger.warning("closing the oracle's calculator failed: %s", error)
 
 
 def label_isolated(

@@ -30,7 +30,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from apps.common import draw_velocities, import_object, where_and_when
 from apps.contracts import FailureKind
 from apps.dataset import read_arrays, read_dataset, write_dataset
-from apps.isolation import label_isolated
+from apps.isolation import close_labeller, label_isolated
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,30 @@ def stress_label(atoms: Atoms, calculator: Calculator) -> np.ndarray | None:
     return stress
 
 
+class _Labeller:
+    """Labels one structure at a time with one calculator, built at the first structure
+    and kept for the next ones (a DFT code's shell process serves the whole task); a
+    calculator that failed is dropped and built again. :meth:`close` ends it."""
+
+    def __init__(self, spec: dict[str, Any], scratch: Path, max_force: float) -> None:
+        self.spec, self.scratch, self.max_force = spec, scratch, max_force
+        self.calculator: Calculator | None = None
+
+    def __call__(self, atoms: Atoms) -> tuple[str, Atoms | None]:
+        try:
+            self.calculator = self.calculator or make_calculator(self.spec, self.scratch)
+            return OK, label_structure(atoms, self.calculator, self.max_force)
+        except Exception as error:  # any calculator failure is a recorded outcome
+            close_labeller(self)  # a failed calculator may hold broken state
+            logger.warning("oracle failed on a structure: %s", error)
+            return failure_kind(error).reason(f"{type(error).__name__}: {error}"), None
+
+    def close(self) -> None:
+        calculator, self.calculator = self.calculator, None
+        if calculator is not None and hasattr(calculator, "close"):
+            calculator.close()
+
+
 def _label_batch(
     input_path: str,
     output_path: str,
@@ -236,18 +260,7 @@ def _label_batch(
     structures = read_dataset(input_path)
     ids = read_arrays(input_path).get("candidate_id", np.arange(len(structures)))
     with _task_scratch(scratch_dir) as scratch:
-        calculator = None
-
-        def label_one(atoms: Atoms) -> tuple[str, Atoms | None]:
-            nonlocal calculator
-            try:
-                calculator = calculator or make_calculator(calculator_spec, scratch)
-                return OK, label_structure(atoms, calculator, max_force)
-            except Exception as error:  # any calculator failure is a recorded outcome
-                calculator = None  # a failed calculator may hold broken state
-                logger.warning("oracle failed on a structure: %s", error)
-                return failure_kind(error).reason(f"{type(error).__name__}: {error}"), None
-
+        label_one = _Labeller(calculator_spec, scratch, max_force)
         if isolate:
             outcomes = label_isolated(structures, label_one, timeout_s or None)
         else:
@@ -255,6 +268,7 @@ def _label_batch(
             for atoms in structures:
                 t0 = time.perf_counter()
                 outcomes.append((*label_one(atoms), time.perf_counter() - t0))
+        close_labeller(label_one)  # in the parent: a no-op when the child labelled
         statuses = [status for status, _, _ in outcomes]
         seconds = [elapsed for _, _, elapsed in outcomes]
         labelled = [

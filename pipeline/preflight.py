@@ -10,9 +10,11 @@ the fix; the command line turns it into exit status 2 with nothing created.
   a cell where it is periodic, and something to learn;
 - :func:`trial_plugins`: the selection measure, the query and each metrology
   plug-in called once on a tiny fake prediction;
-- :func:`trial_oracle`: the oracle's calculator built and run once on the start
-  structures (within ``oracle.timeout_s``, in a child process), which must give
-  finite energies and forces; ``oracle.trial = false`` skips it;
+- :func:`trial_oracle`: the calculator's own ``preflight(kwargs, structures)`` where
+  it has one (``apps.cp2k.CP2KOracle``: binary, basis and potential names, a
+  periodic cell), then the calculator built and run once on the start structures
+  (within ``oracle.timeout_s``, in a child process), which must give finite
+  energies and forces; ``oracle.trial = false`` skips the run;
 - :func:`check_run_path`: the run directory can be made where it is asked for, and
   its path is one the site's workers can carry.
 """
@@ -287,15 +289,28 @@ def trial_oracle(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
     """Label each system's start frames (those covering its elements) once with the
     campaign's oracle, in a child process, each within ``oracle.timeout_s``.
 
-    Skipped with ``oracle.trial = false``, and for MPI oracles (``mpi_ranks`` or
-    ``mpi_nodes`` above 1), which run on the site's nodes, not here.
+    First, a calculator class with a ``preflight(kwargs, structures)`` method (a list
+    of problems, each naming its fix) is asked about every start structure; that
+    runs nothing and is never skipped. The trial run is skipped with ``oracle.trial =
+    false``, and for MPI oracles (``mpi_ranks`` or ``mpi_nodes`` above 1), which run on
+    the site's nodes, not here.
     """
     from functools import partial
 
+    from apps.common import import_object
     from apps.isolation import label_isolated
     from apps.oracle import OK
 
     oracle = campaign.oracle
+    try:
+        own_check = getattr(import_object(oracle.calculator), "preflight", None)
+    except Exception:  # the trial below names a calculator that does not import
+        own_check = None
+    if callable(own_check):
+        frames = [atoms for system in campaign.all_systems() for atoms in starts[system.name]]
+        problems = own_check(dict(oracle.kwargs), frames)
+        if problems:
+            raise PreflightError(f"oracle {oracle.calculator!r}: " + "; ".join(problems))
     if not oracle.trial or oracle.mpi_ranks > 1 or oracle.mpi_nodes > 1:
         return
     jobs = [
