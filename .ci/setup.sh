@@ -17,7 +17,7 @@ if [ "$system" = 1 ]; then
     [ "$(id -u)" = 0 ] || sudo="sudo"
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq openmpi-bin libopenmpi-dev nwchem slurm-wlm munge >/dev/null
+    $sudo apt-get install -y -qq openmpi-bin libopenmpi-dev nwchem cp2k slurm-wlm munge >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}
