@@ -251,8 +251,10 @@ class TestSetSettings(_Section):
 
 
 class StopSettings(_Section):
-    max_labels: int = Field(300, ge=1)
-    """Active-learning labels (initial ones not counted)."""
+    max_labels: int = Field(300, ge=0)
+    """Active-learning labels (initial ones not counted). 0 trains on the initial labels
+    only (a warm start's ``initial.file``): the campaign stops at once and trains for
+    ``final_training_s``."""
     max_wall_s: float = Field(540.0, gt=0)
     target_force_mae: float = Field(0.0, ge=0)
     """Stop when the test force MAE (eV/Å) reaches this; 0 disables."""

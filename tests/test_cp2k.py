@@ -129,3 +129,40 @@ def test_bad_cp2k_input_exits_2_before_anything_runs(tmp_path, structure, kwargs
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_water_example_runs_end_to_end_on_two_mpi_ranks(tmp_path, monkeypatch):
+    """examples/water_cp2k.toml, cut to a few labels: every oracle task on 2 MPI ranks
+    of CP2K, labels with stress stored, the held-out set evaluated."""
+    from ase.db import connect
+
+    from pipeline.settings import load_campaign
+    from tests.test_coordinator import EXAMPLES, run_campaign
+
+    # What laptop.py sets for its workers: Open MPI as root, more ranks than cores.
+    for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    campaign = load_campaign(
+        EXAMPLES / "water_cp2k.toml",
+        stop__max_labels=2,
+        stop__final_training_s=0.0,
+        initial__n_structures=2,
+        test__n_structures=2,
+        test__md_stride=1,
+        model__n_features=16,
+        model__n_interactions=2,
+        generator__steps_per_task=10,
+        generator__n_walkers=1,
+        selection__threshold=0.0,  # take whatever comes: this is about the plumbing
+        oracle__isolate=False,  # in-process, as in the water example test
+    )
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 2, summary["stop_reason"]
+    assert summary["oracle_failures"] == 0
+    rows = list(connect(run.labels_db).select())
+    assert len(rows) == 4
+    assert all(np.isfinite(row.toatoms().calc.results["stress"]).all() for row in rows)
+    assert summary["test_force_mae"], "the held-out set was evaluated"

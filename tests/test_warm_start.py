@@ -85,19 +85,20 @@ def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, fini
 
 
 def test_labels_alone_reach_the_final_error_without_new_labels(tmp_path, finished):
-    """From the finished run's labels alone, with selection shut (no new label), the
-    members reach that run's final test error: the labels carry what the run learnt.
-    They get three times that run's wall time (at least 30 s), since one version's
-    error moves by up to half from the next."""
+    """From the finished run's labels alone, with no label budget (``max_labels = 0``:
+    train on the initial labels only), the members reach that run's final test error:
+    the labels carry what the run learnt. They train for three times that run's wall
+    time (at least 30 s), since one version's error moves by up to half from the next."""
     first_run, first = finished
     campaign = small_campaign(
         initial__file=str(first_run.root / "labels.db"),
-        selection__threshold=1e9,
-        stop__max_labels=1000,
-        stop__max_wall_s=max(3 * first["wall_s"], 30.0),
+        stop__max_labels=0,
+        stop__final_training_s=max(3 * first["wall_s"], 30.0),
+        stop__max_wall_s=600.0,
     )
     _, summary = run_campaign(tmp_path, campaign)
     assert summary["initial_labels"] == first["labels"] + first["initial_labels"]
-    assert summary["labels"] == 0 and summary["stop_reason"].startswith("wall-time")
+    assert summary["labels"] == 0 and summary["stop_reason"] == "label budget of 0 reached"
+    assert not summary["failed"]
     best = min(e["force_mae"] for e in summary["test_errors"])
     assert best <= 1.1 * final_error(first), summary["test_errors"]
