@@ -252,8 +252,8 @@ class TestSetSettings(_Section):
 
 class StopSettings(_Section):
     max_labels: int = Field(300, ge=0)
-    """Active-learning labels (initial ones not counted). 0 trains on the initial labels
-    only (a warm start's ``initial.file``): the campaign stops at once and trains for
+    """Active-learning labels (initial ones not counted). 0, with ``initial.file``,
+    trains on that file's labels alone: the campaign stops at once and trains for
     ``final_training_s``."""
     max_wall_s: float = Field(540.0, gt=0)
     target_force_mae: float = Field(0.0, ge=0)
@@ -296,6 +296,11 @@ class Campaign(_Section):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"two systems are named {repeated[0]!r}: give each its own name")
+        if self.stop.max_labels == 0 and not self.initial.file:
+            raise ValueError(
+                "stop.max_labels = 0 trains on initial.file's labels alone, and no "
+                "initial.file is given: give a label budget of 1 or more, or initial.file"
+            )
         return self
 
     def all_systems(self) -> list[SystemSettings]:
