@@ -199,7 +199,9 @@ def corrupt(n_kills: int, labels: int, seed: int) -> dict:
                                            damage["path"].name)  # fmt: skip
         text = "".join(log.read_text() for log in logs[damage.pop("from") :])
         said = [line for line in text.splitlines() if damage["path"].name in line]
-        damage["message"] = said[0].split(": ", 1)[-1][:300] if said else None
+        # The run's own path is this machine's business, not the results file's.
+        message = said[0].split(": ", 1)[-1].replace(f"{run_dir}{os.sep}", "RUN/") if said else None
+        damage["message"] = message[:300] if message else None
         damage.pop("data")
         damage["path"] = str(damage["path"].relative_to(run_dir))
     ids = [row.candidate_id for row in RunDirectory(run_dir).labels().select()]
