@@ -315,30 +315,36 @@ def _oracle_md(
     t_start = time.time()
     atoms = read(start_path)
     with _task_scratch(scratch_dir) as scratch:
-        atoms.calc = make_calculator(calculator_spec, scratch)
-        rng = np.random.default_rng(seed)
-        draw_velocities(atoms, temperature_K, rng)
-        dynamics = Langevin(
-            atoms,
-            timestep_fs * units.fs,
-            temperature_K=temperature_K,
-            friction=0.02,
-            fixcm=False,
-            rng=rng,
-        )
-        frames = []
-        # The first stride lets the start structure's memory fade before sampling.
-        for _ in range(n_frames):
-            dynamics.run(stride)
-            frame = atoms.copy()
-            stress = stress_label(atoms, atoms.calc)
-            frame.calc = SinglePointCalculator(
-                frame,
-                energy=atoms.get_potential_energy(),
-                forces=atoms.get_forces(),
-                **({} if stress is None else {"stress": stress}),
+        calculator = atoms.calc = make_calculator(calculator_spec, scratch)
+        try:
+            rng = np.random.default_rng(seed)
+            draw_velocities(atoms, temperature_K, rng)
+            dynamics = Langevin(
+                atoms,
+                timestep_fs * units.fs,
+                temperature_K=temperature_K,
+                friction=0.02,
+                fixcm=False,
+                rng=rng,
             )
-            frames.append(frame)
-        write_dataset(output_path, frames)
+            frames = []
+            # The first stride lets the start structure's memory fade before sampling.
+            for _ in range(n_frames):
+                dynamics.run(stride)
+                frame = atoms.copy()
+                stress = stress_label(atoms, atoms.calc)
+                frame.calc = SinglePointCalculator(
+                    frame,
+                    energy=atoms.get_potential_energy(),
+                    forces=atoms.get_forces(),
+                    **({} if stress is None else {"stress": stress}),
+                )
+                frames.append(frame)
+            write_dataset(output_path, frames)
+        finally:
+            # A DFT code's shell process (on Slurm, its srun step, which holds the
+            # cores the next oracle task needs) ends with the task.
+            if hasattr(calculator, "close"):
+                calculator.close()
         _release_scratch(scratch, keep_at=None)
     return {"output_path": output_path, "n_frames": len(frames), **where_and_when(t_start)}
