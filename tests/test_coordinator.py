@@ -2,6 +2,7 @@
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,10 @@ def small_campaign(**overrides):
     return load_campaign(EXAMPLES / "cu_emt.toml", **settings)
 
 
-def run_campaign(tmp_path, campaign, generator=None):
-    """Run ``campaign`` on thread pools; ``generator`` replaces the generator if given."""
+def run_campaign(tmp_path, campaign, generator=None, **replace):
+    """Run ``campaign`` on thread pools; ``generator`` replaces the generator if given,
+    and ``replace`` maps other app names (``train_member``, ``generate``) to plain
+    functions submitted to that app's pool in place of the real one."""
     run = RunDirectory.create(tmp_path / "run", campaign.model_dump())
     executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
     apps = Apps.from_executors(executors)
@@ -48,6 +51,9 @@ def run_campaign(tmp_path, campaign, generator=None):
             return executors["generator"].submit(custom, **request)
 
         apps.generate = generate
+    for name, function in replace.items():
+        pool = {"train_member": "train", "generate": "generator"}[name]
+        setattr(apps, name, partial(executors[pool].submit, function))
     try:
         first = campaign.all_systems()[0]
         start = load_start_structure(first.structure, first.vacuum)

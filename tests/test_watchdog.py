@@ -20,10 +20,7 @@ import pytest
 from ase import Atoms
 from ase.io import write
 
-from pipeline.campaign_state import load_start_structure
-from pipeline.coordinator import MODULES, Apps, Coordinator
 from pipeline.engine import Engine, TaskRecord
-from pipeline.rundir import RunDirectory
 from pipeline.watchdog import (
     MAX_FAILURES_IN_A_ROW,
     MAX_FRUITLESS_ORACLE_TASKS,
@@ -34,7 +31,7 @@ from pipeline.watchdog import (
 )
 from tests.test_cli import run_cli
 from tests.test_cli import small_campaign as cli_campaign
-from tests.test_coordinator import SLOTS, small_campaign
+from tests.test_coordinator import run_campaign, small_campaign
 
 
 # ------------------------------------------------------------------------ helpers
@@ -73,22 +70,8 @@ def one_atom_campaign(tmp_path: Path, **overrides):
 
 
 def run_with(tmp_path: Path, campaign, **replace):
-    """Run ``campaign`` on thread pools; ``replace`` maps app names to plain functions
-    submitted to that app's pool in place of the real one."""
-    run = RunDirectory.create(tmp_path / "run", campaign.model_dump())
-    executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
-    apps = Apps.from_executors(executors)
-    for name, function in replace.items():
-        pool = {"train_member": "train", "generate": "generator"}[name]
-        setattr(apps, name, partial(executors[pool].submit, function))
-    try:
-        first = campaign.all_systems()[0]
-        start = load_start_structure(first.structure, first.vacuum)
-        summary = Coordinator(campaign, run, apps, SLOTS, start, poll_s=0.2).run()
-    finally:
-        for executor in executors.values():
-            executor.shutdown(wait=True, cancel_futures=True)
-    return run, summary
+    """Run ``campaign`` on thread pools, ``replace`` as in :func:`run_campaign`."""
+    return run_campaign(tmp_path, campaign, **replace)
 
 
 def raising_measure(prediction, context):
