@@ -131,6 +131,31 @@ def test_bad_cp2k_input_exits_2_before_anything_runs(tmp_path, structure, kwargs
     assert not (tmp_path / "run").exists()
 
 
+def test_the_examples_held_out_file_is_what_its_cp2k_settings_give(tmp_path):
+    """examples/structures/water8_cp2k_test.extxyz was labelled once with the example's
+    settings; labelling its first frame again through the oracle task with the
+    example's kwargs (1 rank here, 2 there) gives the same energy, forces and stress,
+    so the file and the campaign have not drifted apart."""
+    from pipeline.settings import load_campaign
+    from tests.test_coordinator import EXAMPLES
+
+    oracle = load_campaign(EXAMPLES / "water_cp2k.toml").oracle
+    stored = read(EXAMPLES / "structures" / "water8_cp2k_test.extxyz", index=":")
+    assert len(stored) == 8
+    write_dataset(tmp_path / "in.npz", stored[:1])
+    spec = {"calculator": oracle.calculator, "kwargs": {**oracle.kwargs, "launcher": ""}}
+    result = _label_batch(
+        str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), spec, str(tmp_path / "s"),
+        **SETTINGS,
+    )  # fmt: skip
+    assert result["n_ok"] == 1
+    (again,) = read_dataset(tmp_path / "out.npz")
+    assert abs(again.get_potential_energy() - stored[0].get_potential_energy()) < 1e-5
+    np.testing.assert_allclose(again.get_forces(), stored[0].get_forces(), atol=1e-5)
+    stress = read_arrays(tmp_path / "out.npz")["stress"][0]
+    np.testing.assert_allclose(stress, stored[0].get_stress(voigt=False), atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_water_example_runs_end_to_end_on_two_mpi_ranks(tmp_path, monkeypatch):
@@ -150,8 +175,6 @@ def test_water_example_runs_end_to_end_on_two_mpi_ranks(tmp_path, monkeypatch):
         stop__max_labels=2,
         stop__final_training_s=0.0,
         initial__n_structures=2,
-        test__n_structures=2,
-        test__md_stride=1,
         model__n_features=16,
         model__n_interactions=2,
         generator__steps_per_task=10,
@@ -166,3 +189,4 @@ def test_water_example_runs_end_to_end_on_two_mpi_ranks(tmp_path, monkeypatch):
     assert len(rows) == 4
     assert all(np.isfinite(row.toatoms().calc.results["stress"]).all() for row in rows)
     assert summary["test_force_mae"], "the held-out set was evaluated"
+    assert len(read_dataset(run.test_set)) == 8, "the example's labelled held-out file"
