@@ -117,6 +117,43 @@ def test_overlap(tmp_path):
     assert "measured/ideal" in out
 
 
+@pytest.mark.timeout(400)
+def test_remote_oracle(tmp_path):
+    out = run_benchmark(
+        tmp_path,
+        "remote_oracle.py",
+        "--campaign",
+        "benchmarks/short_cu13.toml",
+        "--site",
+        "threads.py",
+        "--seeds",
+        "0",
+        "--ratios",
+        "1",
+        "--labels",
+        "8",
+        "--test-structures",
+        "4",
+        "--train-task-s",
+        "0.3",
+        timeout=360,
+    )
+    result = json.loads((tmp_path / "remote_oracle.json").read_text())
+    assert {(r["loop"], r["ratio"]) for r in result["runs"]} == {("streaming", 1), ("serial", 1)}
+    assert all(r["labels"] == 8 and r["curve"] for r in result["runs"])
+    # The oracle's set cost was spent: a batch of 4 labels waits 0.6 s (2 rounds x 0.3 s).
+    assert all(r["task_s"]["oracle"] >= 0.6 for r in result["runs"])
+    point = result["points"]["1"]
+    assert point["serial"]["reached"] == point["streaming"]["reached"] == 1
+    times = {loop: point[loop]["median_wall_to_target_s"] for loop in ("streaming", "serial")}
+    assert result["streaming_over_serial"]["1"] == pytest.approx(
+        times["streaming"] / times["serial"]
+    )
+    assert 0 < point["pal_ideal_ratio"] <= 1
+    assert "streaming/serial" in out
+    assert (tmp_path / "remote_oracle.png").stat().st_size > 0
+
+
 @pytest.mark.timeout(600)
 def test_time_to_accuracy(tmp_path):
     out = run_benchmark(

@@ -1,0 +1,326 @@
+"""Time to accuracy when the oracle costs what DFT costs: streaming against the serial
+loop, with oracle slots that stand for remote DFT nodes, swept over the oracle's cost.
+
+    python benchmarks/remote_oracle.py --seeds 0 1 2 --ratios 0.1 1 10
+
+**What the oracle is here.** Every label is real (EMT on the Cu13 cluster of
+``examples/cu_emt.toml``), but each oracle call then waits, sleeping, until its set
+time has passed (``benchmarks/delayed.py: RemoteSlot``). Waiting costs no CPU, so
+the two local cores stay free for MD and training, as they would while DFT runs on
+other nodes. This measures how palflow schedules around a slow remote oracle; it is
+not a measurement of DFT on this machine (``benchmarks/cp2k_oracle.py`` is).
+
+**The sweep.** One ensemble version costs ``t_train`` (the members' training tasks,
+``training.min_task_s`` each, in rounds of the site's training slots). The oracle's
+cost per batch is set to ``ratio × t_train`` for each ``--ratios`` value, so 0.1 is
+PAL's case 2 (training is the bottleneck), 1 the balanced point and 10 an oracle as
+slow as DFT. N = P: the serial loop labels one batch per oracle slot per iteration,
+and the streaming coordinator is paced to the same labels per ensemble version.
+
+Per ratio, both loops at every seed, interleaved, on one loaded site (default
+``laptop.py``) and one held-out set labelled before the runs. The target is the
+largest of the two loops' median final test force MAEs at that ratio (``--target``
+sets one): the loosest level every typical run reaches. Reported per ratio: median
+wall time to the target of each loop, ``streaming_over_serial`` (their ratio, with a
+bootstrap 95% interval over seeds), and PAL's ideal ratio 1/S for the task times
+measured in the serial runs, S = (t_oracle + t_train + t_gen) / max(t_oracle,
+t_train, t_gen). Writes ``benchmarks/results/remote_oracle.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
+# The site's workers import RemoteSlot from this folder; Parsl's HTEX starts its
+# interchange from PATH, so this interpreter's scripts folder comes first.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")) if p
+)
+os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+
+# Run as a script, this file's folder heads sys.path: its sibling imports as is.
+from time_to_accuracy import first_at_or_below, held_out_set  # noqa: E402
+
+LOOPS = ("streaming", "serial", "unpaced")
+"""``unpaced`` is streaming without the pace: labels as fast as the oracle and MD give
+them, PAL's idle oracle turned into labels when training is the bottleneck."""
+
+
+def campaign_for(loop: str, ratio: float, seed: int, args, slots: dict, test_file: str):
+    """The copper campaign with a remote-slot oracle costing ``ratio × t_train``."""
+    from pipeline.settings import load_campaign
+
+    t_train = nominal_train_s(args, slots)
+    batch = args.batch_size
+    overrides = {
+        "seed": seed,
+        "oracle__calculator": "delayed:RemoteSlot",
+        "oracle__kwargs": {
+            "calculator": "ase.calculators.emt:EMT",
+            "seconds": ratio * t_train / batch,
+        },
+        "oracle__batch_size": batch,
+        "oracle__trial": False,
+        "training__min_task_s": args.train_task_s,
+        # N = P batches per version; 0 lifts the pace.
+        "selection__max_labels_per_version": 0 if loop == "unpaced" else slots["oracle"] * batch,
+        "stop__max_labels": args.labels,
+        "stop__max_wall_s": args.max_wall,
+        "stop__final_training_s": 0.0,
+        "test__file": test_file,
+    }
+    return load_campaign(args.campaign, **overrides)
+
+
+def nominal_train_s(args, slots: dict) -> float:
+    """Seconds per ensemble version: the members' tasks in rounds of the train slots."""
+    from pipeline.settings import load_campaign
+
+    members = load_campaign(args.campaign).model.n_members
+    return math.ceil(members / slots["train"]) * args.train_task_s
+
+
+def task_seconds(root: Path, slots: dict, members: int) -> dict[str, float]:
+    """Measured t_oracle (per batch), t_train (per version) and t_gen (per segment
+    round) of one run, from its events: PAL's times, medians of the tasks."""
+    from pipeline.rundir import RunDirectory
+
+    events = RunDirectory.open(root).read_events()
+
+    def median(module: str, kind: str | None = None) -> float:
+        times = [
+            e["ended"] - e["started"]
+            for e in events
+            if e.get("module") == module and e.get("started") and e.get("ended")
+            and (kind is None or e.get("kind") == kind)
+        ]  # fmt: skip
+        return statistics.median(times) if times else 0.0
+
+    return {
+        "oracle": median("oracle", "label"),
+        "train": median("train") * math.ceil(members / slots["train"]),
+        "generator": median("generator"),
+    }
+
+
+def run_one(loop: str, ratio: float, seed: int, args, site, work: Path, test_file: str) -> dict:
+    from pipeline.campaign_state import load_start_structure
+    from pipeline.coordinator import Apps, Coordinator
+    from pipeline.rundir import RunDirectory
+    from pipeline.serial import SerialLoop
+
+    campaign = campaign_for(loop, ratio, seed, args, site.slots, test_file)
+    root = work / f"r{ratio:g}-{loop}-seed{seed}"
+    run = RunDirectory.create(root, campaign.model_dump())
+    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+    cls = SerialLoop if loop == "serial" else Coordinator
+    options = site.coordinator_options(campaign)
+    summary = cls(campaign, run, Apps.parsl(), site.slots, start, **options).run()
+    curve = [
+        {"labels": e["labels"], "wall_s": e["wall_s"], "force_mae": e["force_mae"]}
+        for e in summary["test_errors"]
+    ]
+    return {
+        "loop": loop,
+        "ratio": ratio,
+        "seed": seed,
+        "labels": summary["labels"],
+        "wall_s": summary["wall_s"],
+        "final_force_mae": curve[-1]["force_mae"] if curve else float("nan"),
+        "task_s": task_seconds(root, site.slots, campaign.model.n_members),
+        "curve": curve,
+    }
+
+
+def bootstrap_ratio(mine: list[float], theirs: list[float], n: int = 2000) -> list[float]:
+    """95% interval of median(mine) / median(theirs), seeds resampled with replacement."""
+    rng = np.random.default_rng(0)
+    a, b = np.asarray(mine), np.asarray(theirs)
+    ratios = [np.median(rng.choice(a, a.size)) / np.median(rng.choice(b, b.size)) for _ in range(n)]
+    return [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
+
+
+def _median(values) -> float | None:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def analyse(runs: list[dict], target: float | None = None) -> dict:
+    """Per ratio: the target, each loop's time to it, their ratio and PAL's ideal."""
+    points = {}
+    for ratio in sorted({r["ratio"] for r in runs}):
+        at = {loop: [r for r in runs if (r["ratio"], r["loop"]) == (ratio, loop)] for loop in LOOPS}
+        at = {loop: loop_runs for loop, loop_runs in at.items() if loop_runs}
+        # The two loops set the target; unpaced is measured against it.
+        goal = target or max(
+            _median(r["final_force_mae"] for r in at[loop]) for loop in LOOPS[:2] if loop in at
+        )
+        row: dict = {"target_force_mae": goal}
+        times: dict[str, float | None] = {}
+        for loop, loop_runs in at.items():
+            hits = [first_at_or_below(r["curve"], goal) for r in loop_runs]
+            for run, hit in zip(loop_runs, hits, strict=True):
+                run["to_target"] = hit
+            hits = [h for h in hits if h is not None]
+            row[loop] = {
+                "runs": len(loop_runs),
+                "reached": len(hits),
+                "median_wall_to_target_s": _median(h["wall_s"] for h in hits),
+                "median_labels_to_target": _median(h["labels"] for h in hits),
+                "median_final_force_mae": _median(r["final_force_mae"] for r in loop_runs),
+            }
+            times[loop] = [h["wall_s"] for h in hits]
+        for mine, theirs in (("streaming", "serial"), ("unpaced", "streaming")):
+            if times.get(mine) and times.get(theirs):
+                key = f"{mine}_over_{theirs}"
+                row[key] = _median(times[mine]) / _median(times[theirs])
+                row[f"{key}_ci95"] = bootstrap_ratio(times[mine], times[theirs])
+        row.setdefault("streaming_over_serial", None)
+        if "serial" in at:  # PAL's ideal for the times the serial loop measured
+            measured = {
+                m: _median(r["task_s"][m] for r in at["serial"])
+                for m in ("oracle", "train", "generator")
+            }
+            ideal_s = sum(measured.values()) / max(measured.values())
+            row.update(measured_task_s=measured, pal_ideal_speedup=ideal_s)
+            row["pal_ideal_ratio"] = 1.0 / ideal_s
+        points[f"{ratio:g}"] = row
+    return {
+        "points": points,
+        "streaming_over_serial": {k: p["streaming_over_serial"] for k, p in points.items()},
+    }
+
+
+def print_table(result: dict) -> None:
+    def show(value, fmt):
+        return format(value, fmt) if value is not None else "-"
+
+    print(
+        f"{'t_oracle/t_train':>17}{'target':>8}{'serial s':>10}{'streaming s':>13}"
+        f"{'streaming/serial':>18}{'95% interval':>16}{'PAL ideal':>11}{'unpaced/streaming':>19}"
+    )
+    for ratio, p in result["points"].items():
+        ci = p.get("streaming_over_serial_ci95")
+        print(
+            f"{ratio:>17}{p['target_force_mae']:>8.3f}"
+            f"{show(p['serial']['median_wall_to_target_s'], '.0f'):>10}"
+            f"{show(p['streaming']['median_wall_to_target_s'], '.0f'):>13}"
+            f"{show(p['streaming_over_serial'], '.2f'):>18}"
+            f"{f'[{ci[0]:.2f}, {ci[1]:.2f}]' if ci else '-':>16}"
+            f"{show(p.get('pal_ideal_ratio'), '.2f'):>11}"
+            f"{show(p.get('unpaced_over_streaming'), '.2f'):>19}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 1.0, 10.0])
+    parser.add_argument("--site", default="laptop.py")
+    parser.add_argument("--campaign", default=str(ROOT / "examples" / "cu_emt.toml"))
+    parser.add_argument("--labels", type=int, default=64, help="label budget of every run")
+    parser.add_argument("--batch-size", type=int, default=4, help="labels per oracle task")
+    parser.add_argument("--train-task-s", type=float, default=1.0, help="seconds per train task")
+    parser.add_argument("--max-wall", type=float, default=600.0, help="wall limit per run, s")
+    parser.add_argument("--test-structures", type=int, default=32)
+    parser.add_argument("--target", type=float, help="target test force MAE, eV/Å")
+    parser.add_argument(
+        "--unpaced-at", nargs="*", type=float, default=[0.1], help="ratios that also run unpaced"
+    )
+    parser.add_argument("--reanalyse", metavar="JSON", help="no runs: analyse a saved JSON")
+    args = parser.parse_args()
+    if args.reanalyse:
+        print_table(analyse(json.loads(Path(args.reanalyse).read_text())["runs"], args.target))
+        return
+
+    import parsl
+
+    from pipeline.settings import load_campaign
+    from pipeline.sites import load_site, warm_up
+
+    work = Path(tempfile.mkdtemp(prefix="palflow-remote-"))
+    print(f"runs in {work}", flush=True)
+    test_file = held_out_set(load_campaign(args.campaign), work, args.test_structures)
+    site = load_site(args.site)
+    site.config.run_dir = str(work / "parsl")
+    print(f"t_train per version (nominal) {nominal_train_s(args, site.slots):.1f} s", flush=True)
+    runs = []
+    with parsl.load(site.config):
+        warm_up(site.slots)
+        for seed in args.seeds:
+            for ratio in args.ratios:
+                loops = LOOPS if ratio in args.unpaced_at else LOOPS[:2]
+                for loop in loops if (seed + len(runs)) % 2 == 0 else loops[::-1]:
+                    run = run_one(loop, ratio, seed, args, site, work, test_file)
+                    runs.append(run)
+                    print(
+                        f"ratio {ratio:g} {loop:<10} seed {seed}: {run['labels']} labels in "
+                        f"{run['wall_s']:.0f} s, test force MAE {run['final_force_mae']:.4f} eV/Å, "
+                        "tasks " + ", ".join(f"{k} {v:.1f} s" for k, v in run["task_s"].items()),
+                        flush=True,
+                    )
+    result = analyse(runs, args.target)
+    print_table(result)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result.update(
+        site=args.site,
+        campaign=Path(args.campaign).name,
+        seeds=args.seeds,
+        labels=args.labels,
+        batch_size=args.batch_size,
+        oracle_slots=site.slots["oracle"],
+        train_task_s=args.train_task_s,
+        t_train_nominal_s=nominal_train_s(args, site.slots),
+        runs=runs,
+    )
+    (RESULTS / "remote_oracle.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / "remote_oracle.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Learning curves against wall time, one panel per oracle cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result["points"]
+    figure, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 4), squeeze=False)
+    colours = {"streaming": "tab:blue", "serial": "tab:orange", "unpaced": "tab:grey"}
+    for axis, (ratio, point) in zip(axes[0], points.items(), strict=True):
+        seen = set()
+        for run in (r for r in result["runs"] if f"{r['ratio']:g}" == ratio):
+            curve = run["curve"]
+            axis.plot(
+                [p["wall_s"] for p in curve],
+                [p["force_mae"] for p in curve],
+                color=colours[run["loop"]],
+                alpha=0.7,
+                label=None if run["loop"] in seen else run["loop"],
+            )
+            seen.add(run["loop"])
+        axis.axhline(point["target_force_mae"], color="grey", linestyle=":", label="target")
+        share = point["streaming_over_serial"]
+        title = f"t_oracle / t_train = {ratio}"
+        axis.set_title(title + (f"\nstreaming / serial = {share:.2f}" if share else ""))
+        axis.set_yscale("log")
+        axis.set_xlabel("wall time, s")
+    axes[0][0].set_ylabel("test force MAE, eV/Å")
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
