@@ -20,7 +20,8 @@ The target MAE is the largest of the variants' median final test force MAEs, unl
 ``--target`` sets one: the loosest level that every variant's typical run reaches.
 For each run, the wall time and the labels at the first ensemble version whose test
 force MAE is at or below it; ratios are medians over seeds against ``streaming``.
-Writes ``benchmarks/results/time_to_accuracy.json`` and ``.png``.
+Writes ``benchmarks/results/time_to_accuracy.json`` and ``.png`` (``--name`` renames
+them, for another campaign).
 """
 
 from __future__ import annotations
@@ -194,6 +195,9 @@ def main() -> None:
     parser.add_argument("--test-structures", type=int, default=32)
     parser.add_argument("--target", type=float, help="target test force MAE, eV/Å")
     parser.add_argument(
+        "--name", default="time_to_accuracy", help="results file name (default: %(default)s)"
+    )
+    parser.add_argument(
         "--reanalyse",
         metavar="JSON",
         help="no runs: analyse the runs saved in JSON (e.g. with another --target)",
@@ -230,9 +234,11 @@ def main() -> None:
     result = analyse(runs, args.target)
     print_table(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result.update(site=args.site, labels=args.labels, seeds=args.seeds, runs=runs)
-    (RESULTS / "time_to_accuracy.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "time_to_accuracy.png")
+    campaign = Path(args.campaign).name if args.campaign else "ethanol (default)"
+    result.update(site=args.site, campaign=campaign, labels=args.labels, seeds=args.seeds)
+    result["runs"] = runs
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"{args.name}.png")
 
 
 def plot(result: dict, path: Path) -> None:
