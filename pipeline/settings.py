@@ -204,7 +204,8 @@ class SelectionSettings(_Section):
     """Diversity: picked frames of one trajectory are at least this many frames apart."""
     max_labels_per_version: int = Field(8, ge=0)
     """Pacing (0: none): at most this many active labels per ensemble version
-    published, so that labels come no faster than the ensemble learns from them and
+    published, requested while that version is the newest (an unused allowance is not
+    banked), so that labels come no faster than the ensemble learns from them and
     every batch is chosen by a recent ensemble. It binds with oracles cheaper than
     training (xTB: see benchmarks/time_to_accuracy.py); a DFT oracle paces itself.
     Generators pause while the queue holds twice this many candidates."""

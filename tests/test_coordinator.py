@@ -220,6 +220,40 @@ def test_random_selection_ignores_the_ensemble(tmp_path):
     assert len(predicted) == 12 and max(predicted) < 1e6
 
 
+def test_pacing_does_not_bank_the_allowance_of_versions_without_candidates():
+    """Ten versions published while the queue was empty allow 2 labels, not 20: each
+    version's allowance is for batches requested while it is the newest."""
+    from types import SimpleNamespace
+
+    from pipeline.agents.oracle import OracleAgent
+
+    versions = [SimpleNamespace(number=n) for n in range(1, 11)]
+    state = SimpleNamespace(
+        versions=versions, version=versions[-1], n_labels_active=0, pending_initial=[],
+        active_by_system={}, label_room=lambda campaign, in_flight: 100,
+    )  # fmt: skip
+    in_flight, queue = [], [SimpleNamespace(system="s", candidate_id=i) for i in range(50)]
+    context = SimpleNamespace(
+        state=state,
+        campaign=small_campaign(selection__max_labels_per_version=2, oracle__batch_size=1),
+        engine=SimpleNamespace(free=lambda module: True, tasks=lambda kind=None: in_flight),
+        queue=queue,
+        selector=SimpleNamespace(pick_batch=lambda q, n: [q.pop(0) for _ in range(n)]),
+    )
+    agent = OracleAgent(context)
+    agent.submit_batch = lambda batch, source: in_flight.append(
+        SimpleNamespace(source=source, candidates=batch)
+    )
+    assert agent.submit_labels() == 2
+    in_flight.clear()  # both labels stored, still under version 10
+    state.n_labels_active = 2
+    assert agent.submit_labels() == 0
+    versions.append(SimpleNamespace(number=11))
+    state.version = versions[-1]
+    assert agent.submit_labels() == 2
+    assert agent.submit_labels(paced=False) == 46  # unpaced (the serial loop): the rest
+
+
 @pytest.mark.timeout(300)
 def test_pacing_caps_labels_per_ensemble_version(tmp_path):
     """``max_labels_per_version``: labels never run ahead of the ensembles learning

@@ -2,7 +2,8 @@
 
 Free oracle slots take the initial structures first, then the most worth-labelling
 candidates of the queue (the selector's query), at most
-``selection.max_labels_per_version`` per published ensemble version. A finished
+``selection.max_labels_per_version`` per published ensemble version, requested while
+that version is the newest (an allowance not used is not banked). A finished
 batch is harvested into ``labels.db`` and the next training snapshot
 (:meth:`~pipeline.campaign_state.CampaignState.harvest`); a structure that failed
 transiently is tried again, up to ``oracle.max_attempts``.
@@ -69,6 +70,9 @@ class OracleAgent:
             else {"parsl_resource_specification": dict(oracle_resources)}
         )
         self.reference_attempts = 0
+        # Pacing: the newest version's number and the active labels requested under it.
+        self._paced_version: int | None = None
+        self._requested_under_version = 0
 
     # ---------------------------------------------------------------- submitting
     def submit_ready(self, stopping: bool) -> None:
@@ -187,6 +191,7 @@ class OracleAgent:
                 continue
             self.submit_batch(batch, "active")
             requested += len(batch)
+            self._requested_under_version += len(batch)
         return requested
 
     def system_caps(self) -> dict[str, int]:
@@ -247,7 +252,16 @@ class OracleAgent:
         per_version = context.campaign.selection.max_labels_per_version
         if paced and per_version:
             paced_total = per_version * len(state.versions)
-            room = min(room, paced_total - state.n_labels_active - in_flight)
+            # No banking: versions published while the queue was empty do not add up
+            # to a burst later; each version may request at most its own allowance.
+            newest = state.version.number if state.version else None
+            if newest != self._paced_version:
+                self._paced_version, self._requested_under_version = newest, 0
+            room = min(
+                room,
+                paced_total - state.n_labels_active - in_flight,
+                per_version - self._requested_under_version,
+            )
         return room
 
     def labels_in_flight(self) -> int:
