@@ -1,0 +1,401 @@
+"""Uncertainty against random selection, scored on held-out sets that need extrapolation.
+
+    python benchmarks/extrapolation.py --seeds 0 1 2 3 4 --labels 64 --pace 8 --max-wall 300
+
+EMT copper (``examples/cu_emt.toml``: a Cu13 cluster, walkers at 800 K), one label
+budget, paced (``selection.max_labels_per_version``), the streaming coordinator on
+one site (default ``laptop.py``), every strategy with every seed, interleaved. Four
+held-out sets, labelled once by EMT before the runs (``extrapolation_sets.py``):
+``same`` (oracle MD at 800 K, the in-distribution control and the campaigns'
+``test.file``), ``hot`` (1600 K), ``strain`` (the cluster scaled 0.85-1.15, single
+atoms pulled out) and ``other_phase`` (periodic bulk fcc and a (111) slab). After each
+run, every saved ensemble version is scored on every set: a learning curve (labels
+to test force MAE) per run and set. Per strategy and set:
+
+- the learning-curve area: the mean force MAE over the label range (eV/Å);
+- the labels at the first version at or below the set's target MAE (default: the
+  largest of the strategies' median final MAEs on that set, so that typical runs
+  get there; ``--target X`` or ``--target SET=X``), median over seeds;
+- the ratio of that median to random's, with a bootstrap 95% interval: seeds
+  resampled with replacement (paired: one draw of seeds for both strategies), 2000
+  resamples, RNG seed 0. A run that never reaches the target needs infinitely many
+  labels (an infinite ratio or bound is written as null); two that need none, 1;
+- for every run, the MD frames scored, the fraction at or below the selection
+  threshold then in force (frames the threshold filtered out), and the threshold.
+
+Writes ``benchmarks/results/extrapolation.json`` (run folders as ``WORK/...``) and
+``extrapolation.png`` (learning curves, one panel per set: seeds faint, the median
+over seeds bold). ``--quick`` is a tiny run for tests; ``--reanalyse JSON`` recomputes
+the tables from a saved file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
+RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
+# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
+# this interpreter's scripts folder (the venv's bin) win even when not activated.
+os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+
+# Run as a script, this file's folder heads sys.path: its siblings import as they are.
+from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded  # noqa: E402
+from time_to_accuracy import first_at_or_below  # noqa: E402
+
+from pipeline.metrology import learning_curve_area  # noqa: E402
+
+CAMPAIGN = ROOT / "examples" / "cu_emt.toml"
+STRATEGIES = {
+    "max force spread": {},
+    "calibrated threshold": {"selection__threshold_mode": "calibrated"},
+    "percentile threshold": {"selection__threshold_mode": "percentile"},
+    "coreset": {"selection__query": "coreset"},
+    "thompson": {"selection__measure": "thompson"},
+    "energy spread": {"selection__measure": "energy_spread", "selection__threshold": 0.002},
+    "random": {"selection__measure": "random"},
+}
+"""Campaign overrides per strategy (the energy spread is in eV/atom: its own threshold)."""
+DEFAULT = [name for name in STRATEGIES if name != "energy spread"]
+QUICK = {
+    "model__n_features": 16,
+    "model__n_rbf": 8,
+    "training__epochs_per_task": 4,
+    "training__min_task_s": 0.5,
+    "generator__steps_per_task": 40,
+    "generator__n_walkers": 2,
+    "initial__n_structures": 4,
+}
+"""A tiny campaign for ``--quick``."""
+RESAMPLES, BOOTSTRAP_SEED = 2000, 0
+
+
+def run_strategy(name: str, seed: int, args, site, work: Path, sets: dict) -> dict:
+    from pipeline.settings import load_campaign
+
+    campaign = load_campaign(
+        args.campaign,
+        seed=seed,
+        selection__max_labels_per_version=args.pace,
+        stop__max_labels=args.labels,
+        stop__max_wall_s=args.max_wall,
+        stop__final_training_s=0.0,
+        test__file=sets["same"]["extxyz"],
+        **(QUICK if args.quick else {}),
+        **STRATEGIES[name],
+    )
+    folder = f"{name.replace(' ', '_')}-seed{seed}"
+    summary, selection = run_recorded(campaign, work / folder, site)
+    t0 = time.perf_counter()
+    curves = evaluate_versions(work / folder, sets)
+    return {
+        "strategy": name,
+        "seed": seed,
+        "run_dir": f"WORK/{folder}",
+        "labels": summary["labels"],
+        "wall_s": summary["wall_s"],
+        "evaluation_s": time.perf_counter() - t0,
+        "stop_reason": summary["stop_reason"],
+        "selection": selection,
+        "curves": curves,
+    }
+
+
+def _median(values: list[float]) -> float:
+    """The median, with ``inf`` for a run that never reached the target."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n % 2:
+        return ordered[n // 2]
+    low, high = ordered[n // 2 - 1], ordered[n // 2]
+    return math.inf if math.isinf(high) else (low + high) / 2
+
+
+def _ratio(mine: float, theirs: float) -> float:
+    """``mine / theirs``: 1 when both need no label, ``inf`` when only ``mine`` never
+    gets there (or ``theirs`` needs none), NaN (undefined) when neither does."""
+    if math.isinf(mine) and math.isinf(theirs):
+        return math.nan
+    if theirs == 0:
+        return 1.0 if mine == 0 else math.inf
+    return mine / theirs
+
+
+def jsonable(value):
+    """``value`` with every infinite or NaN number as None (JSON has neither)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def bootstrap_ratio(mine: dict[int, float], theirs: dict[int, float]) -> dict:
+    """Median labels-to-target of ``mine`` over ``theirs`` (per seed; ``inf`` when a
+    run never reached it), and its bootstrap 95% interval over seeds resampled with
+    replacement: paired over the seeds both have, else each resampled alone."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    shared = sorted(set(mine) & set(theirs))
+    ratios = []
+    for _ in range(RESAMPLES):
+        if shared and len(shared) == len(mine) == len(theirs):
+            draw = rng.choice(shared, size=len(shared))
+            a, b = [mine[s] for s in draw], [theirs[s] for s in draw]
+        else:
+            a = rng.choice(list(mine.values()), size=len(mine)).tolist()
+            b = rng.choice(list(theirs.values()), size=len(theirs)).tolist()
+        ratios.append(_ratio(_median(a), _median(b)))
+    defined = sorted(r for r in ratios if not math.isnan(r))
+    if defined:  # order statistics: an infinite bound stays infinite
+        n = len(defined)
+        low, high = defined[int(0.025 * (n - 1))], defined[math.ceil(0.975 * (n - 1))]
+    else:
+        low = high = math.nan
+    return {
+        "median_ratio": _ratio(_median(list(mine.values())), _median(list(theirs.values()))),
+        "ci95": [low, high],
+        "undefined_resamples": len(ratios) - len(defined),
+    }
+
+
+def analyse(runs: list[dict], targets: dict[str, float] | None = None) -> dict:
+    """Per set: the target; per strategy and set: medians over seeds of the area,
+    labels to the target and final MAE, and the labels ratio against random."""
+    targets = dict(targets or {})
+    strategies = list(dict.fromkeys(r["strategy"] for r in runs))
+    by_name = {n: [r for r in runs if r["strategy"] == n] for n in strategies}
+    sets = [s for s in SETS if all(s in r["curves"] for r in runs)]
+    table: dict = {"targets": {}, "rows": {}, "labels_ratio_vs_random": {}}
+    for name_set in sets:
+        target = targets.get(name_set)
+        if target is None:
+            target = max(
+                statistics.median(r["curves"][name_set][-1]["force_mae"] for r in rs)
+                for rs in by_name.values()
+            )
+        table["targets"][name_set] = target
+        needed = {}
+        for name, strategy_runs in by_name.items():
+            hits = {}
+            for run in strategy_runs:
+                point = first_at_or_below(run["curves"][name_set], target)
+                hits[run["seed"]] = math.inf if point is None else float(point["labels"])
+            needed[name] = hits
+            curves = [run["curves"][name_set] for run in strategy_runs]
+            areas = [
+                learning_curve_area([p["labels"] for p in c], [p["force_mae"] for p in c])
+                for c in curves
+            ]
+            areas = [a for a in areas if a is not None]
+            table["rows"].setdefault(name, {})[name_set] = {
+                "runs": len(strategy_runs),
+                "reached": sum(math.isfinite(h) for h in hits.values()),
+                "median_labels_to_target": _median(list(hits.values())),
+                "median_learning_curve_area": statistics.median(areas) if areas else None,
+                "median_final_force_mae": statistics.median(c[-1]["force_mae"] for c in curves),
+            }
+        if "random" in needed:
+            for name, hits in needed.items():
+                table["labels_ratio_vs_random"].setdefault(name, {})[name_set] = bootstrap_ratio(
+                    hits, needed["random"]
+                )
+    table["selection"] = {}
+    for name, rs in by_name.items():
+        row = table["selection"][name] = {}
+        for key in ("frames_scored", "fraction_below_threshold", "frames_picked"):
+            row[key] = statistics.median(r["selection"][key] or 0 for r in rs)
+        fractions = [r["selection"]["fraction_below_threshold"] or 0 for r in rs]
+        row["fraction_below_range"] = [min(fractions), max(fractions)]
+        thresholds = [r["selection"]["threshold_median"] for r in rs]
+        row["threshold_median"] = None if None in thresholds else statistics.median(thresholds)
+    return table
+
+
+def print_tables(table: dict) -> None:
+    def show(value, fmt):
+        return "-" if value is None or math.isnan(value) else format(value, fmt)
+
+    for name_set, target in table["targets"].items():
+        print(f"\n{name_set}: target test force MAE {target:.4f} eV/Å")
+        print(
+            f"{'strategy':<22}{'area':>8}{'final':>8}{'labels':>8}{'reached':>9}"
+            f"{'ratio vs random [95% CI]':>28}"
+        )
+        for name, rows in table["rows"].items():
+            row = rows[name_set]
+            ratio = table["labels_ratio_vs_random"].get(name, {}).get(name_set)
+            interval = "-"
+            if ratio:
+                low, high = ratio["ci95"]
+                ci = f"[{show(low, '.2f')}, {show(high, '.2f')}]"
+                interval = f"{show(ratio['median_ratio'], '.2f')} {ci}"
+            print(
+                f"{name:<22}{show(row['median_learning_curve_area'], '.4f'):>8}"
+                f"{row['median_final_force_mae']:>8.4f}"
+                f"{show(row['median_labels_to_target'], '.0f'):>8}"
+                f"{row['reached']:>6}/{row['runs']:<2}{interval:>28}"
+            )
+    print("\nMD frames scored, and the share at or below the threshold then in force")
+    print(
+        f"{'strategy':<22}{'frames':>8}{'below':>8}{'[min, max]':>16}{'picked':>8}{'threshold':>11}"
+    )
+    for name, row in table["selection"].items():
+        low, high = row["fraction_below_range"]
+        print(
+            f"{name:<22}{show(row['frames_scored'], '.0f'):>8}"
+            f"{show(row['fraction_below_threshold'], '.2f'):>8}"
+            f"{f'[{low:.2f}, {high:.2f}]':>16}"
+            f"{show(row['frames_picked'], '.0f'):>8}{show(row['threshold_median'], '.4f'):>11}"
+        )
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["rows"])
+    colours = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
+    sets = list(result["targets"])
+    columns = min(2, len(sets))
+    rows = math.ceil(len(sets) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    for axis, name_set in zip(axes.flat, sets, strict=False):
+        for name in names:
+            curves = [r["curves"][name_set] for r in result["runs"] if r["strategy"] == name]
+            for curve in curves:
+                x, y = [p["labels"] for p in curve], [p["force_mae"] for p in curve]
+                axis.plot(x, y, color=colours[name], alpha=0.35, linewidth=0.8)
+            top = min(max(p["labels"] for p in c) for c in curves)
+            grid = np.linspace(0, top, 40)
+            median = np.median([_on_grid(c, grid) for c in curves], axis=0)
+            axis.plot(grid, median, color=colours[name], linewidth=2.2, label=name)
+        axis.axhline(result["targets"][name_set], color="grey", linestyle=":", label="target")
+        axis.set_yscale("log")
+        axis.set_title(name_set)
+        axis.set_xlabel("active-learning labels")
+        axis.set_ylabel("test force MAE, eV/Å")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def _on_grid(curve: list[dict], grid: np.ndarray) -> np.ndarray:
+    """The curve's MAE on ``grid`` (linear in labels; the newest version per label count)."""
+    newest = {p["labels"]: p["force_mae"] for p in curve}
+    x = np.array(sorted(newest), dtype=float)
+    return np.interp(grid, x, [newest[k] for k in sorted(newest)])
+
+
+def parse_targets(given: list[str] | None) -> dict[str, float]:
+    targets: dict[str, float] = {}
+    for item in given or []:
+        name, _, value = item.rpartition("=")
+        if name and name not in SETS:
+            raise ValueError(f"--target {item}: no set {name!r} (sets: {', '.join(SETS)})")
+        for name_set in [name] if name else SETS:
+            targets[name_set] = float(value)
+    return targets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--strategies", nargs="+", default=DEFAULT, choices=STRATEGIES)
+    parser.add_argument("--site", default="laptop.py")
+    parser.add_argument("--campaign", default=str(CAMPAIGN), help="campaign TOML (Cu13, EMT)")
+    parser.add_argument("--labels", type=int, default=64, help="label budget of every run")
+    parser.add_argument("--pace", type=int, default=8, help="labels per ensemble version")
+    parser.add_argument("--max-wall", type=float, default=300.0, help="wall limit per run, s")
+    parser.add_argument("--test-structures", type=int, default=24, help="frames per set")
+    parser.add_argument("--hot", type=float, default=1600.0, help="the hot set's MD, K")
+    parser.add_argument(
+        "--target", nargs="+", metavar="[SET=]MAE", help="target force MAE, eV/Å (all sets or one)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny run (tests)")
+    parser.add_argument("--reanalyse", metavar="JSON", help="no runs: analyse a saved JSON")
+    args = parser.parse_args()
+    try:
+        targets = parse_targets(args.target)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.reanalyse:
+        saved = json.loads(Path(args.reanalyse).read_text())
+        print_tables(analyse(saved["runs"], targets or None))
+        return
+    if args.quick:
+        args.site, args.labels, args.pace, args.test_structures = "threads.py", 8, 4, 4
+        args.seeds = args.seeds[:2] if "--seeds" in sys.argv else [0, 1]
+        if "--strategies" not in sys.argv:
+            args.strategies = ["max force spread", "random"]
+
+    import parsl
+
+    from pipeline.sites import load_site, warm_up
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="palflow-extrapolation-"))
+    print(f"runs in {work}", flush=True)
+    sets = build_sets(args.campaign, work, args.test_structures, args.hot)
+    for name_set, info in sets.items():
+        print(
+            f"set {name_set:<12} {info['n_structures']:>3} frames, mean |F| "
+            f"{info['mean_abs_force']:.3f} eV/Å: {info['description']}",
+            flush=True,
+        )
+    site = load_site(args.site)
+    site.config.run_dir = str(work / "parsl")
+    runs = []
+    with parsl.load(site.config):
+        warm_up(site.slots)
+        for seed in args.seeds:
+            for name in args.strategies:
+                run = run_strategy(name, seed, args, site, work, sets)
+                runs.append(run)
+                finals = ", ".join(
+                    f"{s} {c[-1]['force_mae']:.3f}" for s, c in run["curves"].items()
+                )
+                print(
+                    f"{name:<22} seed {seed}: {run['labels']} labels in {run['wall_s']:.0f} s "
+                    f"(+{run['evaluation_s']:.0f} s scoring), final MAE {finals}",
+                    flush=True,
+                )
+    result = analyse(runs, targets or None)
+    print_tables(result)
+    for info in sets.values():
+        info.pop("path"), info.pop("extxyz")
+    result.update(
+        campaign=os.path.relpath(args.campaign, ROOT),
+        site=args.site,
+        labels=args.labels,
+        pace=args.pace,
+        max_wall_s=args.max_wall,
+        seeds=args.seeds,
+        quick=args.quick,
+        total_wall_s=time.perf_counter() - started,
+        sets=sets,
+        runs=runs,
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(jsonable(result), indent=2).replace(str(work), "WORK")
+    (RESULTS / "extrapolation.json").write_text(text)
+    plot(result, RESULTS / "extrapolation.png")
+    print(f"total {result['total_wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

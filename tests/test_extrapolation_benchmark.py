@@ -1,0 +1,151 @@
+"""benchmarks/extrapolation.py: a tiny run end to end, and its analysis on made-up runs
+with known answers."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SETS = ("same", "hot", "strain", "other_phase")
+
+
+def run_benchmark(tmp_path, *args, timeout=240):
+    # The runs' work folder (tempfile.mkdtemp) lands in tmp_path too.
+    environment = {**os.environ, "PALFLOW_BENCH_OUT": str(tmp_path), "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "extrapolation.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=environment,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture
+def extrapolation(monkeypatch):
+    """The benchmark script as a module (its siblings import from its folder)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "extrapolation_under_test", ROOT / "benchmarks" / "extrapolation.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+def test_quick_run(tmp_path):
+    out = run_benchmark(tmp_path, "--quick")
+    text = (tmp_path / "extrapolation.json").read_text()
+    assert str(ROOT) not in text and str(tmp_path) not in text
+    assert tempfile.gettempdir() + "/" not in text
+    result = json.loads(text)
+    strategies = {"max force spread", "random"}
+    assert {r["strategy"] for r in result["runs"]} == strategies
+    assert set(result["targets"]) == set(SETS)
+    assert all(math.isfinite(t) and t > 0 for t in result["targets"].values())
+    assert set(result["labels_ratio_vs_random"]) == strategies
+    for name in strategies:
+        for name_set in SETS:
+            ratio = result["labels_ratio_vs_random"][name][name_set]
+            assert set(ratio) >= {"median_ratio", "ci95"} and len(ratio["ci95"]) == 2
+    # Random against itself, seed by seed: exactly 1.
+    for ratio in result["labels_ratio_vs_random"]["random"].values():
+        assert ratio["median_ratio"] == 1.0 and ratio["ci95"] == [1.0, 1.0]
+    for name_set, info in result["sets"].items():
+        assert info["n_structures"] == 4 and info["labels_finite"], name_set
+        assert 0 < info["mean_abs_force"] <= info["max_abs_force"] < 50
+    assert result["sets"]["other_phase"]["periodic_frames"] == 4
+    assert result["sets"]["same"]["periodic_frames"] == 0
+    assert result["sets"]["strain"]["max_abs_force"] > result["sets"]["same"]["max_abs_force"]
+    for run in result["runs"]:
+        assert run["labels"] == 8 and run["run_dir"].startswith("WORK/")
+        for name_set in SETS:
+            curve = run["curves"][name_set]
+            assert len(curve) >= 2
+            assert all(math.isfinite(p["force_mae"]) and p["force_mae"] > 0 for p in curve)
+            assert curve[0]["labels"] == 0 and curve[-1]["labels"] == 8
+        selection = run["selection"]
+        assert selection["frames_scored"] > 0 and selection["frames_picked"] > 0
+        assert 0 <= selection["fraction_below_threshold"] <= 1
+    spread = [r for r in result["runs"] if r["strategy"] == "max force spread"]
+    assert all(r["selection"]["threshold_median"] == 0.03 for r in spread)  # cu_emt.toml's
+    assert "ratio vs random" in out and "at or below the threshold" in out
+    assert (tmp_path / "extrapolation.png").stat().st_size > 0
+
+    again = run_benchmark(
+        tmp_path, "--reanalyse", str(tmp_path / "extrapolation.json"), "--target", "same=1.5"
+    )
+    assert "same: target test force MAE 1.5000 eV/Å" in again
+
+
+def made_up_run(strategy, seed, hit, final=0.05, sets=SETS):
+    """A learning curve that crosses 0.2 eV/Å at ``hit`` labels (None: never)."""
+    points = [(0, 1.0)] + ([(hit, 0.1), (64, final)] if hit is not None else [(64, 0.5)])
+    curve = [{"labels": labels, "force_mae": mae} for labels, mae in points]
+    selection = {
+        "frames_scored": 100,
+        "fraction_below_threshold": 0.25,
+        "frames_picked": 20,
+        "threshold_median": 0.03,
+    }
+    return {
+        "strategy": strategy,
+        "seed": seed,
+        "curves": dict.fromkeys(sets, curve),
+        "selection": selection,
+    }
+
+
+def test_half_of_random_labels_gives_ratio_one_half(extrapolation):
+    runs = [made_up_run("random", s, 16 + 8 * s) for s in range(5)]
+    runs += [made_up_run("fast", s, 8 + 4 * s) for s in range(5)]
+    table = extrapolation.analyse(runs, {name: 0.2 for name in SETS})
+    for name_set in SETS:
+        ratio = table["labels_ratio_vs_random"]["fast"][name_set]
+        assert ratio["median_ratio"] == 0.5 and ratio["ci95"] == [0.5, 0.5]
+        assert table["rows"]["fast"][name_set]["median_labels_to_target"] == 16
+        assert table["rows"]["random"][name_set]["median_labels_to_target"] == 32
+        assert table["rows"]["fast"][name_set]["reached"] == 5
+    assert table["selection"]["fast"]["fraction_below_threshold"] == 0.25
+
+
+def test_runs_that_never_reach_the_target(extrapolation):
+    """A run that never gets there needs infinitely many labels: the median can stay
+    finite while the interval's upper bound is infinite (null in the JSON)."""
+    runs = [made_up_run("random", s, 20) for s in range(5)]
+    hits = [10, 10, 10, None, None]
+    runs += [made_up_run("patchy", s, h) for s, h in enumerate(hits)]
+    runs += [made_up_run("never", s, None) for s in range(5)]
+    table = extrapolation.analyse(runs, {name: 0.2 for name in SETS})
+    patchy = table["labels_ratio_vs_random"]["patchy"]["same"]
+    assert patchy["median_ratio"] == 0.5
+    assert patchy["ci95"][0] == 0.5 and math.isinf(patchy["ci95"][1])
+    never = table["labels_ratio_vs_random"]["never"]["same"]
+    assert math.isinf(never["median_ratio"]) and table["rows"]["never"]["same"]["reached"] == 0
+    saved = json.loads(json.dumps(extrapolation.jsonable(table), allow_nan=False))
+    assert saved["labels_ratio_vs_random"]["patchy"]["same"]["ci95"] == [0.5, None]
+    assert saved["labels_ratio_vs_random"]["never"]["same"]["median_ratio"] is None
+
+
+def test_default_target_and_area(extrapolation):
+    """The default target of a set is the largest of the strategies' median final MAEs;
+    the area is the mean MAE over the label range."""
+    runs = [made_up_run("random", s, 32, final=0.04) for s in range(3)]
+    runs += [made_up_run("other", s, 32, final=f) for s, f in enumerate((0.06, 0.08, 0.07))]
+    table = extrapolation.analyse(runs)
+    assert table["targets"]["same"] == pytest.approx(0.07)
+    area = (0.5 * (1.0 + 0.1) * 32 + 0.5 * (0.1 + 0.04) * 32) / 64
+    assert table["rows"]["random"]["same"]["median_learning_curve_area"] == pytest.approx(area)
+    assert table["labels_ratio_vs_random"]["other"]["same"]["median_ratio"] == 1.0
