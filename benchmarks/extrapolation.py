@@ -52,6 +52,7 @@ os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.envir
 
 # Run as a script, this file's folder heads sys.path: its siblings import as they are.
 from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded  # noqa: E402
+from ratios import bootstrap_ratio, jsonable, median_inf  # noqa: E402
 from time_to_accuracy import first_at_or_below  # noqa: E402
 
 from pipeline.metrology import learning_curve_area  # noqa: E402
@@ -78,7 +79,6 @@ QUICK = {
     "initial__n_structures": 4,
 }
 """A tiny campaign for ``--quick``."""
-RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 
 
 def run_strategy(name: str, seed: int, args, site, work: Path, sets: dict) -> dict:
@@ -109,65 +109,6 @@ def run_strategy(name: str, seed: int, args, site, work: Path, sets: dict) -> di
         "stop_reason": summary["stop_reason"],
         "selection": selection,
         "curves": curves,
-    }
-
-
-def _median(values: list[float]) -> float:
-    """The median, with ``inf`` for a run that never reached the target."""
-    ordered = sorted(values)
-    n = len(ordered)
-    if n % 2:
-        return ordered[n // 2]
-    low, high = ordered[n // 2 - 1], ordered[n // 2]
-    return math.inf if math.isinf(high) else (low + high) / 2
-
-
-def _ratio(mine: float, theirs: float) -> float:
-    """``mine / theirs``: 1 when both need no label, ``inf`` when only ``mine`` never
-    gets there (or ``theirs`` needs none), NaN (undefined) when neither does."""
-    if math.isinf(mine) and math.isinf(theirs):
-        return math.nan
-    if theirs == 0:
-        return 1.0 if mine == 0 else math.inf
-    return mine / theirs
-
-
-def jsonable(value):
-    """``value`` with every infinite or NaN number as None (JSON has neither)."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def bootstrap_ratio(mine: dict[int, float], theirs: dict[int, float]) -> dict:
-    """Median labels-to-target of ``mine`` over ``theirs`` (per seed; ``inf`` when a
-    run never reached it), and its bootstrap 95% interval over seeds resampled with
-    replacement: paired over the seeds both have, else each resampled alone."""
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    shared = sorted(set(mine) & set(theirs))
-    ratios = []
-    for _ in range(RESAMPLES):
-        if shared and len(shared) == len(mine) == len(theirs):
-            draw = rng.choice(shared, size=len(shared))
-            a, b = [mine[s] for s in draw], [theirs[s] for s in draw]
-        else:
-            a = rng.choice(list(mine.values()), size=len(mine)).tolist()
-            b = rng.choice(list(theirs.values()), size=len(theirs)).tolist()
-        ratios.append(_ratio(_median(a), _median(b)))
-    defined = sorted(r for r in ratios if not math.isnan(r))
-    if defined:  # order statistics: an infinite bound stays infinite
-        n = len(defined)
-        low, high = defined[int(0.025 * (n - 1))], defined[math.ceil(0.975 * (n - 1))]
-    else:
-        low = high = math.nan
-    return {
-        "median_ratio": _ratio(_median(list(mine.values())), _median(list(theirs.values()))),
-        "ci95": [low, high],
-        "undefined_resamples": len(ratios) - len(defined),
     }
 
 
@@ -203,7 +144,7 @@ def analyse(runs: list[dict], targets: dict[str, float] | None = None) -> dict:
             table["rows"].setdefault(name, {})[name_set] = {
                 "runs": len(strategy_runs),
                 "reached": sum(math.isfinite(h) for h in hits.values()),
-                "median_labels_to_target": _median(list(hits.values())),
+                "median_labels_to_target": median_inf(list(hits.values())),
                 "median_learning_curve_area": statistics.median(areas) if areas else None,
                 "median_final_force_mae": statistics.median(c[-1]["force_mae"] for c in curves),
             }
