@@ -50,7 +50,7 @@ os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.envir
 
 # Run as a script, this file's folder heads sys.path: its sibling imports as is.
 from ratios import bootstrap_ratio, jsonable, median_inf  # noqa: E402
-from time_to_accuracy import first_at_or_below, held_out_set  # noqa: E402
+from time_to_accuracy import first_at_or_below, held_out_set, run_on_site  # noqa: E402
 
 LOOPS = ("streaming", "serial", "unpaced")
 """``unpaced`` is streaming without the pace: labels as fast as the oracle and MD give
@@ -115,18 +115,12 @@ def task_seconds(root: Path, slots: dict, members: int) -> dict[str, float]:
 
 
 def run_one(loop: str, ratio: float, seed: int, args, site, work: Path, test_file: str) -> dict:
-    from pipeline.campaign_state import load_start_structure
-    from pipeline.coordinator import Apps, Coordinator
-    from pipeline.rundir import RunDirectory
+    from pipeline.coordinator import Coordinator
     from pipeline.serial import SerialLoop
 
     campaign = campaign_for(loop, ratio, seed, args, site.slots, test_file)
     root = work / f"r{ratio:g}-{loop}-seed{seed}"
-    run = RunDirectory.create(root, campaign.model_dump())
-    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
-    cls = SerialLoop if loop == "serial" else Coordinator
-    options = site.coordinator_options(campaign)
-    summary = cls(campaign, run, Apps.parsl(), site.slots, start, **options).run()
+    summary = run_on_site(SerialLoop if loop == "serial" else Coordinator, campaign, root, site)
     curve = [
         {"labels": e["labels"], "wall_s": e["wall_s"], "force_mae": e["force_mae"]}
         for e in summary["test_errors"]
