@@ -61,13 +61,16 @@ def _labelled(run):
 
 
 def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, finished):
-    """The run takes the finished run's labels with no oracle call, and its first
-    version, before any new label, continues from that run's members.
+    """The run takes the finished run's labels with no oracle call, and its members
+    train on from where that run's last ensemble left them.
 
-    How good that first version is, is only checked loosely here: this small model's
-    test error moves by up to half from one version to the next of one run, so a
-    single version is compared with the worst of the finished run's last versions.
-    That the members continue exactly is the test above."""
+    Its test error is only checked against divergence: this small model's error moves
+    by up to a factor of two from one version to the next of one run (0.39 -> 0.97
+    eV/A in one run here), so a single warm version cannot be ranked against a cold
+    one. That the members continue exactly is the test above; here, that their step
+    counts go on from the finished run's in a whole campaign."""
+    from apps.model import load_checkpoint
+
     first_run, first = finished
     campaign = small_campaign(
         initial__file=str(first_run.root / "labels.extxyz"),
@@ -80,8 +83,14 @@ def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, fini
     assert sources.count("file") == summary["initial_labels"], "no oracle call for them"
     warm = [e for e in summary["test_errors"] if e["labels"] == 0]
     assert warm, "a version before any new label"
-    latest = [e["force_mae"] for e in first["test_errors"][-3:]]
-    assert warm[0]["force_mae"] <= 1.5 * max(latest), (warm[0], latest)
+    for k in range(campaign.model.n_members):
+        _, earlier = load_checkpoint(first_run.member_checkpoints(k)[-1][1])
+        steps = [load_checkpoint(p)[1]["steps"] for _, p in run.member_checkpoints(k)]
+        assert min(steps) >= earlier["steps"] and max(steps) > earlier["steps"], (
+            "members go on from the finished run's steps, they do not restart"
+        )
+    seen = [e["force_mae"] for e in first["test_errors"]]
+    assert warm[0]["force_mae"] <= 1.5 * max(seen), (warm[0], seen)
 
 
 def test_labels_alone_reach_the_final_error_without_new_labels(tmp_path, finished):
