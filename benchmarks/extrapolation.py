@@ -8,7 +8,9 @@ one site (default ``laptop.py``), every strategy with every seed, interleaved. F
 held-out sets, labelled once by EMT before the runs (``extrapolation_sets.py``):
 ``same`` (oracle MD at 800 K, the in-distribution control and the campaigns'
 ``test.file``), ``hot`` (1600 K), ``strain`` (the cluster scaled 0.85-1.15, single
-atoms pulled out) and ``other_phase`` (periodic bulk fcc and a (111) slab). After each
+atoms pulled out) and ``other_phase`` (periodic bulk fcc and a (111) slab). With
+``--campaign`` another system (the default campaign's ethanol, say), ``torsion`` (rigid
+rotations about each rotatable bond) takes the place of ``other_phase``. After each
 run, every saved ensemble version is scored on every set: a learning curve (labels
 to test force MAE) per run and set. Per strategy and set:
 
@@ -23,8 +25,8 @@ to test force MAE) per run and set. Per strategy and set:
 - for every run, the MD frames scored, the fraction at or below the selection
   threshold then in force (frames the threshold filtered out), and the threshold.
 
-Writes ``benchmarks/results/extrapolation.json`` (run folders as ``WORK/...``) and
-``extrapolation.png`` (learning curves, one panel per set: seeds faint, the median
+Writes ``benchmarks/results/NAME.json`` (``--name``, default ``extrapolation``; run
+folders as ``WORK/...``) and ``NAME.png`` (learning curves, one panel per set: seeds faint, the median
 over seeds bold). ``--quick`` is a tiny run for tests; ``--reanalyse JSON`` recomputes
 the tables from a saved file.
 """
@@ -258,7 +260,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--strategies", nargs="+", default=DEFAULT, choices=STRATEGIES)
     parser.add_argument("--site", default="laptop.py")
-    parser.add_argument("--campaign", default=str(CAMPAIGN), help="campaign TOML (Cu13, EMT)")
+    parser.add_argument(
+        "--campaign", default=str(CAMPAIGN), help="campaign TOML (default: Cu13, EMT)"
+    )
     parser.add_argument("--labels", type=int, default=64, help="label budget of every run")
     parser.add_argument("--pace", type=int, default=8, help="labels per ensemble version")
     parser.add_argument("--max-wall", type=float, default=300.0, help="wall limit per run, s")
@@ -266,6 +270,9 @@ def main() -> None:
     parser.add_argument("--hot", type=float, default=1600.0, help="the hot set's MD, K")
     parser.add_argument(
         "--target", nargs="+", metavar="[SET=]MAE", help="target force MAE, eV/Å (all sets or one)"
+    )
+    parser.add_argument(
+        "--name", default="extrapolation", help="results file stem (benchmarks/results/NAME.*)"
     )
     parser.add_argument("--quick", action="store_true", help="a tiny run (tests)")
     parser.add_argument("--reanalyse", metavar="JSON", help="no runs: analyse a saved JSON")
@@ -333,8 +340,8 @@ def main() -> None:
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = json.dumps(jsonable(result), indent=2).replace(str(work), "WORK")
-    (RESULTS / "extrapolation.json").write_text(text)
-    plot(result, RESULTS / "extrapolation.png")
+    (RESULTS / f"{args.name}.json").write_text(text)
+    plot(result, RESULTS / f"{args.name}.png")
     print(f"total {result['total_wall_s']:.0f} s")
 
 

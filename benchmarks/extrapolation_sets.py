@@ -2,8 +2,10 @@
 
 - :func:`build_sets`: the held-out sets, each labelled once by the campaign's oracle
   before any run: ``same`` (oracle MD at the walkers' temperature), ``hot`` (oracle MD
-  much hotter), ``strain`` (the cluster scaled isotropically, and single atoms pulled
-  out) and ``other_phase`` (oracle MD of periodic bulk fcc copper and a (111) slab);
+  much hotter), ``strain`` (the structure scaled isotropically, and single outer atoms
+  pulled out: bond stretches in a molecule), and for copper ``other_phase`` (oracle MD
+  of periodic bulk fcc copper and a (111) slab), for any other molecule ``torsion``
+  (rigid rotations about each rotatable bond of the start structure);
 - :func:`evaluate_versions`: every saved ensemble version of a finished run on every
   set, with the active labels each version was published with (``state.json``);
 - :class:`RecordingCoordinator`: the streaming coordinator, counting for every MD
@@ -23,12 +25,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 STRUCTURES = ROOT / "examples" / "structures"
-SETS = ("same", "hot", "strain", "other_phase")
+SETS = ("same", "hot", "strain", "other_phase", "torsion")
+"""Every set a run may be scored on: ``other_phase`` for copper, ``torsion`` otherwise."""
 DESCRIPTIONS = {
-    "same": "oracle MD of the cluster at the walkers' temperature (in distribution)",
-    "hot": "oracle MD of the cluster at {hot:.0f} K",
-    "strain": "cluster frames scaled isotropically 0.85-1.15, and single atoms pulled out",
+    "same": "oracle MD at the walkers' temperature (in distribution)",
+    "hot": "oracle MD at {hot:.0f} K",
+    "strain": "MD frames scaled isotropically 0.85-1.15, and single outer atoms pulled out",
     "other_phase": "oracle MD of bulk fcc Cu32 and a Cu27 (111) slab, periodic",
+    "torsion": "the start structure rotated rigidly about each rotatable bond, 0-360 degrees",
 }
 
 
@@ -73,12 +77,69 @@ def _strained(campaign, base: list, n: int, scratch: Path) -> list:
     return [label_structure(a, calculator, campaign.oracle.max_force) for a in frames]
 
 
+def rotatable_bonds(atoms) -> list[tuple[int, int, list[int]]]:
+    """``(i, j, side)`` per rotatable bond: two bonded atoms (closer than 1.2 × the sum
+    of their covalent radii) with other neighbours on both sides, not in a ring;
+    ``side``, the atoms on ``j``'s side of the bond (``j`` included)."""
+    from ase.data import covalent_radii
+
+    radii = covalent_radii[atoms.numbers]
+    distances = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+    close = distances < 1.2 * (radii[:, None] + radii[None, :])
+    np.fill_diagonal(close, False)
+    bonded = {k: set(np.flatnonzero(close[k]).tolist()) for k in range(len(atoms))}
+    bonds = []
+    for i in range(len(atoms)):
+        for j in sorted(bonded[i]):
+            if j < i or len(bonded[i]) < 2 or len(bonded[j]) < 2:
+                continue
+            side, stack = {j}, [j]
+            while stack:  # j's side: every atom reached from j without the bond i-j
+                at = stack.pop()
+                for k in bonded[at] - ({i} if at == j else set()):
+                    if k not in side:
+                        side.add(k)
+                        stack.append(k)
+            if i not in side:  # reaching i round the other way means a ring
+                bonds.append((i, j, sorted(side)))
+    return bonds
+
+
+def _torsions(campaign, n: int, scratch: Path) -> list:
+    """``n`` copies of the start structure, rotated rigidly about its rotatable bonds
+    in turn by angles spread over 0-360 degrees, labelled by the oracle."""
+    from apps.oracle import label_structure, make_calculator
+    from pipeline.campaign_state import load_start_structure
+
+    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+    bonds = rotatable_bonds(start)
+    if not bonds:
+        raise ValueError(f"{campaign.system.structure}: no rotatable bond for a torsion set")
+    per_bond = -(-n // len(bonds))
+    frames = []
+    for k in range(n):
+        i, j, side = bonds[k % len(bonds)]
+        turn = (k // len(bonds) + 1) / (per_bond + 1)  # never 0 or 360 degrees
+        atoms = start.copy()
+        axis = atoms.positions[j] - atoms.positions[i]
+        atoms.rotate(360.0 * turn, axis, center=atoms.positions[j])
+        moved = start.copy()
+        moved.positions[side] = atoms.positions[side]
+        frames.append(moved)
+    spec = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
+    scratch.mkdir(parents=True, exist_ok=True)
+    calculator = make_calculator(spec, scratch)
+    return [label_structure(a, calculator, campaign.oracle.max_force) for a in frames]
+
+
 def build_sets(campaign_path, work: Path, n: int, hot_K: float = 1600.0) -> dict[str, dict]:
     """Label the held-out sets once; per set its dataset file (``path``, palflow's
-    ``.npz``), ``extxyz`` (for ``test.file``) and a description of its labels."""
+    ``.npz``), ``extxyz`` (for ``test.file``) and a description of its labels. Copper
+    gets ``other_phase``; any other system gets ``torsion``."""
     from ase.io import write
 
     from apps.dataset import write_dataset
+    from pipeline.campaign_state import load_start_structure
     from pipeline.settings import load_campaign
 
     campaign = load_campaign(campaign_path)
@@ -87,7 +148,12 @@ def build_sets(campaign_path, work: Path, n: int, hot_K: float = 1600.0) -> dict
         "same": same,
         "hot": _md_frames(campaign_path, work / "set-hot", n, generator__temperature_K=hot_K),
         "strain": _strained(campaign, same, n, work / "set-strain"),
-        "other_phase": [
+    }
+    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+    if set(start.get_chemical_symbols()) != {"Cu"}:
+        frames["torsion"] = _torsions(campaign, n, work / "set-torsion")
+    else:
+        frames["other_phase"] = [
             *_md_frames(
                 campaign_path, work / "set-bulk", n - n // 2,
                 system__structure=str(STRUCTURES / "cu32_bulk.xyz"),
@@ -96,8 +162,7 @@ def build_sets(campaign_path, work: Path, n: int, hot_K: float = 1600.0) -> dict
                 campaign_path, work / "set-slab", n // 2,
                 system__structure=str(STRUCTURES / "cu27_slab111.xyz"),
             ),
-        ],
-    }  # fmt: skip
+        ]  # fmt: skip
     sets = {}
     for name, structures in frames.items():
         path, extxyz = work / f"heldout-{name}.npz", work / f"heldout-{name}.extxyz"
