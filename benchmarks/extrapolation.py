@@ -26,9 +26,9 @@ to test force MAE) per run and set. Per strategy and set:
   threshold then in force (frames the threshold filtered out), and the threshold.
 
 Writes ``benchmarks/results/NAME.json`` (``--name``, default ``extrapolation``; run
-folders as ``WORK/...``) and ``NAME.png`` (learning curves, one panel per set: seeds faint, the median
-over seeds bold). ``--quick`` is a tiny run for tests; ``--reanalyse JSON`` recomputes
-the tables from a saved file.
+folders as ``WORK/...``) and ``NAME.png`` (learning curves, one panel per set: seeds
+faint, the median over seeds bold). ``--quick`` is a tiny run for tests;
+``--reanalyse JSON`` recomputes the tables from a saved file.
 """
 
 from __future__ import annotations
