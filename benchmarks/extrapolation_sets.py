@@ -105,27 +105,32 @@ def rotatable_bonds(atoms) -> list[tuple[int, int, list[int]]]:
     return bonds
 
 
-def _torsions(campaign, n: int, scratch: Path) -> list:
-    """``n`` copies of the start structure, rotated rigidly about its rotatable bonds
-    in turn by angles spread over 0-360 degrees, labelled by the oracle."""
-    from apps.oracle import label_structure, make_calculator
-    from pipeline.campaign_state import load_start_structure
-
-    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+def torsion_frames(start, n: int) -> list:
+    """``n`` copies of ``start``, rotated rigidly about its rotatable bonds in turn by
+    angles spread over 0-360 degrees (never 0 or 360), unlabelled."""
     bonds = rotatable_bonds(start)
     if not bonds:
-        raise ValueError(f"{campaign.system.structure}: no rotatable bond for a torsion set")
+        raise ValueError("no rotatable bond for a torsion set")
     per_bond = -(-n // len(bonds))
     frames = []
     for k in range(n):
         i, j, side = bonds[k % len(bonds)]
-        turn = (k // len(bonds) + 1) / (per_bond + 1)  # never 0 or 360 degrees
-        atoms = start.copy()
-        axis = atoms.positions[j] - atoms.positions[i]
-        atoms.rotate(360.0 * turn, axis, center=atoms.positions[j])
-        moved = start.copy()
-        moved.positions[side] = atoms.positions[side]
-        frames.append(moved)
+        turned = start.copy()
+        axis = start.positions[j] - start.positions[i]
+        turned.rotate(360.0 * (k // len(bonds) + 1) / (per_bond + 1), axis, start.positions[j])
+        frame = start.copy()
+        frame.positions[side] = turned.positions[side]
+        frames.append(frame)
+    return frames
+
+
+def _torsions(campaign, n: int, scratch: Path) -> list:
+    """:func:`torsion_frames` of the campaign's start structure, labelled by the oracle."""
+    from apps.oracle import label_structure, make_calculator
+    from pipeline.campaign_state import load_start_structure
+
+    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
+    frames = torsion_frames(start, n)
     spec = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
     scratch.mkdir(parents=True, exist_ok=True)
     calculator = make_calculator(spec, scratch)

@@ -143,3 +143,31 @@ def test_default_target_and_area(extrapolation):
     area = (0.5 * (1.0 + 0.1) * 32 + 0.5 * (0.1 + 0.04) * 32) / 64
     assert table["rows"]["random"]["same"]["median_learning_curve_area"] == pytest.approx(area)
     assert table["labels_ratio_vs_random"]["other"]["same"]["median_ratio"] == 1.0
+
+
+def test_rotatable_bonds_and_torsion_frames(extrapolation):
+    """Ethanol turns about C-C and C-O, ethane about C-C, a ring not at all; torsion
+    frames differ from the start and from each other and keep every bond length."""
+    import numpy as np
+    from ase.build import molecule
+    from ase.data import covalent_radii
+    from extrapolation_sets import rotatable_bonds, torsion_frames
+
+    ethanol = molecule("CH3CH2OH")
+    symbols = ethanol.get_chemical_symbols()
+    bonds = rotatable_bonds(ethanol)
+    assert sorted("".join(sorted(symbols[i] + symbols[j])) for i, j, _ in bonds) == ["CC", "CO"]
+    assert len(rotatable_bonds(molecule("C2H6"))) == 1
+    assert rotatable_bonds(molecule("C6H6")) == [] and rotatable_bonds(molecule("CH4")) == []
+    with pytest.raises(ValueError, match="no rotatable bond"):
+        torsion_frames(molecule("CH4"), 4)
+
+    frames = torsion_frames(ethanol, 5)
+    radii = covalent_radii[ethanol.numbers]
+    before = ethanol.get_all_distances()
+    bonded = before < 1.2 * np.add.outer(radii, radii)
+    seen = [ethanol.positions]
+    for frame in frames:
+        np.testing.assert_allclose(frame.get_all_distances()[bonded], before[bonded], atol=1e-9)
+        assert not any(np.allclose(frame.positions, other, atol=1e-3) for other in seen)
+        seen.append(frame.positions)
