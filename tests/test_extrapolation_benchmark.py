@@ -84,6 +84,25 @@ def test_quick_run(tmp_path):
     assert "same: target test force MAE 1.5000 eV/Å" in again
 
 
+@pytest.mark.timeout(300)
+def test_quick_run_on_a_molecule_scores_torsions(tmp_path):
+    """With the default campaign (GFN2-xTB ethanol), a torsion set labelled by xTB takes
+    the place of copper's other phase, and every run is scored on it."""
+    run_benchmark(
+        tmp_path, "--quick", "--campaign", "examples/ethanol_xtb.toml", "--hot", "1000",
+        "--seeds", "0", "--name", "ethanol",
+    )  # fmt: skip
+    result = json.loads((tmp_path / "ethanol.json").read_text())
+    assert set(result["sets"]) == {"same", "hot", "strain", "torsion"}
+    torsion = result["sets"]["torsion"]
+    assert torsion["n_structures"] == 4 and torsion["labels_finite"]
+    assert torsion["periodic_frames"] == 0 and torsion["mean_abs_force"] > 0
+    for run in result["runs"]:
+        assert [p["labels"] for p in run["curves"]["torsion"]][-1] == 8
+    assert set(result["labels_ratio_vs_random"]["max force spread"]) == set(result["sets"])
+    assert (tmp_path / "ethanol.png").stat().st_size > 0
+
+
 def made_up_run(strategy, seed, hit, final=0.05, sets=SETS):
     """A learning curve that crosses 0.2 eV/Å at ``hit`` labels (None: never)."""
     points = [(0, 1.0)] + ([(hit, 0.1), (64, final)] if hit is not None else [(64, 0.5)])
