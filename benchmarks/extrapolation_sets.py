@@ -49,12 +49,20 @@ def _md_frames(campaign_path, folder: Path, n: int, **overrides) -> list:
     return read(path, index=":")
 
 
-def _strained(campaign, base: list, n: int, scratch: Path) -> list:
-    """Half of ``n``: ``base`` frames scaled about their centre by 0.85-1.15; the
-    rest: one surface atom of a ``base`` frame pulled out radially by 0.4-1.6 Å.
-    Labelled by the oracle in this process."""
+def _labelled(campaign, frames: list, scratch: Path) -> list:
+    """``frames`` labelled by the campaign's oracle in this process."""
     from apps.oracle import label_structure, make_calculator
 
+    spec = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
+    scratch.mkdir(parents=True, exist_ok=True)
+    calculator = make_calculator(spec, scratch)
+    return [label_structure(a, calculator, campaign.oracle.max_force) for a in frames]
+
+
+def strained_frames(base: list, n: int) -> list:
+    """Half of ``n``: ``base`` frames scaled about their centre by 0.85-1.15; the
+    rest: one outer atom of a ``base`` frame pulled out radially by 0.4-1.6 Å.
+    Unlabelled."""
     rng = np.random.default_rng(2024)
     n_scaled = (n + 1) // 2
     frames = []
@@ -71,10 +79,7 @@ def _strained(campaign, base: list, n: int, scratch: Path) -> list:
         atom = int(rng.choice(outer))
         atoms.positions[atom] += pull * radial[atom] / np.linalg.norm(radial[atom])
         frames.append(atoms)
-    spec = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
-    scratch.mkdir(parents=True, exist_ok=True)
-    calculator = make_calculator(spec, scratch)
-    return [label_structure(a, calculator, campaign.oracle.max_force) for a in frames]
+    return frames
 
 
 def rotatable_bonds(atoms) -> list[tuple[int, int, list[int]]]:
@@ -124,19 +129,6 @@ def torsion_frames(start, n: int) -> list:
     return frames
 
 
-def _torsions(campaign, n: int, scratch: Path) -> list:
-    """:func:`torsion_frames` of the campaign's start structure, labelled by the oracle."""
-    from apps.oracle import label_structure, make_calculator
-    from pipeline.campaign_state import load_start_structure
-
-    start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
-    frames = torsion_frames(start, n)
-    spec = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
-    scratch.mkdir(parents=True, exist_ok=True)
-    calculator = make_calculator(spec, scratch)
-    return [label_structure(a, calculator, campaign.oracle.max_force) for a in frames]
-
-
 def build_sets(campaign_path, work: Path, n: int, hot_K: float = 1600.0) -> dict[str, dict]:
     """Label the held-out sets once; per set its dataset file (``path``, palflow's
     ``.npz``), ``extxyz`` (for ``test.file``) and a description of its labels. Copper
@@ -152,11 +144,11 @@ def build_sets(campaign_path, work: Path, n: int, hot_K: float = 1600.0) -> dict
     frames = {
         "same": same,
         "hot": _md_frames(campaign_path, work / "set-hot", n, generator__temperature_K=hot_K),
-        "strain": _strained(campaign, same, n, work / "set-strain"),
+        "strain": _labelled(campaign, strained_frames(same, n), work / "set-strain"),
     }
     start = load_start_structure(campaign.system.structure, campaign.system.vacuum)
     if set(start.get_chemical_symbols()) != {"Cu"}:
-        frames["torsion"] = _torsions(campaign, n, work / "set-torsion")
+        frames["torsion"] = _labelled(campaign, torsion_frames(start, n), work / "set-torsion")
     else:
         frames["other_phase"] = [
             *_md_frames(
