@@ -2,11 +2,11 @@
 
 Each app is a plain function with a leading underscore in its own module, wrapped
 here on first use (``apps.label_batch``), so that importing a light module of this
-package (:mod:`apps.contracts`, :mod:`apps.dataset`) loads neither Parsl nor torch.
+package (:mod:`palflow.apps.contracts`, :mod:`palflow.apps.data.dataset`) loads neither Parsl nor torch.
 Tests and the serial baseline call the plain functions; campaigns call these
 wrappers, which return Parsl futures. The executor label is the only link between
 an app and a site config; the keyword arguments of each app are its request in
-:mod:`apps.contracts`.
+:mod:`palflow.apps.contracts`.
 """
 
 from importlib import import_module
@@ -14,13 +14,13 @@ from typing import Any
 
 APPS = {
     # name: (module, plain function, executor label)
-    "label_batch": ("apps.oracle", "_label_batch", "oracle"),
-    "oracle_md": ("apps.oracle", "_oracle_md", "oracle"),
-    "generate": ("apps.generator", "_generate", "generator"),
-    "train_member": ("apps.training", "_train_member", "train"),
-    "score_candidates": ("apps.inference", "_score_candidates", "infer"),
-    "evaluate_test": ("apps.inference", "_evaluate_test", "infer"),
-    "mpi_ranks_check": ("apps.mpi_check", "_mpi_ranks_check", "oracle"),
+    "label_batch": ("palflow.apps.oracle", "_label_batch", "oracle"),
+    "oracle_md": ("palflow.apps.oracle", "_oracle_md", "oracle"),
+    "generate": ("palflow.apps.generator", "_generate", "generator"),
+    "train_member": ("palflow.apps.training", "_train_member", "train"),
+    "score_candidates": ("palflow.apps.inference", "_score_candidates", "infer"),
+    "evaluate_test": ("palflow.apps.inference", "_evaluate_test", "infer"),
+    "mpi_ranks_check": ("palflow.apps.mpi_check", "_mpi_ranks_check", "oracle"),
 }
 
 __all__ = sorted(APPS)

@@ -66,7 +66,7 @@ def _import_from_file(file_name: str, attribute: str, path: str) -> Any:
 def require_settings(settings: Mapping[str, Any], keys: Iterable[str], section: str) -> None:
     """Check that a campaign section given to an app holds every key the app reads.
 
-    Apps take the complete, validated section (``pipeline.settings``) and keep no
+    Apps take the complete, validated section (``palflow.pipeline.config.settings``) and keep no
     defaults of their own, so that a campaign's value is the only value.
 
     Raises

@@ -100,7 +100,7 @@ class Request:
 
 @dataclass(frozen=True)
 class LabelRequest(Request):
-    """Label the structures of ``input_path`` (:func:`apps.oracle._label_batch`)."""
+    """Label the structures of ``input_path`` (:func:`palflow.apps.oracle._label_batch`)."""
 
     app: ClassVar[str] = "label_batch"
     input_path: str
@@ -114,7 +114,7 @@ class LabelRequest(Request):
 
 @dataclass(frozen=True)
 class ReferenceRequest(Request):
-    """Oracle-driven MD for the held-out set (:func:`apps.oracle._oracle_md`)."""
+    """Oracle-driven MD for the held-out set (:func:`palflow.apps.oracle._oracle_md`)."""
 
     app: ClassVar[str] = "oracle_md"
     start_path: str
@@ -131,7 +131,7 @@ class ReferenceRequest(Request):
 @dataclass(frozen=True)
 class MDRequest(Request):
     """One segment of a group of walkers, by the generator ``generator.kind`` names
-    (:func:`apps.generator._generate`; MD by default)."""
+    (:func:`palflow.apps.generator._generate`; MD by default)."""
 
     app: ClassVar[str] = "generate"
     generator: str
@@ -145,7 +145,7 @@ class MDRequest(Request):
 
 @dataclass(frozen=True)
 class TrainRequest(Request):
-    """A few epochs of one member (:func:`apps.training._train_member`)."""
+    """A few epochs of one member (:func:`palflow.apps.training._train_member`)."""
 
     app: ClassVar[str] = "train_member"
     member: int
@@ -161,7 +161,7 @@ class TrainRequest(Request):
 
 @dataclass(frozen=True)
 class ScoreRequest(Request):
-    """Re-score the oracle queue (:func:`apps.inference._score_candidates`)."""
+    """Re-score the oracle queue (:func:`palflow.apps.inference._score_candidates`)."""
 
     app: ClassVar[str] = "score_candidates"
     ensemble_path: str
@@ -171,7 +171,7 @@ class ScoreRequest(Request):
 
 @dataclass(frozen=True)
 class EvaluateRequest(Request):
-    """The held-out errors of one version (:func:`apps.inference._evaluate_test`)."""
+    """The held-out errors of one version (:func:`palflow.apps.inference._evaluate_test`)."""
 
     app: ClassVar[str] = "evaluate_test"
     ensemble_path: str

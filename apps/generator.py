@@ -10,7 +10,7 @@
 - ``"rattle"`` (:func:`_rattle`): random displacements and cell strains around each
   walker's start and around the labelled structures, scored in one batched pass;
 - ``"module:function"`` or ``"path/to/file.py:function"``: a user's function with the
-  :class:`pipeline.protocols.Generator` signature (``examples/plugins/``).
+  :class:`palflow.pipeline.policies.protocols.Generator` signature (``examples/plugins/``).
 
 The coordinator decides what to label and where each walker goes next; this module
 only proposes.
@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.io import read, write
-
-from apps.common import draw_velocities, require_settings, where_and_when
-from apps.dataset import write_dataset
-from apps.dynamics import BatchedDynamics, Evaluation, evaluations
+from palflow.apps.common import draw_velocities, require_settings, where_and_when
+from palflow.apps.data.dataset import write_dataset
+from palflow.apps.md.dynamics import BatchedDynamics, Evaluation, evaluations
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ def _run_md(
         Per walker, where its last sound frame, with momenta, goes, for its next task.
     settings
         The campaign's validated generator section
-        (``pipeline.settings.GeneratorSettings.model_dump()``); this task reads the
+        (``palflow.pipeline.config.settings.GeneratorSettings.model_dump()``); this task reads the
         keys in :data:`SETTINGS_READ`.
 
     Raises
@@ -122,8 +121,7 @@ def _run_md(
         used; and where and when the task ran.
     """
     import torch
-
-    from apps.model import default_device, load_checkpoint
+    from palflow.apps.models.core import default_device, load_checkpoint
 
     t_start = time.time()
     require_settings(settings, SETTINGS_READ, "generator")
@@ -272,10 +270,9 @@ def _rattle(
     Parameters and return value are those of :func:`_run_md`.
     """
     import torch
-
-    from apps.calculator import predict_structures
-    from apps.dataset import read_dataset
-    from apps.model import default_device, load_checkpoint
+    from palflow.apps.data.dataset import read_dataset
+    from palflow.apps.models.calculator import predict_structures
+    from palflow.apps.models.core import default_device, load_checkpoint
 
     t_start = time.time()
     require_settings(settings, SETTINGS_READ + RATTLE_SETTINGS_READ, "generator")
@@ -362,7 +359,7 @@ def resolve_generator(kind: str):
             f"unknown generator {kind!r}: built in are {', '.join(GENERATORS)}, or give "
             "'module:function' or 'path/to/file.py:function'"
         )
-    from apps.common import import_object
+    from palflow.apps.common import import_object
 
     function = import_object(kind)
     if not callable(function):
@@ -380,6 +377,6 @@ def _generate(
     seed: int,
 ) -> dict[str, Any]:
     """The generator app: run the generator ``generator`` names (``generator.kind``)
-    with the arguments of :class:`pipeline.protocols.Generator`."""
+    with the arguments of :class:`palflow.pipeline.policies.protocols.Generator`."""
     function = resolve_generator(generator)
     return function(start_paths, ensemble_path, output_paths, last_frame_paths, settings, seed)

@@ -8,9 +8,8 @@ import time
 from typing import Any
 
 import numpy as np
-
-from apps.common import where_and_when
-from apps.dataset import read_arrays, read_dataset
+from palflow.apps.common import where_and_when
+from palflow.apps.data.dataset import read_arrays, read_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +35,8 @@ def _score_candidates(
         and where and when the task ran.
     """
     import torch
-
-    from apps.calculator import predict_structures
-    from apps.model import default_device, load_checkpoint
+    from palflow.apps.models.calculator import predict_structures
+    from palflow.apps.models.core import default_device, load_checkpoint
 
     t_start = time.time()
     torch.set_num_threads(1)
@@ -85,9 +83,8 @@ def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None
         none has one); the ensemble ``version``; and where and when the task ran.
     """
     import torch
-
-    from apps.calculator import predict_structures
-    from apps.model import default_device, load_checkpoint
+    from palflow.apps.models.calculator import predict_structures
+    from palflow.apps.models.core import default_device, load_checkpoint
 
     t_start = time.time()
     torch.set_num_threads(1)

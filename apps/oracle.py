@@ -26,11 +26,10 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
-
-from apps.common import draw_velocities, import_object, where_and_when
-from apps.contracts import FailureKind
-from apps.dataset import read_arrays, read_dataset, write_dataset
-from apps.isolation import close_labeller, label_isolated
+from palflow.apps.common import draw_velocities, import_object, where_and_when
+from palflow.apps.contracts import FailureKind
+from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
+from palflow.apps.oracles.isolation import close_labeller, label_isolated
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class BadLabel(OracleError):
 
 
 def failure_kind(error: BaseException) -> FailureKind:
-    """The kind of a failed calculation (see :class:`apps.contracts.FailureKind`)."""
+    """The kind of a failed calculation (see :class:`palflow.apps.contracts.FailureKind`)."""
     from ase.calculators.calculator import SCFError
 
     if isinstance(error, BadLabel):
@@ -242,7 +241,7 @@ def _label_batch(
     ``max_force``, ``timeout_s`` and ``isolate`` are the campaign's ``oracle``
     settings, with no defaults here. With ``isolate`` each calculation runs in a
     forked child, so that one that hangs past ``timeout_s`` (0: no limit) or kills
-    its process costs only its structure (see :mod:`apps.isolation`).
+    its process costs only its structure (see :mod:`palflow.apps.oracles.isolation`).
 
     The output is written atomically, so an existing output file is a complete
     result. ``parsl_resource_specification`` (ranks, nodes) is read by Parsl's

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 import vesin
 from ase import Atoms
-
-from apps.common import require_settings, where_and_when
-from apps.dataset import read_dataset
-from apps.model import (
+from palflow.apps.common import require_settings, where_and_when
+from palflow.apps.data.dataset import read_dataset
+from palflow.apps.models.core import (
     PotentialEnsemble,
     StructureGraph,
     collate,
@@ -124,7 +123,7 @@ def _train_member(
     member
         Member index (recorded in the checkpoint and result).
     dataset_path
-        Training set written by :func:`apps.dataset.write_dataset`; unlabelled
+        Training set written by :func:`palflow.apps.data.dataset.write_dataset`; unlabelled
         structures are skipped. The member trains on all of it: the coordinator's
         snapshot already holds only the labels to train on (``rolling_window``).
     checkpoint_in
@@ -137,7 +136,7 @@ def _train_member(
         checkpoint's own spec is used).
     settings
         The campaign's validated training section
-        (``pipeline.settings.TrainingSettings.model_dump()``); this task reads the
+        (``palflow.pipeline.config.settings.TrainingSettings.model_dump()``); this task reads the
         keys in :data:`SETTINGS_READ`, and ignores the others.
     seed
         Member seed: fixes the initial weights, the bootstrap resample and the shuffles.

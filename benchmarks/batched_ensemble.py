@@ -10,7 +10,7 @@ Timings are medians over ``--repeat`` calls, the variants interleaved so that
 machine noise hits them alike. Writes ``benchmarks/results/batched_ensemble.json``
 and ``.png``.
 
-The generator tasks are the real app (``apps.generator._run_md``, checkpoint loading
+The generator tasks are the real app (``palflow.apps.generator._run_md``, checkpoint loading
 and file writing included) with the default campaign's generator settings; "one
 walker per task" runs W such tasks one after another in one process, which is what
 they cost on one core.
@@ -68,10 +68,9 @@ def schnet_step_cost(args) -> None:
     import numpy as np
     import torch
     from ase.build import molecule
-
-    from apps.calculator import _run
-    from apps.model import ModelSpec, SchNetEnsemble, build_batch
-    from pipeline.settings import SCHNET_KEYS, load_campaign
+    from palflow.apps.models.calculator import _run
+    from palflow.apps.models.core import ModelSpec, SchNetEnsemble, build_batch
+    from palflow.pipeline.config.settings import SCHNET_KEYS, load_campaign
 
     torch.set_num_threads(args.threads)
     campaign = load_campaign()
@@ -180,9 +179,8 @@ def generator_tasks(
     import tempfile
 
     from ase.io import write
-
-    from apps.generator import _run_md
-    from apps.model import save_checkpoint
+    from palflow.apps.generator import _run_md
+    from palflow.apps.models.core import save_checkpoint
 
     # Every walker runs every step: an untrained ensemble would otherwise end some
     # segments early at its hard caps, and the timings would measure that.
@@ -282,10 +280,9 @@ def mace_committee_cost(args) -> None:
     import numpy as np
     import torch
     from ase.build import molecule
-
-    from apps.calculator import _run
-    from apps.model import build_batch
-    from pipeline.settings import load_campaign
+    from palflow.apps.models.calculator import _run
+    from palflow.apps.models.core import build_batch
+    from palflow.pipeline.config.settings import load_campaign
 
     torch.set_num_threads(args.threads)
     campaign = load_campaign(MACE_CAMPAIGN)
@@ -361,11 +358,10 @@ def mace_committees(dtype: str, base, rng, device: str):
     this benchmark times the passes.
     """
     from ase.calculators.emt import EMT
-
-    from apps.mace_ensemble import MACEEnsemble
-    from apps.model import new_ensemble
-    from pipeline.models import resolve_model_spec
-    from pipeline.settings import load_campaign
+    from palflow.apps.models.core import new_ensemble
+    from palflow.apps.models.mace import MACEEnsemble
+    from palflow.pipeline.config.models import resolve_model_spec
+    from palflow.pipeline.config.settings import load_campaign
 
     campaign = load_campaign(MACE_CAMPAIGN, model__dtype=dtype)
     labelled = rattled(base, 8, rng)

@@ -71,10 +71,10 @@ def md_frames(temperature_K: float, n: int, every: int, seed: int) -> list:
 
 def score(checkpoints: list[str], test: list, work: Path) -> dict:
     """Force MAE, median spread and Spearman rho of the committee of ``checkpoints``."""
-    from apps.calculator import predict_structures
-    from apps.model import load_checkpoint
-    from apps.training import stack_member_checkpoints
-    from pipeline.metrology import spearman_rho
+    from palflow.apps.models.calculator import predict_structures
+    from palflow.apps.models.core import load_checkpoint
+    from palflow.apps.training import stack_member_checkpoints
+    from palflow.pipeline.policies.metrology import spearman_rho
 
     stacked = work / "committee.pt"
     stack_member_checkpoints(checkpoints, str(stacked), {})
@@ -96,10 +96,10 @@ def score(checkpoints: list[str], test: list, work: Path) -> dict:
 
 def train_committee(campaign_file: str, epochs: int, train: list, test: list, work: Path):
     """Train the committee task by task; score it after every task. Returns the curve."""
-    from apps.dataset import write_dataset
-    from apps.training import _train_member
-    from pipeline.models import resolve_model_spec
-    from pipeline.settings import load_campaign
+    from palflow.apps.data.dataset import write_dataset
+    from palflow.apps.training import _train_member
+    from palflow.pipeline.config.models import resolve_model_spec
+    from palflow.pipeline.config.settings import load_campaign
 
     campaign = load_campaign(campaign_file)
     work.mkdir(parents=True, exist_ok=True)

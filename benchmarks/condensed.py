@@ -49,9 +49,8 @@ def npt_volumes(driver, settings: dict, steps: int, seed: int) -> np.ndarray:
     """Volume per atom (Å³) every 5 steps of NPT MD of bulk copper on ``driver`` (an
     ensemble or an ASE calculator), after ``steps // 5`` steps of equilibration."""
     from ase.build import bulk
-
-    from apps.common import draw_velocities
-    from apps.generator import BatchedDynamics
+    from palflow.apps.common import draw_velocities
+    from palflow.apps.generator import BatchedDynamics
 
     atoms = bulk("Cu", cubic=True).repeat(2)
     rng = np.random.default_rng(seed)
@@ -77,12 +76,11 @@ def main() -> None:
 
     import parsl
     from ase.calculators.emt import EMT
-
-    from apps.model import load_checkpoint
-    from pipeline.coordinator import Coordinator
-    from pipeline.rundir import RunDirectory
-    from pipeline.settings import load_campaign
-    from pipeline.sites import load_site, warm_up
+    from palflow.apps.models.core import load_checkpoint
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.config.sites import load_site, warm_up
+    from palflow.pipeline.engine.coordinator import Coordinator
+    from palflow.pipeline.state.rundir import RunDirectory
 
     work = Path(tempfile.mkdtemp(prefix="palflow-condensed-"))
     campaign = load_campaign(

@@ -28,8 +28,8 @@ RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "result
 sys.path.insert(0, str(ROOT))
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
-from pipeline.coordinator import Apps, Coordinator  # noqa: E402
-from pipeline.engine import TaskRecord  # noqa: E402
+from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
+from palflow.pipeline.engine.core import TaskRecord  # noqa: E402
 
 
 class NoopTask(TaskRecord):
@@ -71,8 +71,7 @@ class NoopCoordinator(Coordinator):
 
     def __init__(self, run, submit, n: int, in_flight: int) -> None:
         from ase.build import molecule
-
-        from pipeline.settings import load_campaign
+        from palflow.pipeline.config.settings import load_campaign
 
         apps = Apps(*([submit] * 6))
         super().__init__(
@@ -128,10 +127,9 @@ def config_for(kind: str, workers: int, run_dir: str):
 
 def measure(kind: str, n: int, in_flight: int, workers: int) -> dict:
     import parsl
+    from palflow.apps.common import _ping
+    from palflow.pipeline.state.rundir import RunDirectory
     from parsl import python_app
-
-    from apps.common import _ping
-    from pipeline.rundir import RunDirectory
 
     work = tempfile.mkdtemp(prefix="palflow-overhead-")
     with parsl.load(config_for(kind, workers, f"{work}/parsl")):

@@ -4,7 +4,7 @@
 
 The 8-water box of ``examples/water_cp2k.toml`` and rattled copies of it (0.03 Å,
 seed 0), PBE/DZVP-MOLOPT-SR-GTH/GTH-PBE at 400 Ry (the example's settings), labelled
-by ``apps.oracle._label_batch`` as one batch task per rank count: one CP2K shell
+by ``palflow.apps.oracle._label_batch`` as one batch task per rank count: one CP2K shell
 for the batch, one OpenMP thread per rank. Rank counts alternate, ``--repeat``
 times, so that both see the same machine. Prints the median seconds per label of
 each, their ratio, and the largest energy difference between the two (the same
@@ -52,9 +52,9 @@ def boxes(n: int) -> list:
 
 def label(structures: list, ranks: int, work: Path) -> tuple[list[float], np.ndarray]:
     """Seconds per label and energies of one batch task on ``ranks`` ranks."""
-    from apps.dataset import read_arrays, write_dataset
-    from apps.oracle import _label_batch
-    from pipeline.settings import load_campaign
+    from palflow.apps.data.dataset import read_arrays, write_dataset
+    from palflow.apps.oracle import _label_batch
+    from palflow.pipeline.config.settings import load_campaign
 
     campaign = load_campaign(ROOT / "examples" / "water_cp2k.toml")
     spec = {

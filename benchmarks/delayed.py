@@ -45,7 +45,7 @@ class RemoteSlot(Calculator):
     """
 
     def __init__(self, calculator: str, seconds: float, kwargs: dict | None = None) -> None:
-        from apps.common import import_object
+        from palflow.apps.common import import_object
 
         self.inner = import_object(calculator)(**(kwargs or {}))
         self.implemented_properties = list(self.inner.implemented_properties)

@@ -54,10 +54,9 @@ os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.envir
 
 # Run as a script, this file's folder heads sys.path: its siblings import as they are.
 from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded  # noqa: E402
+from palflow.pipeline.policies.metrology import learning_curve_area  # noqa: E402
 from ratios import bootstrap_ratio, jsonable, median_inf  # noqa: E402
 from time_to_accuracy import first_at_or_below  # noqa: E402
-
-from pipeline.metrology import learning_curve_area  # noqa: E402
 
 CAMPAIGN = ROOT / "examples" / "cu_emt.toml"
 STRATEGIES = {
@@ -84,7 +83,7 @@ QUICK = {
 
 
 def run_strategy(name: str, seed: int, args, site, work: Path, sets: dict) -> dict:
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
 
     campaign = load_campaign(
         args.campaign,
@@ -292,8 +291,7 @@ def main() -> None:
             args.strategies = ["max force spread", "random"]
 
     import parsl
-
-    from pipeline.sites import load_site, warm_up
+    from palflow.pipeline.config.sites import load_site, warm_up
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="palflow-extrapolation-"))

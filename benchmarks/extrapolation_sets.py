@@ -40,9 +40,8 @@ def _md_frames(campaign_path, folder: Path, n: int, **overrides) -> list:
     """``n`` frames of oracle MD from the campaign's start (``overrides`` change the
     structure or the temperature), labelled (see ``time_to_accuracy.held_out_set``)."""
     from ase.io import read
+    from palflow.pipeline.config.settings import load_campaign
     from time_to_accuracy import held_out_set
-
-    from pipeline.settings import load_campaign
 
     folder.mkdir(parents=True, exist_ok=True)
     path = held_out_set(load_campaign(campaign_path, **overrides), folder, n)
@@ -51,7 +50,7 @@ def _md_frames(campaign_path, folder: Path, n: int, **overrides) -> list:
 
 def _labelled(campaign, frames: list, scratch: Path) -> list:
     """``frames`` labelled by the campaign's oracle in this process."""
-    from apps.oracle import label_structure, make_calculator
+    from palflow.apps.oracle import label_structure, make_calculator
 
     spec = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
     scratch.mkdir(parents=True, exist_ok=True)
@@ -134,10 +133,9 @@ def build_sets(campaign_path, work: Path, n: int, hot_K: float = 1600.0) -> dict
     ``.npz``), ``extxyz`` (for ``test.file``) and a description of its labels. Copper
     gets ``other_phase``; any other system gets ``torsion``."""
     from ase.io import write
-
-    from apps.dataset import write_dataset
-    from pipeline.campaign_state import load_start_structure
-    from pipeline.settings import load_campaign
+    from palflow.apps.data.dataset import write_dataset
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.state.campaign_state import load_start_structure
 
     campaign = load_campaign(campaign_path)
     same = _md_frames(campaign_path, work / "set-same", n)
@@ -185,8 +183,8 @@ def evaluate_versions(run_root: Path, sets: dict[str, dict]) -> dict[str, list[d
     """Per set, the learning curve of the run at ``run_root``: every saved ensemble
     version (``models/ensemble.vNNNNN.pt``) with its active labels, force MAE (eV/Å)
     and energy MAE (eV/atom), oldest first."""
-    from apps.inference import _evaluate_test
-    from pipeline.rundir import RunDirectory
+    from palflow.apps.inference import _evaluate_test
+    from palflow.pipeline.state.rundir import RunDirectory
 
     run = RunDirectory(run_root)
     labels = {v["number"]: v["n_labels"] for v in run.read_state().get("versions", [])}
@@ -231,9 +229,9 @@ class _Counts:
 
 
 def _recording_coordinator():
-    from pipeline.coordinator import Coordinator
-    from pipeline.selection import select_frames
-    from pipeline.strategies import Selector
+    from palflow.pipeline.engine.coordinator import Coordinator
+    from palflow.pipeline.policies.selection import select_frames
+    from palflow.pipeline.policies.strategies import Selector
 
     class RecordingCoordinator(Coordinator):
         """The streaming coordinator; ``selection_counts()`` says, over the MD segments

@@ -77,7 +77,7 @@ RUN_METRICS = (
 
 
 def campaign_for(variant: str, seed: int, args, test_file: str, foundation: str | None):
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
 
     overrides = {
         "seed": seed,
@@ -96,7 +96,7 @@ def check_same_problem(args) -> None:
     """The SchNet and MACE campaigns must differ in their model and its training
     recipe only (each model keeps the loss weights and learning rates it trains best
     with; the differences are printed)."""
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
 
     schnet, mace = load_campaign(args.campaign), load_campaign(args.mace_campaign)
     if schnet.model.name != "schnet" or mace.model.name != "mace":
@@ -114,7 +114,7 @@ def check_same_problem(args) -> None:
 
 
 def run_variant(variant: str, seed: int, args, site, work: Path, test_file: str, foundation):
-    from pipeline.coordinator import Coordinator
+    from palflow.pipeline.engine.coordinator import Coordinator
 
     campaign = campaign_for(variant, seed, args, test_file, foundation)
     summary = run_on_site(Coordinator, campaign, work / f"{variant}-seed{seed}", site)
@@ -135,14 +135,13 @@ def make_foundation(args, work: Path) -> dict:
     """One MACE member trained on MD frames labelled by a cheaper oracle (GFN1-xTB),
     written as a MACE model file; returns where, and what it cost."""
     from ase.io import write
-
-    from apps.dataset import read_dataset
-    from apps.model import load_checkpoint
-    from apps.oracle import _oracle_md
-    from apps.training import _train_member
-    from pipeline.campaign_state import load_start_structure
-    from pipeline.models import resolve_model_spec
-    from pipeline.settings import load_campaign
+    from palflow.apps.data.dataset import read_dataset
+    from palflow.apps.models.core import load_checkpoint
+    from palflow.apps.oracle import _oracle_md
+    from palflow.apps.training import _train_member
+    from palflow.pipeline.config.models import resolve_model_spec
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.state.campaign_state import load_start_structure
 
     t0 = time.perf_counter()
     base = load_campaign(args.mace_campaign)
@@ -381,9 +380,8 @@ def main() -> None:
     check_same_problem(args)
 
     import parsl
-
-    from pipeline.settings import load_campaign
-    from pipeline.sites import load_site, warm_up
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.config.sites import load_site, warm_up
 
     work = Path(tempfile.mkdtemp(prefix="palflow-models-"))
     print(f"runs in {work}", flush=True)

@@ -32,10 +32,9 @@ os.environ.update(
 
 def main() -> None:
     from ase.build import molecule
-
-    from apps.dataset import write_dataset
-    from apps.oracle import _label_batch
-    from pipeline.settings import load_campaign
+    from palflow.apps.data.dataset import write_dataset
+    from palflow.apps.oracle import _label_batch
+    from palflow.pipeline.config.settings import load_campaign
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=5)

@@ -11,7 +11,7 @@ iteration, PAL's model says
     T_parallel = max(N/P·t_oracle, t_train, t_gen)
     S          = T_serial / T_parallel
 
-The serial loop (:class:`pipeline.serial.SerialLoop`) and the streaming
+The serial loop (:class:`palflow.pipeline.engine.serial.SerialLoop`) and the streaming
 coordinator each run until they have ``--iterations`` iterations' worth of new
 labels and new ensemble versions. PAL's S is a steady-state ratio, so both clocks
 start once the pipeline is full, at the first active labels; the cold-start figure,
@@ -43,9 +43,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
-from apps.contracts import MODULES  # noqa: E402
-from pipeline.coordinator import Apps, Coordinator  # noqa: E402
-from pipeline.serial import SerialLoop  # noqa: E402
+from palflow.apps.contracts import MODULES  # noqa: E402
+from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
+from palflow.pipeline.engine.serial import SerialLoop  # noqa: E402
 
 # PAL's three cases (SI S2): set seconds per task, N labels per iteration, P oracle slots.
 CASES = {
@@ -117,7 +117,7 @@ class MeasuredSerial(Measured, SerialLoop):
 
 
 def campaign(iterations: int):
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
 
     return load_campaign(
         ROOT / "benchmarks" / "short_cu13.toml",
@@ -153,11 +153,10 @@ def slots() -> dict[str, int]:
 
 def delayed_functions(times: dict[str, float]) -> dict[str, object]:
     from delayed import Delayed
-
-    from apps.generator import _generate
-    from apps.inference import _evaluate_test, _score_candidates
-    from apps.oracle import _label_batch, _oracle_md
-    from apps.training import _train_member
+    from palflow.apps.generator import _generate
+    from palflow.apps.inference import _evaluate_test, _score_candidates
+    from palflow.apps.oracle import _label_batch, _oracle_md
+    from palflow.apps.training import _train_member
 
     return {
         "label_batch": ("oracle", Delayed(_label_batch, times["oracle"])),
@@ -171,14 +170,13 @@ def delayed_functions(times: dict[str, float]) -> dict[str, object]:
 
 def run_one(site: str, loop: type, times: dict[str, float], iterations: int) -> dict:
     import parsl
+    from palflow.pipeline.config.sites import warm_up
+    from palflow.pipeline.state.campaign_state import load_start_structure
+    from palflow.pipeline.state.rundir import RunDirectory
     from parsl import python_app
     from parsl.config import Config
     from parsl.executors import HighThroughputExecutor
     from parsl.providers import LocalProvider
-
-    from pipeline.campaign_state import load_start_structure
-    from pipeline.rundir import RunDirectory
-    from pipeline.sites import warm_up
 
     settings = campaign(iterations)
     work = Path(tempfile.mkdtemp(prefix="palflow-overlap-"))

@@ -59,7 +59,7 @@ them, PAL's idle oracle turned into labels when training is the bottleneck."""
 
 def campaign_for(loop: str, ratio: float, seed: int, args, slots: dict, test_file: str):
     """The copper campaign with a remote-slot oracle costing ``ratio × t_train``."""
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
 
     t_train = nominal_train_s(args, slots)
     batch = args.batch_size
@@ -85,7 +85,7 @@ def campaign_for(loop: str, ratio: float, seed: int, args, slots: dict, test_fil
 
 def nominal_train_s(args, slots: dict) -> float:
     """Seconds per ensemble version: the members' tasks in rounds of the train slots."""
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
 
     members = load_campaign(args.campaign).model.n_members
     return math.ceil(members / slots["train"]) * args.train_task_s
@@ -94,7 +94,7 @@ def nominal_train_s(args, slots: dict) -> float:
 def task_seconds(root: Path, slots: dict, members: int) -> dict[str, float]:
     """Measured t_oracle (per batch), t_train (per version) and t_gen (per segment
     round) of one run, from its events: PAL's times, medians of the tasks."""
-    from pipeline.rundir import RunDirectory
+    from palflow.pipeline.state.rundir import RunDirectory
 
     events = RunDirectory.open(root).read_events()
 
@@ -115,8 +115,8 @@ def task_seconds(root: Path, slots: dict, members: int) -> dict[str, float]:
 
 
 def run_one(loop: str, ratio: float, seed: int, args, site, work: Path, test_file: str) -> dict:
-    from pipeline.coordinator import Coordinator
-    from pipeline.serial import SerialLoop
+    from palflow.pipeline.engine.coordinator import Coordinator
+    from palflow.pipeline.engine.serial import SerialLoop
 
     campaign = campaign_for(loop, ratio, seed, args, site.slots, test_file)
     root = work / f"r{ratio:g}-{loop}-seed{seed}"
@@ -236,9 +236,8 @@ def main() -> None:
         return
 
     import parsl
-
-    from pipeline.settings import load_campaign
-    from pipeline.sites import load_site, warm_up
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.config.sites import load_site, warm_up
 
     work = Path(tempfile.mkdtemp(prefix="palflow-remote-"))
     print(f"runs in {work}", flush=True)

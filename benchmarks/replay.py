@@ -33,17 +33,17 @@ def _run_serial(run_dir: Path, labels: int) -> None:
     try:  # the package layout
         from palflow.pipeline.config.settings import load_campaign
         from palflow.pipeline.config.sites import load_site
+        from palflow.pipeline.engine.coordinator import Apps
         from palflow.pipeline.engine.serial import SerialLoop
         from palflow.pipeline.state.rundir import RunDirectory
         from palflow.pipeline.state.structures import load_start_structure
-        from palflow.pipeline.engine.coordinator import Apps
     except ImportError:  # the flat layout before it
-        from pipeline.structures import load_start_structure
-        from pipeline.coordinator import Apps
-        from pipeline.rundir import RunDirectory
-        from pipeline.serial import SerialLoop
-        from pipeline.settings import load_campaign
-        from pipeline.sites import load_site
+        from palflow.pipeline.config.settings import load_campaign
+        from palflow.pipeline.config.sites import load_site
+        from palflow.pipeline.engine.coordinator import Apps
+        from palflow.pipeline.engine.serial import SerialLoop
+        from palflow.pipeline.state.rundir import RunDirectory
+        from palflow.pipeline.state.structures import load_start_structure
     import parsl
     import torch
 
@@ -114,15 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(tmp) / "run"
         _run_serial(run_dir, args.labels)
         new = record(run_dir)
-    print(f"replay: {len(new['label_energies'])} labels, "
-          f"{sum(1 for k in new if not k.startswith('label_'))} weight arrays")
+    print(
+        f"replay: {len(new['label_energies'])} labels, "
+        f"{sum(1 for k in new if not k.startswith('label_'))} weight arrays"
+    )
     if args.out:
         np.savez_compressed(args.out, **new)
     if args.compare:
         with np.load(args.compare) as old:
             worst = compare(new, dict(old))
-        print(f"replay: largest difference, labels {worst['labels']:.3g}, "
-              f"weights {worst['weights']:.3g} (tolerance {args.tolerance:g})")
+        print(
+            f"replay: largest difference, labels {worst['labels']:.3g}, "
+            f"weights {worst['weights']:.3g} (tolerance {args.tolerance:g})"
+        )
         return int(max(worst.values()) > args.tolerance)
     return 0
 

@@ -7,7 +7,7 @@
    labels lost and stored twice, and the seconds from a resumed process's start to
    its first new task.
 2. Runs the same campaign with an oracle that fails at ``--fault-rate`` in all six
-   ways (``apps.fault_injection``), and counts the faults by kind: retried, recorded for
+   ways (``palflow.apps.oracles.fault_injection``), and counts the faults by kind: retried, recorded for
    good, and bad labels that reached ``labels.db`` (checked against EMT).
 
 3. With ``--corrupt``, instead: kills the coordinator as in 1, and between a kill
@@ -52,8 +52,8 @@ RUN = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--site", "threads.py"
 
 def kills(n_kills: int, labels: int, seed: int) -> dict:
 
-    from pipeline.journal import labelled_ids_in_results
-    from pipeline.rundir import SUMMARY_FILE, RunDirectory
+    from palflow.pipeline.resume.journal import labelled_ids_in_results
+    from palflow.pipeline.state.rundir import SUMMARY_FILE, RunDirectory
 
     run_dir = Path(tempfile.mkdtemp(prefix="palflow-kills-")) / "run"
     rng = random.Random(seed)
@@ -143,8 +143,8 @@ def outcome_of(logs: list[Path], exit_code: int | None, name: str = "") -> str:
 
 def corrupt(n_kills: int, labels: int, seed: int) -> dict:
     """Kill, damage one file, resume; as :func:`kills`, with the damage between."""
-    from pipeline.journal import labelled_ids_in_results
-    from pipeline.rundir import RunDirectory
+    from palflow.pipeline.resume.journal import labelled_ids_in_results
+    from palflow.pipeline.state.rundir import RunDirectory
 
     work = Path(tempfile.mkdtemp(prefix="palflow-corrupt-"))
     run_dir, rng = work / "run", random.Random(seed)
@@ -224,12 +224,11 @@ def faults(rate: float, labels: int) -> dict:
     from ase.calculators.emt import EMT
     from ase.db import connect
     from ase.io import write
-
-    from apps.contracts import MODULES, FailureKind, failure_counts
-    from pipeline.campaign_state import load_start_structure
-    from pipeline.coordinator import Apps, Coordinator
-    from pipeline.rundir import RunDirectory
-    from pipeline.settings import load_campaign
+    from palflow.apps.contracts import MODULES, FailureKind, failure_counts
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.engine.coordinator import Apps, Coordinator
+    from palflow.pipeline.state.campaign_state import load_start_structure
+    from palflow.pipeline.state.rundir import RunDirectory
 
     work = Path(tempfile.mkdtemp(prefix="palflow-faults-"))
     start = load_start_structure(str(ROOT / "examples" / "structures" / "cu13.xyz"))
@@ -245,7 +244,7 @@ def faults(rate: float, labels: int) -> dict:
         CAMPAIGN,
         stop__max_labels=labels,
         test__file=str(work / "held_out.extxyz"),
-        oracle__calculator="apps.fault_injection:FaultyCalculator",
+        oracle__calculator="palflow.apps.oracles.fault_injection:FaultyCalculator",
         oracle__kwargs={
             "rate": rate,
             "hang_s": 120,

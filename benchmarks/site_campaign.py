@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.rundir import SUMMARY_FILE, RunDirectory
+from palflow.pipeline.state.rundir import SUMMARY_FILE, RunDirectory
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests point this elsewhere, so that tiny runs never overwrite the measured results.

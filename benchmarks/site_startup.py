@@ -28,11 +28,10 @@ os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.envir
 
 def time_site(name: str) -> dict:
     import parsl
+    from palflow.apps.common import _ping
+    from palflow.pipeline.config.sites import load_site
+    from palflow.pipeline.engine.coordinator import MODULES
     from parsl import python_app
-
-    from apps.common import _ping
-    from pipeline.coordinator import MODULES
-    from pipeline.sites import load_site
 
     site = load_site(name)
     site.config.run_dir = tempfile.mkdtemp(prefix="palflow-startup-")

@@ -50,8 +50,8 @@ threshold."""
 
 
 def run_strategy(name: str, seed: int, args, site, work: Path, test_file: str) -> dict:
-    from pipeline.coordinator import Coordinator
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.engine.coordinator import Coordinator
 
     campaign = load_campaign(
         args.campaign,
@@ -92,9 +92,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import parsl
-
-    from pipeline.settings import load_campaign
-    from pipeline.sites import load_site, warm_up
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.config.sites import load_site, warm_up
 
     work = Path(tempfile.mkdtemp(prefix="palflow-strategies-"))
     print(f"runs in {work}", flush=True)

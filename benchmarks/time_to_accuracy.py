@@ -8,7 +8,7 @@ share in turn. Three variants, each with every seed, interleaved:
 
 - ``streaming``: the streaming coordinator, selection by ensemble force spread,
   paced at ``selection.max_labels_per_version = 8`` (the serial loop's N);
-- ``serial``: :class:`pipeline.serial.SerialLoop` on the same apps (label, train,
+- ``serial``: :class:`palflow.pipeline.engine.serial.SerialLoop` on the same apps (label, train,
   generate in turn, 8 labels per iteration);
 - ``random``: as ``streaming``, with ``selection.measure = "random"``;
 - ``unpaced``: as ``streaming`` without pacing: labels as fast as MD and the
@@ -49,10 +49,9 @@ PACE = 8
 def held_out_set(campaign, folder: Path, n_structures: int) -> str:
     """Label the held-out MD frames once, as an extxyz file every run reads."""
     from ase.io import write
-
-    from apps.dataset import read_dataset
-    from apps.oracle import _oracle_md
-    from pipeline.campaign_state import load_start_structure
+    from palflow.apps.data.dataset import read_dataset
+    from palflow.apps.oracle import _oracle_md
+    from palflow.pipeline.state.campaign_state import load_start_structure
 
     start = folder / "start.extxyz"
     write(start, load_start_structure(campaign.system.structure, campaign.system.vacuum))
@@ -75,7 +74,7 @@ def held_out_set(campaign, folder: Path, n_structures: int) -> str:
 
 
 def campaign_for(variant: str, seed: int, args, test_file: str):
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
 
     overrides = {
         "seed": seed,
@@ -93,9 +92,9 @@ def campaign_for(variant: str, seed: int, args, test_file: str):
 def run_on_site(loop: type, campaign, root: Path, site) -> dict:
     """Run ``campaign`` with ``loop`` (a coordinator class) on the loaded ``site``, in
     a new run directory ``root``; return its summary."""
-    from pipeline.campaign_state import load_start_structure
-    from pipeline.coordinator import Apps
-    from pipeline.rundir import RunDirectory
+    from palflow.pipeline.engine.coordinator import Apps
+    from palflow.pipeline.state.campaign_state import load_start_structure
+    from palflow.pipeline.state.rundir import RunDirectory
 
     run = RunDirectory.create(root, campaign.model_dump())
     first = campaign.all_systems()[0]
@@ -105,8 +104,8 @@ def run_on_site(loop: type, campaign, root: Path, site) -> dict:
 
 
 def run_variant(variant: str, seed: int, args, site, work: Path, test_file: str) -> dict:
-    from pipeline.coordinator import Coordinator
-    from pipeline.serial import SerialLoop
+    from palflow.pipeline.engine.coordinator import Coordinator
+    from palflow.pipeline.engine.serial import SerialLoop
 
     campaign = campaign_for(variant, seed, args, test_file)
     loop = SerialLoop if variant == "serial" else Coordinator
@@ -209,9 +208,8 @@ def main() -> None:
         return
 
     import parsl
-
-    from pipeline.settings import load_campaign
-    from pipeline.sites import load_site, warm_up
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.config.sites import load_site, warm_up
 
     work = Path(tempfile.mkdtemp(prefix="palflow-tta-"))
     print(f"runs in {work}", flush=True)

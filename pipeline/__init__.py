@@ -20,10 +20,10 @@ Selection lives in ``selection.py`` (the oracle queue), ``measures.py``,
 ``settings.py``; sites in ``sites.py``; the live view, the report and its figures
 in ``live.py``, ``report.py`` and ``figures.py``. The contracts shared with the apps
 (module labels, failure kinds, the request each app takes) are in
-:mod:`apps.contracts`.
+:mod:`palflow.apps.contracts`.
 
 One label, from the oracle to the training data: ``agents/oracle.py`` submits a
 batch and harvests its result; ``campaign_state.py`` stores it
-(:meth:`~pipeline.campaign_state.CampaignState.harvest`) and writes the training
+(:meth:`~palflow.pipeline.state.campaign_state.CampaignState.harvest`) and writes the training
 snapshot that the next training task reads; ``rundir.py`` names both files.
 """

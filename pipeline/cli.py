@@ -26,8 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from apps.contracts import MODULES, failure_counts
-from pipeline.rundir import (
+from palflow.apps.contracts import MODULES, failure_counts
+from palflow.pipeline.state.rundir import (
     CAMPAIGN_FILE,
     LABELS_DB,
     METRICS_FILE,
@@ -101,7 +101,7 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
 
 def run_state(run: RunDirectory, state: dict, events: list[dict]) -> str:
     """``running``, ``stopped``, ``stopped early`` or ``not started``."""
-    from pipeline.report import run_status
+    from palflow.pipeline.observe.report import run_status
 
     status = run_status(run.root)
     if status == "finished":
@@ -214,7 +214,7 @@ def export_run(root: str | Path, to: str | Path) -> dict[str, Any]:
     calculator results ``energy``/``forces`` (what ASE's reader, and NequIP's ASE
     dataset, take); besides, ``config_type`` (``initial`` or ``active``) and
     ``candidate_id``. ``ensemble.pt`` is the newest ensemble checkpoint, for
-    :meth:`apps.calculator.EnsembleCalculator.from_checkpoint`.
+    :meth:`palflow.apps.models.calculator.EnsembleCalculator.from_checkpoint`.
 
     Returns
     -------
@@ -278,7 +278,7 @@ def _readme(run: RunDirectory, n_labels: int, version: int | None) -> str:
     ensemble = (
         f"""{EXPORTED_ENSEMBLE}
   Ensemble version {version} of the run, an ASE calculator (energies eV, forces eV/Å):
-    from apps.calculator import EnsembleCalculator
+    from palflow.apps.models.calculator import EnsembleCalculator
     atoms.calc = EnsembleCalculator.from_checkpoint("{EXPORTED_ENSEMBLE}", device="cpu")
   Its results also hold force_disagreement (eV/Å), the ensemble's spread.
 """
@@ -301,14 +301,14 @@ def _readme(run: RunDirectory, n_labels: int, version: int | None) -> str:
 # ------------------------------------------------------------------------ commands
 def _status(args: argparse.Namespace) -> int:
     # A torn last line is what a running coordinator leaves mid-write, not news.
-    logging.getLogger("pipeline.rundir").setLevel(logging.ERROR)
+    logging.getLogger("palflow.pipeline.state.rundir").setLevel(logging.ERROR)
     facts = run_status_facts(args.run_dir)
     print(json.dumps(facts, indent=2) if args.json else format_status(facts))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.report import build_report
+    from palflow.pipeline.observe.report import build_report
 
     RunDirectory.open(args.run_dir)
     print(build_report(args.run_dir))
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``palflow`` command; returns its exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
-        from pipeline import run
+        from palflow.pipeline import run
 
         return run.main(argv[1:], prog="palflow run")
     args = build_parser().parse_args(argv)

@@ -12,7 +12,7 @@ own coordinator and run directory (``NAME-TIME-INDEX`` in ``--run-dir``, default
 Exit status: 0 when every campaign reached a stop (a budget, a target, a wall time)
 with labels stored and a finite held-out force MAE; 1 when one failed or achieved
 nothing (the reason on the last line and in ``summary.json``); 2 on bad input
-(nothing submitted). ``palflow run`` (:mod:`pipeline.cli`) is the same command.
+(nothing submitted). ``palflow run`` (:mod:`palflow.pipeline.cli`) is the same command.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import time
 from pathlib import Path
 
 PROCESS_START = time.time()
-ROOT = Path(__file__).resolve().parent.parent
-# ``pipeline`` and ``apps`` import through the installed package (pip install -e .),
-# here and in Parsl's workers. Run as a script, though, this file's folder heads
-# sys.path, where its siblings (settings.py, metrics.py, ...) could shadow other
-# top-level modules: the checkout's root takes its place, which also keeps import
-# paths into the checkout (the tests' ``tests.test_cli:BrokenQuery``) resolving.
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "pipeline":
-    sys.path[0] = str(ROOT)
+# palflow imports through the installed package (``palflow.pipeline``,
+# ``palflow.apps``), here and in Parsl's workers. Run as a script, though, this
+# file's folder heads sys.path, where its subfolders (config/, state/, ...) could
+# shadow other top-level modules: the folder the script was started from takes its
+# place, which also keeps import paths into it (a plugin's ``mymodule:Class``, the
+# tests' ``tests.test_cli:BrokenQuery``) resolving.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = os.getcwd()
 # Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
 # this interpreter's scripts folder (the venv's bin) win even when not activated.
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> 
 
 def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
     """Run the campaigns of the command line ``argv``; ``prog`` names the command in
-    usage lines (``palflow run`` from :mod:`pipeline.cli`). Returns the exit status."""
+    usage lines (``palflow run`` from :mod:`palflow.pipeline.cli`). Returns the exit status."""
     args = parse_args(argv, prog)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
             lambda record: not record.name.startswith("parsl") or record.levelno >= logging.WARNING
         )
 
-    from pipeline.rundir import RunDirectoryError
-    from pipeline.settings import CampaignError
-    from pipeline.sites import SiteError, load_site
+    from palflow.pipeline.config.settings import CampaignError
+    from palflow.pipeline.config.sites import SiteError, load_site
+    from palflow.pipeline.state.rundir import RunDirectoryError
 
     try:
         site = load_site(args.site)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
         summaries = execute_side_by_side(prepared, site)
     for (campaign, run, _), summary in zip(prepared, summaries, strict=True):
         report(campaign, run, summary)
-    # 0 only for a real stop with labels and a finite MAE (pipeline.watchdog.verdict).
+    # 0 only for a real stop with labels and a finite MAE (palflow.pipeline.engine.watchdog.verdict).
     return 0 if all(s is not None and not s["failed"] for s in summaries) else 1
 
 
@@ -159,16 +159,16 @@ def prepare_runs(args: argparse.Namespace) -> list[tuple]:
 
     Nothing is created until every campaign has passed its checks.
     """
-    from pipeline.rundir import RunDirectory, RunDirectoryError
+    from palflow.pipeline.state.rundir import RunDirectory, RunDirectoryError
 
     files = args.campaign or [None]
     if len(files) == 1:
         return [prepare_run(args, files[0])]
     if args.resume:
         raise RunDirectoryError("--resume continues one run: drop the --campaign options")
-    from pipeline.preflight import check_run_path
+    from palflow.pipeline.config.preflight import check_run_path
 
-    parent = Path(args.run_dir) if args.run_dir else ROOT / "runs"
+    parent = Path(args.run_dir) if args.run_dir else Path("runs")
     check_run_path(parent, args.site)  # first: a bad path fails before the trials
     checked = [prepare_run(args, path, create=False) for path in files]
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -191,18 +191,22 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
         The campaign, the run directory, and the start structure (None on resume,
         where the run directory holds it).
     """
-    from pipeline.campaign_state import element_carrier, load_start_structures, read_labelled_file
-    from pipeline.models import check_model
-    from pipeline.preflight import (
+    from palflow.pipeline.config.models import check_model
+    from palflow.pipeline.config.preflight import (
         check_run_path,
         check_settings,
         check_structures,
         trial_oracle,
         trial_plugins,
     )
-    from pipeline.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
-    from pipeline.settings import campaign_from_dict, load_campaign
-    from pipeline.warm_start import check_warm_start
+    from palflow.pipeline.config.settings import campaign_from_dict, load_campaign
+    from palflow.pipeline.resume.warm_start import check_warm_start
+    from palflow.pipeline.state.campaign_state import (
+        element_carrier,
+        load_start_structures,
+        read_labelled_file,
+    )
+    from palflow.pipeline.state.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
 
     overrides = {}
     if args.max_labels is not None:
@@ -221,14 +225,14 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
         )
         campaign = campaign_from_dict(data, str(run.file(CAMPAIGN_FILE)))
         check_calculator(campaign.oracle.calculator)
-        from pipeline.mend import mend_run
+        from palflow.pipeline.resume.mend import mend_run
 
         run.lock()  # first: no other coordinator may be writing what is mended
         mend_run(campaign, run)  # rebuilds what the journal can; names what it cannot
         return campaign, run, None
     campaign = load_campaign(campaign_file, **overrides)
     name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = Path(args.run_dir or ROOT / "runs" / name)
+    root = Path(args.run_dir or Path("runs") / name)
     if create:
         check_run_path(root, args.site)
     check_calculator(campaign.oracle.calculator)
@@ -258,10 +262,10 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
 def check_strategy(campaign) -> None:
     """Fail before anything is submitted when the generator, the selection measure, the
     query or a metrology plugin does not exist."""
-    from apps.generator import resolve_generator
-    from pipeline.measures import get_measure
-    from pipeline.metrology import load_plugins
-    from pipeline.strategies import make_query
+    from palflow.apps.generator import resolve_generator
+    from palflow.pipeline.policies.measures import get_measure
+    from palflow.pipeline.policies.metrology import load_plugins
+    from palflow.pipeline.policies.strategies import make_query
 
     resolve_generator(campaign.generator.kind)
     for system in campaign.all_systems():
@@ -298,7 +302,7 @@ def check_ensemble(campaign, starts: dict) -> None:
 def check_calculator(path: str) -> None:
     """Fail before anything is submitted when the oracle's calculator does not import,
     or cannot give forces."""
-    from apps.common import import_object
+    from palflow.apps.common import import_object
 
     calculator = import_object(path)
     implemented = getattr(calculator, "implemented_properties", None)
@@ -311,7 +315,7 @@ def check_calculator(path: str) -> None:
 
 def watch(coordinator, run, interactive: bool):
     """Attach the live view and the report refresher to ``coordinator``."""
-    from pipeline.live import LiveView, ReportRefresher
+    from palflow.pipeline.observe.live import LiveView, ReportRefresher
 
     view, refresher = LiveView(interactive), ReportRefresher(run.root)
     coordinator.observers += [view, refresher]
@@ -320,7 +324,7 @@ def watch(coordinator, run, interactive: bool):
 
 def finish_watching(coordinator, run, view, refresher) -> None:
     """Final view, and the final report (a failure to draw costs only the report)."""
-    from pipeline.report import build_report
+    from palflow.pipeline.observe.report import build_report
 
     view.close(coordinator)
     refresher.close()
@@ -333,8 +337,7 @@ def finish_watching(coordinator, run, view, refresher) -> None:
 def execute(campaign, run, site, start, interactive: bool = False) -> dict:
     """Load the site's executors, run the coordinator on them, and shut them down."""
     import parsl
-
-    from pipeline.coordinator import Apps, Coordinator
+    from palflow.pipeline.engine.coordinator import Apps, Coordinator
 
     site.config.run_dir = run.path("parsl")
     options = site.coordinator_options(campaign)
@@ -362,8 +365,7 @@ def execute_side_by_side(prepared: list[tuple], site) -> list[dict | None]:
     import threading
 
     import parsl
-
-    from pipeline.coordinator import Apps, Coordinator
+    from palflow.pipeline.engine.coordinator import Apps, Coordinator
 
     site.config.run_dir = prepared[0][1].path("parsl")
     summaries: list[dict | None] = [None] * len(prepared)

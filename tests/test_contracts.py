@@ -9,9 +9,8 @@ import sys
 from dataclasses import fields
 
 import pytest
-
-import apps
-from apps.contracts import MODULE_OF_KIND, MODULES, REQUESTS, FailureKind, failure_counts
+from palflow import apps
+from palflow.apps.contracts import MODULE_OF_KIND, MODULES, REQUESTS, FailureKind, failure_counts
 
 # Arguments an app takes besides its request: where to run, set by the executor.
 PLACEMENT = {"device", "parsl_resource_specification"}
@@ -47,7 +46,7 @@ def test_failure_kinds_parse_and_know_what_is_transient():
 
 def test_the_contracts_load_neither_torch_nor_parsl():
     code = (
-        "import sys, apps.contracts, pipeline.rundir; "
+        "import sys, palflow.apps.contracts, palflow.pipeline.state.rundir; "
         "print(sorted(m for m in ('torch', 'parsl') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

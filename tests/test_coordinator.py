@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 from ase.db import connect
-
-from pipeline.campaign_state import load_start_structure
-from pipeline.coordinator import MODULES, Apps, Coordinator
-from pipeline.rundir import RunDirectory
-from pipeline.settings import load_campaign
+from palflow.pipeline.config.settings import load_campaign
+from palflow.pipeline.engine.coordinator import MODULES, Apps, Coordinator
+from palflow.pipeline.state.campaign_state import load_start_structure
+from palflow.pipeline.state.rundir import RunDirectory
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SLOTS = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
@@ -144,7 +143,7 @@ def test_training_goes_on_after_the_label_budget(tmp_path):
 @pytest.mark.timeout(300)
 def test_a_module_can_stop_the_campaign(tmp_path):
     """A task that returns ``{"stop": reason}`` stops the run, like PAL's stop signal."""
-    from apps.generator import _run_md
+    from palflow.apps.generator import _run_md
 
     calls = []
 
@@ -162,9 +161,8 @@ def test_a_module_can_stop_the_campaign(tmp_path):
 
 def test_rolling_window_trains_on_the_newest_labels(tmp_path):
     from ase.calculators.singlepoint import SinglePointCalculator
-
-    from apps.dataset import read_dataset
-    from pipeline.campaign_state import CampaignState
+    from palflow.apps.data.dataset import read_dataset
+    from palflow.pipeline.state.campaign_state import CampaignState
 
     campaign = small_campaign(training__rolling_window=5, training__validation_fraction=0.0)
     start = load_start_structure(campaign.system.structure)
@@ -184,7 +182,7 @@ def test_rolling_window_trains_on_the_newest_labels(tmp_path):
 @pytest.mark.timeout(300)
 def test_an_unreadable_result_costs_its_task_not_the_run(tmp_path):
     """A generator result whose frames file is garbage: the walker resets, the run goes on."""
-    from apps.generator import _run_md
+    from palflow.apps.generator import _run_md
 
     spoiled = []
 
@@ -227,7 +225,7 @@ def test_pacing_does_not_bank_the_allowance_of_versions_without_candidates():
     version's allowance is for batches requested while it is the newest."""
     from types import SimpleNamespace
 
-    from pipeline.agents.oracle import OracleAgent
+    from palflow.pipeline.engine.agents.oracle import OracleAgent
 
     versions = [SimpleNamespace(number=n) for n in range(1, 11)]
     state = SimpleNamespace(

@@ -1,4 +1,4 @@
-"""CP2K as the oracle (``apps.cp2k.CP2KOracle``): labels through palflow's oracle task
+"""CP2K as the oracle (``palflow.apps.oracles.cp2k.CP2KOracle``): labels through palflow's oracle task
 match a direct ASE call, an SCF that does not converge is a recorded ``scf`` failure
 and never a label, and bad CP2K input is refused before anything runs.
 
@@ -8,9 +8,9 @@ CI these fail rather than skip."""
 import numpy as np
 import pytest
 from ase.io import read
+from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
+from palflow.apps.oracle import _label_batch
 
-from apps.dataset import read_arrays, read_dataset, write_dataset
-from apps.oracle import _label_batch
 from tests.test_bad_input import write
 
 pytestmark = pytest.mark.dft
@@ -48,7 +48,7 @@ def test_labels_through_the_oracle_task_match_a_direct_ase_call(tmp_path, monkey
 
     boxes = water_boxes(2)
     write_dataset(tmp_path / "in.npz", boxes, extra={"candidate_id": np.array([7, 8])})
-    spec = {"calculator": "apps.cp2k:CP2KOracle", "kwargs": {}}
+    spec = {"calculator": "palflow.apps.oracles.cp2k:CP2KOracle", "kwargs": {}}
     with monkeypatch.context() as patch:
         patch.setattr(ase_cp2k, "Cp2kShell", CountedShell)
         result = _label_batch(
@@ -82,7 +82,7 @@ def test_labels_through_the_oracle_task_match_a_direct_ase_call(tmp_path, monkey
 
 def test_an_unconverged_scf_is_a_recorded_scf_failure_not_a_label(tmp_path):
     write_dataset(tmp_path / "in.npz", water_boxes(1), extra={"candidate_id": np.array([3])})
-    spec = {"calculator": "apps.cp2k:CP2KOracle", "kwargs": {"max_scf": 2}}
+    spec = {"calculator": "palflow.apps.oracles.cp2k:CP2KOracle", "kwargs": {"max_scf": 2}}
     result = _label_batch(
         str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), spec, str(tmp_path / "s"),
         **SETTINGS,
@@ -100,7 +100,7 @@ CP2K_CAMPAIGN = """
 [system]
 structure = "{structure}"
 [oracle]
-calculator = "apps.cp2k:CP2KOracle"
+calculator = "palflow.apps.oracles.cp2k:CP2KOracle"
 kwargs = {kwargs}
 trial = false
 """
@@ -136,7 +136,8 @@ def test_the_examples_held_out_file_is_what_its_cp2k_settings_give(tmp_path):
     settings; labelling its first frame again through the oracle task with the
     example's kwargs (1 rank here, 2 there) gives the same energy, forces and stress,
     so the file and the campaign have not drifted apart."""
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
+
     from tests.test_coordinator import EXAMPLES
 
     oracle = load_campaign(EXAMPLES / "water_cp2k.toml").oracle
@@ -162,8 +163,8 @@ def test_water_example_runs_end_to_end_on_two_mpi_ranks(tmp_path, monkeypatch):
     """examples/water_cp2k.toml, cut to a few labels: every oracle task on 2 MPI ranks
     of CP2K, labels with stress stored, the held-out set evaluated."""
     from ase.db import connect
+    from palflow.pipeline.config.settings import load_campaign
 
-    from pipeline.settings import load_campaign
     from tests.test_coordinator import EXAMPLES, run_campaign
 
     # What laptop.py sets for its workers: Open MPI as root, more ranks than cores.

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from ase.calculators.emt import EMT
 from ase.db import connect
+from palflow.pipeline.state.rundir import RunDirectory, RunDirectoryError
 
-from pipeline.rundir import RunDirectory, RunDirectoryError
 from tests.test_cli import ROOT, run_cli, small_campaign
 
 pytestmark = pytest.mark.timeout(300)
@@ -144,8 +144,8 @@ CASES = [
 def resume_in_process(run: Path):
     """What ``--resume`` does before anything is submitted: prepare (lock and mend),
     then rebuild the state."""
-    from pipeline.journal import resume_state
-    from pipeline.run import parse_args, prepare_run
+    from palflow.pipeline.resume.journal import resume_state
+    from palflow.pipeline.run import parse_args, prepare_run
 
     campaign, run_directory, _ = prepare_run(
         parse_args(["--site", "threads.py", "--resume", str(run)])
@@ -174,7 +174,9 @@ def test_a_damaged_file_is_mended_or_named(finished, tmp_path, caplog, name, how
         assert labels_of(run).keys() == before.keys()
         return
     state, queue, _ = resume_in_process(run)
-    mends = [r.getMessage() for r in caplog.records if r.name.startswith("pipeline.mend")]
+    mends = [
+        r.getMessage() for r in caplog.records if r.name.startswith("palflow.pipeline.resume.mend")
+    ]
     if outcome == "mend":
         assert mends, "the mend was not said"
         assert any(FILES[name](finished).name in m for m in mends), mends
@@ -209,7 +211,7 @@ def test_a_member_falls_back_to_its_previous_good_checkpoint(finished, tmp_path)
 def test_what_cannot_be_rebuilt_is_named_with_exit_status_2(finished, tmp_path, capsys, damaged):
     """An oracle input whose labels no readable labels.db holds; a start structure
     whose copies and source are all gone."""
-    from pipeline.run import main
+    from palflow.pipeline.run import main
 
     run = damaged_copy(finished, tmp_path, damaged[0], "garbage")
     if damaged[1] == "labels.db":
@@ -337,9 +339,8 @@ class WritingFailure(EMT):
 
 def label_failing(tmp_path, calculator: str, output: Path, **kwargs) -> Path:
     from ase.build import bulk
-
-    from apps.dataset import write_dataset
-    from apps.oracle import _label_batch
+    from palflow.apps.data.dataset import write_dataset
+    from palflow.apps.oracle import _label_batch
 
     write_dataset(tmp_path / "in.npz", [bulk("Cu", cubic=True)] * 2,
                   extra={"candidate_id": np.arange(2)})  # fmt: skip
@@ -356,7 +357,7 @@ def test_failed_oracle_calls_leave_no_empty_scratch(tmp_path, monkeypatch):
     monkeypatch.setenv("PALFLOW_SCRATCH", str(local))
     # Every structure fails, the calculator wrote nothing: no folder kept.
     kept = label_failing(
-        tmp_path, "apps.fault_injection:FaultyCalculator", tmp_path / "a.npz",
+        tmp_path, "palflow.apps.oracles.fault_injection:FaultyCalculator", tmp_path / "a.npz",
         rate=1.0, kinds=["exception"],
     )  # fmt: skip
     assert not kept.parent.exists() and not any(local.iterdir())

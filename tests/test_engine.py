@@ -6,7 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from pipeline.engine import Engine, TaskRecord
+from palflow.pipeline.engine.core import Engine, TaskRecord
 
 
 class Events:

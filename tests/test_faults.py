@@ -5,11 +5,11 @@ import pytest
 from ase.calculators.emt import EMT
 from ase.db import connect
 from ase.io import write
+from palflow.apps.data.dataset import write_dataset
+from palflow.apps.oracle import _label_batch
+from palflow.apps.oracles.fault_injection import FaultyCalculator
+from palflow.pipeline.state.campaign_state import load_start_structure
 
-from apps.dataset import write_dataset
-from apps.fault_injection import FaultyCalculator
-from apps.oracle import _label_batch
-from pipeline.campaign_state import load_start_structure
 from tests.test_coordinator import EXAMPLES, run_campaign, small_campaign
 
 ALL_KINDS = ["exception", "hang", "nan", "absurd", "crash", "scf"]
@@ -41,7 +41,7 @@ def test_each_fault_kind_is_recorded_with_its_kind(tmp_path, kind):
         structures.append(atoms)
     write_dataset(tmp_path / "in.npz", structures, extra={"candidate_id": np.arange(3)})
     spec = {
-        "calculator": "apps.fault_injection:FaultyCalculator",
+        "calculator": "palflow.apps.oracles.fault_injection:FaultyCalculator",
         "kwargs": {"rate": 1.0, "kinds": [kind], "hang_s": 60},
     }
     result = _label_batch(
@@ -86,7 +86,7 @@ def test_structural_faults_repeat_and_transient_ones_do_not():
 @pytest.mark.timeout(600)
 def test_campaign_completes_through_30_percent_faults_with_no_bad_label(tmp_path):
     campaign = small_campaign(
-        oracle__calculator="apps.fault_injection:FaultyCalculator",
+        oracle__calculator="palflow.apps.oracles.fault_injection:FaultyCalculator",
         oracle__kwargs={"rate": 0.3, "kinds": ALL_KINDS, "hang_s": 120},
         oracle__timeout_s=2.0,
         oracle__max_attempts=3,

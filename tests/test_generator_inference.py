@@ -5,13 +5,12 @@ import pytest
 import torch
 from ase.build import molecule
 from ase.io import read, write
-
-from apps.calculator import EnsembleCalculator
-from apps.dataset import read_arrays, read_dataset, write_dataset
-from apps.generator import SETTINGS_READ, _run_md, blow_up_reason
-from apps.inference import _evaluate_test, _score_candidates
-from apps.model import ModelSpec, SchNetEnsemble, save_checkpoint
-from pipeline.settings import GeneratorSettings
+from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
+from palflow.apps.generator import SETTINGS_READ, _run_md, blow_up_reason
+from palflow.apps.inference import _evaluate_test, _score_candidates
+from palflow.apps.models.calculator import EnsembleCalculator
+from palflow.apps.models.core import ModelSpec, SchNetEnsemble, save_checkpoint
+from palflow.pipeline.config.settings import GeneratorSettings
 
 
 @pytest.fixture
@@ -125,8 +124,8 @@ def test_walkers_in_one_task_move_as_they_would_alone(tmp_path, ensemble_path, s
 
 def test_verlet_conserves_energy_on_the_ensemble_surface(tmp_path, ensemble_path, start_path):
     """The integrator is symplectic: total energy on the ensemble mean drifts little."""
-    from apps.generator import BatchedDynamics
-    from apps.model import load_checkpoint
+    from palflow.apps.generator import BatchedDynamics
+    from palflow.apps.models.core import load_checkpoint
 
     settings = md_settings(integrator="verlet", timestep_fs=0.25)
     model, _ = load_checkpoint(ensemble_path, device="cpu")
@@ -156,8 +155,8 @@ def test_verlet_conserves_energy_on_the_ensemble_surface(tmp_path, ensemble_path
 
 def test_langevin_holds_the_set_temperature(tmp_path, ensemble_path, start_path):
     """BAOAB with strong friction brings cold walkers to the thermostat's temperature."""
-    from apps.generator import BatchedDynamics
-    from apps.model import load_checkpoint
+    from palflow.apps.generator import BatchedDynamics
+    from palflow.apps.models.core import load_checkpoint
 
     settings = md_settings(integrator="langevin", temperature_K=300.0, friction=0.2)
     model, _ = load_checkpoint(ensemble_path, device="cpu")
@@ -213,7 +212,11 @@ def test_scores_match_the_calculator_and_keep_ids(tmp_path, ensemble_path):
         assert energy == pytest.approx(calc.results["energy_disagreement"], rel=1e-4, abs=1e-8)
     # With an output file, every member's predictions come along for the coordinator's
     # selection measure; the default measure recomputed from them gives the same spread.
-    from pipeline.measures import EnsemblePrediction, MeasureContext, max_force_spread
+    from palflow.pipeline.policies.measures import (
+        EnsemblePrediction,
+        MeasureContext,
+        max_force_spread,
+    )
 
     _score_candidates(
         ensemble_path, str(tmp_path / "queue.npz"), output_path=str(tmp_path / "s.npz")

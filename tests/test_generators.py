@@ -10,13 +10,13 @@ from ase import units
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from ase.io import read, write
+from palflow.apps.common import draw_velocities
+from palflow.apps.data.dataset import read_arrays, write_dataset
+from palflow.apps.generator import BatchedDynamics, _generate, resolve_generator
+from palflow.apps.models.core import ModelSpec, SchNetEnsemble, save_checkpoint
+from palflow.apps.oracle import label_structure
+from palflow.pipeline.config.settings import GeneratorSettings
 
-from apps.common import draw_velocities
-from apps.dataset import read_arrays, write_dataset
-from apps.generator import BatchedDynamics, _generate, resolve_generator
-from apps.model import ModelSpec, SchNetEnsemble, save_checkpoint
-from apps.oracle import label_structure
-from pipeline.settings import GeneratorSettings
 from tests.test_coordinator import run_campaign, small_campaign
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -185,8 +185,7 @@ def test_water_example_runs_at_constant_pressure_with_stress(tmp_path):
     with stress, a committee trained on them, NPT walkers."""
     pytest.importorskip("tblite", reason="tblite is not installed")
     from ase.db import connect
-
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
 
     campaign = load_campaign(
         EXAMPLES / "water_tblite.toml",

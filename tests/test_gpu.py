@@ -5,12 +5,12 @@ import pytest
 import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
+from palflow.apps.data.dataset import write_dataset
+from palflow.apps.models.calculator import predict_structures
+from palflow.apps.models.core import ModelSpec, SchNetEnsemble, load_checkpoint
+from palflow.apps.training import _train_member
+from palflow.pipeline.config.settings import TrainingSettings
 
-from apps.calculator import predict_structures
-from apps.dataset import write_dataset
-from apps.model import ModelSpec, SchNetEnsemble, load_checkpoint
-from apps.training import _train_member
-from pipeline.settings import TrainingSettings
 from tests.conftest import need
 
 pytestmark = pytest.mark.gpu

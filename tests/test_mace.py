@@ -15,13 +15,13 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 pytest.importorskip("mace", reason="mace-torch is not installed")
 
-from apps.calculator import EnsembleCalculator  # noqa: E402
-from apps.dataset import write_dataset  # noqa: E402
-from apps.mace_ensemble import MACEEnsemble  # noqa: E402
-from apps.model import build_batch, load_checkpoint, new_ensemble, save_checkpoint  # noqa: E402
-from apps.training import _train_member, bootstrap_multiplicity, evaluate_errors  # noqa: E402
-from pipeline.models import missing_elements, resolve_model_spec  # noqa: E402
-from pipeline.settings import TrainingSettings, load_campaign  # noqa: E402
+from palflow.apps.data.dataset import write_dataset  # noqa: E402
+from palflow.apps.models.calculator import EnsembleCalculator  # noqa: E402
+from palflow.apps.models.core import build_batch, load_checkpoint, new_ensemble, save_checkpoint  # noqa: E402
+from palflow.apps.models.mace import MACEEnsemble  # noqa: E402
+from palflow.apps.training import _train_member, bootstrap_multiplicity, evaluate_errors  # noqa: E402
+from palflow.pipeline.config.models import missing_elements, resolve_model_spec  # noqa: E402
+from palflow.pipeline.config.settings import TrainingSettings, load_campaign  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -362,7 +362,7 @@ def train_foundation(folder: Path) -> str:
 def test_foundation_file_is_read_back(tmp_path, layers):
     """``foundation_elements`` reads the table, E0s, cutoff and architecture of a file
     (a one-layer MACE keeps its hidden irreps as a string)."""
-    from apps.mace_ensemble import foundation_elements
+    from palflow.apps.models.mace import foundation_elements
 
     spec = tiny_spec(molecules_emt(), num_channels=16, num_interactions=layers)
     (path,) = new_ensemble("mace", spec, 1).export(str(tmp_path / "f"))
@@ -383,10 +383,9 @@ def test_campaign_fine_tunes_a_foundation_model(tmp_path):
     """examples/ethanol_mace_finetune.toml with EMT as the oracle, from a foundation
     model trained here on another oracle; the file sits next to the campaign file."""
     from ase.db import connect
-
-    from apps.calculator import predict_structures
-    from apps.dataset import read_dataset
-    from pipeline.metrology import spearman_rho
+    from palflow.apps.data.dataset import read_dataset
+    from palflow.apps.models.calculator import predict_structures
+    from palflow.pipeline.policies.metrology import spearman_rho
 
     foundation = train_foundation(tmp_path)
     Path(foundation).rename(tmp_path / "foundation.model")

@@ -1,8 +1,7 @@
 """Busy fractions and overlap computed from task events."""
 
 import pytest
-
-from pipeline.metrics import busy_fractions, concurrency_fraction, merge_intervals
+from palflow.pipeline.state.metrics import busy_fractions, concurrency_fraction, merge_intervals
 
 
 def event(module, started, ended):

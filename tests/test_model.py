@@ -10,10 +10,13 @@ from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase.optimize import BFGS
-
-from apps.calculator import EnsembleCalculator, ensemble_disagreement, predict_structures
-from apps.dataset import write_dataset
-from apps.model import (
+from palflow.apps.data.dataset import write_dataset
+from palflow.apps.models.calculator import (
+    EnsembleCalculator,
+    ensemble_disagreement,
+    predict_structures,
+)
+from palflow.apps.models.core import (
     MODELS,
     ModelSpec,
     PotentialEnsemble,
@@ -22,14 +25,14 @@ from apps.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from apps.training import (
+from palflow.apps.training import (
     SETTINGS_READ,
     _train_member,
     bootstrap_multiplicity,
     evaluate_errors,
     stack_member_checkpoints,
 )
-from pipeline.settings import TrainingSettings
+from palflow.pipeline.config.settings import TrainingSettings
 
 SPEC = ModelSpec(cutoff=4.0, n_features=16, n_interactions=2, n_rbf=10, max_z=30)
 

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
-
-from apps.dataset import read_arrays, read_dataset, write_dataset
-from apps.oracle import BadLabel, _label_batch, _oracle_md, label_structure, make_calculator
+from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
+from palflow.apps.oracle import BadLabel, _label_batch, _oracle_md, label_structure, make_calculator
 
 EMT_SPEC = {"calculator": "ase.calculators.emt:EMT", "kwargs": {}}
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from palflow.pipeline.cli import main, run_status_facts
+from palflow.pipeline.state.rundir import RunDirectory
 
-from pipeline.cli import main, run_status_facts
-from pipeline.rundir import RunDirectory
 from tests.test_cli import ROOT, small_campaign
 
 PALFLOW = Path(sys.executable).parent / "palflow"
@@ -115,7 +115,7 @@ def test_status_while_a_coordinator_holds_the_run_reads_it_and_writes_nothing(co
     holder = subprocess.Popen(
         [
             sys.executable, "-c",
-            "import sys, time; from pipeline.rundir import RunDirectory; "
+            "import sys, time; from palflow.pipeline.state.rundir import RunDirectory; "
             "run = RunDirectory(sys.argv[1]); run.lock(); print('locked', flush=True); "
             "time.sleep(120)",
             str(copied_run),
@@ -171,8 +171,7 @@ def test_report_builds_report_html(copied_run):
 @pytest.mark.timeout(300)
 def test_export_writes_what_trainers_and_the_calculator_read(finished_run, tmp_path, capsys):
     from ase.io import read
-
-    from apps.calculator import EnsembleCalculator
+    from palflow.apps.models.calculator import EnsembleCalculator
 
     before = files_and_times(finished_run)
     out = tmp_path / "exported"

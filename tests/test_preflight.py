@@ -2,7 +2,7 @@
 or fail after the run directory existed, are refused up front with one clear message,
 exit status 2, and nothing created.
 
-Every case runs through ``pipeline.run.main`` in this process (fast); a few of each
+Every case runs through ``palflow.pipeline.run.main`` in this process (fast); a few of each
 class also through the real command line.
 """
 
@@ -402,7 +402,7 @@ def _check(tmp_path, status, stderr, message, before):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_refused_before_anything_is_created(tmp_path, capsys, case):
-    from pipeline.run import main
+    from palflow.pipeline.run import main
 
     args, message = _arguments(tmp_path, case)
     before = set(tmp_path.iterdir())
@@ -429,9 +429,9 @@ def test_a_name_holding_a_path_puts_nothing_outside_runs(tmp_path):
 def test_good_inputs_pass_the_preflight():
     """The shipped examples' settings and structures, the built-in plug-ins, and
     declared options pass; the trial is skipped when asked, and for MPI oracles."""
-    from pipeline import preflight
-    from pipeline.settings import load_campaign
-    from pipeline.structures import load_start_structures
+    from palflow.pipeline.config import preflight
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.state.structures import load_start_structures
 
     for name in ("cu_emt.toml", "cu_systems.toml", "ethanol_plugins.toml", "water_tblite.toml"):
         c = load_campaign(ROOT / "examples" / name)
@@ -456,7 +456,7 @@ def test_good_inputs_pass_the_preflight():
 
 
 def test_a_space_in_the_run_directory_is_fine_on_a_thread_site(tmp_path):
-    from pipeline.preflight import check_run_path
+    from palflow.pipeline.config.preflight import check_run_path
 
     check_run_path(tmp_path / "my runs" / "r", "threads.py")
     assert not (tmp_path / "my runs").exists()

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from palflow.pipeline.observe.live import LabelRate, LiveView, plain_line, render, snapshot
+from palflow.pipeline.observe.report import FIGURES, build_report, run_status
 
-from pipeline.live import LabelRate, LiveView, plain_line, render, snapshot
-from pipeline.report import FIGURES, build_report, run_status
 from tests.test_cli import ROOT, run_cli, small_campaign
 from tests.test_coordinator import small_campaign as small_settings
 
@@ -22,9 +22,9 @@ def recorded_run(tmp_path_factory):
     """A finished short campaign (EMT, thread pools), and its coordinator."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.campaign_state import load_start_structure
-    from pipeline.coordinator import MODULES, Apps, Coordinator
-    from pipeline.rundir import RunDirectory
+    from palflow.pipeline.engine.coordinator import MODULES, Apps, Coordinator
+    from palflow.pipeline.state.campaign_state import load_start_structure
+    from palflow.pipeline.state.rundir import RunDirectory
 
     tmp_path = tmp_path_factory.mktemp("recorded")
     campaign = small_settings(selection__max_labels_per_version=8)

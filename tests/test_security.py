@@ -5,10 +5,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
-from apps.dataset import read_arrays
-from apps.model import load_checkpoint
-from pipeline.rundir import RunDirectory
+from palflow.apps.data.dataset import read_arrays
+from palflow.apps.models.core import load_checkpoint
+from palflow.pipeline.state.rundir import RunDirectory
 
 
 class Exploit:

@@ -1,8 +1,7 @@
 """Selection rules and the oracle queue: ordering, caps, diversity, re-ranking."""
 
 from ase.build import molecule
-
-from pipeline.selection import Candidate, OracleQueue, select_frames
+from palflow.pipeline.policies.selection import Candidate, OracleQueue, select_frames
 
 
 def make(candidate_id: int, force: float, version: int = 1) -> Candidate:
@@ -78,8 +77,8 @@ def test_a_priority_orders_the_queue_instead_of_the_spread():
 
 
 def test_candidates_keep_their_priority_through_the_journal(tmp_path):
-    from apps.dataset import write_dataset
-    from pipeline.journal import candidate_arrays, read_candidates
+    from palflow.apps.data.dataset import write_dataset
+    from palflow.pipeline.resume.journal import candidate_arrays, read_candidates
 
     ranked, plain = make(1, 0.3), make(2, 0.6)
     ranked.priority = 0.25

@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import pytest
-
-from pipeline.settings import CampaignError, load_campaign
+from palflow.pipeline.config.settings import CampaignError, load_campaign
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -70,7 +69,7 @@ def test_shipped_examples_validate(name):
 @pytest.mark.parametrize("name", ["schnet", "mace"])
 def test_a_dumped_campaign_validates_again(name):
     """campaign.json is a dump of the settings; --resume validates it again."""
-    from pipeline.settings import campaign_from_dict
+    from palflow.pipeline.config.settings import campaign_from_dict
 
     campaign = load_campaign(None, model__name=name)
     again = campaign_from_dict(campaign.model_dump(), "campaign.json")

@@ -8,9 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from apps.contracts import MODULES
-from pipeline.sites import SCHEMA_NAMES, SITE_DIR, SiteError, load_site, site_attributes
+from palflow.apps.contracts import MODULES
+from palflow.pipeline.config.sites import (
+    SCHEMA_NAMES,
+    SITE_DIR,
+    SiteError,
+    load_site,
+    site_attributes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SITES = sorted(p.name for p in SITE_DIR.glob("*.py"))
@@ -193,8 +198,8 @@ def test_monitoring_on_needs_the_hub_in_the_config(tmp_path):
     ],
 )
 def test_site_mpi_command_reaches_the_oracle_launch_prefix(tmp_path, monkeypatch, command, prefix):
-    from apps.oracle import make_calculator, mpi_prefix
-    from pipeline.settings import load_campaign
+    from palflow.apps.oracle import make_calculator, mpi_prefix
+    from palflow.pipeline.config.settings import load_campaign
 
     for variable in ("PARSL_MPI_PREFIX", "PARSL_NUM_RANKS", "PARSL_NUM_NODES"):
         monkeypatch.delenv(variable, raising=False)

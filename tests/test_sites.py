@@ -3,9 +3,8 @@
 from pathlib import Path
 
 import pytest
-
-from apps.contracts import MODULES
-from pipeline.sites import SITE_DIR, SiteError, load_site
+from palflow.apps.contracts import MODULES
+from palflow.pipeline.config.sites import SITE_DIR, SiteError, load_site
 
 SITES = sorted(p.name for p in SITE_DIR.glob("*.py"))
 

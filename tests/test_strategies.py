@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase.build import molecule
-
-from pipeline import measures
-from pipeline.measures import (
+from palflow.pipeline.config.settings import load_campaign
+from palflow.pipeline.policies import measures
+from palflow.pipeline.policies.measures import (
     MEASURES,
     EnsemblePrediction,
     MeasureContext,
@@ -17,11 +17,29 @@ from pipeline.measures import (
     get_measure,
     register_measure,
 )
-from pipeline.metrology import learning_curve_area, load_plugins, measure_version, spearman_rho
-from pipeline.protocols import Evaluation, Generator, Label, Metrology, Query, QueryContext
-from pipeline.selection import Candidate, OracleQueue
-from pipeline.settings import load_campaign
-from pipeline.strategies import ClusterQuery, CoresetQuery, Selector, TopQuery, make_query
+from palflow.pipeline.policies.metrology import (
+    learning_curve_area,
+    load_plugins,
+    measure_version,
+    spearman_rho,
+)
+from palflow.pipeline.policies.protocols import (
+    Evaluation,
+    Generator,
+    Label,
+    Metrology,
+    Query,
+    QueryContext,
+)
+from palflow.pipeline.policies.selection import Candidate, OracleQueue
+from palflow.pipeline.policies.strategies import (
+    ClusterQuery,
+    CoresetQuery,
+    Selector,
+    TopQuery,
+    make_query,
+)
+
 from tests.test_coordinator import EXAMPLES, run_campaign, small_campaign
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,19 +138,18 @@ def test_registry_takes_a_decorated_measure_and_refuses_a_clash(two_structures):
             register_measure("test_double_spread")(lambda p, c: p.n_atoms)
         with pytest.raises(KeyError, match="unknown measure 'nope'"):
             get_measure("nope")
-        by_path = get_measure("pipeline.measures:energy_spread")
+        by_path = get_measure("palflow.pipeline.policies.measures:energy_spread")
         np.testing.assert_allclose(by_path(two_structures, MeasureContext()), [0.5, 0.0])
     finally:
         MEASURES.pop("test_double_spread", None)
-        MEASURES.pop("pipeline.measures:energy_spread", None)
+        MEASURES.pop("palflow.pipeline.policies.measures:energy_spread", None)
 
 
 def test_every_built_in_measure_scores_a_real_ensemble_prediction():
     """The registry's measures run on what the model predicts, one score per structure."""
     import torch
-
-    from apps.calculator import predict_structures
-    from apps.model import ModelSpec, SchNetEnsemble
+    from palflow.apps.models.calculator import predict_structures
+    from palflow.apps.models.core import ModelSpec, SchNetEnsemble
 
     torch.manual_seed(0)
     model = SchNetEnsemble(ModelSpec(cutoff=4.0, n_features=8, n_interactions=1, n_rbf=4), 3)
@@ -208,12 +225,12 @@ def test_a_user_query_plugs_in_without_a_base_class():
     with pytest.raises(KeyError, match="unknown query"):
         make_query("best")
     with pytest.raises(TypeError, match="no select"):
-        make_query("pipeline.measures:MeasureContext")
+        make_query("palflow.pipeline.policies.measures:MeasureContext")
 
 
 def test_the_built_ins_implement_the_protocols():
-    from apps.generator import _run_md
-    from apps.oracle import _label_batch
+    from palflow.apps.generator import _run_md
+    from palflow.apps.oracle import _label_batch
 
     assert all(isinstance(q(), Query) for q in (TopQuery, CoresetQuery, ClusterQuery))
     assert isinstance(_label_batch, Label) and isinstance(_run_md, Generator)

@@ -8,13 +8,18 @@ import torch
 from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
-
-from apps.calculator import EnsembleCalculator, predict_structures
-from apps.dataset import read_dataset, write_dataset
-from apps.model import ModelSpec, SchNetEnsemble, build_batch, load_checkpoint, new_ensemble
-from apps.oracle import label_structure
-from apps.training import _train_member, evaluate_errors
-from pipeline.settings import TrainingSettings
+from palflow.apps.data.dataset import read_dataset, write_dataset
+from palflow.apps.models.calculator import EnsembleCalculator, predict_structures
+from palflow.apps.models.core import (
+    ModelSpec,
+    SchNetEnsemble,
+    build_batch,
+    load_checkpoint,
+    new_ensemble,
+)
+from palflow.apps.oracle import label_structure
+from palflow.apps.training import _train_member, evaluate_errors
+from palflow.pipeline.config.settings import TrainingSettings
 
 SPEC = ModelSpec(cutoff=4.0, n_features=16, n_interactions=2, n_rbf=16)
 
@@ -102,9 +107,8 @@ def test_schnet_stress_is_the_strain_derivative_of_its_energy():
 def test_mace_stress_matches_maces_own_calculator(tmp_path):
     pytest.importorskip("mace", reason="mace-torch is not installed")
     from mace.calculators import MACECalculator
-
-    from pipeline.models import resolve_model_spec
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.models import resolve_model_spec
+    from palflow.pipeline.config.settings import load_campaign
 
     data = emt_labels(4, seed=1)
     campaign = load_campaign(
@@ -186,13 +190,12 @@ def test_training_on_stress_lowers_the_stress_error(tmp_path):
 def test_the_stress_spread_measure_reads_generator_and_scoring_files(tmp_path):
     from ase import units
     from ase.io import write
-
-    from apps.calculator import stress_disagreement
-    from apps.dataset import read_arrays
-    from apps.generator import _run_md
-    from apps.model import save_checkpoint
-    from pipeline.measures import MEASURES, EnsemblePrediction, MeasureContext
-    from pipeline.settings import GeneratorSettings
+    from palflow.apps.data.dataset import read_arrays
+    from palflow.apps.generator import _run_md
+    from palflow.apps.models.calculator import stress_disagreement
+    from palflow.apps.models.core import save_checkpoint
+    from palflow.pipeline.config.settings import GeneratorSettings
+    from palflow.pipeline.policies.measures import MEASURES, EnsemblePrediction, MeasureContext
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "e.pt", SchNetEnsemble(SPEC, 3), {"version": 1})
@@ -219,8 +222,8 @@ def test_the_stress_spread_measure_reads_generator_and_scoring_files(tmp_path):
 
 
 def test_the_held_out_evaluation_reports_the_stress_error(tmp_path):
-    from apps.inference import _evaluate_test
-    from apps.model import save_checkpoint
+    from palflow.apps.inference import _evaluate_test
+    from palflow.apps.models.core import save_checkpoint
 
     save_checkpoint(tmp_path / "e.pt", SchNetEnsemble(SPEC, 2), {"version": 1})
     write_dataset(tmp_path / "test.npz", [*emt_labels(3, seed=4), label_structure(

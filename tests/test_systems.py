@@ -7,8 +7,8 @@ import pytest
 from ase.build import bulk
 from ase.db import connect
 from ase.io import write
+from palflow.pipeline.config.settings import CampaignError, campaign_from_dict, load_campaign
 
-from pipeline.settings import CampaignError, campaign_from_dict, load_campaign
 from tests.test_coordinator import run_campaign, small_campaign
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -111,10 +111,10 @@ def test_copper_systems_example_runs(tmp_path):
 def test_the_live_view_and_the_report_show_each_system(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.coordinator import MODULES, Apps, Coordinator
-    from pipeline.live import LabelRate, plain_line, snapshot
-    from pipeline.report import build_report
-    from pipeline.rundir import RunDirectory
+    from palflow.pipeline.engine.coordinator import MODULES, Apps, Coordinator
+    from palflow.pipeline.observe.live import LabelRate, plain_line, snapshot
+    from palflow.pipeline.observe.report import build_report
+    from palflow.pipeline.state.rundir import RunDirectory
 
     campaign = multi_campaign(copper_systems(tmp_path), stop__max_labels=8)
     run, summary = run_campaign(tmp_path, campaign)
@@ -130,8 +130,7 @@ def test_the_live_view_and_the_report_show_each_system(tmp_path):
 def test_a_system_can_bring_its_own_held_out_frames(tmp_path):
     from ase.calculators.emt import EMT
     from ase.io import read
-
-    from apps.oracle import label_structure
+    from palflow.apps.oracle import label_structure
 
     frames = []
     for seed in range(5):

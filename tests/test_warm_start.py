@@ -27,8 +27,8 @@ def test_members_continue_exactly_where_the_earlier_run_left_them(tmp_path, fini
     """Warm members are the earlier members: from a run's ``models/`` folder, each is
     that member's newest checkpoint, optimiser state and step count included; from an
     ensemble file alone, each predicts exactly what its member of the file predicts."""
-    from apps.model import build_batch, load_checkpoint
-    from pipeline.warm_start import warm_member_checkpoints
+    from palflow.apps.models.core import build_batch, load_checkpoint
+    from palflow.pipeline.resume.warm_start import warm_member_checkpoints
 
     first_run, _ = finished
     ensemble = first_run.ensembles()[-1][1]
@@ -69,7 +69,7 @@ def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, fini
     eV/A in one run here), so a single warm version cannot be ranked against a cold
     one. That the members continue exactly is the test above; here, that their step
     counts go on from the finished run's in a whole campaign."""
-    from apps.model import load_checkpoint
+    from palflow.apps.models.core import load_checkpoint
 
     first_run, first = finished
     campaign = small_campaign(

@@ -1,6 +1,6 @@
 """The progress watchdog: a campaign that cannot progress stops, says why, and exits 1.
 
-Unit cases drive :class:`pipeline.watchdog.Watchdog` with fake tasks; the campaign
+Unit cases drive :class:`palflow.pipeline.engine.watchdog.Watchdog` with fake tasks; the campaign
 cases run the fast EMT copper example on thread pools (as tests/test_coordinator.py
 does) and through the command line (tests/test_cli.py's ``run_cli``).
 """
@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.io import write
-
-from pipeline.engine import Engine, TaskRecord
-from pipeline.watchdog import (
+from palflow.pipeline.engine.core import Engine, TaskRecord
+from palflow.pipeline.engine.watchdog import (
     MAX_FAILURES_IN_A_ROW,
     MAX_FRUITLESS_ORACLE_TASKS,
     MAX_FRUITLESS_VERSIONS,
@@ -29,6 +28,7 @@ from pipeline.watchdog import (
     Watchdog,
     verdict,
 )
+
 from tests.test_cli import run_cli
 from tests.test_cli import small_campaign as cli_campaign
 from tests.test_coordinator import run_campaign, small_campaign
@@ -36,7 +36,7 @@ from tests.test_coordinator import run_campaign, small_campaign
 
 # ------------------------------------------------------------------------ helpers
 class FakeState:
-    """The little of :class:`~pipeline.campaign_state.CampaignState` the watchdog reads."""
+    """The little of :class:`~palflow.pipeline.state.campaign_state.CampaignState` the watchdog reads."""
 
     def __init__(self) -> None:
         self.stop_reason = None
@@ -287,7 +287,7 @@ class TestBoundedLogs:
                             "d: same error again (x2)"]  # fmt: skip
 
     def test_an_unreadable_member_checkpoint_stops_the_campaign(self, tmp_path, caplog):
-        from apps.training import _train_member
+        from palflow.apps.training import _train_member
 
         garbage = tmp_path / "garbage.pt"
         garbage.write_bytes(b"not a checkpoint")
@@ -386,7 +386,7 @@ class TestExitStatus:
 
     def test_an_oracle_that_stores_no_label_fails_the_campaign(self, tmp_path):
         campaign = small_campaign(
-            oracle__calculator="apps.fault_injection:FaultyCalculator",
+            oracle__calculator="palflow.apps.oracles.fault_injection:FaultyCalculator",
             oracle__kwargs={"rate": 1.0, "kinds": ["exception"]},
             oracle__max_attempts=1,
             stop__max_wall_s=600.0,

@@ -8,14 +8,14 @@ directly. Name it in a campaign:
     kind = "examples/plugins/bond_stretch.py:generate"
 
 A generator is any function with the signature of
-:class:`pipeline.protocols.Generator`. This one shows the three steps every
+:class:`palflow.pipeline.policies.protocols.Generator`. This one shows the three steps every
 generator takes, with palflow's helpers:
 
-1. load the ensemble (:func:`apps.model.load_checkpoint`);
+1. load the ensemble (:func:`palflow.apps.models.core.load_checkpoint`);
 2. make candidate frames and let the ensemble score them in one batched pass
-   (:func:`apps.calculator.predict_structures`);
+   (:func:`palflow.apps.models.calculator.predict_structures`);
 3. write each walker's frames and last frame and return what the coordinator reads
-   (:func:`apps.generator.write_walkers`).
+   (:func:`palflow.apps.generator.write_walkers`).
 
 Settings come from the campaign's ``[generator]`` section: ``steps_per_task //
 sample_interval`` frames per walker, each with one bond (a pair closer than 1.8 Å)
@@ -57,9 +57,9 @@ def generate(
     settings: dict[str, Any],
     seed: int,
 ) -> dict[str, Any]:
-    from apps.calculator import predict_structures
-    from apps.generator import add_frame, evaluations, new_record, write_walkers
-    from apps.model import load_checkpoint
+    from palflow.apps.generator import add_frame, evaluations, new_record, write_walkers
+    from palflow.apps.models.calculator import predict_structures
+    from palflow.apps.models.core import load_checkpoint
 
     model, extra = load_checkpoint(ensemble_path)
     rng = np.random.default_rng(seed)

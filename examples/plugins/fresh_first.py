@@ -3,7 +3,7 @@
 Candidates wait in the queue with the score of the ensemble version that last
 looked at them. This query trusts fresh scores over stale ones: it sorts by
 version, newest first, then by score. No base class is needed; a ``select`` method
-of the right shape makes it a :class:`pipeline.protocols.Query`. Named from a
+of the right shape makes it a :class:`palflow.pipeline.policies.protocols.Query`. Named from a
 campaign file as::
 
     [selection]

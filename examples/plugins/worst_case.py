@@ -1,8 +1,8 @@
 """A user-defined metrology: the worst held-out structures, not only the average.
 
 An MAE can hide a few structures the potential gets badly wrong, and those are the
-ones that break MD. Any callable taking an :class:`pipeline.protocols.Evaluation`
-and returning named numbers is a :class:`pipeline.protocols.Metrology`. Named from
+ones that break MD. Any callable taking an :class:`palflow.pipeline.policies.protocols.Evaluation`
+and returning named numbers is a :class:`palflow.pipeline.policies.protocols.Metrology`. Named from
 a campaign file as::
 
     [metrology]

@@ -39,7 +39,7 @@ os.environ.update(
 
 def oracle_spec(ranks: int) -> dict:
     """The example's calculator spec, on ``ranks`` MPI ranks."""
-    from pipeline.settings import load_campaign
+    from palflow.pipeline.config.settings import load_campaign
 
     oracle = load_campaign(CAMPAIGN).oracle
     spec = {"calculator": oracle.calculator, "kwargs": dict(oracle.kwargs), "mpi_ranks": ranks}
@@ -53,9 +53,8 @@ def xtb_frames(n: int, stride: int, equilibrate: int, seed: int) -> list:
     from ase import units
     from ase.io import read
     from ase.md.langevin import Langevin
+    from palflow.apps.common import draw_velocities
     from tblite.ase import TBLite
-
-    from apps.common import draw_velocities
 
     atoms = read(HERE / "water8.xyz")
     atoms.calc = TBLite(method="GFN1-xTB", verbosity=0)
@@ -84,9 +83,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from ase.io import write
-
-    from apps.dataset import read_dataset, write_dataset
-    from apps.oracle import _label_batch
+    from palflow.apps.data.dataset import read_dataset, write_dataset
+    from palflow.apps.oracle import _label_batch
 
     t0 = time.perf_counter()
     frames = xtb_frames(args.frames, args.stride, args.equilibrate, args.seed)

@@ -1,0 +1,1 @@
+"""Datasets: labelled structures as flat arrays on disk."""

@@ -1,0 +1,1 @@
+"""Molecular dynamics: batched integrators for the generators."""

@@ -1,0 +1,258 @@
+"""The ensemble potential as an ASE calculator, plus batched scoring of candidates.
+
+Uncertainty follows DP-GEN: the force disagreement of a structure is the largest,
+over atoms, root-mean-square deviation of the members' force vectors from their
+mean (eV/Å); the energy disagreement is the members' standard deviation of the
+energy per atom (eV/atom).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+from palflow.apps.models.core import SchNetEnsemble, build_batch, default_device, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def atom_force_spread(member_forces: np.ndarray) -> np.ndarray:
+    """[N] per atom, ``sqrt(mean_k |F_ik - <F_i>|^2)``: the root-mean-square deviation
+    of the members' force vectors [K, N, 3] from their mean, eV/Å."""
+    member_forces = np.asarray(member_forces, dtype=np.float64)
+    deviation = member_forces - member_forces.mean(axis=0, keepdims=True)
+    return np.sqrt((deviation**2).sum(axis=-1).mean(axis=0))
+
+
+def ensemble_disagreement(
+    member_energies: np.ndarray,
+    member_forces: np.ndarray,
+    structure_index: np.ndarray,
+    n_atoms: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spread of an ensemble's predictions per structure.
+
+    Parameters
+    ----------
+    member_energies
+        [K, S] total energies, eV.
+    member_forces
+        [K, N, 3] forces, eV/Å.
+    structure_index
+        [N] structure of each atom.
+    n_atoms
+        [S] atoms per structure.
+
+    Returns
+    -------
+    energy_spread_per_atom
+        [S] standard deviation over members of energy / n_atoms, eV/atom.
+    max_force_spread
+        [S] max over atoms of ``sqrt(mean_k |F_ik - <F_i>|^2)``, eV/Å.
+    mean_force_spread
+        [S] the same per-atom deviation averaged over the structure's atoms, eV/Å.
+    """
+    member_energies = np.asarray(member_energies, dtype=np.float64)
+    structure_index = np.asarray(structure_index, dtype=np.int64)
+    n_atoms = np.asarray(n_atoms, dtype=np.int64)
+    n_structures = len(n_atoms)
+
+    energy_spread = member_energies.std(axis=0) / np.maximum(n_atoms, 1)
+    per_atom = atom_force_spread(member_forces)
+    max_spread = np.zeros(n_structures)
+    np.maximum.at(max_spread, structure_index, per_atom)
+    mean_spread = np.bincount(structure_index, weights=per_atom, minlength=n_structures)
+    mean_spread = mean_spread / np.maximum(n_atoms, 1)
+    return energy_spread, max_spread, mean_spread
+
+
+def stress_disagreement(member_stress: np.ndarray) -> np.ndarray:
+    """[S] the largest, over the 9 components, standard deviation over the members of
+    the stress [K, S, 3, 3], eV/Å³ (NaN for a structure without a cell)."""
+    member_stress = np.asarray(member_stress, dtype=np.float64)
+    return member_stress.std(axis=0).reshape(member_stress.shape[1], 9).max(axis=1)
+
+
+def _run(model: SchNetEnsemble, batch, compute_stress: bool = False):
+    """Member energies [K, S] (eV), forces [K, N, 3] (eV/Å) and, with
+    ``compute_stress``, stresses [K, S, 3, 3] (eV/Å³, else None) as float64 numpy."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(batch, compute_forces=True, compute_stress=compute_stress)
+    finally:
+        model.train(was_training)
+
+    def numpy(key):
+        return out[key].detach().to("cpu", torch.float64).numpy() if key in out else None
+
+    return numpy("energy"), numpy("forces"), numpy("stress")
+
+
+def predict_structures(
+    model: SchNetEnsemble,
+    structures: Sequence[Atoms],
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+) -> dict[str, object]:
+    """Ensemble predictions and disagreement for many structures in batched passes.
+
+    Parameters
+    ----------
+    model
+        Ensemble on ``device``.
+    structures
+        Structures to score (their calculators are ignored).
+    device
+        Device for the batches; default the model's device.
+    batch_size
+        Structures per forward pass.
+
+    Returns
+    -------
+    dict
+        ``energy`` [S] mean energy (eV); ``forces`` list of [n_s, 3] mean forces
+        (eV/Å); ``energy_disagreement`` [S] (eV/atom); ``force_disagreement`` [S] max
+        force deviation (eV/Å); ``mean_force_disagreement`` [S] (eV/Å);
+        ``member_energies`` [K, S] (eV); ``member_forces`` list of [K, n_s, 3] (eV/Å);
+        and, when some structure has a cell, ``stress`` [S, 3, 3] mean stress
+        (eV/Å³, NaN for a structure without a cell), ``member_stress``
+        [K, S, 3, 3] and ``stress_disagreement`` [S] (:func:`stress_disagreement`).
+    """
+    device = device or next(model.parameters()).device
+    structures = list(structures)
+    energy, forces, e_spread, f_max, f_mean, members = [], [], [], [], [], []
+    per_structure_member_forces, stresses = [], []
+    with_stress = any(atoms.pbc.all() and atoms.cell.volume > 1e-6 for atoms in structures)
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start : start + batch_size]
+        batch = build_batch(chunk, model.spec.cutoff, device, with_targets=False)
+        member_energies, member_forces, member_stress = _run(model, batch, with_stress)
+        if with_stress:
+            stresses.append(member_stress)
+        index = batch.structure_index.cpu().numpy()
+        n_atoms = batch.n_atoms.cpu().numpy()
+        spread = ensemble_disagreement(member_energies, member_forces, index, n_atoms)
+        e_spread.append(spread[0])
+        f_max.append(spread[1])
+        f_mean.append(spread[2])
+        energy.append(member_energies.mean(axis=0))
+        members.append(member_energies)
+        mean_forces = member_forces.mean(axis=0)
+        forces.extend(np.split(mean_forces, np.cumsum(n_atoms)[:-1]))
+        per_structure_member_forces.extend(np.split(member_forces, np.cumsum(n_atoms)[:-1], axis=1))
+    n_members = model.n_members
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    stress = {}
+    if with_stress:
+        member_stress = np.concatenate(stresses, axis=1)
+        stress = {
+            "stress": member_stress.mean(axis=0),
+            "member_stress": member_stress,
+            "stress_disagreement": stress_disagreement(member_stress),
+        }
+    return {
+        **stress,
+        "energy": cat(energy),
+        "forces": forces,
+        "energy_disagreement": cat(e_spread),
+        "force_disagreement": cat(f_max),
+        "mean_force_disagreement": cat(f_mean),
+        "member_energies": (
+            np.concatenate(members, axis=1) if members else np.zeros((n_members, 0))
+        ),
+        "member_forces": per_structure_member_forces,
+    }
+
+
+class EnsembleCalculator(Calculator):
+    """ASE calculator returning the ensemble mean and its disagreement.
+
+    Parameters
+    ----------
+    model
+        A loaded ensemble; moved to ``device`` when one is given.
+    device
+        Torch device; default the model's current device.
+    **kwargs
+        Passed to :class:`ase.calculators.calculator.Calculator`.
+
+    Notes
+    -----
+    Besides ``energy``/``free_energy`` (eV) and ``forces`` (eV/Å), ``results`` holds
+    ``energy_disagreement`` (eV/atom), ``force_disagreement`` (eV/Å),
+    ``member_energies`` [K] (eV) and ``member_forces`` [K, N, 3] (eV/Å). For a cell
+    periodic in all directions it also gives ``stress`` (Voigt, eV/Å³, the members'
+    mean), ``stress_disagreement`` (eV/Å³, :func:`stress_disagreement`) and
+    ``member_stress`` [K, 3, 3].
+    """
+
+    implemented_properties = ["energy", "forces", "free_energy", "stress"]
+
+    def __init__(
+        self,
+        model: SchNetEnsemble,
+        device: str | torch.device | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.checkpoint_extra: dict = {}
+        """What the checkpoint recorded besides weights, e.g. the ensemble ``version``."""
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | torch.device | None = None, **kwargs
+    ) -> EnsembleCalculator:
+        """Load an ensemble checkpoint (default device: CUDA when available)."""
+        model, extra = load_checkpoint(path, device=device or default_device())
+        calculator = cls(model, **kwargs)
+        calculator.checkpoint_extra = extra
+        return calculator
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] = ("energy",),
+        system_changes: Sequence[str] = all_changes,
+    ) -> None:
+        super().calculate(atoms, properties, system_changes)
+        batch = build_batch([self.atoms], self.model.spec.cutoff, self.device, with_targets=False)
+        periodic = bool(self.atoms.pbc.all()) and self.atoms.cell.volume > 1e-6
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs a cell periodic in all directions")
+        member_energies, member_forces, member_stress = _run(self.model, batch, periodic)
+        e_spread, f_max, _ = ensemble_disagreement(
+            member_energies,
+            member_forces,
+            batch.structure_index.cpu().numpy(),
+            batch.n_atoms.cpu().numpy(),
+        )
+        energy = float(member_energies[:, 0].mean())
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": member_forces.mean(axis=0),
+            "energy_disagreement": float(e_spread[0]),
+            "force_disagreement": float(f_max[0]),
+            "member_energies": member_energies[:, 0].copy(),
+            "member_forces": member_forces,
+        }
+        if periodic:
+            self.results.update(
+                stress=full_3x3_to_voigt_6_stress(member_stress[:, 0].mean(axis=0)),
+                stress_disagreement=float(stress_disagreement(member_stress)[0]),
+                member_stress=member_stress[:, 0].copy(),
+            )

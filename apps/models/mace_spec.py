@@ -1,0 +1,213 @@
+"""What every MACE member shares, and how it is fixed: the spec, E0s, foundations.
+
+:class:`MACESpec` is the architecture of every member of a committee, with the
+element table, the isolated-atom energies (E0s) and the mean neighbour count, fixed
+once per campaign (:func:`palflow.pipeline.config.models.resolve_model_spec`) from the helpers
+here. Importing this module imports ``mace`` first, which sets
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` for the process so that e3nn loads its
+constants; palflow's own checkpoints are still read with an explicit
+``weights_only=True``, which that variable does not override. The build lock that
+keeps MACE's code generation away from other threads' forward passes lives here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# TorchScript warns at every MACE build about e3nn's annotations (thousands of lines
+# a run); it says nothing a user can act on.
+warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support")
+warnings.filterwarnings("ignore", message="Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY")
+
+import mace  # noqa: E402, F401  (first: it lets e3nn load its constants under torch >= 2.6)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from ase import Atoms  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _BuildLock:
+    """Building or copying a MACE model traces code with ``torch.fx``, which patches
+    ``torch.nn.Module.__call__`` for the whole process while it runs, and so breaks a
+    forward pass in another thread. On a thread-pool site, builds therefore take this
+    lock alone (re-entrantly), and forward passes share it."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._owner: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> None:  # exclusive: a build or a copy
+        me = threading.get_ident()
+        with self._condition:
+            if self._owner != me:
+                self._condition.wait_for(lambda: self._owner is None and not self._readers)
+                self._owner = me
+            self._depth += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._condition:
+            self._depth -= 1
+            if not self._depth:
+                self._owner = None
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self):
+        """Held by forward passes: many at once, never beside a build."""
+        me = threading.get_ident()
+        if self._owner == me:  # a build that evaluates
+            yield
+            return
+        with self._condition:
+            self._condition.wait_for(lambda: self._owner is None)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+
+_BUILD_LOCK = _BuildLock()
+
+
+@dataclass(frozen=True)
+class MACESpec:
+    """Architecture of every member; the campaign's ``[model]`` section gives it.
+
+    Attributes
+    ----------
+    r_max
+        Cutoff radius, Å.
+    num_channels, max_L, correlation, num_interactions
+        MACE's hidden channels, largest ``L`` of the equivariant features, body
+        order of the product basis and number of message-passing layers.
+    num_radial_basis, num_cutoff_basis
+        Bessel functions and polynomial cutoff order of the radial embedding.
+    dtype
+        ``"float64"`` (MACE's advice for MD) or ``"float32"``.
+    atomic_numbers
+        The element table, ascending.
+    e0s
+        Isolated-atom energy of each element of the table, eV.
+    avg_num_neighbors
+        Mean neighbour count within ``r_max`` (MACE normalises messages by it).
+    foundation
+        A MACE model file every member starts from, or None.
+    """
+
+    r_max: float
+    num_channels: int
+    max_L: int
+    correlation: int
+    num_interactions: int
+    num_radial_basis: int
+    num_cutoff_basis: int
+    dtype: str
+    atomic_numbers: tuple[int, ...]
+    e0s: tuple[float, ...]
+    avg_num_neighbors: float
+    foundation: str | None = None
+
+    @property
+    def cutoff(self) -> float:
+        return self.r_max
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["atomic_numbers"] = list(self.atomic_numbers)
+        data["e0s"] = list(self.e0s)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MACESpec:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["atomic_numbers"] = tuple(int(z) for z in values["atomic_numbers"])
+        values["e0s"] = tuple(float(e) for e in values["e0s"])
+        return cls(**values)
+
+
+# ------------------------------------------------------------------ the spec
+def fit_e0s(structures: Sequence[Atoms], atomic_numbers: Sequence[int]) -> list[float]:
+    """Isolated-atom energies by least squares on labelled structures (``"average"``).
+
+    Minimum-norm least squares of ``E_s ≈ sum_Z count_sZ * E0_Z``: a campaign of one
+    composition gets the energy per atom spread evenly over its elements.
+    """
+    energies, counts = [], []
+    for atoms in structures:
+        results = getattr(atoms.calc, "results", None) or {}
+        if "energy" in results:
+            energies.append(float(results["energy"]))
+            counts.append([int((atoms.numbers == z).sum()) for z in atomic_numbers])
+    if not energies:
+        raise ValueError("model.e0s = 'average' needs labelled structures")
+    coefficients, *_ = np.linalg.lstsq(np.asarray(counts, float), np.asarray(energies), rcond=None)
+    return [float(c) for c in coefficients]
+
+
+def oracle_e0s(atomic_numbers: Sequence[int], calculator: Any) -> list[float]:
+    """Isolated-atom energies by one oracle call per element (``"oracle"``)."""
+    energies = []
+    for z in atomic_numbers:
+        atom = Atoms(numbers=[z], positions=[[0.0, 0.0, 0.0]])
+        atom.calc = calculator
+        energies.append(float(atom.get_potential_energy()))
+    return energies
+
+
+def mean_neighbours(structures: Sequence[Atoms], r_max: float) -> float:
+    """Mean number of neighbours within ``r_max`` over the atoms of ``structures``."""
+    from palflow.apps.models.graph import build_batch
+
+    if not structures:
+        return 1.0
+    batch = build_batch(list(structures), r_max, "cpu", with_targets=False)
+    return max(float(batch.edge_src.numel()) / max(int(batch.n_atoms.sum()), 1), 1.0)
+
+
+def foundation_elements(path: str) -> tuple[list[int], list[float], float, dict[str, Any]]:
+    """The element table, E0s, cutoff and architecture of a foundation model file.
+
+    Raises
+    ------
+    ValueError
+        When the file is missing or is not a MACE model.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"model.foundation {path!r} does not exist: download it first")
+    try:
+        with _BUILD_LOCK:
+            model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(f"model.foundation {path!r} is not a MACE model file: {error}") from None
+    if not all(hasattr(model, a) for a in ("atomic_numbers", "r_max", "interactions")):
+        raise ValueError(
+            f"model.foundation {path!r} is not a MACE model file "
+            f"(it holds a {type(model).__name__})"
+        )
+    from e3nn import o3
+
+    numbers = [int(z) for z in model.atomic_numbers]
+    e0s = model.atomic_energies_fn.atomic_energies.detach().reshape(-1, len(numbers))[0]
+    # A one-layer MACE keeps its hidden irreps as a string.
+    hidden = o3.Irreps(str(model.interactions[0].hidden_irreps))
+    architecture = {
+        "num_interactions": int(model.num_interactions),
+        "num_channels": int(hidden.count("0e")),
+        "max_L": int(hidden.lmax),
+        "avg_num_neighbors": float(model.interactions[0].avg_num_neighbors),
+    }
+    return numbers, [float(e) for e in e0s], float(model.r_max), architecture

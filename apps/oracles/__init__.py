@@ -1,0 +1,1 @@
+"""Oracle libraries: calculator factory helpers, process isolation, CP2K, fault injection."""

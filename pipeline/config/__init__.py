@@ -1,0 +1,1 @@
+"""Configuration: campaign settings, sites, model specs, and the whole pre-flight."""

@@ -1,0 +1,1 @@
+"""The engine: the coordinator, its agents, the task loop, and the stop rules."""

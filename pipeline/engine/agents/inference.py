@@ -1,0 +1,170 @@
+"""The inference agent: held-out errors of each version, and re-scoring of the queue.
+
+Each new ensemble version is evaluated on the held-out set; its errors go to
+``metrics.jsonl`` with the metrology plug-ins' measures. The oracle queue is
+re-scored with a newer version (PAL's dynamic oracle list): candidates no longer
+worth a label drop out, the rest re-order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from palflow.apps.contracts import EvaluateRequest, ScoreRequest
+from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
+from palflow.pipeline.engine.core import TaskRecord
+from palflow.pipeline.policies.measures import EnsemblePrediction
+from palflow.pipeline.policies.metrology import (
+    evaluation_from_result,
+    load_plugins,
+    measure_version,
+    spearman_rho,
+)
+from palflow.pipeline.resume.journal import candidate_arrays
+from palflow.pipeline.state.campaign_state import Version
+from palflow.pipeline.state.rundir import METRICS_FILE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateTask(TaskRecord):
+    kind = "evaluate"
+    version: Version | None = None
+
+
+@dataclass
+class ScoreTask(TaskRecord):
+    kind = "score"
+    version: Version | None = None
+    input_path: str = ""
+    """The queue's candidates as sent, for measures that need their structures."""
+
+
+class InferenceAgent:
+    """Submits evaluations and re-scorings; records errors and re-orders the queue."""
+
+    kinds = ("score", "evaluate")
+
+    def __init__(self, context) -> None:
+        self.context = context
+        self.metrology = load_plugins(context.campaign.metrology.plugins)
+        self._test_systems: tuple[np.ndarray, np.ndarray] | None = None
+        """The held-out set's system per frame and atom counts, read once."""
+
+    def submit_ready(self, stopping: bool) -> None:
+        self.submit_evaluation()
+        if not stopping:
+            self.submit_rescore()
+
+    def submit_evaluation(self) -> None:
+        """Evaluate the newest version on the held-out set, once."""
+        context = self.context
+        state, version = context.state, context.state.version
+        if (
+            version is None
+            or not state.test_ready
+            or state.evaluated_version >= version.number
+            or not context.engine.free("infer")
+        ):
+            return
+        state.evaluated_version = version.number
+        request = EvaluateRequest(ensemble_path=version.path, test_path=context.run.test_set)
+        context.submit(EvaluateTask(version=version), request)
+
+    def submit_rescore(self) -> None:
+        """Re-score the oracle queue with the newest version, once per version."""
+        context = self.context
+        state, version = context.state, context.state.version
+        if (
+            version is None
+            or not context.campaign.selection.rescore
+            or not context.selector.ranks_by_ensemble
+            or not context.queue
+            or state.rescored_version >= version.number
+            or not context.engine.free("infer")
+        ):
+            return
+        state.rescored_version = version.number
+        candidates = context.queue.candidates()
+        path, out = context.run.queue_for_scoring(version.number)
+        write_dataset(path, [c.atoms for c in candidates], extra=candidate_arrays(candidates))
+        request = ScoreRequest(ensemble_path=version.path, input_path=path, output_path=out)
+        context.submit(ScoreTask(version=version, input_path=path), request)
+
+    def on_result(self, task: TaskRecord, result: dict[str, Any]) -> None:
+        if isinstance(task, EvaluateTask):
+            self._record_errors(task.version, result)
+        else:
+            self._rescore(task, result)
+
+    def on_failure(self, task: TaskRecord, error: BaseException) -> None:
+        """Nothing to undo: the next version is evaluated and scores the queue."""
+
+    def _rescore(self, task: ScoreTask, result: dict[str, Any]) -> None:
+        context = self.context
+        selector = context.selector
+        ids = [int(i) for i in result["candidate_id"]]
+        scores = np.asarray(result["force_disagreement"], dtype=float)
+        if result.get("output_path"):
+            prediction = EnsemblePrediction.from_arrays(read_arrays(result["output_path"]))
+            if prediction is not None:
+                structures = read_dataset(task.input_path) if selector.needs_descriptors else None
+                scores = selector.score(prediction, structures)
+        new = zip(result["force_disagreement"], result["energy_disagreement"], scores, strict=True)
+        dropped = context.queue.rescore(
+            dict(zip(ids, new, strict=True)), result["version"], selector.threshold()
+        )
+        logger.info(
+            "queue re-scored with v%d: %d dropped, %d left",
+            result["version"],
+            len(dropped),
+            len(context.queue),
+        )
+
+    def per_system(self, evaluation) -> dict[str, dict[str, Any]]:
+        """The standard metrics of each system's held-out frames, when the held-out
+        set tags its frames with systems (several systems, labelled by palflow)."""
+        if self._test_systems is None:
+            arrays = read_arrays(self.context.run.test_set)
+            self._test_systems = (
+                np.asarray(arrays["system"], dtype=str) if "system" in arrays else np.array([]),
+                np.asarray(arrays["n_atoms"], dtype=float),
+            )
+        systems, n_atoms = self._test_systems
+        if len(systems) != len(evaluation.force_error) or len(set(systems)) < 2:
+            return {}
+        out = {}
+        for name in dict.fromkeys(systems):
+            mask = systems == name
+            out[str(name)] = {
+                "force_mae": float(np.average(evaluation.force_error[mask], weights=n_atoms[mask])),
+                "energy_mae_per_atom": float(np.abs(evaluation.energy_error[mask]).mean()),
+                "uncertainty_spearman": spearman_rho(
+                    evaluation.force_spread[mask], evaluation.force_error[mask]
+                ),
+                "n_structures": int(mask.sum()),
+            }
+        return out
+
+    def _record_errors(self, version: Version, result: dict[str, Any]) -> None:
+        context = self.context
+        evaluation = evaluation_from_result(result, version.number, version.n_labels)
+        record = measure_version(evaluation, self.metrology)
+        by_system = self.per_system(evaluation)
+        if by_system:
+            record["systems"] = by_system
+        record["wall_s"] = version.wall_s
+        context.run.append_jsonl(METRICS_FILE, record)
+        context.state.record_test_error(version, result, record)
+        context.selector.calibrate(evaluation)
+        logger.info(
+            "v%d test force MAE %.4f eV/Å (%d labels)",
+            version.number,
+            result["force_mae"],
+            version.n_labels,
+        )
+        context.policy.note_test_error(result["force_mae"])

@@ -1,0 +1,1 @@
+"""Observing a run: the live view, the report and its figures."""

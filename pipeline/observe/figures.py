@@ -1,0 +1,260 @@
+"""The figures of the run report, each drawn from a :class:`palflow.pipeline.observe.report.RunData`.
+
+============================  ===========================================================
+``learning_curve.png``        test force and energy MAE against labels and wall time
+``timeline.png``              one Gantt lane per task slot, per module: the overlap
+``busy.png``                  busy fraction per module, and its longest idle gap
+``uncertainty.png``           the frames' force spread per ensemble version, threshold
+``uncertainty_vs_error.png``  predicted force spread against true force error, labels
+``oracle.png``                oracle task durations, and failures by kind
+============================  ===========================================================
+
+A figure is a function of the run's data alone; :func:`draw` turns one that fails
+into a figure that says so, so that one broken figure never costs the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+from palflow.apps.contracts import MODULES
+from palflow.pipeline.state.metrics import busy_fractions, module_intervals
+
+if TYPE_CHECKING:
+    from palflow.pipeline.observe.report import RunData
+
+logger = logging.getLogger(__name__)
+
+FIGURES = {
+    "learning_curve": "Learning curve",
+    "timeline": "Task timeline",
+    "busy": "Busy fraction and idle gaps",
+    "uncertainty": "Uncertainty per ensemble version",
+    "uncertainty_vs_error": "Predicted uncertainty against true error",
+    "oracle": "Oracle time and failures",
+}
+"""Every figure of the report, by file stem, with its heading."""
+
+MODULE_COLOURS = {
+    "oracle": "tab:red",
+    "generator": "tab:green",
+    "train": "tab:blue",
+    "infer": "tab:purple",
+}
+
+
+def _figure(width: float = 10, height: float = 4, columns: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(width, height), squeeze=False)
+
+
+def _empty(axis, message: str) -> None:
+    axis.text(0.5, 0.5, message, ha="center", va="center", transform=axis.transAxes)
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def plot_learning_curve(data: RunData):
+    figure, axes = _figure(columns=2)
+    by_labels, by_time = axes[0]
+    points = [m for m in data.metrics if m.get("force_mae") is not None]
+    if not points:
+        _empty(by_labels, "no ensemble evaluated yet")
+        _empty(by_time, "no ensemble evaluated yet")
+        return figure
+    labels = [m["labels"] for m in points]
+    wall = [m.get("wall_s", np.nan) for m in points]
+    force = [m["force_mae"] for m in points]
+    energy = [1e3 * (m.get("energy_mae_per_atom") or np.nan) for m in points]
+    for axis, x, xlabel in ((by_labels, labels, "active labels"), (by_time, wall, "wall time, s")):
+        axis.plot(x, force, "o-", color="tab:blue", label="force MAE (eV/Å)")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("test force MAE, eV/Å", color="tab:blue")
+        axis.set_yscale("log")
+        twin = axis.twinx()
+        twin.plot(x, energy, "s--", color="tab:orange", label="energy MAE (meV/atom)")
+        twin.set_ylabel("test energy MAE, meV/atom", color="tab:orange")
+    figure.suptitle(f"{data.name}: held-out error per ensemble version")
+    return figure
+
+
+def plot_timeline(data: RunData):
+    figure, axes = _figure(height=4.5)
+    axis = axes[0][0]
+    lanes_used = 0
+    ticks, tick_labels = [], []
+    for module in MODULES:
+        tasks = sorted(
+            (e["started"] - data.t0, e["ended"] - data.t0, e.get("ok", True))
+            for e in data.events
+            if e["module"] == module and e.get("started") and e.get("ended")
+        )
+        lane_free: list[float] = []
+        bars: dict[int, list] = defaultdict(list)
+        for start, end, ok in tasks:
+            lane = next((i for i, free in enumerate(lane_free) if free <= start), None)
+            if lane is None:
+                lane_free.append(end)
+                lane = len(lane_free) - 1
+            lane_free[lane] = end
+            bars[lane].append((start, end - start, ok))
+        for lane, spans in bars.items():
+            y = lanes_used + lane
+            axis.broken_barh(
+                [(s, d) for s, d, _ in spans],
+                (y + 0.1, 0.8),
+                facecolors=[MODULE_COLOURS[module] if ok else "black" for _, _, ok in spans],
+            )
+        if lane_free:
+            ticks.append(lanes_used + len(lane_free) / 2)
+            tick_labels.append(f"{module} ({len(tasks)})")
+            lanes_used += len(lane_free) + 1
+    if not ticks:
+        _empty(axis, "no task has finished yet")
+        return figure
+    axis.set_yticks(ticks, tick_labels)
+    axis.set_xlabel("wall time, s (black: failed task)")
+    axis.set_title("every task, one lane per concurrent task")
+    return figure
+
+
+def idle_gaps(data: RunData, module: str) -> tuple[float, float]:
+    """Longest and total time (s) with no task of ``module`` running, between its
+    first start and the end of the run."""
+    intervals = module_intervals(data.events, module)
+    if not intervals:
+        return 0.0, 0.0
+    gaps = [b[0] - a[1] for a, b in zip(intervals, intervals[1:], strict=False)]
+    gaps.append(max(0.0, data.t1 - intervals[-1][1]))
+    return max(gaps), sum(gaps)
+
+
+def plot_busy(data: RunData):
+    figure, axes = _figure(columns=2)
+    busy_axis, gap_axis = axes[0]
+    fractions = busy_fractions(data.events, data.t0, data.t1) if data.events else {}
+    if not fractions:
+        _empty(busy_axis, "no task has finished yet")
+        _empty(gap_axis, "")
+        return figure
+    modules = list(fractions)
+    colours = [MODULE_COLOURS.get(m, "grey") for m in modules]
+    busy_axis.bar(modules, [100 * fractions[m] for m in modules], color=colours)
+    busy_axis.set_ylabel("busy, % of the run")
+    busy_axis.set_ylim(0, 100)
+    gaps = {m: idle_gaps(data, m) for m in modules}
+    gap_axis.bar(modules, [gaps[m][0] for m in modules], color=colours)
+    gap_axis.set_ylabel("longest idle gap, s")
+    for i, module in enumerate(modules):
+        gap_axis.annotate(f"total {gaps[module][1]:.0f} s", (i, gaps[module][0]), ha="center")
+    return figure
+
+
+def plot_uncertainty(data: RunData):
+    import matplotlib
+
+    figure, axes = _figure()
+    axis = axes[0][0]
+    frames = data.generator_frames()
+    if not frames:
+        _empty(axis, "no MD frames recorded yet")
+        return figure
+    versions = sorted(frames)
+    shown = (
+        versions
+        if len(versions) <= 8
+        else list(np.linspace(versions[0], versions[-1], 8, dtype=int))
+    )
+    shown = [v for v in shown if v in frames]
+    every = np.concatenate([frames[v] for v in shown])
+    positive = every[every > 0]
+    bins = (
+        np.geomspace(max(positive.min(), 1e-4), positive.max() * 1.01, 40) if len(positive) else 20
+    )
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 1, len(shown)))
+    for version, colour in zip(shown, colours, strict=True):
+        axis.hist(frames[version], bins=bins, histtype="step", color=colour, label=f"v{version}")
+    if len(positive):
+        axis.set_xscale("log")
+    if data.threshold is not None:
+        axis.axvline(data.threshold, color="red", linestyle="--", label="threshold")
+    axis.set_xlabel("largest atomic force spread of an MD frame, eV/Å")
+    axis.set_ylabel("frames")
+    axis.legend(fontsize=8, ncol=2)
+    return figure
+
+
+def plot_uncertainty_vs_error(data: RunData):
+    figure, axes = _figure(width=6, height=5)
+    axis = axes[0][0]
+    predicted, errors = data.labelled_errors()
+    if not len(predicted):
+        _empty(axis, "no active labels yet")
+        return figure
+    axis.scatter(predicted, errors, s=10, alpha=0.6)
+    axis.set_xlabel("predicted: force spread when picked, eV/Å")
+    axis.set_ylabel("true: mean absolute force error, eV/Å")
+    if len(predicted) >= 3 and np.ptp(predicted) > 0 and np.ptp(errors) > 0:
+        from scipy.stats import spearmanr
+
+        rho = spearmanr(predicted, errors).statistic
+        axis.set_title(f"{len(predicted)} labelled candidates, Spearman rho {rho:.2f}")
+    return figure
+
+
+def plot_oracle(data: RunData):
+    figure, axes = _figure(columns=2)
+    times_axis, failure_axis = axes[0]
+    durations = [
+        e["ended"] - e["started"]
+        for e in data.events
+        if e.get("kind") == "label" and e.get("started") and e.get("ended")
+    ]
+    if durations:
+        times_axis.hist(durations, bins=30, color=MODULE_COLOURS["oracle"])
+        times_axis.set_xlabel("oracle task duration, s")
+        times_axis.set_ylabel("tasks")
+        times_axis.set_title(f"median {np.median(durations):.2f} s over {len(durations)} tasks")
+    else:
+        _empty(times_axis, "no oracle task has finished yet")
+    kinds = data.failures_by_kind()
+    lost = sum(1 for e in data.events if e.get("module") == "oracle" and not e.get("ok", True))
+    if lost:
+        kinds["task failed"] = lost
+    if kinds:
+        failure_axis.bar(list(kinds), list(kinds.values()), color="black")
+        failure_axis.set_ylabel("structures (tasks for 'task failed')")
+        failure_axis.tick_params(axis="x", rotation=30)
+    else:
+        _empty(failure_axis, "no oracle failures")
+    return figure
+
+
+PLOTS = {
+    "learning_curve": plot_learning_curve,
+    "timeline": plot_timeline,
+    "busy": plot_busy,
+    "uncertainty": plot_uncertainty,
+    "uncertainty_vs_error": plot_uncertainty_vs_error,
+    "oracle": plot_oracle,
+}
+"""The function that draws each figure of :data:`FIGURES`."""
+
+
+def draw(stem: str, data: RunData):
+    """The Matplotlib figure ``stem`` of :data:`FIGURES`, or one that says why it
+    could not be drawn."""
+    try:
+        return PLOTS[stem](data)
+    except Exception as error:  # one broken figure must not cost the report
+        logger.exception("report: figure %s failed", stem)
+        figure, axes = _figure()
+        _empty(axes[0][0], f"could not draw: {error}")
+        return figure

@@ -1,0 +1,1 @@
+"""Selection policies: the oracle queue, informativeness measures, strategies, metrology."""

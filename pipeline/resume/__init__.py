@@ -1,0 +1,1 @@
+"""Resume and mending: the journal, rebuilding state on --resume, mending damage, warm starts."""

@@ -1,0 +1,417 @@
+"""The run directory: every file a campaign writes, and the only place it writes.
+
+Layout::
+
+    RUN_DIR/
+      campaign.json        resolved campaign settings
+      labels.db            labelled data, ASE database (SQLite)
+      labels.extxyz        the same, exported at the end
+      events.jsonl         one line per finished task
+      summary.json         written at the end
+      report.html          the run report (pipeline/report.py), its figures in report/
+      system/start.extxyz  the start structure, for walker resets
+      data/                training snapshots and the held-out test set (.npz)
+      models/              member checkpoints and one ensemble checkpoint per version
+      oracle/              oracle inputs and results (the results are the journal)
+      generator/           MD frames and walker states
+      infer/               candidate sets sent for re-scoring
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+from palflow.apps.data.dataset import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+SUBDIRECTORIES = ("system", "data", "models", "oracle", "generator", "infer")
+
+# Every file name of a run directory is spelled here, and only here.
+CAMPAIGN_FILE = "campaign.json"
+LABELS_DB = "labels.db"
+LABELS_EXTXYZ = "labels.extxyz"
+EVENTS_FILE = "events.jsonl"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+STATE_FILE = "state.json"
+QUEUE_FILE = "state.queue.npz"
+REPORT_FILE = "report.html"
+REPORT_FIGURES = "report"
+LOCK_FILE = ".lock"
+
+
+class RunDirectoryError(ValueError):
+    """A run directory cannot be created, reopened or locked as asked."""
+
+
+class RunDirectory:
+    """Paths and writers for one campaign's run directory."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).resolve()
+        self._events = None
+
+    @classmethod
+    def create(
+        cls, root: str | os.PathLike, campaign: dict[str, Any] | None = None
+    ) -> RunDirectory:
+        """Create a new run directory, readable by its owner only.
+
+        The directory is built under a temporary name, with ``campaign.json`` when
+        ``campaign`` is given, and renamed into place: a kill never leaves a
+        half-made run behind that could neither be resumed nor replaced.
+
+        Creation is exclusive: of two callers racing on one new ``root`` exactly one
+        wins; the other gets a :class:`RunDirectoryError`, and its temporary folder is
+        removed.
+
+        Raises
+        ------
+        RunDirectoryError
+            When ``root`` exists and is not empty, so that no earlier run is
+            overwritten; when another caller made it first; when it cannot be made.
+        """
+        run = cls(root)
+        if run.root.is_dir() and any(run.root.iterdir()):
+            raise RunDirectoryError(
+                f"run directory {run.root} exists and is not empty: "
+                "continue it with --resume, or choose another --run-dir"
+            )
+        if run.root.exists() and not run.root.is_dir():
+            raise RunDirectoryError(f"run directory {run.root} is a file: choose another --run-dir")
+        try:
+            run.root.parent.mkdir(parents=True, exist_ok=True)
+            # A name of its own per caller (and per thread), made with mode 0700.
+            building = cls(
+                tempfile.mkdtemp(prefix=f".{run.root.name}.creating-", dir=run.root.parent)
+            )
+        except OSError as error:
+            raise RunDirectoryError(
+                f"run directory {run.root} cannot be created: {error}"
+            ) from None
+        try:
+            for name in SUBDIRECTORIES:
+                (building.root / name).mkdir()
+            if campaign is not None:
+                building.write_json(CAMPAIGN_FILE, campaign)
+            # rename(2) is atomic and replaces only an empty directory (or none): of
+            # two coordinators racing on one new run directory exactly one gets here.
+            os.replace(building.root, run.root)
+        except OSError as error:
+            shutil.rmtree(building.root, ignore_errors=True)
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise RunDirectoryError(
+                    f"run directory {run.root} was created by another coordinator at the "
+                    "same moment: continue it with --resume once that one stops, or choose "
+                    "another --run-dir"
+                ) from None
+            raise RunDirectoryError(
+                f"run directory {run.root} cannot be created: {error}"
+            ) from None
+        except BaseException:
+            shutil.rmtree(building.root, ignore_errors=True)
+            raise
+        return run
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> RunDirectory:
+        """Reopen an existing run directory, to resume it.
+
+        Raises
+        ------
+        RunDirectoryError
+            When ``root`` is not a run directory (it has no ``campaign.json``).
+        """
+        run = cls(root)
+        if not is_run_directory(run.root):
+            raise RunDirectoryError(
+                f"{run.root} is not a palflow run directory (no campaign.json): "
+                "give the directory a run wrote"
+            )
+        try:
+            settings = json.loads(run.file(CAMPAIGN_FILE).read_text())
+        except (OSError, ValueError) as error:
+            settings = error
+        if not isinstance(settings, dict):
+            problem = settings if isinstance(settings, Exception) else "holds no settings"
+            raise RunDirectoryError(
+                f"{CAMPAIGN_FILE} in {run.root} is damaged ({problem}): it holds the run's "
+                "settings and nothing else does; restore it from a backup, or start a new "
+                "run with --campaign (labels.db and oracle/ keep what this one labelled)"
+            )
+        return run
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the run directory while this process lives.
+
+        The kernel drops the lock when the process ends, however it ends, so a
+        killed coordinator never leaves a stale lock behind.
+
+        Raises
+        ------
+        RunDirectoryError
+            When another coordinator holds it.
+        """
+        import fcntl
+
+        if getattr(self, "_lock_handle", None) is not None:
+            return  # held already (a resume locks before it mends)
+        self._lock_handle = open(self.root / LOCK_FILE, "w")  # noqa: SIM115 (held for life)
+        try:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_handle.close()
+            self._lock_handle = None
+            raise RunDirectoryError(
+                f"another coordinator is running on {self.root}: stop it first"
+            ) from None
+
+    def is_locked(self) -> bool:
+        """Whether a coordinator holds the lock on this run directory now."""
+        import fcntl
+
+        try:
+            handle = open(self.root / LOCK_FILE)  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+        return False
+
+    def path(self, *parts: str) -> str:
+        """Absolute path of a file in the run directory, as a string for apps."""
+        return str(self.root.joinpath(*parts))
+
+    def own(self, path: str) -> str:
+        """``path``, a file of this run as a saved state names it, in this run
+        directory: the state of a run that was moved or copied names the old place."""
+        where = Path(path)
+        if where.parent.name in SUBDIRECTORIES and not where.is_relative_to(self.root):
+            return str(self.root / where.parent.name / where.name)
+        return path
+
+    # ------------------------------------------------------------ named files
+    def file(self, name: str) -> Path:
+        """One of the run's top-level files (``STATE_FILE``, ``SUMMARY_FILE``, ...)."""
+        return self.root / name
+
+    @property
+    def labels_db(self) -> Path:
+        return self.root / LABELS_DB
+
+    @property
+    def start_structure(self) -> str:
+        """The start structure, which walkers reset to."""
+        return self.path("system", "start.extxyz")
+
+    def system_start(self, system: str, index: int) -> str:
+        """Start configuration ``index`` of the system named ``system``."""
+        return self.path("system", f"{system}.start{index:03d}.extxyz")
+
+    @property
+    def queue_at_stop(self) -> str:
+        return self.path("system", "queue_at_stop.extxyz")
+
+    @property
+    def test_set(self) -> str:
+        """The labelled held-out set."""
+        return self.path("data", "test.npz")
+
+    def test_part(self, system: str) -> str:
+        """The held-out frames of one system, before the parts are joined."""
+        return self.path("data", f"test.{system}.npz")
+
+    def train_snapshot(self, n_labels: int) -> tuple[str, str]:
+        """The training and validation files of the snapshot holding ``n_labels``."""
+        return (
+            self.path("data", f"train.{n_labels:06d}.npz"),
+            self.path("data", f"valid.{n_labels:06d}.npz"),
+        )
+
+    def member_checkpoint(self, member: int, task: int) -> str:
+        """Member ``member``'s checkpoint after its training task number ``task``."""
+        return self.path("models", f"member{member}.{task:05d}.pt")
+
+    def member_checkpoints(self, member: int) -> list[tuple[int, Path]]:
+        """``(task, path)`` of the member's checkpoints on disk, oldest first."""
+        found = self.root.glob(f"models/member{member}.*.pt")
+        return sorted((int(p.suffixes[0].lstrip(".")), p) for p in found)
+
+    @property
+    def foundation_model(self) -> str:
+        """The run's copy of ``model.foundation``, which every member starts from."""
+        return self.path("models", "foundation.model")
+
+    def ensemble(self, version: int) -> str:
+        """The stacked checkpoint of ensemble ``version``."""
+        return self.path("models", f"ensemble.v{version:05d}.pt")
+
+    def ensembles(self) -> list[tuple[int, Path]]:
+        """``(version, path)`` of every published ensemble, oldest first."""
+        found = self.root.glob("models/ensemble.v*.pt")
+        return sorted((int(p.name.split(".v")[1].split(".")[0]), p) for p in found)
+
+    def oracle_batch(self, task_id: int) -> tuple[str, str]:
+        """What oracle task ``task_id`` was asked (``.in.npz``) and answered (``.out.npz``)."""
+        stem = f"batch{task_id:06d}"
+        return self.path("oracle", f"{stem}.in.npz"), self.path("oracle", f"{stem}.out.npz")
+
+    def oracle_batches(self) -> list[tuple[int, Path, Path]]:
+        """``(task_id, input, output)`` of every oracle batch sent, oldest first; the
+        output may not exist."""
+        batches = []
+        for path in self.root.glob("oracle/batch*.in.npz"):
+            task_id = int(path.name[len("batch") :].split(".")[0])
+            batches.append((task_id, path, path.with_name(path.name.replace(".in.", ".out."))))
+        return sorted(batches)
+
+    @staticmethod
+    def batch_input_of(output_path: str) -> str:
+        """The ``.in.npz`` beside an oracle batch's ``.out.npz``."""
+        return output_path.replace(".out.npz", ".in.npz")
+
+    def oracle_scratch(self, name: str) -> str:
+        """Where a failed oracle task's scratch is kept for a post-mortem."""
+        return self.path("oracle", "scratch", name)
+
+    def walker_segment(self, walker: int, segment: int) -> tuple[str, str]:
+        """A walker's MD segment: its frames (``.npz``) and last frame (``.extxyz``)."""
+        stem = f"walker{walker:03d}.seg{segment:05d}"
+        return self.path("generator", f"{stem}.npz"), self.path("generator", f"{stem}.last.extxyz")
+
+    def walker_segments(self) -> list[tuple[int, Path]]:
+        """``(walker, frames file)`` of every MD segment written, in order."""
+        found = sorted(self.root.glob("generator/walker*.seg*.npz"))
+        return [(int(p.name[len("walker") :].split(".")[0]), p) for p in found]
+
+    def queue_for_scoring(self, version: int) -> tuple[str, str]:
+        """The oracle queue sent for re-scoring with ``version``, and the scores."""
+        stem = f"queue.v{version:05d}"
+        return self.path("infer", f"{stem}.npz"), self.path("infer", f"{stem}.scores.npz")
+
+    # ------------------------------------------------------------ reading and writing
+    def read_json(self, name: str) -> Any:
+        """A top-level JSON file, or None when it is missing or torn."""
+        try:
+            return json.loads((self.root / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """The records of a JSON-lines file; torn or damaged lines are skipped, with
+        one warning."""
+        path = self.root / name
+        if not path.exists():
+            return []
+        records, skipped = [], 0
+        for line in path.read_bytes().decode(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif line.strip():
+                skipped += 1
+        if skipped:
+            logger.warning("skipping %d torn or damaged line(s) in %s", skipped, path)
+        return records
+
+    def read_state(self) -> dict[str, Any]:
+        """The coordinator's saved bookkeeping (empty before the first save)."""
+        return self.read_json(STATE_FILE) or {}
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.write_json(STATE_FILE, state)
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write ``data`` as JSON atomically."""
+        text = json.dumps(data, indent=2, default=_jsonable).encode()
+        atomic_write_bytes(self.root / name, lambda handle: handle.write(text))
+
+    def append_event(self, event: dict[str, Any]) -> None:
+        """Append one task record to ``events.jsonl``.
+
+        The file stays open, and each line is flushed to the operating system at
+        once: a killed coordinator loses no finished line, and the loop does not pay
+        an open and a close per task (a third of its time on no-op tasks).
+        """
+        if self._events is None:
+            self._events = open(self.root / EVENTS_FILE, "a")  # noqa: SIM115
+        self._events.write(json.dumps(event, default=_jsonable) + "\n")
+        self._events.flush()
+
+    def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Append one record to the JSON-lines file ``name`` (e.g. ``metrics.jsonl``)."""
+        with open(self.root / name, "a") as handle:
+            handle.write(json.dumps(record, default=_jsonable) + "\n")
+
+    def close(self) -> None:
+        """Close the events file; a later :meth:`append_event` reopens it."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def read_events(self) -> list[dict[str, Any]]:
+        """All task records written so far (a torn or damaged line is skipped)."""
+        keys = ("task", "module", "ok", "submitted", "returned")
+        return [e for e in self.read_jsonl(EVENTS_FILE) if all(k in e for k in keys)]
+
+    def labels(self):
+        """``labels.db``, opened for reading or writing (see :func:`open_labels`)."""
+        return open_labels(self.labels_db)
+
+    def store_labels(self, structures: Sequence[Atoms], metadata: Iterable[dict]) -> None:
+        """Add labelled structures to ``labels.db`` in one transaction."""
+        with self.labels() as database:
+            for atoms, key_value_pairs in zip(structures, metadata, strict=True):
+                database.write(atoms, key_value_pairs=key_value_pairs)
+
+    def export_extxyz(self) -> None:
+        """Export ``labels.db`` to ``labels.extxyz`` for tools that do not read ASE db."""
+        from ase.io import write
+
+        if not self.labels_db.exists():
+            return
+        rows = [row.toatoms(add_additional_information=False) for row in self.labels().select()]
+        tmp = self.root / ".labels.extxyz.tmp"
+        write(tmp, rows, format="extxyz")
+        os.replace(tmp, self.root / LABELS_EXTXYZ)
+
+
+def is_run_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a run (its ``campaign.json``)."""
+    return (Path(path) / CAMPAIGN_FILE).is_file()
+
+
+def open_labels(path: str | os.PathLike):
+    """An ASE database of labels, without ASE's lock file.
+
+    ASE guards writes with a ``.lock`` file that it creates and deletes; a process
+    killed between the two leaves it behind, and every later writer waits for it
+    forever. SQLite locks its own transactions, and the run directory's flock keeps
+    a second coordinator away, so the lock file only adds that failure.
+    """
+    from ase.db import connect
+
+    return connect(path, use_lock_file=False)
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn NumPy scalars and arrays into JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,1 @@
+"""Site configs shipped with palflow, found by name (``--site laptop.py``)."""
