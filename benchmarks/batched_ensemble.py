@@ -27,21 +27,17 @@ compares precisions in the same run.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import time
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
+import common
+from common import ROOT, rattled
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--model", choices=("schnet", "mace"), default="schnet")
     parser.add_argument(
         "--repeat", type=int, help="timed rounds (default: 200 for SchNet, 30 for MACE)"
@@ -69,12 +65,13 @@ def schnet_step_cost(args) -> None:
     import torch
     from ase.build import molecule
     from palflow.apps.models.calculator import _run
-    from palflow.apps.models.core import ModelSpec, SchNetEnsemble, build_batch
-    from palflow.pipeline.config.settings import SCHNET_KEYS, load_campaign
+    from palflow.apps.models.core import build_batch
+    from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
+    from palflow.pipeline.config.settings import load_campaign
 
     torch.set_num_threads(args.threads)
     campaign = load_campaign()
-    spec = ModelSpec(**campaign.model.model_dump(include=set(SCHNET_KEYS)))
+    spec = ModelSpec(**campaign.model.model_dump(exclude={"name", "n_members"}))
     torch.manual_seed(0)
     ensembles = {k: SchNetEnsemble(spec, k).eval().to(args.device) for k in (1, 4, 8)}
     singles = {k: [ensembles[k].member(i).eval() for i in range(k)] for k in (4, 8)}
@@ -82,12 +79,7 @@ def schnet_step_cost(args) -> None:
     base = molecule(campaign.system.structure)
 
     def frames(n):
-        out = []
-        for _ in range(n):
-            atoms = base.copy()
-            atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
-            out.append(atoms)
-        return out
+        return rattled(base, n, rng)
 
     def step(models, structures):
         batch = build_batch(structures, spec.cutoff, args.device, with_targets=False)
@@ -165,10 +157,7 @@ def schnet_step_cost(args) -> None:
         f"K=4 batched / K=1 = {target:.2f} (target <= 1.5); "
         f"one by one = {median_ms['K=4 one by one'] / base_ms:.2f}"
     )
-    out = RESULTS
-    out.mkdir(exist_ok=True)
-    (out / "batched_ensemble.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, out / "batched_ensemble.png")
+    common.write_results("batched_ensemble", rows, plot)
 
 
 def generator_tasks(
@@ -226,11 +215,7 @@ def generator_tasks(
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     figure, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4))
     members = [r for r in rows if "over_K1" in r]
     left.bar([r["variant"] for r in members], [r["ms"] for r in members], color="tab:blue")
@@ -264,8 +249,7 @@ def plot(rows: list[dict], path: Path) -> None:
     right.set_ylabel("s per walker-segment")
     right.set_title("generator tasks")
     right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_figure(figure, path)
 
 
 # ------------------------------------------------------------------ MACE (--model mace)
@@ -325,7 +309,6 @@ def mace_committee_cost(args) -> None:
     ]
     summary = mace_summary(rows)
     print_mace(rows, summary, campaign.system.structure, args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
         "model": "mace",
         "molecule": campaign.system.structure,
@@ -336,18 +319,7 @@ def mace_committee_cost(args) -> None:
         "rows": rows,
         "summary": summary,
     }
-    (RESULTS / "batched_ensemble_mace.json").write_text(json.dumps(result, indent=2))
-    plot_mace(rows, RESULTS / "batched_ensemble_mace.png")
-
-
-def rattled(base, n: int, rng, sigma: float = 0.05) -> list:
-    """``n`` copies of ``base`` with Gaussian noise of ``sigma`` Å on every position."""
-    frames = []
-    for _ in range(n):
-        atoms = base.copy()
-        atoms.positions += rng.normal(0, sigma, atoms.positions.shape)
-        frames.append(atoms)
-    return frames
+    common.write_results("batched_ensemble_mace", result, lambda _, path: plot_mace(rows, path))
 
 
 def mace_committees(dtype: str, base, rng, device: str):
@@ -359,7 +331,7 @@ def mace_committees(dtype: str, base, rng, device: str):
     """
     from ase.calculators.emt import EMT
     from palflow.apps.models.core import new_ensemble
-    from palflow.apps.models.mace import MACEEnsemble
+    from palflow.apps.models.mace.ensemble import MACEEnsemble
     from palflow.pipeline.config.models import resolve_model_spec
     from palflow.pipeline.config.settings import load_campaign
 
@@ -412,11 +384,7 @@ def print_mace(rows: list[dict], summary: list[dict], molecule: str, args) -> No
 
 
 def plot_mace(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     walkers = sorted({r["walkers"] for r in rows})
     kinds = sorted({(r["dtype"], r["mode"]) for r in rows if r["members"] > 1})
     figure, axes = plt.subplots(1, len(walkers), figsize=(5.5 * len(walkers), 4), squeeze=False)
@@ -441,8 +409,7 @@ def plot_mace(rows: list[dict], path: Path) -> None:
         axis.set_ylabel("ms per MD step")
         axis.set_title(f"MACE committee, W={w} walker(s)")
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_figure(figure, path)
 
 
 if __name__ == "__main__":

@@ -26,19 +26,13 @@ Writes ``benchmarks/results/committee_uncertainty.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-sys.path.insert(0, str(ROOT))
+from common import ROOT
 
 EPOCHS_PER_TASK = 5
 MEMBERS = 4
@@ -129,7 +123,7 @@ def train_committee(campaign_file: str, epochs: int, train: list, test: list, wo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--mace-epochs", type=int, default=60)
     parser.add_argument("--schnet-epochs", type=int, default=40)
     args = parser.parse_args()
@@ -159,8 +153,7 @@ def main() -> None:
     ratio = result["mace"][-1]["force_mae"] / result["schnet"][-1]["force_mae"]
     print(f"MACE / SchNet final force MAE: {ratio:.2f}")
     result["mace_over_schnet_force_mae"] = ratio
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "committee_uncertainty.json").write_text(json.dumps(result, indent=2))
+    common.write_results("committee_uncertainty", result)
 
 
 if __name__ == "__main__":

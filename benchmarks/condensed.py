@@ -19,21 +19,15 @@ writes to ``benchmarks/results/condensed.json``:
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
+from common import ROOT, run_on_site
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
-
-from time_to_accuracy import run_on_site  # noqa: E402
+common.use_this_interpreter()
 
 KEYS = ("labels", "force_mae", "energy_mae_per_atom", "stress_mae")
 """What the summary says about an ensemble version, kept for the first and last."""
@@ -65,11 +59,12 @@ def npt_volumes(driver, settings: dict, steps: int, seed: int) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--labels", type=int, default=300)
-    parser.add_argument("--max-wall", type=float, default=600.0)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--temperature", type=float, default=300.0)
+    parser = common.parser(__doc__)
+    parser.add_argument("--labels", type=int, default=300, help="label budget")
+    parser.add_argument("--max-wall", type=float, default=600.0, help="wall limit, s")
+    md = parser.add_argument_group("the NPT dynamics of the bulk cell")
+    md.add_argument("--steps", type=int, default=4000)
+    md.add_argument("--temperature", type=float, default=300.0, help="K")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--site", default="threads.py")
     args = parser.parse_args()
@@ -143,8 +138,7 @@ def main() -> None:
     }
     print(f"final/first test force MAE {result['force_mae_ratio']:.2f} (goal <= 0.5); "
           f"density ensemble/EMT {density_ratio:.4f} (goal within 0.98-1.02)")  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "condensed.json").write_text(json.dumps(result, indent=2))
+    common.write_results("condensed", result)
 
 
 if __name__ == "__main__":

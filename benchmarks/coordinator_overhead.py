@@ -12,24 +12,16 @@ one (events written, state saved); only the handler does nothing. Writes
 
 from __future__ import annotations
 
-import argparse
 import bisect
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-sys.path.insert(0, str(ROOT))
-os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+import common
+from palflow.pipeline.engine.coordinator import Apps, Coordinator
+from palflow.pipeline.engine.core import TaskRecord
 
-from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
-from palflow.pipeline.engine.core import TaskRecord  # noqa: E402
+common.use_this_interpreter()
 
 
 class NoopTask(TaskRecord):
@@ -155,7 +147,7 @@ def measure(kind: str, n: int, in_flight: int, workers: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -172,9 +164,7 @@ def main() -> None:
             f"{r['coordinator_tasks_per_s']:>16.0f}{r['throughput_ratio']:>7.2f}"
             f"{r['latency_p50_ms']:>8.2f}{r['latency_p99_ms']:>8.2f}"
         )
-    out = RESULTS
-    out.mkdir(exist_ok=True)
-    (out / "coordinator_overhead.json").write_text(json.dumps(rows, indent=2))
+    common.write_results("coordinator_overhead", rows)
 
 
 if __name__ == "__main__":

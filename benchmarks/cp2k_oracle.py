@@ -14,40 +14,23 @@ numbers from a different parallel layout), and writes
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-sys.path.insert(0, str(ROOT))
-
-# Open MPI as root, more ranks than cores: what site_configs/laptop.py sets.
-os.environ.update(
-    OMPI_ALLOW_RUN_AS_ROOT="1",
-    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-    OMPI_MCA_rmaps_base_oversubscribe="1",
-)
+common.allow_mpi_as_root()
 
 
 def boxes(n: int) -> list:
     from ase.io import read
 
     box = read(ROOT / "examples" / "structures" / "water8.xyz")
-    rng = np.random.default_rng(0)
-    out = [box]
-    for _ in range(n - 1):
-        copy = box.copy()
-        copy.positions += rng.normal(0, 0.03, copy.positions.shape)
-        out.append(copy)
-    return out
+    return [box, *common.rattled(box, n - 1, np.random.default_rng(0), sigma=0.03)]
 
 
 def label(structures: list, ranks: int, work: Path) -> tuple[list[float], np.ndarray]:
@@ -76,7 +59,7 @@ def label(structures: list, ranks: int, work: Path) -> tuple[list[float], np.nda
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--structures", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
@@ -100,21 +83,16 @@ def main() -> None:
         print(f"  {ranks} rank(s): median {medians[ranks]:.1f} s per label {spread[ranks]}")
     print(f"  2 ranks / 1 rank: {medians[2] / medians[1]:.2f}")
     print(f"  largest energy difference between the layouts: {difference:.2e} eV")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cp2k_oracle.json").write_text(
-        json.dumps(
-            {
-                "structures": args.structures,
-                "repeat": args.repeat,
-                "seconds_per_label": {str(k): v for k, v in seconds.items()},
-                "median_s": {str(k): v for k, v in medians.items()},
-                "ratio_2_over_1": medians[2] / medians[1],
-                "energy_difference_eV": difference,
-                "wall_s": time.perf_counter() - t0,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "structures": args.structures,
+        "repeat": args.repeat,
+        "seconds_per_label": {str(k): v for k, v in seconds.items()},
+        "median_s": {str(k): v for k, v in medians.items()},
+        "ratio_2_over_1": medians[2] / medians[1],
+        "energy_difference_eV": difference,
+        "wall_s": time.perf_counter() - t0,
+    }
+    common.write_results("cp2k_oracle", result)
 
 
 if __name__ == "__main__":

@@ -33,30 +33,21 @@ faint, the median over seeds bold). ``--quick`` is a tiny run for tests;
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
+from common import ROOT, first_at_or_below, jsonable, show  # noqa: F401 (jsonable: for tests)
+from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded
+from palflow.pipeline.policies.metrology import learning_curve_area
+from ratios import bootstrap_ratio, median_inf
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
-# this interpreter's scripts folder (the venv's bin) win even when not activated.
-os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
-
-# Run as a script, this file's folder heads sys.path: its siblings import as they are.
-from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded  # noqa: E402
-from palflow.pipeline.policies.metrology import learning_curve_area  # noqa: E402
-from ratios import bootstrap_ratio, jsonable, median_inf  # noqa: E402
-from time_to_accuracy import first_at_or_below  # noqa: E402
+common.use_this_interpreter()
 
 CAMPAIGN = ROOT / "examples" / "cu_emt.toml"
 STRATEGIES = {
@@ -87,12 +78,8 @@ def run_strategy(name: str, seed: int, args, site, work: Path, sets: dict) -> di
 
     campaign = load_campaign(
         args.campaign,
-        seed=seed,
         selection__max_labels_per_version=args.pace,
-        stop__max_labels=args.labels,
-        stop__max_wall_s=args.max_wall,
-        stop__final_training_s=0.0,
-        test__file=sets["same"]["extxyz"],
+        **common.budget(args, seed, sets["same"]["extxyz"]),
         **(QUICK if args.quick else {}),
         **STRATEGIES[name],
     )
@@ -167,9 +154,6 @@ def analyse(runs: list[dict], targets: dict[str, float] | None = None) -> dict:
 
 
 def print_tables(table: dict) -> None:
-    def show(value, fmt):
-        return "-" if value is None or math.isnan(value) else format(value, fmt)
-
     for name_set, target in table["targets"].items():
         print(f"\n{name_set}: target test force MAE {target:.4f} eV/Å")
         print(
@@ -205,11 +189,7 @@ def print_tables(table: dict) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     names = list(result["rows"])
     colours = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
     sets = list(result["targets"])
@@ -232,8 +212,7 @@ def plot(result: dict, path: Path) -> None:
         axis.set_xlabel("active-learning labels")
         axis.set_ylabel("test force MAE, eV/Å")
     axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_figure(figure, path)
 
 
 def _on_grid(curve: list[dict], grid: np.ndarray) -> np.ndarray:
@@ -254,94 +233,82 @@ def parse_targets(given: list[str] | None) -> dict[str, float]:
     return targets
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--strategies", nargs="+", default=DEFAULT, choices=STRATEGIES)
-    parser.add_argument("--site", default="laptop.py")
-    parser.add_argument(
-        "--campaign", default=str(CAMPAIGN), help="campaign TOML (default: Cu13, EMT)"
-    )
-    parser.add_argument("--labels", type=int, default=64, help="label budget of every run")
-    parser.add_argument("--pace", type=int, default=8, help="labels per ensemble version")
-    parser.add_argument("--max-wall", type=float, default=300.0, help="wall limit per run, s")
-    parser.add_argument("--test-structures", type=int, default=24, help="frames per set")
-    parser.add_argument("--hot", type=float, default=1600.0, help="the hot set's MD, K")
-    parser.add_argument(
-        "--target", nargs="+", metavar="[SET=]MAE", help="target force MAE, eV/Å (all sets or one)"
-    )
-    parser.add_argument(
-        "--name", default="extrapolation", help="results file stem (benchmarks/results/NAME.*)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a tiny run (tests)")
-    parser.add_argument("--reanalyse", metavar="JSON", help="no runs: analyse a saved JSON")
-    args = parser.parse_args()
-    try:
-        targets = parse_targets(args.target)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.reanalyse:
-        saved = json.loads(Path(args.reanalyse).read_text())
-        print_tables(analyse(saved["runs"], targets or None))
-        return
-    if args.quick:
-        args.site, args.labels, args.pace, args.test_structures = "threads.py", 8, 4, 4
-        args.seeds = args.seeds[:2] if "--seeds" in sys.argv else [0, 1]
-        if "--strategies" not in sys.argv:
-            args.strategies = ["max force spread", "random"]
+class Extrapolation(common.CampaignBenchmark):
+    """Every strategy with every seed, each run scored on every held-out set."""
 
-    import parsl
-    from palflow.pipeline.config.sites import load_site, warm_up
+    name, prefix, finite = "extrapolation", "palflow-extrapolation-", True
+    defaults = {"seeds": [0, 1, 2, 3, 4], "labels": 64, "max_wall": 300.0}
+    defaults |= {"campaign": str(CAMPAIGN), "campaign_help": "campaign TOML (default: Cu13, EMT)"}
+    defaults |= {"test_structures": 24, "test_help": "frames per set"}
+    analysis, report, plot = staticmethod(analyse), staticmethod(print_tables), staticmethod(plot)
+    analysed_with = "targets"
 
-    started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="palflow-extrapolation-"))
-    print(f"runs in {work}", flush=True)
-    sets = build_sets(args.campaign, work, args.test_structures, args.hot)
-    for name_set, info in sets.items():
-        print(
-            f"set {name_set:<12} {info['n_structures']:>3} frames, mean |F| "
-            f"{info['mean_abs_force']:.3f} eV/Å: {info['description']}",
-            flush=True,
+    def arguments(self, parser) -> None:
+        option = parser.add_argument
+        option("--strategies", nargs="+", default=DEFAULT, choices=STRATEGIES)
+        option("--pace", type=int, default=8, help="labels per ensemble version")
+        option("--hot", type=float, default=1600.0, help="the hot set's MD, K")
+        option("--target", nargs="+", metavar="[SET=]MAE", help="force MAE, eV/Å (all sets or one)")
+        option("--name", default=self.name, help="results file stem (benchmarks/results/NAME.*)")
+        option("--quick", action="store_true", help="a tiny run (tests)")
+
+    def parse(self, argv: list[str] | None):
+        args = super().parse(argv)
+        try:
+            args.targets = parse_targets(args.target)
+        except ValueError as error:
+            self.parser.error(str(error))
+        if args.quick and not args.reanalyse:
+            args.site, args.labels, args.pace, args.test_structures = "threads.py", 8, 4, 4
+            given = sys.argv if argv is None else argv
+            args.seeds = args.seeds[:2] if "--seeds" in given else [0, 1]
+            if "--strategies" not in given:
+                args.strategies = ["max force spread", "random"]
+        return args
+
+    def prepare(self, args, work: Path, site) -> None:
+        self.sets = build_sets(args.campaign, work, args.test_structures, args.hot)
+        for name_set, info in self.sets.items():
+            print(
+                f"set {name_set:<12} {info['n_structures']:>3} frames, mean |F| "
+                f"{info['mean_abs_force']:.3f} eV/Å: {info['description']}",
+                flush=True,
+            )
+
+    def variants(self, args, seed: int, runs: list[dict]) -> list[str]:
+        return args.strategies
+
+    def run(self, args, site, work: Path, variant: str, seed: int) -> dict:
+        return run_strategy(variant, seed, args, site, work, self.sets)
+
+    def describe(self, run: dict) -> str:
+        finals = ", ".join(f"{s} {c[-1]['force_mae']:.3f}" for s, c in run["curves"].items())
+        return (
+            f"{run['strategy']:<22} seed {run['seed']}: {run['labels']} labels in "
+            f"{run['wall_s']:.0f} s (+{run['evaluation_s']:.0f} s scoring), final MAE {finals}"
         )
-    site = load_site(args.site)
-    site.config.run_dir = str(work / "parsl")
-    runs = []
-    with parsl.load(site.config):
-        warm_up(site.slots)
-        for seed in args.seeds:
-            for name in args.strategies:
-                run = run_strategy(name, seed, args, site, work, sets)
-                runs.append(run)
-                finals = ", ".join(
-                    f"{s} {c[-1]['force_mae']:.3f}" for s, c in run["curves"].items()
-                )
-                print(
-                    f"{name:<22} seed {seed}: {run['labels']} labels in {run['wall_s']:.0f} s "
-                    f"(+{run['evaluation_s']:.0f} s scoring), final MAE {finals}",
-                    flush=True,
-                )
-    result = analyse(runs, targets or None)
-    print_tables(result)
-    for info in sets.values():
-        info.pop("path"), info.pop("extxyz")
-    result.update(
-        campaign=os.path.relpath(args.campaign, ROOT),
-        site=args.site,
-        labels=args.labels,
-        pace=args.pace,
-        max_wall_s=args.max_wall,
-        seeds=args.seeds,
-        quick=args.quick,
-        total_wall_s=time.perf_counter() - started,
-        sets=sets,
-        runs=runs,
-    )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(result), indent=2).replace(str(work), "WORK")
-    (RESULTS / f"{args.name}.json").write_text(text)
-    plot(result, RESULTS / f"{args.name}.png")
-    print(f"total {result['total_wall_s']:.0f} s")
+
+    def metadata(self, args, site) -> dict:
+        for info in self.sets.values():
+            info.pop("path"), info.pop("extxyz")
+        return {
+            "campaign": os.path.relpath(args.campaign, ROOT),
+            "site": args.site,
+            "labels": args.labels,
+            "pace": args.pace,
+            "max_wall_s": args.max_wall,
+            "seeds": args.seeds,
+            "quick": args.quick,
+            "total_wall_s": time.perf_counter() - self.started,
+            "sets": self.sets,
+        }
+
+    def write(self, args, result: dict, work: Path | None = None) -> None:
+        """The results with the work folder as ``WORK``, and the total wall time."""
+        common.write_results(args.name, result, plot, finite=True, work=work)
+        if work is not None:
+            print(f"total {result['total_wall_s']:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    Extrapolation(__doc__).main()

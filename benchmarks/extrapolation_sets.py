@@ -22,8 +22,8 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, held_out_set, run_on_site
 
-ROOT = Path(__file__).resolve().parent.parent
 STRUCTURES = ROOT / "examples" / "structures"
 SETS = ("same", "hot", "strain", "other_phase", "torsion")
 """Every set a run may be scored on: ``other_phase`` for copper, ``torsion`` otherwise."""
@@ -38,10 +38,9 @@ DESCRIPTIONS = {
 
 def _md_frames(campaign_path, folder: Path, n: int, **overrides) -> list:
     """``n`` frames of oracle MD from the campaign's start (``overrides`` change the
-    structure or the temperature), labelled (see ``time_to_accuracy.held_out_set``)."""
+    structure or the temperature), labelled (see ``common.held_out_set``)."""
     from ase.io import read
     from palflow.pipeline.config.settings import load_campaign
-    from time_to_accuracy import held_out_set
 
     folder.mkdir(parents=True, exist_ok=True)
     path = held_out_set(load_campaign(campaign_path, **overrides), folder, n)
@@ -50,7 +49,7 @@ def _md_frames(campaign_path, folder: Path, n: int, **overrides) -> list:
 
 def _labelled(campaign, frames: list, scratch: Path) -> list:
     """``frames`` labelled by the campaign's oracle in this process."""
-    from palflow.apps.oracle import label_structure, make_calculator
+    from palflow.apps.oracles.calculators import label_structure, make_calculator
 
     spec = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
     scratch.mkdir(parents=True, exist_ok=True)
@@ -135,7 +134,7 @@ def build_sets(campaign_path, work: Path, n: int, hot_K: float = 1600.0) -> dict
     from ase.io import write
     from palflow.apps.data.dataset import write_dataset
     from palflow.pipeline.config.settings import load_campaign
-    from palflow.pipeline.state.campaign_state import load_start_structure
+    from palflow.pipeline.state.structures import load_start_structure
 
     campaign = load_campaign(campaign_path)
     same = _md_frames(campaign_path, work / "set-same", n)
@@ -281,8 +280,6 @@ def _recording_coordinator():
 def run_recorded(campaign, root: Path, site) -> tuple[dict, dict]:
     """Run ``campaign`` on the loaded ``site`` in a new run directory ``root`` with the
     recording coordinator; return its summary and its selection counts."""
-    from time_to_accuracy import run_on_site
-
     made = []
 
     def factory(*args, **kwargs):

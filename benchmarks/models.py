@@ -40,25 +40,15 @@ prints the tables of saved runs again (e.g. with other ``--at`` counts).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
-# this interpreter's scripts folder (the venv's bin) win even when not activated.
-os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+import common
+from common import ROOT, first_at_or_below, run_on_site
 
-# Run as a script, this file's folder heads sys.path: its sibling imports as is.
-from time_to_accuracy import first_at_or_below, held_out_set, run_on_site  # noqa: E402
+common.use_this_interpreter()
 
 VARIANTS = ("schnet", "mace", "finetune")
 COLOURS = {"schnet": "tab:blue", "mace": "tab:orange", "finetune": "tab:green"}
@@ -79,13 +69,7 @@ RUN_METRICS = (
 def campaign_for(variant: str, seed: int, args, test_file: str, foundation: str | None):
     from palflow.pipeline.config.settings import load_campaign
 
-    overrides = {
-        "seed": seed,
-        "stop__max_labels": args.labels,
-        "stop__max_wall_s": args.max_wall,
-        "stop__final_training_s": 0.0,
-        "test__file": test_file,
-    }
+    overrides = common.budget(args, seed, test_file)
     if variant == "finetune":
         overrides["model__foundation"] = foundation
     path = args.campaign if variant == "schnet" else args.mace_campaign
@@ -141,7 +125,7 @@ def make_foundation(args, work: Path) -> dict:
     from palflow.apps.training import _train_member
     from palflow.pipeline.config.models import resolve_model_spec
     from palflow.pipeline.config.settings import load_campaign
-    from palflow.pipeline.state.campaign_state import load_start_structure
+    from palflow.pipeline.state.structures import load_start_structure
 
     t0 = time.perf_counter()
     base = load_campaign(args.mace_campaign)
@@ -349,89 +333,8 @@ def print_tables(result: dict) -> None:
         )
 
 
-# ------------------------------------------------------------------ running
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--site", default="laptop.py")
-    parser.add_argument("--campaign", help="SchNet campaign TOML (default: ethanol, GFN2-xTB)")
-    parser.add_argument("--mace-campaign", default=str(MACE_CAMPAIGN), help="MACE campaign")
-    parser.add_argument("--labels", type=int, default=300, help="label budget of every run")
-    parser.add_argument("--max-wall", type=float, default=3600.0, help="wall limit per run, s")
-    parser.add_argument("--test-structures", type=int, default=32)
-    parser.add_argument("--at", nargs="+", type=int, default=[50, 100, 300], help="label counts")
-    parser.add_argument("--finetune", action="store_true", help="add the fine-tuned variant")
-    parser.add_argument("--foundation", help="MACE model file to fine-tune from")
-    parser.add_argument("--foundation-structures", type=int, default=100)
-    parser.add_argument("--foundation-epochs", type=int, default=60)
-    parser.add_argument("--foundation-method", default="GFN1-xTB", help="the cheaper oracle")
-    parser.add_argument(
-        "--reanalyse", metavar="JSON", help="no runs: analyse the runs saved in JSON"
-    )
-    return parser.parse_args()
-
-
-def main() -> None:
-    args = parse_args()
-    if args.reanalyse:
-        saved = json.loads(Path(args.reanalyse).read_text())
-        print_tables(analyse(saved["runs"], args.at))
-        return
-    check_same_problem(args)
-
-    import parsl
-    from palflow.pipeline.config.settings import load_campaign
-    from palflow.pipeline.config.sites import load_site, warm_up
-
-    work = Path(tempfile.mkdtemp(prefix="palflow-models-"))
-    print(f"runs in {work}", flush=True)
-    # The site first: a site module may set OpenMP's environment before xTB starts.
-    site = load_site(args.site)
-    site.config.run_dir = str(work / "parsl")
-    test_file = held_out_set(load_campaign(args.campaign), work, args.test_structures)
-    variants = ["schnet", "mace"] + (["finetune"] if args.finetune else [])
-    foundation = {"path": args.foundation} if args.foundation else None
-    if args.finetune and foundation is None:
-        foundation = make_foundation(args, work)
-    runs = []
-    with parsl.load(site.config):
-        warm_up(site.slots)
-        for seed in args.seeds:
-            for variant in variants:
-                path = foundation["path"] if foundation else None
-                run = run_variant(variant, seed, args, site, work, test_file, path)
-                runs.append(run)
-                curve = run["curve"]
-                print(
-                    f"{variant:<9} seed {seed}: {run['labels']} labels in {run['wall_s']:.0f} s, "
-                    f"test force MAE {curve[0]['force_mae']:.4f} -> "
-                    f"{curve[-1]['force_mae']:.4f} eV/Å ({run['stop_reason']})"
-                    if curve
-                    else f"{variant:<9} seed {seed}: no version was scored",
-                    flush=True,
-                )
-    result = analyse(runs, args.at)
-    print_tables(result)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result.update(
-        site=args.site,
-        labels=args.labels,
-        max_wall_s=args.max_wall,
-        seeds=args.seeds,
-        test_structures=args.test_structures,
-        foundation=foundation,
-        runs=runs,
-    )
-    (RESULTS / "models.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "models.png")
-
-
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     figure, (forces, energies) = plt.subplots(1, 2, figsize=(11, 4))
     seen = set()
     for run in result["runs"]:
@@ -456,9 +359,61 @@ def plot(result: dict, path: Path) -> None:
     forces.set_ylabel("test force MAE, eV/Å")
     energies.set_ylabel("test energy MAE, eV/atom")
     forces.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_figure(figure, path)
+
+
+# ------------------------------------------------------------------ running
+class Models(common.CampaignBenchmark):
+    """SchNet and MACE (and the fine-tuned MACE) with every seed, interleaved."""
+
+    name, prefix = "models", "palflow-models-"
+    defaults = {"labels": 300, "max_wall": 3600.0, "campaign_help": "SchNet " + common.ETHANOL}
+    analysis, report, plot = staticmethod(analyse), staticmethod(print_tables), staticmethod(plot)
+    analysed_with, recorded = "at", ("site", "labels", "max_wall_s", "seeds", "test_structures")
+
+    def arguments(self, parser) -> None:
+        option = parser.add_argument
+        option("--mace-campaign", default=str(MACE_CAMPAIGN), help="MACE campaign")
+        option("--at", nargs="+", type=int, default=[50, 100, 300], help="label counts")
+        option("--finetune", action="store_true", help="add the fine-tuned variant")
+        option("--foundation", help="MACE model file to fine-tune from")
+        foundation = parser.add_argument_group("a foundation made for --finetune")
+        foundation.add_argument("--foundation-structures", type=int, default=100)
+        foundation.add_argument("--foundation-epochs", type=int, default=60)
+        foundation.add_argument("--foundation-method", default="GFN1-xTB", help="cheaper oracle")
+
+    def parse(self, argv: list[str] | None):
+        args = super().parse(argv)
+        if not args.reanalyse:
+            check_same_problem(args)
+        return args
+
+    def prepare(self, args, work: Path, site) -> None:
+        super().prepare(args, work, site)
+        self.foundation = {"path": args.foundation} if args.foundation else None
+        if args.finetune and self.foundation is None:
+            self.foundation = make_foundation(args, work)
+
+    def variants(self, args, seed: int, runs: list[dict]) -> list[str]:
+        return ["schnet", "mace"] + (["finetune"] if args.finetune else [])
+
+    def run(self, args, site, work: Path, variant: str, seed: int) -> dict:
+        path = self.foundation["path"] if self.foundation else None
+        return run_variant(variant, seed, args, site, work, self.test_file, path)
+
+    def describe(self, run: dict) -> str:
+        curve, variant, seed = run["curve"], run["variant"], run["seed"]
+        if not curve:
+            return f"{variant:<9} seed {seed}: no version was scored"
+        return (
+            f"{variant:<9} seed {seed}: {run['labels']} labels in {run['wall_s']:.0f} s, "
+            f"test force MAE {curve[0]['force_mae']:.4f} -> "
+            f"{curve[-1]['force_mae']:.4f} eV/Å ({run['stop_reason']})"
+        )
+
+    def metadata(self, args, site) -> dict:
+        return super().metadata(args, site) | {"foundation": self.foundation}
 
 
 if __name__ == "__main__":
-    main()
+    Models(__doc__).main()

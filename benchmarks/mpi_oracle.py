@@ -10,24 +10,15 @@ time and the median seconds per structure. Writes
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
+import common
+from common import ROOT
 
-# Open MPI refuses root and more ranks than cores unless told.
-os.environ.update(
-    OMPI_ALLOW_RUN_AS_ROOT="1",
-    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-    OMPI_MCA_rmaps_base_oversubscribe="1",
-)
+common.allow_mpi_as_root()
 
 
 def main() -> None:
@@ -36,7 +27,7 @@ def main() -> None:
     from palflow.apps.oracle import _label_batch
     from palflow.pipeline.config.settings import load_campaign
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2, help="structures per task")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
@@ -89,9 +80,7 @@ def main() -> None:
             f"speed-up {args.ranks[-1]} vs {args.ranks[0]} ranks: "
             f"{rows[0]['task_s'] / rows[-1]['task_s']:.2f}"
         )
-    out = RESULTS / "mpi_oracle.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    common.write_results("mpi_oracle", rows)
 
 
 if __name__ == "__main__":

@@ -23,29 +23,22 @@ median wall times over ``--repeat`` runs, serial and streaming interleaved. Writ
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-# The local HTEX's workers unpickle the delayed apps from benchmarks/delayed.py.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")) if p
-)
-os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+import common
+from palflow.apps.contracts import MODULES
+from palflow.pipeline.engine.coordinator import Apps, Coordinator
+from palflow.pipeline.engine.serial import SerialLoop
 
-from palflow.apps.contracts import MODULES  # noqa: E402
-from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
-from palflow.pipeline.engine.serial import SerialLoop  # noqa: E402
+# The local HTEX's workers unpickle the delayed apps from benchmarks/delayed.py.
+common.workers_import_benchmarks()
+common.use_this_interpreter()
+
 
 # PAL's three cases (SI S2): set seconds per task, N labels per iteration, P oracle slots.
 CASES = {
@@ -56,6 +49,30 @@ CASES = {
 N_LABELS = 2
 P_ORACLE = 2
 K_MEMBERS = 4
+
+
+class _Clock:
+    """Wall time over a span of ``goal`` iterations: from :meth:`start` until as many
+    more labels (N an iteration) and new ensemble versions as ``goal`` asks."""
+
+    def __init__(self) -> None:
+        self.started = self.stopped = None
+        self.labels = self.versions = 0
+
+    def start(self, now: float, labels: int, versions: int) -> None:
+        if self.started is None:
+            self.started, self.labels, self.versions = now, labels, versions
+
+    def stop_after(self, goal: int, now: float, labels: int, versions: int) -> bool:
+        """Stop at ``now`` if the span is done (once); whether it is stopped."""
+        done = labels - self.labels >= goal * N_LABELS and versions - self.versions >= goal
+        if self.started is not None and self.stopped is None and done:
+            self.stopped = now
+        return self.stopped is not None
+
+    @property
+    def wall_s(self) -> float:
+        return self.stopped - self.started
 
 
 class Measured:
@@ -84,27 +101,15 @@ class Measured:
         state = self.state
         if state.stop_reason or not state.versions:
             return
-        now = time.time()
-        if not hasattr(self, "_cold_start"):
-            self._cold_start = now
-            self._cold_labels = state.n_labels_active
-            self._cold_versions = len(state.versions)
-        if not hasattr(self, "_clock_start") and state.n_labels_active > 0:
-            self._clock_start = now
-            self._labels_at_start = state.n_labels_active
-            self._versions_at_start = len(state.versions)
+        if not hasattr(self, "clocks"):
+            self.clocks = {"cold": _Clock(), "warm": _Clock()}
+        now, labels, versions = time.time(), state.n_labels_active, len(state.versions)
+        self.clocks["cold"].start(now, labels, versions)
+        if labels > 0:
+            self.clocks["warm"].start(now, labels, versions)
         goal = self.target_iterations
-        if not hasattr(self, "_cold_stop") and (
-            state.n_labels_active - self._cold_labels >= goal * N_LABELS
-            and len(state.versions) - self._cold_versions >= goal
-        ):
-            self._cold_stop = now
-        if (
-            hasattr(self, "_clock_start")
-            and state.n_labels_active - self._labels_at_start >= goal * N_LABELS
-            and len(state.versions) - self._versions_at_start >= goal
-        ):
-            self._clock_stop = now
+        self.clocks["cold"].stop_after(goal, now, labels, versions)
+        if self.clocks["warm"].stop_after(goal, now, labels, versions):
             state.request_stop("done")
 
 
@@ -119,31 +124,21 @@ class MeasuredSerial(Measured, SerialLoop):
 def campaign(iterations: int):
     from palflow.pipeline.config.settings import load_campaign
 
+    overrides = common.sections(
+        model={"n_members": K_MEMBERS, "n_features": 8, "n_interactions": 1, "n_rbf": 4},
+        training={"epochs_per_task": 1, "min_task_s": 0.0, "validation_fraction": 0.0},
+        generator={"n_walkers": N_LABELS, "steps_per_task": 5, "sample_interval": 5},
+        # Backpressure (max_queue): generators pause while the queue holds two
+        # iterations' worth, so that MD far ahead of the oracle does not take the CPU
+        # from training.
+        selection={"threshold": 0.0, "max_per_trajectory": 1, "min_frame_gap": 0}
+        | {"rescore": False, "max_queue": 2 * N_LABELS},
+        oracle={"batch_size": 1, "isolate": False},
+        initial={"n_structures": 4},
+        stop={"max_labels": (2 * iterations + 4) * N_LABELS, "max_wall_s": 600.0},
+    )
     return load_campaign(
-        ROOT / "benchmarks" / "short_cu13.toml",
-        model__n_members=K_MEMBERS,
-        model__n_features=8,
-        model__n_interactions=1,
-        model__n_rbf=4,
-        training__epochs_per_task=1,
-        training__min_task_s=0.0,
-        training__validation_fraction=0.0,
-        generator__n_walkers=N_LABELS,
-        generator__steps_per_task=5,
-        generator__sample_interval=5,
-        selection__threshold=0.0,
-        selection__max_per_trajectory=1,
-        selection__min_frame_gap=0,
-        selection__rescore=False,
-        # Backpressure: generators pause while the queue holds two iterations' worth,
-        # so that MD far ahead of the oracle does not take the CPU from training.
-        selection__max_queue=2 * N_LABELS,
-        oracle__batch_size=1,
-        oracle__isolate=False,
-        initial__n_structures=4,
-        stop__max_labels=(2 * iterations + 4) * N_LABELS,
-        stop__max_wall_s=600.0,
-        stop__final_training_s=0.0,
+        common.BENCHMARKS / "short_cu13.toml", stop__final_training_s=0.0, **overrides
     )
 
 
@@ -171,8 +166,8 @@ def delayed_functions(times: dict[str, float]) -> dict[str, object]:
 def run_one(site: str, loop: type, times: dict[str, float], iterations: int) -> dict:
     import parsl
     from palflow.pipeline.config.sites import warm_up
-    from palflow.pipeline.state.campaign_state import load_start_structure
     from palflow.pipeline.state.rundir import RunDirectory
+    from palflow.pipeline.state.structures import load_start_structure
     from parsl import python_app
     from parsl.config import Config
     from parsl.executors import HighThroughputExecutor
@@ -232,15 +227,15 @@ def run_one(site: str, loop: type, times: dict[str, float], iterations: int) -> 
         for m in ("oracle", "train", "generator")
     }
     return {
-        "wall_s": coordinator._clock_stop - coordinator._clock_start,
-        "cold_wall_s": coordinator._cold_stop - coordinator._cold_start,
+        "wall_s": coordinator.clocks["warm"].wall_s,
+        "cold_wall_s": coordinator.clocks["cold"].wall_s,
         "task_s": durations,
         "versions": len(coordinator.state.versions),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--sites", nargs="+", default=["threads", "htex"])
     parser.add_argument("--cases", nargs="+", default=list(CASES))
@@ -291,17 +286,11 @@ def main() -> None:
                 f"(cold start: S {cold['serial'] / cold['streaming']:4.2f})",
                 flush=True,
             )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "overlap.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, RESULTS / "overlap.png")
+    common.write_results("overlap", rows, plot)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     figure, axis = plt.subplots(figsize=(8, 4))
     labels = [f"{r['site']}\ncase {r['case'].split(':')[0]}" for r in rows]
     x = range(len(rows))
@@ -310,8 +299,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axis.set_xticks(list(x), labels)
     axis.set_ylabel("speed-up over the serial loop")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_figure(figure, path)
 
 
 if __name__ == "__main__":

@@ -34,17 +34,6 @@ def _ratio(mine: float, theirs: float) -> float:
     return mine / theirs
 
 
-def jsonable(value):
-    """``value`` with every infinite or NaN number as None (JSON has neither)."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def bootstrap_ratio(mine: dict[int, float], theirs: dict[int, float]) -> dict:
     """Median labels-to-target of ``mine`` over ``theirs`` (per seed; ``inf`` when a
     run never reached it), and its bootstrap 95% interval over seeds resampled with

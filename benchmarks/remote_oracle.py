@@ -30,27 +30,18 @@ t_train, t_gen). Writes ``benchmarks/results/remote_oracle.json`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import statistics
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
+import common
+from common import ROOT, curve_of, first_at_or_below, run_on_site, show
+from ratios import bootstrap_ratio, median_inf
+
 # The site's workers import RemoteSlot from this folder; Parsl's HTEX starts its
 # interchange from PATH, so this interpreter's scripts folder comes first.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")) if p
-)
-os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
-
-# Run as a script, this file's folder heads sys.path: its sibling imports as is.
-from ratios import bootstrap_ratio, jsonable, median_inf  # noqa: E402
-from time_to_accuracy import first_at_or_below, held_out_set, run_on_site  # noqa: E402
+common.workers_import_benchmarks()
+common.use_this_interpreter()
 
 LOOPS = ("streaming", "serial", "unpaced")
 """``unpaced`` is streaming without the pace: labels as fast as the oracle and MD give
@@ -64,7 +55,7 @@ def campaign_for(loop: str, ratio: float, seed: int, args, slots: dict, test_fil
     t_train = nominal_train_s(args, slots)
     batch = args.batch_size
     overrides = {
-        "seed": seed,
+        **common.budget(args, seed, test_file),
         "oracle__calculator": "delayed:RemoteSlot",
         "oracle__kwargs": {
             "calculator": "ase.calculators.emt:EMT",
@@ -75,10 +66,6 @@ def campaign_for(loop: str, ratio: float, seed: int, args, slots: dict, test_fil
         "training__min_task_s": args.train_task_s,
         # N = P batches per version; 0 lifts the pace.
         "selection__max_labels_per_version": 0 if loop == "unpaced" else slots["oracle"] * batch,
-        "stop__max_labels": args.labels,
-        "stop__max_wall_s": args.max_wall,
-        "stop__final_training_s": 0.0,
-        "test__file": test_file,
     }
     return load_campaign(args.campaign, **overrides)
 
@@ -121,10 +108,7 @@ def run_one(loop: str, ratio: float, seed: int, args, site, work: Path, test_fil
     campaign = campaign_for(loop, ratio, seed, args, site.slots, test_file)
     root = work / f"r{ratio:g}-{loop}-seed{seed}"
     summary = run_on_site(SerialLoop if loop == "serial" else Coordinator, campaign, root, site)
-    curve = [
-        {"labels": e["labels"], "wall_s": e["wall_s"], "force_mae": e["force_mae"]}
-        for e in summary["test_errors"]
-    ]
+    curve = curve_of(summary)
     return {
         "loop": loop,
         "ratio": ratio,
@@ -189,9 +173,6 @@ def analyse(runs: list[dict], target: float | None = None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    def show(value, fmt):
-        return format(value, fmt) if value is not None else "-"
-
     print(
         f"{'t_oracle/t_train':>17}{'target':>8}{'serial s':>10}{'streaming s':>13}"
         f"{'streaming/serial':>18}{'95% interval':>16}{'PAL ideal':>11}{'unpaced/streaming':>19}"
@@ -209,87 +190,9 @@ def print_table(result: dict) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 1.0, 10.0])
-    parser.add_argument("--site", default="laptop.py")
-    parser.add_argument("--campaign", default=str(ROOT / "examples" / "cu_emt.toml"))
-    parser.add_argument("--labels", type=int, default=64, help="label budget of every run")
-    parser.add_argument("--batch-size", type=int, default=4, help="labels per oracle task")
-    parser.add_argument("--train-task-s", type=float, default=1.0, help="seconds per train task")
-    parser.add_argument("--max-wall", type=float, default=600.0, help="wall limit per run, s")
-    parser.add_argument("--test-structures", type=int, default=32)
-    parser.add_argument("--target", type=float, help="target test force MAE, eV/Å")
-    parser.add_argument(
-        "--unpaced-at", nargs="*", type=float, default=[0.1], help="ratios that also run unpaced"
-    )
-    parser.add_argument(
-        "--reanalyse", metavar="JSON", help="no runs: analyse a saved JSON again and write it"
-    )
-    args = parser.parse_args()
-    if args.reanalyse:  # the saved runs, analysed again and written as results
-        saved = json.loads(Path(args.reanalyse).read_text())
-        saved.update(analyse(saved["runs"], args.target))
-        print_table(saved)
-        write_results(saved)
-        return
-
-    import parsl
-    from palflow.pipeline.config.settings import load_campaign
-    from palflow.pipeline.config.sites import load_site, warm_up
-
-    work = Path(tempfile.mkdtemp(prefix="palflow-remote-"))
-    print(f"runs in {work}", flush=True)
-    test_file = held_out_set(load_campaign(args.campaign), work, args.test_structures)
-    site = load_site(args.site)
-    site.config.run_dir = str(work / "parsl")
-    print(f"t_train per version (nominal) {nominal_train_s(args, site.slots):.1f} s", flush=True)
-    runs = []
-    with parsl.load(site.config):
-        warm_up(site.slots)
-        for seed in args.seeds:
-            for ratio in args.ratios:
-                loops = LOOPS if ratio in args.unpaced_at else LOOPS[:2]
-                for loop in loops if (seed + len(runs)) % 2 == 0 else loops[::-1]:
-                    run = run_one(loop, ratio, seed, args, site, work, test_file)
-                    runs.append(run)
-                    print(
-                        f"ratio {ratio:g} {loop:<10} seed {seed}: {run['labels']} labels in "
-                        f"{run['wall_s']:.0f} s, test force MAE {run['final_force_mae']:.4f} eV/Å, "
-                        "tasks " + ", ".join(f"{k} {v:.1f} s" for k, v in run["task_s"].items()),
-                        flush=True,
-                    )
-    result = analyse(runs, args.target)
-    print_table(result)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result.update(
-        site=args.site,
-        campaign=Path(args.campaign).name,
-        seeds=args.seeds,
-        labels=args.labels,
-        batch_size=args.batch_size,
-        oracle_slots=site.slots["oracle"],
-        train_task_s=args.train_task_s,
-        t_train_nominal_s=nominal_train_s(args, site.slots),
-        runs=runs,
-    )
-    write_results(result)
-
-
-def write_results(result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "remote_oracle.json").write_text(json.dumps(jsonable(result), indent=2))
-    plot(result, RESULTS / "remote_oracle.png")
-
-
 def plot(result: dict, path: Path) -> None:
     """Learning curves against wall time, one panel per oracle cost."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     points = result["points"]
     figure, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 4), squeeze=False)
     colours = {"streaming": "tab:blue", "serial": "tab:orange", "unpaced": "tab:grey"}
@@ -313,9 +216,57 @@ def plot(result: dict, path: Path) -> None:
         axis.set_xlabel("wall time, s")
     axes[0][0].set_ylabel("test force MAE, eV/Å")
     axes[0][0].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_figure(figure, path)
+
+
+class RemoteOracle(common.CampaignBenchmark):
+    """Per seed, every oracle cost with both loops (and unpaced where asked), the
+    loops' order alternating."""
+
+    name, prefix, finite, rewrite = "remote_oracle", "palflow-remote-", True, True
+    defaults = {"campaign": str(ROOT / "examples" / "cu_emt.toml"), "labels": 64, "max_wall": 600.0}
+    analysis, report, plot = staticmethod(analyse), staticmethod(print_table), staticmethod(plot)
+    recorded = ("site", "campaign", "seeds", "labels", "batch_size")
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 1.0, 10.0])
+        parser.add_argument("--batch-size", type=int, default=4, help="labels per oracle task")
+        parser.add_argument("--train-task-s", type=float, default=1.0, help="s per train task")
+        parser.add_argument("--target", type=float, help="target test force MAE, eV/Å")
+        parser.add_argument(
+            "--unpaced-at", nargs="*", type=float, default=[0.1], help="ratios also run unpaced"
+        )
+
+    def prepare(self, args, work: Path, site) -> None:
+        super().prepare(args, work, site)
+        nominal = nominal_train_s(args, site.slots)
+        print(f"t_train per version (nominal) {nominal:.1f} s", flush=True)
+
+    def variants(self, args, seed: int, runs: list[dict]):
+        for ratio in args.ratios:
+            loops = LOOPS if ratio in args.unpaced_at else LOOPS[:2]
+            for loop in loops if (seed + len(runs)) % 2 == 0 else loops[::-1]:
+                yield ratio, loop
+
+    def run(self, args, site, work: Path, variant: tuple, seed: int) -> dict:
+        ratio, loop = variant
+        return run_one(loop, ratio, seed, args, site, work, self.test_file)
+
+    def describe(self, run: dict) -> str:
+        return (
+            f"ratio {run['ratio']:g} {run['loop']:<10} seed {run['seed']}: {run['labels']} "
+            f"labels in {run['wall_s']:.0f} s, test force MAE {run['final_force_mae']:.4f} eV/Å, "
+            "tasks " + ", ".join(f"{k} {v:.1f} s" for k, v in run["task_s"].items())
+        )
+
+    def metadata(self, args, site) -> dict:
+        recorded = super().metadata(args, site) | {"campaign": Path(args.campaign).name}
+        return recorded | {
+            "oracle_slots": site.slots["oracle"],
+            "train_task_s": args.train_task_s,
+            "t_train_nominal_s": nominal_train_s(args, site.slots),
+        }
 
 
 if __name__ == "__main__":
-    main()
+    RemoteOracle(__doc__).main()

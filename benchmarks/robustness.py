@@ -7,8 +7,9 @@
    labels lost and stored twice, and the seconds from a resumed process's start to
    its first new task.
 2. Runs the same campaign with an oracle that fails at ``--fault-rate`` in all six
-   ways (``palflow.apps.oracles.fault_injection``), and counts the faults by kind: retried, recorded for
-   good, and bad labels that reached ``labels.db`` (checked against EMT).
+   ways (``palflow.apps.oracles.fault_injection``), and counts the faults by kind:
+   retried, recorded for good, and bad labels that reached ``labels.db`` (checked
+   against EMT).
 
 3. With ``--corrupt``, instead: kills the coordinator as in 1, and between a kill
    and its resume damages one run file (truncated, garbage or deleted, in turn:
@@ -26,28 +27,23 @@ Writes ``benchmarks/results/robustness.json`` (``robustness_corrupt.json`` with
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import common
 import numpy as np
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-sys.path.insert(0, str(ROOT))
-CAMPAIGN = ROOT / "benchmarks" / "short_cu13.toml"
-RUN = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--site", "threads.py", "--quiet"]
+CAMPAIGN = common.BENCHMARKS / "short_cu13.toml"
+RUN = [*common.palflow_run("threads.py"), "--quiet"]
 
 
 def kills(n_kills: int, labels: int, seed: int) -> dict:
@@ -227,8 +223,8 @@ def faults(rate: float, labels: int) -> dict:
     from palflow.apps.contracts import MODULES, FailureKind, failure_counts
     from palflow.pipeline.config.settings import load_campaign
     from palflow.pipeline.engine.coordinator import Apps, Coordinator
-    from palflow.pipeline.state.campaign_state import load_start_structure
     from palflow.pipeline.state.rundir import RunDirectory
+    from palflow.pipeline.state.structures import load_start_structure
 
     work = Path(tempfile.mkdtemp(prefix="palflow-faults-"))
     start = load_start_structure(str(ROOT / "examples" / "structures" / "cu13.xyz"))
@@ -285,7 +281,7 @@ def faults(rate: float, labels: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--fault-rate", type=float, default=0.3)
     parser.add_argument("--labels", type=int, default=60)
@@ -316,9 +312,7 @@ def main() -> None:
             f"{kind:<14}{f['faults_by_kind'][kind]:>9}{f['retried_by_kind'].get(kind, 0):>9}"
             f"{f['recorded_by_kind'].get(kind, 0):>10}"
         )
-    out = RESULTS / "robustness.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    common.write_results("robustness", result)
 
 
 def report_corrupt(result: dict) -> None:
@@ -332,9 +326,7 @@ def report_corrupt(result: dict) -> None:
         f"{result['ended_clearly']}/{len(result['damages'])} (goal all); "
         f"final exit status {result['exit_code']}"
     )
-    out = RESULTS / "robustness_corrupt.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    common.write_results("robustness_corrupt", result)
 
 
 if __name__ == "__main__":

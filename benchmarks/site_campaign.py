@@ -10,22 +10,16 @@ campaign itself (from the coordinator's start). Writes
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 from palflow.pipeline.state.rundir import SUMMARY_FILE, RunDirectory
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-CAMPAIGN = ROOT / "benchmarks" / "short_cu13.toml"
+CAMPAIGN = common.BENCHMARKS / "short_cu13.toml"
 
 
 def run_once(site: str) -> dict:
@@ -33,10 +27,7 @@ def run_once(site: str) -> dict:
     t0 = time.perf_counter()
     done = subprocess.run(
         [
-            sys.executable,
-            str(ROOT / "pipeline" / "run.py"),
-            "--site",
-            site,
+            *common.palflow_run(site),
             "--campaign",
             str(CAMPAIGN),
             "--run-dir",
@@ -61,7 +52,7 @@ def run_once(site: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("sites", nargs="+")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -81,9 +72,7 @@ def main() -> None:
     base = rows[0]["process_s"]
     for row in rows[1:]:
         print(f"{row['site']} / {rows[0]['site']} process time: {row['process_s'] / base:.2f}")
-    out = RESULTS / "site_campaign.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    common.write_results("site_campaign", rows)
 
 
 if __name__ == "__main__":

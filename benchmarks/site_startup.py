@@ -9,28 +9,20 @@ median seconds until the first and the last of them came back. Writes
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
-# this interpreter's scripts folder (the venv's bin) win even when not activated.
-os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+import common
+
+common.use_this_interpreter()
 
 
 def time_site(name: str) -> dict:
     import parsl
     from palflow.apps.common import _ping
+    from palflow.apps.contracts import MODULES
     from palflow.pipeline.config.sites import load_site
-    from palflow.pipeline.engine.coordinator import MODULES
     from parsl import python_app
 
     site = load_site(name)
@@ -60,7 +52,7 @@ def time_site(name: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("sites", nargs="+")
     parser.add_argument("--repeat", type=int, default=3, help="loads per site")
     args = parser.parse_args()
@@ -74,9 +66,7 @@ def main() -> None:
         last = statistics.median(r["all_modules_s"] for r in mine)
         rows.append({"site": name, "first_result_s": first, "all_modules_s": last, "runs": mine})
         print(f"{name:<16}{first:>25.1f}{last:>24.1f}")
-    out = RESULTS / "site_startup.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    common.write_results("site_startup", rows)
 
 
 if __name__ == "__main__":

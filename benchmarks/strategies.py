@@ -20,22 +20,13 @@ Writes ``benchmarks/results/strategies.json`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
-# this interpreter's scripts folder (the venv's bin) win even when not activated.
-os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+import common
+from common import first_at_or_below, run_on_site
 
-# Run as a script, this file's folder heads sys.path: its sibling imports as is.
-from time_to_accuracy import first_at_or_below, held_out_set, run_on_site  # noqa: E402
+common.use_this_interpreter()
 
 STRATEGIES = {
     "max force spread": {},
@@ -55,12 +46,8 @@ def run_strategy(name: str, seed: int, args, site, work: Path, test_file: str) -
 
     campaign = load_campaign(
         args.campaign,
-        seed=seed,
         selection__max_labels_per_version=args.pace,
-        stop__max_labels=args.labels,
-        stop__max_wall_s=args.max_wall,
-        stop__final_training_s=0.0,
-        test__file=test_file,
+        **common.budget(args, seed, test_file),
         **STRATEGIES[name],
     )
     root = work / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}"
@@ -78,42 +65,7 @@ def run_strategy(name: str, seed: int, args, site, work: Path, test_file: str) -
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--site", default="laptop.py")
-    parser.add_argument("--campaign", help="campaign TOML (default: ethanol with GFN2-xTB)")
-    parser.add_argument("--labels", type=int, default=80, help="label budget of every run")
-    parser.add_argument("--pace", type=int, default=8, help="labels per ensemble version")
-    parser.add_argument("--max-wall", type=float, default=400.0, help="wall limit per run, s")
-    parser.add_argument("--test-structures", type=int, default=32)
-    parser.add_argument("--target", type=float, help="target test force MAE, eV/Å")
-    args = parser.parse_args()
-
-    import parsl
-    from palflow.pipeline.config.settings import load_campaign
-    from palflow.pipeline.config.sites import load_site, warm_up
-
-    work = Path(tempfile.mkdtemp(prefix="palflow-strategies-"))
-    print(f"runs in {work}", flush=True)
-    test_file = held_out_set(load_campaign(args.campaign), work, args.test_structures)
-    site = load_site(args.site)
-    site.config.run_dir = str(work / "parsl")
-    runs = []
-    with parsl.load(site.config):
-        warm_up(site.slots)
-        for seed in args.seeds:
-            for name in args.strategies:
-                run = run_strategy(name, seed, args, site, work, test_file)
-                runs.append(run)
-                print(
-                    f"{name:<22} seed {seed}: {run['labels']} labels in {run['wall_s']:.0f} s, "
-                    f"area {run['learning_curve_area']:.4f}, final MAE "
-                    f"{run['final_force_mae']:.4f} eV/Å",
-                    flush=True,
-                )
-    table = analyse(runs, args.strategies, args.target)
+def print_table(table: dict) -> None:
     print(f"target test force MAE {table['target_force_mae']:.4f} eV/Å")
     print(
         f"{'strategy':<22}{'area (eV/Å)':>12}{'labels to target':>18}{'reached':>9}"
@@ -127,14 +79,11 @@ def main() -> None:
             f"{labels if labels is not None else '-':>18}{row['reached']:>6}/{row['runs']:<2}"
             f"{row['median_final_force_mae']:>11.4f}{rho if rho is None else round(rho, 2):>7}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    table.update(site=args.site, labels=args.labels, seeds=args.seeds, runs=runs)
-    (RESULTS / "strategies.json").write_text(json.dumps(table, indent=2))
-    plot(table, RESULTS / "strategies.png")
 
 
-def analyse(runs: list[dict], names: list[str], target: float | None) -> dict:
-    """Medians per strategy, and labels to the target MAE."""
+def analyse(runs: list[dict], target: float | None) -> dict:
+    """Medians per strategy (in the order the runs came), and labels to the target MAE."""
+    names = dict.fromkeys(r["strategy"] for r in runs)
     by_name = {n: [r for r in runs if r["strategy"] == n] for n in names}
     if target is None:
         target = max(statistics.median(r["final_force_mae"] for r in rs) for rs in by_name.values())
@@ -160,11 +109,7 @@ def analyse(runs: list[dict], names: list[str], target: float | None) -> dict:
 
 
 def plot(table: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     names = list(table["rows"])
     colours = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
     figure, (curves, areas) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -192,9 +137,31 @@ def plot(table: dict, path: Path) -> None:
     )
     areas.set_ylabel("area under the learning curve / labels (eV/Å)")
     areas.tick_params(axis="x", rotation=30)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_figure(figure, path)
+
+
+class Strategies(common.CampaignBenchmark):
+    """Every strategy with every seed, scored on one held-out set."""
+
+    analysis, report, plot = staticmethod(analyse), staticmethod(print_table), staticmethod(plot)
+    name, prefix = "strategies", "palflow-strategies-"
+    defaults = {"labels": 80, "max_wall": 400.0, "campaign_help": common.ETHANOL}
+    line = (
+        "{strategy:<22} seed {seed}: {labels} labels in {wall_s:.0f} s, "
+        "area {learning_curve_area:.4f}, final MAE {final_force_mae:.4f} eV/Å"
+    )
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+        parser.add_argument("--pace", type=int, default=8, help="labels per ensemble version")
+        parser.add_argument("--target", type=float, help="target test force MAE, eV/Å")
+
+    def variants(self, args, seed: int, runs: list[dict]) -> list[str]:
+        return args.strategies
+
+    def run(self, args, site, work: Path, variant: str, seed: int) -> dict:
+        return run_strategy(variant, seed, args, site, work, self.test_file)
 
 
 if __name__ == "__main__":
-    main()
+    Strategies(__doc__).main()

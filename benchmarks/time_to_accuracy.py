@@ -26,81 +26,27 @@ them, for another campaign).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Tests point this elsewhere, so that tiny runs never overwrite the measured results.
-RESULTS = Path(os.environ.get("PALFLOW_BENCH_OUT", ROOT / "benchmarks" / "results"))
-# Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
-# this interpreter's scripts folder (the venv's bin) win even when not activated.
-os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+import common
+from common import curve_of, first_at_or_below, run_on_site, show
+
+common.use_this_interpreter()
 
 VARIANTS = ("streaming", "serial", "random", "unpaced")
 PACE = 8
 """Labels per ensemble version for the paced variants: the serial loop's N."""
 
 
-def held_out_set(campaign, folder: Path, n_structures: int) -> str:
-    """Label the held-out MD frames once, as an extxyz file every run reads."""
-    from ase.io import write
-    from palflow.apps.data.dataset import read_dataset
-    from palflow.apps.oracle import _oracle_md
-    from palflow.pipeline.state.campaign_state import load_start_structure
-
-    start = folder / "start.extxyz"
-    write(start, load_start_structure(campaign.system.structure, campaign.system.vacuum))
-    output = folder / "test.npz"
-    _oracle_md(
-        str(start),
-        str(output),
-        {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)},
-        str(folder / "scratch"),
-        n_structures,
-        campaign.test.md_stride,
-        campaign.generator.temperature_K,
-        campaign.generator.timestep_fs,
-        12345,
-    )
-    frames = read_dataset(output)  # labelled: energies and forces come along
-    path = folder / "test.extxyz"
-    write(path, frames, format="extxyz")
-    return str(path)
-
-
 def campaign_for(variant: str, seed: int, args, test_file: str):
     from palflow.pipeline.config.settings import load_campaign
 
-    overrides = {
-        "seed": seed,
-        "stop__max_labels": args.labels,
-        "stop__max_wall_s": args.max_wall,
-        "stop__final_training_s": 0.0,
-        "test__file": test_file,
-    }
+    overrides = common.budget(args, seed, test_file)
     if variant == "random":
         overrides["selection__measure"] = "random"
     overrides["selection__max_labels_per_version"] = 0 if variant == "unpaced" else PACE
     return load_campaign(args.campaign, **overrides)
-
-
-def run_on_site(loop: type, campaign, root: Path, site) -> dict:
-    """Run ``campaign`` with ``loop`` (a coordinator class) on the loaded ``site``, in
-    a new run directory ``root``; return its summary."""
-    from palflow.pipeline.engine.coordinator import Apps
-    from palflow.pipeline.state.campaign_state import load_start_structure
-    from palflow.pipeline.state.rundir import RunDirectory
-
-    run = RunDirectory.create(root, campaign.model_dump())
-    first = campaign.all_systems()[0]
-    start = load_start_structure(first.structure, first.vacuum)
-    options = site.coordinator_options(campaign)
-    return loop(campaign, run, Apps.parsl(), site.slots, start, **options).run()
 
 
 def run_variant(variant: str, seed: int, args, site, work: Path, test_file: str) -> dict:
@@ -110,10 +56,7 @@ def run_variant(variant: str, seed: int, args, site, work: Path, test_file: str)
     campaign = campaign_for(variant, seed, args, test_file)
     loop = SerialLoop if variant == "serial" else Coordinator
     summary = run_on_site(loop, campaign, work / f"{variant}-seed{seed}", site)
-    curve = [
-        {"labels": e["labels"], "wall_s": e["wall_s"], "force_mae": e["force_mae"]}
-        for e in summary["test_errors"]
-    ]
+    curve = curve_of(summary)
     return {
         "variant": variant,
         "seed": seed,
@@ -122,10 +65,6 @@ def run_variant(variant: str, seed: int, args, site, work: Path, test_file: str)
         "final_force_mae": curve[-1]["force_mae"] if curve else float("nan"),
         "curve": curve,
     }
-
-
-def first_at_or_below(curve: list[dict], target: float) -> dict | None:
-    return next((point for point in curve if point["force_mae"] <= target), None)
 
 
 def analyse(runs: list[dict], target: float | None) -> dict:
@@ -169,10 +108,6 @@ def print_table(result: dict) -> None:
         f"{'labels to target':>18}{'wall ratio':>12}{'labels ratio':>14}"
     )
     for variant, row in result["table"].items():
-
-        def show(value, fmt):
-            return format(value, fmt) if value is not None else "-"
-
         print(
             f"{variant:<10}{row['reached']:>5}/{row['runs']:<2}"
             f"{row['median_final_force_mae']:>11.4f}"
@@ -183,68 +118,8 @@ def print_table(result: dict) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--site", default="laptop.py")
-    parser.add_argument("--campaign", help="campaign TOML (default: ethanol with GFN2-xTB)")
-    parser.add_argument("--labels", type=int, default=200, help="label budget of every run")
-    parser.add_argument("--max-wall", type=float, default=400.0, help="wall limit per run, s")
-    parser.add_argument("--test-structures", type=int, default=32)
-    parser.add_argument("--target", type=float, help="target test force MAE, eV/Å")
-    parser.add_argument(
-        "--name", default="time_to_accuracy", help="results file name (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--reanalyse",
-        metavar="JSON",
-        help="no runs: analyse the runs saved in JSON (e.g. with another --target)",
-    )
-    args = parser.parse_args()
-    if args.reanalyse:
-        saved = json.loads(Path(args.reanalyse).read_text())
-        print_table(analyse(saved["runs"], args.target))
-        return
-
-    import parsl
-    from palflow.pipeline.config.settings import load_campaign
-    from palflow.pipeline.config.sites import load_site, warm_up
-
-    work = Path(tempfile.mkdtemp(prefix="palflow-tta-"))
-    print(f"runs in {work}", flush=True)
-    test_file = held_out_set(load_campaign(args.campaign), work, args.test_structures)
-    site = load_site(args.site)
-    site.config.run_dir = str(work / "parsl")
-    runs = []
-    with parsl.load(site.config):
-        warm_up(site.slots)
-        for seed in args.seeds:
-            for variant in args.variants:
-                run = run_variant(variant, seed, args, site, work, test_file)
-                runs.append(run)
-                print(
-                    f"{variant:<10} seed {seed}: {run['labels']} labels in {run['wall_s']:.0f} s, "
-                    f"test force MAE {run['curve'][0]['force_mae']:.4f} -> "
-                    f"{run['final_force_mae']:.4f} eV/Å",
-                    flush=True,
-                )
-    result = analyse(runs, args.target)
-    print_table(result)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    campaign = Path(args.campaign).name if args.campaign else "ethanol (default)"
-    result.update(site=args.site, campaign=campaign, labels=args.labels, seeds=args.seeds)
-    result["runs"] = runs
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / f"{args.name}.png")
-
-
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:grey"), strict=True))
     figure, (by_labels, by_wall) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     seen = set()
@@ -262,9 +137,32 @@ def plot(result: dict, path: Path) -> None:
     by_wall.set_xlabel("wall time, s")
     by_labels.set_ylabel("test force MAE, eV/Å")
     by_labels.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_figure(figure, path)
+
+
+class TimeToAccuracy(common.CampaignBenchmark):
+    """Every variant with every seed, scored on one held-out set."""
+
+    line = (
+        "{variant:<10} seed {seed}: {labels} labels in {wall_s:.0f} s, test force MAE "
+        "{curve[0][force_mae]:.4f} -> {final_force_mae:.4f} eV/Å"
+    )
+    name, prefix = "time_to_accuracy", "palflow-tta-"
+    defaults = {"labels": 200, "max_wall": 400.0, "campaign_help": common.ETHANOL}
+    analysis, report, plot = staticmethod(analyse), staticmethod(print_table), staticmethod(plot)
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+        parser.add_argument("--target", type=float, help="target test force MAE, eV/Å")
+        parser.add_argument("--name", default=self.name, help="results file name (%(default)s)")
+
+    def run(self, args, site, work: Path, variant: str, seed: int) -> dict:
+        return run_variant(variant, seed, args, site, work, self.test_file)
+
+    def metadata(self, args, site) -> dict:
+        campaign = Path(args.campaign).name if args.campaign else "ethanol (default)"
+        return {"site": args.site, "campaign": campaign, "labels": args.labels, "seeds": args.seeds}
 
 
 if __name__ == "__main__":
-    main()
+    TimeToAccuracy(__doc__).main()
