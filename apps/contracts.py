@@ -4,6 +4,8 @@
   app is bound to, and which module runs each kind of task;
 * the **failure kinds** of an oracle calculation, and which of them are worth
   another attempt;
+* the **calculator spec** of the oracle (:class:`CalculatorSpec`), built from the
+  campaign's oracle settings in one place;
 * the **request** each app takes: one small frozen dataclass per app, whose fields
   are the app's keyword arguments (``tests/test_contracts.py`` holds them to the
   apps' signatures).
@@ -84,6 +86,48 @@ def failure_counts(reasons: Any) -> dict[str, int]:
         kind = FailureKind.of(reason).value
         counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+# --------------------------------------------------------------------- the oracle
+@dataclass(frozen=True)
+class CalculatorSpec:
+    """The oracle's calculator: an import path, its keyword arguments, and how an MPI
+    code is launched (:func:`palflow.apps.oracles.calculators.make_calculator`).
+
+    The apps take it as the plain dict of :meth:`as_dict`, which pickles and reads
+    back in a worker with nothing of palflow's but the apps.
+    """
+
+    calculator: str
+    """``module:Class`` (or ``path/to/file.py:Class``) of an ASE calculator."""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Its keyword arguments; ``{mpi_prefix}`` in a string is the launch prefix."""
+    mpi_ranks: int = 1
+    mpi_nodes: int = 1
+    mpi_command: str = "parsl"
+    """The site's launch prefix template (:func:`palflow.apps.oracles.calculators.mpi_prefix`)."""
+
+    @classmethod
+    def of(cls, oracle: Any, mpi_command: str = "parsl") -> CalculatorSpec:
+        """The spec of a campaign's validated ``[oracle]`` settings, on a site whose
+        launch prefix template is ``mpi_command``."""
+        return cls(
+            calculator=oracle.calculator,
+            kwargs=dict(oracle.kwargs),
+            mpi_ranks=oracle.mpi_ranks,
+            mpi_nodes=oracle.mpi_nodes,
+            mpi_command=mpi_command,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plain dict the apps take (``calculator_spec``)."""
+        return {
+            "calculator": self.calculator,
+            "kwargs": dict(self.kwargs),
+            "mpi_ranks": self.mpi_ranks,
+            "mpi_nodes": self.mpi_nodes,
+            "mpi_command": self.mpi_command,
+        }
 
 
 # --------------------------------------------------------------------- requests

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from palflow.apps.common import where_and_when
-from palflow.apps.oracle import mpi_prefix
+from palflow.apps.oracles.calculators import mpi_prefix
 
 RING_PROGRAM = """
 import json, os, socket
@@ -44,7 +44,7 @@ def _mpi_ranks_check(
     ranks
         Ranks wanted; on an MPIExecutor they come from the resource specification.
     mpi_command
-        The site's launch prefix template (see :func:`palflow.apps.oracle.mpi_prefix`).
+        The site's launch prefix template (see :func:`palflow.apps.oracles.calculators.mpi_prefix`).
     timeout_s
         Longest the launch may take (s).
 

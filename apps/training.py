@@ -19,13 +19,14 @@ import vesin
 from ase import Atoms
 from palflow.apps.common import require_settings, where_and_when
 from palflow.apps.data.dataset import read_dataset
+from palflow.apps.models import registry
+from palflow.apps.models.calculator import predict_batches
 from palflow.apps.models.core import (
     PotentialEnsemble,
     StructureGraph,
     collate,
     default_device,
     load_checkpoint,
-    new_ensemble,
     save_checkpoint,
     structure_graph,
 )
@@ -132,8 +133,9 @@ def _train_member(
     checkpoint_out
         Where to write the updated K=1 checkpoint (atomically).
     spec
-        :meth:`ModelSpec.to_dict` of the architecture; ignored when continuing (the
-        checkpoint's own spec is used).
+        The member's spec with its backend's ``name`` (default: the default backend's)
+        (:func:`palflow.pipeline.config.models.resolve_model_spec`); ignored when
+        continuing (the checkpoint's own spec is used).
     settings
         The campaign's validated training section
         (``palflow.pipeline.config.settings.TrainingSettings.model_dump()``); this task reads the
@@ -171,8 +173,8 @@ def _train_member(
     indices = np.arange(len(structures))
 
     if checkpoint_in is None:
-        model = new_ensemble(spec.get("name", "schnet"), spec, 1, seed=seed, device=device)
-        model.fit_energy_reference(structures)
+        backend = registry.backend(spec.get("name", registry.DEFAULT))
+        model = backend.new_member(spec, structures, seed, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
         epochs_done = steps_done = 0
     else:
@@ -265,19 +267,8 @@ def stack_member_checkpoints(paths: Sequence[str], out_path: str, extra: dict) -
     members = [load_checkpoint(path, device="cpu")[0] for path in paths]
     ensemble = type(members[0]).stack(members)
     save_checkpoint(out_path, ensemble, extra)
-    if hasattr(ensemble, "export"):  # e.g. MACE: each member as its code's own model file
-        ensemble.export(str(out_path).removesuffix(".pt"))
-
-
-@torch.no_grad()
-def _predict_batches(model, structures, device, batch_size):
-    cutoff = model.spec.cutoff
-    for start in range(0, len(structures), batch_size):
-        chunk = structures[start : start + batch_size]
-        batch = collate(_graphs(chunk, cutoff), device)
-        out = model(batch, compute_forces=True, compute_stress=batch.stress is not None)
-        stress = out["stress"].detach() if "stress" in out else None
-        yield batch, out["energy"].detach(), out["forces"].detach(), stress
+    # e.g. MACE: each member also as its code's own model file
+    registry.backend(registry.name_of(ensemble)).export(ensemble, str(out_path).removesuffix(".pt"))
 
 
 def evaluate_errors(
@@ -306,14 +297,13 @@ def evaluate_errors(
         force components), and ``stress_mae`` (eV/Å³, over the stress components of
         the structures with a stress label; NaN when none has one).
     """
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     energy_abs, force_abs, force_sq, n_components = 0.0, 0.0, 0.0, 0
     stress_abs, n_stress = 0.0, 0
-    for batch, energy, forces, stress in _predict_batches(
-        model, list(structures), device, batch_size
-    ):
+    batches = predict_batches(
+        model, structures, device, batch_size, with_targets=True, compute_stress=None
+    )
+    for batch, out in batches:
+        energy, forces, stress = out["energy"], out["forces"], out.get("stress")
         per_atom = (energy.mean(0).double() - batch.energy) / batch.n_atoms
         energy_abs += float(per_atom.abs().sum())
         error = (forces.mean(0) - batch.forces).double()
@@ -325,7 +315,6 @@ def evaluate_errors(
             error = (stress.mean(0)[labelled] - batch.stress[labelled]).double()
             stress_abs += float(error.abs().sum())
             n_stress += error.numel()
-    model.train(was_training)
     n_structures = max(len(structures), 1)
     n_components = max(n_components, 1)
     return {

@@ -2,28 +2,40 @@
 
 ::
 
-    cli.py / run.py        the command line: validate every input, make the run directory
+    cli.py / run.py           the command line: validate every input, make the run directory
           |
-    coordinator.py         one campaign: wires the pieces, resumes, writes the summary
+    config/                   settings.py (the campaign, loading it), sections.py,
+          |                   model_settings.py, models.py, sites.py, preflight.py
+    engine/coordinator.py     one campaign: wires the pieces, resumes, writes the summary
           |
-    engine.py              tasks in flight, slots per module, the wait loop, observers
+    engine/core.py            tasks in flight, slots per module, the wait loop, observers
           |  each finished task goes to the agent of its kind
-    agents/                oracle.py  generator.py  training.py  inference.py
-          |                what each module submits now, and what its results change
-    stopping.py            the stop rules, and what a stop still waits for
-    campaign_state.py      the bookkeeping: labels, walkers, members, versions
-    journal.py             saving it, and rebuilding it on --resume
-    rundir.py              every file name of a run, and reading and writing them
+    engine/agents/            oracle.py  generator.py  training.py  inference.py
+          |                   what each module submits now, and what its results change
+    engine/stopping.py        the stop rules, and what a stop still waits for
+    policies/                 selection (the oracle queue), measures, strategies,
+          |                   protocols, metrology
+    state/campaign_state.py   the bookkeeping, assembled from records.py (walkers,
+          |                   members, versions), labels.py (harvest, training snapshot),
+          |                   versions.py (publishing) and summary.py
+    resume/                   journal.py saves it, restore.py rebuilds it on --resume,
+          |                   after mend.py and mend_state.py check every file
+    state/rundir.py           every file name of a run (run_files.py: their formats)
+    observe/                  the live view, the report (run_data.py, figures.py)
 
-Selection lives in ``selection.py`` (the oracle queue), ``measures.py``,
-``strategies.py``, ``protocols.py`` and ``metrology.py``; settings in
-``settings.py``; sites in ``sites.py``; the live view, the report and its figures
-in ``live.py``, ``report.py`` and ``figures.py``. The contracts shared with the apps
-(module labels, failure kinds, the request each app takes) are in
-:mod:`palflow.apps.contracts`.
+The contracts shared with the apps (module labels, failure kinds, the request each
+app takes) are in :mod:`palflow.apps.contracts`; the table of apps is
+:data:`palflow.apps.APPS`.
 
-One label, from the oracle to the training data: ``agents/oracle.py`` submits a
-batch and harvests its result; ``campaign_state.py`` stores it
-(:meth:`~palflow.pipeline.state.campaign_state.CampaignState.harvest`) and writes the training
-snapshot that the next training task reads; ``rundir.py`` names both files.
+One label, from the oracle to the training data, in four files:
+
+1. ``engine/agents/oracle.py`` submits a batch of candidates to the oracle and, when
+   it returns, harvests it;
+2. ``state/labels.py`` stores its good labels in ``labels.db``
+   (:meth:`~palflow.pipeline.state.labels.LabelStore.harvest`) and writes the
+   training snapshot that holds them
+   (:meth:`~palflow.pipeline.state.labels.LabelStore.write_snapshot`);
+3. ``state/rundir.py`` names both files (``oracle/batchNNNNNN.out.npz``,
+   ``data/train.NNNNNN.npz``);
+4. ``apps/training.py`` reads the snapshot in the next training task.
 """

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from palflow.apps.contracts import MODULES, failure_counts
+from palflow.apps.errors import InputError
 from palflow.pipeline.state.rundir import (
     CAMPAIGN_FILE,
     LABELS_DB,
@@ -101,7 +102,7 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
 
 def run_state(run: RunDirectory, state: dict, events: list[dict]) -> str:
     """``running``, ``stopped``, ``stopped early`` or ``not started``."""
-    from palflow.pipeline.observe.report import run_status
+    from palflow.pipeline.observe.run_data import run_status
 
     status = run_status(run.root)
     if status == "finished":
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except RunDirectoryError as error:
+    except InputError as error:  # bad input; any other exception is a bug: its traceback, 1
         print(f"palflow: error: {error}", file=sys.stderr)
         return 2
 

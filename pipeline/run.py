@@ -11,8 +11,11 @@ own coordinator and run directory (``NAME-TIME-INDEX`` in ``--run-dir``, default
 
 Exit status: 0 when every campaign reached a stop (a budget, a target, a wall time)
 with labels stored and a finite held-out force MAE; 1 when one failed or achieved
-nothing (the reason on the last line and in ``summary.json``); 2 on bad input
-(nothing submitted). ``palflow run`` (:mod:`palflow.pipeline.cli`) is the same command.
+nothing (the reason on the last line and in ``summary.json``), or on any other
+exception (its traceback in the run's log, ``palflow.log`` in the run directory, or
+on stderr before one exists; a one-line reason printed last); 2 on bad input, an
+:class:`~palflow.apps.errors.InputError` or a pydantic ``ValidationError`` (nothing
+created). ``palflow run`` (:mod:`palflow.pipeline.cli`) is the same command.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
 logger = logging.getLogger("palflow")
+
+LOG_FILE = "palflow.log"
+"""The run's log in its run directory: everything logged, and a failure's traceback."""
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> argparse.Namespace:
@@ -76,68 +83,108 @@ def parse_args(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> 
 def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
     """Run the campaigns of the command line ``argv``; ``prog`` names the command in
     usage lines (``palflow run`` from :mod:`palflow.pipeline.cli`). Returns the exit status."""
+    from palflow.apps.errors import InputError
+    from palflow.pipeline.config.sites import load_site
+    from pydantic import ValidationError
+
     args = parse_args(argv, prog)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        # With several campaigns, the thread names which campaign a line is about.
-        format="%(asctime)s %(levelname)s %(name)s"
-        + (" [%(threadName)s]" if len(args.campaign or []) > 1 else "")
-        + ": %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # Progress lines (pipeline/live.py) print even with --quiet.
-    logging.getLogger("palflow.progress").setLevel(logging.INFO)
-    # Parsl logs everything to its own files in the run directory; on the console
-    # only its warnings, so that the campaign's progress stays readable.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(
-            lambda record: not record.name.startswith("parsl") or record.levelno >= logging.WARNING
-        )
-
-    from palflow.pipeline.config.settings import CampaignError
-    from palflow.pipeline.config.sites import SiteError, load_site
-    from palflow.pipeline.state.rundir import RunDirectoryError
-
+    set_up_logging(args.quiet, len(args.campaign or []) > 1)
     try:
         site = load_site(args.site)
-        prepared = prepare_runs(args)
+        prepared = prepare_runs(args, site.mpi_command)
         for _, run, _ in prepared:
             run.lock()
-    except (
-        CampaignError,
-        SiteError,
-        RunDirectoryError,
-        ValueError,
-        ImportError,
-        KeyError,
-        TypeError,
-        OSError,
-    ) as error:
-        message = error.args[0] if isinstance(error, KeyError) else error
-        print(f"palflow: error: {message}", file=sys.stderr)
+    except (InputError, ValidationError) as error:  # bad input: nothing was created
+        print(f"palflow: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # palflow's own failure: no run directory to log it in
+        logger.exception("palflow failed before any campaign started")
+        print(f"palflow: failed: {one_line(error)}", file=sys.stderr)
+        return 1
 
-    if len(prepared) == 1:
-        campaign, run, start = prepared[0]
-        interactive = sys.stderr.isatty() and not args.quiet
-        try:
-            summaries = [execute(campaign, run, site, start, interactive)]
-        except Exception:  # logged in full; the last line printed says it failed
-            logger.exception("campaign %s failed", campaign.name)
-            summaries = [None]
-    else:
-        summaries = execute_side_by_side(prepared, site)
-    for (campaign, run, _), summary in zip(prepared, summaries, strict=True):
-        report(campaign, run, summary)
-    # 0 only for a real stop with labels and a finite MAE (palflow.pipeline.engine.watchdog.verdict).
+    reasons: dict[int, str] = {}
+    handlers = [
+        log_file(run, None if len(prepared) == 1 else f"{campaign.name}-{index}")
+        for index, (campaign, run, _) in enumerate(prepared)
+    ]
+    for handler in handlers:
+        logging.getLogger().addHandler(handler)
+    try:
+        if len(prepared) == 1:
+            campaign, run, start = prepared[0]
+            interactive = sys.stderr.isatty() and not args.quiet
+            try:
+                summaries = [execute(campaign, run, site, start, interactive)]
+            except Exception as error:  # the traceback goes to the run's log
+                reasons[0] = log_failure(campaign, run, error)
+                summaries = [None]
+        else:
+            summaries = execute_side_by_side(prepared, site, reasons)
+    finally:
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    for index, ((campaign, run, _), summary) in enumerate(zip(prepared, summaries, strict=True)):
+        report(campaign, run, summary, reasons.get(index))
+    # 0 only for a real stop with labels and a finite MAE (engine.watchdog.verdict).
     return 0 if all(s is not None and not s["failed"] for s in summaries) else 1
 
 
-def report(campaign, run, summary: dict | None) -> None:
-    """Print the outcome of one campaign."""
+def set_up_logging(quiet: bool, side_by_side: bool) -> None:
+    """Log to stderr (warnings only when ``quiet``); progress lines always."""
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        # With several campaigns, the thread names which campaign a line is about.
+        format=LOG_FORMAT.replace(": ", " [%(threadName)s]: ", 1) if side_by_side else LOG_FORMAT,
+        datefmt="%H:%M:%S",
+    )
+    # Progress lines (palflow.pipeline.observe.live) print even with --quiet.
+    logging.getLogger("palflow.progress").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_console_record)
+
+
+def _console_record(record: logging.LogRecord) -> bool:
+    """Parsl logs everything to its own files in the run directory; on the console only
+    its warnings, so that the campaign's progress stays readable. A failure's
+    traceback goes to the run's log only."""
+    if getattr(record, "log_file_only", False):
+        return False
+    return not record.name.startswith("parsl") or record.levelno >= logging.WARNING
+
+
+def log_file(run, thread: str | None = None) -> logging.Handler:
+    """A handler writing the run's log, :data:`LOG_FILE` in its run directory; with
+    several campaigns side by side, only the lines of its own ``thread`` and the main
+    thread's."""
+    handler = logging.FileHandler(run.root / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.replace(": ", " [%(threadName)s]: ", 1)))
+    handler.addFilter(
+        lambda r: (
+            (not r.name.startswith("parsl") or r.levelno >= logging.WARNING)
+            and (thread is None or r.threadName in ("MainThread", thread))
+        )
+    )
+    return handler
+
+
+def one_line(error: BaseException) -> str:
+    """The reason an exception gives, on one line."""
+    return " ".join(f"{type(error).__name__}: {error}".split())[:500]
+
+
+def log_failure(campaign, run, error: BaseException) -> str:
+    """Log the traceback of a campaign's failure to its run's log; returns the one-line
+    reason printed last."""
+    logger.error("campaign %s failed", campaign.name, exc_info=error, extra={"log_file_only": True})
+    return f"{one_line(error)} (traceback in {run.root / LOG_FILE})"
+
+
+def report(campaign, run, summary: dict | None, reason: str | None = None) -> None:
+    """Print the outcome of one campaign; ``reason`` says why one without a summary failed."""
     print(f"run directory: {run.root}")
     if summary is None:
-        print(f"campaign {campaign.name} failed: see the log above")
+        print(f"campaign {campaign.name} failed: {reason or 'see the log above'}")
         return
     print(f"stopped: {summary['stop_reason']}")
     print(
@@ -154,23 +201,23 @@ def report(campaign, run, summary: dict | None) -> None:
         print(f"campaign {campaign.name} failed: {summary['failure']}")
 
 
-def prepare_runs(args: argparse.Namespace) -> list[tuple]:
+def prepare_runs(args: argparse.Namespace, mpi_command: str = "parsl") -> list[tuple]:
     """Validate every campaign of the command line, then make their run directories.
 
-    Nothing is created until every campaign has passed its checks.
+    Nothing is created until every campaign has passed its checks; ``mpi_command`` is
+    the site's launch prefix template, for the oracle's trial.
     """
+    from palflow.pipeline.config.preflight import check_run_path
     from palflow.pipeline.state.rundir import RunDirectory, RunDirectoryError
 
     files = args.campaign or [None]
     if len(files) == 1:
-        return [prepare_run(args, files[0])]
+        return [prepare_run(args, files[0], mpi_command=mpi_command)]
     if args.resume:
         raise RunDirectoryError("--resume continues one run: drop the --campaign options")
-    from palflow.pipeline.config.preflight import check_run_path
-
     parent = Path(args.run_dir) if args.run_dir else Path("runs")
     check_run_path(parent, args.site)  # first: a bad path fails before the trials
-    checked = [prepare_run(args, path, create=False) for path in files]
+    checked = [prepare_run(args, path, False, mpi_command) for path in files]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     roots = [parent / f"{c.name}-{stamp}-{i}" for i, (c, _, _) in enumerate(checked)]
     for root in roots:
@@ -182,8 +229,14 @@ def prepare_runs(args: argparse.Namespace) -> list[tuple]:
     ]
 
 
-def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, create: bool = True):
-    """Validate every input and make (or reopen) the run directory; submit nothing.
+def prepare_run(
+    args: argparse.Namespace,
+    campaign_file: str | None = None,
+    create: bool = True,
+    mpi_command: str = "parsl",
+):
+    """Validate every input (:mod:`palflow.pipeline.config.preflight`) and make (or
+    reopen) the run directory; submit nothing.
 
     Returns
     -------
@@ -191,21 +244,8 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
         The campaign, the run directory, and the start structure (None on resume,
         where the run directory holds it).
     """
-    from palflow.pipeline.config.models import check_model
-    from palflow.pipeline.config.preflight import (
-        check_run_path,
-        check_settings,
-        check_structures,
-        trial_oracle,
-        trial_plugins,
-    )
+    from palflow.pipeline.config.preflight import check_calculator, check_campaign, check_run_path
     from palflow.pipeline.config.settings import campaign_from_dict, load_campaign
-    from palflow.pipeline.resume.warm_start import check_warm_start
-    from palflow.pipeline.state.campaign_state import (
-        element_carrier,
-        load_start_structures,
-        read_labelled_file,
-    )
     from palflow.pipeline.state.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
 
     overrides = {}
@@ -235,82 +275,11 @@ def prepare_run(args: argparse.Namespace, campaign_file: str | None = None, crea
     root = Path(args.run_dir or Path("runs") / name)
     if create:
         check_run_path(root, args.site)
-    check_calculator(campaign.oracle.calculator)
-    check_strategy(campaign)
-    check_settings(campaign)
-    starts = {
-        system.name: load_start_structures(system.structure, system.vacuum)
-        for system in campaign.all_systems()
-    }
-    check_structures(campaign, starts)
+    starts = check_campaign(campaign, mpi_command)
     start = next(iter(starts.values()))[0]
-    carrier = element_carrier([atoms for frames in starts.values() for atoms in frames])
-    check_model(campaign, carrier)
-    check_ensemble(campaign, starts)
-    check_warm_start(campaign, carrier)
-    for path in [campaign.test.file, *(s.test_file for s in campaign.all_systems())]:
-        if path:
-            read_labelled_file(path)
-    trial_plugins(campaign, starts)
-    trial_oracle(campaign, starts)  # last: the one check that may take a while
     if not create:
         return campaign, None, start
-    run = RunDirectory.create(root, campaign.model_dump())
-    return campaign, run, start
-
-
-def check_strategy(campaign) -> None:
-    """Fail before anything is submitted when the generator, the selection measure, the
-    query or a metrology plugin does not exist."""
-    from palflow.apps.generator import resolve_generator
-    from palflow.pipeline.policies.measures import get_measure
-    from palflow.pipeline.policies.metrology import load_plugins
-    from palflow.pipeline.policies.strategies import make_query
-
-    resolve_generator(campaign.generator.kind)
-    for system in campaign.all_systems():
-        if system.generator:
-            resolve_generator(system.generator)
-    get_measure(campaign.selection.measure)
-    make_query(campaign.selection.query)
-    load_plugins(campaign.metrology.plugins)
-
-
-def check_ensemble(campaign, starts: dict) -> None:
-    """Fail before anything is submitted when constant pressure is asked of a system
-    whose start structures lack a cell periodic in all directions, or of a generator
-    other than MD. ``starts`` maps each system's name to its start structures."""
-    for system in campaign.all_systems():
-        settings = campaign.generator_for(system)
-        pressure, kind = settings["pressure_bar"], settings["kind"]
-        if pressure is None:
-            continue
-        where = f"system {system.name!r}: " if campaign.systems else ""
-        if kind != "md":
-            raise ValueError(
-                f"{where}a pressure is for MD, not for the generator {kind!r}: drop it, or "
-                "use the 'md' generator"
-            )
-        if any(not a.pbc.all() or a.cell.volume < 1e-6 for a in starts[system.name]):
-            raise ValueError(
-                f"{where}pressure_bar = {pressure:g} asks for constant pressure, but the start "
-                f"structure {system.structure!r} has no cell periodic in all three directions: "
-                "give a periodic structure, or drop the pressure"
-            )
-
-
-def check_calculator(path: str) -> None:
-    """Fail before anything is submitted when the oracle's calculator does not import,
-    or cannot give forces."""
-    from palflow.apps.common import import_object
-
-    calculator = import_object(path)
-    implemented = getattr(calculator, "implemented_properties", None)
-    if implemented is not None and "forces" not in implemented:
-        raise ValueError(
-            f"calculator {path!r} does not compute forces (it implements "
-            f"{list(implemented)}): pick one whose implemented_properties include 'forces'"
-        )
+    return campaign, RunDirectory.create(root, campaign.model_dump()), start
 
 
 def watch(coordinator, run, interactive: bool):
@@ -355,12 +324,12 @@ def execute(campaign, run, site, start, interactive: bool = False) -> dict:
             finish_watching(coordinator, run, view, refresher)
 
 
-def execute_side_by_side(prepared: list[tuple], site) -> list[dict | None]:
+def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dict | None]:
     """Run several campaigns at once on one set of executors, one thread each.
 
     Every campaign has its own coordinator and run directory; a campaign that fails
     is logged and leaves the others running. Returns the summaries in order (None
-    for a campaign that failed).
+    for a campaign that failed, whose one-line reason goes to ``reasons[index]``).
     """
     import threading
 
@@ -380,8 +349,8 @@ def execute_side_by_side(prepared: list[tuple], site) -> list[dict | None]:
                 summaries[index] = coordinator.run()
             finally:
                 finish_watching(coordinator, run, view, refresher)
-        except Exception:
-            logger.exception("campaign %s failed; the others go on", campaign.name)
+        except Exception as error:  # the traceback goes to the run's log; the others go on
+            reasons[index] = log_failure(campaign, run, error)
 
     with parsl.load(site.config):
         threads = [

@@ -45,7 +45,7 @@ def mace_campaign(d, model_lines: str) -> str:
 
 def h_o_foundation(d) -> str:
     """A tiny MACE model file that knows H and O only (ethanol also has C)."""
-    from palflow.apps.models.mace import MACEEnsemble, MACESpec
+    from palflow.apps.models.mace.ensemble import MACEEnsemble, MACESpec
 
     spec = MACESpec(
         r_max=4.0, num_channels=8, max_L=0, correlation=2, num_interactions=1,

@@ -1,4 +1,6 @@
-"""The command line: a short campaign end to end, and bad input refused with status 2."""
+"""The command line: a short campaign end to end; bad input refused with status 2 and
+nothing created; any other failure status 1, its traceback in the run's log and a
+one-line reason printed last."""
 
 import json
 import subprocess
@@ -117,6 +119,82 @@ def test_two_campaigns_side_by_side_and_one_failing_leaves_the_other(tmp_path):
     summary = json.loads((good_run / "summary.json").read_text())
     assert summary["labels"] == 12 and summary["stop_reason"] == "label budget of 12 reached"
     assert not (broken_run / "summary.json").exists()
-    assert "bug in a user's query" in result.stderr
+    assert "RuntimeError: bug in a user's query" in (broken_run / "palflow.log").read_text()
+    assert "bug in a user's query" not in (good_run / "palflow.log").read_text()
     assert "[cli-broken-1]" in result.stderr, "log lines name their campaign"
-    assert "campaign cli-broken failed" in result.stdout
+    assert "campaign cli-broken failed: RuntimeError: bug in a user's query" in result.stdout
+
+
+# ------------------------------------------------------------------ exit statuses
+def test_a_bug_in_the_coordinator_exits_1_with_its_traceback_in_the_run_log(
+    tmp_path, monkeypatch, capsys
+):
+    """A programming error is no bad input: exit status 1, the traceback in the run's
+    log (not on the console), and a one-line reason printed last."""
+    from palflow.pipeline.engine.coordinator import Coordinator
+    from palflow.pipeline.run import main
+
+    def broken_run(self):
+        raise TypeError("unsupported operand in the coordinator")
+
+    monkeypatch.setattr(Coordinator, "run", broken_run)
+    run_dir = tmp_path / "run"
+    status = main(
+        ["--site", "threads.py", "--campaign", str(small_campaign(tmp_path)),
+         "--run-dir", str(run_dir)]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert status == 1
+    log = (run_dir / "palflow.log").read_text()
+    assert "Traceback (most recent call last)" in log and "in broken_run" in log
+    assert "TypeError: unsupported operand in the coordinator" in log
+    assert "Traceback" not in err + out
+    last = out.strip().splitlines()[-1]
+    assert last == (
+        "campaign cli-test failed: TypeError: unsupported operand in the coordinator "
+        f"(traceback in {run_dir / 'palflow.log'})"
+    )
+
+
+def test_a_bug_before_the_run_exits_1_not_2(tmp_path, monkeypatch, capsys, caplog):
+    """A TypeError in the pre-flight is palflow's bug, not the user's input: status 1,
+    the traceback on stderr (no run directory yet), the one-line reason last."""
+    from palflow.pipeline.config import preflight
+    from palflow.pipeline.run import main
+
+    def broken_check(campaign):
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr(preflight, "check_settings", broken_check)
+    status = main(
+        ["--site", "threads.py", "--campaign", str(small_campaign(tmp_path)),
+         "--run-dir", str(tmp_path / "run")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 1
+    # On stderr (here, pytest's log capture): no run directory exists to hold it.
+    assert "Traceback (most recent call last)" in caplog.text and "in broken_check" in caplog.text
+    assert err.strip().splitlines()[-1] == (
+        "palflow: failed: TypeError: 'NoneType' object is not subscriptable"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_exits_2_with_nothing_created(tmp_path, capsys):
+    """An input error (here a calculator that does not import) is refused before
+    anything exists: status 2 and one line naming it, no traceback."""
+    from palflow.pipeline.run import main
+
+    campaign = small_campaign(tmp_path)
+    campaign.write_text(campaign.read_text().replace("ase.calculators.emt:EMT", "no_such:Calc"))
+    before = set(tmp_path.iterdir())
+    status = main(
+        ["--site", "threads.py", "--campaign", str(campaign), "--run-dir", str(tmp_path / "run")]
+    )
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.strip().splitlines() == [
+        "palflow: error: oracle.calculator: cannot import module 'no_such' of 'no_such:Calc': "
+        "No module named 'no_such'"
+    ]
+    assert set(tmp_path.iterdir()) == before

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from ase.db import connect
+from palflow.apps.contracts import MODULES
 from palflow.pipeline.config.settings import load_campaign
-from palflow.pipeline.engine.coordinator import MODULES, Apps, Coordinator
-from palflow.pipeline.state.campaign_state import load_start_structure
+from palflow.pipeline.engine.coordinator import Apps, Coordinator
 from palflow.pipeline.state.rundir import RunDirectory
+from palflow.pipeline.state.structures import load_start_structure
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SLOTS = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}

@@ -144,7 +144,7 @@ CASES = [
 def resume_in_process(run: Path):
     """What ``--resume`` does before anything is submitted: prepare (lock and mend),
     then rebuild the state."""
-    from palflow.pipeline.resume.journal import resume_state
+    from palflow.pipeline.resume.restore import resume_state
     from palflow.pipeline.run import parse_args, prepare_run
 
     campaign, run_directory, _ = prepare_run(

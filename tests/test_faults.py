@@ -8,7 +8,7 @@ from ase.io import write
 from palflow.apps.data.dataset import write_dataset
 from palflow.apps.oracle import _label_batch
 from palflow.apps.oracles.fault_injection import FaultyCalculator
-from palflow.pipeline.state.campaign_state import load_start_structure
+from palflow.pipeline.state.structures import load_start_structure
 
 from tests.test_coordinator import EXAMPLES, run_campaign, small_campaign
 

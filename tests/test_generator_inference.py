@@ -9,8 +9,9 @@ from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
 from palflow.apps.generator import SETTINGS_READ, _run_md, blow_up_reason
 from palflow.apps.inference import _evaluate_test, _score_candidates
 from palflow.apps.models.calculator import EnsembleCalculator
-from palflow.apps.models.core import ModelSpec, SchNetEnsemble, save_checkpoint
-from palflow.pipeline.config.settings import GeneratorSettings
+from palflow.apps.models.core import save_checkpoint
+from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
+from palflow.pipeline.config.sections import GeneratorSettings
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ from ase.io import read, write
 from palflow.apps.common import draw_velocities
 from palflow.apps.data.dataset import read_arrays, write_dataset
 from palflow.apps.generator import BatchedDynamics, _generate, resolve_generator
-from palflow.apps.models.core import ModelSpec, SchNetEnsemble, save_checkpoint
-from palflow.apps.oracle import label_structure
-from palflow.pipeline.config.settings import GeneratorSettings
+from palflow.apps.models.core import save_checkpoint
+from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
+from palflow.apps.oracles.calculators import label_structure
+from palflow.pipeline.config.sections import GeneratorSettings
 
 from tests.test_coordinator import run_campaign, small_campaign
 

@@ -18,7 +18,7 @@ pytest.importorskip("mace", reason="mace-torch is not installed")
 from palflow.apps.data.dataset import write_dataset  # noqa: E402
 from palflow.apps.models.calculator import EnsembleCalculator  # noqa: E402
 from palflow.apps.models.core import build_batch, load_checkpoint, new_ensemble, save_checkpoint  # noqa: E402
-from palflow.apps.models.mace import MACEEnsemble  # noqa: E402
+from palflow.apps.models.mace.ensemble import MACEEnsemble  # noqa: E402
 from palflow.apps.training import _train_member, bootstrap_multiplicity, evaluate_errors  # noqa: E402
 from palflow.pipeline.config.models import missing_elements, resolve_model_spec  # noqa: E402
 from palflow.pipeline.config.settings import TrainingSettings, load_campaign  # noqa: E402
@@ -362,7 +362,7 @@ def train_foundation(folder: Path) -> str:
 def test_foundation_file_is_read_back(tmp_path, layers):
     """``foundation_elements`` reads the table, E0s, cutoff and architecture of a file
     (a one-layer MACE keeps its hidden irreps as a string)."""
-    from palflow.apps.models.mace import foundation_elements
+    from palflow.apps.models.mace.spec import foundation_elements
 
     spec = tiny_spec(molecules_emt(), num_channels=16, num_interactions=layers)
     (path,) = new_ensemble("mace", spec, 1).export(str(tmp_path / "f"))

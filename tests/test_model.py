@@ -11,20 +11,19 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase.optimize import BFGS
 from palflow.apps.data.dataset import write_dataset
+from palflow.apps.models import registry
 from palflow.apps.models.calculator import (
     EnsembleCalculator,
     ensemble_disagreement,
     predict_structures,
 )
 from palflow.apps.models.core import (
-    MODELS,
-    ModelSpec,
     PotentialEnsemble,
-    SchNetEnsemble,
     build_batch,
     load_checkpoint,
     save_checkpoint,
 )
+from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
 from palflow.apps.training import (
     SETTINGS_READ,
     _train_member,
@@ -118,7 +117,7 @@ def test_batched_members_equal_single_members_and_stack_round_trip():
     for name, value in restacked.state_dict().items():
         assert torch.equal(value, original[name]), name
     assert isinstance(model, PotentialEnsemble)
-    assert MODELS["schnet"] is SchNetEnsemble
+    assert registry.ensemble_class("schnet") is SchNetEnsemble
 
 
 def test_batch_of_structures_equals_one_by_one():

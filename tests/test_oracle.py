@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
+from palflow.apps.contracts import CalculatorSpec
 from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
-from palflow.apps.oracle import BadLabel, _label_batch, _oracle_md, label_structure, make_calculator
+from palflow.apps.errors import OracleError, PalflowError
+from palflow.apps.oracle import _label_batch, _oracle_md
+from palflow.apps.oracles.calculators import BadLabel, label_structure, make_calculator
 
 EMT_SPEC = {"calculator": "ase.calculators.emt:EMT", "kwargs": {}}
 
@@ -140,3 +143,30 @@ def test_real_gfn2_xtb_labels_water(tmp_path, require_xtb):
     # Forces on the stretched O-H bond pull the H back towards O.
     bond = labelled[1].positions[1] - labelled[1].positions[0]
     assert np.dot(labelled[1].get_forces()[1], bond) < 0
+
+
+def test_calculator_spec_is_built_once_from_the_oracle_settings():
+    from palflow.pipeline.config.settings import campaign_from_dict
+
+    oracle = campaign_from_dict(
+        {"oracle": {"calculator": "ase.calculators.lj:LennardJones", "kwargs": {"sigma": 2.0},
+                    "mpi_ranks": 4, "mpi_nodes": 2}}
+    ).oracle  # fmt: skip
+    spec = CalculatorSpec.of(oracle, mpi_command="srun -n {ranks}")
+    assert spec.as_dict() == {
+        "calculator": "ase.calculators.lj:LennardJones",
+        "kwargs": {"sigma": 2.0},
+        "mpi_ranks": 4,
+        "mpi_nodes": 2,
+        "mpi_command": "srun -n {ranks}",
+    }
+    assert CalculatorSpec.of(oracle).mpi_command == "parsl"
+    calculator = make_calculator(spec.as_dict())
+    assert calculator.parameters["sigma"] == 2.0
+
+
+def test_a_bad_label_is_an_oracle_error_not_bad_input():
+    from palflow.apps.errors import InputError
+
+    assert issubclass(BadLabel, OracleError) and issubclass(OracleError, PalflowError)
+    assert not issubclass(OracleError, InputError)

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 from palflow.pipeline.observe.live import LabelRate, LiveView, plain_line, render, snapshot
-from palflow.pipeline.observe.report import FIGURES, build_report, run_status
+from palflow.pipeline.observe.report import FIGURES, build_report
+from palflow.pipeline.observe.run_data import run_status
 
 from tests.test_cli import ROOT, run_cli, small_campaign
 from tests.test_coordinator import small_campaign as small_settings
@@ -22,9 +23,10 @@ def recorded_run(tmp_path_factory):
     """A finished short campaign (EMT, thread pools), and its coordinator."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from palflow.pipeline.engine.coordinator import MODULES, Apps, Coordinator
-    from palflow.pipeline.state.campaign_state import load_start_structure
+    from palflow.apps.contracts import MODULES
+    from palflow.pipeline.engine.coordinator import Apps, Coordinator
     from palflow.pipeline.state.rundir import RunDirectory
+    from palflow.pipeline.state.structures import load_start_structure
 
     tmp_path = tmp_path_factory.mktemp("recorded")
     campaign = small_settings(selection__max_labels_per_version=8)
@@ -81,7 +83,7 @@ def test_report_rebuilds_from_a_crashed_run_directory(recorded_run, tmp_path):
         events.write('{"task": 999, "kind": "lab')
     assert run_status(crashed).startswith("stopped early")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "pipeline" / "report.py"), str(crashed)],
+        [sys.executable, str(ROOT / "pipeline" / "observe" / "report.py"), str(crashed)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -92,7 +94,7 @@ def test_report_rebuilds_from_a_crashed_run_directory(recorded_run, tmp_path):
     assert set(figures_in(html)) == set(FIGURES)
     assert "stopped early" in html
     refused = subprocess.run(
-        [sys.executable, str(ROOT / "pipeline" / "report.py"), str(tmp_path)],
+        [sys.executable, str(ROOT / "pipeline" / "observe" / "report.py"), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,

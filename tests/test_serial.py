@@ -3,11 +3,12 @@
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from palflow.pipeline.engine.coordinator import MODULES, Apps
+from palflow.apps.contracts import MODULES
+from palflow.pipeline.engine.coordinator import Apps
 from palflow.pipeline.engine.serial import SerialLoop
-from palflow.pipeline.state.campaign_state import load_start_structure
 from palflow.pipeline.state.metrics import concurrency_fraction
 from palflow.pipeline.state.rundir import RunDirectory
+from palflow.pipeline.state.structures import load_start_structure
 
 from tests.test_coordinator import SLOTS, small_campaign
 

@@ -198,7 +198,7 @@ def test_monitoring_on_needs_the_hub_in_the_config(tmp_path):
     ],
 )
 def test_site_mpi_command_reaches_the_oracle_launch_prefix(tmp_path, monkeypatch, command, prefix):
-    from palflow.apps.oracle import make_calculator, mpi_prefix
+    from palflow.apps.oracles.calculators import make_calculator, mpi_prefix
     from palflow.pipeline.config.settings import load_campaign
 
     for variable in ("PARSL_MPI_PREFIX", "PARSL_NUM_RANKS", "PARSL_NUM_NODES"):

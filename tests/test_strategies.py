@@ -149,7 +149,7 @@ def test_every_built_in_measure_scores_a_real_ensemble_prediction():
     """The registry's measures run on what the model predicts, one score per structure."""
     import torch
     from palflow.apps.models.calculator import predict_structures
-    from palflow.apps.models.core import ModelSpec, SchNetEnsemble
+    from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
 
     torch.manual_seed(0)
     model = SchNetEnsemble(ModelSpec(cutoff=4.0, n_features=8, n_interactions=1, n_rbf=4), 3)

@@ -10,14 +10,9 @@ from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from palflow.apps.data.dataset import read_dataset, write_dataset
 from palflow.apps.models.calculator import EnsembleCalculator, predict_structures
-from palflow.apps.models.core import (
-    ModelSpec,
-    SchNetEnsemble,
-    build_batch,
-    load_checkpoint,
-    new_ensemble,
-)
-from palflow.apps.oracle import label_structure
+from palflow.apps.models.core import build_batch, load_checkpoint, new_ensemble
+from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
+from palflow.apps.oracles.calculators import label_structure
 from palflow.apps.training import _train_member, evaluate_errors
 from palflow.pipeline.config.settings import TrainingSettings
 
@@ -194,7 +189,7 @@ def test_the_stress_spread_measure_reads_generator_and_scoring_files(tmp_path):
     from palflow.apps.generator import _run_md
     from palflow.apps.models.calculator import stress_disagreement
     from palflow.apps.models.core import save_checkpoint
-    from palflow.pipeline.config.settings import GeneratorSettings
+    from palflow.pipeline.config.sections import GeneratorSettings
     from palflow.pipeline.policies.measures import MEASURES, EnsemblePrediction, MeasureContext
 
     torch.manual_seed(0)

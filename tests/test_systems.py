@@ -111,7 +111,8 @@ def test_copper_systems_example_runs(tmp_path):
 def test_the_live_view_and_the_report_show_each_system(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from palflow.pipeline.engine.coordinator import MODULES, Apps, Coordinator
+    from palflow.apps.contracts import MODULES
+    from palflow.pipeline.engine.coordinator import Apps, Coordinator
     from palflow.pipeline.observe.live import LabelRate, plain_line, snapshot
     from palflow.pipeline.observe.report import build_report
     from palflow.pipeline.state.rundir import RunDirectory
@@ -130,7 +131,7 @@ def test_the_live_view_and_the_report_show_each_system(tmp_path):
 def test_a_system_can_bring_its_own_held_out_frames(tmp_path):
     from ase.calculators.emt import EMT
     from ase.io import read
-    from palflow.apps.oracle import label_structure
+    from palflow.apps.oracles.calculators import label_structure
 
     frames = []
     for seed in range(5):

@@ -415,5 +415,7 @@ class TestExitStatus:
             "--run-dir", str(tmp_path / "run"), "-q",
         )  # fmt: skip
         assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
-        assert "bug in a user's query" in result.stderr
-        assert result.stdout.strip().splitlines()[-1].startswith("campaign cli-test failed")
+        log = (tmp_path / "run" / "palflow.log").read_text()
+        assert "Traceback" in log and "RuntimeError: bug in a user's query" in log
+        last = result.stdout.strip().splitlines()[-1]
+        assert last.startswith("campaign cli-test failed: RuntimeError: bug in a user's query")

@@ -10,76 +10,40 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
-from palflow.apps.models.core import SchNetEnsemble, build_batch, default_device, load_checkpoint
+from palflow.apps.models.core import (
+    AtomsBatch,
+    PotentialEnsemble,
+    build_batch,
+    default_device,
+    load_checkpoint,
+)
+from palflow.apps.models.disagreement import (  # noqa: F401 (re-exported)
+    atom_force_spread,
+    ensemble_disagreement,
+    stress_disagreement,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def atom_force_spread(member_forces: np.ndarray) -> np.ndarray:
-    """[N] per atom, ``sqrt(mean_k |F_ik - <F_i>|^2)``: the root-mean-square deviation
-    of the members' force vectors [K, N, 3] from their mean, eV/Å."""
-    member_forces = np.asarray(member_forces, dtype=np.float64)
-    deviation = member_forces - member_forces.mean(axis=0, keepdims=True)
-    return np.sqrt((deviation**2).sum(axis=-1).mean(axis=0))
+def _numpy(out: dict[str, torch.Tensor]) -> tuple:
+    """Energies [K, S], forces [K, N, 3] and stresses [K, S, 3, 3] (or None) of a
+    forward pass as float64 numpy."""
+
+    def numpy(key):
+        return out[key].detach().to("cpu", torch.float64).numpy() if key in out else None
+
+    return numpy("energy"), numpy("forces"), numpy("stress")
 
 
-def ensemble_disagreement(
-    member_energies: np.ndarray,
-    member_forces: np.ndarray,
-    structure_index: np.ndarray,
-    n_atoms: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spread of an ensemble's predictions per structure.
-
-    Parameters
-    ----------
-    member_energies
-        [K, S] total energies, eV.
-    member_forces
-        [K, N, 3] forces, eV/Å.
-    structure_index
-        [N] structure of each atom.
-    n_atoms
-        [S] atoms per structure.
-
-    Returns
-    -------
-    energy_spread_per_atom
-        [S] standard deviation over members of energy / n_atoms, eV/atom.
-    max_force_spread
-        [S] max over atoms of ``sqrt(mean_k |F_ik - <F_i>|^2)``, eV/Å.
-    mean_force_spread
-        [S] the same per-atom deviation averaged over the structure's atoms, eV/Å.
-    """
-    member_energies = np.asarray(member_energies, dtype=np.float64)
-    structure_index = np.asarray(structure_index, dtype=np.int64)
-    n_atoms = np.asarray(n_atoms, dtype=np.int64)
-    n_structures = len(n_atoms)
-
-    energy_spread = member_energies.std(axis=0) / np.maximum(n_atoms, 1)
-    per_atom = atom_force_spread(member_forces)
-    max_spread = np.zeros(n_structures)
-    np.maximum.at(max_spread, structure_index, per_atom)
-    mean_spread = np.bincount(structure_index, weights=per_atom, minlength=n_structures)
-    mean_spread = mean_spread / np.maximum(n_atoms, 1)
-    return energy_spread, max_spread, mean_spread
-
-
-def stress_disagreement(member_stress: np.ndarray) -> np.ndarray:
-    """[S] the largest, over the 9 components, standard deviation over the members of
-    the stress [K, S, 3, 3], eV/Å³ (NaN for a structure without a cell)."""
-    member_stress = np.asarray(member_stress, dtype=np.float64)
-    return member_stress.std(axis=0).reshape(member_stress.shape[1], 9).max(axis=1)
-
-
-def _run(model: SchNetEnsemble, batch, compute_stress: bool = False):
+def _run(model: PotentialEnsemble, batch: AtomsBatch, compute_stress: bool = False):
     """Member energies [K, S] (eV), forces [K, N, 3] (eV/Å) and, with
     ``compute_stress``, stresses [K, S, 3, 3] (eV/Å³, else None) as float64 numpy."""
     was_training = model.training
@@ -88,15 +52,61 @@ def _run(model: SchNetEnsemble, batch, compute_stress: bool = False):
         out = model(batch, compute_forces=True, compute_stress=compute_stress)
     finally:
         model.train(was_training)
+    return _numpy(out)
 
-    def numpy(key):
-        return out[key].detach().to("cpu", torch.float64).numpy() if key in out else None
 
-    return numpy("energy"), numpy("forces"), numpy("stress")
+def predict_batches(
+    model: PotentialEnsemble,
+    structures: Sequence[Atoms],
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+    with_targets: bool = False,
+    compute_stress: bool | None = False,
+) -> Iterator[tuple[AtomsBatch, dict[str, torch.Tensor]]]:
+    """The members' predictions for many structures, one batched pass at a time.
+
+    The one batched-prediction path: scoring (:func:`predict_structures`) and test
+    errors (:func:`palflow.apps.training.evaluate_errors`) both read it.
+
+    Parameters
+    ----------
+    model
+        Ensemble on ``device``; evaluated in eval mode, then put back as it was.
+    structures
+        The structures, in order.
+    device
+        Device for the batches; default the model's device.
+    batch_size
+        Structures per forward pass.
+    with_targets
+        Attach the labels to each batch (``batch.energy``, ``batch.forces``,
+        ``batch.stress``).
+    compute_stress
+        Also predict stresses; None: for the batches that carry stress labels.
+
+    Yields
+    ------
+    batch, out
+        The batch and the detached ``forward`` output: ``energy`` [K, S] eV,
+        ``forces`` [K, N, 3] eV/Å and, with stresses, ``stress`` [K, S, 3, 3] eV/Å³.
+    """
+    device = device or next(model.parameters()).device
+    structures = list(structures)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(structures), batch_size):
+            chunk = structures[start : start + batch_size]
+            batch = build_batch(chunk, model.spec.cutoff, device, with_targets=with_targets)
+            stress = batch.stress is not None if compute_stress is None else compute_stress
+            out = model(batch, compute_forces=True, compute_stress=stress)
+            yield batch, {key: value.detach() for key, value in out.items()}
+    finally:
+        model.train(was_training)
 
 
 def predict_structures(
-    model: SchNetEnsemble,
+    model: PotentialEnsemble,
     structures: Sequence[Atoms],
     device: str | torch.device | None = None,
     batch_size: int = 64,
@@ -125,15 +135,13 @@ def predict_structures(
         (eV/Å³, NaN for a structure without a cell), ``member_stress``
         [K, S, 3, 3] and ``stress_disagreement`` [S] (:func:`stress_disagreement`).
     """
-    device = device or next(model.parameters()).device
     structures = list(structures)
     energy, forces, e_spread, f_max, f_mean, members = [], [], [], [], [], []
     per_structure_member_forces, stresses = [], []
     with_stress = any(atoms.pbc.all() and atoms.cell.volume > 1e-6 for atoms in structures)
-    for start in range(0, len(structures), batch_size):
-        chunk = structures[start : start + batch_size]
-        batch = build_batch(chunk, model.spec.cutoff, device, with_targets=False)
-        member_energies, member_forces, member_stress = _run(model, batch, with_stress)
+    batches = predict_batches(model, structures, device, batch_size, compute_stress=with_stress)
+    for batch, out in batches:
+        member_energies, member_forces, member_stress = _numpy(out)
         if with_stress:
             stresses.append(member_stress)
         index = batch.structure_index.cpu().numpy()
@@ -200,7 +208,7 @@ class EnsembleCalculator(Calculator):
 
     def __init__(
         self,
-        model: SchNetEnsemble,
+        model: PotentialEnsemble,
         device: str | torch.device | None = None,
         **kwargs,
     ):

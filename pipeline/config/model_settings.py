@@ -1,14 +1,20 @@
 """Campaign settings of the members: what each one is (``[model]``) and how it
 trains (``[training]``), and the base every section shares.
 
+``[model]`` belongs to the model backend that ``model.name`` names
+(:mod:`palflow.apps.models.registry`): its settings class validates the section.
+
 :mod:`palflow.pipeline.config.settings` re-exports all of it; see there for the campaign as a whole.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from palflow.apps.models import registry
+from palflow.apps.models.backend import BackendSettings, ModelError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, WrapValidator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 class _Section(BaseModel):
@@ -18,71 +24,44 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
-SCHNET_KEYS = ("cutoff", "n_features", "n_interactions", "n_rbf")
-MACE_KEYS = (
-    "r_max",
-    "num_channels",
-    "max_L",
-    "correlation",
-    "num_interactions",
-    "num_radial_basis",
-    "num_cutoff_basis",
-    "dtype",
-    "e0s",
-    "foundation",
-)
+def _backend_settings(value: Any, handler: Any) -> BackendSettings:
+    """Validate ``[model]`` with the settings class of the backend it names."""
+    if isinstance(value, BackendSettings):
+        return value
+    if not isinstance(value, dict):
+        return handler(value)  # pydantic's own error for a non-table
+    name = value.get("name", registry.DEFAULT)
+    if not isinstance(name, str):
+        raise ValueError(f"model.name must be a string, got {name!r}")
+    try:
+        settings = registry.backend(name).settings
+    except ModelError as error:  # reported at model.name
+        detail = InitErrorDetails(
+            type=PydanticCustomError("model_backend", str(error)), loc=("name",), input=name
+        )
+        raise ValidationError.from_exception_data("model", [detail]) from None
+    others = {
+        key
+        for other in registry.BUILTIN
+        if other != name
+        for key in registry.backend(other).settings.model_fields
+    }
+    wrong = sorted(key for key in value if key not in settings.model_fields and key in others)
+    if wrong:
+        raise ValueError(
+            f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not a setting of "
+            f"model.name = {name!r}: drop it or change the model's name"
+        )
+    return settings.model_validate({**value, "name": name})
 
 
-class ModelSettings(_Section):
-    name: Literal["schnet", "mace"] = "schnet"
-    """``schnet`` (palflow's compact SchNet) or ``mace`` (mace-torch)."""
-    n_members: int = Field(4, ge=2)
-    # SchNet
-    cutoff: float = Field(5.0, gt=0)
-    """Neighbour cutoff, Å (SchNet)."""
-    n_features: int = Field(32, ge=4)
-    n_interactions: int = Field(2, ge=1)
-    n_rbf: int = Field(16, ge=2)
-    # MACE
-    r_max: float = Field(5.0, gt=0)
-    """Cutoff radius, Å (MACE)."""
-    num_channels: int = Field(16, ge=1)
-    """Channels of MACE's hidden features."""
-    max_L: int = Field(1, ge=0, le=3)
-    """Largest L of the equivariant hidden features (0: invariant only)."""
-    correlation: int = Field(3, ge=1, le=4)
-    """Body order of the product basis."""
-    num_interactions: int = Field(2, ge=1)
-    """Message-passing layers (MACE)."""
-    num_radial_basis: int = Field(8, ge=1)
-    num_cutoff_basis: int = Field(5, ge=1)
-    dtype: Literal["float32", "float64"] = "float64"
-    """Precision of MACE's training and MD (MACE advises float64 for MD)."""
-    e0s: Literal["average", "oracle"] | dict[str, float] = "average"
-    """Isolated-atom energies: ``average`` (least squares on the first labels),
-    ``oracle`` (one oracle call per element on an isolated atom, in the coordinator's
-    process), or a table ``{"H": -13.6, ...}`` in eV."""
-    foundation: str | None = None
-    """A MACE model file every member starts from (fine-tuning), e.g. MACE-MP-0 or
-    MACE-OFF, downloaded beforehand; its element table, E0s and cutoff are kept."""
+ModelSettings = Annotated[SerializeAsAny[BackendSettings], WrapValidator(_backend_settings)]
+"""The ``[model]`` section: the settings class of the backend ``model.name`` names
+(default ``schnet``), each one's own keys, so that a key of another backend is an
+error; ``campaign.model`` is that class's instance."""
 
-    @model_serializer(mode="wrap")
-    def _only_this_models_keys(self, handler) -> dict[str, Any]:
-        """Dump (``campaign.json``) the keys of the chosen model only, so that the
-        dump validates again on ``--resume``."""
-        other = SCHNET_KEYS if self.name == "mace" else MACE_KEYS
-        return {k: v for k, v in handler(self).items() if k not in other}
-
-    @model_validator(mode="after")
-    def _keys_of_the_model(self) -> ModelSettings:
-        other = SCHNET_KEYS if self.name == "mace" else MACE_KEYS
-        wrong = sorted(set(other) & self.model_fields_set)
-        if wrong:
-            raise ValueError(
-                f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not a setting of "
-                f"model.name = {self.name!r}: drop it or change the model's name"
-            )
-        return self
+DEFAULT_MODEL: BackendSettings = registry.backend(registry.DEFAULT).settings()
+"""``[model]`` when a campaign gives none."""
 
 
 class TrainingSettings(_Section):

@@ -1,20 +1,24 @@
 """The pre-flight: every input tried before anything is created.
 
-:mod:`palflow.pipeline.run` calls these after the settings have validated and before the run
-directory exists. Each failure is one :class:`PreflightError` naming the problem and
-the fix; the command line turns it into exit status 2 with nothing created.
+:mod:`palflow.pipeline.run` calls :func:`check_campaign` once a campaign's settings
+have validated and before its run directory exists, and :func:`check_run_path`
+first. Each failure is one :class:`~palflow.apps.errors.InputError` of the kind at
+fault, naming the problem and the fix; the command line turns it into exit status 2
+with nothing created.
 
+- :func:`check_calculator`: the oracle's calculator imports and gives forces;
+- :func:`check_strategy`: the generators, the selection measure, the query and the
+  metrology plug-ins exist;
 - :func:`check_settings`: settings that only make sense together, and the selection
   measure's options against what the measure reads;
-- :func:`check_structures`: every start structure has atoms, no overlapping atoms,
-  a cell where it is periodic, and something to learn;
-- :func:`trial_plugins`: the selection measure, the query and each metrology
-  plug-in called once on a tiny fake prediction;
-- :func:`trial_oracle`: the calculator's own ``preflight(kwargs, structures)`` where
-  it has one (``palflow.apps.oracles.cp2k.CP2KOracle``: binary, basis and potential names, a
-  periodic cell), then the calculator built and run once on the start structures
-  (within ``oracle.timeout_s``, in a child process), which must give finite
-  energies and forces; ``oracle.trial = false`` skips the run;
+- :func:`read_starts`, :func:`check_structures`: every start structure reads, has
+  atoms, no overlapping atoms, a cell where it is periodic, and something to learn;
+- :func:`check_ensemble`: constant pressure only for MD on periodic cells;
+- the model (:func:`palflow.pipeline.config.models.check_model`), the warm start
+  (:func:`palflow.pipeline.resume.warm_start.check_warm_start`) and every labelled
+  file (:func:`check_labelled_files`);
+- the trial calls of :mod:`palflow.pipeline.config.trials`, last: each plug-in on a
+  fake prediction, and the oracle on the start structures;
 - :func:`check_run_path`: the run directory can be made where it is asked for, and
   its path is one the site's workers can carry.
 """
@@ -22,15 +26,15 @@ the fix; the command line turns it into exit status 2 with nothing created.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from ase import Atoms
+from palflow.apps.errors import CalculatorError, PluginError, SettingsError, StructureError
+from palflow.pipeline.config.trials import trial_oracle, trial_plugins
+from palflow.pipeline.state.rundir import RunDirectoryError
 
 MIN_DISTANCE = 0.5
 """Atoms of a start structure closer than this (Å) overlap."""
@@ -41,10 +45,119 @@ FORCELESS_MEASURES = {"energy_spread", "stress_spread", "random", "labelled_dist
 SHELL_CHARACTERS = set(" \t\n\r\"'\\$`;&|<>()*?[]{}!#")
 """Characters a path may not hold where Parsl starts workers by an unquoted command."""
 
+__all__ = ["check_campaign", "check_run_path", "trial_oracle", "trial_plugins"]
 
-class PreflightError(ValueError):
-    """An input that would make a campaign fail or achieve nothing; the message names
-    the problem and the fix."""
+
+def check_campaign(campaign, mpi_command: str = "parsl") -> dict[str, list[Atoms]]:
+    """Every check of a new campaign, cheapest first, the oracle's trial last.
+
+    ``mpi_command`` is the site's launch prefix template (for the oracle's trial).
+    Returns the start structures of each system, by name.
+
+    Raises
+    ------
+    palflow.apps.errors.InputError
+        The first problem found, naming its fix.
+    """
+    from palflow.pipeline.config.models import check_model
+    from palflow.pipeline.resume.warm_start import check_warm_start
+    from palflow.pipeline.state.structures import element_carrier
+
+    check_calculator(campaign.oracle.calculator)
+    check_strategy(campaign)
+    check_settings(campaign)
+    starts = read_starts(campaign)
+    check_structures(campaign, starts)
+    carrier = element_carrier([atoms for frames in starts.values() for atoms in frames])
+    check_model(campaign, carrier)
+    check_ensemble(campaign, starts)
+    check_warm_start(campaign, carrier)
+    check_labelled_files(campaign)
+    trial_plugins(campaign, starts)
+    trial_oracle(campaign, starts, mpi_command)  # last: the one check that may take a while
+    return starts
+
+
+def check_calculator(path: str) -> None:
+    """The oracle's calculator imports, and can give forces."""
+    from palflow.apps.common import import_object
+
+    try:
+        calculator = import_object(path)
+    except ImportError as error:
+        raise CalculatorError(f"oracle.calculator: {error}") from None
+    implemented = getattr(calculator, "implemented_properties", None)
+    if implemented is not None and "forces" not in implemented:
+        raise CalculatorError(
+            f"calculator {path!r} does not compute forces (it implements "
+            f"{list(implemented)}): pick one whose implemented_properties include 'forces'"
+        )
+
+
+def check_strategy(campaign) -> None:
+    """The generators, the selection measure, the query and each metrology plug-in
+    exist."""
+    from palflow.apps.generator import resolve_generator
+    from palflow.pipeline.policies.measures import get_measure
+    from palflow.pipeline.policies.metrology import load_plugins
+    from palflow.pipeline.policies.strategies import make_query
+
+    generators = [campaign.generator.kind, *(s.generator for s in campaign.all_systems())]
+    try:
+        for kind in filter(None, generators):
+            resolve_generator(kind)
+        get_measure(campaign.selection.measure)
+        make_query(campaign.selection.query)
+        load_plugins(campaign.metrology.plugins)
+    except (ImportError, KeyError, TypeError, ValueError) as error:  # a name that resolves
+        raise PluginError(error.args[0] if isinstance(error, KeyError) else str(error)) from None
+
+
+def read_starts(campaign) -> dict[str, list[Atoms]]:
+    """The start structures of each system, by name."""
+    from palflow.pipeline.state.structures import load_start_structures
+
+    try:
+        return {
+            system.name: load_start_structures(system.structure, system.vacuum)
+            for system in campaign.all_systems()
+        }
+    except ValueError as error:  # the file does not parse, or names nothing
+        raise StructureError(str(error)) from None
+
+
+def check_labelled_files(campaign) -> None:
+    """Every held-out file (``test.file``, a system's ``test_file``) holds labels."""
+    from palflow.pipeline.state.structures import read_labelled_file
+
+    for path in [campaign.test.file, *(s.test_file for s in campaign.all_systems())]:
+        if path:
+            try:
+                read_labelled_file(path)
+            except ValueError as error:  # does not parse, or lacks labels
+                raise StructureError(str(error)) from None
+
+
+def check_ensemble(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
+    """Constant pressure only for MD, and on start structures with a cell periodic in
+    all directions. ``starts`` maps each system's name to its start structures."""
+    for system in campaign.all_systems():
+        settings = campaign.generator_for(system)
+        pressure, kind = settings["pressure_bar"], settings["kind"]
+        if pressure is None:
+            continue
+        where = f"system {system.name!r}: " if campaign.systems else ""
+        if kind != "md":
+            raise SettingsError(
+                f"{where}a pressure is for MD, not for the generator {kind!r}: drop it, or "
+                "use the 'md' generator"
+            )
+        if any(not a.pbc.all() or a.cell.volume < 1e-6 for a in starts[system.name]):
+            raise StructureError(
+                f"{where}pressure_bar = {pressure:g} asks for constant pressure, but the start "
+                f"structure {system.structure!r} has no cell periodic in all three directions: "
+                "give a periodic structure, or drop the pressure"
+            )
 
 
 # ---------------------------------------------------------------- settings
@@ -55,19 +168,19 @@ def check_settings(campaign) -> None:
     generator, training, selection = campaign.generator, campaign.training, campaign.selection
     kinds = {campaign.generator_for(system)["kind"] for system in campaign.all_systems()}
     if "md" in kinds and generator.sample_interval > generator.steps_per_task:
-        raise PreflightError(
+        raise SettingsError(
             f"generator.sample_interval = {generator.sample_interval} is longer than the MD "
             f"segment, generator.steps_per_task = {generator.steps_per_task}: no frame would "
             "ever be recorded; make sample_interval at most steps_per_task"
         )
     if training.learning_rate_min > training.learning_rate:
-        raise PreflightError(
+        raise SettingsError(
             f"training.learning_rate_min = {training.learning_rate_min:g} is above "
             f"training.learning_rate = {training.learning_rate:g}: the rate decays towards "
             "the minimum, so make it at most the initial rate"
         )
     if generator.min_distance >= generator.max_neighbour_distance:
-        raise PreflightError(
+        raise SettingsError(
             f"generator.min_distance = {generator.min_distance:g} Å is not below "
             f"generator.max_neighbour_distance = {generator.max_neighbour_distance:g} Å: every "
             "frame would count as blown up or flown off; make min_distance the smaller"
@@ -77,7 +190,7 @@ def check_settings(campaign) -> None:
         for system in campaign.all_systems():
             lower = system.threshold if system.threshold is not None else selection.threshold
             if upper <= lower:
-                raise PreflightError(
+                raise SettingsError(
                     f"selection.upper_threshold = {upper:g} is not above the selection "
                     f"threshold {lower:g}: no frame could lie between the two trust levels; "
                     "raise upper_threshold (or 0 for none) or lower the threshold"
@@ -85,12 +198,12 @@ def check_settings(campaign) -> None:
     if selection.threshold_mode == "calibrated" and selection.measure in FORCELESS_MEASURES | {
         "relative_force_spread"
     }:
-        raise PreflightError(
+        raise SettingsError(
             f"selection.threshold_mode = 'calibrated' needs a measure in force units (eV/Å), "
             f"not {selection.measure!r}: use a fixed or percentile threshold, or a force measure"
         )
     if campaign.oracle.mpi_nodes > campaign.oracle.mpi_ranks:
-        raise PreflightError(
+        raise SettingsError(
             f"oracle.mpi_nodes = {campaign.oracle.mpi_nodes} is more than oracle.mpi_ranks = "
             f"{campaign.oracle.mpi_ranks}: every node needs a rank; raise mpi_ranks or lower "
             "mpi_nodes"
@@ -98,7 +211,7 @@ def check_settings(campaign) -> None:
     try:
         measure_options(selection.measure, dict(selection.measure_options))
     except ValueError as error:
-        raise PreflightError(str(error)) from None
+        raise SettingsError(str(error)) from None
 
 
 # ---------------------------------------------------------------- structures
@@ -116,24 +229,24 @@ def check_structures(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
                 f", frame {index}" if len(starts[system.name]) > 1 else ""
             )
             if len(atoms) == 0:
-                raise PreflightError(f"{where} has no atoms: give a structure with atoms")
+                raise StructureError(f"{where} has no atoms: give a structure with atoms")
             lengths = atoms.cell.lengths()
             if atoms.pbc.any() and (
                 (lengths[atoms.pbc] < 1e-6).any() or (atoms.pbc.all() and atoms.cell.volume < 1e-6)
             ):
                 axes = "".join("xyz"[i] for i in range(3) if atoms.pbc[i])
-                raise PreflightError(
+                raise StructureError(
                     f"{where} is periodic along {axes} but has no cell there: give the cell, "
                     "or make it non-periodic"
                 )
             if len(atoms) == 1:
                 if not atoms.pbc.any():
-                    raise PreflightError(
+                    raise StructureError(
                         f"{where} is a single atom in vacuum: its energy and forces never "
                         "change, so there is nothing to learn; give a molecule or a cell"
                     )
                 if campaign.selection.measure not in FORCELESS_MEASURES:
-                    raise PreflightError(
+                    raise StructureError(
                         f"{where} is a single atom in a periodic cell: its forces are zero by "
                         "symmetry, so no frame is ever worth a label; give a supercell "
                         "(atoms.repeat)"
@@ -148,7 +261,7 @@ def check_structures(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
                     if d[k] < MIN_DISTANCE
                     else "fix the structure, or lower generator.min_distance"
                 )
-                raise PreflightError(
+                raise StructureError(
                     f"{where}: atoms {i[k]} and {j[k]} are {d[k]:.2f} Å apart, closer than "
                     f"{limit:g} Å (overlapping atoms; MD would count it as blown up): {fix}"
                 )
@@ -156,183 +269,11 @@ def check_structures(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
                 far = generator.max_neighbour_distance
                 lonely = sorted(set(range(len(atoms))) - set(neighbor_list("i", atoms, far)))
                 if lonely:
-                    raise PreflightError(
+                    raise StructureError(
                         f"{where}: atom {lonely[0]} is farther than generator."
                         f"max_neighbour_distance = {far:g} Å from every other atom (MD would "
                         "count it as flown off): fix the structure, or raise that distance"
                     )
-
-
-# ---------------------------------------------------------------- plug-ins
-def _fake_prediction(structures: Sequence[Atoms], n_members: int, rng):
-    from palflow.pipeline.policies.measures import EnsemblePrediction
-
-    n_atoms = np.array([len(a) for a in structures])
-    periodic = all(a.pbc.all() for a in structures)
-    return EnsemblePrediction(
-        member_energies=rng.normal(size=(n_members, len(structures))),
-        member_forces=rng.normal(0.0, 0.1, size=(n_members, int(n_atoms.sum()), 3)),
-        structure_index=np.repeat(np.arange(len(structures)), n_atoms),
-        n_atoms=n_atoms,
-        member_stress=rng.normal(0, 1e-3, (n_members, len(structures), 3, 3)) if periodic else None,
-    )
-
-
-def trial_plugins(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
-    """Call the selection measure, the query and each metrology plug-in once, on rattled
-    copies of the first start structure and made-up ensemble predictions."""
-    from palflow.pipeline.policies.metrology import load_plugins
-    from palflow.pipeline.policies.protocols import Evaluation, QueryContext
-    from palflow.pipeline.policies.selection import Candidate
-    from palflow.pipeline.policies.strategies import Selector
-
-    rng = np.random.default_rng(0)
-    first = next(iter(starts.values()))[0]
-    structures = []
-    for seed in range(4):
-        atoms = first.copy()
-        atoms.rattle(0.02, seed=seed)
-        structures.append(atoms)
-    selection = campaign.selection
-    selector = Selector(campaign, seed=0, cutoff=campaign.model.cutoff)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if not callable(selector.measure):
-            raise PreflightError(
-                f"selection.measure {selection.measure!r} is a {type(selector.measure).__name__},"
-                " not a function: name a function (prediction, context) -> scores"
-            )
-        try:
-            selector.note_labelled(structures[:2])
-            scores = selector.score(
-                _fake_prediction(structures, campaign.model.n_members, rng), structures
-            )
-        except Exception as error:
-            raise _plugin_error("selection.measure", selection.measure, error) from None
-        if np.isnan(scores).any():
-            raise PreflightError(
-                f"selection.measure {selection.measure!r} scored a trial prediction NaN: fix "
-                "the measure"
-            )
-        candidates = [
-            Candidate(k, atoms, float(abs(s)), 0.0, 0, priority=float(s))
-            for k, (atoms, s) in enumerate(zip(structures, np.nan_to_num(scores), strict=True))
-        ]
-        candidates.sort(key=lambda c: c.rank, reverse=True)
-        context = QueryContext(selector.rng, selector.labelled_descriptors, selector.descriptors)
-        try:
-            chosen = list(selector.query.select(candidates, 2, context))
-        except Exception as error:
-            raise _plugin_error("selection.query", selection.query, error) from None
-        if not all(any(c is given for given in candidates) for c in chosen):
-            raise PreflightError(
-                f"selection.query {selection.query!r} returned something other than the "
-                "candidates it was given: return a list of some of them"
-            )
-        force = np.abs(rng.normal(0.1, 0.05, len(structures)))
-        evaluation = Evaluation(0, 0, force, force * 0.8, rng.normal(0, 0.01, len(structures)))
-        for path, plugin in zip(
-            campaign.metrology.plugins, load_plugins(campaign.metrology.plugins), strict=True
-        ):
-            try:
-                metrics = plugin(evaluation)
-            except Exception as error:
-                raise _plugin_error("metrology plug-in", path, error) from None
-            if not isinstance(metrics, Mapping):
-                raise PreflightError(
-                    f"metrology plug-in {path!r} returned a {type(metrics).__name__}, not a "
-                    "dict of metrics: return {name: number}"
-                )
-
-
-def _plugin_error(what: str, name: str, error: Exception) -> PreflightError:
-    return PreflightError(
-        f"{what} {name!r} failed on a trial call with made-up predictions: "
-        f"{type(error).__name__}: {error}; fix it, or choose another"
-    )
-
-
-# ---------------------------------------------------------------- the oracle
-def _covering_frames(frames: Sequence[Atoms]) -> list[Atoms]:
-    """The fewest frames, first ones first, that hold every element of ``frames``."""
-    chosen, seen = [], set()
-    for atoms in frames:
-        if set(atoms.numbers) - seen:
-            chosen.append(atoms)
-            seen |= set(atoms.numbers)
-    return chosen
-
-
-def _trial_label(spec: dict[str, Any], scratch: str, max_force: float, atoms: Atoms):
-    """Build the calculator and label ``atoms`` (in the trial's child); never raises."""
-    from palflow.apps.oracle import OK, BadLabel, label_structure, make_calculator
-
-    try:
-        calculator = make_calculator(spec, scratch)
-        if not all(
-            callable(getattr(calculator, m, None)) for m in ("get_potential_energy", "get_forces")
-        ):
-            return (
-                f"it made a {type(calculator).__name__}, which is not an ASE calculator "
-                "(no get_potential_energy/get_forces)",
-                None,
-            )
-        label_structure(atoms, calculator, max_force)
-        return OK, None
-    except BadLabel as error:
-        return error.kind.reason(str(error)), None
-    except Exception as error:
-        return f"{type(error).__name__}: {error}", None
-
-
-def trial_oracle(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
-    """Label each system's start frames (those covering its elements) once with the
-    campaign's oracle, in a child process, each within ``oracle.timeout_s``.
-
-    First, a calculator class with a ``preflight(kwargs, structures)`` method (a list
-    of problems, each naming its fix) is asked about every start structure; that
-    runs nothing and is never skipped. The trial run is skipped with ``oracle.trial =
-    false``, and for MPI oracles (``mpi_ranks`` or ``mpi_nodes`` above 1), which run on
-    the site's nodes, not here.
-    """
-    from functools import partial
-
-    from palflow.apps.common import import_object
-    from palflow.apps.oracle import OK
-    from palflow.apps.oracles.isolation import label_isolated
-
-    oracle = campaign.oracle
-    try:
-        own_check = getattr(import_object(oracle.calculator), "preflight", None)
-    except Exception:  # the trial below names a calculator that does not import
-        own_check = None
-    if callable(own_check):
-        frames = [atoms for system in campaign.all_systems() for atoms in starts[system.name]]
-        problems = own_check(dict(oracle.kwargs), frames)
-        if problems:
-            raise PreflightError(f"oracle {oracle.calculator!r}: " + "; ".join(problems))
-    if not oracle.trial or oracle.mpi_ranks > 1 or oracle.mpi_nodes > 1:
-        return
-    jobs = [
-        (system, atoms)
-        for system in campaign.all_systems()
-        for atoms in _covering_frames(starts[system.name])
-    ]
-    spec = {"calculator": oracle.calculator, "kwargs": dict(oracle.kwargs)}
-    scratch = tempfile.mkdtemp(prefix="palflow-trial-", dir=os.environ.get("PALFLOW_SCRATCH"))
-    try:
-        label = partial(_trial_label, spec, scratch, oracle.max_force)
-        outcomes = label_isolated([atoms for _, atoms in jobs], label, oracle.timeout_s or None)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    for (system, atoms), (status, _, _) in zip(jobs, outcomes, strict=True):
-        if status != OK:
-            raise PreflightError(
-                f"the oracle {oracle.calculator!r} failed its trial on the start structure "
-                f"{system.structure!r} ({atoms.get_chemical_formula()}): {status}. Fix the "
-                "calculator, oracle.kwargs or the structure (does the oracle know every "
-                "element?); oracle.trial = false skips this trial"
-            )
 
 
 # ---------------------------------------------------------------- the run directory
@@ -342,22 +283,22 @@ def check_run_path(root: str | os.PathLike, site: str | None = None) -> None:
     line (``site`` names it), its path holds no space or shell character."""
     root = Path(os.path.abspath(root))
     if root.exists() and not root.is_dir():
-        raise PreflightError(f"--run-dir {root} is a file: give the path of a new folder")
+        raise RunDirectoryError(f"--run-dir {root} is a file: give the path of a new folder")
     ancestor = next(p for p in (root, *root.parents) if p.exists())
     if not ancestor.is_dir():
-        raise PreflightError(
+        raise RunDirectoryError(
             f"--run-dir {root} lies under {ancestor}, which is a file: give a path of folders"
         )
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".palflow-probe-", dir=ancestor))
     except OSError as error:
-        raise PreflightError(
+        raise RunDirectoryError(
             f"cannot create the run directory {root}: {ancestor} is not writable "
             f"({error.strerror}): give a --run-dir where you may write"
         ) from None
     bad = sorted(set(str(root)) & SHELL_CHARACTERS)
     if bad and site is not None and _site_starts_workers(site):
-        raise PreflightError(
+        raise RunDirectoryError(
             f"the run directory {str(root)!r} holds {' '.join(repr(c) for c in bad)}, which the "
             "site's workers cannot carry (Parsl starts them with an unquoted command line): "
             "give a --run-dir without spaces or shell characters"

@@ -5,8 +5,8 @@ A site is a plain Python module; :class:`SiteSchema` is all palflow reads from i
 (preferred when both exist: a Config loads only once); ``slots``, positive ints of
 tasks in flight per label of :data:`palflow.apps.contracts.MODULES`; ``mpi_command``,
 ``"parsl"`` or a launcher template with ``{ranks}``, ``{nodes}``, ``{hosts}`` (see
-:func:`palflow.apps.oracle.mpi_prefix`); and ``MONITORING``, a bool that requires the config
-to carry a MonitoringHub (shipped sites set it from ``PALFLOW_MONITORING=1``).
+:func:`palflow.apps.oracles.calculators.mpi_prefix`); and ``MONITORING``, a bool that
+requires the config to carry a MonitoringHub (shipped sites set it from ``PALFLOW_MONITORING=1``).
 
 Names starting with ``_``, UPPER_CASE constants, imports, functions and classes are
 the file's own. Any other public name, or one resembling a schema name (``slot``,
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from palflow.apps.contracts import MODULES
+from palflow.apps.errors import InputError
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ DEFAULT_SLOTS = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
 _MISSPELT = 0.88
 
 
-class SiteError(ValueError):
+class SiteError(InputError):
     """A site config is missing, broken, or breaks the executor-label contract."""
 
 
@@ -57,7 +58,8 @@ class SiteSchema(BaseModel):
     slots: dict[Literal[MODULES], PositiveInt] = Field(default_factory=dict)
     """Tasks the coordinator keeps in flight per module."""
     mpi_command: str = "parsl"
-    """Launch prefix template of MPI oracles; see :func:`palflow.apps.oracle.mpi_prefix`."""
+    """Launch prefix template of MPI oracles; see
+    :func:`palflow.apps.oracles.calculators.mpi_prefix`."""
     MONITORING: bool = False
     """Parsl's MonitoringHub is on (the config then carries it)."""
 
@@ -97,7 +99,7 @@ class Site:
     slots: dict[str, int]
     mpi_command: str = "parsl"
     """Launch prefix template of MPI oracles where Parsl composes none; see
-    :func:`palflow.apps.oracle.mpi_prefix`."""
+    :func:`palflow.apps.oracles.calculators.mpi_prefix`."""
     oracle_mpi: bool = False
     """The oracle executor runs in Parsl's MPI mode: every oracle task needs a resource
     specification, and Parsl composes its launch prefix."""

@@ -8,8 +8,9 @@ and the summary. What happens in between is theirs:
   changes;
 * :mod:`palflow.pipeline.engine.stopping` says when the campaign stops and what it still waits for,
   and :mod:`palflow.pipeline.engine.watchdog` stops one that cannot progress;
-* :mod:`palflow.pipeline.state.campaign_state` holds the bookkeeping, :mod:`palflow.pipeline.resume.journal` saves
-  it, and :mod:`palflow.pipeline.state.rundir` names every file.
+* :mod:`palflow.pipeline.state.campaign_state` holds the bookkeeping,
+  :mod:`palflow.pipeline.resume.journal` saves it, and
+  :mod:`palflow.pipeline.state.rundir` names every file.
 
 Each turn of the loop checks the stop rules, lets every agent submit what free slots
 allow (oracle, generator, training, inference, in that order), saves the journal and
@@ -22,14 +23,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from functools import partial
 from typing import Any
 
 from ase import Atoms
 from ase.io import write
-from palflow.apps.contracts import MODULE_OF_KIND, MODULES, failure_counts  # noqa: F401 (re-exported)
-from palflow.apps.models.core import model_class
+from palflow.apps import APPS, plain
+from palflow.apps.contracts import REQUESTS, failure_counts
+from palflow.apps.models import registry
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.engine.agents import (
     Context,
@@ -42,55 +44,46 @@ from palflow.pipeline.engine.core import Engine
 from palflow.pipeline.engine.stopping import StopPolicy
 from palflow.pipeline.policies.selection import OracleQueue
 from palflow.pipeline.policies.strategies import Selector
-from palflow.pipeline.resume.journal import Journal, resume_state
+from palflow.pipeline.resume.journal import Journal
+from palflow.pipeline.resume.restore import resume_state
 from palflow.pipeline.state.campaign_state import CampaignState
 from palflow.pipeline.state.rundir import SUMMARY_FILE, RunDirectory
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Apps:
-    """How each kind of task is submitted; every callable returns a Future and takes
-    the keyword arguments of its request (:mod:`palflow.apps.contracts`)."""
+def _parsl(cls: type) -> Any:
+    """The Parsl apps, routed by executor label."""
+    from palflow import apps
 
-    label_batch: Callable[..., Future]
-    oracle_md: Callable[..., Future]
-    generate: Callable[..., Future]
-    train_member: Callable[..., Future]
-    score_candidates: Callable[..., Future]
-    evaluate_test: Callable[..., Future]
+    return cls(**{name: getattr(apps, name) for name in CAMPAIGN_APPS})
 
-    @classmethod
-    def parsl(cls) -> Apps:
-        """The Parsl apps, routed by executor label."""
-        from palflow import apps
 
-        return cls(
-            label_batch=apps.label_batch,
-            oracle_md=apps.oracle_md,
-            generate=apps.generate,
-            train_member=apps.train_member,
-            score_candidates=apps.score_candidates,
-            evaluate_test=apps.evaluate_test,
-        )
+def _from_executors(cls: type, executors: Mapping[str, Executor]) -> Any:
+    """The plain app functions on standard-library executors, keyed by module."""
+    return cls(
+        **{
+            name: partial(executors[APPS[name].executor].submit, plain(name))
+            for name in CAMPAIGN_APPS
+        }
+    )
 
-    @classmethod
-    def from_executors(cls, executors: Mapping[str, Executor]) -> Apps:
-        """The plain app functions on standard-library executors, keyed by module."""
-        from palflow.apps.generator import _generate
-        from palflow.apps.inference import _evaluate_test, _score_candidates
-        from palflow.apps.oracle import _label_batch, _oracle_md
-        from palflow.apps.training import _train_member
 
-        return cls(
-            label_batch=partial(executors["oracle"].submit, _label_batch),
-            oracle_md=partial(executors["oracle"].submit, _oracle_md),
-            generate=partial(executors["generator"].submit, _generate),
-            train_member=partial(executors["train"].submit, _train_member),
-            score_candidates=partial(executors["infer"].submit, _score_candidates),
-            evaluate_test=partial(executors["infer"].submit, _evaluate_test),
-        )
+CAMPAIGN_APPS = tuple(name for name in APPS if name in {r.app for r in REQUESTS})
+"""The apps a campaign submits: those a request of :mod:`palflow.apps.contracts` names."""
+
+Apps = make_dataclass(
+    "Apps",
+    [(name, Callable[..., Future]) for name in CAMPAIGN_APPS],
+    namespace={
+        "__doc__": "How each kind of task is submitted, one field per app of the table "
+        ":data:`palflow.apps.APPS`; every callable returns a Future and takes the keyword "
+        "arguments of its request (:mod:`palflow.apps.contracts`).",
+        "__module__": __name__,
+        "parsl": classmethod(_parsl),
+        "from_executors": classmethod(_from_executors),
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -130,7 +123,8 @@ class Coordinator:
     start
         The start structure.
     oracle_resources, mpi_command
-        What the site says about MPI oracles (see :class:`~palflow.pipeline.engine.agents.OracleAgent`).
+        What the site says about MPI oracles (see
+        :class:`~palflow.pipeline.engine.agents.OracleAgent`).
     state, queue, next_task_id
         Where to continue from (see :meth:`resume`); a new campaign by default.
     policy
@@ -155,10 +149,9 @@ class Coordinator:
         self.campaign = campaign
         self.run_dir = run
         self.apps = apps
-        if campaign.model.name != "schnet":
-            # Heavy imports happen here, in the main thread, never while a task thread
-            # is running: an oracle's forked child would inherit a held import lock.
-            model_class(campaign.model.name)
+        # Heavy imports happen here, in the main thread, never while a task thread
+        # is running: an oracle's forked child would inherit a held import lock.
+        registry.backend(campaign.model.name).preload()
         self.state = state or CampaignState.new(campaign, run, start)
         self.queue = queue or OracleQueue(campaign.selection.max_queue)
         self.policy = policy(campaign, self.state)

@@ -1,11 +1,10 @@
 """The engine: tasks in flight, slots per module, the wait loop, observers.
 
-It knows nothing of labels, walkers or ensembles. Agents (:mod:`palflow.pipeline.engine.agents`)
-submit tasks through :meth:`Engine.submit`, each with a typed record of what it
-asked; when a task ends, the engine writes its line to ``events.jsonl`` and hands
-the result, or the error, to the agent registered for the task's kind. Tasks are
-``concurrent.futures.Future`` objects, so the engine runs on Parsl executors in a
-campaign and on a standard-library executor in tests. Its loop is::
+It knows nothing of labels, walkers or ensembles. Agents submit tasks through
+:meth:`Engine.submit`, each with a typed record of what it asked; when a task ends,
+the engine writes its line to ``events.jsonl`` and hands the result, or the error,
+to the agent registered for its kind. Tasks are ``concurrent.futures.Future``
+objects (Parsl's in a campaign, the standard library's in tests). Its loop is::
 
     turn(): agents submit what free slots allow  ->  wait(FIRST_COMPLETED)  ->  dispatch
 """
@@ -170,14 +169,8 @@ class Engine:
             self.events.append_event({**event, "ok": False, "error": _describe(error)})
             self._failed(agent, task, error)
             return
-        event.update(
-            ok=True,
-            started=result.get("t_start"),
-            ended=result.get("t_end"),
-            host=result.get("host"),
-            slurm_job_id=result.get("slurm_job_id"),
-            slurm_partition=result.get("slurm_partition"),
-        )
+        event.update(ok=True, started=result.get("t_start"), ended=result.get("t_end"))
+        event.update({key: result.get(key) for key in ("host", "slurm_job_id", "slurm_partition")})
         self.events.append_event(event)
         try:
             agent.on_result(task, result)

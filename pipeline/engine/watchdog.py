@@ -66,7 +66,8 @@ class Watchdog:
     Parameters
     ----------
     campaign, state
-        The campaign's settings and its :class:`~palflow.pipeline.state.campaign_state.CampaignState`.
+        The campaign's settings and its
+        :class:`~palflow.pipeline.state.campaign_state.CampaignState`.
     """
 
     def __init__(self, campaign: Any, state: Any) -> None:

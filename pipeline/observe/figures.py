@@ -1,4 +1,5 @@
-"""The figures of the run report, each drawn from a :class:`palflow.pipeline.observe.report.RunData`.
+"""The figures of the run report, each drawn from a
+:class:`~palflow.pipeline.observe.run_data.RunData`.
 
 ============================  ===========================================================
 ``learning_curve.png``        test force and energy MAE against labels and wall time
@@ -17,14 +18,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import numpy as np
 from palflow.apps.contracts import MODULES
+from palflow.pipeline.observe.run_data import RunData
 from palflow.pipeline.state.metrics import busy_fractions, module_intervals
-
-if TYPE_CHECKING:
-    from palflow.pipeline.observe.report import RunData
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from palflow.apps.models.calculator import atom_force_spread, ensemble_disagreement
+from palflow.apps.models.disagreement import atom_force_spread, ensemble_disagreement
 from scipy.spatial.distance import cdist
 
 __all__ = [
@@ -256,7 +256,7 @@ def stress_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np
     structure without a cell, or when no structure has one): for campaigns on
     periodic cells that need the stress, e.g. for constant-pressure MD."""
     from ase import units
-    from palflow.apps.models.calculator import stress_disagreement
+    from palflow.apps.models.disagreement import stress_disagreement
 
     if prediction.member_stress is None:
         return np.zeros(prediction.n_structures)

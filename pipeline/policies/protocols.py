@@ -16,7 +16,8 @@ Metrology  extra numbers per ensemble version, on the       ``metrology.plugins`
            held-out set
 ========== ================================================ ============================
 
-Selection *measures* are plain functions in a registry; see :mod:`palflow.pipeline.policies.measures`.
+Selection *measures* are plain functions in a registry; see
+:mod:`palflow.pipeline.policies.measures`.
 """
 
 from __future__ import annotations

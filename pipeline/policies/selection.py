@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ase import Atoms
+from palflow.apps.contracts import FailureKind
+from palflow.pipeline.config.settings import Campaign
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,13 @@ class Candidate:
     def rank(self) -> float:
         """What orders the queue."""
         return self.force_disagreement if self.priority is None else self.priority
+
+
+def retry_allowed(candidate: Candidate, reason: str, campaign: Campaign) -> bool:
+    """Whether a failed structure gets another oracle attempt: a transient failure,
+    with attempts left of ``oracle.max_attempts``."""
+    transient = FailureKind.of(reason).transient
+    return transient and candidate.attempts + 1 < campaign.oracle.max_attempts
 
 
 def select_frames(

@@ -34,24 +34,35 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from ase.io import read, write
+from palflow.apps.data.dataset import read_arrays
+from palflow.pipeline.resume import mend_state, warm_start
+from palflow.pipeline.resume.journal import read_candidates
+from palflow.pipeline.resume.mend_base import (
+    DAMAGED,
+    dataset_problem,
+    move_aside,
+    name_problem,
+    record_mend,
+    structure_problem,
+    why,
+)
 from palflow.pipeline.state.rundir import (
     EVENTS_FILE,
     METRICS_FILE,
     QUEUE_FILE,
     RunDirectory,
-    RunDirectoryError,
 )
+from palflow.pipeline.state.structures import load_start_structures
 
 logger = logging.getLogger(__name__)
-
-DAMAGED = "damaged"
-"""Where damaged files go, under the run directory."""
 
 
 def mend_run(campaign: Any, run: RunDirectory) -> list[str]:
     """Check every file a resume of ``run`` reads; rebuild or name what is damaged.
 
-    Call it with the run directory locked, before :func:`palflow.pipeline.resume.journal.resume_state`.
+    Call it with the run directory locked, before
+    :func:`palflow.pipeline.resume.restore.resume_state`.
 
     Returns
     -------
@@ -72,8 +83,6 @@ def mend_run(campaign: Any, run: RunDirectory) -> list[str]:
     _mend_queue(run, mends)
     for name in (EVENTS_FILE, METRICS_FILE):
         _mend_jsonl(run, name, mends)
-    from palflow.pipeline.resume import mend_state
-
     mend_state.mend_checkpoints(campaign, run, mends)
     mend_state.mend_state(campaign, run, mends)
     mend_state.mend_walker_frames(run, mends)
@@ -83,75 +92,10 @@ def mend_run(campaign: Any, run: RunDirectory) -> list[str]:
     return mends
 
 
-# ---------------------------------------------------------------- helpers
-def move_aside(run: RunDirectory, path: str | Path) -> Path:
-    """Move a damaged file to ``RUN/damaged/`` under its relative path; never over
-    an earlier one."""
-    path = Path(path)
-    target = run.root / DAMAGED / path.relative_to(run.root)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while target.exists():
-        target = target.with_name(f"{path.name}.{n}")
-        n += 1
-    shutil.move(str(path), str(target))
-    return target
-
-
-def record_mend(run: RunDirectory, mends: list[str], path: Path | None, what: str) -> None:
-    """Move ``path`` aside (when given) and log the mend ``what``."""
-    if path is not None and path.exists():
-        where = move_aside(run, path).relative_to(run.root)
-        what = f"{what} (the damaged file is kept as {where})"
-    logger.warning("resume mends the run: %s", what)
-    mends.append(what)
-
-
-def _name(path: Path, run: RunDirectory, problem: str, fix: str) -> RunDirectoryError:
-    return RunDirectoryError(f"{path.relative_to(run.root)} in {run.root} {problem}: {fix}")
-
-
-def why(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    line = text[0] if text else ""
-    line = line if len(line) <= 80 else line[:77].rsplit(" ", 1)[0] + " ..."
-    return f"{type(error).__name__}: {line}" if line else type(error).__name__
-
-
-def structure_problem(path: Path) -> str | None:
-    """None when ``path`` is one readable structure with atoms; else why not."""
-    from ase.io import read
-
-    if not path.exists():
-        return "is missing"
-    try:
-        atoms = read(path)
-    except Exception as error:
-        return f"does not read ({why(error)})"
-    return None if len(atoms) else "holds no atoms"
-
-
-def dataset_problem(path: Path, *keys: str) -> str | None:
-    """None when ``path`` is a readable dataset holding ``keys`` per structure."""
-    from palflow.apps.data.dataset import read_arrays, structures_from_arrays
-
-    try:
-        arrays = read_arrays(path)
-        n = len(structures_from_arrays(arrays))
-        for key in keys:
-            if len(arrays[key]) != n:
-                return f"holds {len(arrays[key])} {key} for {n} structures"
-    except Exception as error:
-        return f"does not read ({why(error)})"
-    return None
-
-
 # ---------------------------------------------------------------- start structures
 def _mend_start_structures(campaign: Any, run: RunDirectory, mends: list[str]) -> None:
     """The start structure and each system's homes, rebuilt from the campaign's
     ``structure`` when missing or damaged."""
-    from ase.io import write
-    from palflow.pipeline.state.structures import load_start_structures
 
     start = Path(run.start_structure)
     start_bad = structure_problem(start)
@@ -171,7 +115,7 @@ def _mend_start_structures(campaign: Any, run: RunDirectory, mends: list[str]) -
             frames = load_start_structures(system.structure, system.vacuum)
         except ValueError as error:
             path, problem = next(iter(bad.items()), (start, start_bad))
-            raise _name(path, run, f"{problem}, and the campaign's structure cannot be read "
+            raise name_problem(path, run, f"{problem}, and the campaign's structure cannot be read "
                         f"again ({error})", f"put the structure back at {system.structure!r}, "
                         "or copy a good start structure to that file") from None  # fmt: skip
         for path, problem in bad.items():
@@ -248,15 +192,12 @@ def _rebuild_labels(
     )
     known = {int(pairs["candidate_id"]) for _, pairs in rows}
     if campaign.initial.file:
-        from ase.io import read
-        from palflow.pipeline.resume import warm_start
-
         try:
             frames = warm_start.read_warm_labels(
                 campaign.initial.file, campaign, read(run.start_structure)
             )
         except Exception as error:
-            raise _name(
+            raise name_problem(
                 run.labels_db,
                 run,
                 f"{why}, and the warm start's labels in it cannot be read "
@@ -277,7 +218,6 @@ def _rebuild_labels(
 def _mend_oracle_journal(run: RunDirectory, stored: set[int], mends: list[str]) -> None:
     """Each oracle batch's input and output must read; ``stored`` are the candidate
     ids whose labels ``labels.db`` holds in rows that read."""
-    from palflow.apps.data.dataset import read_arrays
 
     for _, in_path, out_path in run.oracle_batches():
         in_bad = dataset_problem(in_path, "candidate_id")
@@ -315,7 +255,7 @@ def _mend_oracle_journal(run: RunDirectory, stored: set[int], mends: list[str]) 
                 f"oracle/{in_path.name} {in_bad}: its labels are all in labels.db already",
             )
             continue
-        raise _name(
+        raise name_problem(
             in_path,
             run,
             f"{in_bad}, and {len(done - stored)} labels of its output are in no readable "
@@ -325,21 +265,8 @@ def _mend_oracle_journal(run: RunDirectory, stored: set[int], mends: list[str]) 
         )
 
 
-def highest_task_id(run: RunDirectory) -> int:
-    """The highest task id any oracle file names, including those moved aside: a
-    resume must never hand it out again."""
-    ids = [-1]
-    for folder in (run.root / "oracle", run.root / DAMAGED / "oracle"):
-        for path in folder.glob("batch*.npz*"):
-            digits = path.name[len("batch") :].split(".")[0]
-            if digits.isdigit():
-                ids.append(int(digits))
-    return max(ids)
-
-
 # ---------------------------------------------------------------- the queue
 def _mend_queue(run: RunDirectory, mends: list[str]) -> None:
-    from palflow.pipeline.resume.journal import read_candidates
 
     path = run.file(QUEUE_FILE)
     if not path.exists():

@@ -9,20 +9,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from palflow.pipeline.resume.mend import (
+from palflow.pipeline.resume.mend_base import (
     dataset_problem,
     highest_task_id,
     record_mend,
     structure_problem,
     why,
 )
+from palflow.pipeline.state.records import Member, Version, Walker
 from palflow.pipeline.state.rundir import METRICS_FILE, STATE_FILE, RunDirectory
 
 
 def _check_state(saved: Any) -> None:
     """Raise when ``saved`` is not a ``state.json`` that a resume can read."""
-    from palflow.pipeline.state.campaign_state import Member, Version, Walker
-
     if not isinstance(saved, dict):
         raise ValueError(f"it holds a {type(saved).__name__}, not an object")
     for key, kind in (("walkers", Walker), ("members", Member), ("versions", Version)):
@@ -63,8 +62,6 @@ def mend_state(campaign: Any, run: RunDirectory, mends: list[str]) -> None:
 
 def rebuilt_state(campaign: Any, run: RunDirectory) -> dict[str, Any]:
     """What ``state.json`` held, as far as the other files tell it."""
-    from palflow.pipeline.state.campaign_state import Version
-
     events = run.read_events()
     elapsed = max((e["returned"] for e in events), default=0.0) - min(
         (e["submitted"] for e in events), default=0.0
@@ -92,8 +89,6 @@ def rebuilt_state(campaign: Any, run: RunDirectory) -> dict[str, Any]:
 def rebuilt_walkers(campaign: Any, run: RunDirectory) -> list:
     """The walkers as a new campaign lays them out, each moved on to its newest
     readable MD frame."""
-    from palflow.pipeline.state.campaign_state import Walker
-
     walkers = []
     for system in campaign.all_systems():
         homes = sorted(run.root.glob(f"system/{system.name}.start[0-9][0-9][0-9].extxyz"))

@@ -17,12 +17,14 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
+from palflow.apps.errors import InputError
+from palflow.apps.models import registry
 
 SOURCE = "file"
 """The ``source`` of a warm-start label in ``labels.db``; it counts as an initial label."""
 
 
-class WarmStartError(ValueError):
+class WarmStartError(InputError):
     """A warm-start file that cannot be used; the message names the file and the fix."""
 
 
@@ -113,9 +115,8 @@ def ensemble_file(path: str) -> str:
 
 def check_warm_ensemble(path: str, campaign: Any, start: Atoms) -> None:
     """Refuse an ``initial.ensemble`` that does not load, or is of another model than
-    ``model.name``, or (MACE) lacks an element of the start structure."""
-    from palflow.apps.models.core import _model_name, load_checkpoint
-    from palflow.pipeline.config.models import missing_elements
+    ``model.name``, or cannot treat an element of the start structure (a MACE table)."""
+    from palflow.apps.models.core import load_checkpoint
 
     path = ensemble_file(path)
     try:
@@ -126,14 +127,14 @@ def check_warm_ensemble(path: str, campaign: Any, start: Atoms) -> None:
             f"initial.ensemble {path!r} is not a palflow ensemble checkpoint ({first_line}): "
             "give an earlier run's models/ensemble.vNNNNN.pt, or its run directory"
         ) from None
-    name = _model_name(model)
+    name = registry.name_of(model)
     if name != campaign.model.name:
         raise WarmStartError(
             f"initial.ensemble {path!r} holds a {name} ensemble, but model.name is "
             f"{campaign.model.name!r}: set model.name = {name!r}"
         )
     spec = getattr(model.spec, "to_dict", lambda: {})()
-    missing = missing_elements({"name": name, **spec}, [start]) if name == "mace" else []
+    missing = registry.backend(name).missing_elements(spec, [start])
     if missing:
         raise WarmStartError(
             f"initial.ensemble {path!r} knows no element(s) {', '.join(missing)} of the start "

@@ -1,1 +1,2 @@
-"""Campaign state: the bookkeeping of labels, walkers, members and versions, and the run directory."""
+"""Campaign state: the bookkeeping of labels, walkers, members and versions, and the run
+directory."""

@@ -1,14 +1,24 @@
 """What a campaign knows at any moment: labels, walkers, members, ensemble versions.
 
-The coordinator decides what to submit; this module holds the bookkeeping that
-those decisions read, and writes the files that other tasks consume (training
-snapshots, stacked ensemble checkpoints).
+The coordinator decides what to submit; :class:`CampaignState` holds the bookkeeping
+that those decisions read. It is one dataclass assembled from parts, each in its
+own module:
+
+* :mod:`palflow.pipeline.state.records`: the walker, member, version and snapshot
+  records it keeps;
+* :mod:`palflow.pipeline.state.labels`: harvesting an oracle batch into
+  ``labels.db`` and writing the training snapshot;
+* :mod:`palflow.pipeline.state.versions`: publishing ensemble versions and keeping
+  their held-out errors;
+* :mod:`palflow.pipeline.state.summary`: ``summary.json``.
+
+This module keeps the state itself: a new campaign's walkers and members, the
+queries, the initial candidates and the warm start.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections import Counter
@@ -18,94 +28,28 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.io import read, write
-from palflow.apps.contracts import MODULES, failure_counts
-from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
+from palflow.apps.data.dataset import write_dataset
+from palflow.pipeline.config.models import resolve_model_spec
 from palflow.pipeline.config.settings import Campaign
-from palflow.pipeline.policies.metrology import learning_curve_area
 from palflow.pipeline.policies.selection import Candidate
-from palflow.pipeline.state.metrics import busy_fractions, concurrency_fraction
+from palflow.pipeline.resume.warm_start import SOURCE as WARM_SOURCE
+from palflow.pipeline.resume.warm_start import read_warm_labels, warm_member_checkpoints
+from palflow.pipeline.state.labels import LabelStore
+from palflow.pipeline.state.records import Member, Snapshot, Version, Walker
 from palflow.pipeline.state.rundir import RunDirectory
-from palflow.pipeline.state.structures import (  # noqa: F401 (re-exported: their home was here)
+from palflow.pipeline.state.structures import (
     element_carrier,
-    load_start_structure,
     load_start_structures,
     read_labelled_file,
 )
+from palflow.pipeline.state.summary import CampaignSummary
+from palflow.pipeline.state.versions import VersionPublisher
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Walker:
-    """One MD walker; it moves on from its last sound frame, or resets to its home,
-    its system's start configuration."""
-
-    walker_id: int
-    start_path: str
-    busy: bool = False
-    segments: int = 0
-    resets: int = 0
-    system: str = ""
-    """The system it samples (empty in runs made before systems had names)."""
-    home: str = ""
-    """Where it resets to; empty: the campaign's start structure."""
-    temperature_K: float | None = None
-    """Its own temperature; None: its system's generator settings."""
-
-
-@dataclass
-class Member:
-    """One ensemble member and the checkpoint its training has reached."""
-
-    index: int
-    checkpoint: str | None = None
-    busy: bool = False
-    tasks: int = 0
-    epochs: int = 0
-    trained_on: int = 0
-    """Labels (initial and active) in the snapshot of its latest finished task."""
-    fresh: bool = False
-    """Advanced since the last published ensemble version."""
-
-    def advance(self, checkpoint: str, labels: int, epochs: int) -> None:
-        """Move to a newer checkpoint; the older one is in a stacked version already."""
-        previous, self.checkpoint = self.checkpoint, checkpoint
-        self.trained_on, self.epochs, self.fresh = labels, epochs, True
-        if previous and previous != checkpoint and os.path.exists(previous):
-            os.remove(previous)
-
-
-@dataclass(frozen=True)
-class Version:
-    """A published ensemble: K member checkpoints stacked into one file."""
-
-    number: int
-    path: str
-    n_labels: int
-    """Active-learning labels when it was published."""
-    wall_s: float
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A training snapshot: the labels one training task sees, as files."""
-
-    train_path: str
-    valid_path: str | None
-    n_labels: int
-
-
-INITIAL_SOURCES = ("initial", "file")
-"""Sources of labels that count as initial, not against the active-label budget: the
-rattled start structures, and a warm start's file (:mod:`palflow.pipeline.resume.warm_start`)."""
-
-
-def is_initial(source: str) -> bool:
-    return source in INITIAL_SOURCES
-
-
-@dataclass
-class CampaignState:
+class CampaignState(LabelStore, VersionPublisher, CampaignSummary):
     """Bookkeeping of one campaign."""
 
     campaign: Campaign
@@ -210,8 +154,6 @@ class CampaignState:
         """The spec every member is built with, fixed at its first use (see
         :func:`palflow.pipeline.config.models.resolve_model_spec`)."""
         if self.resolved_model is None:
-            from palflow.pipeline.config.models import resolve_model_spec
-
             spec = resolve_model_spec(campaign, self.labelled, self.elements())
             if spec.get("foundation"):
                 # Workers read the run's own copy: the run directory is where every
@@ -258,18 +200,15 @@ class CampaignState:
     def warm_start(self, campaign: Campaign) -> None:
         """Take ``initial.file``'s labels and ``initial.ensemble``'s members, once, at
         the start of a run (resume finds both in the run directory)."""
-        from palflow.pipeline.resume import warm_start
-
         if campaign.initial.file:
-            frames = warm_start.read_warm_labels(campaign.initial.file, campaign, self.elements())
+            frames = read_warm_labels(campaign.initial.file, campaign, self.elements())
             metadata = [
-                {"candidate_id": self.new_candidate_id(), "source": warm_start.SOURCE}
-                for _ in frames
+                {"candidate_id": self.new_candidate_id(), "source": WARM_SOURCE} for _ in frames
             ]
             self.add_labels(frames, metadata)
             logger.info("warm start: %d labels from %s", len(frames), campaign.initial.file)
         if campaign.initial.ensemble:
-            paths = warm_start.warm_member_checkpoints(campaign, self.run.root / "models")
+            paths = warm_member_checkpoints(campaign, self.run.root / "models")
             for member, path in zip(self.members, paths, strict=True):
                 member.checkpoint = path
             logger.info("warm start: members continue from %s", campaign.initial.ensemble)
@@ -281,161 +220,3 @@ class CampaignState:
 
     def record_failure(self, candidate_id: int, reason: str) -> None:
         self.failures[candidate_id] = reason
-
-    def harvest(self, out_path: str, oracle_task: int) -> tuple[int, list[tuple[int, str]]]:
-        """Store the good labels of a finished oracle batch, each candidate id once.
-
-        Returns
-        -------
-        tuple
-            New labels stored, and ``(candidate_id, reason)`` of those that failed:
-            whether they are tried again is the caller's decision.
-        """
-        asked = read_arrays(RunDirectory.batch_input_of(out_path))
-        answered = read_arrays(out_path)
-        structures = read_dataset(out_path)
-        known = set(self.label_ids)
-        good, metadata, failed = [], [], []
-        for index, atoms in enumerate(structures):
-            candidate_id = int(answered["candidate_id"][index])
-            status = str(answered["status"][index])
-            if status != "ok":
-                failed.append((candidate_id, status))
-                continue
-            if candidate_id in known:
-                continue
-            good.append(atoms)
-            metadata.append(
-                {
-                    "candidate_id": candidate_id,
-                    "source": str(asked["source"][index]),
-                    "oracle_task": oracle_task,
-                    "scored_version": int(asked["version"][index]),
-                    "system": str(asked["system"][index]) if "system" in asked else "",
-                    "predicted_force_disagreement": float(asked["force_disagreement"][index]),
-                }
-            )
-        self.add_labels(good, metadata)
-        return len(good), failed
-
-    def add_labels(self, structures: list[Atoms], metadata: list[dict]) -> None:
-        """Store new labels and write the training snapshot that includes them."""
-        if not structures:
-            return
-        self.run.store_labels(structures, metadata)
-        self.labelled.extend(structures)
-        self.label_ids.extend(m["candidate_id"] for m in metadata)
-        initial = sum(is_initial(m["source"]) for m in metadata)
-        self.active_by_system.update(
-            m.get("system", "") for m in metadata if not is_initial(m["source"])
-        )
-        self.n_labels_initial += initial
-        self.n_labels_active += len(structures) - initial
-        self.write_snapshot()
-
-    def write_snapshot(self) -> None:
-        settings = self.campaign.training
-        window = settings.rolling_window or len(self.labelled)
-        structures = self.labelled[-window:]
-        ids = np.asarray(self.label_ids[-window:])
-        # A fixed hash of the candidate id keeps each label on one side for good.
-        is_valid = (ids * 2654435761 % 1000) / 1000 < settings.validation_fraction
-        if is_valid.all():
-            is_valid[:] = False
-        total = len(self.labelled)
-        train_path, valid_path = self.run.train_snapshot(total)
-        write_dataset(train_path, [s for s, v in zip(structures, is_valid, strict=True) if not v])
-        if not is_valid.any():
-            valid_path = None
-        else:
-            write_dataset(valid_path, [s for s, v in zip(structures, is_valid, strict=True) if v])
-        self.train_snapshot = Snapshot(train_path, valid_path, total)
-
-    def maybe_publish_version(self, final: bool = False) -> Version | None:
-        """Stack the members into a new ensemble version once each has advanced.
-
-        With ``final``, publish whatever members advanced, so the last labels of a
-        stopped campaign reach the last version.
-        """
-        from palflow.apps.training import stack_member_checkpoints
-
-        fresh = [m.fresh for m in self.members]
-        if not any(fresh) or not all(m.checkpoint for m in self.members):
-            return None
-        if not (all(fresh) or final):
-            return None
-        number = len(self.versions) + 1
-        path = self.run.ensemble(number)
-        stack_member_checkpoints(
-            [m.checkpoint for m in self.members],
-            path,
-            extra={
-                "version": number,
-                "labels": self.n_labels_active,
-                "epochs": [m.epochs for m in self.members],
-            },
-        )
-        for member in self.members:
-            member.fresh = False
-        version = Version(number, path, self.n_labels_active, time.time() - self.t0)
-        self.versions.append(version)
-        return version
-
-    def record_test_error(
-        self, version: Version, errors: dict[str, Any], metrics: dict[str, Any] | None = None
-    ) -> None:
-        """Keep a version's held-out errors, and the metrology's ``metrics`` besides."""
-        self.test_errors.append(
-            {
-                **(metrics or {}),
-                "version": version.number,
-                "labels": version.n_labels,
-                "wall_s": version.wall_s,
-                "force_mae": errors["force_mae"],
-                "force_rmse": errors.get("force_rmse"),
-                "energy_mae_per_atom": errors.get("energy_mae_per_atom"),
-            }
-        )
-
-    # ---------------------------------------------------------------- the end
-    def summary(self, events: list[dict[str, Any]], slots: dict[str, int]) -> dict[str, Any]:
-        """What ``summary.json`` says about the campaign."""
-        t_end = time.time()
-        kinds = failure_counts(self.failures.values())
-        errors = sorted(self.test_errors, key=lambda e: e["version"])
-        return {
-            "campaign": self.campaign.name,
-            "stop_reason": self.stop_reason or "nothing left to run",
-            "labels": self.n_labels_active,
-            "initial_labels": self.n_labels_initial,
-            "oracle_failures": self.n_failures,
-            "oracle_failures_by_kind": kinds,
-            "oracle_retries_by_kind": dict(self.retried),
-            "started_at": self.t0,
-            "wall_s": t_end - self.t0,
-            "stopped_at_s": self.stop_time - self.t0 if self.stop_reason else None,
-            "versions": len(self.versions),
-            "test_force_mae": [[e["labels"], e["wall_s"], e["force_mae"]] for e in errors],
-            "test_errors": errors,
-            # Mean test force MAE over the label range: one number per learning curve.
-            "learning_curve_area": learning_curve_area(
-                [e["labels"] for e in errors], [e["force_mae"] for e in errors]
-            ),
-            "busy_fraction": busy_fractions(events, self.t0, t_end),
-            "all_modules_busy_fraction": concurrency_fraction(
-                events, self.t0, t_end, tuple(m for m in MODULES if m != "infer")
-            ),
-            "slots": slots,
-            "tasks": dict(Counter(e["module"] for e in events)),
-            "failed_tasks": dict(Counter(e["module"] for e in events if not e["ok"])),
-            "walker_resets": sum(w.resets for w in self.walkers),
-            "resumes": self.resumes,
-            # Per system: active labels, and the newest version's held-out errors.
-            "systems": {
-                system.name: {
-                    "labels": self.active_by_system[system.name],
-                    **(errors[-1].get("systems", {}).get(system.name, {}) if errors else {}),
-                }
-                for system in self.campaign.all_systems()
-            },
-        }

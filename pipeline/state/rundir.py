@@ -31,6 +31,8 @@ from typing import Any
 
 from ase import Atoms
 from palflow.apps.data.dataset import atomic_write_bytes
+from palflow.apps.errors import InputError
+from palflow.pipeline.state.run_files import export_extxyz, jsonable, open_labels, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ REPORT_FIGURES = "report"
 LOCK_FILE = ".lock"
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(InputError):
     """A run directory cannot be created, reopened or locked as asked."""
 
 
@@ -313,22 +315,7 @@ class RunDirectory:
     def read_jsonl(self, name: str) -> list[dict[str, Any]]:
         """The records of a JSON-lines file; torn or damaged lines are skipped, with
         one warning."""
-        path = self.root / name
-        if not path.exists():
-            return []
-        records, skipped = [], 0
-        for line in path.read_bytes().decode(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if isinstance(record, dict):
-                records.append(record)
-            elif line.strip():
-                skipped += 1
-        if skipped:
-            logger.warning("skipping %d torn or damaged line(s) in %s", skipped, path)
-        return records
+        return read_jsonl(self.root / name)
 
     def read_state(self) -> dict[str, Any]:
         """The coordinator's saved bookkeeping (empty before the first save)."""
@@ -339,7 +326,7 @@ class RunDirectory:
 
     def write_json(self, name: str, data: Any) -> None:
         """Write ``data`` as JSON atomically."""
-        text = json.dumps(data, indent=2, default=_jsonable).encode()
+        text = json.dumps(data, indent=2, default=jsonable).encode()
         atomic_write_bytes(self.root / name, lambda handle: handle.write(text))
 
     def append_event(self, event: dict[str, Any]) -> None:
@@ -351,13 +338,13 @@ class RunDirectory:
         """
         if self._events is None:
             self._events = open(self.root / EVENTS_FILE, "a")  # noqa: SIM115
-        self._events.write(json.dumps(event, default=_jsonable) + "\n")
+        self._events.write(json.dumps(event, default=jsonable) + "\n")
         self._events.flush()
 
     def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         """Append one record to the JSON-lines file ``name`` (e.g. ``metrics.jsonl``)."""
         with open(self.root / name, "a") as handle:
-            handle.write(json.dumps(record, default=_jsonable) + "\n")
+            handle.write(json.dumps(record, default=jsonable) + "\n")
 
     def close(self) -> None:
         """Close the events file; a later :meth:`append_event` reopens it."""
@@ -382,36 +369,10 @@ class RunDirectory:
 
     def export_extxyz(self) -> None:
         """Export ``labels.db`` to ``labels.extxyz`` for tools that do not read ASE db."""
-        from ase.io import write
-
-        if not self.labels_db.exists():
-            return
-        rows = [row.toatoms(add_additional_information=False) for row in self.labels().select()]
-        tmp = self.root / ".labels.extxyz.tmp"
-        write(tmp, rows, format="extxyz")
-        os.replace(tmp, self.root / LABELS_EXTXYZ)
+        if self.labels_db.exists():
+            export_extxyz(self.labels(), self.root / LABELS_EXTXYZ)
 
 
 def is_run_directory(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a run (its ``campaign.json``)."""
     return (Path(path) / CAMPAIGN_FILE).is_file()
-
-
-def open_labels(path: str | os.PathLike):
-    """An ASE database of labels, without ASE's lock file.
-
-    ASE guards writes with a ``.lock`` file that it creates and deletes; a process
-    killed between the two leaves it behind, and every later writer waits for it
-    forever. SQLite locks its own transactions, and the run directory's flock keeps
-    a second coordinator away, so the lock file only adds that failure.
-    """
-    from ase.db import connect
-
-    return connect(path, use_lock_file=False)
-
-
-def _jsonable(value: Any) -> Any:
-    """Turn NumPy scalars and arrays into JSON values."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -20,7 +20,7 @@ from palflow.apps.data.dataset import read_arrays, structures_from_arrays
 from palflow.pipeline.engine.core import TaskRecord
 from palflow.pipeline.policies.measures import EnsemblePrediction
 from palflow.pipeline.policies.selection import Candidate, select_frames
-from palflow.pipeline.state.campaign_state import Version, Walker
+from palflow.pipeline.state.records import Version, Walker
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from palflow.pipeline.policies.metrology import (
     spearman_rho,
 )
 from palflow.pipeline.resume.journal import candidate_arrays
-from palflow.pipeline.state.campaign_state import Version
+from palflow.pipeline.state.records import Version
 from palflow.pipeline.state.rundir import METRICS_FILE
 
 logger = logging.getLogger(__name__)

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from palflow.apps.contracts import FailureKind, LabelRequest, ReferenceRequest
-from palflow.apps.data.dataset import write_dataset
+from palflow.apps.contracts import CalculatorSpec, FailureKind, LabelRequest, ReferenceRequest
+from palflow.apps.data.dataset import read_dataset, write_dataset
 from palflow.pipeline.engine.core import TaskRecord
-from palflow.pipeline.policies.selection import Candidate
-from palflow.pipeline.resume.journal import candidate_arrays, retry_allowed
+from palflow.pipeline.policies.selection import Candidate, retry_allowed
+from palflow.pipeline.resume.journal import candidate_arrays
+from palflow.pipeline.state.structures import read_labelled_file
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class OracleAgent:
         Parsl resource specification of every oracle task (ranks, nodes), for sites
         whose oracle executor is an MPIExecutor; None elsewhere.
     mpi_command
-        The site's launch prefix template (see :func:`palflow.apps.oracle.mpi_prefix`).
+        The site's launch prefix template (see :func:`palflow.apps.oracles.calculators.mpi_prefix`).
     """
 
     kinds = ("label", "reference")
@@ -79,15 +80,8 @@ class OracleAgent:
             self.submit_labels()
 
     def calculator_spec(self) -> dict[str, Any]:
-        """The oracle calculator as the apps take it (:func:`palflow.apps.oracle.make_calculator`)."""
-        oracle = self.context.campaign.oracle
-        return {
-            "calculator": oracle.calculator,
-            "kwargs": dict(oracle.kwargs),
-            "mpi_ranks": oracle.mpi_ranks,
-            "mpi_nodes": oracle.mpi_nodes,
-            "mpi_command": self.mpi_command,
-        }
+        """The oracle calculator as the apps take it (a ``CalculatorSpec``'s dict)."""
+        return CalculatorSpec.of(self.context.campaign.oracle, self.mpi_command).as_dict()
 
     def submit_reference(self) -> None:
         """Label the held-out set by oracle-driven MD from each system's start, or read
@@ -117,8 +111,6 @@ class OracleAgent:
             if system.name in busy or os.path.exists(output):
                 continue
             if system.test_file:  # the system's own labelled held-out frames
-                from palflow.pipeline.state.campaign_state import read_labelled_file
-
                 write_dataset(output, read_labelled_file(system.test_file))
                 self.submit_reference()  # done, or joins the parts once all are there
                 return
@@ -142,8 +134,6 @@ class OracleAgent:
 
     def join_reference_parts(self) -> None:
         """Join the systems' held-out parts into the held-out set, tagged by system."""
-        from palflow.apps.data.dataset import read_dataset
-
         context = self.context
         frames, names = [], []
         for system in context.campaign.all_systems():

@@ -15,7 +15,7 @@ from typing import Any
 from palflow.apps.contracts import TrainRequest
 from palflow.pipeline.engine.core import TaskRecord
 from palflow.pipeline.engine.watchdog import MAX_FAILURES_IN_A_ROW
-from palflow.pipeline.state.campaign_state import Member, Snapshot
+from palflow.pipeline.state.records import Member, Snapshot
 
 logger = logging.getLogger(__name__)
 

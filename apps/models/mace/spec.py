@@ -1,9 +1,9 @@
-"""What every MACE member shares, and how it is fixed: the spec, E0s, foundations.
+"""What every MACE member shares: the spec, the neighbour count, foundation files.
 
 :class:`MACESpec` is the architecture of every member of a committee, with the
 element table, the isolated-atom energies (E0s) and the mean neighbour count, fixed
-once per campaign (:func:`palflow.pipeline.config.models.resolve_model_spec`) from the helpers
-here. Importing this module imports ``mace`` first, which sets
+once per campaign (:meth:`palflow.apps.models.mace.MACEBackend.resolve_spec`) with the
+helpers here. Importing this module imports ``mace`` first, which sets
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` for the process so that e3nn loads its
 constants; palflow's own checkpoints are still read with an explicit
 ``weights_only=True``, which that variable does not override. The build lock that
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
 import warnings
@@ -27,9 +28,10 @@ warnings.filterwarnings("ignore", message="The TorchScript type system doesn't s
 warnings.filterwarnings("ignore", message="Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY")
 
 import mace  # noqa: E402, F401  (first: it lets e3nn load its constants under torch >= 2.6)
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ase import Atoms  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -140,34 +142,6 @@ class MACESpec:
 
 
 # ------------------------------------------------------------------ the spec
-def fit_e0s(structures: Sequence[Atoms], atomic_numbers: Sequence[int]) -> list[float]:
-    """Isolated-atom energies by least squares on labelled structures (``"average"``).
-
-    Minimum-norm least squares of ``E_s ≈ sum_Z count_sZ * E0_Z``: a campaign of one
-    composition gets the energy per atom spread evenly over its elements.
-    """
-    energies, counts = [], []
-    for atoms in structures:
-        results = getattr(atoms.calc, "results", None) or {}
-        if "energy" in results:
-            energies.append(float(results["energy"]))
-            counts.append([int((atoms.numbers == z).sum()) for z in atomic_numbers])
-    if not energies:
-        raise ValueError("model.e0s = 'average' needs labelled structures")
-    coefficients, *_ = np.linalg.lstsq(np.asarray(counts, float), np.asarray(energies), rcond=None)
-    return [float(c) for c in coefficients]
-
-
-def oracle_e0s(atomic_numbers: Sequence[int], calculator: Any) -> list[float]:
-    """Isolated-atom energies by one oracle call per element (``"oracle"``)."""
-    energies = []
-    for z in atomic_numbers:
-        atom = Atoms(numbers=[z], positions=[[0.0, 0.0, 0.0]])
-        atom.calc = calculator
-        energies.append(float(atom.get_potential_energy()))
-    return energies
-
-
 def mean_neighbours(structures: Sequence[Atoms], r_max: float) -> float:
     """Mean number of neighbours within ``r_max`` over the atoms of ``structures``."""
     from palflow.apps.models.graph import build_batch

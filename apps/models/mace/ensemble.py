@@ -11,13 +11,13 @@ batch over members, so the members' passes stay a loop over one shared input
 A member is a plain MACE model: :meth:`MACEEnsemble.export` writes each as a
 standard MACE model file that ``mace.calculators.MACECalculator`` loads.
 
-The architecture is :class:`~palflow.apps.models.mace_spec.MACESpec`; the element table, the
-isolated-atom energies (E0s) and the mean neighbour count are fixed once per
-campaign (:func:`palflow.pipeline.config.models.resolve_model_spec`, with the helpers of
-:mod:`palflow.apps.models.mace_spec`), so that every member has the same architecture and members
-can be stacked. With ``foundation``, every member starts from that MACE model file
-(``torch.load`` of a file the user gave: a pickle, so only trusted files), its
-readout perturbed with the member's seed so that members disagree.
+The architecture is :class:`~palflow.apps.models.mace.spec.MACESpec`; the element table,
+the isolated-atom energies (E0s) and the mean neighbour count are fixed once per
+campaign (:meth:`palflow.apps.models.mace.MACEBackend.resolve_spec`), so that every
+member has the same architecture and members can be stacked. With ``foundation``,
+every member starts from that MACE model file (``torch.load`` of a file the user
+gave: a pickle, so only trusted files), its readout perturbed with the member's seed
+so that members disagree.
 
 Units: Å, eV, eV/Å.
 """
@@ -25,6 +25,7 @@ Units: Å, eV, eV/Å.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,24 +33,13 @@ import torch
 from ase import Atoms
 from palflow.apps.models.core import common_spec
 from palflow.apps.models.graph import AtomsBatch
-from palflow.apps.models.mace_spec import (  # it imports mace before anything imports e3nn
+from palflow.apps.models.mace.spec import (  # it imports mace before anything imports e3nn
     _BUILD_LOCK,
     DTYPES,
     MACESpec,
-    fit_e0s,
-    foundation_elements,
-    mean_neighbours,
-    oracle_e0s,
 )
 
-__all__ = [
-    "MACEEnsemble",
-    "MACESpec",
-    "fit_e0s",
-    "foundation_elements",
-    "mean_neighbours",
-    "oracle_e0s",
-]
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ the ensemble
@@ -74,9 +64,7 @@ def _build_member(spec: MACESpec, seed: int) -> torch.nn.Module:
     if spec.foundation:
         model = torch.load(spec.foundation, map_location="cpu", weights_only=False)
         _perturb_readout(model, seed)
-        with (
-            torch.no_grad()
-        ):  # the campaign's E0s (see palflow.pipeline.config.models.resolve_model_spec)
+        with torch.no_grad():  # the campaign's E0s (MACEBackend.resolve_spec)
             e0s = model.atomic_energies_fn.atomic_energies
             e0s.copy_(torch.as_tensor(spec.e0s, dtype=e0s.dtype).expand_as(e0s))
         return model.to(DTYPES[spec.dtype])

@@ -1,0 +1,56 @@
+"""palflow's compact SchNet as a model backend (``model.name = "schnet"``, the default).
+
+The settings and the backend class live here, light (no torch); the network is
+:mod:`palflow.apps.models.schnet.network`. The spec is the settings' architecture
+keys: SchNet embeds any element and fits its energy reference per member.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from ase import Atoms
+from palflow.apps.models.backend import BackendSettings, ModelBackend
+from pydantic import Field
+
+logger = logging.getLogger(__name__)
+
+
+class SchNetSettings(BackendSettings):
+    """``[model]`` of palflow's compact SchNet."""
+
+    name: Literal["schnet"] = "schnet"
+    """``schnet`` (palflow's compact SchNet), ``mace`` (mace-torch), or a backend's
+    import path."""
+    cutoff: float = Field(5.0, gt=0)
+    """Neighbour cutoff, Å."""
+    n_features: int = Field(32, ge=4)
+    n_interactions: int = Field(2, ge=1)
+    n_rbf: int = Field(16, ge=2)
+
+
+class SchNetBackend(ModelBackend):
+    """K SchNet members with a shared leading ensemble dimension, trained in one pass
+    (:class:`palflow.apps.models.schnet.network.SchNetEnsemble`)."""
+
+    settings = SchNetSettings
+    requirements = ("torch", "vesin")
+
+    @classmethod
+    def resolve_spec(
+        cls,
+        settings: SchNetSettings,
+        labelled: Sequence[Atoms],
+        start: Atoms,
+        oracle: Callable[[], Any],
+    ) -> dict[str, Any]:
+        """The architecture keys of ``settings``: nothing depends on the labels."""
+        return settings.model_dump(exclude={"name", "n_members"})
+
+    @classmethod
+    def ensemble_class(cls) -> type:
+        from palflow.apps.models.schnet.network import SchNetEnsemble
+
+        return SchNetEnsemble

@@ -1,0 +1,76 @@
+"""What ``summary.json`` says about a finished campaign."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from palflow.apps.contracts import MODULES, failure_counts
+from palflow.pipeline.config.settings import Campaign
+from palflow.pipeline.policies.metrology import learning_curve_area
+from palflow.pipeline.state.metrics import busy_fractions, concurrency_fraction
+from palflow.pipeline.state.records import Version, Walker
+
+logger = logging.getLogger(__name__)
+
+
+class CampaignSummary:
+    """The summary part of :class:`~palflow.pipeline.state.campaign_state.CampaignState`."""
+
+    campaign: Campaign
+    walkers: list[Walker]
+    versions: list[Version]
+    t0: float
+    n_labels_active: int
+    n_labels_initial: int
+    failures: dict[int, str]
+    retried: Counter[str]
+    test_errors: list[dict[str, Any]]
+    stop_reason: str | None
+    stop_time: float
+    resumes: list[dict[str, Any]]
+    active_by_system: Counter[str]
+
+    def summary(self, events: list[dict[str, Any]], slots: dict[str, int]) -> dict[str, Any]:
+        """What ``summary.json`` says about the campaign."""
+        t_end = time.time()
+        kinds = failure_counts(self.failures.values())
+        errors = sorted(self.test_errors, key=lambda e: e["version"])
+        return {
+            "campaign": self.campaign.name,
+            "stop_reason": self.stop_reason or "nothing left to run",
+            "labels": self.n_labels_active,
+            "initial_labels": self.n_labels_initial,
+            "oracle_failures": len(self.failures),
+            "oracle_failures_by_kind": kinds,
+            "oracle_retries_by_kind": dict(self.retried),
+            "started_at": self.t0,
+            "wall_s": t_end - self.t0,
+            "stopped_at_s": self.stop_time - self.t0 if self.stop_reason else None,
+            "versions": len(self.versions),
+            "test_force_mae": [[e["labels"], e["wall_s"], e["force_mae"]] for e in errors],
+            "test_errors": errors,
+            # Mean test force MAE over the label range: one number per learning curve.
+            "learning_curve_area": learning_curve_area(
+                [e["labels"] for e in errors], [e["force_mae"] for e in errors]
+            ),
+            "busy_fraction": busy_fractions(events, self.t0, t_end),
+            "all_modules_busy_fraction": concurrency_fraction(
+                events, self.t0, t_end, tuple(m for m in MODULES if m != "infer")
+            ),
+            "slots": slots,
+            "tasks": dict(Counter(e["module"] for e in events)),
+            "failed_tasks": dict(Counter(e["module"] for e in events if not e["ok"])),
+            "walker_resets": sum(w.resets for w in self.walkers),
+            "resumes": self.resumes,
+            # Per system: active labels, and the newest version's held-out errors.
+            "systems": {
+                system.name: {
+                    "labels": self.active_by_system[system.name],
+                    **(errors[-1].get("systems", {}).get(system.name, {}) if errors else {}),
+                }
+                for system in self.campaign.all_systems()
+            },
+        }

@@ -1,0 +1,71 @@
+"""Ensemble versions: stacking the members into a new version, and its held-out errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from palflow.pipeline.state.records import Member, Version
+from palflow.pipeline.state.rundir import RunDirectory
+
+logger = logging.getLogger(__name__)
+
+
+class VersionPublisher:
+    """The versions part of :class:`~palflow.pipeline.state.campaign_state.CampaignState`."""
+
+    run: RunDirectory
+    members: list[Member]
+    versions: list[Version]
+    n_labels_active: int
+    t0: float
+    test_errors: list[dict[str, Any]]
+
+    def maybe_publish_version(self, final: bool = False) -> Version | None:
+        """Stack the members into a new ensemble version once each has advanced.
+
+        With ``final``, publish whatever members advanced, so the last labels of a
+        stopped campaign reach the last version.
+        """
+        fresh = [m.fresh for m in self.members]
+        if not any(fresh) or not all(m.checkpoint for m in self.members):
+            return None
+        if not (all(fresh) or final):
+            return None
+        # Stacking loads the checkpoints with torch, which the coordinator imports
+        # only once it publishes.
+        from palflow.apps.training import stack_member_checkpoints
+
+        number = len(self.versions) + 1
+        path = self.run.ensemble(number)
+        stack_member_checkpoints(
+            [m.checkpoint for m in self.members],
+            path,
+            extra={
+                "version": number,
+                "labels": self.n_labels_active,
+                "epochs": [m.epochs for m in self.members],
+            },
+        )
+        for member in self.members:
+            member.fresh = False
+        version = Version(number, path, self.n_labels_active, time.time() - self.t0)
+        self.versions.append(version)
+        return version
+
+    def record_test_error(
+        self, version: Version, errors: dict[str, Any], metrics: dict[str, Any] | None = None
+    ) -> None:
+        """Keep a version's held-out errors, and the metrology's ``metrics`` besides."""
+        self.test_errors.append(
+            {
+                **(metrics or {}),
+                "version": version.number,
+                "labels": version.n_labels,
+                "wall_s": version.wall_s,
+                "force_mae": errors["force_mae"],
+                "force_rmse": errors.get("force_rmse"),
+                "energy_mae_per_atom": errors.get("energy_mae_per_atom"),
+            }
+        )
