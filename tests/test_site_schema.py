@@ -11,14 +11,14 @@ import pytest
 from palflow.apps.contracts import MODULES
 from palflow.pipeline.config.sites import (
     SCHEMA_NAMES,
-    SITE_DIR,
     SiteError,
     load_site,
+    shipped_sites,
     site_attributes,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SITES = sorted(p.name for p in SITE_DIR.glob("*.py"))
+SITES = shipped_sites()
 CONFIG = (
     "from parsl.config import Config\n"
     "from parsl.executors.threads import ThreadPoolExecutor\n"

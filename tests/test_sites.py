@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 from palflow.apps.contracts import MODULES
-from palflow.pipeline.config.sites import SITE_DIR, SiteError, load_site
+from palflow.pipeline.config.sites import SiteError, load_site, shipped_sites
 
-SITES = sorted(p.name for p in SITE_DIR.glob("*.py"))
+SITES = shipped_sites()
 
 HEADER = "from parsl.config import Config\nfrom parsl.executors.threads import ThreadPoolExecutor\n"
 

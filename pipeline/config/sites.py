@@ -137,6 +137,11 @@ def warm_up(slots: dict[str, int]) -> None:
         future.result()
 
 
+def shipped_sites() -> list[str]:
+    """The file names of the site configs shipped in ``palflow.site_configs``."""
+    return sorted(p.name for p in SITE_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
 def resolve_site_path(name: str) -> Path:
     """A path as given, else a file of ``site_configs/`` (``laptop`` or ``laptop.py``)."""
     given = Path(name)
@@ -145,7 +150,7 @@ def resolve_site_path(name: str) -> Path:
     bundled = SITE_DIR / (name if name.endswith(".py") else f"{name}.py")
     if bundled.is_file():
         return bundled
-    known = ", ".join(sorted(p.name for p in SITE_DIR.glob("*.py")))
+    known = ", ".join(shipped_sites())
     raise SiteError(f"site {name!r} not found: give a file path or one of: {known}")
 
 
