@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.io import read, write
+
 from palflow.apps.common import draw_velocities, require_settings, where_and_when
 from palflow.apps.data.dataset import write_dataset
 from palflow.apps.md.dynamics import BatchedDynamics, Evaluation, evaluations
@@ -121,6 +122,7 @@ def _run_md(
         used; and where and when the task ran.
     """
     import torch
+
     from palflow.apps.models.core import default_device, load_checkpoint
 
     t_start = time.time()
@@ -270,6 +272,7 @@ def _rattle(
     Parameters and return value are those of :func:`_run_md`.
     """
     import torch
+
     from palflow.apps.data.dataset import read_dataset
     from palflow.apps.models.calculator import predict_structures
     from palflow.apps.models.core import default_device, load_checkpoint

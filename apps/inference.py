@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from palflow.apps.common import where_and_when
 from palflow.apps.data.dataset import read_arrays, read_dataset
 
@@ -35,6 +36,7 @@ def _score_candidates(
         and where and when the task ran.
     """
     import torch
+
     from palflow.apps.models.calculator import predict_structures
     from palflow.apps.models.core import default_device, load_checkpoint
 
@@ -83,6 +85,7 @@ def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None
         none has one); the ensemble ``version``; and where and when the task ran.
     """
     import torch
+
     from palflow.apps.models.calculator import predict_structures
     from palflow.apps.models.core import default_device, load_checkpoint
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
+
 from palflow.apps.common import draw_velocities, where_and_when
 from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
 from palflow.apps.oracles.calculators import (

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import vesin
 from ase import Atoms
+
 from palflow.apps.common import require_settings, where_and_when
 from palflow.apps.data.dataset import read_dataset
 from palflow.apps.models import registry

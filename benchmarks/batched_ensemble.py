@@ -64,6 +64,7 @@ def schnet_step_cost(args) -> None:
     import numpy as np
     import torch
     from ase.build import molecule
+
     from palflow.apps.models.calculator import _run
     from palflow.apps.models.core import build_batch
     from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
@@ -168,6 +169,7 @@ def generator_tasks(
     import tempfile
 
     from ase.io import write
+
     from palflow.apps.generator import _run_md
     from palflow.apps.models.core import save_checkpoint
 
@@ -264,6 +266,7 @@ def mace_committee_cost(args) -> None:
     import numpy as np
     import torch
     from ase.build import molecule
+
     from palflow.apps.models.calculator import _run
     from palflow.apps.models.core import build_batch
     from palflow.pipeline.config.settings import load_campaign
@@ -330,6 +333,7 @@ def mace_committees(dtype: str, base, rng, device: str):
     this benchmark times the passes.
     """
     from ase.calculators.emt import EMT
+
     from palflow.apps.models.core import new_ensemble
     from palflow.apps.models.mace.ensemble import MACEEnsemble
     from palflow.pipeline.config.models import resolve_model_spec

@@ -137,6 +137,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 def held_out_set(campaign, folder: Path, n_structures: int) -> str:
     """Label the held-out MD frames once, as an extxyz file every run reads."""
     from ase.io import write
+
     from palflow.apps.data.dataset import read_dataset
     from palflow.apps.oracle import _oracle_md
     from palflow.pipeline.state.structures import load_start_structure
@@ -325,6 +326,7 @@ class CampaignBenchmark:
             return
 
         import parsl
+
         from palflow.pipeline.config.sites import load_site, warm_up
 
         self.started = time.perf_counter()

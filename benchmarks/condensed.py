@@ -43,6 +43,7 @@ def npt_volumes(driver, settings: dict, steps: int, seed: int) -> np.ndarray:
     """Volume per atom (Å³) every 5 steps of NPT MD of bulk copper on ``driver`` (an
     ensemble or an ASE calculator), after ``steps // 5`` steps of equilibration."""
     from ase.build import bulk
+
     from palflow.apps.common import draw_velocities
     from palflow.apps.generator import BatchedDynamics
 
@@ -71,6 +72,7 @@ def main() -> None:
 
     import parsl
     from ase.calculators.emt import EMT
+
     from palflow.apps.models.core import load_checkpoint
     from palflow.pipeline.config.settings import load_campaign
     from palflow.pipeline.config.sites import load_site, warm_up

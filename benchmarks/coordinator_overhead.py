@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import common
+
 from palflow.pipeline.engine.coordinator import Apps, Coordinator
 from palflow.pipeline.engine.core import TaskRecord
 
@@ -63,6 +64,7 @@ class NoopCoordinator(Coordinator):
 
     def __init__(self, run, submit, n: int, in_flight: int) -> None:
         from ase.build import molecule
+
         from palflow.pipeline.config.settings import load_campaign
 
         apps = Apps(*([submit] * 6))
@@ -119,9 +121,10 @@ def config_for(kind: str, workers: int, run_dir: str):
 
 def measure(kind: str, n: int, in_flight: int, workers: int) -> dict:
     import parsl
+    from parsl import python_app
+
     from palflow.apps.common import _ping
     from palflow.pipeline.state.rundir import RunDirectory
-    from parsl import python_app
 
     work = tempfile.mkdtemp(prefix="palflow-overhead-")
     with parsl.load(config_for(kind, workers, f"{work}/parsl")):

@@ -44,8 +44,9 @@ import common
 import numpy as np
 from common import ROOT, first_at_or_below, jsonable, show  # noqa: F401 (jsonable: for tests)
 from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded
-from palflow.pipeline.policies.metrology import learning_curve_area
 from ratios import bootstrap_ratio, median_inf
+
+from palflow.pipeline.policies.metrology import learning_curve_area
 
 common.use_this_interpreter()
 

@@ -40,6 +40,7 @@ def _md_frames(campaign_path, folder: Path, n: int, **overrides) -> list:
     """``n`` frames of oracle MD from the campaign's start (``overrides`` change the
     structure or the temperature), labelled (see ``common.held_out_set``)."""
     from ase.io import read
+
     from palflow.pipeline.config.settings import load_campaign
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -132,6 +133,7 @@ def build_sets(campaign_path, work: Path, n: int, hot_K: float = 1600.0) -> dict
     ``.npz``), ``extxyz`` (for ``test.file``) and a description of its labels. Copper
     gets ``other_phase``; any other system gets ``torsion``."""
     from ase.io import write
+
     from palflow.apps.data.dataset import write_dataset
     from palflow.pipeline.config.settings import load_campaign
     from palflow.pipeline.state.structures import load_start_structure

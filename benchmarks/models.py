@@ -119,6 +119,7 @@ def make_foundation(args, work: Path) -> dict:
     """One MACE member trained on MD frames labelled by a cheaper oracle (GFN1-xTB),
     written as a MACE model file; returns where, and what it cost."""
     from ase.io import write
+
     from palflow.apps.data.dataset import read_dataset
     from palflow.apps.models.core import load_checkpoint
     from palflow.apps.oracle import _oracle_md

@@ -23,6 +23,7 @@ common.allow_mpi_as_root()
 
 def main() -> None:
     from ase.build import molecule
+
     from palflow.apps.data.dataset import write_dataset
     from palflow.apps.oracle import _label_batch
     from palflow.pipeline.config.settings import load_campaign

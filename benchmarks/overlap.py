@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import common
+
 from palflow.apps.contracts import MODULES
 from palflow.pipeline.engine.coordinator import Apps, Coordinator
 from palflow.pipeline.engine.serial import SerialLoop
@@ -148,6 +149,7 @@ def slots() -> dict[str, int]:
 
 def delayed_functions(times: dict[str, float]) -> dict[str, object]:
     from delayed import Delayed
+
     from palflow.apps.generator import _generate
     from palflow.apps.inference import _evaluate_test, _score_candidates
     from palflow.apps.oracle import _label_batch, _oracle_md
@@ -165,13 +167,14 @@ def delayed_functions(times: dict[str, float]) -> dict[str, object]:
 
 def run_one(site: str, loop: type, times: dict[str, float], iterations: int) -> dict:
     import parsl
-    from palflow.pipeline.config.sites import warm_up
-    from palflow.pipeline.state.rundir import RunDirectory
-    from palflow.pipeline.state.structures import load_start_structure
     from parsl import python_app
     from parsl.config import Config
     from parsl.executors import HighThroughputExecutor
     from parsl.providers import LocalProvider
+
+    from palflow.pipeline.config.sites import warm_up
+    from palflow.pipeline.state.rundir import RunDirectory
+    from palflow.pipeline.state.structures import load_start_structure
 
     settings = campaign(iterations)
     work = Path(tempfile.mkdtemp(prefix="palflow-overlap-"))

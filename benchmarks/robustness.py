@@ -220,6 +220,7 @@ def faults(rate: float, labels: int) -> dict:
     from ase.calculators.emt import EMT
     from ase.db import connect
     from ase.io import write
+
     from palflow.apps.contracts import MODULES, FailureKind, failure_counts
     from palflow.pipeline.config.settings import load_campaign
     from palflow.pipeline.engine.coordinator import Apps, Coordinator

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import common
+
 from palflow.pipeline.state.rundir import SUMMARY_FILE, RunDirectory
 
 CAMPAIGN = common.BENCHMARKS / "short_cu13.toml"

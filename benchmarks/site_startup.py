@@ -20,10 +20,11 @@ common.use_this_interpreter()
 
 def time_site(name: str) -> dict:
     import parsl
+    from parsl import python_app
+
     from palflow.apps.common import _ping
     from palflow.apps.contracts import MODULES
     from palflow.pipeline.config.sites import load_site
-    from parsl import python_app
 
     site = load_site(name)
     site.config.run_dir = tempfile.mkdtemp(prefix="palflow-startup-")

@@ -28,6 +28,7 @@ from typing import Any
 
 from palflow.apps.contracts import MODULES, failure_counts
 from palflow.apps.errors import InputError
+from palflow.pipeline.state import run_files
 from palflow.pipeline.state.rundir import (
     CAMPAIGN_FILE,
     LABELS_DB,
@@ -302,7 +303,7 @@ def _readme(run: RunDirectory, n_labels: int, version: int | None) -> str:
 # ------------------------------------------------------------------------ commands
 def _status(args: argparse.Namespace) -> int:
     # A torn last line is what a running coordinator leaves mid-write, not news.
-    logging.getLogger("palflow.pipeline.state.rundir").setLevel(logging.ERROR)
+    logging.getLogger(run_files.__name__).setLevel(logging.ERROR)
     facts = run_status_facts(args.run_dir)
     print(json.dumps(facts, indent=2) if args.json else format_status(facts))
     return 0

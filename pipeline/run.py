@@ -83,9 +83,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> 
 def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
     """Run the campaigns of the command line ``argv``; ``prog`` names the command in
     usage lines (``palflow run`` from :mod:`palflow.pipeline.cli`). Returns the exit status."""
+    from pydantic import ValidationError
+
     from palflow.apps.errors import InputError
     from palflow.pipeline.config.sites import load_site
-    from pydantic import ValidationError
 
     args = parse_args(argv, prog)
     set_up_logging(args.quiet, len(args.campaign or []) > 1)
@@ -306,6 +307,7 @@ def finish_watching(coordinator, run, view, refresher) -> None:
 def execute(campaign, run, site, start, interactive: bool = False) -> dict:
     """Load the site's executors, run the coordinator on them, and shut them down."""
     import parsl
+
     from palflow.pipeline.engine.coordinator import Apps, Coordinator
 
     site.config.run_dir = run.path("parsl")
@@ -334,6 +336,7 @@ def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dic
     import threading
 
     import parsl
+
     from palflow.pipeline.engine.coordinator import Apps, Coordinator
 
     site.config.run_dir = prepared[0][1].path("parsl")

@@ -8,11 +8,12 @@ on a cluster. The interchanges listen on loopback only and encrypt their traffic
 
 import os
 
-from palflow.apps.contracts import MODULES  # the executor labels
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor
 from parsl.monitoring.monitoring import MonitoringHub
 from parsl.providers import LocalProvider
+
+from palflow.apps.contracts import MODULES  # the executor labels
 
 # Worker processes per module. Two cores are shared by all of them: training and
 # MD take most, the oracle (xTB, milliseconds per call) and inference little.

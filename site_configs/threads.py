@@ -13,10 +13,11 @@ import os
 # share the process's cores anyway. Set before torch or xTB starts OpenMP.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from palflow.apps.contracts import MODULES  # noqa: E402 (the executor labels)
 from parsl.config import Config  # noqa: E402
 from parsl.executors.threads import ThreadPoolExecutor  # noqa: E402
 from parsl.monitoring.monitoring import MonitoringHub  # noqa: E402
+
+from palflow.apps.contracts import MODULES  # noqa: E402 (the executor labels)
 
 # Tasks the coordinator keeps in flight per module; each pool has as many threads.
 slots = {"oracle": 1, "generator": 2, "train": 2, "infer": 1}

@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 from ase.db import connect
+
 from palflow.apps.models import registry
 from palflow.apps.models.backend import ModelError
 from palflow.pipeline.config.settings import CampaignError, load_campaign
-
 from tests.test_coordinator import EXAMPLES, run_campaign
 
 PAIR_BACKEND = textwrap.dedent(
@@ -133,7 +133,7 @@ PAIR_BACKEND = textwrap.dedent(
         settings = PairSettings
 
         @classmethod
-        def resolve_spec(cls, settings, labelled, start, oracle):
+        def resolve_spec(cls, settings, given):
             return {"cutoff": settings.cutoff}
 
         @classmethod

@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 
 import pytest
+
 from palflow import apps
 from palflow.apps.contracts import MODULE_OF_KIND, MODULES, REQUESTS, FailureKind, failure_counts
 

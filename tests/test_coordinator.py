@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from ase.db import connect
+
 from palflow.apps.contracts import MODULES
 from palflow.pipeline.config.settings import load_campaign
 from palflow.pipeline.engine.coordinator import Apps, Coordinator
@@ -162,6 +163,7 @@ def test_a_module_can_stop_the_campaign(tmp_path):
 
 def test_rolling_window_trains_on_the_newest_labels(tmp_path):
     from ase.calculators.singlepoint import SinglePointCalculator
+
     from palflow.apps.data.dataset import read_dataset
     from palflow.pipeline.state.campaign_state import CampaignState
 

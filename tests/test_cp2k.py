@@ -1,6 +1,6 @@
-"""CP2K as the oracle (``palflow.apps.oracles.cp2k.CP2KOracle``): labels through palflow's oracle task
-match a direct ASE call, an SCF that does not converge is a recorded ``scf`` failure
-and never a label, and bad CP2K input is refused before anything runs.
+"""CP2K as the oracle (``palflow.apps.oracles.cp2k.CP2KOracle``): labels through
+palflow's oracle task match a direct ASE call, an SCF that does not converge is a
+recorded ``scf`` failure and never a label, and bad CP2K input is refused before anything runs.
 
 Marker ``dft``: needs Debian's ``cp2k`` (``.ci/setup.sh --system`` installs it); in
 CI these fail rather than skip."""
@@ -8,9 +8,9 @@ CI these fail rather than skip."""
 import numpy as np
 import pytest
 from ase.io import read
+
 from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
 from palflow.apps.oracle import _label_batch
-
 from tests.test_bad_input import write
 
 pytestmark = pytest.mark.dft
@@ -137,7 +137,6 @@ def test_the_examples_held_out_file_is_what_its_cp2k_settings_give(tmp_path):
     example's kwargs (1 rank here, 2 there) gives the same energy, forces and stress,
     so the file and the campaign have not drifted apart."""
     from palflow.pipeline.config.settings import load_campaign
-
     from tests.test_coordinator import EXAMPLES
 
     oracle = load_campaign(EXAMPLES / "water_cp2k.toml").oracle
@@ -163,8 +162,8 @@ def test_water_example_runs_end_to_end_on_two_mpi_ranks(tmp_path, monkeypatch):
     """examples/water_cp2k.toml, cut to a few labels: every oracle task on 2 MPI ranks
     of CP2K, labels with stress stored, the held-out set evaluated."""
     from ase.db import connect
-    from palflow.pipeline.config.settings import load_campaign
 
+    from palflow.pipeline.config.settings import load_campaign
     from tests.test_coordinator import EXAMPLES, run_campaign
 
     # What laptop.py sets for its workers: Open MPI as root, more ranks than cores.

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from ase.calculators.emt import EMT
 from ase.db import connect
-from palflow.pipeline.state.rundir import RunDirectory, RunDirectoryError
 
+from palflow.pipeline.state.rundir import RunDirectory, RunDirectoryError
 from tests.test_cli import ROOT, run_cli, small_campaign
 
 pytestmark = pytest.mark.timeout(300)
@@ -339,6 +339,7 @@ class WritingFailure(EMT):
 
 def label_failing(tmp_path, calculator: str, output: Path, **kwargs) -> Path:
     from ase.build import bulk
+
     from palflow.apps.data.dataset import write_dataset
     from palflow.apps.oracle import _label_batch
 

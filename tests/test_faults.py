@@ -5,11 +5,11 @@ import pytest
 from ase.calculators.emt import EMT
 from ase.db import connect
 from ase.io import write
+
 from palflow.apps.data.dataset import write_dataset
 from palflow.apps.oracle import _label_batch
 from palflow.apps.oracles.fault_injection import FaultyCalculator
 from palflow.pipeline.state.structures import load_start_structure
-
 from tests.test_coordinator import EXAMPLES, run_campaign, small_campaign
 
 ALL_KINDS = ["exception", "hang", "nan", "absurd", "crash", "scf"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from ase.build import molecule
 from ase.io import read, write
+
 from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
 from palflow.apps.generator import SETTINGS_READ, _run_md, blow_up_reason
 from palflow.apps.inference import _evaluate_test, _score_candidates

@@ -10,6 +10,7 @@ from ase import units
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from ase.io import read, write
+
 from palflow.apps.common import draw_velocities
 from palflow.apps.data.dataset import read_arrays, write_dataset
 from palflow.apps.generator import BatchedDynamics, _generate, resolve_generator
@@ -17,7 +18,6 @@ from palflow.apps.models.core import save_checkpoint
 from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
 from palflow.apps.oracles.calculators import label_structure
 from palflow.pipeline.config.sections import GeneratorSettings
-
 from tests.test_coordinator import run_campaign, small_campaign
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -186,6 +186,7 @@ def test_water_example_runs_at_constant_pressure_with_stress(tmp_path):
     with stress, a committee trained on them, NPT walkers."""
     pytest.importorskip("tblite", reason="tblite is not installed")
     from ase.db import connect
+
     from palflow.pipeline.config.settings import load_campaign
 
     campaign = load_campaign(

@@ -5,13 +5,13 @@ import pytest
 import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
+
 from palflow.apps.data.dataset import write_dataset
 from palflow.apps.models.calculator import predict_structures
 from palflow.apps.models.core import load_checkpoint
 from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
 from palflow.apps.training import _train_member
 from palflow.pipeline.config.settings import TrainingSettings
-
 from tests.conftest import need
 
 pytestmark = pytest.mark.gpu

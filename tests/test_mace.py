@@ -383,6 +383,7 @@ def test_campaign_fine_tunes_a_foundation_model(tmp_path):
     """examples/ethanol_mace_finetune.toml with EMT as the oracle, from a foundation
     model trained here on another oracle; the file sits next to the campaign file."""
     from ase.db import connect
+
     from palflow.apps.data.dataset import read_dataset
     from palflow.apps.models.calculator import predict_structures
     from palflow.pipeline.policies.metrology import spearman_rho

@@ -1,6 +1,7 @@
 """Busy fractions and overlap computed from task events."""
 
 import pytest
+
 from palflow.pipeline.state.metrics import busy_fractions, concurrency_fraction, merge_intervals
 
 

@@ -10,6 +10,7 @@ from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase.optimize import BFGS
+
 from palflow.apps.data.dataset import write_dataset
 from palflow.apps.models import registry
 from palflow.apps.models.calculator import (

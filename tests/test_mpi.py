@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 from ase.build import molecule
+
 from palflow.apps.data.dataset import read_dataset, write_dataset
 from palflow.apps.mpi_check import _mpi_ranks_check
 from palflow.apps.oracle import _label_batch
-
 from tests.conftest import need
 
 pytestmark = pytest.mark.mpi
@@ -52,9 +52,10 @@ def test_ranks_of_one_task_meet_inside_a_slurm_job(tmp_path, slurm_cluster):
     """local_slurm.py's MPIExecutor: the resource specification asks for 2 ranks,
     Parsl's MPI mode composes an srun step inside the oracle's pilot job."""
     import parsl
+    from parsl.config import Config
+
     from palflow import apps
     from palflow.pipeline.config.sites import load_site
-    from parsl.config import Config
 
     site = load_site("local_slurm.py")
     oracle = next(e for e in site.config.executors if e.label == "oracle")
@@ -72,7 +73,6 @@ def test_ranks_of_one_task_meet_inside_a_slurm_job(tmp_path, slurm_cluster):
 def nwchem_spec():
     """The oracle of examples/water_nwchem.toml, launched with plain mpiexec."""
     from palflow.pipeline.config.settings import load_campaign
-
     from tests.test_coordinator import EXAMPLES
 
     oracle = load_campaign(EXAMPLES / "water_nwchem.toml").oracle
@@ -119,7 +119,6 @@ def test_water_dft_example_campaign_runs_on_two_ranks(tmp_path):
     """examples/water_nwchem.toml, cut short, end to end with NWChem on 2 ranks."""
     need("mpi", shutil.which("nwchem") is not None, "nwchem is not installed")
     from palflow.pipeline.config.settings import load_campaign
-
     from tests.test_coordinator import EXAMPLES, run_campaign
 
     campaign = load_campaign(

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
+
 from palflow.apps.contracts import CalculatorSpec
 from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
 from palflow.apps.errors import OracleError, PalflowError

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from palflow.pipeline.cli import main, run_status_facts
 from palflow.pipeline.state.rundir import RunDirectory
-
 from tests.test_cli import ROOT, small_campaign
 
 PALFLOW = Path(sys.executable).parent / "palflow"
@@ -171,6 +171,7 @@ def test_report_builds_report_html(copied_run):
 @pytest.mark.timeout(300)
 def test_export_writes_what_trainers_and_the_calculator_read(finished_run, tmp_path, capsys):
     from ase.io import read
+
     from palflow.apps.models.calculator import EnsembleCalculator
 
     before = files_and_times(finished_run)

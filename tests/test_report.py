@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
+
 from palflow.pipeline.observe.live import LabelRate, LiveView, plain_line, render, snapshot
 from palflow.pipeline.observe.report import FIGURES, build_report
 from palflow.pipeline.observe.run_data import run_status
-
 from tests.test_cli import ROOT, run_cli, small_campaign
 from tests.test_coordinator import small_campaign as small_settings
 

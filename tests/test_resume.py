@@ -12,9 +12,9 @@ from collections import Counter
 import numpy as np
 import pytest
 from ase.db import connect
+
 from palflow.pipeline.resume.journal import labelled_ids_in_results
 from palflow.pipeline.state.rundir import RunDirectory
-
 from tests.test_cli import ROOT, run_cli, small_campaign
 
 

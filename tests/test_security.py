@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+
 from palflow.apps.data.dataset import read_arrays
 from palflow.apps.models.core import load_checkpoint
 from palflow.pipeline.state.rundir import RunDirectory

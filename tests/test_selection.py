@@ -1,6 +1,7 @@
 """Selection rules and the oracle queue: ordering, caps, diversity, re-ranking."""
 
 from ase.build import molecule
+
 from palflow.pipeline.policies.selection import Candidate, OracleQueue, select_frames
 
 

@@ -3,13 +3,13 @@
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from palflow.apps.contracts import MODULES
 from palflow.pipeline.engine.coordinator import Apps
 from palflow.pipeline.engine.serial import SerialLoop
 from palflow.pipeline.state.metrics import concurrency_fraction
 from palflow.pipeline.state.rundir import RunDirectory
 from palflow.pipeline.state.structures import load_start_structure
-
 from tests.test_coordinator import SLOTS, small_campaign
 
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from palflow.pipeline.config.settings import CampaignError, load_campaign
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from palflow.apps.contracts import MODULES
 from palflow.pipeline.config.sites import (
     SCHEMA_NAMES,

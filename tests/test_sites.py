@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from palflow.apps.contracts import MODULES
 from palflow.pipeline.config.sites import SiteError, load_site, shipped_sites
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase.build import molecule
+
 from palflow.pipeline.config.settings import load_campaign
 from palflow.pipeline.policies import measures
 from palflow.pipeline.policies.measures import (
@@ -39,7 +40,6 @@ from palflow.pipeline.policies.strategies import (
     TopQuery,
     make_query,
 )
-
 from tests.test_coordinator import EXAMPLES, run_campaign, small_campaign
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +148,7 @@ def test_registry_takes_a_decorated_measure_and_refuses_a_clash(two_structures):
 def test_every_built_in_measure_scores_a_real_ensemble_prediction():
     """The registry's measures run on what the model predicts, one score per structure."""
     import torch
+
     from palflow.apps.models.calculator import predict_structures
     from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
 

@@ -8,6 +8,7 @@ import torch
 from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
+
 from palflow.apps.data.dataset import read_dataset, write_dataset
 from palflow.apps.models.calculator import EnsembleCalculator, predict_structures
 from palflow.apps.models.core import build_batch, load_checkpoint, new_ensemble
@@ -102,6 +103,7 @@ def test_schnet_stress_is_the_strain_derivative_of_its_energy():
 def test_mace_stress_matches_maces_own_calculator(tmp_path):
     pytest.importorskip("mace", reason="mace-torch is not installed")
     from mace.calculators import MACECalculator
+
     from palflow.pipeline.config.models import resolve_model_spec
     from palflow.pipeline.config.settings import load_campaign
 
@@ -185,6 +187,7 @@ def test_training_on_stress_lowers_the_stress_error(tmp_path):
 def test_the_stress_spread_measure_reads_generator_and_scoring_files(tmp_path):
     from ase import units
     from ase.io import write
+
     from palflow.apps.data.dataset import read_arrays
     from palflow.apps.generator import _run_md
     from palflow.apps.models.calculator import stress_disagreement

@@ -7,8 +7,8 @@ import pytest
 from ase.build import bulk
 from ase.db import connect
 from ase.io import write
-from palflow.pipeline.config.settings import CampaignError, campaign_from_dict, load_campaign
 
+from palflow.pipeline.config.settings import CampaignError, campaign_from_dict, load_campaign
 from tests.test_coordinator import run_campaign, small_campaign
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -131,6 +131,7 @@ def test_the_live_view_and_the_report_show_each_system(tmp_path):
 def test_a_system_can_bring_its_own_held_out_frames(tmp_path):
     from ase.calculators.emt import EMT
     from ase.io import read
+
     from palflow.apps.oracles.calculators import label_structure
 
     frames = []

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.io import write
+
 from palflow.pipeline.engine.core import Engine, TaskRecord
 from palflow.pipeline.engine.watchdog import (
     MAX_FAILURES_IN_A_ROW,
@@ -28,7 +29,6 @@ from palflow.pipeline.engine.watchdog import (
     Watchdog,
     verdict,
 )
-
 from tests.test_cli import run_cli
 from tests.test_cli import small_campaign as cli_campaign
 from tests.test_coordinator import run_campaign, small_campaign
@@ -36,7 +36,8 @@ from tests.test_coordinator import run_campaign, small_campaign
 
 # ------------------------------------------------------------------------ helpers
 class FakeState:
-    """The little of :class:`~palflow.pipeline.state.campaign_state.CampaignState` the watchdog reads."""
+    """The little of :class:`~palflow.pipeline.state.campaign_state.CampaignState` that the
+    watchdog reads."""
 
     def __init__(self) -> None:
         self.stop_reason = None

@@ -19,11 +19,13 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ase import Atoms
-from palflow.apps.errors import InputError
 from pydantic import BaseModel, ConfigDict, Field
+
+from palflow.apps.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,23 @@ class BackendSettings(BaseModel):
     """Members of the committee (ensemble size K)."""
     # A subclass also gives ``cutoff``, the model's neighbour cutoff in Å (a field or a
     # property): the coordinator's structure descriptors use the same.
+
+
+@dataclass(frozen=True)
+class SpecInputs:
+    """What a backend may fix its members' spec from (:meth:`ModelBackend.resolve_spec`).
+
+    One object rather than one argument each, so that a backend needing more later
+    does not change every backend's signature.
+    """
+
+    labelled: Sequence[Atoms]
+    """The labels so far (energies eV, forces eV/Å), e.g. to fit E0s on."""
+    start: Atoms
+    """A structure holding every element of the campaign."""
+    oracle: Callable[[], Any]
+    """Called with no argument, returns the campaign's oracle as an ASE calculator (e.g.
+    for isolated-atom energies); call it only when needed."""
 
 
 class ModelBackend(ABC):
@@ -105,26 +124,15 @@ class ModelBackend(ABC):
 
     @classmethod
     @abstractmethod
-    def resolve_spec(
-        cls,
-        settings: BackendSettings,
-        labelled: Sequence[Atoms],
-        start: Atoms,
-        oracle: Callable[[], Any],
-    ) -> dict[str, Any]:
+    def resolve_spec(cls, settings: BackendSettings, given: SpecInputs) -> dict[str, Any]:
         """The spec of every member, fixed once per campaign before the first trains.
 
         Parameters
         ----------
         settings
             The campaign's ``[model]`` section.
-        labelled
-            The labels so far (energies eV, forces eV/Å), e.g. to fit E0s on.
-        start
-            A structure holding every element of the campaign.
-        oracle
-            Called with no argument, returns the campaign's oracle as an ASE calculator
-            (e.g. for isolated-atom energies); call it only when needed.
+        given
+            What the campaign knows by then: its labels, a start structure, its oracle.
 
         Returns
         -------

@@ -17,6 +17,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
+
 from palflow.apps.models.core import (
     AtomsBatch,
     PotentialEnsemble,

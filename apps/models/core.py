@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
 from palflow.apps.data.dataset import atomic_write_bytes
 from palflow.apps.models import registry
 from palflow.apps.models.backend import from_state_dict  # noqa: F401 (re-exported)

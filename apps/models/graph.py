@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import vesin
 from ase import Atoms
+
 from palflow.apps.data.dataset import full_stress
 
 

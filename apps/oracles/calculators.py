@@ -25,6 +25,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
+
 from palflow.apps.common import import_object
 from palflow.apps.contracts import FailureKind
 from palflow.apps.errors import OracleError

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 from ase.calculators.calculator import Calculator, SCFError, all_changes
+
 from palflow.apps.common import import_object
 from palflow.apps.contracts import FailureKind
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ase import Atoms
+
 from palflow.apps.contracts import FailureKind
 
 logger = logging.getLogger(__name__)

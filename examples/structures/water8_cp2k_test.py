@@ -53,8 +53,9 @@ def xtb_frames(n: int, stride: int, equilibrate: int, seed: int) -> list:
     from ase import units
     from ase.io import read
     from ase.md.langevin import Langevin
-    from palflow.apps.common import draw_velocities
     from tblite.ase import TBLite
+
+    from palflow.apps.common import draw_velocities
 
     atoms = read(HERE / "water8.xyz")
     atoms.calc = TBLite(method="GFN1-xTB", verbosity=0)
@@ -83,6 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ase.io import write
+
     from palflow.apps.data.dataset import read_dataset, write_dataset
     from palflow.apps.oracle import _label_batch
 

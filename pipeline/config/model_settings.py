@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from palflow.apps.models import registry
-from palflow.apps.models.backend import BackendSettings, ModelError
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, WrapValidator
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from palflow.apps.models import registry
+from palflow.apps.models.backend import BackendSettings, ModelError
 
 
 class _Section(BaseModel):

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ase import Atoms
+
 from palflow.apps.models import registry
-from palflow.apps.models.backend import ModelError  # noqa: F401 (raised from here)
+from palflow.apps.models.backend import ModelError, SpecInputs  # noqa: F401 (ModelError raised from here)
 from palflow.pipeline.config.settings import Campaign
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def resolve_model_spec(
         return make_calculator(CalculatorSpec.of(campaign.oracle).as_dict())
 
     name = campaign.model.name
-    spec = registry.backend(name).resolve_spec(campaign.model, labelled, start, oracle)
+    spec = registry.backend(name).resolve_spec(campaign.model, SpecInputs(labelled, start, oracle))
     return {"name": name, **spec}
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+
 from palflow.apps.errors import CalculatorError, PluginError, SettingsError, StructureError
 from palflow.pipeline.config.trials import trial_oracle, trial_plugins
 from palflow.pipeline.state.rundir import RunDirectoryError
@@ -307,7 +308,8 @@ def check_run_path(root: str | os.PathLike, site: str | None = None) -> None:
 
 def _site_starts_workers(site: str) -> bool:
     """Whether the site has an executor other than thread pools (HTEX and the like)."""
-    from palflow.pipeline.config.sites import load_site
     from parsl.executors.threads import ThreadPoolExecutor
+
+    from palflow.pipeline.config.sites import load_site
 
     return any(not isinstance(e, ThreadPoolExecutor) for e in load_site(site).config.executors)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from palflow.pipeline.config.model_settings import _Section
 from pydantic import Field, field_validator
+
+from palflow.pipeline.config.model_settings import _Section
 
 logger = logging.getLogger(__name__)
 

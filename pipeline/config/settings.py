@@ -21,6 +21,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, ValidationError, model_serializer, model_validator
+
 # The members' sections live in pipeline/model_settings.py; re-exported here.
 from palflow.apps.errors import SettingsError
 from palflow.pipeline.config.model_settings import (  # noqa: F401
@@ -40,7 +42,6 @@ from palflow.pipeline.config.sections import (
     SystemSettings,
     TestSetSettings,
 )
-from pydantic import Field, ValidationError, model_serializer, model_validator
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
 from palflow.apps.contracts import MODULES
 from palflow.apps.errors import InputError
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,9 @@ class Site:
 def warm_up(slots: dict[str, int]) -> None:
     """Give every worker of the loaded executors a first task (three per slot), so that
     its imports (torch) happen now rather than inside a timed run."""
-    from palflow.apps.common import _ping
     from parsl import python_app
+
+    from palflow.apps.common import _ping
 
     futures = [
         python_app(_ping, executors=[module])()

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
+
 from palflow.apps.errors import CalculatorError, PluginError
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from ase import Atoms
 from ase.io import write
+
 from palflow.apps import APPS, plain
 from palflow.apps.contracts import REQUESTS, failure_counts
 from palflow.apps.models import registry

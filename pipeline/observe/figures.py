@@ -20,6 +20,7 @@ import logging
 from collections import defaultdict
 
 import numpy as np
+
 from palflow.apps.contracts import MODULES
 from palflow.pipeline.observe.run_data import RunData
 from palflow.pipeline.state.metrics import busy_fractions, module_intervals

@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
 from palflow.apps.contracts import failure_counts
 from palflow.pipeline.state.rundir import (
     CAMPAIGN_FILE,
@@ -108,6 +109,7 @@ class RunData:
         for row in rows:
             by_version[int(row.scored_version)].append(row)
         import torch
+
         from palflow.apps.models.calculator import predict_structures
         from palflow.apps.models.core import load_checkpoint
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from palflow.apps.models.disagreement import atom_force_spread, ensemble_disagreement
 from scipy.spatial.distance import cdist
+
+from palflow.apps.models.disagreement import atom_force_spread, ensemble_disagreement
 
 __all__ = [
     "MEASURES",
@@ -256,6 +257,7 @@ def stress_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np
     structure without a cell, or when no structure has one): for campaigns on
     periodic cells that need the stress, e.g. for constant-pressure MD."""
     from ase import units
+
     from palflow.apps.models.disagreement import stress_disagreement
 
     if prediction.member_stress is None:

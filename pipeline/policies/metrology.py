@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from palflow.pipeline.policies.protocols import Evaluation, Metrology
 
 logger = logging.getLogger(__name__)

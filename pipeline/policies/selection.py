@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ase import Atoms
+
 from palflow.apps.contracts import FailureKind
 from palflow.pipeline.config.settings import Campaign
 

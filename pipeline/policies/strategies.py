@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
+from scipy.spatial.distance import cdist
+
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.policies.measures import (
     NEEDS_DESCRIPTORS,
@@ -31,7 +33,6 @@ from palflow.pipeline.policies.measures import (
 )
 from palflow.pipeline.policies.protocols import Evaluation, Query, QueryContext
 from palflow.pipeline.policies.selection import Candidate, OracleQueue
-from scipy.spatial.distance import cdist
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
 from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
 from palflow.pipeline.policies.selection import Candidate, OracleQueue
 from palflow.pipeline.state.campaign_state import CampaignState

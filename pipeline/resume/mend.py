@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ase.io import read, write
+
 from palflow.apps.data.dataset import read_arrays
 from palflow.pipeline.resume import mend_state, warm_start
 from palflow.pipeline.resume.journal import read_candidates

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from ase.io import read
+
 from palflow.apps.data.dataset import read_arrays, structures_from_arrays
 from palflow.pipeline.state.rundir import RunDirectory, RunDirectoryError
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ase.io import read
+
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.policies.selection import Candidate, OracleQueue, retry_allowed
 from palflow.pipeline.resume.journal import read_candidates

@@ -17,8 +17,10 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
+
 from palflow.apps.errors import InputError
 from palflow.apps.models import registry
+from palflow.pipeline.state.structures import read_frames
 
 SOURCE = "file"
 """The ``source`` of a warm-start label in ``labels.db``; it counts as an initial label."""
@@ -39,16 +41,9 @@ def read_warm_labels(path: str, campaign: Any, start: Atoms) -> list[Atoms]:
         asked about them), non-finite labels, or forces above ``oracle.max_force``
         (units that look wrong, e.g. Hartree/Bohr or kcal/mol/Å).
     """
-    from ase.io import read
-
     if not os.path.exists(path):
         raise WarmStartError(f"initial.file {path!r} does not exist")
-    try:
-        frames = read(path, index=":")
-    except Exception as error:
-        raise WarmStartError(f"initial.file {path!r} does not parse: {error}") from None
-    if not frames:
-        raise WarmStartError(f"initial.file {path!r} holds no structures")
+    frames = read_frames(path, "initial.file", WarmStartError)
     allowed = set(start.numbers)
     max_force = campaign.oracle.max_force
     labelled = []

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.io import read, write
+
 from palflow.apps.data.dataset import write_dataset
 from palflow.pipeline.config.models import resolve_model_spec
 from palflow.pipeline.config.settings import Campaign

@@ -15,6 +15,7 @@ from collections import Counter
 
 import numpy as np
 from ase import Atoms
+
 from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.state.records import Snapshot, is_initial

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ase import Atoms
+
 from palflow.apps.data.dataset import atomic_write_bytes
 from palflow.apps.errors import InputError
 from palflow.pipeline.state.run_files import export_extxyz, jsonable, open_labels, read_jsonl

@@ -1,8 +1,8 @@
-"""Reading structures a campaign is given: start structures (an ASE molecule name or
+r"""Reading structures a campaign is given: start structures (an ASE molecule name or
 a file, one frame or several) and labelled files (held-out sets).
 
-Errors are ``ValueError``s that name the file and what is wrong, for the up-front
-checks of :mod:`palflow.pipeline.run`.
+Errors are :class:`~palflow.apps.errors.StructureError`\ s (bad input) that name the
+file and what is wrong, for the pre-flight (:mod:`palflow.pipeline.config.preflight`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import numpy as np
 from ase import Atoms
 from ase.io import read
 
+from palflow.apps.errors import InputError, StructureError
+
 
 def load_start_structure(spec: str, vacuum: float = 0.0) -> Atoms:
     """The start structure: an ASE molecule name or a structure file.
 
     Raises
     ------
-    ValueError
+    StructureError
         When ``spec`` is neither a known molecule nor a readable file.
     """
     from ase.build import molecule
@@ -32,9 +34,11 @@ def load_start_structure(spec: str, vacuum: float = 0.0) -> Atoms:
         try:
             atoms = read(spec)
         except Exception as error:
-            raise ValueError(f"structure file {spec!r} does not parse: {error}") from None
+            raise StructureError(f"structure file {spec!r} does not parse: {error}") from None
     else:
-        raise ValueError(f"structure {spec!r} is neither an ASE molecule name nor an existing file")
+        raise StructureError(
+            f"structure {spec!r} is neither an ASE molecule name nor an existing file"
+        )
     if vacuum > 0 and not atoms.pbc.any():
         atoms.center(vacuum=vacuum)
     return atoms
@@ -45,16 +49,29 @@ def load_start_structures(spec: str, vacuum: float = 0.0) -> list[Atoms]:
     every frame it holds (see :func:`load_start_structure`)."""
     if not os.path.exists(spec):
         return [load_start_structure(spec, vacuum)]
-    try:
-        frames = read(spec, index=":")
-    except Exception as error:
-        raise ValueError(f"structure file {spec!r} does not parse: {error}") from None
-    if not frames:
-        raise ValueError(f"structure file {spec!r} holds no structure")
+    frames = read_frames(spec, "structure file")
     for atoms in frames:
         atoms.calc = None
         if vacuum > 0 and not atoms.pbc.any():
             atoms.center(vacuum=vacuum)
+    return frames
+
+
+def read_frames(path: str, what: str, error: type[InputError] = StructureError) -> list[Atoms]:
+    """Every frame of the structure file ``path``, which exists.
+
+    Raises
+    ------
+    InputError
+        ``error``, naming the file as ``what`` (``"initial.file"``), when it does not
+        parse or holds no structure.
+    """
+    try:
+        frames = read(path, index=":")
+    except Exception as problem:
+        raise error(f"{what} {path!r} does not parse: {problem}") from None
+    if not frames:
+        raise error(f"{what} {path!r} holds no structure")
     return frames
 
 

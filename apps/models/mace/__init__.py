@@ -22,8 +22,9 @@ from typing import Any, Literal
 import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, chemical_symbols
-from palflow.apps.models.backend import BackendSettings, ModelBackend, ModelError
 from pydantic import Field
+
+from palflow.apps.models.backend import BackendSettings, ModelBackend, ModelError, SpecInputs
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +87,12 @@ class MACEBackend(ModelBackend):
             _require(elements, [atomic_numbers[s] for s in settings.e0s], "model.e0s")
 
     @classmethod
-    def resolve_spec(
-        cls,
-        settings: MACESettings,
-        labelled: Sequence[Atoms],
-        start: Atoms,
-        oracle: Callable[[], Any],
-    ) -> dict[str, Any]:
+    def resolve_spec(cls, settings: MACESettings, given: SpecInputs) -> dict[str, Any]:
         """The element table, E0s (eV) and mean neighbour count of every member, or a
         foundation model's table, architecture and cutoff (see the module)."""
         from palflow.apps.models.mace.spec import foundation_elements, mean_neighbours
 
+        labelled, start, oracle = given.labelled, given.start, given.oracle
         spec = settings.model_dump(exclude={"name", "n_members", "e0s"})
         elements = sorted({int(z) for atoms in [start, *labelled] for z in atoms.numbers})
         if settings.foundation:

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from ase import Atoms
+
 from palflow.apps.models.core import common_spec
 from palflow.apps.models.graph import AtomsBatch
 from palflow.apps.models.mace.spec import (  # it imports mace before anything imports e3nn

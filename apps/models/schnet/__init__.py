@@ -8,12 +8,11 @@ keys: SchNet embeds any element and fits its energy reference per member.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from ase import Atoms
-from palflow.apps.models.backend import BackendSettings, ModelBackend
 from pydantic import Field
+
+from palflow.apps.models.backend import BackendSettings, ModelBackend, SpecInputs
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +38,7 @@ class SchNetBackend(ModelBackend):
     requirements = ("torch", "vesin")
 
     @classmethod
-    def resolve_spec(
-        cls,
-        settings: SchNetSettings,
-        labelled: Sequence[Atoms],
-        start: Atoms,
-        oracle: Callable[[], Any],
-    ) -> dict[str, Any]:
+    def resolve_spec(cls, settings: SchNetSettings, given: SpecInputs) -> dict[str, Any]:
         """The architecture keys of ``settings``: nothing depends on the labels."""
         return settings.model_dump(exclude={"name", "n_members"})
 

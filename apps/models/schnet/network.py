@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from ase import Atoms
+
 from palflow.apps.models.core import common_spec, from_state_dict
 from palflow.apps.models.graph import AtomsBatch, strain, stress_from_strain
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from palflow.apps.contracts import MDRequest
 from palflow.apps.data.dataset import read_arrays, structures_from_arrays
 from palflow.pipeline.engine.core import TaskRecord

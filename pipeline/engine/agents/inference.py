@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from palflow.apps.contracts import EvaluateRequest, ScoreRequest
 from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
 from palflow.pipeline.engine.core import TaskRecord

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from palflow.apps.contracts import CalculatorSpec, FailureKind, LabelRequest, ReferenceRequest
 from palflow.apps.data.dataset import read_dataset, write_dataset
 from palflow.pipeline.engine.core import TaskRecord
