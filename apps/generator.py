@@ -30,24 +30,9 @@ from ase.io import read, write
 from palflow.apps.common import draw_velocities, require_settings, where_and_when
 from palflow.apps.data.dataset import write_dataset
 from palflow.apps.md.dynamics import BatchedDynamics, Evaluation, evaluations
+from palflow.apps.sections import GeneratorSettings
 
 logger = logging.getLogger(__name__)
-
-SETTINGS_READ = (
-    "integrator",
-    "pressure_bar",
-    "barostat_time_fs",
-    "compressibility_per_bar",
-    "steps_per_task",
-    "timestep_fs",
-    "temperature_K",
-    "friction",
-    "sample_interval",
-    "max_force_disagreement",
-    "min_distance",
-    "max_neighbour_distance",
-)
-"""The keys of the campaign's generator section that an MD task reads."""
 
 
 def blow_up_reason(
@@ -106,8 +91,7 @@ def _run_md(
         Per walker, where its last sound frame, with momenta, goes, for its next task.
     settings
         The campaign's validated generator section
-        (``palflow.pipeline.config.settings.GeneratorSettings.model_dump()``); this task reads the
-        keys in :data:`SETTINGS_READ`.
+        (:class:`palflow.apps.sections.GeneratorSettings`, dumped), every key of it.
 
     Raises
     ------
@@ -126,7 +110,7 @@ def _run_md(
     from palflow.apps.models.core import default_device, load_checkpoint
 
     t_start = time.time()
-    require_settings(settings, SETTINGS_READ, "generator")
+    require_settings(settings, GeneratorSettings.model_fields, "generator")
     # One thread per task: a site runs tasks side by side in its slots.
     torch.set_num_threads(1)
     model, extra = load_checkpoint(ensemble_path, device=device or default_device())
@@ -278,7 +262,7 @@ def _rattle(
     from palflow.apps.models.core import default_device, load_checkpoint
 
     t_start = time.time()
-    require_settings(settings, SETTINGS_READ + RATTLE_SETTINGS_READ, "generator")
+    require_settings(settings, GeneratorSettings.model_fields, "generator")
     torch.set_num_threads(1)
     model, extra = load_checkpoint(ensemble_path, device=device or default_device())
     model.eval()
@@ -320,11 +304,6 @@ def _rattle(
         "version": version,
         **where_and_when(t_start),
     }
-
-
-RATTLE_SETTINGS_READ = ("rattle_stdev", "rattle_strain")
-"""The keys of the generator section that the rattle generator reads besides
-:data:`SETTINGS_READ`."""
 
 
 def rattled(base: Atoms, settings: dict[str, Any], rng: np.random.Generator) -> Atoms:

@@ -31,20 +31,9 @@ from palflow.apps.models.core import (
     save_checkpoint,
     structure_graph,
 )
+from palflow.apps.sections import TrainingSettings
 
 logger = logging.getLogger(__name__)
-
-SETTINGS_READ = (
-    "learning_rate",
-    "learning_rate_min",
-    "learning_rate_half_life_steps",
-    "batch_size",
-    "force_weight",
-    "stress_weight",
-    "bootstrap",
-    "min_task_s",
-)
-"""The keys of the campaign's training section that a training task reads."""
 
 
 def learning_rate(settings: dict, steps: int) -> float:
@@ -139,8 +128,7 @@ def _train_member(
         continuing (the checkpoint's own spec is used).
     settings
         The campaign's validated training section
-        (``palflow.pipeline.config.settings.TrainingSettings.model_dump()``); this task reads the
-        keys in :data:`SETTINGS_READ`, and ignores the others.
+        (:class:`palflow.apps.sections.TrainingSettings`, dumped), every key of it.
     seed
         Member seed: fixes the initial weights, the bootstrap resample and the shuffles.
     n_epochs
@@ -163,7 +151,7 @@ def _train_member(
         ``val_energy_mae`` (eV/atom), ``t_start``, ``t_end``, ``host``, ``device``.
     """
     t_start = time.time()
-    require_settings(settings, SETTINGS_READ, "training")
+    require_settings(settings, TrainingSettings.model_fields, "training")
     device = device or default_device()
     # One thread per task: a site runs tasks side by side in its slots.
     torch.set_num_threads(1)

@@ -11,18 +11,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, WrapValidator
+from pydantic import SerializeAsAny, ValidationError, WrapValidator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from palflow.apps.models import registry
 from palflow.apps.models.backend import BackendSettings, ModelError
-
-
-class _Section(BaseModel):
-    """A campaign section: unknown keys are errors, and no float may be infinite or
-    NaN (give a large number for "no limit"; a setting whose 0 means "none" says so)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+from palflow.apps.sections import Section as _Section  # noqa: F401 (the sections' base)
+from palflow.apps.sections import TrainingSettings  # noqa: F401 (re-exported)
 
 
 def _backend_settings(value: Any, handler: Any) -> BackendSettings:
@@ -63,28 +58,3 @@ error; ``campaign.model`` is that class's instance."""
 
 DEFAULT_MODEL: BackendSettings = registry.backend(registry.DEFAULT).settings()
 """``[model]`` when a campaign gives none."""
-
-
-class TrainingSettings(_Section):
-    epochs_per_task: int = Field(8, ge=1)
-    """Epochs one training task runs for one member before new data is taken in."""
-    min_task_s: float = Field(2.0, ge=0)
-    """A task also runs until this many seconds have passed (s), so that tasks on a
-    small dataset are not all overhead and ensemble versions come at a steady pace."""
-    learning_rate: float = Field(3e-3, gt=0, le=1)
-    """Initial Adam learning rate."""
-    learning_rate_min: float = Field(3e-4, gt=0, le=1)
-    """The rate decays towards this floor (at most ``learning_rate``)..."""
-    learning_rate_half_life_steps: int = Field(1500, ge=0)
-    """...halving its distance to it every this many optimiser steps (0: constant)."""
-    batch_size: int = Field(16, ge=1)
-    force_weight: float = Field(10.0, ge=0)
-    stress_weight: float = Field(1.0, ge=0)
-    """Weight of the stress term, on the virial per atom (eV/atom) so that it weighs
-    like the energy term; it applies to the labels with a stress (periodic cells whose
-    oracle gives one), and 0 ignores stress."""
-    bootstrap: bool = True
-    """Each member trains on its own bootstrap resample of the labels."""
-    rolling_window: int = Field(0, ge=0)
-    """Train on the newest N labels only (0 keeps all); for cheap oracles."""
-    validation_fraction: float = Field(0.1, ge=0, lt=1)

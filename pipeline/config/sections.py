@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from palflow.pipeline.config.model_settings import _Section
+from palflow.apps.sections import GeneratorSettings  # noqa: F401 (re-exported)
+from palflow.apps.sections import Section as _Section
 
 logger = logging.getLogger(__name__)
 
@@ -91,57 +92,6 @@ class OracleSettings(_Section):
     ``{mpi_prefix}`` in its kwargs, e.g. ``command = "{mpi_prefix} nwchem PREFIX.nwi"``."""
     mpi_nodes: int = Field(1, ge=1)
     """Nodes one oracle task spans (on a site whose oracle is an MPIExecutor)."""
-
-
-class GeneratorSettings(_Section):
-    kind: str = "md"
-    """What proposes candidates: ``"md"`` (molecular dynamics on the ensemble: NVT with
-    the Langevin integrator, NVE with Verlet, NPT with ``pressure_bar``), ``"rattle"``
-    (random displacements and cell strains around the start and the labelled
-    structures), or a user's generator, ``"module:function"`` or
-    ``"path/to/file.py:function"``, with the signature of
-    :class:`palflow.pipeline.policies.protocols.Generator`."""
-    n_walkers: int = Field(4, ge=1)
-    walkers_per_task: int = Field(0, ge=0)
-    """Walkers one generator task advances together, in one batched ensemble pass per
-    step; 0 spreads the walkers evenly over the site's generator slots."""
-    integrator: Literal["langevin", "verlet"] = "langevin"
-    steps_per_task: int = Field(100, ge=1)
-    timestep_fs: float = Field(0.5, gt=0)
-    temperature_K: float = Field(500.0, gt=0)
-    friction: float = Field(0.02, gt=0)
-    """Langevin friction, 1/fs."""
-    sample_interval: int = Field(5, ge=1)
-    """MD steps between recorded candidate frames."""
-    max_force_disagreement: float = Field(3.0, gt=0)
-    """Hard cap (eV/Å): above it the walker has blown up and is reset."""
-    min_distance: float = Field(0.6, gt=0)
-    """Atoms closer than this (Å) mean the walker has blown up."""
-    max_neighbour_distance: float = Field(4.0, gt=0)
-    """A non-periodic atom farther than this (Å) from every other atom has flown off."""
-    pressure_bar: float | None = None
-    """Constant pressure (bar) for MD: isotropic stochastic cell rescaling (NPT with the
-    Langevin integrator); needs a cell periodic in all directions. None: constant
-    volume."""
-    barostat_time_fs: float = Field(500.0, gt=0)
-    """The barostat's relaxation time, fs."""
-    compressibility_per_bar: float = Field(4.5e-5, gt=0)
-    """The isothermal compressibility the barostat assumes, 1/bar (water's by default;
-    it sets how fast the volume relaxes, not the volume it relaxes to)."""
-    rattle_stdev: float = Field(0.05, gt=0)
-    """``kind = "rattle"``: standard deviation of the atomic displacements, Å."""
-    rattle_strain: float = Field(0.02, ge=0)
-    """``kind = "rattle"``: largest cell strain component (periodic cells only)."""
-
-    @field_validator("kind")
-    @classmethod
-    def _known_generator(cls, kind: str) -> str:
-        if kind in ("md", "rattle") or ":" in kind:
-            return kind
-        raise ValueError(
-            f"unknown generator {kind!r}: built in are 'md' and 'rattle', or give "
-            "'module:function' or 'path/to/file.py:function'"
-        )
 
 
 class SelectionSettings(_Section):
