@@ -266,18 +266,9 @@ def evaluate_errors(
     device: str | torch.device | None = None,
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """Errors of the ensemble mean prediction against labelled ``structures``.
-
-    Parameters
-    ----------
-    model
-        Ensemble on ``device``.
-    structures
-        Labelled structures (energy in eV, forces in eV/Å).
-    device
-        Device for the batches; default the model's device.
-    batch_size
-        Structures per forward pass.
+    """Errors of the ensemble mean prediction against labelled ``structures`` (energy in
+    eV, forces in eV/Å); ``model``, ``device`` and ``batch_size`` as for
+    :func:`palflow.apps.models.calculator.predict_structures`.
 
     Returns
     -------

@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 import common
-from common import ROOT, rattled
+from common import ROOT, cell, rattled
 
 
 def main() -> None:
@@ -125,25 +125,36 @@ def schnet_step_cost(args) -> None:
     print(
         f"one MD step of {campaign.system.structure} on {args.device}, torch threads {args.threads}"
     )
-    print(f"{'variant':<22}{'ms (median)':>12}{'/ K=1':>8}")
     for name in variants:
         rows.append({"variant": name, "ms": median_ms[name], "over_K1": median_ms[name] / base_ms})
-        print(f"{name:<22}{median_ms[name]:>12.2f}{median_ms[name] / base_ms:>8.2f}")
-    print(f"{'walkers (K=4)':<22}{'ms per walker-step':>20}")
+    common.print_table(
+        [
+            ("variant", "<22", cell("variant")),
+            ("ms (median)", ">12", cell("ms", ".2f")),
+            ("/ K=1", ">8", cell("over_K1", ".2f")),
+        ],
+        rows,
+    )
+    walker_rows = []
     for name, (walkers, _) in walker_variants.items():
         per = median_ms[name] / walkers
-        rows.append(
+        walker_rows.append(
             {"variant": name, "walkers": walkers, "ms": median_ms[name], "ms_per_walker_step": per}
         )
-        print(f"{name:<22}{per:>20.3f}")
+    common.print_table(
+        [
+            ("walkers (K=4)", "<22", cell("variant")),
+            ("ms per walker-step", ">20", cell("ms_per_walker_step", ".3f")),
+        ],
+        walker_rows,
+    )
+    rows += walker_rows
     tasks = generator_tasks(
         ensembles[4].to("cpu"), base, campaign, max(args.repeat // 40, 3), args.device
     )
-    print(
-        f"{'generator tasks (K=4)':<26}{'s per walker-segment':>22}{'one per task / together':>26}"
-    )
+    task_rows = []
     for walkers, (together, alone) in tasks.items():
-        rows.append(
+        task_rows.append(
             {
                 "variant": f"tasks W={walkers}",
                 "task_walkers": walkers,
@@ -152,13 +163,27 @@ def schnet_step_cost(args) -> None:
                 "one_per_task_over_together": alone / together,
             }
         )
-        print(f"{f'W={walkers}':<26}{together:>10.3f} vs {alone:<9.3f}{alone / together:>26.2f}")
+    common.print_table(
+        [
+            ("generator tasks (K=4)", "<26", lambda row: f"W={row['task_walkers']}"),
+            ("s per walker-segment", ">22", together_vs_alone),
+            ("one per task / together", ">26", cell("one_per_task_over_together", ".2f")),
+        ],
+        task_rows,
+    )
+    rows += task_rows
     target = median_ms["K=4 batched"] / base_ms
     print(
         f"K=4 batched / K=1 = {target:.2f} (target <= 1.5); "
         f"one by one = {median_ms['K=4 one by one'] / base_ms:.2f}"
     )
     common.write_results("batched_ensemble", rows, plot)
+
+
+def together_vs_alone(row: dict) -> str:
+    """Seconds per walker-segment of W walkers in one task vs one walker a task."""
+    together, alone = row["s_per_walker_segment_together"], row["s_per_walker_segment_one_per_task"]
+    return f"{together:.3f} vs {alone:.3f}"
 
 
 def generator_tasks(
@@ -375,9 +400,14 @@ def print_mace(rows: list[dict], summary: list[dict], molecule: str, args) -> No
         f"MACE: one MD step of {molecule} (neighbour list, energies and forces of every "
         f"member) on {args.device}, torch threads {args.threads}, {args.repeat} rounds"
     )
-    print(f"{'variant':<34}{'ms (median)':>12}{'ms per walker-step':>20}")
-    for row in rows:
-        print(f"{row['variant']:<34}{row['ms']:>12.2f}{row['ms'] / row['walkers']:>20.2f}")
+    common.print_table(
+        [
+            ("variant", "<34", cell("variant")),
+            ("ms (median)", ">12", cell("ms", ".2f")),
+            ("ms per walker-step", ">20", lambda row: f"{row['ms'] / row['walkers']:.2f}"),
+        ],
+        rows,
+    )
     for entry in summary:
         print(
             f"{entry['dtype']} W={entry['walkers']}: K=4 batched / four separate = "

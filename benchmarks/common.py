@@ -1,6 +1,6 @@
-"""What the benchmarks share: where results go and how they are written, the held-out
-set and the run of one campaign on a loaded site, and the skeleton of a benchmark of
-campaigns (:class:`CampaignBenchmark`).
+"""What the benchmarks share: where results go and how they are written, how a table of
+results is printed (:func:`print_table`), the held-out set and the run of one campaign
+on a loaded site, and the skeleton of a benchmark of campaigns (:class:`CampaignBenchmark`).
 
 Every script in this folder imports it as a sibling (``import common``): run as
 ``python benchmarks/x.py``, a script's own folder heads ``sys.path``. Results go to
@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,48 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc.split("\n\n")[0])
 
 
+# ------------------------------------------------------------------ tables
+def show(value: Any, fmt: str = "") -> str:
+    """``value`` in ``fmt``, or ``-`` where it is None or NaN (a table's empty cell)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
+
+Column = tuple[str, str, Callable[[Any], str]]
+"""One column of :func:`print_table`: its header, the format spec that pads header and
+cells alike (``"<22"``: left in 22 characters, ``">8"``: right in 8), and the function
+that makes a row's cell."""
+
+
+def print_table(columns: Sequence[Column], rows: Iterable) -> None:
+    """Print a header line, then a line per row of ``rows``, every cell in its column."""
+    print("".join(format(header, spec) for header, spec, _ in columns))
+    for row in rows:
+        print("".join(format(make(row), spec) for _, spec, make in columns))
+
+
+def cell(key: str, fmt: str = "") -> Callable[[dict], str]:
+    """The cell of a row (a dict) that shows its ``key`` in ``fmt`` (:func:`show`: ``-``
+    where the key is missing, None or NaN)."""
+    return lambda row: show(row.get(key), fmt)
+
+
+def named(rows: dict[str, dict]) -> list[dict]:
+    """The rows of a table keyed by name, each with its ``name``."""
+    return [{**row, "name": name} for name, row in rows.items()]
+
+
+def reached(row: dict) -> str:
+    """The cell ``reached/runs`` of a row (the runs left-aligned in 2)."""
+    return f"{row['reached']}/{row['runs']:<2}"
+
+
+def span(pair: Sequence[float | None] | None, fmt: str = ".2f") -> str:
+    """``[low, high]`` in ``fmt``, or ``-`` where there is no pair."""
+    return f"[{show(pair[0], fmt)}, {show(pair[1], fmt)}]" if pair else "-"
+
+
 # ------------------------------------------------------------------ campaigns
 def held_out_set(campaign, folder: Path, n_structures: int) -> str:
     """Label the held-out MD frames once, as an extxyz file every run reads."""
@@ -209,11 +251,6 @@ def curve_of(summary: dict) -> list[dict]:
         {"labels": e["labels"], "wall_s": e["wall_s"], "force_mae": e["force_mae"]}
         for e in summary["test_errors"]
     ]
-
-
-def show(value: float | None, fmt: str) -> str:
-    """``value`` in ``fmt``, or ``-`` where it is None or NaN (a table's empty cell)."""
-    return "-" if value is None or math.isnan(value) else format(value, fmt)
 
 
 ETHANOL = "campaign TOML (default: ethanol with GFN2-xTB)"

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import common
+from common import cell
 
 from palflow.pipeline.engine.coordinator import Apps, Coordinator
 from palflow.pipeline.engine.core import TaskRecord
@@ -149,6 +150,16 @@ def measure(kind: str, n: int, in_flight: int, workers: int) -> dict:
     }
 
 
+COLUMNS = [
+    ("executor", "<10", cell("executor")),
+    ("direct /s", ">11", cell("direct_tasks_per_s", ".0f")),
+    ("coordinator /s", ">16", cell("coordinator_tasks_per_s", ".0f")),
+    ("ratio", ">7", cell("throughput_ratio", ".2f")),
+    ("p50 ms", ">8", cell("latency_p50_ms", ".2f")),
+    ("p99 ms", ">8", cell("latency_p99_ms", ".2f")),
+]
+
+
 def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--tasks", type=int, default=2000)
@@ -157,16 +168,7 @@ def main() -> None:
     parser.add_argument("--executors", nargs="+", default=["threads", "htex"])
     args = parser.parse_args()
     rows = [measure(kind, args.tasks, args.in_flight, args.workers) for kind in args.executors]
-    print(
-        f"{'executor':<10}{'direct /s':>11}{'coordinator /s':>16}{'ratio':>7}"
-        f"{'p50 ms':>8}{'p99 ms':>8}"
-    )
-    for r in rows:
-        print(
-            f"{r['executor']:<10}{r['direct_tasks_per_s']:>11.0f}"
-            f"{r['coordinator_tasks_per_s']:>16.0f}{r['throughput_ratio']:>7.2f}"
-            f"{r['latency_p50_ms']:>8.2f}{r['latency_p99_ms']:>8.2f}"
-        )
+    common.print_table(COLUMNS, rows)
     common.write_results("coordinator_overhead", rows)
 
 

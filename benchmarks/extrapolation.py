@@ -42,7 +42,16 @@ from pathlib import Path
 
 import common
 import numpy as np
-from common import ROOT, first_at_or_below, jsonable, show  # noqa: F401 (jsonable: for tests)
+from common import (
+    ROOT,
+    cell,
+    first_at_or_below,
+    jsonable,  # noqa: F401 (for tests)
+    named,
+    reached,
+    show,
+    span,
+)
 from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded
 from ratios import bootstrap_ratio, median_inf
 
@@ -155,38 +164,34 @@ def analyse(runs: list[dict], targets: dict[str, float] | None = None) -> dict:
 
 
 def print_tables(table: dict) -> None:
+    columns = [
+        ("strategy", "<22", cell("name")),
+        ("area", ">8", cell("median_learning_curve_area", ".4f")),
+        ("final", ">8", cell("median_final_force_mae", ".4f")),
+        ("labels", ">8", cell("median_labels_to_target", ".0f")),
+        ("reached", ">9", reached),
+        ("ratio vs random [95% CI]", ">28", cell("ratio")),
+    ]
     for name_set, target in table["targets"].items():
         print(f"\n{name_set}: target test force MAE {target:.4f} eV/Å")
-        print(
-            f"{'strategy':<22}{'area':>8}{'final':>8}{'labels':>8}{'reached':>9}"
-            f"{'ratio vs random [95% CI]':>28}"
-        )
-        for name, rows in table["rows"].items():
-            row = rows[name_set]
+        rows = []
+        for name, by_set in table["rows"].items():
             ratio = table["labels_ratio_vs_random"].get(name, {}).get(name_set)
-            interval = "-"
-            if ratio:
-                low, high = ratio["ci95"]
-                ci = f"[{show(low, '.2f')}, {show(high, '.2f')}]"
-                interval = f"{show(ratio['median_ratio'], '.2f')} {ci}"
-            print(
-                f"{name:<22}{show(row['median_learning_curve_area'], '.4f'):>8}"
-                f"{row['median_final_force_mae']:>8.4f}"
-                f"{show(row['median_labels_to_target'], '.0f'):>8}"
-                f"{row['reached']:>6}/{row['runs']:<2}{interval:>28}"
+            interval = (
+                f"{show(ratio['median_ratio'], '.2f')} {span(ratio['ci95'])}" if ratio else None
             )
+            rows.append({**by_set[name_set], "name": name, "ratio": interval})
+        common.print_table(columns, rows)
     print("\nMD frames scored, and the share at or below the threshold then in force")
-    print(
-        f"{'strategy':<22}{'frames':>8}{'below':>8}{'[min, max]':>16}{'picked':>8}{'threshold':>11}"
-    )
-    for name, row in table["selection"].items():
-        low, high = row["fraction_below_range"]
-        print(
-            f"{name:<22}{show(row['frames_scored'], '.0f'):>8}"
-            f"{show(row['fraction_below_threshold'], '.2f'):>8}"
-            f"{f'[{low:.2f}, {high:.2f}]':>16}"
-            f"{show(row['frames_picked'], '.0f'):>8}{show(row['threshold_median'], '.4f'):>11}"
-        )
+    columns = [
+        ("strategy", "<22", cell("name")),
+        ("frames", ">8", cell("frames_scored", ".0f")),
+        ("below", ">8", cell("fraction_below_threshold", ".2f")),
+        ("[min, max]", ">16", lambda row: span(row["fraction_below_range"])),
+        ("picked", ">8", cell("frames_picked", ".0f")),
+        ("threshold", ">11", cell("threshold_median", ".4f")),
+    ]
+    common.print_table(columns, named(table["selection"]))
 
 
 def plot(result: dict, path: Path) -> None:

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import common
-from common import ROOT, first_at_or_below, run_on_site
+from common import ROOT, cell, first_at_or_below, run_on_site
 
 common.use_this_interpreter()
 
@@ -298,23 +298,22 @@ def finetune_labels(runs: list[dict]) -> dict:
     }
 
 
+def shown(value: dict | int | None) -> str | int | None:
+    """A cell of the table: ``median [min, max]`` of a summary, the count of runs as it is."""
+    if not isinstance(value, dict):
+        return value
+    return f"{value['median']:.4g} [{value['min']:.3g}, {value['max']:.3g}]"
+
+
 def print_tables(result: dict) -> None:
     table = result["table"]
-    variants = list(table)
-    print(f"{'median [min, max] over seeds':<30}" + "".join(f"{v:>24}" for v in variants))
+    columns = [("median [min, max] over seeds", "<30", cell("name"))]
+    columns += [(variant, ">24", cell(variant)) for variant in table]
     rows = [k for k in next(iter(table.values())) if k != "runs"]
-    for name in ["runs", *rows]:
-        cells = []
-        for variant in variants:
-            value = table[variant][name]
-            if name == "runs":
-                cells.append(f"{value:>24}")
-            elif value is None:
-                cells.append(f"{'-':>24}")
-            else:
-                text = f"{value['median']:.4g} [{value['min']:.3g}, {value['max']:.3g}]"
-                cells.append(f"{text:>24}")
-        print(f"{name:<30}" + "".join(cells))
+    common.print_table(
+        columns,
+        [{"name": name} | {v: shown(table[v][name]) for v in table} for name in ["runs", *rows]],
+    )
     ratio = result["mace_over_schnet_final_force_mae"]
     if ratio is not None:
         print(f"MACE / SchNet final test force MAE = {ratio:.2f} (goal <= 0.5)")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import common
-from common import ROOT
+from common import ROOT, cell
 
 common.allow_mpi_as_root()
 
@@ -64,7 +64,6 @@ def main() -> None:
                 raise RuntimeError(f"NWChem failed: {result['failures']}")
             times[ranks].append(time.perf_counter() - t0)
     rows = []
-    print(f"{'ranks':>5}{'task s (median)':>18}{'s per structure':>17}")
     for ranks in args.ranks:
         median = statistics.median(times[ranks])
         rows.append(
@@ -75,7 +74,14 @@ def main() -> None:
                 "all_s": times[ranks],
             }
         )
-        print(f"{ranks:>5}{median:>18.2f}{median / args.batch:>17.2f}")
+    common.print_table(
+        [
+            ("ranks", ">5", cell("ranks")),
+            ("task s (median)", ">18", cell("task_s", ".2f")),
+            ("s per structure", ">17", cell("per_structure_s", ".2f")),
+        ],
+        rows,
+    )
     if len(rows) > 1:
         print(
             f"speed-up {args.ranks[-1]} vs {args.ranks[0]} ranks: "

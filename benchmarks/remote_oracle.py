@@ -35,7 +35,7 @@ import statistics
 from pathlib import Path
 
 import common
-from common import ROOT, curve_of, first_at_or_below, run_on_site, show
+from common import ROOT, cell, curve_of, first_at_or_below, named, run_on_site, show, span
 from ratios import bootstrap_ratio, median_inf
 
 # The site's workers import RemoteSlot from this folder; Parsl's HTEX starts its
@@ -173,21 +173,17 @@ def analyse(runs: list[dict], target: float | None = None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(
-        f"{'t_oracle/t_train':>17}{'target':>8}{'serial s':>10}{'streaming s':>13}"
-        f"{'streaming/serial':>18}{'95% interval':>16}{'PAL ideal':>11}{'unpaced/streaming':>19}"
-    )
-    for ratio, p in result["points"].items():
-        ci = p.get("streaming_over_serial_ci95")
-        print(
-            f"{ratio:>17}{p['target_force_mae']:>8.3f}"
-            f"{show(p['serial']['median_wall_to_target_s'], '.0f'):>10}"
-            f"{show(p['streaming']['median_wall_to_target_s'], '.0f'):>13}"
-            f"{show(p['streaming_over_serial'], '.2f'):>18}"
-            f"{f'[{ci[0]:.2f}, {ci[1]:.2f}]' if ci else '-':>16}"
-            f"{show(p.get('pal_ideal_ratio'), '.2f'):>11}"
-            f"{show(p.get('unpaced_over_streaming'), '.2f'):>19}"
-        )
+    columns = [
+        ("t_oracle/t_train", ">17", cell("name")),
+        ("target", ">8", cell("target_force_mae", ".3f")),
+        ("serial s", ">10", lambda p: show(p["serial"]["median_wall_to_target_s"], ".0f")),
+        ("streaming s", ">13", lambda p: show(p["streaming"]["median_wall_to_target_s"], ".0f")),
+        ("streaming/serial", ">18", cell("streaming_over_serial", ".2f")),
+        ("95% interval", ">16", lambda p: span(p.get("streaming_over_serial_ci95"))),
+        ("PAL ideal", ">11", cell("pal_ideal_ratio", ".2f")),
+        ("unpaced/streaming", ">19", cell("unpaced_over_streaming", ".2f")),
+    ]
+    common.print_table(columns, named(result["points"]))
 
 
 def plot(result: dict, path: Path) -> None:

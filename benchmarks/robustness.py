@@ -40,7 +40,7 @@ from pathlib import Path
 
 import common
 import numpy as np
-from common import ROOT
+from common import ROOT, cell
 
 CAMPAIGN = common.BENCHMARKS / "short_cu13.toml"
 RUN = [*common.palflow_run("threads.py"), "--quiet"]
@@ -307,19 +307,32 @@ def main() -> None:
         f"faults at rate {f['rate']}: labels {f['labels']}/{f['budget']}; "
         f"bad labels stored {f['bad_labels_stored']}"
     )
-    print(f"{'kind':<14}{'injected':>9}{'retried':>9}{'recorded':>10}")
-    for kind in sorted(f["faults_by_kind"]):
-        print(
-            f"{kind:<14}{f['faults_by_kind'][kind]:>9}{f['retried_by_kind'].get(kind, 0):>9}"
-            f"{f['recorded_by_kind'].get(kind, 0):>10}"
-        )
+    kinds = [
+        {
+            "kind": kind,
+            "injected": f["faults_by_kind"][kind],
+            "retried": f["retried_by_kind"].get(kind, 0),
+            "recorded": f["recorded_by_kind"].get(kind, 0),
+        }
+        for kind in sorted(f["faults_by_kind"])
+    ]
+    columns = [
+        ("kind", "<14", cell("kind")),
+        ("injected", ">9", cell("injected")),
+        ("retried", ">9", cell("retried")),
+        ("recorded", ">10", cell("recorded")),
+    ]
+    common.print_table(columns, kinds)
     common.write_results("robustness", result)
 
 
 def report_corrupt(result: dict) -> None:
-    print(f"{'file':<19}{'how':<10}outcome")
-    for d in result["damages"]:
-        print(f"{d['file']:<19}{d['how']:<10}{d['outcome']}")
+    columns = [
+        ("file", "<19", cell("file")),
+        ("how", "<10", cell("how")),
+        ("outcome", "", cell("outcome")),
+    ]
+    common.print_table(columns, result["damages"])
     print(
         f"kills with a damaged file {result['kills']}; labels stored {result['labels_stored']} "
         f"(budget {result['budget']} + initial); duplicates {result['duplicates']}; "

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import common
+from common import cell
 
 from palflow.pipeline.state.rundir import SUMMARY_FILE, RunDirectory
 
@@ -59,17 +60,21 @@ def main() -> None:
     args = parser.parse_args()
     runs = [run_once(site) for _ in range(args.repeat) for site in args.sites]
     rows = []
-    print(f"{'site':<16}{'process s':>11}{'campaign s':>12}{'final MAE eV/Å':>16}")
     for site in args.sites:
         mine = [r for r in runs if r["site"] == site]
         row = {"site": site, "runs": mine}
         for key in ("process_s", "campaign_s", "final_force_mae"):
             row[key] = statistics.median(r[key] for r in mine)
         rows.append(row)
-        print(
-            f"{site:<16}{row['process_s']:>11.1f}{row['campaign_s']:>12.1f}"
-            f"{row['final_force_mae']:>16.4f}"
-        )
+    common.print_table(
+        [
+            ("site", "<16", cell("site")),
+            ("process s", ">11", cell("process_s", ".1f")),
+            ("campaign s", ">12", cell("campaign_s", ".1f")),
+            ("final MAE eV/Å", ">16", cell("final_force_mae", ".4f")),
+        ],
+        rows,
+    )
     base = rows[0]["process_s"]
     for row in rows[1:]:
         print(f"{row['site']} / {rows[0]['site']} process time: {row['process_s'] / base:.2f}")

@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import common
+from common import cell
 
 common.use_this_interpreter()
 
@@ -60,13 +61,19 @@ def main() -> None:
     rows = []
     # Interleave the sites, so that a busy spell on the machine hits them alike.
     runs = [time_site(name) for _ in range(args.repeat) for name in args.sites]
-    print(f"{'site':<16}{'first result s (median)':>25}{'all modules s (median)':>24}")
     for name in args.sites:
         mine = [r for r in runs if r["site"] == name]
         first = statistics.median(r["first_result_s"] for r in mine)
         last = statistics.median(r["all_modules_s"] for r in mine)
         rows.append({"site": name, "first_result_s": first, "all_modules_s": last, "runs": mine})
-        print(f"{name:<16}{first:>25.1f}{last:>24.1f}")
+    common.print_table(
+        [
+            ("site", "<16", cell("site")),
+            ("first result s (median)", ">25", cell("first_result_s", ".1f")),
+            ("all modules s (median)", ">24", cell("all_modules_s", ".1f")),
+        ],
+        rows,
+    )
     common.write_results("site_startup", rows)
 
 

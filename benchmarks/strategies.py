@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 
 import common
-from common import first_at_or_below, run_on_site
+from common import cell, first_at_or_below, named, reached, run_on_site
 
 common.use_this_interpreter()
 
@@ -67,18 +67,15 @@ def run_strategy(name: str, seed: int, args, site, work: Path, test_file: str) -
 
 def print_table(table: dict) -> None:
     print(f"target test force MAE {table['target_force_mae']:.4f} eV/Å")
-    print(
-        f"{'strategy':<22}{'area (eV/Å)':>12}{'labels to target':>18}{'reached':>9}"
-        f"{'final MAE':>11}{'rho':>7}"
-    )
-    for name, row in table["rows"].items():
-        labels = row["median_labels_to_target"]
-        rho = row["median_uncertainty_spearman"]
-        print(
-            f"{name:<22}{row['median_learning_curve_area']:>12.4f}"
-            f"{labels if labels is not None else '-':>18}{row['reached']:>6}/{row['runs']:<2}"
-            f"{row['median_final_force_mae']:>11.4f}{rho if rho is None else round(rho, 2):>7}"
-        )
+    columns = [
+        ("strategy", "<22", cell("name")),
+        ("area (eV/Å)", ">12", cell("median_learning_curve_area", ".4f")),
+        ("labels to target", ">18", cell("median_labels_to_target", "g")),
+        ("reached", ">9", reached),
+        ("final MAE", ">11", cell("median_final_force_mae", ".4f")),
+        ("rho", ">7", cell("median_uncertainty_spearman", ".2f")),
+    ]
+    common.print_table(columns, named(table["rows"]))
 
 
 def analyse(runs: list[dict], target: float | None) -> dict:

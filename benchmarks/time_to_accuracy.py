@@ -30,7 +30,7 @@ import statistics
 from pathlib import Path
 
 import common
-from common import curve_of, first_at_or_below, run_on_site, show
+from common import cell, curve_of, first_at_or_below, named, reached, run_on_site, show
 
 common.use_this_interpreter()
 
@@ -103,19 +103,16 @@ def analyse(runs: list[dict], target: float | None) -> dict:
 
 def print_table(result: dict) -> None:
     print(f"target test force MAE {result['target_force_mae']:.4f} eV/Å")
-    print(
-        f"{'variant':<10}{'reached':>8}{'final MAE':>11}{'wall to target':>16}"
-        f"{'labels to target':>18}{'wall ratio':>12}{'labels ratio':>14}"
-    )
-    for variant, row in result["table"].items():
-        print(
-            f"{variant:<10}{row['reached']:>5}/{row['runs']:<2}"
-            f"{row['median_final_force_mae']:>11.4f}"
-            f"{show(row['median_wall_to_target_s'], '.0f'):>15}s"
-            f"{show(row['median_labels_to_target'], '.0f'):>18}"
-            f"{show(row['wall_to_target_s_over_streaming'], '.2f'):>12}"
-            f"{show(row['labels_to_target_over_streaming'], '.2f'):>14}"
-        )
+    columns = [
+        ("variant", "<10", cell("name")),
+        ("reached", ">8", reached),
+        ("final MAE", ">11", cell("median_final_force_mae", ".4f")),
+        ("wall to target", ">16", lambda row: show(row["median_wall_to_target_s"], ".0f") + "s"),
+        ("labels to target", ">18", cell("median_labels_to_target", ".0f")),
+        ("wall ratio", ">12", cell("wall_to_target_s_over_streaming", ".2f")),
+        ("labels ratio", ">14", cell("labels_to_target_over_streaming", ".2f")),
+    ]
+    common.print_table(columns, named(result["table"]))
 
 
 def plot(result: dict, path: Path) -> None:
