@@ -96,7 +96,8 @@ def _run_md(
     Raises
     ------
     ValueError
-        When ``settings`` lacks a key the task reads, naming every missing key.
+        Naming every key of :class:`~palflow.apps.sections.GeneratorSettings` that
+        ``settings`` lacks.
 
     Returns
     -------

@@ -141,7 +141,8 @@ def _train_member(
     Raises
     ------
     ValueError
-        When ``settings`` lacks a key the task reads, naming every missing key.
+        Naming every key of :class:`~palflow.apps.sections.TrainingSettings` that
+        ``settings`` lacks.
 
     Returns
     -------
