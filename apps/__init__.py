@@ -47,7 +47,7 @@ def plain(name: str) -> Callable[..., Any]:
 def __getattr__(name: str) -> Any:
     """Wrap an app as a Parsl ``python_app`` on its executor, once."""
     if name not in APPS:
-        raise AttributeError(f"module 'apps' has no attribute {name!r}")
+        raise AttributeError(f"module 'palflow.apps' has no attribute {name!r}")
     from parsl import python_app
 
     app = python_app(plain(name), executors=[APPS[name].executor])

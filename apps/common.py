@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from palflow.apps.errors import PluginError
+
 
 def import_object(path: str) -> Any:
     """Import ``module:attribute`` (or ``module.attribute``, or ``path/to/file.py:name``)
@@ -16,8 +18,9 @@ def import_object(path: str) -> Any:
 
     Raises
     ------
-    ImportError
-        Naming the path when the module, the file or the attribute does not exist.
+    PluginError
+        (an ``ImportError``) naming the path when the module, the file or the attribute
+        does not exist, or the file fails to import.
     """
     file_name, sep, attribute = path.rpartition(":")
     if sep and file_name.endswith(".py"):
@@ -26,15 +29,15 @@ def import_object(path: str) -> Any:
     if not sep:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
-        raise ImportError(f"{path!r} is not of the form 'package.module:Name'")
+        raise PluginError(f"{path!r} is not of the form 'package.module:Name'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ImportError(f"cannot import module {module_name!r} of {path!r}: {error}") from error
+        raise PluginError(f"cannot import module {module_name!r} of {path!r}: {error}") from error
     try:
         return getattr(module, attribute)
     except AttributeError:
-        raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") from None
+        raise PluginError(f"module {module_name!r} has no attribute {attribute!r}") from None
 
 
 def _import_from_file(file_name: str, attribute: str, path: str) -> Any:
@@ -45,7 +48,7 @@ def _import_from_file(file_name: str, attribute: str, path: str) -> Any:
 
     file = Path(file_name).resolve()
     if not file.is_file():
-        raise ImportError(f"{path!r}: no file {file_name!r}")
+        raise PluginError(f"{path!r}: no file {file_name!r}")
     module_name = f"palflow_user.{file.stem}"
     module = sys.modules.get(module_name)
     if module is None or getattr(module, "__file__", None) != str(file):
@@ -56,11 +59,11 @@ def _import_from_file(file_name: str, attribute: str, path: str) -> Any:
             spec.loader.exec_module(module)
         except Exception as error:
             del sys.modules[module_name]
-            raise ImportError(f"{path!r}: {file_name} fails to import: {error}") from error
+            raise PluginError(f"{path!r}: {file_name} fails to import: {error}") from error
     try:
         return getattr(module, attribute)
     except AttributeError:
-        raise ImportError(f"{file_name} has no attribute {attribute!r}") from None
+        raise PluginError(f"{file_name} has no attribute {attribute!r}") from None
 
 
 def require_settings(settings: Mapping[str, Any], keys: Iterable[str], section: str) -> None:

@@ -51,9 +51,10 @@ class CalculatorError(InputError):
     """The oracle's calculator does not import, or cannot give what palflow needs."""
 
 
-class PluginError(InputError):
-    """A plug-in named by import path (generator, measure, query, metrology) is missing
-    or broken."""
+class PluginError(InputError, ImportError):
+    """Something named by import path (a plug-in: generator, measure, query, metrology;
+    a calculator; a model backend) is missing or broken. Also an ``ImportError``, so
+    that code expecting one from an import keeps working."""
 
 
 class OracleError(PalflowError, RuntimeError):

@@ -27,8 +27,9 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
-from palflow.apps.common import draw_velocities, require_settings, where_and_when
-from palflow.apps.data.dataset import write_dataset
+from palflow.apps.common import draw_velocities, import_object, require_settings, where_and_when
+from palflow.apps.data.dataset import read_dataset, write_dataset
+from palflow.apps.errors import PluginError
 from palflow.apps.md.dynamics import BatchedDynamics, Evaluation, evaluations
 from palflow.apps.sections import GeneratorSettings
 
@@ -258,7 +259,6 @@ def _rattle(
     """
     import torch
 
-    from palflow.apps.data.dataset import read_dataset
     from palflow.apps.models.calculator import predict_structures
     from palflow.apps.models.core import default_device, load_checkpoint
 
@@ -332,21 +332,20 @@ def resolve_generator(kind: str):
 
     Raises
     ------
-    ImportError, TypeError
-        When it does not import or is not callable.
+    PluginError
+        When it is unknown, does not import or is not callable.
     """
     if kind in GENERATORS:
         return GENERATORS[kind]
     if ":" not in kind:
-        raise ImportError(
+        raise PluginError(
             f"unknown generator {kind!r}: built in are {', '.join(GENERATORS)}, or give "
             "'module:function' or 'path/to/file.py:function'"
         )
-    from palflow.apps.common import import_object
 
     function = import_object(kind)
     if not callable(function):
-        raise TypeError(f"generator {kind!r} is not callable")
+        raise PluginError(f"generator {kind!r} is not callable")
     return function
 
 

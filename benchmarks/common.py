@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from palflow.apps.contracts import CalculatorSpec
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +192,7 @@ def held_out_set(campaign, folder: Path, n_structures: int) -> str:
     _oracle_md(
         str(start),
         str(output),
-        {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)},
+        CalculatorSpec.of(campaign.oracle).as_dict(),
         str(folder / "scratch"),
         n_structures,
         campaign.test.md_stride,

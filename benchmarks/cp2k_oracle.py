@@ -14,6 +14,7 @@ numbers from a different parallel layout), and writes
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 import common
 import numpy as np
 from common import ROOT
+
+from palflow.apps.contracts import CalculatorSpec
 
 common.allow_mpi_as_root()
 
@@ -40,11 +43,7 @@ def label(structures: list, ranks: int, work: Path) -> tuple[list[float], np.nda
     from palflow.pipeline.config.settings import load_campaign
 
     campaign = load_campaign(ROOT / "examples" / "water_cp2k.toml")
-    spec = {
-        "calculator": campaign.oracle.calculator,
-        "kwargs": dict(campaign.oracle.kwargs),
-        "mpi_ranks": ranks,
-    }
+    spec = dataclasses.replace(CalculatorSpec.of(campaign.oracle), mpi_ranks=ranks).as_dict()
     if ranks == 1:
         spec["kwargs"]["launcher"] = ""  # no mpiexec for one rank
     work.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, held_out_set, run_on_site
 
+from palflow.apps.contracts import CalculatorSpec
+
 STRUCTURES = ROOT / "examples" / "structures"
 SETS = ("same", "hot", "strain", "other_phase", "torsion")
 """Every set a run may be scored on: ``other_phase`` for copper, ``torsion`` otherwise."""
@@ -52,7 +54,7 @@ def _labelled(campaign, frames: list, scratch: Path) -> list:
     """``frames`` labelled by the campaign's oracle in this process."""
     from palflow.apps.oracles.calculators import label_structure, make_calculator
 
-    spec = {"calculator": campaign.oracle.calculator, "kwargs": dict(campaign.oracle.kwargs)}
+    spec = CalculatorSpec.of(campaign.oracle).as_dict()
     scratch.mkdir(parents=True, exist_ok=True)
     calculator = make_calculator(spec, scratch)
     return [label_structure(a, calculator, campaign.oracle.max_force) for a in frames]

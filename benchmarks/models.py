@@ -48,6 +48,8 @@ from pathlib import Path
 import common
 from common import ROOT, cell, first_at_or_below, run_on_site
 
+from palflow.apps.contracts import CalculatorSpec
+
 common.use_this_interpreter()
 
 VARIANTS = ("schnet", "mace", "finetune")
@@ -140,7 +142,7 @@ def make_foundation(args, work: Path) -> dict:
     _oracle_md(
         str(folder / "start.extxyz"),
         str(frames_path),
-        {"calculator": campaign.oracle.calculator, "kwargs": oracle},
+        CalculatorSpec.of(campaign.oracle).as_dict(),
         str(folder / "scratch"),
         args.foundation_structures,
         campaign.test.md_stride,

@@ -10,6 +10,7 @@ time and the median seconds per structure. Writes
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import common
 from common import ROOT, cell
+
+from palflow.apps.contracts import CalculatorSpec
 
 common.allow_mpi_as_root()
 
@@ -42,11 +45,7 @@ def main() -> None:
         structures.append(atoms)
     write_dataset(work / "in.npz", structures)
     oracle = load_campaign(ROOT / "examples" / "water_nwchem.toml").oracle
-    spec = {
-        "calculator": oracle.calculator,
-        "kwargs": oracle.kwargs,
-        "mpi_command": "mpiexec -n {ranks}",
-    }
+    spec = CalculatorSpec.of(oracle, mpi_command="mpiexec -n {ranks}")
     times: dict[int, list[float]] = {ranks: [] for ranks in args.ranks}
     for repeat in range(args.repeat):
         for ranks in args.ranks:  # interleaved, so machine noise hits both alike
@@ -54,7 +53,7 @@ def main() -> None:
             result = _label_batch(
                 str(work / "in.npz"),
                 str(work / f"out{repeat}.npz"),
-                {**spec, "mpi_ranks": ranks},
+                dataclasses.replace(spec, mpi_ranks=ranks).as_dict(),
                 str(work / "failed"),
                 max_force=50.0,
                 timeout_s=0.0,

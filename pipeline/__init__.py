@@ -29,13 +29,14 @@ app takes) are in :mod:`palflow.apps.contracts`; the table of apps is
 
 One label, from the oracle to the training data, in four files:
 
-1. ``engine/agents/oracle.py`` submits a batch of candidates to the oracle and, when
-   it returns, harvests it;
-2. ``state/labels.py`` stores its good labels in ``labels.db``
+1. ``apps/oracle.py`` labels a batch of candidates in the oracle's task and writes
+   it to ``oracle/batchNNNNNN.out.npz``;
+2. ``engine/agents/oracle.py`` harvests the batch when its task returns;
+3. ``state/labels.py`` stores its good labels in ``labels.db``
    (:meth:`~palflow.pipeline.state.labels.LabelStore.harvest`) and writes the
-   training snapshot that holds them
+   training snapshot that holds them, ``data/train.NNNNNN.npz``
    (:meth:`~palflow.pipeline.state.labels.LabelStore.write_snapshot`);
-3. ``state/rundir.py`` names both files (``oracle/batchNNNNNN.out.npz``,
-   ``data/train.NNNNNN.npz``);
 4. ``apps/training.py`` reads the snapshot in the next training task.
+
+``state/rundir.py`` is where each of those file names is spelled.
 """

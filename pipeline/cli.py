@@ -28,6 +28,9 @@ from typing import Any
 
 from palflow.apps.contracts import MODULES, failure_counts
 from palflow.apps.errors import InputError
+from palflow.pipeline import run
+from palflow.pipeline.observe.report import build_report
+from palflow.pipeline.observe.run_data import run_status
 from palflow.pipeline.state import run_files
 from palflow.pipeline.state.rundir import (
     CAMPAIGN_FILE,
@@ -103,7 +106,6 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
 
 def run_state(run: RunDirectory, state: dict, events: list[dict]) -> str:
     """``running``, ``stopped``, ``stopped early`` or ``not started``."""
-    from palflow.pipeline.observe.run_data import run_status
 
     status = run_status(run.root)
     if status == "finished":
@@ -310,7 +312,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from palflow.pipeline.observe.report import build_report
 
     RunDirectory.open(args.run_dir)
     print(build_report(args.run_dir))
@@ -361,8 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     """The ``palflow`` command; returns its exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
-        from palflow.pipeline import run
-
         return run.main(argv[1:], prog="palflow run")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -41,6 +41,17 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 # this interpreter's scripts folder (the venv's bin) win even when not activated.
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
 
+# palflow's own modules, once the path above is right.
+from palflow.apps.errors import InputError  # noqa: E402
+from palflow.pipeline.config.preflight import check_calculator, check_campaign, check_run_path  # noqa: E402
+from palflow.pipeline.config.settings import campaign_from_dict, load_campaign  # noqa: E402
+from palflow.pipeline.config.sites import load_site  # noqa: E402
+from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
+from palflow.pipeline.observe.live import LiveView, ReportRefresher  # noqa: E402
+from palflow.pipeline.observe.report import build_report  # noqa: E402
+from palflow.pipeline.resume.mend import mend_run  # noqa: E402
+from palflow.pipeline.state.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError  # noqa: E402
+
 logger = logging.getLogger("palflow")
 
 LOG_FILE = "palflow.log"
@@ -84,9 +95,6 @@ def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
     """Run the campaigns of the command line ``argv``; ``prog`` names the command in
     usage lines (``palflow run`` from :mod:`palflow.pipeline.cli`). Returns the exit status."""
     from pydantic import ValidationError
-
-    from palflow.apps.errors import InputError
-    from palflow.pipeline.config.sites import load_site
 
     args = parse_args(argv, prog)
     set_up_logging(args.quiet, len(args.campaign or []) > 1)
@@ -208,8 +216,6 @@ def prepare_runs(args: argparse.Namespace, mpi_command: str = "parsl") -> list[t
     Nothing is created until every campaign has passed its checks; ``mpi_command`` is
     the site's launch prefix template, for the oracle's trial.
     """
-    from palflow.pipeline.config.preflight import check_run_path
-    from palflow.pipeline.state.rundir import RunDirectory, RunDirectoryError
 
     files = args.campaign or [None]
     if len(files) == 1:
@@ -245,10 +251,6 @@ def prepare_run(
         The campaign, the run directory, and the start structure (None on resume,
         where the run directory holds it).
     """
-    from palflow.pipeline.config.preflight import check_calculator, check_campaign, check_run_path
-    from palflow.pipeline.config.settings import campaign_from_dict, load_campaign
-    from palflow.pipeline.state.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
-
     overrides = {}
     if args.max_labels is not None:
         overrides["stop__max_labels"] = args.max_labels
@@ -266,7 +268,6 @@ def prepare_run(
         )
         campaign = campaign_from_dict(data, str(run.file(CAMPAIGN_FILE)))
         check_calculator(campaign.oracle.calculator)
-        from palflow.pipeline.resume.mend import mend_run
 
         run.lock()  # first: no other coordinator may be writing what is mended
         mend_run(campaign, run)  # rebuilds what the journal can; names what it cannot
@@ -285,7 +286,6 @@ def prepare_run(
 
 def watch(coordinator, run, interactive: bool):
     """Attach the live view and the report refresher to ``coordinator``."""
-    from palflow.pipeline.observe.live import LiveView, ReportRefresher
 
     view, refresher = LiveView(interactive), ReportRefresher(run.root)
     coordinator.observers += [view, refresher]
@@ -294,7 +294,6 @@ def watch(coordinator, run, interactive: bool):
 
 def finish_watching(coordinator, run, view, refresher) -> None:
     """Final view, and the final report (a failure to draw costs only the report)."""
-    from palflow.pipeline.observe.report import build_report
 
     view.close(coordinator)
     refresher.close()
@@ -307,8 +306,6 @@ def finish_watching(coordinator, run, view, refresher) -> None:
 def execute(campaign, run, site, start, interactive: bool = False) -> dict:
     """Load the site's executors, run the coordinator on them, and shut them down."""
     import parsl
-
-    from palflow.pipeline.engine.coordinator import Apps, Coordinator
 
     site.config.run_dir = run.path("parsl")
     options = site.coordinator_options(campaign)
@@ -336,8 +333,6 @@ def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dic
     import threading
 
     import parsl
-
-    from palflow.pipeline.engine.coordinator import Apps, Coordinator
 
     site.config.run_dir = prepared[0][1].path("parsl")
     summaries: list[dict | None] = [None] * len(prepared)

@@ -7,7 +7,7 @@ runs on one machine.
 
 import os
 
-# Oracle tasks fork a child per batch (apps/isolation.py). A child forked from a
+# Oracle tasks fork a child per batch (apps/oracles/isolation.py). A child forked from a
 # process whose OpenMP thread pool is running (torch's, xTB's) can hang in xTB's
 # first parallel region; one OpenMP thread per task keeps forks safe, and tasks here
 # share the process's cores anyway. Set before torch or xTB starts OpenMP.

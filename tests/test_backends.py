@@ -27,7 +27,7 @@ PAIR_BACKEND = textwrap.dedent(
     import numpy as np
     import torch
     from palflow.apps.models.backend import BackendSettings, ModelBackend
-    from palflow.apps.models.core import common_spec, from_state_dict
+    from palflow.apps.models.protocol import common_spec, from_state_dict
     from palflow.apps.models.graph import strain, stress_from_strain
     from pydantic import Field
 
@@ -190,8 +190,28 @@ def test_a_backend_outside_the_tree_runs_a_campaign(tmp_path, pair_backend):
     # The members were built by the backend (one fresh member per seed) and trained.
     built = sys.modules["palflow_user.pair_backend"].BUILT
     assert {k for k, _ in built} == {1} and len({seed for _, seed in built}) == 3
-    assert not torch.allclose(model.r0[0], model.r0[1])
+    # Training moved every member away from the weights it was built with.
+    backend = registry.backend(pair_backend)
+    for k in range(3):
+        fresh = backend.new_ensemble(state["model_spec"], 1, seed=campaign.seed * 1000 + k)
+        names = ("log_depth", "alpha", "r0")
+        assert any(not torch.allclose(getattr(model, n)[k], getattr(fresh, n)[0]) for n in names)
     assert [entry[2] for entry in summary["test_force_mae"]]  # inference ran on it
+
+
+def test_a_backend_whose_requirements_are_missing_is_refused(pair_backend, monkeypatch):
+    from ase.build import bulk
+
+    from palflow.pipeline.config.models import check_model
+
+    campaign = load_campaign(None, model__name=pair_backend)
+    backend = registry.backend(pair_backend)
+    copper = bulk("Cu", cubic=True)
+    monkeypatch.setattr(backend, "requirements", ("numpy", "palflow-no-such-distribution"))
+    with pytest.raises(ModelError, match="needs palflow-no-such-distribution, which this"):
+        check_model(campaign, copper)
+    monkeypatch.setattr(backend, "requirements", ("numpy", "torch"))
+    check_model(campaign, copper)
 
 
 def test_the_import_path_chooses_the_backends_settings(pair_backend):

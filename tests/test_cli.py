@@ -86,7 +86,7 @@ def test_campaign_runs_end_to_end(tmp_path, site):
 
 
 class BrokenQuery:
-    """A user's query with a bug that its trial call before the run (pipeline/preflight.py)
+    """A user's query with a bug that its trial call before the run (pipeline/config/trials.py)
     does not meet: the campaign that names it fails at its first real batch."""
 
     calls = 0

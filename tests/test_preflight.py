@@ -1,4 +1,4 @@
-"""The pre-flight (pipeline/preflight.py): inputs that used to run and achieve nothing,
+"""The pre-flight (pipeline/config/preflight.py): inputs that used to run and achieve nothing,
 or fail after the run directory existed, are refused up front with one clear message,
 exit status 2, and nothing created.
 

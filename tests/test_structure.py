@@ -1,7 +1,8 @@
 """The package's shape: no import cycles, no oversized modules, a light engine.
 
 The import graph is read from the source with :mod:`ast`, counting imports inside
-functions too, so a cycle hidden behind a function-level import is found. Run it as
+functions too, and modules loaded by name at run time (``"palflow.x:Name"`` strings,
+``import_module("palflow.x")``), so a cycle hidden behind either is found. Run it as
 ``python -m tests.test_structure`` to print each module's import floor (the longest
 chain of palflow imports below it) and its line count.
 """
@@ -61,12 +62,33 @@ def imports(path: Path, known: dict[str, Path]) -> tuple[set[str], set[str]]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             inner.update(n for n in _imported(node, name, is_package) if n in known)
+        elif (target := _imported_by_name(node)) and target in known:
+            inner.add(target)  # loaded at run time by name: an edge all the same
     top_level: set[str] = set()
     for node in _module_level(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             top_level.update(n.split(".")[0] for n in _imported(node, name, is_package) if n)
     inner.discard(name)
     return inner, top_level
+
+
+def _imported_by_name(node: ast.AST) -> str | None:
+    """The module a string names for a run-time import: ``"palflow.x.y:Name"`` (what
+    :func:`palflow.apps.common.import_object` and the registries take) or the argument
+    of ``import_module("palflow.x.y")``."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        module, colon, attribute = node.value.partition(":")
+        if colon and module.startswith("palflow.") and attribute.isidentifier():
+            return module
+    if (
+        isinstance(node, ast.Call)
+        and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and str(node.args[0].value).startswith("palflow.")
+    ):
+        return node.args[0].value
+    return None
 
 
 def _module_level(tree: ast.Module):
@@ -125,6 +147,54 @@ def floors(edges: dict[str, set[str]]) -> dict[str, int]:
     return {node: floor(node) for node in edges}
 
 
+HEAVY_PACKAGES = ("torch", "mace", "e3nn", "parsl", "matplotlib", "xtb", "tblite", "mpi4py")
+"""Packages slow to import or optional: a function may import a palflow module that
+loads one of them where it is used, and only such a module."""
+
+
+def light_modules() -> set[str]:
+    """The palflow modules whose import (module level, palflow modules included)
+    loads none of :data:`HEAVY_PACKAGES`."""
+    known = modules()
+    direct = {}
+    for name, path in known.items():
+        tree = ast.parse(path.read_text(), str(path))
+        is_package = path.name == "__init__.py"
+        own, packages = set(), set()
+        for node in _module_level(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in _imported(node, name, is_package):
+                    if target in known:
+                        own.add(target)
+                    elif target:
+                        packages.add(target.split(".")[0])
+        own.discard(name)
+        direct[name] = (own, packages)
+
+    @functools.cache
+    def heavy(name: str, seen: frozenset = frozenset()) -> bool:
+        own, packages = direct[name]
+        if packages & set(HEAVY_PACKAGES):
+            return True
+        return any(heavy(o, seen | {name}) for o in own if o not in seen)
+
+    return {name for name in known if not heavy(name)}
+
+
+def function_level_imports_of_light_modules() -> list[str]:
+    """``module: imported`` for each import inside a function of a light palflow
+    module, which could as well stand at the top."""
+    known, light, found = modules(), light_modules(), []
+    for name, path in known.items():
+        tree = ast.parse(path.read_text(), str(path))
+        top = {id(node) for node in _module_level(tree)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and id(node) not in top:
+                if node.module in light and node.module != name:
+                    found.append(f"{name}:{node.lineno}: {node.module}")
+    return found
+
+
 def line_counts() -> dict[str, int]:
     return {name: len(path.read_text().splitlines()) for name, path in modules().items()}
 
@@ -171,3 +241,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_functions_import_only_heavy_palflow_modules():
+    """An import inside a function is kept for a module that loads a heavy package
+    (torch, Parsl, ...); a light one is imported at the top, where a reader looks."""
+    assert function_level_imports_of_light_modules() == []

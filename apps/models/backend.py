@@ -101,17 +101,12 @@ class ModelBackend(ABC):
         The pydantic settings class of ``[model]`` (a :class:`BackendSettings`
         subclass; a built-in's ``name`` is a ``Literal`` of its registry name).
     requirements
-        Distributions the workers that build, train or run this model need (pip
-        requirement strings), for a site to check or to install.
-    worker_environment
-        None: the model runs in the coordinator's environment. A name: its tasks need
-        an environment of their own (a model whose dependencies conflict with
-        another's, e.g. SevenNet's e3nn beside MACE's pin), which the site provides.
+        Distribution names the model needs installed (``"mace-torch"``); the
+        pre-flight refuses a campaign whose environment lacks one, naming it.
     """
 
     settings: ClassVar[type[BackendSettings]]
     requirements: ClassVar[tuple[str, ...]] = ()
-    worker_environment: ClassVar[str | None] = None
 
     # ------------------------------------------------------------- in the coordinator
     @classmethod

@@ -14,14 +14,12 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
 from palflow.apps.data.dataset import atomic_write_bytes
 from palflow.apps.models import registry
-from palflow.apps.models.backend import from_state_dict  # noqa: F401 (re-exported)
 from palflow.apps.models.graph import (  # noqa: F401 (also re-exported: the batches that models take)
     AtomsBatch,
     StructureGraph,
@@ -31,47 +29,14 @@ from palflow.apps.models.graph import (  # noqa: F401 (also re-exported: the bat
     stress_from_strain,
     structure_graph,
 )
+from palflow.apps.models.protocol import (  # noqa: F401 (re-exported)
+    PotentialEnsemble,
+    common_spec,
+    default_device,
+    from_state_dict,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def default_device() -> str:
-    """Return ``"cuda"`` when a CUDA device is available, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@runtime_checkable
-class PotentialEnsemble(Protocol):
-    """What the rest of palflow expects of an ensemble potential.
-
-    ``forward`` returns ``{"energy": [K, S] eV, "forces": [K, N, 3] eV/Å}``, and with
-    ``compute_stress`` also ``"stress": [K, S, 3, 3]`` eV/Å³ (ASE's sign, NaN for a
-    structure without a cell).
-    """
-
-    spec: Any
-
-    @property
-    def n_members(self) -> int: ...
-
-    def forward(
-        self, batch: AtomsBatch, compute_forces: bool = True, compute_stress: bool = False
-    ) -> dict: ...
-
-    def member(self, index: int) -> PotentialEnsemble: ...
-
-    @classmethod
-    def stack(cls, members: Sequence[PotentialEnsemble]) -> PotentialEnsemble: ...
-
-
-def common_spec(members: Sequence[PotentialEnsemble]) -> Any:
-    """The spec that all ``members`` share, which stacking them requires."""
-    if not members:
-        raise ValueError("stack needs at least one member")
-    spec = members[0].spec
-    if any(m.spec != spec for m in members):
-        raise ValueError("cannot stack members with different specs")
-    return spec
 
 
 def new_ensemble(

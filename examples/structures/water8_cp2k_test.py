@@ -15,6 +15,7 @@ and stress. ``tests/test_cp2k.py`` checks a frame of the file against CP2K again
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -23,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from palflow.apps.contracts import CalculatorSpec
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(ROOT))
 OUTPUT = HERE / "water8_cp2k_test.extxyz"
 CAMPAIGN = ROOT / "examples" / "water_cp2k.toml"
 
@@ -42,7 +44,7 @@ def oracle_spec(ranks: int) -> dict:
     from palflow.pipeline.config.settings import load_campaign
 
     oracle = load_campaign(CAMPAIGN).oracle
-    spec = {"calculator": oracle.calculator, "kwargs": dict(oracle.kwargs), "mpi_ranks": ranks}
+    spec = dataclasses.replace(CalculatorSpec.of(oracle), mpi_ranks=ranks).as_dict()
     if ranks == 1:
         spec["kwargs"]["launcher"] = ""  # no mpiexec for one rank
     return spec

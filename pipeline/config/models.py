@@ -16,8 +16,10 @@ from typing import Any
 
 from ase import Atoms
 
+from palflow.apps.contracts import CalculatorSpec
 from palflow.apps.models import registry
 from palflow.apps.models.backend import ModelError, SpecInputs  # noqa: F401 (ModelError raised from here)
+from palflow.apps.oracles.calculators import make_calculator
 from palflow.pipeline.config.settings import Campaign
 
 logger = logging.getLogger(__name__)
@@ -31,11 +33,31 @@ def check_model(campaign: Campaign, start: Atoms) -> None:
     ModelError
         Naming the file or the element at fault.
     """
-    registry.backend(campaign.model.name).check(campaign.model, start)
+    backend = registry.backend(campaign.model.name)
+    missing = [name for name in backend.requirements if not _installed(name)]
+    if missing:
+        raise ModelError(
+            f"model.name = {campaign.model.name!r} needs {', '.join(missing)}, which this "
+            f"environment lacks: pip install {' '.join(missing)}"
+        )
+    backend.check(campaign.model, start)
+
+
+def _installed(distribution: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(distribution)
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 def resolve_model_spec(
-    campaign: Campaign, labelled: Sequence[Atoms], start: Atoms
+    campaign: Campaign,
+    labelled: Sequence[Atoms],
+    start: Atoms,
+    calculator: CalculatorSpec | None = None,
 ) -> dict[str, Any]:
     """The spec of every member (``{"name": ..., **architecture}``), fixed now.
 
@@ -45,13 +67,15 @@ def resolve_model_spec(
         The labels so far (e.g. MACE's ``e0s = "average"`` fits on them).
     start
         A structure holding every element of the campaign.
+    calculator
+        The campaign's oracle on the site that runs it (its MPI launcher included);
+        default: the campaign's oracle with no site.
     """
+    calculator = calculator or CalculatorSpec.of(campaign.oracle)
 
     def oracle() -> Any:
-        from palflow.apps.contracts import CalculatorSpec
-        from palflow.apps.oracles.calculators import make_calculator
 
-        return make_calculator(CalculatorSpec.of(campaign.oracle).as_dict())
+        return make_calculator(calculator.as_dict())
 
     name = campaign.model.name
     spec = registry.backend(name).resolve_spec(campaign.model, SpecInputs(labelled, start, oracle))

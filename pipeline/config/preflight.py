@@ -33,9 +33,22 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
-from palflow.apps.errors import CalculatorError, PluginError, SettingsError, StructureError
+from palflow.apps.common import import_object
+from palflow.apps.errors import CalculatorError, SettingsError, StructureError
+from palflow.apps.generator import resolve_generator
+from palflow.pipeline.config.models import check_model
+from palflow.pipeline.config.sites import load_site
 from palflow.pipeline.config.trials import trial_oracle, trial_plugins
+from palflow.pipeline.policies.measures import get_measure, measure_options
+from palflow.pipeline.policies.metrology import load_plugins
+from palflow.pipeline.policies.strategies import make_query
+from palflow.pipeline.resume.warm_start import check_warm_start
 from palflow.pipeline.state.rundir import RunDirectoryError
+from palflow.pipeline.state.structures import (
+    element_carrier,
+    load_start_structures,
+    read_labelled_file,
+)
 
 MIN_DISTANCE = 0.5
 """Atoms of a start structure closer than this (Å) overlap."""
@@ -60,9 +73,6 @@ def check_campaign(campaign, mpi_command: str = "parsl") -> dict[str, list[Atoms
     palflow.apps.errors.InputError
         The first problem found, naming its fix.
     """
-    from palflow.pipeline.config.models import check_model
-    from palflow.pipeline.resume.warm_start import check_warm_start
-    from palflow.pipeline.state.structures import element_carrier
 
     check_calculator(campaign.oracle.calculator)
     check_strategy(campaign)
@@ -81,7 +91,6 @@ def check_campaign(campaign, mpi_command: str = "parsl") -> dict[str, list[Atoms
 
 def check_calculator(path: str) -> None:
     """The oracle's calculator imports, and can give forces."""
-    from palflow.apps.common import import_object
 
     try:
         calculator = import_object(path)
@@ -98,25 +107,17 @@ def check_calculator(path: str) -> None:
 def check_strategy(campaign) -> None:
     """The generators, the selection measure, the query and each metrology plug-in
     exist."""
-    from palflow.apps.generator import resolve_generator
-    from palflow.pipeline.policies.measures import get_measure
-    from palflow.pipeline.policies.metrology import load_plugins
-    from palflow.pipeline.policies.strategies import make_query
 
     generators = [campaign.generator.kind, *(s.generator for s in campaign.all_systems())]
-    try:
-        for kind in filter(None, generators):
-            resolve_generator(kind)
-        get_measure(campaign.selection.measure)
-        make_query(campaign.selection.query)
-        load_plugins(campaign.metrology.plugins)
-    except (ImportError, KeyError, TypeError, ValueError) as error:  # a name that resolves
-        raise PluginError(error.args[0] if isinstance(error, KeyError) else str(error)) from None
+    for kind in filter(None, generators):  # each raises PluginError for a bad name
+        resolve_generator(kind)
+    get_measure(campaign.selection.measure)
+    make_query(campaign.selection.query)
+    load_plugins(campaign.metrology.plugins)
 
 
 def read_starts(campaign) -> dict[str, list[Atoms]]:
     """The start structures of each system, by name."""
-    from palflow.pipeline.state.structures import load_start_structures
 
     try:
         return {
@@ -129,7 +130,6 @@ def read_starts(campaign) -> dict[str, list[Atoms]]:
 
 def check_labelled_files(campaign) -> None:
     """Every held-out file (``test.file``, a system's ``test_file``) holds labels."""
-    from palflow.pipeline.state.structures import read_labelled_file
 
     for path in [campaign.test.file, *(s.test_file for s in campaign.all_systems())]:
         if path:
@@ -164,7 +164,6 @@ def check_ensemble(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
 # ---------------------------------------------------------------- settings
 def check_settings(campaign) -> None:
     """Settings that only make sense together, checked against each other."""
-    from palflow.pipeline.policies.measures import measure_options
 
     generator, training, selection = campaign.generator, campaign.training, campaign.selection
     kinds = {campaign.generator_for(system)["kind"] for system in campaign.all_systems()}
@@ -209,10 +208,7 @@ def check_settings(campaign) -> None:
             f"{campaign.oracle.mpi_ranks}: every node needs a rank; raise mpi_ranks or lower "
             "mpi_nodes"
         )
-    try:
-        measure_options(selection.measure, dict(selection.measure_options))
-    except ValueError as error:
-        raise SettingsError(str(error)) from None
+    measure_options(selection.measure, dict(selection.measure_options))  # SettingsError
 
 
 # ---------------------------------------------------------------- structures
@@ -309,7 +305,5 @@ def check_run_path(root: str | os.PathLike, site: str | None = None) -> None:
 def _site_starts_workers(site: str) -> bool:
     """Whether the site has an executor other than thread pools (HTEX and the like)."""
     from parsl.executors.threads import ThreadPoolExecutor
-
-    from palflow.pipeline.config.sites import load_site
 
     return any(not isinstance(e, ThreadPoolExecutor) for e in load_site(site).config.executors)

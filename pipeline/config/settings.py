@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_serializer, model_validator
 
-# The members' sections live in pipeline/model_settings.py; re-exported here.
+# The members' sections live in config/model_settings.py and apps/sections.py; re-exported here.
 from palflow.apps.errors import SettingsError
 from palflow.pipeline.config.model_settings import (  # noqa: F401
     DEFAULT_MODEL,
@@ -122,7 +122,9 @@ def _describe(error: ValidationError, source: str) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{key}': check its spelling against pipeline/settings.py")
+            lines.append(
+                f"  unknown key '{key}': check its spelling (the README's Campaign settings)"
+            )
         else:
             hint = _HINTS.get(item["type"], "")
             lines.append(f"  '{key}': {item['msg']}{hint} (got {item.get('input')!r})")

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
+from palflow.apps.common import _ping
 from palflow.apps.contracts import MODULES
 from palflow.apps.errors import InputError
 
@@ -127,8 +128,6 @@ def warm_up(slots: dict[str, int]) -> None:
     """Give every worker of the loaded executors a first task (three per slot), so that
     its imports (torch) happen now rather than inside a timed run."""
     from parsl import python_app
-
-    from palflow.apps.common import _ping
 
     futures = [
         python_app(_ping, executors=[module])()

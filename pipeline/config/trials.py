@@ -24,12 +24,20 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from palflow.apps.common import import_object
+from palflow.apps.contracts import CalculatorSpec
 from palflow.apps.errors import CalculatorError, PluginError
+from palflow.apps.oracles.calculators import OK, BadLabel, label_structure, make_calculator
+from palflow.apps.oracles.isolation import label_isolated
+from palflow.pipeline.policies.measures import EnsemblePrediction
+from palflow.pipeline.policies.metrology import load_plugins
+from palflow.pipeline.policies.protocols import Evaluation, QueryContext
+from palflow.pipeline.policies.selection import Candidate
+from palflow.pipeline.policies.strategies import Selector
 
 
 # ---------------------------------------------------------------- plug-ins
 def _fake_prediction(structures: Sequence[Atoms], n_members: int, rng):
-    from palflow.pipeline.policies.measures import EnsemblePrediction
 
     n_atoms = np.array([len(a) for a in structures])
     periodic = all(a.pbc.all() for a in structures)
@@ -45,10 +53,6 @@ def _fake_prediction(structures: Sequence[Atoms], n_members: int, rng):
 def trial_plugins(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
     """Call the selection measure, the query and each metrology plug-in once, on rattled
     copies of the first start structure and made-up ensemble predictions."""
-    from palflow.pipeline.policies.metrology import load_plugins
-    from palflow.pipeline.policies.protocols import Evaluation, QueryContext
-    from palflow.pipeline.policies.selection import Candidate
-    from palflow.pipeline.policies.strategies import Selector
 
     rng = np.random.default_rng(0)
     first = next(iter(starts.values()))[0]
@@ -109,7 +113,11 @@ def trial_plugins(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
                 )
 
 
-def _plugin_error(what: str, name: str, error: Exception) -> PluginError:
+def _plugin_error(what: str, name: str, error: Exception) -> Exception:
+    """A user's plug-in (named by import path) that fails its trial is bad input; a
+    built-in that fails is a bug of palflow's, raised as it is."""
+    if ":" not in name:
+        return error
     return PluginError(
         f"{what} {name!r} failed on a trial call with made-up predictions: "
         f"{type(error).__name__}: {error}; fix it, or choose another"
@@ -129,7 +137,6 @@ def _covering_frames(frames: Sequence[Atoms]) -> list[Atoms]:
 
 def _trial_label(spec: dict[str, Any], scratch: str, max_force: float, atoms: Atoms):
     """Build the calculator and label ``atoms`` (in the trial's child); never raises."""
-    from palflow.apps.oracles.calculators import OK, BadLabel, label_structure, make_calculator
 
     try:
         calculator = make_calculator(spec, scratch)
@@ -163,11 +170,6 @@ def trial_oracle(
     for a ``{mpi_prefix}`` in the calculator's kwargs.
     """
     from functools import partial
-
-    from palflow.apps.common import import_object
-    from palflow.apps.contracts import CalculatorSpec
-    from palflow.apps.oracles.calculators import OK
-    from palflow.apps.oracles.isolation import label_isolated
 
     oracle = campaign.oracle
     try:

@@ -31,7 +31,7 @@ from ase import Atoms
 from ase.io import write
 
 from palflow.apps import APPS, plain
-from palflow.apps.contracts import REQUESTS, failure_counts
+from palflow.apps.contracts import REQUESTS, CalculatorSpec, failure_counts
 from palflow.apps.models import registry
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.engine.agents import (
@@ -162,9 +162,17 @@ class Coordinator:
             campaign, seed=[campaign.seed, len(self.state.versions)], cutoff=campaign.model.cutoff
         )
         self.context = Context(
-            campaign, run, self.state, self.queue, self.selector, self.policy, self.engine, apps
+            campaign,
+            run,
+            self.state,
+            self.queue,
+            self.selector,
+            self.policy,
+            self.engine,
+            apps,
+            oracle=CalculatorSpec.of(campaign.oracle, mpi_command),
         )
-        self.oracle = OracleAgent(self.context, oracle_resources, mpi_command)
+        self.oracle = OracleAgent(self.context, oracle_resources)
         self.generator = GeneratorAgent(self.context)
         self.training = TrainingAgent(self.context)
         self.inference = InferenceAgent(self.context)

@@ -9,7 +9,7 @@ Both are observers: callables the coordinator calls once per turn of its loop
   When the output is not a terminal (a batch job) or with ``--quiet``, it writes
   the same as one plain log line every ``interval_s`` seconds instead.
 - :class:`ReportRefresher` rebuilds ``report.html`` in a separate process every few
-  minutes (``python pipeline/report.py RUN_DIR``), never holding the loop up.
+  minutes (``palflow report RUN_DIR``), never holding the loop up.
 """
 
 from __future__ import annotations

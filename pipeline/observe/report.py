@@ -1,6 +1,6 @@
 """The run report: ``report.html`` and its PNGs, from the run directory's files alone.
 
-    python pipeline/report.py RUN_DIR
+    palflow report RUN_DIR      (or python -m palflow.pipeline.observe.report RUN_DIR)
 
 Works on a finished run, a running one (the coordinator refreshes the report every
 few minutes and once at the end) and a crashed one: it reads only what the
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="pipeline/report.py", description="Build report.html of a palflow run directory."
+        prog="python -m palflow.pipeline.observe.report",
+        description="Build report.html of a palflow run directory.",
     )
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)

@@ -29,7 +29,13 @@ from typing import Any, Protocol
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from palflow.apps.models.disagreement import atom_force_spread, ensemble_disagreement
+from palflow.apps.common import import_object
+from palflow.apps.errors import PluginError, SettingsError
+from palflow.apps.models.disagreement import (
+    atom_force_spread,
+    ensemble_disagreement,
+    stress_disagreement,
+)
 
 __all__ = [
     "MEASURES",
@@ -195,16 +201,14 @@ def get_measure(name: str) -> Measure:
 
     Raises
     ------
-    KeyError
+    PluginError
         Naming the registered measures, when ``name`` is neither.
     """
     if name in MEASURES:
         return MEASURES[name]
     if ":" in name:
-        from palflow.apps.common import import_object
-
         return register_measure(name)(import_object(name))
-    raise KeyError(
+    raise PluginError(
         f"unknown measure {name!r}: registered are {', '.join(sorted(MEASURES))}, "
         "or give 'module:function'"
     )
@@ -216,7 +220,7 @@ def measure_options(name: str, given: dict[str, Any]) -> None:
 
     Raises
     ------
-    ValueError
+    SettingsError
         Naming a key the measure does not read, or a value unlike its default.
     """
     get_measure(name)
@@ -226,14 +230,14 @@ def measure_options(name: str, given: dict[str, Any]) -> None:
     for key, value in given.items():
         if key not in schema:
             known = ", ".join(sorted(schema)) or "none"
-            raise ValueError(
+            raise SettingsError(
                 f"selection.measure_options: {key!r} is not an option of measure {name!r} "
                 f"(its options: {known}): check the spelling, or drop it"
             )
         default = schema[key]
         number = isinstance(default, int | float) and not isinstance(default, bool)
         if number and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError(
+            raise SettingsError(
                 f"selection.measure_options.{key} = {value!r} should be a number, like its "
                 f"default {default!r}"
             )
@@ -257,8 +261,6 @@ def stress_spread(prediction: EnsemblePrediction, context: MeasureContext) -> np
     structure without a cell, or when no structure has one): for campaigns on
     periodic cells that need the stress, e.g. for constant-pressure MD."""
     from ase import units
-
-    from palflow.apps.models.disagreement import stress_disagreement
 
     if prediction.member_stress is None:
         return np.zeros(prediction.n_structures)

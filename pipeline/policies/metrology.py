@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from palflow.apps.common import import_object
+from palflow.apps.errors import PluginError
 from palflow.pipeline.policies.protocols import Evaluation, Metrology
 
 logger = logging.getLogger(__name__)
@@ -67,17 +69,16 @@ def load_plugins(paths: Sequence[str]) -> list[Metrology]:
 
     Raises
     ------
-    ImportError, TypeError
+    PluginError
         Naming the path when it does not import or is not a Metrology.
     """
-    from palflow.apps.common import import_object
 
     plugins = []
     for path in paths:
         obj = import_object(path)
         plugin = obj() if isinstance(obj, type) else obj
         if not isinstance(plugin, Metrology):
-            raise TypeError(f"metrology plugin {path!r} is not callable with an Evaluation")
+            raise PluginError(f"metrology plugin {path!r} is not callable with an Evaluation")
         plugins.append(plugin)
     return plugins
 

@@ -23,6 +23,8 @@ import numpy as np
 from ase import Atoms
 from scipy.spatial.distance import cdist
 
+from palflow.apps.common import import_object
+from palflow.apps.errors import PluginError
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.policies.measures import (
     NEEDS_DESCRIPTORS,
@@ -107,21 +109,20 @@ def make_query(name: str) -> Query:
 
     Raises
     ------
-    KeyError, TypeError
+    PluginError
         When the name is unknown, or the class has no ``select`` method.
     """
     if name in QUERIES:
         return QUERIES[name]()
     if ":" not in name:
-        raise KeyError(
+        raise PluginError(
             f"unknown query {name!r}: built in are {', '.join(QUERIES)}, or give 'module:Class'"
         )
-    from palflow.apps.common import import_object
 
     obj = import_object(name)
     query = obj() if isinstance(obj, type) else obj
     if not isinstance(query, Query):
-        raise TypeError(f"query {name!r} has no select(candidates, size, context) method")
+        raise PluginError(f"query {name!r} has no select(candidates, size, context) method")
     return query
 
 

@@ -52,6 +52,7 @@ from palflow.pipeline.state.rundir import (
     EVENTS_FILE,
     METRICS_FILE,
     QUEUE_FILE,
+    SUBDIRECTORIES,
     RunDirectory,
 )
 from palflow.pipeline.state.structures import load_start_structures
@@ -76,6 +77,10 @@ def mend_run(campaign: Any, run: RunDirectory) -> list[str]:
         Naming the file that cannot be rebuilt, and the fix.
     """
     mends: list[str] = []
+    for folder in SUBDIRECTORIES:  # a folder deleted by hand: its files are mended below
+        if not (run.root / folder).is_dir():
+            record_mend(run, mends, None, f"{folder}/ was missing: made again")
+            (run.root / folder).mkdir()
     _mend_start_structures(campaign, run, mends)
     rows, labels_damaged = _check_labels(campaign, run)
     _mend_oracle_journal(run, {int(r[1]["candidate_id"]) for r in rows}, mends)

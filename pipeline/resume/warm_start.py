@@ -20,6 +20,7 @@ from ase.data import chemical_symbols
 
 from palflow.apps.errors import InputError
 from palflow.apps.models import registry
+from palflow.pipeline.state.rundir import RunDirectory, is_run_directory
 from palflow.pipeline.state.structures import read_frames
 
 SOURCE = "file"
@@ -94,7 +95,6 @@ def ensemble_file(path: str) -> str:
     WarmStartError
         When there is no such file, or the run directory has published no ensemble.
     """
-    from palflow.pipeline.state.rundir import RunDirectory, is_run_directory
 
     if os.path.isdir(path):
         if not is_run_directory(path):
@@ -160,7 +160,6 @@ def warm_member_checkpoints(campaign: Any, folder: Path) -> list[str]:
     import shutil
 
     from palflow.apps.models.core import load_checkpoint, save_checkpoint
-    from palflow.pipeline.state.rundir import RunDirectory
 
     path = Path(ensemble_file(campaign.initial.ensemble))
     model, _ = load_checkpoint(path)

@@ -29,6 +29,7 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
+from palflow.apps.contracts import CalculatorSpec
 from palflow.apps.data.dataset import write_dataset
 from palflow.pipeline.config.models import resolve_model_spec
 from palflow.pipeline.config.settings import Campaign
@@ -151,11 +152,12 @@ class CampaignState(LabelStore, VersionPublisher, CampaignSummary):
         homes = dict.fromkeys(w.home for w in self.walkers if w.home)
         return element_carrier([self.start, *(read(path) for path in homes)])
 
-    def model_spec(self, campaign: Campaign) -> dict[str, Any]:
+    def model_spec(self, campaign: Campaign, oracle: CalculatorSpec) -> dict[str, Any]:
         """The spec every member is built with, fixed at its first use (see
-        :func:`palflow.pipeline.config.models.resolve_model_spec`)."""
+        :func:`palflow.pipeline.config.models.resolve_model_spec`; ``oracle`` is the
+        campaign's oracle on this site)."""
         if self.resolved_model is None:
-            spec = resolve_model_spec(campaign, self.labelled, self.elements())
+            spec = resolve_model_spec(campaign, self.labelled, self.elements(), oracle)
             if spec.get("foundation"):
                 # Workers read the run's own copy: the run directory is where every
                 # node looks, and the user's file may move or change.

@@ -8,7 +8,7 @@ Layout::
       labels.extxyz        the same, exported at the end
       events.jsonl         one line per finished task
       summary.json         written at the end
-      report.html          the run report (pipeline/report.py), its figures in report/
+      report.html          the run report (observe/report.py), its figures in report/
       system/start.extxyz  the start structure, for walker resets
       data/                training snapshots and the held-out test set (.npz)
       models/              member checkpoints and one ensemble checkpoint per version

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from palflow.apps.models.core import common_spec
+from palflow.apps.data.dataset import atomic_write_bytes
 from palflow.apps.models.graph import AtomsBatch
 from palflow.apps.models.mace.spec import (  # it imports mace before anything imports e3nn
     _BUILD_LOCK,
     DTYPES,
     MACESpec,
 )
+from palflow.apps.models.protocol import common_spec
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +286,6 @@ class MACEEnsemble(torch.nn.Module):
     def export(self, stem: str) -> list[str]:
         """Write each member as a standard MACE model file ``{stem}.member{k}.model``,
         which ``mace.calculators.MACECalculator(model_paths=[...])`` loads."""
-        from palflow.apps.data.dataset import atomic_write_bytes
 
         paths = []
         for k, member in enumerate(self.members):

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from palflow.apps.models.core import common_spec, from_state_dict
 from palflow.apps.models.graph import AtomsBatch, strain, stress_from_strain
+from palflow.apps.models.protocol import common_spec, from_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from palflow.apps.contracts import Request
+from palflow.apps.contracts import CalculatorSpec, Request
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.engine.core import Engine, TaskRecord
 from palflow.pipeline.engine.stopping import StopPolicy
@@ -48,6 +48,9 @@ class Context:
     engine: Engine
     apps: Any
     """:class:`palflow.pipeline.engine.coordinator.Apps`: how each kind of task is submitted."""
+    oracle: CalculatorSpec
+    """The campaign's oracle on this site, as every oracle task (and the members' spec,
+    for isolated-atom energies) takes it; built once, by the coordinator."""
 
     def submit(self, record: TaskRecord, request: Request, **options: Any) -> None:
         """Submit ``request`` to its app as the task ``record``."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from palflow.apps.contracts import CalculatorSpec, FailureKind, LabelRequest, ReferenceRequest
+from palflow.apps.contracts import FailureKind, LabelRequest, ReferenceRequest
 from palflow.apps.data.dataset import read_dataset, write_dataset
 from palflow.pipeline.engine.core import TaskRecord
 from palflow.pipeline.policies.selection import Candidate, retry_allowed
@@ -54,17 +54,12 @@ class OracleAgent:
     oracle_resources
         Parsl resource specification of every oracle task (ranks, nodes), for sites
         whose oracle executor is an MPIExecutor; None elsewhere.
-    mpi_command
-        The site's launch prefix template (see :func:`palflow.apps.oracles.calculators.mpi_prefix`).
     """
 
     kinds = ("label", "reference")
 
-    def __init__(
-        self, context, oracle_resources: dict[str, Any] | None = None, mpi_command: str = "parsl"
-    ) -> None:
+    def __init__(self, context, oracle_resources: dict[str, Any] | None = None) -> None:
         self.context = context
-        self.mpi_command = mpi_command
         self.options = (
             {}
             if oracle_resources is None
@@ -82,7 +77,7 @@ class OracleAgent:
 
     def calculator_spec(self) -> dict[str, Any]:
         """The oracle calculator as the apps take it (a ``CalculatorSpec``'s dict)."""
-        return CalculatorSpec.of(self.context.campaign.oracle, self.mpi_command).as_dict()
+        return self.context.oracle.as_dict()
 
     def submit_reference(self) -> None:
         """Label the held-out set by oracle-driven MD from each system's start, or read

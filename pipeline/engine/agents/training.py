@@ -73,7 +73,7 @@ class TrainingAgent:
             dataset_path=snapshot.train_path,
             checkpoint_in=member.checkpoint,
             checkpoint_out=out,
-            spec=context.state.model_spec(campaign),
+            spec=context.state.model_spec(campaign, context.oracle),
             settings=campaign.training.model_dump(),
             seed=campaign.seed * 1000 + member.index,
             n_epochs=campaign.training.epochs_per_task,
