@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -40,6 +41,10 @@ def import_object(path: str) -> Any:
         raise PluginError(f"module {module_name!r} has no attribute {attribute!r}") from None
 
 
+_FILE_IMPORT_LOCK = threading.RLock()
+"""Held while a file named by path is loaded (re-entrant: a file may name another)."""
+
+
 def _import_from_file(file_name: str, attribute: str, path: str) -> Any:
     """The attribute of a Python file, loaded once as module ``palflow_user.<stem>``."""
     import importlib.util
@@ -50,16 +55,19 @@ def _import_from_file(file_name: str, attribute: str, path: str) -> Any:
     if not file.is_file():
         raise PluginError(f"{path!r}: no file {file_name!r}")
     module_name = f"palflow_user.{file.stem}"
-    module = sys.modules.get(module_name)
-    if module is None or getattr(module, "__file__", None) != str(file):
-        spec = importlib.util.spec_from_file_location(module_name, file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as error:
-            del sys.modules[module_name]
-            raise PluginError(f"{path!r}: {file_name} fails to import: {error}") from error
+    # One loader at a time: on a thread-pool site two tasks may load the same file at
+    # once, and the second must not find the first's module before it has run.
+    with _FILE_IMPORT_LOCK:
+        module = sys.modules.get(module_name)
+        if module is None or getattr(module, "__file__", None) != str(file):
+            spec = importlib.util.spec_from_file_location(module_name, file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as error:
+                del sys.modules[module_name]
+                raise PluginError(f"{path!r}: {file_name} fails to import: {error}") from error
     try:
         return getattr(module, attribute)
     except AttributeError:

@@ -52,3 +52,18 @@ def test_the_contracts_load_neither_torch_nor_parsl():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_file_named_by_path_loads_whole_for_tasks_that_ask_at_once(tmp_path):
+    """Thread-pool sites run tasks side by side: a second task must not find the
+    first one's half-run module (``has no attribute``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from palflow.apps.common import import_object
+
+    plugin = tmp_path / "slow_plugin.py"
+    plugin.write_text("import time\n\ntime.sleep(0.3)\n\n\ndef generate():\n    return 1\n")
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda _: import_object(f"{plugin}:generate"), range(4)))
+    assert all(function is found[0] for function in found)
+    assert found[0]() == 1

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from ase.build import molecule
 
+from palflow.apps.errors import PluginError
 from palflow.pipeline.config.settings import load_campaign
 from palflow.pipeline.policies import measures
 from palflow.pipeline.policies.measures import (
@@ -136,7 +137,7 @@ def test_registry_takes_a_decorated_measure_and_refuses_a_clash(two_structures):
         np.testing.assert_allclose(score("test_double_spread", two_structures), [2.0, 4.0])
         with pytest.raises(ValueError, match="already registered"):
             register_measure("test_double_spread")(lambda p, c: p.n_atoms)
-        with pytest.raises(KeyError, match="unknown measure 'nope'"):
+        with pytest.raises(PluginError, match="unknown measure 'nope'"):
             get_measure("nope")
         by_path = get_measure("palflow.pipeline.policies.measures:energy_spread")
         np.testing.assert_allclose(by_path(two_structures, MeasureContext()), [0.5, 0.0])
@@ -223,9 +224,9 @@ def test_a_user_query_plugs_in_without_a_base_class():
     old = Candidate(1, molecule("H2O"), 0.9, 0.0, version=1)
     fresh = Candidate(2, molecule("H2O"), 0.2, 0.0, version=3)
     assert query.select([old, fresh], 1, QueryContext(np.random.default_rng(0))) == [fresh]
-    with pytest.raises(KeyError, match="unknown query"):
+    with pytest.raises(PluginError, match="unknown query"):
         make_query("best")
-    with pytest.raises(TypeError, match="no select"):
+    with pytest.raises(PluginError, match="no select"):
         make_query("palflow.pipeline.policies.measures:MeasureContext")
 
 
