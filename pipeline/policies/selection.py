@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from ase import Atoms
 
 from palflow.apps.contracts import FailureKind
-from palflow.pipeline.config.settings import Campaign
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +40,11 @@ class Candidate:
         return self.force_disagreement if self.priority is None else self.priority
 
 
-def retry_allowed(candidate: Candidate, reason: str, campaign: Campaign) -> bool:
+def retry_allowed(candidate: Candidate, reason: str, max_attempts: int) -> bool:
     """Whether a failed structure gets another oracle attempt: a transient failure,
-    with attempts left of ``oracle.max_attempts``."""
+    with attempts left of ``max_attempts`` (the campaign's ``oracle.max_attempts``)."""
     transient = FailureKind.of(reason).transient
-    return transient and candidate.attempts + 1 < campaign.oracle.max_attempts
+    return transient and candidate.attempts + 1 < max_attempts
 
 
 def select_frames(

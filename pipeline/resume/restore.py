@@ -146,7 +146,7 @@ def _requeue(
     reason: str | None,
 ) -> None:
     """Queue a candidate again, unless it failed (``reason``) with no attempt left."""
-    if reason is not None and not retry_allowed(candidate, reason, campaign):
+    if reason is not None and not retry_allowed(candidate, reason, campaign.oracle.max_attempts):
         state.record_failure(candidate.candidate_id, reason)
         return
     if reason is not None:

@@ -300,7 +300,7 @@ class OracleAgent:
     def retry_or_record(self, candidate: Candidate, reason: str, source: str) -> None:
         """Give a transiently failed structure another attempt, or record its failure."""
         state = self.context.state
-        if not retry_allowed(candidate, reason, self.context.campaign):
+        if not retry_allowed(candidate, reason, self.context.campaign.oracle.max_attempts):
             state.record_failure(candidate.candidate_id, reason)
             return
         candidate.attempts += 1
