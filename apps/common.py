@@ -21,7 +21,7 @@ def import_object(path: str) -> Any:
     ------
     PluginError
         (an ``ImportError``) naming the path when the module, the file or the attribute
-        does not exist, or the file fails to import.
+        does not exist, or the module or file fails to import (whatever it raised).
     """
     file_name, sep, attribute = path.rpartition(":")
     if sep and file_name.endswith(".py"):
@@ -33,7 +33,7 @@ def import_object(path: str) -> Any:
         raise PluginError(f"{path!r} is not of the form 'package.module:Name'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
+    except Exception as error:  # a module that fails on import, as a file does below
         raise PluginError(f"cannot import module {module_name!r} of {path!r}: {error}") from error
     try:
         return getattr(module, attribute)

@@ -21,6 +21,7 @@ created). ``palflow run`` (:mod:`palflow.pipeline.cli`) is the same command.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -40,6 +41,13 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 # Parsl's HTEX starts interchange.py and process_worker_pool.py from PATH: make
 # this interpreter's scripts folder (the venv's bin) win even when not activated.
 os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
+if __name__ == "__main__" and importlib.util.find_spec("palflow") is None:
+    print(
+        "palflow is not installed in this Python: run `bash .ci/setup.sh` from the checkout "
+        "(or `pip install -e .`), then `.venv/bin/python pipeline/run.py ...`",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 # palflow's own modules, once the path above is right.
 from palflow.apps.errors import InputError  # noqa: E402

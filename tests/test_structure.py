@@ -78,8 +78,8 @@ def _imported_by_name(node: ast.AST) -> str | None:
     of ``import_module("palflow.x.y")``."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         module, colon, attribute = node.value.partition(":")
-        if colon and module.startswith("palflow.") and attribute.isidentifier():
-            return module
+        if module.startswith("palflow.") and (not colon or attribute.isidentifier()):
+            return module  # "palflow.x:Name", or a module's whole name (a table of apps)
     if (
         isinstance(node, ast.Call)
         and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
@@ -182,16 +182,19 @@ def light_modules() -> set[str]:
 
 
 def function_level_imports_of_light_modules() -> list[str]:
-    """``module: imported`` for each import inside a function of a light palflow
-    module, which could as well stand at the top."""
+    """``module:line: imported`` for each import inside a function of a light palflow
+    module (``from palflow.x import y``, ``import palflow.x``, or relative), which
+    could as well stand at the top."""
     known, light, found = modules(), light_modules(), []
     for name, path in known.items():
         tree = ast.parse(path.read_text(), str(path))
         top = {id(node) for node in _module_level(tree)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and id(node) not in top:
-                if node.module in light and node.module != name:
-                    found.append(f"{name}:{node.lineno}: {node.module}")
+            if id(node) in top or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for target in _imported(node, name, path.name == "__init__.py"):
+                if target in light and target != name and target != name.rpartition(".")[0]:
+                    found.append(f"{name}:{node.lineno}: {target}")
     return found
 
 

@@ -74,7 +74,6 @@ def resolve_model_spec(
     calculator = calculator or CalculatorSpec.of(campaign.oracle)
 
     def oracle() -> Any:
-
         return make_calculator(calculator.as_dict())
 
     name = campaign.model.name

@@ -30,6 +30,7 @@ from typing import Any
 from ase import Atoms
 from ase.io import write
 
+from palflow import apps
 from palflow.apps import APPS, plain
 from palflow.apps.contracts import REQUESTS, CalculatorSpec, failure_counts
 from palflow.apps.models import registry
@@ -54,9 +55,7 @@ logger = logging.getLogger(__name__)
 
 
 def _parsl(cls: type) -> Any:
-    """The Parsl apps, routed by executor label."""
-    from palflow import apps
-
+    """The Parsl apps, routed by executor label (wrapped on first use)."""
     return cls(**{name: getattr(apps, name) for name in CAMPAIGN_APPS})
 
 

@@ -5,7 +5,7 @@ candidates of the queue (the selector's query), at most
 ``selection.max_labels_per_version`` per published ensemble version, requested while
 that version is the newest (an allowance not used is not banked). A finished
 batch is harvested into ``labels.db`` and the next training snapshot
-(:meth:`~palflow.pipeline.state.campaign_state.CampaignState.harvest`); a structure that failed
+(:meth:`~palflow.pipeline.state.labels.LabelStore.harvest`); a structure that failed
 transiently is tried again, up to ``oracle.max_attempts``.
 """
 
