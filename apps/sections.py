@@ -33,8 +33,20 @@ class TrainingSettings(Section):
     """The rate decays towards this floor (at most ``learning_rate``)..."""
     learning_rate_half_life_steps: int = Field(1500, ge=0)
     """...halving its distance to it every this many optimiser steps (0: constant)."""
+    learning_rate_plateau_patience: int = Field(3, ge=1)
+    """The rate is cut after this many judged tasks in a row whose new state did not
+    beat the published one on validation (:class:`palflow.apps.publication.RateOnPlateau`);
+    new labels neither raise nor reset it."""
+    learning_rate_plateau_factor: float = Field(0.5, gt=0, le=1)
+    """Each cut multiplies the rate by this (1: never cut); the floor stays
+    ``learning_rate_min``."""
+    learning_rate_plateau_threshold: float = Field(0.01, ge=0, lt=1)
+    """A gain is a validation score at least this fraction below the published state's."""
     batch_size: int = Field(16, ge=1)
+    energy_weight: float = Field(1.0, ge=0)
+    """Weight of the energy term, on the squared error of the energy per atom (eV/atom)."""
     force_weight: float = Field(10.0, ge=0)
+    """Weight of the force term, on the squared force error per component (eV/Å)."""
     stress_weight: float = Field(1.0, ge=0)
     """Weight of the stress term, on the virial per atom (eV/atom) so that it weighs
     like the energy term; it applies to the labels with a stress (periodic cells whose
@@ -44,6 +56,22 @@ class TrainingSettings(Section):
     rolling_window: int = Field(0, ge=0)
     """Train on the newest N labels only (0 keeps all); for cheap oracles."""
     validation_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of the labels held out of training for good (by a hash of their id). A
+    member's validation frames are these and, with ``bootstrap``, the labels its own
+    resample left out."""
+    average_decay: float = Field(0.99, ge=0, lt=1)
+    """Largest decay per step of the weight average that members publish (0: publish
+    the raw weights). It warms up with the step count and never reaches back more than
+    half a task (:class:`palflow.apps.publication.WeightAverage`)."""
+    gate_tolerance: float = Field(0.05, ge=0)
+    """A member's new state is published only if its validation score (the loss's
+    energy and force terms) is at most ``1 + gate_tolerance`` times the published
+    state's, both measured on the member's current validation frames; otherwise the
+    member trains on and its last good state stays published. Set it very large to
+    publish every state."""
+    min_validation_size: int = Field(8, ge=1)
+    """With fewer validation frames than this the gate does not judge (every state is
+    published, and the metrics say the gate did not judge)."""
 
 
 class GeneratorSettings(Section):

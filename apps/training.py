@@ -21,7 +21,7 @@ from ase import Atoms
 from palflow.apps.common import require_settings, where_and_when
 from palflow.apps.data.dataset import read_dataset
 from palflow.apps.models import registry
-from palflow.apps.models.calculator import predict_batches
+from palflow.apps.models.calculator import evaluate_errors  # noqa: F401 (re-exported)
 from palflow.apps.models.core import (
     PotentialEnsemble,
     StructureGraph,
@@ -31,22 +31,34 @@ from palflow.apps.models.core import (
     save_checkpoint,
     structure_graph,
 )
+from palflow.apps.publication import (
+    RateOnPlateau,
+    WeightAverage,
+    clone_state,
+    finite_or_none,
+    judge,
+)
 from palflow.apps.sections import TrainingSettings
 
 logger = logging.getLogger(__name__)
 
+EVENT_KEYS = ("published", "gate", "n_validation", "learning_rate", "ema_lag_tasks")
+"""What a training task's line in ``events.jsonl`` adds: the gate's verdict, the rate
+and how far the published average trails the raw weights, in tasks."""
 
-def learning_rate(settings: dict, steps: int) -> float:
-    """Learning rate after ``steps`` optimiser steps: halves every half-life, down to a floor.
+
+def learning_rate(settings: dict, steps: int, scale: float = 1.0) -> float:
+    """Learning rate after ``steps`` optimiser steps: halves its distance to the floor
+    every half-life, times ``scale`` (the plateau cuts of
+    :class:`palflow.apps.publication.RateOnPlateau`), never below the floor.
 
     Counting steps rather than epochs keeps the schedule the same however large the
     dataset grows while the member trains.
     """
     start, floor = settings["learning_rate"], settings["learning_rate_min"]
     half_life = settings["learning_rate_half_life_steps"]
-    if half_life <= 0:
-        return start
-    return floor + (start - floor) * 0.5 ** (steps / half_life)
+    scheduled = start if half_life <= 0 else floor + (start - floor) * 0.5 ** (steps / half_life)
+    return max(floor, scheduled * scale)
 
 
 def _is_labelled(atoms: Atoms) -> bool:
@@ -70,18 +82,18 @@ def _graphs(structures: Sequence[Atoms], cutoff: float) -> list[StructureGraph]:
     return [structure_graph(atoms, cutoff, True, nl) for atoms in structures]
 
 
-def _loss(
-    model: PotentialEnsemble, batch, force_weight: float, stress_weight: float = 0.0
-) -> torch.Tensor:
-    """Mean sq. per-atom energy error ((eV/atom)^2) + ``force_weight`` * mean sq. force
-    error ((eV/Å)^2) + ``stress_weight`` * mean sq. virial error per atom ((eV/atom)^2,
-    the stress error times the volume over the atom count, so that it weighs like the
-    energy term), over the structures with a stress label."""
+def _loss(model: PotentialEnsemble, batch, settings: dict) -> torch.Tensor:
+    """``energy_weight`` * mean sq. per-atom energy error ((eV/atom)^2) + ``force_weight``
+    * mean sq. force error ((eV/Å)^2) + ``stress_weight`` * mean sq. virial error per
+    atom ((eV/atom)^2, the stress error times the volume over the atom count, so that
+    it weighs like the energy term), over the structures with a stress label."""
+    energy_weight, force_weight = settings["energy_weight"], settings["force_weight"]
+    stress_weight = settings["stress_weight"]
     with_stress = stress_weight > 0 and batch.stress is not None
     out = model(batch, compute_forces=True, compute_stress=with_stress)
     n_atoms = batch.n_atoms.to(out["energy"].dtype)
     energy_error = (out["energy"] - batch.energy.to(out["energy"].dtype)) / n_atoms
-    loss = energy_error.pow(2).mean()
+    loss = energy_weight * energy_error.pow(2).mean()
     if force_weight > 0 and batch.forces.numel() > 0:
         force_error = out["forces"] - batch.forces.to(out["forces"].dtype)
         loss = loss + force_weight * force_error.pow(2).mean()
@@ -165,37 +177,44 @@ def _train_member(
     if checkpoint_in is None:
         backend = registry.backend(spec.get("name", registry.DEFAULT))
         model = backend.new_member(spec, structures, seed, device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
-        epochs_done = steps_done = 0
+        extra, published = {}, None
     else:
+        # The checkpoint's weights are the published ones; training goes on from the raw.
         model, extra = load_checkpoint(checkpoint_in, device=device)
         if model.n_members != 1:
             raise ValueError(f"{checkpoint_in} holds {model.n_members} members, expected 1")
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
-        if "optimizer" in extra:
-            optimizer.load_state_dict(extra["optimizer"])
-        epochs_done = int(extra.get("epochs", 0))
-        steps_done = int(extra.get("steps", 0))
+        published = clone_state(model.state_dict())
+        if "raw" in extra:
+            model.load_state_dict(extra["raw"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
+    if "optimizer" in extra:
+        optimizer.load_state_dict(extra["optimizer"])
+    epochs_done = int(extra.get("epochs", 0))
+    steps_done = int(extra.get("steps", 0))
+    plateau = RateOnPlateau(extra.get("plateau"))
 
     if settings["bootstrap"]:
-        train_indices = np.repeat(indices, bootstrap_multiplicity(seed, indices))
+        multiplicity = bootstrap_multiplicity(seed, indices)
+        train_indices = np.repeat(indices, multiplicity)
         if train_indices.size == 0:  # tiny datasets can draw an empty resample
-            train_indices = indices
+            train_indices, multiplicity = indices, np.ones_like(indices)
     else:
-        train_indices = indices
+        train_indices, multiplicity = indices, np.ones_like(indices)
     unique = np.unique(train_indices)
     unique_graphs = _graphs([structures[j] for j in unique], model.spec.cutoff)
     graphs = dict(zip(unique, unique_graphs, strict=True))
     batch_size = int(settings["batch_size"])
-    force_weight = float(settings["force_weight"])
-    stress_weight = float(settings["stress_weight"])
+    planned_steps = n_epochs * math.ceil(len(train_indices) / batch_size)
+    average = WeightAverage(
+        model.state_dict(), settings["average_decay"], extra.get("average"), planned_steps
+    )
 
     model.train()
     train_loss = math.nan
     # At least n_epochs, and at least min_task_s seconds: while the dataset is small an
     # epoch takes milliseconds, and a task that short would spend its time on overhead.
     min_seconds = float(settings["min_task_s"])
-    epochs_this_task = 0
+    epochs_this_task = steps_this_task = 0
     while epochs_this_task < n_epochs or time.time() - t_start < min_seconds:
         epochs_this_task += 1
         order = np.random.default_rng([seed, epochs_done]).permutation(train_indices)
@@ -204,12 +223,14 @@ def _train_member(
             chosen = order[start : start + batch_size]
             batch = collate([graphs[j] for j in chosen], device)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(settings, steps_done)
+                group["lr"] = learning_rate(settings, steps_done, plateau.scale)
             steps_done += 1
+            steps_this_task += 1
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss(model, batch, force_weight, stress_weight)
+            loss = _loss(model, batch, settings)
             loss.backward()
             optimizer.step()
+            average.update(model.state_dict())
             total += float(loss.detach()) * len(chosen)
             count += len(chosen)
         train_loss = total / max(count, 1)
@@ -217,6 +238,26 @@ def _train_member(
         logger.debug("member %d epoch %d loss %.5g", member, epochs_done, train_loss)
     model.eval()
 
+    # The gate: the averaged state against the published one, on this member's
+    # validation frames (the held-out labels and those its resample left out).
+    raw = clone_state(model.state_dict())
+    validation = (
+        [a for a in read_dataset(validation_path) if _is_labelled(a)]
+        if (validation_path is not None)
+        else []
+    )
+    validation += [structures[j] for j in indices[multiplicity == 0]]
+    verdict = judge(model, average.state, published, validation, settings)
+    plateau.observe(verdict, settings)
+    if not verdict.publish:
+        model.load_state_dict(published)
+        logger.info(
+            "member %d: new state held back (validation score %.4g > %.4g)",
+            member,
+            verdict.new["score"],
+            verdict.old["score"],
+        )
+    shown = verdict.new if verdict.publish else verdict.old
     save_checkpoint(
         checkpoint_out,
         model,
@@ -225,28 +266,30 @@ def _train_member(
             "epochs": epochs_done,
             "steps": steps_done,
             "member": member,
+            "raw": raw,
+            "average": average.to_dict(),
+            "plateau": plateau.to_dict(),
         },
     )
-    val_force_mae = val_energy_mae = None
-    if validation_path is not None:
-        validation = [a for a in read_dataset(validation_path) if _is_labelled(a)]
-        if validation:
-            errors = evaluate_errors(model, validation, device)
-            val_force_mae = errors["force_mae"]
-            val_energy_mae = errors["energy_mae_per_atom"]
-    return {
+    result = {
         "member": member,
         "checkpoint": str(checkpoint_out),
         "epochs": epochs_done,
         "steps": steps_done,
-        "learning_rate": learning_rate(settings, steps_done),
+        "learning_rate": learning_rate(settings, steps_done, plateau.scale),
         "n_train": int(len(train_indices)),
         "train_loss": float(train_loss),
-        "val_force_mae": val_force_mae,
-        "val_energy_mae": val_energy_mae,
+        "published": verdict.publish,
+        "gate": verdict.gate,
+        "n_validation": verdict.n_validation,
+        "val_force_mae": finite_or_none(shown["force_mae"]) if shown else None,
+        "val_energy_mae": finite_or_none(shown["energy_mae_per_atom"]) if shown else None,
+        "ema_lag_tasks": average.lag_steps / max(steps_this_task, 1),
         "device": str(device),
         **where_and_when(t_start),
     }
+    result["event"] = {key: result[key] for key in EVENT_KEYS}
+    return result
 
 
 def stack_member_checkpoints(paths: Sequence[str], out_path: str, extra: dict) -> None:
@@ -259,48 +302,3 @@ def stack_member_checkpoints(paths: Sequence[str], out_path: str, extra: dict) -
     save_checkpoint(out_path, ensemble, extra)
     # e.g. MACE: each member also as its code's own model file
     registry.backend(registry.name_of(ensemble)).export(ensemble, str(out_path).removesuffix(".pt"))
-
-
-def evaluate_errors(
-    model: PotentialEnsemble,
-    structures: Sequence[Atoms],
-    device: str | torch.device | None = None,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Errors of the ensemble mean prediction against labelled ``structures`` (energy in
-    eV, forces in eV/Å); ``model``, ``device`` and ``batch_size`` as for
-    :func:`palflow.apps.models.calculator.predict_structures`.
-
-    Returns
-    -------
-    dict
-        ``energy_mae_per_atom`` (eV/atom), ``force_mae`` and ``force_rmse`` (eV/Å, over
-        force components), and ``stress_mae`` (eV/Å³, over the stress components of
-        the structures with a stress label; NaN when none has one).
-    """
-    energy_abs, force_abs, force_sq, n_components = 0.0, 0.0, 0.0, 0
-    stress_abs, n_stress = 0.0, 0
-    batches = predict_batches(
-        model, structures, device, batch_size, with_targets=True, compute_stress=None
-    )
-    for batch, out in batches:
-        energy, forces, stress = out["energy"], out["forces"], out.get("stress")
-        per_atom = (energy.mean(0).double() - batch.energy) / batch.n_atoms
-        energy_abs += float(per_atom.abs().sum())
-        error = (forces.mean(0) - batch.forces).double()
-        force_abs += float(error.abs().sum())
-        force_sq += float(error.pow(2).sum())
-        n_components += error.numel()
-        if stress is not None:
-            labelled = torch.isfinite(batch.stress).all(dim=(-1, -2))
-            error = (stress.mean(0)[labelled] - batch.stress[labelled]).double()
-            stress_abs += float(error.abs().sum())
-            n_stress += error.numel()
-    n_structures = max(len(structures), 1)
-    n_components = max(n_components, 1)
-    return {
-        "energy_mae_per_atom": energy_abs / n_structures,
-        "force_mae": force_abs / n_components,
-        "force_rmse": math.sqrt(force_sq / n_components),
-        "stress_mae": stress_abs / n_stress if n_stress else math.nan,
-    }

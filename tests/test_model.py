@@ -202,7 +202,11 @@ def test_training_reduces_validation_error_and_continues(tmp_path):
     # The optimiser state carried over: Adam's step count covers both calls.
     steps_per_epoch = -(-first["n_train"] // settings["batch_size"])
     assert int(extra["optimizer"]["state"][0]["step"]) == 24 * steps_per_epoch
-    errors = evaluate_errors(model, emt_labelled(10, seed=2), "cpu")
+    # Its validation frames: the held-out set and the labels its resample left out.
+    left_out = bootstrap_multiplicity(11, range(40)) == 0
+    out_of_bag = [a for a, out in zip(emt_labelled(40, seed=1), left_out, strict=True) if out]
+    assert second["n_validation"] == 10 + len(out_of_bag) and len(out_of_bag) > 5
+    errors = evaluate_errors(model, emt_labelled(10, seed=2) + out_of_bag, "cpu")
     assert errors["force_mae"] == pytest.approx(second["val_force_mae"], rel=1e-5)
     assert errors["force_rmse"] >= errors["force_mae"]
 

@@ -162,3 +162,120 @@ def test_cli_run_writes_its_report_and_parsl_monitoring(tmp_path):
         tasks = db.execute("select count(*) from task").fetchone()[0]
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert tasks >= len(events) > 0
+
+
+def fake_run(root, rows):
+    """A run directory holding only ``campaign.json`` and ``metrics.jsonl``."""
+    from palflow.pipeline.state.rundir import METRICS_FILE, RunDirectory
+
+    run = RunDirectory.create(root, {"name": "fake"})
+    (run.root / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run.root
+
+
+OLD_ROWS = [  # metrics.jsonl before the validation gate: test errors only
+    {"version": v, "labels": 8 * v, "wall_s": 10.0 * v, "force_mae": f, "force_rmse": 2 * f,
+     "energy_mae_per_atom": e}
+    for v, f, e in ((1, 0.40, 0.020), (2, 0.20, 0.011), (3, 0.10, 0.008))
+]  # fmt: skip
+GATED_ROWS = [  # with validation errors, the gate's rejections; version 1 not judged
+    {**row, "val_force_mae": vf, "val_energy_mae_per_atom": ve, "held_back": h, "n_validation": n}
+    for row, vf, ve, h, n in zip(
+        OLD_ROWS,
+        (None, 0.25, 0.12),
+        (None, 0.0150, 0.0009),
+        (0, 2, 0),
+        (0, 3, 5),
+        strict=True,
+    )
+]
+
+
+def lines_by_label(axis) -> dict:
+    return {line.get_label(): line for line in axis.get_lines()}
+
+
+def test_learning_curve_draws_validation_and_held_back_when_recorded(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from palflow.pipeline.observe.figures import HELD_BACK_LABEL, plot_learning_curve
+    from palflow.pipeline.observe.run_data import RunData
+
+    figure = plot_learning_curve(RunData(fake_run(tmp_path / "run", GATED_ROWS)))
+    force, energy, force_t, energy_t = figure.axes  # top: against labels; bottom: wall time
+    for axis, quantity in zip(figure.axes, ("force", "energy") * 2, strict=True):
+        lines = lines_by_label(axis)
+        assert set(lines) == {f"test {quantity} MAE", f"validation {quantity} MAE", HELD_BACK_LABEL}
+        assert lines[f"test {quantity} MAE"].get_linestyle() == "-"
+        assert lines[f"validation {quantity} MAE"].get_linestyle() == "--"
+    lines = lines_by_label(force)
+    assert list(lines["test force MAE"].get_xdata()) == [8, 16, 24]
+    assert list(lines["validation force MAE"].get_xdata()) == [16, 24], "unjudged v1 left out"
+    assert list(lines[HELD_BACK_LABEL].get_xdata()) == [16], "only v2 held members back"
+    assert list(lines_by_label(force_t)[HELD_BACK_LABEL].get_xdata()) == [20.0]
+    assert list(lines_by_label(energy_t)["test energy MAE"].get_xdata()) == [10.0, 20.0, 30.0]
+    energy_lines = lines_by_label(energy)
+    assert list(energy_lines["test energy MAE"].get_ydata()) == pytest.approx([20, 11, 8])
+    assert list(energy_lines["validation energy MAE"].get_ydata()) == pytest.approx([15, 0.9])
+    # Energy on its own axis, log because it spans more than a decade (0.9 to 20 meV/atom);
+    # force spans less (0.1 to 0.4 eV/Å) and stays linear.
+    assert energy.get_yscale() == "log" and force.get_yscale() == "linear"
+    assert "meV/atom" in energy.get_ylabel() and "eV/Å" in force.get_ylabel()
+    assert energy.legend_ is not None and force.legend_ is not None
+    plt.close(figure)
+
+
+def test_learning_curve_of_an_older_run_has_test_curves_only(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from palflow.pipeline.observe.figures import plot_learning_curve
+    from palflow.pipeline.observe.run_data import RunData
+
+    figure = plot_learning_curve(RunData(fake_run(tmp_path / "run", OLD_ROWS)))
+    assert [set(lines_by_label(axis)) for axis in figure.axes] == [
+        {"test force MAE"},
+        {"test energy MAE"},
+    ] * 2
+    assert all(axis.get_yscale() == "linear" for axis in figure.axes)
+    plt.close(figure)
+
+
+def table_of(html: str) -> tuple[list[str], list[list[str]]]:
+    """Headings and rows of the report's learning-curve table."""
+    table = re.search(r'<table id="learning_curve_table">(.*?)</table>', html, re.S).group(1)
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
+    return re.findall(r"<th>(.*?)</th>", rows[0]), [
+        re.findall(r"<td>(.*?)</td>", r) for r in rows[1:]
+    ]
+
+
+def test_report_table_has_validation_columns_where_recorded(tmp_path):
+    html = build_report(fake_run(tmp_path / "gated", GATED_ROWS)).read_text()
+    headings, rows = table_of(html)
+    assert headings == [
+        "version", "labels", "wall time, s", "test force MAE, eV/Å", "test energy MAE, meV/atom",
+        "validation force MAE, eV/Å", "validation energy MAE, meV/atom", "members held back",
+        "validation frames",
+    ]  # fmt: skip
+    assert rows == [
+        ["1", "8", "10", "0.4000", "20.00", "-", "-", "0", "0"],
+        ["2", "16", "20", "0.2000", "11.00", "0.2500", "15.00", "2", "3"],
+        ["3", "24", "30", "0.1000", "8.00", "0.1200", "0.90", "0", "5"],
+    ]
+    assert "latest validation force MAE" in html and "members held back by the gate" in html
+    assert set(figures_in(html)) == set(FIGURES) and "could not draw" not in html
+
+    html = build_report(fake_run(tmp_path / "old", OLD_ROWS)).read_text()
+    headings, rows = table_of(html)
+    assert headings == headings[:5] and len(headings) == 5, "older run: test columns only"
+    assert rows[-1] == ["3", "24", "30", "0.1000", "8.00"]
+    assert "validation" not in html and "held back" not in html
+    assert "could not draw" not in html
+
+
+def test_report_table_thins_a_long_run_and_keeps_the_last_version(tmp_path):
+    rows = [{**OLD_ROWS[0], "version": v, "labels": v} for v in range(1, 102)]
+    html = build_report(fake_run(tmp_path / "long", rows)).read_text()
+    _, shown = table_of(html)
+    assert [r[0] for r in shown] == [str(v) for v in range(1, 101, 3)] + ["101"]
+    assert "One version in 3 of 101 shown" in html

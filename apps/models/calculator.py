@@ -9,6 +9,7 @@ energy per atom (eV/atom).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 
@@ -67,7 +68,7 @@ def predict_batches(
     """The members' predictions for many structures, one batched pass at a time.
 
     The one batched-prediction path: scoring (:func:`predict_structures`) and test
-    errors (:func:`palflow.apps.training.evaluate_errors`) both read it.
+    errors (:func:`evaluate_errors`) both read it.
 
     Parameters
     ----------
@@ -265,3 +266,51 @@ class EnsembleCalculator(Calculator):
                 stress_disagreement=float(stress_disagreement(member_stress)[0]),
                 member_stress=member_stress[:, 0].copy(),
             )
+
+
+def evaluate_errors(
+    model: PotentialEnsemble,
+    structures: Sequence[Atoms],
+    device: str | torch.device | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Errors of the ensemble mean prediction against labelled ``structures`` (energy in
+    eV, forces in eV/Å); ``model``, ``device`` and ``batch_size`` as for
+    :func:`palflow.apps.models.calculator.predict_structures`.
+
+    Returns
+    -------
+    dict
+        ``energy_mae_per_atom`` and ``energy_rmse_per_atom`` (eV/atom), ``force_mae``
+        and ``force_rmse`` (eV/Å, over force components), and ``stress_mae`` (eV/Å³,
+        over the stress components of the structures with a stress label; NaN when none
+        has one).
+    """
+    energy_abs, energy_sq, force_abs, force_sq, n_components = 0.0, 0.0, 0.0, 0.0, 0
+    stress_abs, n_stress = 0.0, 0
+    batches = predict_batches(
+        model, structures, device, batch_size, with_targets=True, compute_stress=None
+    )
+    for batch, out in batches:
+        energy, forces, stress = out["energy"], out["forces"], out.get("stress")
+        per_atom = (energy.mean(0).double() - batch.energy) / batch.n_atoms
+        energy_abs += float(per_atom.abs().sum())
+        energy_sq += float(per_atom.pow(2).sum())
+        error = (forces.mean(0) - batch.forces).double()
+        force_abs += float(error.abs().sum())
+        force_sq += float(error.pow(2).sum())
+        n_components += error.numel()
+        if stress is not None:
+            labelled = torch.isfinite(batch.stress).all(dim=(-1, -2))
+            error = (stress.mean(0)[labelled] - batch.stress[labelled]).double()
+            stress_abs += float(error.abs().sum())
+            n_stress += error.numel()
+    n_structures = max(len(structures), 1)
+    n_components = max(n_components, 1)
+    return {
+        "energy_mae_per_atom": energy_abs / n_structures,
+        "energy_rmse_per_atom": math.sqrt(energy_sq / n_structures),
+        "force_mae": force_abs / n_components,
+        "force_rmse": math.sqrt(force_sq / n_components),
+        "stress_mae": stress_abs / n_stress if n_stress else math.nan,
+    }

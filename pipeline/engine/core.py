@@ -171,6 +171,7 @@ class Engine:
             return
         event.update(ok=True, started=result.get("t_start"), ended=result.get("t_end"))
         event.update({key: result.get(key) for key in ("host", "slurm_job_id", "slurm_partition")})
+        event.update(result.get("event") or {})  # what an app says of its task
         self.events.append_event(event)
         try:
             agent.on_result(task, result)

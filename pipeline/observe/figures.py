@@ -2,7 +2,8 @@
 :class:`~palflow.pipeline.observe.run_data.RunData`.
 
 ============================  ===========================================================
-``learning_curve.png``        test force and energy MAE against labels and wall time
+``learning_curve.png``        test and validation force and energy MAE, against labels
+                              and wall time; versions where the gate held members back
 ``timeline.png``              one Gantt lane per task slot, per module: the overlap
 ``busy.png``                  busy fraction per module, and its longest idle gap
 ``uncertainty.png``           the frames' force spread per ensemble version, threshold
@@ -45,13 +46,13 @@ MODULE_COLOURS = {
 }
 
 
-def _figure(width: float = 10, height: float = 4, columns: int = 1):
+def _figure(width: float = 10, height: float = 4, columns: int = 1, rows: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, columns, figsize=(width, height), squeeze=False)
+    return plt.subplots(rows, columns, figsize=(width, height), squeeze=False)
 
 
 def _empty(axis, message: str) -> None:
@@ -60,27 +61,78 @@ def _empty(axis, message: str) -> None:
     axis.set_yticks([])
 
 
-def plot_learning_curve(data: RunData):
-    figure, axes = _figure(columns=2)
-    by_labels, by_time = axes[0]
-    points = [m for m in data.metrics if m.get("force_mae") is not None]
-    if not points:
-        _empty(by_labels, "no ensemble evaluated yet")
-        _empty(by_time, "no ensemble evaluated yet")
-        return figure
-    labels = [m["labels"] for m in points]
-    wall = [m.get("wall_s", np.nan) for m in points]
-    force = [m["force_mae"] for m in points]
-    energy = [1e3 * (m.get("energy_mae_per_atom") or np.nan) for m in points]
-    for axis, x, xlabel in ((by_labels, labels, "active labels"), (by_time, wall, "wall time, s")):
-        axis.plot(x, force, "o-", color="tab:blue", label="force MAE (eV/Å)")
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel("test force MAE, eV/Å", color="tab:blue")
+HELD_BACK_LABEL = "gate held members back (count beside)"
+"""Legend entry of the marks on versions where the validation gate held members back."""
+
+ERROR_PANELS = (
+    ("force", "force_mae", "eV/Å", "tab:blue"),
+    ("energy", "energy_mae", "meV/atom", "tab:orange"),
+)
+"""The learning curve's panels, left to right: quantity, key in
+:meth:`RunData.learning_curve`, unit, colour."""
+
+
+def _series(points: list[dict], x_key: str, y_key: str) -> tuple[list, list]:
+    """The points that have both ``x_key`` (finite) and ``y_key`` (not None)."""
+    pairs = [
+        (p[x_key], p[y_key])
+        for p in points
+        if p[y_key] is not None and np.isfinite(p[x_key]) and np.isfinite(p[y_key])
+    ]
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def _y_scale(axis, values: list[float]) -> None:
+    """Log scale when the positive ``values`` span more than a decade."""
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > 10 * min(positive):
         axis.set_yscale("log")
-        twin = axis.twinx()
-        twin.plot(x, energy, "s--", color="tab:orange", label="energy MAE (meV/atom)")
-        twin.set_ylabel("test energy MAE, meV/atom", color="tab:orange")
-    figure.suptitle(f"{data.name}: held-out error per ensemble version")
+
+
+def plot_learning_curve(data: RunData):
+    """Force (left) and energy (right) MAE per ensemble version, against active
+    labels (top) and wall time (bottom): test errors solid, validation errors dashed,
+    each quantity on its own axis and scale; versions where the gate held members
+    back are marked."""
+    figure, axes = _figure(width=11, height=7.5, rows=2, columns=2)
+    points = data.learning_curve()
+    if not points:
+        for axis in axes.flat:
+            _empty(axis, "no ensemble evaluated yet")
+        return figure
+    held = [p for p in points if (p["held_back"] or 0) > 0]
+    rows = (("labels", "active labels"), ("wall_s", "wall time, s"))
+    for row, (x_key, xlabel) in zip(axes, rows, strict=True):
+        for axis, (quantity, key, unit, colour) in zip(row, ERROR_PANELS, strict=True):
+            test = _series(points, x_key, key)
+            validation = _series(points, x_key, f"val_{key}")
+            if not test[1] and not validation[1]:
+                _empty(axis, f"no {quantity} errors against {xlabel} recorded")
+                continue
+            if test[1]:
+                axis.plot(*test, "o-", color=colour, label=f"test {quantity} MAE")
+            if validation[1]:
+                label = f"validation {quantity} MAE"
+                axis.plot(*validation, "s--", color=colour, mfc="none", label=label)
+            on = key if test[1] else f"val_{key}"  # mark the curve that is drawn
+            marks = [p for p in held if p[on] is not None and np.isfinite(p[x_key])]
+            if marks:
+                xs, ys = [p[x_key] for p in marks], [p[on] for p in marks]
+                axis.plot(xs, ys, "v", color="tab:red", ms=9, ls="none", label=HELD_BACK_LABEL)
+                for x, y, point in zip(xs, ys, marks, strict=True):
+                    axis.annotate(
+                        str(point["held_back"]), (x, y), xytext=(5, -12),
+                        textcoords="offset points", color="tab:red", fontsize=8,
+                    )  # fmt: skip
+            _y_scale(axis, test[1] + validation[1])
+            axis.set_xlabel(xlabel)
+            axis.set_ylabel(f"{quantity} MAE, {unit}", color=colour)
+            axis.grid(alpha=0.3, which="both")
+            axis.legend(fontsize=8)
+    frames = [p["n_validation"] for p in points if p["n_validation"]]
+    note = f"; validation: members' mean, each on its own frames, ≥ {min(frames)}" if frames else ""
+    figure.suptitle(f"{data.name}: error per ensemble version (test: held-out set{note})")
+    figure.tight_layout()
     return figure
 
 

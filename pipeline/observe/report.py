@@ -45,6 +45,10 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
     ]
     if last.get("force_mae") is not None:
         facts.append(("latest test force MAE", f"{last['force_mae']:.4f} eV/Å"))
+    if last.get("val_force_mae") is not None:
+        facts.append(("latest validation force MAE", f"{last['val_force_mae']:.4f} eV/Å"))
+    if last.get("held_back") is not None:
+        facts.append(("members held back by the gate (latest)", str(last["held_back"])))
     if last.get("uncertainty_spearman") is not None:
         facts.append(("latest uncertainty Spearman rho", f"{last['uncertainty_spearman']:.2f}"))
     if summary.get("learning_curve_area") is not None:
@@ -57,6 +61,51 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
             text = f"{start:.4f} → {text} ({numbers['n_structures']} held-out frames)"
         facts.append((f"system {name}: test force MAE", text))
     return facts
+
+
+LEARNING_COLUMNS = (
+    ("version", "version", "d"),
+    ("labels", "labels", "d"),
+    ("wall_s", "wall time, s", ".0f"),
+    ("force_mae", "test force MAE, eV/Å", ".4f"),
+    ("energy_mae", "test energy MAE, meV/atom", ".2f"),
+    ("val_force_mae", "validation force MAE, eV/Å", ".4f"),
+    ("val_energy_mae", "validation energy MAE, meV/atom", ".2f"),
+    ("held_back", "members held back", "d"),
+    ("n_validation", "validation frames", "d"),
+)
+"""The learning-curve table's columns: key in :meth:`RunData.learning_curve`, heading,
+format. A column whose ``metrics.jsonl`` field no row carries (an older run) is left out."""
+
+RECORDED_AS = {"val_energy_mae": "val_energy_mae_per_atom", "energy_mae": "energy_mae_per_atom"}
+
+
+def _cell(value: object, spec: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return format(int(value) if spec == "d" else value, spec)
+
+
+def _learning_curve_table(data: RunData, most: int = 40) -> str:
+    """The errors per ensemble version as an HTML table: every version, or one in n
+    and the last where there are more than ``most``."""
+    points = data.learning_curve()
+    if not points:
+        return ""
+    always = {"version", "labels", "wall_s", "force_mae", "energy_mae"}
+    columns = [
+        c for c in LEARNING_COLUMNS if c[0] in always or data.recorded(RECORDED_AS.get(c[0], c[0]))
+    ]
+    step = -(-len(points) // most)
+    shown = points[::step] if (len(points) - 1) % step == 0 else [*points[::step], points[-1]]
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in columns)
+    body = "\n".join(
+        "<tr>" + "".join(f"<td>{_cell(p[key], spec)}</td>" for key, _, spec in columns) + "</tr>"
+        for p in shown
+    )
+    note = f"<p>One version in {step} of {len(points)} shown, and the last.</p>\n"
+    note = note if step > 1 else ""
+    return f'{note}<table id="learning_curve_table">\n<tr>{head}</tr>\n{body}\n</table>'
 
 
 def build_report(root: str | Path) -> Path:
@@ -85,6 +134,8 @@ def build_report(root: str | Path) -> Path:
             f'<h2>{html.escape(title)}</h2>\n<img id="{stem}" alt="{html.escape(title)}" '
             f'src="data:image/png;base64,{encoded}">'
         )
+        if stem == "learning_curve":
+            sections.append(_learning_curve_table(data))
     rows = "\n".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _facts(data)
     )

@@ -8,6 +8,7 @@ import logging
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,15 @@ from palflow.pipeline.state.rundir import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _number(value: Any, missing: float | None = None) -> float | None:
+    return missing if value is None else float(value)
+
+
+def _milli(value: Any) -> float | None:
+    """eV to meV, None kept."""
+    return None if value is None else 1e3 * float(value)
 
 
 def run_status(root: str | Path) -> str:
@@ -58,6 +68,40 @@ class RunData:
         else:
             self.t0 = time.time()
         self.t1 = max([e.get("returned", self.t0) for e in self.events] or [self.t0])
+
+    def learning_curve(self) -> list[dict[str, Any]]:
+        """The ensemble versions that have a test error, oldest first, one dict each.
+
+        Keys: ``version``, ``labels``, ``wall_s`` (NaN when not recorded), the test
+        errors ``force_mae`` (eV/Å) and ``energy_mae`` (meV/atom), the validation
+        errors ``val_force_mae`` and ``val_energy_mae`` (same units), ``held_back``
+        (members whose newest state the gate rejected) and ``n_validation``. An error
+        not recorded (older run directories, or a version the gate did not judge) is
+        None.
+        """
+        points = []
+        for index, row in enumerate(self.metrics):
+            if row.get("force_mae") is None:
+                continue
+            points.append(
+                {
+                    "version": row.get("version", index),
+                    "labels": row.get("labels", 0),
+                    "wall_s": _number(row.get("wall_s"), np.nan),
+                    "force_mae": row["force_mae"],
+                    "energy_mae": _milli(row.get("energy_mae_per_atom")),
+                    "val_force_mae": _number(row.get("val_force_mae")),
+                    "val_energy_mae": _milli(row.get("val_energy_mae_per_atom")),
+                    "held_back": row.get("held_back"),
+                    "n_validation": row.get("n_validation"),
+                }
+            )
+        return points
+
+    def recorded(self, field: str) -> bool:
+        """Whether any row of ``metrics.jsonl`` carries ``field`` (even as null): the
+        run was written by a pipeline that records it."""
+        return any(field in row for row in self.metrics)
 
     @property
     def name(self) -> str:

@@ -43,11 +43,27 @@ class Member:
     """Labels (initial and active) in the snapshot of its latest finished task."""
     fresh: bool = False
     """Advanced since the last published ensemble version."""
+    held_back: bool = False
+    """The validation gate kept its newest state from publication
+    (:mod:`palflow.apps.publication`): its checkpoint publishes its last good state."""
+    validation: dict | None = None
+    """Its published state's validation errors (``force_mae``, ``energy_mae_per_atom``)
+    and frame count (``n``), as its latest task measured them."""
 
-    def advance(self, checkpoint: str, labels: int, epochs: int) -> None:
-        """Move to a newer checkpoint; the older one is in a stacked version already."""
+    def advance(
+        self, checkpoint: str, labels: int, epochs: int, result: dict | None = None
+    ) -> None:
+        """Move to a newer checkpoint; the older one is in a stacked version already.
+        ``result``: the training task's result, for what the validation gate decided."""
         previous, self.checkpoint = self.checkpoint, checkpoint
         self.trained_on, self.epochs, self.fresh = labels, epochs, True
+        result = result or {}
+        self.held_back = not result.get("published", True)
+        self.validation = {
+            "force_mae": result.get("val_force_mae"),
+            "energy_mae_per_atom": result.get("val_energy_mae"),
+            "n": int(result.get("n_validation") or 0),
+        }
         if previous and previous != checkpoint and os.path.exists(previous):
             os.remove(previous)
 
@@ -61,6 +77,15 @@ class Version:
     n_labels: int
     """Active-learning labels when it was published."""
     wall_s: float
+    held_back: int = 0
+    """Members whose newest state the validation gate kept out of this version."""
+    val_force_mae: float | None = None
+    """The members' mean validation force MAE (eV/Å), each on its own validation
+    frames; None when some member's gate did not measure one."""
+    val_energy_mae_per_atom: float | None = None
+    """The same of the energy per atom (eV/atom)."""
+    n_validation: int = 0
+    """The fewest validation frames any member was judged on."""
 
 
 @dataclass(frozen=True)

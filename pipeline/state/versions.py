@@ -50,7 +50,16 @@ class VersionPublisher:
         )
         for member in self.members:
             member.fresh = False
-        version = Version(number, path, self.n_labels_active, time.time() - self.t0)
+        version = Version(
+            number,
+            path,
+            self.n_labels_active,
+            time.time() - self.t0,
+            held_back=sum(m.held_back for m in self.members),
+            val_force_mae=_mean_validation(self.members, "force_mae"),
+            val_energy_mae_per_atom=_mean_validation(self.members, "energy_mae_per_atom"),
+            n_validation=min((m.validation or {}).get("n", 0) for m in self.members),
+        )
         self.versions.append(version)
         return version
 
@@ -67,5 +76,17 @@ class VersionPublisher:
                 "force_mae": errors["force_mae"],
                 "force_rmse": errors.get("force_rmse"),
                 "energy_mae_per_atom": errors.get("energy_mae_per_atom"),
+                "val_force_mae": version.val_force_mae,
+                "val_energy_mae_per_atom": version.val_energy_mae_per_atom,
+                "held_back": version.held_back,
+                "n_validation": version.n_validation,
             }
         )
+
+
+def _mean_validation(members: list[Member], key: str) -> float | None:
+    """The members' mean validation error ``key``, or None where one has none."""
+    values = [(m.validation or {}).get(key) for m in members]
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)

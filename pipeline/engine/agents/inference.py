@@ -159,6 +159,12 @@ class InferenceAgent:
         if by_system:
             record["systems"] = by_system
         record["wall_s"] = version.wall_s
+        record.update(
+            val_force_mae=version.val_force_mae,
+            val_energy_mae_per_atom=version.val_energy_mae_per_atom,
+            held_back=version.held_back,
+            n_validation=version.n_validation,
+        )
         context.run.append_jsonl(METRICS_FILE, record)
         context.state.record_test_error(version, result, record)
         context.selector.calibrate(evaluation)

@@ -85,7 +85,7 @@ class TrainingAgent:
     def on_result(self, task: TrainTask, result: dict[str, Any]) -> None:
         context = self.context
         task.member.busy = False
-        task.member.advance(result["checkpoint"], task.labels, result["epochs"])
+        task.member.advance(result["checkpoint"], task.labels, result["epochs"], result)
         last_of_stop = context.policy.stopping and context.engine.busy("train") == 0
         version = context.state.maybe_publish_version(final=last_of_stop)
         if version is not None:
