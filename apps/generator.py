@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
+from ase.data import covalent_radii
 from ase.io import read, write
 
 from palflow.apps.common import draw_velocities, import_object, require_settings, where_and_when
@@ -44,8 +45,10 @@ def blow_up_reason(
     """Say why a walker's frame is unphysical, or None when it is fine.
 
     A walker has blown up when the ensemble disagrees beyond the hard cap, when two
-    atoms come closer than ``min_distance`` (Å), or, for a non-periodic system, when
-    an atom has flown farther than ``max_neighbour_distance`` (Å) from all others.
+    atoms come closer than ``min_distance`` (Å) or than ``min_distance_factor`` times
+    the sum of their covalent radii (where an oracle's forces are absurd), or, for a
+    non-periodic system, when an atom has flown farther than ``max_neighbour_distance``
+    (Å) from all others.
     """
     if not np.isfinite(force_disagreement):
         return "non-finite force disagreement"
@@ -57,6 +60,14 @@ def blow_up_reason(
     np.fill_diagonal(distances, np.inf)
     if distances.min() < settings["min_distance"]:
         return f"atoms {distances.min():.3g} Å apart"
+    radii = covalent_radii[atoms.numbers]
+    bonded = settings["min_distance_factor"] * (radii[:, None] + radii[None, :])
+    closest = np.unravel_index(np.argmin(distances / bonded), distances.shape)
+    if distances[closest] < bonded[closest]:
+        return (
+            f"atoms {distances[closest]:.3g} Å apart, under {settings['min_distance_factor']:g} "
+            "of their covalent radii's sum"
+        )
     if not atoms.pbc.any() and distances.min(axis=1).max() > settings["max_neighbour_distance"]:
         return "an atom flew away from the rest"
     return None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from ase import Atoms
 
-from palflow.apps.models.calculator import evaluate_errors
+from palflow.apps.models.calculator import evaluate_errors, predict_batches
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,29 @@ class Verdict:
         if self.new is None or self.old is None:
             return None
         return self.new["score"] < self.old["score"]
+
+
+@torch.no_grad()
+def recentre(model, frames: Sequence[Atoms], limit: int = 256) -> float:
+    """Shift ``model``'s energies so that its mean energy error per atom on ``frames``
+    (its training labels; the newest ``limit``) is zero, and return the shift (eV/atom,
+    member 0's).
+
+    The loss weighs forces far more than energies, and a constant energy offset, which
+    no force sees, drifts from one task to the next; one number per member removes it
+    exactly (``shift_energy`` of :class:`~palflow.apps.models.protocol.PotentialEnsemble`).
+    """
+    frames = list(frames)[-limit:]
+    if not frames:
+        return 0.0
+    device = next(model.parameters()).device
+    total = torch.zeros(model.n_members, dtype=torch.float64)
+    for batch, out in predict_batches(model, frames, device, 64, with_targets=True):
+        error = (out["energy"].double().cpu() - batch.energy.double().cpu()) / batch.n_atoms.cpu()
+        total += error.sum(dim=1)
+    shift = -total / len(frames)
+    model.shift_energy(shift)
+    return float(shift[0])
 
 
 def validation_errors(model, frames: Sequence[Atoms], weights: Mapping[str, float]) -> dict:

@@ -43,7 +43,12 @@ class TrainingSettings(Section):
     learning_rate_plateau_threshold: float = Field(0.01, ge=0, lt=1)
     """A gain is a validation score at least this fraction below the published state's."""
     batch_size: int = Field(16, ge=1)
-    energy_weight: float = Field(1.0, ge=0)
+    loss: Literal["mse", "huber"] = "huber"
+    """The penalty of each error: its square, or the Huber penalty (the square up to
+    ``huber_delta``, linear beyond), which keeps a few wild labels from dominating."""
+    huber_delta: float = Field(0.01, gt=0)
+    """Where the Huber penalty turns linear, in the error's unit (eV/atom, eV/Å)."""
+    energy_weight: float = Field(10.0, ge=0)
     """Weight of the energy term, on the squared error of the energy per atom (eV/atom)."""
     force_weight: float = Field(10.0, ge=0)
     """Weight of the force term, on the squared force error per component (eV/Å)."""
@@ -98,6 +103,11 @@ class GeneratorSettings(Section):
     """Hard cap (eV/Å): above it the walker has blown up and is reset."""
     min_distance: float = Field(0.6, gt=0)
     """Atoms closer than this (Å) mean the walker has blown up."""
+    min_distance_factor: float = Field(0.6, ge=0)
+    """So do two atoms closer than this times the sum of their covalent radii (0.6:
+    1.58 Å for copper, 0.37 Å for hydrogen): such frames get absurd forces from the
+    oracle, which refuses them, and a committee far from its data rates them the most
+    uncertain of all (0 turns the check off)."""
     max_neighbour_distance: float = Field(4.0, gt=0)
     """A non-periodic atom farther than this (Å) from every other atom has flown off."""
     pressure_bar: float | None = None

@@ -3,7 +3,9 @@
 A training task is a pure function of its arguments (:func:`_train_member`): it reads
 the dataset from disk, continues from the member's previous checkpoint when given one,
 and writes a new checkpoint atomically. Members train independently, each on its own
-bootstrap resample, and are stacked into one ensemble checkpoint for inference.
+bootstrap resample, and are stacked into one ensemble checkpoint for inference. What
+a member publishes (an average of its weights, when a validation gate lets it) is
+:mod:`palflow.apps.publication`'s.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from palflow.apps.publication import (
     clone_state,
     finite_or_none,
     judge,
+    recentre,
 )
 from palflow.apps.sections import TrainingSettings
 
@@ -82,6 +85,18 @@ def _graphs(structures: Sequence[Atoms], cutoff: float) -> list[StructureGraph]:
     return [structure_graph(atoms, cutoff, True, nl) for atoms in structures]
 
 
+def _penalty(settings: dict):
+    """The mean penalty of an error tensor: its mean square, or with ``loss = "huber"``
+    the mean Huber penalty (twice torch's, so that it is the square up to
+    ``huber_delta`` and grows linearly beyond: a few wild labels do not dominate)."""
+    if settings["loss"] == "mse":
+        return lambda error: error.pow(2).mean()
+    delta = settings["huber_delta"]
+    return lambda error: (
+        2.0 * torch.nn.functional.huber_loss(error, torch.zeros_like(error), delta=delta)
+    )
+
+
 def _loss(model: PotentialEnsemble, batch, settings: dict) -> torch.Tensor:
     """``energy_weight`` * mean sq. per-atom energy error ((eV/atom)^2) + ``force_weight``
     * mean sq. force error ((eV/Å)^2) + ``stress_weight`` * mean sq. virial error per
@@ -89,21 +104,22 @@ def _loss(model: PotentialEnsemble, batch, settings: dict) -> torch.Tensor:
     it weighs like the energy term), over the structures with a stress label."""
     energy_weight, force_weight = settings["energy_weight"], settings["force_weight"]
     stress_weight = settings["stress_weight"]
+    square = _penalty(settings)
     with_stress = stress_weight > 0 and batch.stress is not None
     out = model(batch, compute_forces=True, compute_stress=with_stress)
     n_atoms = batch.n_atoms.to(out["energy"].dtype)
     energy_error = (out["energy"] - batch.energy.to(out["energy"].dtype)) / n_atoms
-    loss = energy_weight * energy_error.pow(2).mean()
+    loss = energy_weight * square(energy_error)
     if force_weight > 0 and batch.forces.numel() > 0:
         force_error = out["forces"] - batch.forces.to(out["forces"].dtype)
-        loss = loss + force_weight * force_error.pow(2).mean()
+        loss = loss + force_weight * square(force_error)
     if with_stress:
         labelled = torch.isfinite(batch.stress).all(dim=(-1, -2))
         if labelled.any():
             per_atom = (batch.volume / batch.n_atoms).to(out["stress"].dtype)[labelled]
             error = out["stress"][:, labelled] - batch.stress[labelled].to(out["stress"].dtype)
             virial_error = error * per_atom[None, :, None, None]
-            loss = loss + stress_weight * virial_error.pow(2).mean()
+            loss = loss + stress_weight * square(virial_error)
     return loss
 
 
@@ -130,8 +146,8 @@ def _train_member(
         structures are skipped. The member trains on all of it: the coordinator's
         snapshot already holds only the labels to train on (``rolling_window``).
     checkpoint_in
-        Previous checkpoint of this member to continue from (model and optimiser), or
-        ``None`` to start from a fresh model seeded with ``seed``.
+        Previous checkpoint of this member to continue from (its raw weights, average
+        and optimiser), or ``None`` to start from a fresh model seeded with ``seed``.
     checkpoint_out
         Where to write the updated K=1 checkpoint (atomically).
     spec
@@ -146,7 +162,8 @@ def _train_member(
     n_epochs
         Epochs to run in this call.
     validation_path
-        Optional dataset for the returned validation errors.
+        Optional held-out labels; with the labels this member's bootstrap left out,
+        they are its validation frames, on which the gate judges its new state.
     device
         Torch device; default CUDA when available.
 
@@ -159,9 +176,19 @@ def _train_member(
     Returns
     -------
     dict
-        ``member``, ``checkpoint``, ``epochs`` (total so far), ``n_train``,
-        ``train_loss`` (mean over the last epoch), ``val_force_mae`` (eV/Å),
-        ``val_energy_mae`` (eV/atom), ``t_start``, ``t_end``, ``host``, ``device``.
+        ``member``, ``checkpoint``, ``epochs`` and ``steps`` (totals so far),
+        ``learning_rate``, ``n_train``, ``train_loss`` (mean over the last epoch),
+        ``published`` and ``gate`` (the validation gate's verdict,
+        :mod:`palflow.apps.publication`), ``n_validation`` (the member's validation
+        frames), ``val_force_mae`` (eV/Å) and ``val_energy_mae`` (eV/atom) of the state
+        the checkpoint publishes (None where the gate did not measure),
+        ``ema_lag_tasks`` (how far the average trails the raw weights, in tasks),
+        ``t_start``, ``t_end``, ``host``, ``device``, and ``event``: the keys of
+        :data:`EVENT_KEYS`, for ``events.jsonl``.
+
+    The checkpoint's weights are the member's published state; its ``extra`` holds the
+    raw weights (``raw``) that training continues from, the average (``average``),
+    the optimiser state and the plateau's state (``plateau``).
     """
     t_start = time.time()
     require_settings(settings, TrainingSettings.model_fields, "training")
@@ -238,9 +265,15 @@ def _train_member(
         logger.debug("member %d epoch %d loss %.5g", member, epochs_done, train_loss)
     model.eval()
 
-    # The gate: the averaged state against the published one, on this member's
-    # validation frames (the held-out labels and those its resample left out).
+    # The raw and the averaged state, each with its energy offset on its own training
+    # labels removed; then the gate: the averaged state against the published one, on
+    # this member's validation frames (the held-out labels and those its resample left out).
+    trained_on = [structures[j] for j in unique]
+    recentre(model, trained_on)
     raw = clone_state(model.state_dict())
+    model.load_state_dict(average.state)
+    recentre(model, trained_on)
+    average.state = clone_state(model.state_dict())
     validation = (
         [a for a in read_dataset(validation_path) if _is_labelled(a)]
         if (validation_path is not None)

@@ -1,6 +1,7 @@
 """The coordinator on standard-library executors, with real apps and an EMT oracle."""
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,10 @@ SLOTS = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
 
 
 def small_campaign(**overrides):
+    """The small copper campaign of the coordinator tests; its seed is
+    ``PALFLOW_TEST_SEED`` (0 by default), which ``benchmarks/repeat_tests.py`` varies."""
     settings = {
+        "seed": int(os.environ.get("PALFLOW_TEST_SEED", "0")),
         "stop__max_labels": 24,
         "stop__max_wall_s": 240.0,
         "model__n_features": 16,
@@ -32,7 +36,10 @@ def small_campaign(**overrides):
         "initial__n_structures": 8,
         "test__n_structures": 8,
         "oracle__batch_size": 4,
-        "stop__final_training_s": 0.0,
+        # As in every campaign (60 s by default), the members train on the final labels
+        # before the last version: without it, the last version holds members that took
+        # in the last labels for one 4-epoch task.
+        "stop__final_training_s": 5.0,
     }
     settings.update(overrides)
     return load_campaign(EXAMPLES / "cu_emt.toml", **settings)
@@ -90,11 +97,8 @@ def test_short_campaign_labels_exactly_the_budget_and_learns(tmp_path):
 
     assert summary["versions"] >= 2
     mae = [entry[2] for entry in summary["test_force_mae"]]
-    # It learns: some later version beats the first. One version's error moves by up
-    # to a factor of two from the next in so short a run (0.39 -> 0.97 eV/A seen here),
-    # and the last versions, trained on the frames the members disagreed on most, were
-    # once all worse than the first (CI), so the best of all later ones is compared.
-    assert len(mae) >= 2 and min(mae[1:]) < mae[0]
+    # It learns: the last version has at most half the first one's error.
+    assert len(mae) >= 2 and mae[-1] <= 0.5 * mae[0], mae
     assert set(summary["busy_fraction"]) == set(MODULES)
     assert json.loads((run.root / "summary.json").read_text())["labels"] == 24
     assert (run.root / "labels.extxyz").exists()

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 from ase.build import molecule
 from ase.io import read, write
 
@@ -183,6 +184,14 @@ def test_blow_up_reasons():
     flown.positions[3] += [20.0, 0, 0]
     assert "flew away" in blow_up_reason(flown, 0.1, settings)
     assert "non-finite" in blow_up_reason(atoms, float("nan"), settings)
+    # Copper atoms 1.4 Å apart (EMT gives forces of some 100 eV/Å there): blown up by
+    # the covalent radii (0.6 x 2.64 Å), though far above min_distance.
+    pair = Atoms("Cu2", positions=[[0, 0, 0], [1.4, 0, 0]])
+    assert "covalent radii" in blow_up_reason(pair, 0.1, settings)
+    pair.positions[1, 0] = 1.7
+    assert blow_up_reason(pair, 0.1, settings) is None
+    assert blow_up_reason(pair, 0.1, {**settings, "min_distance_factor": 0.7}) is not None
+    assert blow_up_reason(atoms, 0.1, {**settings, "min_distance_factor": 0.0}) is None
 
 
 def test_md_takes_the_whole_generator_section_and_names_what_is_missing(

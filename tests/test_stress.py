@@ -233,3 +233,30 @@ def test_the_held_out_evaluation_reports_the_stress_error(tmp_path):
         _evaluate_test(str(tmp_path / "e.pt"), str(tmp_path / "molecules.npz"))["stress_mae"]
         is None
     )
+
+
+def test_a_wild_stress_moves_the_cell_by_at_most_one_percent_a_step():
+    """An ensemble far outside its data can predict a stress of any size; the barostat
+    then moves the cell by at most ``MAX_CELL_STRAIN`` per step (it once shrank a cell
+    to nothing in one step, and the neighbour list filled the memory)."""
+    from palflow.apps.md.dynamics import MAX_CELL_STRAIN, BatchedDynamics
+    from palflow.pipeline.config.sections import GeneratorSettings
+
+    torch.manual_seed(0)
+    atoms = bulk("Cu", cubic=True).repeat(2)
+    atoms.set_momenta(np.zeros((len(atoms), 3)))
+    settings = GeneratorSettings(pressure_bar=1.0).model_dump()
+    dynamics = BatchedDynamics(
+        SchNetEnsemble(SPEC, 2).eval(), [atoms], settings, np.random.default_rng(0)
+    )
+    length = atoms.cell.lengths()[0]
+    for stress, sign in ((1e6, -1), (-1e6, 1), (np.inf, 0), (np.nan, 0)):
+        before = atoms.cell.lengths()[0]
+        dynamics._rescale_cell(atoms, np.eye(3) * stress)
+        ratio = atoms.cell.lengths()[0] / before
+        assert np.isfinite(atoms.positions).all()
+        if sign:  # a huge positive stress (negative pressure) shrinks the cell, and back
+            assert ratio == pytest.approx(np.exp(sign * MAX_CELL_STRAIN))
+        else:  # a stress that is not finite leaves the cell to the noise alone
+            assert abs(np.log(ratio)) < 1e-3
+    assert atoms.cell.lengths()[0] == pytest.approx(length, rel=1e-3)

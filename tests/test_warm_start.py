@@ -64,11 +64,11 @@ def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, fini
     """The run takes the finished run's labels with no oracle call, and its members
     train on from where that run's last ensemble left them.
 
-    Its test error is only checked against divergence: this small model's error moves
-    by up to a factor of two from one version to the next of one run (0.39 -> 0.97
-    eV/A in one run here), so a single warm version cannot be ranked against a cold
-    one. That the members continue exactly is the test above; here, that their step
-    counts go on from the finished run's in a whole campaign."""
+    Its first version is at most 1.1x the finished run's last: the members go on from
+    the states that run published, and a member's new state replaces its published one
+    only if it validates no worse (:mod:`palflow.apps.publication`). That the members
+    continue exactly is the test above; here, that their step counts go on from the
+    finished run's in a whole campaign."""
     from palflow.apps.models.core import load_checkpoint
 
     first_run, first = finished
@@ -89,8 +89,8 @@ def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, fini
         assert min(steps) >= earlier["steps"] and max(steps) > earlier["steps"], (
             "members go on from the finished run's steps, they do not restart"
         )
-    seen = [e["force_mae"] for e in first["test_errors"]]
-    assert warm[0]["force_mae"] <= 1.5 * max(seen), (warm[0], seen)
+    last = first["test_errors"][-1]["force_mae"]
+    assert warm[0]["force_mae"] <= 1.1 * last, (warm[0], last)
 
 
 def test_labels_alone_reach_the_final_error_without_new_labels(tmp_path, finished):

@@ -14,6 +14,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from ase import Atoms, units
 
+MAX_CELL_STRAIN = 0.01
+"""The largest change of a cell's lengths in one barostat step (a fraction; a real
+barostat moves them by about 1e-5 per step)."""
+
 
 class Evaluation(NamedTuple):
     """What the driving potential says about one walker's frame."""
@@ -163,6 +167,10 @@ class BatchedDynamics:
         rate = self.compressibility / self.barostat_time
         drift = -rate * (self.pressure - pressure - self.kT / volume) * self.dt
         noise = np.sqrt(2 * self.kT * rate * self.dt / volume) * self.rng.standard_normal()
-        scale = float(np.exp((drift + noise) / 3))
+        # A wild stress (an ensemble far outside its data) would shrink the cell to
+        # nothing in one step, and its neighbour list would fill the memory; the cell
+        # moves at most MAX_CELL_STRAIN per step, and the walker's checks catch the rest.
+        log_scale = (drift + noise) / 3 if np.isfinite(drift + noise) else 0.0
+        scale = float(np.exp(np.clip(log_scale, -MAX_CELL_STRAIN, MAX_CELL_STRAIN)))
         atoms.set_cell(atoms.cell[:] * scale, scale_atoms=True)
         atoms.set_momenta(momenta / scale)

@@ -46,6 +46,11 @@ class PotentialEnsemble(Protocol):
 
     def member(self, index: int) -> PotentialEnsemble: ...
 
+    def shift_energy(self, per_atom: Any) -> None:
+        """Add ``per_atom[k]`` (a tensor [K]) eV per atom to every energy member k predicts (forces
+        unchanged); :func:`palflow.apps.publication.recentre` uses it."""
+        ...
+
     @classmethod
     def stack(cls, members: Sequence[PotentialEnsemble]) -> PotentialEnsemble: ...
 

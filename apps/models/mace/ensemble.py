@@ -267,6 +267,12 @@ class MACEEnsemble(torch.nn.Module):
                 shift = member.scale_shift.shift
                 shift.sub_(offset.to(shift.dtype))
 
+    @torch.no_grad()
+    def shift_energy(self, per_atom: torch.Tensor) -> None:
+        """Add ``per_atom[k]`` eV per atom to member k's energies (its readout shift)."""
+        for member, value in zip(self.members, per_atom, strict=True):
+            member.scale_shift.shift.add_(value.to(member.scale_shift.shift))
+
     def member(self, index: int) -> MACEEnsemble:
         """A K=1 copy of member ``index``."""
         if not -self.n_members <= index < self.n_members:

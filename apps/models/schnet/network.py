@@ -267,6 +267,12 @@ class SchNetEnsemble(torch.nn.Module):
         self.energy_scale.fill_(scale)
         logger.debug("energy reference fitted: elements %s, scale %.4g eV", present, scale)
 
+    @torch.no_grad()
+    def shift_energy(self, per_atom: torch.Tensor) -> None:
+        """Add ``per_atom[k]`` eV per atom to member k's energies (its every reference
+        energy)."""
+        self.energy_shift.add_(per_atom.to(self.energy_shift)[:, None])
+
     def member(self, index: int) -> SchNetEnsemble:
         """Return a K=1 copy of member ``index`` (parameters and buffers)."""
         if not -self.n_members <= index < self.n_members:
