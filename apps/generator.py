@@ -62,8 +62,8 @@ def blow_up_reason(
         return f"atoms {distances.min():.3g} Å apart"
     radii = covalent_radii[atoms.numbers]
     bonded = settings["min_distance_factor"] * (radii[:, None] + radii[None, :])
-    closest = np.unravel_index(np.argmin(distances / bonded), distances.shape)
-    if distances[closest] < bonded[closest]:
+    closest = np.unravel_index(np.argmin(distances - bonded), distances.shape)
+    if settings["min_distance_factor"] > 0 and distances[closest] < bonded[closest]:
         return (
             f"atoms {distances[closest]:.3g} Å apart, under {settings['min_distance_factor']:g} "
             "of their covalent radii's sum"

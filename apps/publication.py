@@ -8,8 +8,9 @@ member, all in the member's checkpoint, for any model backend (they are plain
 - their **average** (:class:`WeightAverage`), an exponential moving average whose
   decay warms up with the step count and never reaches back more than half a task;
 - the **published** weights, which the ensemble versions stack. The average replaces
-  them only when the gate (:func:`judge`) finds it not worse on the member's
-  validation frames than the published state, both measured on the same frames now.
+  them only when the gate (:func:`judge`) finds it not worse, beyond a tolerance, on
+  the member's validation frames than the published state, both measured on the same
+  frames now.
 
 The learning rate (:class:`RateOnPlateau`) is cut when the gate's comparison shows no
 gain for a few tasks in a row. All three are settings of ``[training]``
@@ -114,20 +115,15 @@ class Verdict:
     """:data:`FIRST`, :data:`ACCEPTED`, :data:`REJECTED` or :data:`UNJUDGED`."""
     n_validation: int
     new: dict[str, float] | None = None
-    """Validation errors of the new state (``score``, ``force_mae``, ...), when measured."""
+    """Validation errors of the new state (``force_mae``, ...), when measured."""
     old: dict[str, float] | None = None
     """The same of the published state, on the same frames."""
+    ratio: float | None = None
+    """:func:`error_ratio` of the new state to the published one, where judged."""
 
     @property
     def publish(self) -> bool:
         return self.gate != REJECTED
-
-    @property
-    def improved(self) -> bool | None:
-        """Whether the new state beats the published one, or None where not judged."""
-        if self.new is None or self.old is None:
-            return None
-        return self.new["score"] < self.old["score"]
 
 
 @torch.no_grad()
@@ -153,15 +149,32 @@ def recentre(model, frames: Sequence[Atoms], limit: int = 256) -> float:
     return float(shift[0])
 
 
-def validation_errors(model, frames: Sequence[Atoms], weights: Mapping[str, float]) -> dict:
-    """Errors of ``model`` on ``frames`` and their ``score``: the training loss's energy
-    and force terms, ``energy_weight * RMSE(E/atom)^2 + force_weight * RMSE(F)^2``."""
-    errors = evaluate_errors(model, frames, next(model.parameters()).device)
-    errors["score"] = (
-        weights["energy_weight"] * errors["energy_rmse_per_atom"] ** 2
-        + weights["force_weight"] * errors["force_rmse"] ** 2
-    )
-    return errors
+def finite_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of ``state`` is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def validation_errors(model, frames: Sequence[Atoms]) -> dict:
+    """Errors of ``model`` on ``frames`` (:func:`evaluate_errors`)."""
+    return evaluate_errors(model, frames, next(model.parameters()).device)
+
+
+def error_ratio(new: Mapping, old: Mapping, settings: Mapping) -> float:
+    """How much worse ``new`` validates than ``old``: the mean of the energy MAE ratio
+    and the force MAE ratio (each only where its loss weight is above 0), so that a
+    state whose energies got twice as bad does not pass on slightly better forces.
+    A NaN new error makes it infinite; a NaN old one (a broken published state) makes
+    any finite new state better."""
+    ratios = []
+    for key, weight in (("energy_mae_per_atom", "energy_weight"), ("force_mae", "force_weight")):
+        if settings[weight] <= 0:
+            continue
+        if not math.isfinite(new[key]):
+            return math.inf
+        if not math.isfinite(old[key]):
+            return 0.0
+        ratios.append(new[key] / old[key] if old[key] > 0 else (1.0 if new[key] == 0 else math.inf))
+    return sum(ratios) / len(ratios) if ratios else 1.0
 
 
 def judge(
@@ -175,36 +188,44 @@ def judge(
 
     ``new`` is published when nothing is published yet, when fewer than
     ``min_validation_size`` frames are at hand (the gate does not judge), or when its
-    score is at most ``1 + gate_tolerance`` times the published state's. ``model`` is
-    left holding ``new``.
+    :func:`error_ratio` to the published state is at most ``1 + gate_tolerance``; a
+    state with a weight that is not finite never is. ``model`` is left holding ``new``.
+
+    Raises
+    ------
+    FloatingPointError
+        When ``new`` is not finite and nothing is published to keep.
     """
     n = len(frames)
-    if published is None and n < settings["min_validation_size"]:
+    if not finite_state(new):
+        if published is None:
+            raise FloatingPointError("training diverged: the new state has non-finite weights")
         model.load_state_dict(new)
-        return Verdict(FIRST, n)
+        return Verdict(REJECTED, n, ratio=math.inf)
     if n < settings["min_validation_size"]:
         model.load_state_dict(new)
-        return Verdict(UNJUDGED, n)
+        return Verdict(FIRST if published is None else UNJUDGED, n)
     if published is not None:
         model.load_state_dict(published)
-        old = validation_errors(model, frames, settings)
+        old = validation_errors(model, frames)
     model.load_state_dict(new)
-    errors = validation_errors(model, frames, settings)
+    errors = validation_errors(model, frames)
     if published is None:
         return Verdict(FIRST, n, errors)
-    # written so that a NaN score is worse too
-    worse = not errors["score"] <= (1.0 + settings["gate_tolerance"]) * old["score"]
-    return Verdict(REJECTED if worse else ACCEPTED, n, errors, old)
+    ratio = error_ratio(errors, old, settings)
+    worse = not ratio <= 1.0 + settings["gate_tolerance"]  # NaN is worse too
+    return Verdict(REJECTED if worse else ACCEPTED, n, errors, old, ratio)
 
 
 class RateOnPlateau:
     """A multiplier of the learning rate, cut when validation stops improving.
 
-    Each judged task counts as a gain when its new state's validation score is below
-    ``1 - learning_rate_plateau_threshold`` times the published state's, both measured on the
-    current validation frames; after ``learning_rate_plateau_patience`` judged tasks in a row
-    without a gain the multiplier is multiplied by ``learning_rate_plateau_factor``. Tasks the
-    gate does not judge leave the count as it is. New labels change nothing by
+    Each judged task counts as a gain when its new state's :func:`error_ratio` to the
+    published state, both measured on the current validation frames, is below ``1 -
+    learning_rate_plateau_threshold``; after ``learning_rate_plateau_patience`` judged
+    tasks in a row without a gain the multiplier is multiplied by
+    ``learning_rate_plateau_factor``. Tasks the gate does not judge leave the count as
+    it is. New labels change nothing by
     themselves: the rate is neither raised nor reset, and the next comparison is made
     on the grown validation set, where both states are measured again. The rate never
     goes below ``learning_rate_min`` (:func:`palflow.apps.training.learning_rate`).
@@ -217,10 +238,9 @@ class RateOnPlateau:
         self.cuts = int(saved.get("cuts", 0))
 
     def observe(self, verdict: Verdict, settings: Mapping) -> None:
-        if verdict.new is None or verdict.old is None:
+        if verdict.ratio is None or verdict.new is None:
             return
-        margin = 1.0 - settings["learning_rate_plateau_threshold"]
-        gain = verdict.new["score"] < margin * verdict.old["score"]
+        gain = verdict.ratio < 1.0 - settings["learning_rate_plateau_threshold"]
         self.without_gain = 0 if gain else self.without_gain + 1
         if self.without_gain >= settings["learning_rate_plateau_patience"]:
             self.scale *= settings["learning_rate_plateau_factor"]

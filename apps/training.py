@@ -21,7 +21,7 @@ import vesin
 from ase import Atoms
 
 from palflow.apps.common import require_settings, where_and_when
-from palflow.apps.data.dataset import read_dataset
+from palflow.apps.data.dataset import read_dataset, structure_key
 from palflow.apps.models import registry
 from palflow.apps.models.calculator import evaluate_errors  # noqa: F401 (re-exported)
 from palflow.apps.models.core import (
@@ -38,6 +38,7 @@ from palflow.apps.publication import (
     WeightAverage,
     clone_state,
     finite_or_none,
+    finite_state,
     judge,
     recentre,
 )
@@ -69,14 +70,16 @@ def _is_labelled(atoms: Atoms) -> bool:
     return "energy" in results and "forces" in results
 
 
-def bootstrap_multiplicity(seed: int, indices: Sequence[int]) -> np.ndarray:
-    """Poisson(1) bootstrap multiplicity of each structure index for one member.
+def bootstrap_multiplicity(seed: int, keys: Sequence[int]) -> np.ndarray:
+    """Poisson(1) bootstrap multiplicity of each structure for one member.
 
-    Each multiplicity depends only on ``(seed, index)``, so a member's resample of the
-    old structures stays the same as the dataset grows.
+    Each multiplicity depends only on ``(seed, key)``, where the key is the structure's
+    :func:`~palflow.apps.data.dataset.structure_key`, so a member's resample of a label
+    stays the same as the dataset grows, as a rolling window slides and in a warm
+    start: a label it trained on never becomes one of its validation frames.
     """
     return np.array(
-        [np.random.default_rng([seed, int(j)]).poisson(1.0) for j in indices], dtype=np.int64
+        [np.random.default_rng([seed, int(key)]).poisson(1.0) for key in keys], dtype=np.int64
     )
 
 
@@ -98,10 +101,11 @@ def _penalty(settings: dict):
 
 
 def _loss(model: PotentialEnsemble, batch, settings: dict) -> torch.Tensor:
-    """``energy_weight`` * mean sq. per-atom energy error ((eV/atom)^2) + ``force_weight``
-    * mean sq. force error ((eV/Å)^2) + ``stress_weight`` * mean sq. virial error per
-    atom ((eV/atom)^2, the stress error times the volume over the atom count, so that
-    it weighs like the energy term), over the structures with a stress label."""
+    """``energy_weight`` * the mean penalty (:func:`_penalty`) of the per-atom energy
+    errors (eV/atom) + ``force_weight`` * that of the force errors (eV/Å) +
+    ``stress_weight`` * that of the virial errors per atom (eV/atom, the stress error
+    times the volume over the atom count, so that it weighs like the energy term), over
+    the structures with a stress label."""
     energy_weight, force_weight = settings["energy_weight"], settings["force_weight"]
     stress_weight = settings["stress_weight"]
     square = _penalty(settings)
@@ -221,7 +225,7 @@ def _train_member(
     plateau = RateOnPlateau(extra.get("plateau"))
 
     if settings["bootstrap"]:
-        multiplicity = bootstrap_multiplicity(seed, indices)
+        multiplicity = bootstrap_multiplicity(seed, [structure_key(a) for a in structures])
         train_indices = np.repeat(indices, multiplicity)
         if train_indices.size == 0:  # tiny datasets can draw an empty resample
             train_indices, multiplicity = indices, np.ones_like(indices)
@@ -269,6 +273,12 @@ def _train_member(
     # labels removed; then the gate: the averaged state against the published one, on
     # this member's validation frames (the held-out labels and those its resample left out).
     trained_on = [structures[j] for j in unique]
+    if not finite_state(model.state_dict()) and published is not None:
+        # Diverged: go on from the published state, with a fresh optimiser and average.
+        logger.warning("member %d: non-finite weights; restarting from its published state", member)
+        model.load_state_dict(published)
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
+        average = WeightAverage(published, settings["average_decay"], None, planned_steps)
     recentre(model, trained_on)
     raw = clone_state(model.state_dict())
     model.load_state_dict(average.state)
@@ -284,12 +294,7 @@ def _train_member(
     plateau.observe(verdict, settings)
     if not verdict.publish:
         model.load_state_dict(published)
-        logger.info(
-            "member %d: new state held back (validation score %.4g > %.4g)",
-            member,
-            verdict.new["score"],
-            verdict.old["score"],
-        )
+        logger.info("member %d: new state held back (error ratio %.3g)", member, verdict.ratio)
     shown = verdict.new if verdict.publish else verdict.old
     save_checkpoint(
         checkpoint_out,

@@ -15,7 +15,10 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 pytest.importorskip("mace", reason="mace-torch is not installed")
 
-from palflow.apps.data.dataset import write_dataset  # noqa: E402
+from palflow.apps.data.dataset import (
+    structure_key,  # noqa: E402
+    write_dataset,  # noqa: E402
+)
 from palflow.apps.models.calculator import EnsembleCalculator  # noqa: E402
 from palflow.apps.models.core import build_batch, load_checkpoint, new_ensemble, save_checkpoint  # noqa: E402
 from palflow.apps.models.mace.ensemble import MACEEnsemble  # noqa: E402
@@ -189,8 +192,9 @@ def test_streaming_training_continues_and_takes_in_new_labels(ethanol_emt, tmp_p
     assert extra_one["optimizer"]["state"], "Adam's moments travel with the member"
     assert extra_two["optimizer"]["state"][0]["step"] > extra_one["optimizer"]["state"][0]["step"]
     # The new labels are taken in: the bootstrap resample of all 24, not of the first 16.
-    assert one["n_train"] == bootstrap_multiplicity(10, range(16)).sum()
-    assert two["n_train"] == bootstrap_multiplicity(10, range(24)).sum() > one["n_train"]
+    keys = [structure_key(atoms) for atoms in ethanol_emt]
+    assert one["n_train"] == bootstrap_multiplicity(10, keys[:16]).sum()
+    assert two["n_train"] == bootstrap_multiplicity(10, keys[:24]).sum() > one["n_train"]
     # Learning: the error on the training set falls from the first task to the second.
     before = evaluate_errors(model_one, ethanol_emt, "cpu")["force_mae"]
     after = evaluate_errors(model_two, ethanol_emt, "cpu")["force_mae"]

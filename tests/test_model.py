@@ -11,7 +11,7 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase.optimize import BFGS
 
-from palflow.apps.data.dataset import write_dataset
+from palflow.apps.data.dataset import structure_key, write_dataset
 from palflow.apps.models import registry
 from palflow.apps.models.calculator import (
     EnsembleCalculator,
@@ -203,8 +203,9 @@ def test_training_reduces_validation_error_and_continues(tmp_path):
     steps_per_epoch = -(-first["n_train"] // settings["batch_size"])
     assert int(extra["optimizer"]["state"][0]["step"]) == 24 * steps_per_epoch
     # Its validation frames: the held-out set and the labels its resample left out.
-    left_out = bootstrap_multiplicity(11, range(40)) == 0
-    out_of_bag = [a for a, out in zip(emt_labelled(40, seed=1), left_out, strict=True) if out]
+    train = emt_labelled(40, seed=1)
+    left_out = bootstrap_multiplicity(11, [structure_key(a) for a in train]) == 0
+    out_of_bag = [a for a, out in zip(train, left_out, strict=True) if out]
     assert second["n_validation"] == 10 + len(out_of_bag) and len(out_of_bag) > 5
     errors = evaluate_errors(model, emt_labelled(10, seed=2) + out_of_bag, "cpu")
     assert errors["force_mae"] == pytest.approx(second["val_force_mae"], rel=1e-5)

@@ -223,6 +223,10 @@ CASES = {
         lambda d: structure(d, "2\n\nH 0 0 0\nH 0.55 0 0\n"),
         "or lower generator.min_distance",
     ),
+    "atoms closer than their covalent radii allow": (
+        lambda d: structure(d, "2\n\nCu 0 0 0\nCu 1.4 0 0\n"),
+        "under generator.min_distance_factor = 0.6 of their covalent radii's sum (1.58 Å",
+    ),
     "periodic without a cell": (
         lambda d: structure(
             d,

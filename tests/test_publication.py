@@ -1,6 +1,8 @@
 """What a member publishes: averaged weights, the validation gate and the rate on a
 plateau (:mod:`palflow.apps.publication`), alone and inside a training task."""
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from palflow.apps.publication import (
     RateOnPlateau,
     Verdict,
     WeightAverage,
+    error_ratio,
     judge,
 )
 from palflow.apps.sections import TrainingSettings
@@ -62,7 +65,7 @@ def test_gate_rejects_a_worse_state_and_judges_only_enough_frames():
     model = make_model(1, seed=2)
     verdict = judge(model, bad_state, good_state, frames, rules)
     assert verdict.gate == REJECTED and not verdict.publish and verdict.n_validation == 10
-    assert verdict.new["score"] > 1.05 * verdict.old["score"]
+    assert verdict.ratio > 1.05 and verdict.new["force_mae"] > verdict.old["force_mae"]
     assert judge(model, good_state, bad_state, frames, rules).gate == ACCEPTED
     assert judge(model, bad_state, None, frames, rules).gate == FIRST
     few = judge(model, bad_state, good_state, frames[:4], rules)
@@ -75,6 +78,32 @@ def test_gate_rejects_a_worse_state_and_judges_only_enough_frames():
     assert judge(model, worse, good_state, frames, rules).gate == REJECTED
 
 
+def test_the_error_ratio_weighs_energy_and_forces_alike_and_handles_nan():
+    rules = settings()
+    old = {"force_mae": 0.10, "energy_mae_per_atom": 0.002}
+    twice_the_energy = {"force_mae": 0.095, "energy_mae_per_atom": 0.004}
+    assert error_ratio(twice_the_energy, old, rules) == pytest.approx(1.475)
+    assert error_ratio(old, old, rules) == 1.0
+    forces_only = {**rules, "energy_weight": 0.0}
+    assert error_ratio(twice_the_energy, old, forces_only) == pytest.approx(0.95)
+    broken = {"force_mae": math.nan, "energy_mae_per_atom": math.nan}
+    assert error_ratio(broken, old, rules) == math.inf
+    assert error_ratio(old, broken, rules) == 0.0, "anything finite beats a broken state"
+
+
+def test_a_state_that_is_not_finite_is_never_published():
+    frames = emt_labelled(10, seed=2)
+    good = make_model(1, seed=0).state_dict()
+    nan = {k: v * math.nan if v.is_floating_point() else v for k, v in good.items()}
+    model = make_model(1, seed=2)
+    rules = settings(min_validation_size=5)
+    assert judge(model, nan, good, frames, rules).gate == REJECTED
+    assert judge(model, nan, good, frames[:2], rules).gate == REJECTED, "even unjudged"
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        judge(model, nan, None, frames, rules)
+    assert judge(model, good, nan, frames, rules).gate == ACCEPTED
+
+
 def test_rate_is_cut_on_a_plateau_and_never_below_its_floor():
     rules = settings(
         learning_rate=1e-2,
@@ -83,8 +112,9 @@ def test_rate_is_cut_on_a_plateau_and_never_below_its_floor():
         learning_rate_plateau_factor=0.5,
     )
     plateau = RateOnPlateau(None)
-    same = Verdict(ACCEPTED, 10, {"score": 1.0}, {"score": 1.0})
-    better = Verdict(ACCEPTED, 10, {"score": 0.5}, {"score": 1.0})
+    errors = {"force_mae": 0.1, "energy_mae_per_atom": 0.01}
+    same = Verdict(ACCEPTED, 10, errors, errors, ratio=1.0)
+    better = Verdict(ACCEPTED, 10, errors, errors, ratio=0.5)
     plateau.observe(same, rules)
     plateau.observe(better, rules)  # a gain restarts the count
     plateau.observe(same, rules)
@@ -147,3 +177,38 @@ def test_a_task_publishes_its_average_and_a_rejected_member_keeps_its_last_good_
     # It trains on from its own (spoiled) state, not from the published one.
     assert not torch.equal(kept_extra["raw"]["readout2.weight"], raw["readout2.weight"])
     assert kept_extra["plateau"]["without_gain"] == 1
+
+
+def test_new_labels_neither_raise_nor_reset_the_rate(tmp_path):
+    """A member whose rate was cut on a plateau keeps the cut when labels arrive; the
+    next comparison is made on the grown validation set."""
+    labels = emt_labelled(40, seed=1)
+    write_dataset(tmp_path / "few.npz", labels[:20])
+    write_dataset(tmp_path / "more.npz", labels)
+    rules = settings(learning_rate_plateau_patience=100, min_validation_size=1)
+    common = dict(spec=SPEC.to_dict(), seed=5, validation_path=None, device="cpu")
+    first = _train_member(
+        0,
+        dataset_path=str(tmp_path / "few.npz"),
+        checkpoint_in=None,
+        checkpoint_out=str(tmp_path / "m1.pt"),
+        settings=rules,
+        n_epochs=2,
+        **common,
+    )
+    model, extra = load_checkpoint(tmp_path / "m1.pt")
+    extra["plateau"] = {"scale": 0.25, "without_gain": 0, "cuts": 2}
+    save_checkpoint(tmp_path / "cut.pt", model, extra)
+    grown = _train_member(
+        0,
+        dataset_path=str(tmp_path / "more.npz"),
+        checkpoint_in=str(tmp_path / "cut.pt"),
+        checkpoint_out=str(tmp_path / "m2.pt"),
+        settings=rules,
+        n_epochs=2,
+        **common,
+    )
+    assert grown["n_train"] > first["n_train"]
+    assert grown["n_validation"] > first["n_validation"], "the out-of-bag frames grew"
+    assert grown["learning_rate"] == pytest.approx(learning_rate(rules, grown["steps"], 0.25))
+    assert load_checkpoint(tmp_path / "m2.pt")[1]["plateau"]["cuts"] == 2

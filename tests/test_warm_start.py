@@ -64,9 +64,10 @@ def test_labels_and_ensemble_of_a_finished_run_need_no_new_labels(tmp_path, fini
     """The run takes the finished run's labels with no oracle call, and its members
     train on from where that run's last ensemble left them.
 
-    Its first version is at most 1.1x the finished run's last: the members go on from
-    the states that run published, and a member's new state replaces its published one
-    only if it validates no worse (:mod:`palflow.apps.publication`). That the members
+    Its first version is at most 1.1x the finished run's last: the members start from
+    the states of that run's last ensemble, and a member's new state replaces its
+    published one only if it validates no worse, within a tolerance
+    (:mod:`palflow.apps.publication`). That the members
     continue exactly is the test above; here, that their step counts go on from the
     finished run's in a whole campaign."""
     from palflow.apps.models.core import load_checkpoint

@@ -21,6 +21,7 @@ key            shape                meaning
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -60,6 +61,20 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def structure_key(atoms: Atoms) -> int:
+    """A stable key (63 bits) of a structure's content: its atomic numbers, positions
+    and cell, rounded to 1e-4 Å. A label keeps its key however it was stored (a
+    database, a written-out extxyz, a warm start's file) and whatever id it was given,
+    so that what is keyed on it (the held-out split, a member's bootstrap resample)
+    stays the same for it."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
+    for array in (atoms.positions, atoms.cell[:]):
+        # + 0.0 turns -0.0 into 0.0, which would hash differently
+        digest.update((np.round(np.asarray(array, dtype=np.float64), 4) + 0.0).tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def write_dataset(

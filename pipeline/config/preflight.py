@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.data import covalent_radii
 
 from palflow.apps.common import import_object
 from palflow.apps.errors import CalculatorError, SettingsError, StructureError
@@ -262,6 +263,19 @@ def check_structures(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
                     f"{where}: atoms {i[k]} and {j[k]} are {d[k]:.2f} Å apart, closer than "
                     f"{limit:g} Å (overlapping atoms; MD would count it as blown up): {fix}"
                 )
+            factor = generator.min_distance_factor
+            if factor > 0:
+                radii = covalent_radii[atoms.numbers]
+                i, j, d = neighbor_list("ijd", atoms, 2 * factor * float(radii.max()))
+                bonded = factor * (radii[i] + radii[j])
+                if (d < bonded).any():
+                    k = int(np.argmin(d - bonded))
+                    raise StructureError(
+                        f"{where}: atoms {i[k]} and {j[k]} are {d[k]:.2f} Å apart, under "
+                        f"generator.min_distance_factor = {factor:g} of their covalent radii's "
+                        f"sum ({bonded[k]:.2f} Å; MD would count it as blown up): fix the "
+                        "structure, or lower min_distance_factor"
+                    )
             if not atoms.pbc.any():
                 far = generator.max_neighbour_distance
                 lonely = sorted(set(range(len(atoms))) - set(neighbor_list("i", atoms, far)))

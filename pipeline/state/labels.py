@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 from ase import Atoms
 
-from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
+from palflow.apps.data.dataset import read_arrays, read_dataset, structure_key, write_dataset
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.state.records import Snapshot, is_initial
 from palflow.pipeline.state.rundir import RunDirectory
@@ -106,9 +106,10 @@ class LabelStore:
         settings = self.campaign.training
         window = settings.rolling_window or len(self.labelled)
         structures = self.labelled[-window:]
-        ids = np.asarray(self.label_ids[-window:])
-        # A fixed hash of the candidate id keeps each label on one side for good.
-        is_valid = (ids * 2654435761 % 1000) / 1000 < settings.validation_fraction
+        # A hash of each label's content keeps it on one side for good, in a resumed
+        # run and in a warm start from this run's labels too.
+        keys = np.array([structure_key(atoms) % 1000 for atoms in structures])
+        is_valid = keys / 1000 < settings.validation_fraction
         if is_valid.all():
             is_valid[:] = False
         total = len(self.labelled)
