@@ -668,7 +668,45 @@ def analyse(runs: list[dict]) -> dict:
                 "per_seed": {k: {str(r["seed"]): r.get(k) for r in good} for k in SUMMARISED},
                 "spread": {k: spread([r.get(k) for r in good]) for k in SUMMARISED},
             }
-    return {"campaigns": campaigns, "goals": goals(runs, campaigns)}
+    return {"campaigns": campaigns, "goals": goals(runs, campaigns), "primary": primary(runs)}
+
+
+def primary(runs: list[dict]) -> dict:
+    """The primary comparison (:data:`TARGETS`): per campaign, the paired ratios
+    after/before of the force-MAE area, their median, a bootstrap 95% interval of the
+    median over seeds (10,000 resamples of the seeds) and the exact Wilcoxon
+    signed-rank test of after - before (two-sided). A seed whose pair lacks an area
+    (a failed run, fewer than two versions) counts as a loss of the after side, with
+    ratio infinity: it is never dropped."""
+    from scipy.stats import wilcoxon
+
+    out = {}
+    for campaign in dict.fromkeys(r["campaign"] for r in runs):
+        pairs = {}
+        for run in runs:
+            if run["campaign"] == campaign:
+                pairs.setdefault(run["seed"], {})[run["side"]] = run.get("force_mae_area")
+        ratios, differences = [], []
+        for seed in sorted(pairs):
+            before, after = pairs[seed].get("before"), pairs[seed].get("after")
+            if before and after:
+                ratios.append(after / before)
+                differences.append(after - before)
+            else:
+                ratios.append(math.inf)
+        rng = np.random.default_rng(0)
+        medians = np.median(rng.choice(np.asarray(ratios), (10_000, len(ratios))), axis=1)
+        test = wilcoxon(differences) if len(differences) >= 2 and any(differences) else None
+        out[campaign] = {
+            "ratios": ratios,
+            "median": float(np.median(ratios)),
+            "interval_95": [float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))],
+            "seeds": len(ratios),
+            "wilcoxon_p": None if test is None else float(test.pvalue),
+            "goal": "median <= 1",
+            "pass": bool(np.median(ratios) <= 1.0),
+        }
+    return out
 
 
 def goals(runs: list[dict], campaigns: dict) -> dict:
@@ -827,6 +865,13 @@ def report(result: dict) -> None:
     ]
     print("medians over seeds")
     common.print_table(columns, rows)
+    for campaign, figure in result.get("primary", {}).items():
+        low, high = figure["interval_95"]
+        print(
+            f"primary, {campaign}: area after/before median {figure['median']:.3f} "
+            f"[{low:.3f}, {high:.3f}] over {figure['seeds']} seeds, "
+            f"Wilcoxon p {figure['wilcoxon_p']}"
+        )
     for goal, verdict in result["goals"].items():
         by_campaign = ", ".join(f"{c} {v['pass']}" for c, v in verdict["campaigns"].items())
         print(f"goal {goal}: {verdict['pass']} ({by_campaign})")
@@ -887,6 +932,40 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+TARGETS = {
+    "primary": "per campaign, the paired ratio after/before of the force-MAE area "
+    "(time-averaged test force MAE on the pair's common window): median over seeds <= 1, "
+    "with a bootstrap 95% interval and the exact Wilcoxon signed-rank p",
+    "regressions": "versions > 1.25x the best before them: 0 in >= 80% of seeds, and "
+    "<= 1% of versions in every seed",
+    "last_version": "last version's force MAE / best version's <= 1.05 in every seed",
+    "energy": "median last-version energy MAE per atom <= 0.5x the before side's median; "
+    "no version > 2x the energy MAE of the one before it, in every seed",
+    "publication": "share of finished training tasks published >= 0.5 in every seed; "
+    "force-MAE area no worse than before (the primary comparison)",
+    "accuracy_per_time": "default campaign: median force MAE at the before run's final "
+    "wall time <= 0.020 eV/A; time to the before run's final MAE not slower",
+}
+"""The goals of issue 25, fixed before any run and written with the protocol."""
+
+
+def protocol(args, wall_s: float | None) -> dict:
+    return {
+        "campaigns": args.campaigns,
+        "seeds": args.seeds,
+        "site": args.site,
+        "max_wall_s_cap": args.max_wall_s,
+        "max_labels_cap": args.max_labels,
+        "quick": args.quick,
+        "quick_overrides": QUICK if args.quick else None,
+        "regression_factor": REGRESSION,
+        "order": "per seed, per campaign: before then after on even seed positions, "
+        "after then before on odd ones; one run at a time",
+        "benchmark_wall_s": wall_s,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = arguments(argv)
@@ -906,6 +985,11 @@ def main(argv: list[str] | None = None) -> None:
         sides = make_sides(args.before, work)
         facts = check_imports(sides)
         facts["before"]["rev"] = args.before
+        if not args.quick:  # the protocol and the targets, before the first run
+            common.write_results(
+                NAME,
+                {"status": "running", "protocol": protocol(args, None), "targets": TARGETS},
+            )
         for position, seed in enumerate(args.seeds):
             order = SIDES if position % 2 == 0 else SIDES[::-1]
             for campaign in args.campaigns:
@@ -918,20 +1002,14 @@ def main(argv: list[str] | None = None) -> None:
             git("worktree", "remove", "--force", str(work / "before"))
         shutil.rmtree(work / "shim", ignore_errors=True)
     result = {
-        "protocol": {
-            "campaigns": args.campaigns,
-            "seeds": args.seeds,
-            "site": args.site,
-            "max_wall_s_cap": args.max_wall_s,
-            "max_labels_cap": args.max_labels,
-            "quick": args.quick,
-            "quick_overrides": QUICK if args.quick else None,
-            "regression_factor": REGRESSION,
-            "order": "per seed, per campaign: before then after on even seed positions, "
-            "after then before on odd ones; one run at a time",
-            "benchmark_wall_s": time.perf_counter() - started,
+        "status": "finished",
+        "protocol": protocol(args, time.perf_counter() - started),
+        "targets": TARGETS,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_at_end": os.getloadavg(),
         },
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "sides": facts,
     }
     # The runs first, as they are: an analysis that fails loses no run (--reanalyse).

@@ -33,6 +33,11 @@ class PotentialEnsemble(Protocol):
     ``forward`` returns ``{"energy": [K, S] eV, "forces": [K, N, 3] eV/Å}``, and with
     ``compute_stress`` also ``"stress": [K, S, 3, 3]`` eV/Å³ (ASE's sign, NaN for a
     structure without a cell).
+
+    Optional: ``shift_energy(per_atom)``, adding ``per_atom[k]`` (a tensor [K]) eV per
+    atom to every energy member k predicts, forces unchanged; where a model has it,
+    each published state's energy offset is removed
+    (:func:`palflow.apps.publication.recentre`).
     """
 
     spec: Any
@@ -45,11 +50,6 @@ class PotentialEnsemble(Protocol):
     ) -> dict: ...
 
     def member(self, index: int) -> PotentialEnsemble: ...
-
-    def shift_energy(self, per_atom: Any) -> None:
-        """Add ``per_atom[k]`` (a tensor [K]) eV per atom to every energy member k predicts (forces
-        unchanged); :func:`palflow.apps.publication.recentre` uses it."""
-        ...
 
     @classmethod
     def stack(cls, members: Sequence[PotentialEnsemble]) -> PotentialEnsemble: ...
