@@ -204,6 +204,7 @@ def generator_tasks(
         **campaign.generator.model_dump(),
         "max_force_disagreement": 1e9,
         "min_distance": 0.0,
+        "min_distance_factor": 0.0,
         "max_neighbour_distance": 1e9,
     }
     work = Path(tempfile.mkdtemp(prefix="palflow-bench-"))
