@@ -949,6 +949,9 @@ TARGETS = {
 """The goals of issue 25, fixed before any run and written with the protocol."""
 
 
+LOAD_AT_START = os.getloadavg()
+
+
 def protocol(args, wall_s: float | None) -> dict:
     return {
         "campaigns": args.campaigns,
@@ -962,7 +965,7 @@ def protocol(args, wall_s: float | None) -> dict:
         "order": "per seed, per campaign: before then after on even seed positions, "
         "after then before on odd ones; one run at a time",
         "benchmark_wall_s": wall_s,
-        "load_average_at_start": os.getloadavg(),
+        "load_average_at_start": LOAD_AT_START,
     }
 
 
