@@ -284,11 +284,8 @@ def _train_member(
     model.load_state_dict(average.state)
     recentre(model, trained_on)
     average.state = clone_state(model.state_dict())
-    validation = (
-        [a for a in read_dataset(validation_path) if _is_labelled(a)]
-        if (validation_path is not None)
-        else []
-    )
+    held_out = read_dataset(validation_path) if validation_path is not None else []
+    validation = [a for a in held_out if _is_labelled(a)]
     validation += [structures[j] for j in indices[multiplicity == 0]]
     verdict = judge(model, average.state, published, validation, settings)
     plateau.observe(verdict, settings)
