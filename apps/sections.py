@@ -49,9 +49,11 @@ class TrainingSettings(Section):
     huber_delta: float = Field(0.01, gt=0)
     """Where the Huber penalty turns linear, in the error's unit (eV/atom, eV/Å)."""
     energy_weight: float = Field(10.0, ge=0)
-    """Weight of the energy term, on the squared error of the energy per atom (eV/atom)."""
+    """Weight of the energy term, on the penalty (``loss``) of the energy error per atom
+    (eV/atom)."""
     force_weight: float = Field(10.0, ge=0)
-    """Weight of the force term, on the squared force error per component (eV/Å)."""
+    """Weight of the force term, on the penalty (``loss``) of each force component's
+    error (eV/Å)."""
     stress_weight: float = Field(1.0, ge=0)
     """Weight of the stress term, on the virial per atom (eV/atom) so that it weighs
     like the energy term; it applies to the labels with a stress (periodic cells whose
@@ -61,7 +63,7 @@ class TrainingSettings(Section):
     rolling_window: int = Field(0, ge=0)
     """Train on the newest N labels only (0 keeps all); for cheap oracles."""
     validation_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of the labels held out of training for good (by a hash of their id). A
+    """Share of the labels held out of training for good (by a hash of their content). A
     member's validation frames are these and, with ``bootstrap``, the labels its own
     resample left out."""
     average_decay: float = Field(0.99, ge=0, lt=1)
@@ -69,11 +71,11 @@ class TrainingSettings(Section):
     the raw weights). It warms up with the step count and never reaches back more than
     half a task (:class:`palflow.apps.publication.WeightAverage`)."""
     gate_tolerance: float = Field(0.05, ge=0)
-    """A member's new state is published only if its validation score (the loss's
-    energy and force terms) is at most ``1 + gate_tolerance`` times the published
-    state's, both measured on the member's current validation frames; otherwise the
-    member trains on and its last good state stays published. Set it very large to
-    publish every state."""
+    """A member's new state is published only if the mean of its energy-MAE and
+    force-MAE ratios to the published state's is at most ``1 + gate_tolerance``, both
+    measured on the member's current validation frames; otherwise the member trains
+    on and its last good state stays published. Set it very large to publish every
+    state."""
     min_validation_size: int = Field(8, ge=1)
     """With fewer validation frames than this the gate does not judge (every state is
     published, and the metrics say the gate did not judge)."""
