@@ -4,7 +4,8 @@ meant to pass every time, which one run cannot show.
     python benchmarks/repeat_tests.py -n 20 \
         "tests/test_coordinator.py::test_short_campaign_labels_exactly_the_budget_and_learns"
 
-Each run is a fresh pytest process with a different ``PALFLOW_TEST_SEED`` (0, 1, ...),
+Each run is a fresh pytest process with a different ``PALFLOW_TEST_SEED`` (0, 1, ...,
+or from ``--first-seed``: fresh seeds for a test changed after failing on the first ones),
 which the campaign tests take as the campaign's seed, so that the runs differ. Writes
 ``benchmarks/results/repeat_tests.json``: per test, the runs, the passes and the
 failure of each failed run (its last lines).
@@ -21,9 +22,9 @@ import time
 import common
 
 
-def repeat(test: str, runs: int) -> dict:
+def repeat(test: str, runs: int, first_seed: int = 0) -> dict:
     outcomes = []
-    for seed in range(runs):
+    for seed in range(first_seed, first_seed + runs):
         started = time.time()
         env = {**os.environ, "PALFLOW_TEST_SEED": str(seed)}
         proc = subprocess.run(
@@ -43,16 +44,27 @@ def repeat(test: str, runs: int) -> dict:
             }
         )
         print(f"{test} seed {seed}: {'pass' if passed else 'FAIL'} ({time.time() - started:.0f} s)")
-    return {"runs": runs, "passed": sum(o["passed"] for o in outcomes), "outcomes": outcomes}
+    return {
+        "runs": runs,
+        "passed": sum(o["passed"] for o in outcomes),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=common.ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "load_average_at_end": os.getloadavg(),
+        "outcomes": outcomes,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tests", nargs="+", help="pytest node ids")
     parser.add_argument("-n", "--runs", type=int, default=20)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + runs - 1"
+    )
     parser.add_argument("--name", default="repeat_tests", help="results file stem")
     args = parser.parse_args()
-    results = {test: repeat(test, args.runs) for test in args.tests}
+    results = {test: repeat(test, args.runs, args.first_seed) for test in args.tests}
     for test, result in results.items():
         print(f"{result['passed']}/{result['runs']}  {test}")
     common.write_results(args.name, results)
