@@ -11,14 +11,16 @@ Each side reads its own copy of the campaign file, so settings added by the chan
 never reach the old code.
 
 **Before and after, interleaved.** "After" is this checkout, as it is (uncommitted
-changes included). "Before" is ``--before`` (default ``664585e``, the last commit
-before issue 25), checked out with ``git worktree add --detach`` into the work folder
+changes included), or ``--after REV`` checked out like the before side (then this
+checkout may change while the benchmark runs). "Before" is ``--before`` (default
+``664585e``, the last commit before issue 25), checked out with ``git worktree add --detach`` into the work folder
 and removed at the end. For each seed, for each campaign, the two sides run back to
 back, one at a time (the before side first for even seed positions, the after side
 first for odd ones), each as its own ``python -m palflow.pipeline.cli run --site SITE
 --campaign FILE --run-dir DIR`` subprocess. The campaign file is the side's example
 with ``seed`` set, and ``--max-wall-s`` / ``--max-labels`` capping ``stop.max_wall_s``
-/ ``stop.max_labels`` where given (a cap never raises a budget).
+/ ``stop.max_labels`` where given, for every campaign (``150``) or for one
+(``water_tblite=150``); a cap never raises a budget.
 
 **How the before side imports the old code.** palflow is installed editable, under
 the one name ``palflow`` (``palflow.pipeline`` -> ``pipeline/`` and so on), by a
@@ -31,9 +33,9 @@ asked; Parsl's interchanges and workers inherit the environment. To check it, bo
 sides' ``PYTHONPATH`` also holds a ``sitecustomize.py`` that makes every Python
 process of a run (the coordinator, Parsl's interchanges and workers, the energy
 evaluation) append where ``palflow.pipeline`` resolves to a probe file; each run
-records which code its processes imported (``code``: ``before worktree`` or ``this
-checkout``, and the count of processes), and the benchmark stops before any run when
-a side does not import its own code.
+records which code its processes imported (``code``: ``before worktree``, ``after
+worktree`` or ``this checkout``, and the count of processes), and the benchmark stops
+before any run when a side does not import its own code.
 
 **What each run yields** (from ``metrics.jsonl``, one row per ensemble version with
 held-out *test* errors, and ``events.jsonl``):
@@ -226,22 +228,26 @@ def code_sha1(root: Path) -> str:
     return digest.hexdigest()
 
 
-def make_sides(rev: str, work: Path) -> dict[str, Side]:
-    """Check ``rev`` out as a worktree and build both sides' import paths."""
-    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    tree = work / "before"
-    git("worktree", "add", "--detach", str(tree), commit)
-    shim = work / "shim" / "palflow"
-    shim.mkdir(parents=True)
-    for package in PACKAGES:
-        (shim / package).symlink_to(tree / package, target_is_directory=True)
+def make_sides(before: str, after: str | None, work: Path) -> dict[str, Side]:
+    """Check ``before`` (and ``after``, where given) out as worktrees and build both
+    sides' import paths; without ``after`` the after side is this checkout, as it is."""
     probe = work / "probe"
     probe.mkdir()
     (probe / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return {
-        "before": Side("before", tree, commit, [str(shim.parent), str(probe)]),
-        "after": Side("after", ROOT, git("rev-parse", "HEAD"), [str(probe)]),
-    }
+    sides = {}
+    for name, rev in (("before", before), ("after", after)):
+        if rev is None:
+            sides[name] = Side(name, ROOT, git("rev-parse", "HEAD"), [str(probe)])
+            continue
+        commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+        tree = work / name
+        git("worktree", "add", "--detach", str(tree), commit)
+        shim = work / f"shim-{name}" / "palflow"
+        shim.mkdir(parents=True)
+        for package in PACKAGES:
+            (shim / package).symlink_to(tree / package, target_is_directory=True)
+        sides[name] = Side(name, tree, commit, [str(shim.parent), str(probe)])
+    return sides
 
 
 def code_label(path: str | None, sides: dict[str, Side]) -> str:
@@ -249,13 +255,15 @@ def code_label(path: str | None, sides: dict[str, Side]) -> str:
     if path is None:
         return "not found"
     where = Path(path).resolve()
-    for label, side in (("before worktree", sides["before"]), ("this checkout", sides["after"])):
+    for name, side in sides.items():
         if where.is_relative_to(side.root.resolve() / "pipeline"):
-            return label
+            return expected(side)
     return "elsewhere"
 
 
-EXPECTED = {"before": "before worktree", "after": "this checkout"}
+def expected(side: Side) -> str:
+    """The code label a side's processes must show."""
+    return "this checkout" if side.root == ROOT else f"{side.name} worktree"
 
 
 def check_imports(sides: dict[str, Side]) -> dict[str, dict]:
@@ -296,7 +304,7 @@ def check_imports(sides: dict[str, Side]) -> dict[str, dict]:
             "head_of_code_root": head,
             "uncommitted_changes": dirty,
             "code_sha1": code_sha1(side.root),
-            "imports": EXPECTED[name],
+            "imports": expected(side),
         }
     if facts["before"]["code_sha1"] == facts["after"]["code_sha1"]:
         logger.warning("before and after import identical code")
@@ -375,7 +383,8 @@ def write_campaign(side: Side, campaign: str, seed: int, args, folder: Path) -> 
     data["seed"] = seed
     overrides = dict(QUICK) if args.quick else {}
     stop = data.get("stop", {})
-    for key, cap in (("max_wall_s", args.max_wall_s), ("max_labels", args.max_labels)):
+    for key, caps in (("max_wall_s", args.max_wall_s), ("max_labels", args.max_labels)):
+        cap = caps.get(campaign, caps.get("*")) if caps else None
         if cap is not None:
             overrides[f"stop__{key}"] = min(stop.get(key, stop_default(key)), cap)
     for dotted, value in overrides.items():
@@ -917,9 +926,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     option("--campaigns", nargs="+", choices=list(CAMPAIGNS), help="default: all three")
     option("--seeds", nargs="+", type=int, help="default: 0 1 2 3 4")
     option("--before", default=BEFORE, help="the commit before the change (%(default)s)")
+    option("--after", help="the commit after it (default: this checkout, as it is)")
     option("--site", default="laptop.py")
-    option("--max-wall-s", type=float, help="cap every campaign's stop.max_wall_s")
-    option("--max-labels", type=int, help="cap every campaign's stop.max_labels")
+    option("--max-wall-s", nargs="+", type=caps(float), metavar="[CAMPAIGN=]S",
+           help="cap stop.max_wall_s: S for every campaign, CAMPAIGN=S for one")
+    option("--max-labels", nargs="+", type=caps(int), metavar="[CAMPAIGN=]N",
+           help="cap stop.max_labels: N for every campaign, CAMPAIGN=N for one")
     option("--timeout", type=float, help="kill a run after this many s (1.5 x wall + 300)")
     option("--work", help="work folder (default: a new temporary one, kept)")
     option("--quick", action="store_true", help="tiny protocol for the test suite")
@@ -929,7 +941,26 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key in ("max_wall_s", "max_labels"):  # [(campaign, cap), ...] -> {campaign: cap}
+        value = getattr(args, key)
+        if value is not None:
+            setattr(args, key, dict(value) if isinstance(value, list) else {"*": value})
     return args
+
+
+def caps(number: type):
+    """Parse ``S`` (every campaign: ``"*"``) or ``CAMPAIGN=S`` into ``(campaign, S)``."""
+
+    def parse(text: str) -> tuple[str, float | int]:
+        campaign, _, value = text.rpartition("=")
+        if campaign and campaign not in CAMPAIGNS:
+            raise argparse.ArgumentTypeError(f"unknown campaign {campaign!r} in {text!r}")
+        try:
+            return campaign or "*", number(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected [CAMPAIGN=]NUMBER") from None
+
+    return parse
 
 
 TARGETS = {
@@ -985,9 +1016,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     runs: list[dict] = []
     try:
-        sides = make_sides(args.before, work)
+        sides = make_sides(args.before, args.after, work)
         facts = check_imports(sides)
         facts["before"]["rev"] = args.before
+        facts["after"]["rev"] = args.after or "this checkout"
         if not args.quick:  # the protocol and the targets, before the first run
             common.write_results(
                 NAME,
@@ -1001,9 +1033,10 @@ def main(argv: list[str] | None = None) -> None:
                     runs[-1]["first_of_pair"] = side == order[0]
                     print(describe(runs[-1]), flush=True)
     finally:
-        if (work / "before").exists():
-            git("worktree", "remove", "--force", str(work / "before"))
-        shutil.rmtree(work / "shim", ignore_errors=True)
+        for name in SIDES:
+            if (work / name).exists():
+                git("worktree", "remove", "--force", str(work / name))
+            shutil.rmtree(work / f"shim-{name}", ignore_errors=True)
     result = {
         "status": "finished",
         "protocol": protocol(args, time.perf_counter() - started),
