@@ -89,6 +89,9 @@ def write_results(
         are no business of the results).
     """
     RESULTS.mkdir(parents=True, exist_ok=True)
+    from ratios import for_json  # "never reached" in words, not null
+
+    result = for_json(result)
     text = json.dumps(jsonable(result) if finite else result, indent=2)
     if work is not None:
         text = text.replace(str(work), "WORK")
@@ -343,6 +346,11 @@ class CampaignBenchmark:
         """What the results file says about the runs' settings: :attr:`recorded`."""
         return {key: getattr(args, OPTIONS.get(key, key)) for key in self.recorded}
 
+    def protocol(self, args: argparse.Namespace) -> dict:
+        """What the results file states before the first run (held-out sets, seeds,
+        budgets, variants, targets): by default the options of :attr:`recorded`."""
+        return {key: getattr(args, OPTIONS.get(key, key)) for key in self.recorded}
+
     plot: Callable[[dict, Path], None] | None = None
 
     def write(self, args: argparse.Namespace, result: dict, work: Path | None = None) -> None:
@@ -374,6 +382,8 @@ class CampaignBenchmark:
         site = load_site(args.site)
         site.config.run_dir = str(work / "parsl")
         self.prepare(args, work, site)
+        protocol = self.protocol(args)
+        self.write(args, {"status": "running", "protocol": protocol})  # before any run
         runs: list[dict] = []
         with parsl.load(site.config):
             warm_up(site.slots)
@@ -384,5 +394,5 @@ class CampaignBenchmark:
         result = self.analyse(runs, args)
         self.report(result)
         result.update(self.metadata(args, site))
-        result["runs"] = runs
+        result.update(status="finished", protocol=protocol, runs=runs)
         self.write(args, result, work)

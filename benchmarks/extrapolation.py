@@ -12,18 +12,28 @@ atoms pulled out) and ``other_phase`` (periodic bulk fcc and a (111) slab). With
 ``--campaign`` another system (the default campaign's ethanol, say), ``torsion`` (rigid
 rotations about each rotatable bond) takes the place of ``other_phase``. After each
 run, every saved ensemble version is scored on every set: a learning curve (labels
-to test force MAE) per run and set. Per strategy and set:
+to test force MAE) per run and set. Every strategy is compared with random seed by
+seed (``ratios.py``; ``--seeds``, default ten):
 
-- the learning-curve area: the mean force MAE over the label range (eV/Å);
-- the labels at the first version at or below the set's target MAE (default: the
-  largest of the strategies' median final MAEs on that set, so that typical runs
-  get there; ``--target X`` or ``--target SET=X``), median over seeds;
-- the ratio of that median to random's, with a bootstrap 95% interval: seeds
-  resampled with replacement (paired: one draw of seeds for both strategies), 2000
-  resamples, RNG seed 0. A run that never reaches the target needs infinitely many
-  labels (an infinite ratio or bound is written as null); two that need none, 1;
+- **primary** (named before the runs, :data:`PRIMARY`): ``max force spread`` over
+  ``random``, the paired ratio of learning-curve areas. Per seed and set, the
+  geometric-mean force MAE over the labels both runs cover (the area under log error
+  against labels); the seed's ratio is the geometric mean over the sets other than
+  ``same``. Median over seeds, bootstrap 95% interval (10,000 resamples of the
+  seeds), exact Wilcoxon signed-rank p;
+- **secondary**, per strategy and set: the same area ratio, and the labels to the
+  set's target force MAE (only where ``--target`` fixed one before the runs: a value,
+  never a figure of these runs) with the share of seeds that reached it. A run that
+  never reaches a target is censored, never dropped (``ratios.py``'s rule). Their
+  Wilcoxon p are corrected together (Holm);
 - for every run, the MD frames scored, the fraction at or below the selection
   threshold then in force (frames the threshold filtered out), and the threshold.
+
+The ``calibrated threshold`` strategy is not in the default list: it calibrates on the
+campaign's held-out set, which is also the scored ``same`` set.
+
+The protocol (sets, seeds, budgets, strategies, targets, the primary comparison) is
+written into the results file before the first run.
 
 Writes ``benchmarks/results/NAME.json`` (``--name``, default ``extrapolation``; run
 folders as ``WORK/...``) and ``NAME.png`` (learning curves, one panel per set: seeds
@@ -48,14 +58,11 @@ from common import (
     first_at_or_below,
     jsonable,  # noqa: F401 (for tests)
     named,
-    reached,
     show,
     span,
 )
 from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded
-from ratios import bootstrap_ratio, median_inf
-
-from palflow.pipeline.policies.metrology import learning_curve_area
+from ratios import Cost, compare, holm, log_area, median, paired_window, words
 
 common.use_this_interpreter()
 
@@ -70,7 +77,9 @@ STRATEGIES = {
     "random": {"selection__measure": "random"},
 }
 """Campaign overrides per strategy (the energy spread is in eV/atom: its own threshold)."""
-DEFAULT = [name for name in STRATEGIES if name != "energy spread"]
+DEFAULT = [name for name in STRATEGIES if name not in ("energy spread", "calibrated threshold")]
+"""Energy spread has its own units; the calibrated threshold is fitted on the scored
+``same`` set (a leak)."""
 QUICK = {
     "model__n_features": 16,
     "model__n_rbf": 8,
@@ -110,49 +119,118 @@ def run_strategy(name: str, seed: int, args, site, work: Path, sets: dict) -> di
     }
 
 
+PRIMARY = ("max force spread", "random")
+"""The primary comparison, named before the runs: the default strategy against random,
+by the paired ratio of learning-curve areas on the sets that need extrapolation."""
+
+
+def curve_points(run: dict, name_set: str) -> list[tuple[float, float]]:
+    return [(p["labels"], p["force_mae"]) for p in run["curves"][name_set]]
+
+
+def pair_area_ratio(mine: dict | None, theirs: dict | None, name_set: str) -> float | None:
+    """``mine``'s geometric-mean force MAE over ``theirs``' on the labels both cover;
+    None where either run is missing or the window is empty."""
+    if mine is None or theirs is None:
+        return None
+    a, b = curve_points(mine, name_set), curve_points(theirs, name_set)
+    start, end = paired_window(a, b)
+    area_a, area_b = log_area(a, start, end), log_area(b, start, end)
+    return None if area_a is None or area_b is None else area_a / area_b
+
+
+def labels_to(run: dict, name_set: str, target: float) -> Cost:
+    """The labels of the run's first version at or below ``target``; censored at the
+    run's last version's labels when it never got there."""
+    point = first_at_or_below(run["curves"][name_set], target)
+    if point is None:
+        return Cost.never(float(run["curves"][name_set][-1]["labels"]))
+    return Cost(float(point["labels"]))
+
+
 def analyse(runs: list[dict], targets: dict[str, float] | None = None) -> dict:
-    """Per set: the target; per strategy and set: medians over seeds of the area,
-    labels to the target and final MAE, and the labels ratio against random."""
+    """Every strategy against random, seed by seed (:mod:`ratios`).
+
+    - ``primary``: :data:`PRIMARY`; per seed, the geometric mean over the sets other
+      than ``same`` of the paired area ratio; its median, bootstrap interval and
+      Wilcoxon p.
+    - ``secondary``: per strategy and set, the area ratio and, for the sets with a
+      target fixed before the runs (``targets``), the labels-to-target ratio with the
+      share of seeds that reached it; their Wilcoxon p corrected together (Holm).
+    - ``rows``: per strategy and set, medians over seeds.
+    """
     targets = dict(targets or {})
     strategies = list(dict.fromkeys(r["strategy"] for r in runs))
-    by_name = {n: [r for r in runs if r["strategy"] == n] for n in strategies}
-    sets = [s for s in SETS if all(s in r["curves"] for r in runs)]
-    table: dict = {"targets": {}, "rows": {}, "labels_ratio_vs_random": {}}
-    for name_set in sets:
-        target = targets.get(name_set)
-        if target is None:
-            target = max(
-                statistics.median(r["curves"][name_set][-1]["force_mae"] for r in rs)
-                for rs in by_name.values()
-            )
-        table["targets"][name_set] = target
-        needed = {}
-        for name, strategy_runs in by_name.items():
-            hits = {}
-            for run in strategy_runs:
-                point = first_at_or_below(run["curves"][name_set], target)
-                hits[run["seed"]] = math.inf if point is None else float(point["labels"])
-            needed[name] = hits
-            curves = [run["curves"][name_set] for run in strategy_runs]
-            areas = [
-                learning_curve_area([p["labels"] for p in c], [p["force_mae"] for p in c])
-                for c in curves
-            ]
-            areas = [a for a in areas if a is not None]
-            table["rows"].setdefault(name, {})[name_set] = {
-                "runs": len(strategy_runs),
-                "reached": sum(math.isfinite(h) for h in hits.values()),
-                "median_labels_to_target": median_inf(list(hits.values())),
-                "median_learning_curve_area": statistics.median(areas) if areas else None,
-                "median_final_force_mae": statistics.median(c[-1]["force_mae"] for c in curves),
+    sets = list(runs[0]["curves"]) if runs else []
+    by = {(r["strategy"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    table: dict = {"targets": targets, "rows": {}, "secondary": {}, "primary": None}
+    baseline = PRIMARY[1]
+    for name in strategies:
+        mine_runs = [r for r in runs if r["strategy"] == name]
+        for name_set in sets:
+            row = table["rows"].setdefault(name, {})[name_set] = {
+                "runs": len(mine_runs),
+                "median_final_force_mae": median(
+                    [r["curves"][name_set][-1]["force_mae"] for r in mine_runs]
+                ),
             }
-        if "random" in needed:
-            for name, hits in needed.items():
-                table["labels_ratio_vs_random"].setdefault(name, {})[name_set] = bootstrap_ratio(
-                    hits, needed["random"]
+            if name_set in targets:
+                costs = [labels_to(r, name_set, targets[name_set]) for r in mine_runs]
+                row["reached"] = sum(c.reached for c in costs) / len(costs)
+                row["median_labels_to_target"] = median(
+                    [c.value if c.reached else math.inf for c in costs]
                 )
+            if name == baseline or baseline not in strategies:
+                continue
+            comparisons = table["secondary"].setdefault(name, {}).setdefault(name_set, {})
+            comparisons["area_ratio"] = compare(
+                {
+                    s: pair_area_ratio(by.get((name, s)), by.get((baseline, s)), name_set)
+                    for s in seeds
+                },
+                dict.fromkeys(seeds, 1.0),
+            )
+            if name_set in targets:
+                comparisons["labels_ratio"] = compare(
+                    {
+                        s: labels_to(by[(name, s)], name_set, targets[name_set])
+                        for s in seeds
+                        if (name, s) in by
+                    },
+                    {
+                        s: labels_to(by[(baseline, s)], name_set, targets[name_set])
+                        for s in seeds
+                        if (baseline, s) in by
+                    },
+                )
+    family = {
+        (name, name_set, measure): result["wilcoxon_p"]
+        for name, per_set in table["secondary"].items()
+        for name_set, measures in per_set.items()
+        for measure, result in measures.items()
+    }
+    for key, adjusted in holm(family).items():
+        name, name_set, measure = key
+        table["secondary"][name][name_set][measure]["holm_p"] = adjusted
+    mine, theirs = PRIMARY
+    extrapolating = [name_set for name_set in sets if name_set != "same"]
+    if mine in strategies and theirs in strategies and extrapolating:
+        per_seed = {}
+        for seed in seeds:
+            ratios = [
+                pair_area_ratio(by.get((mine, seed)), by.get((theirs, seed)), n)
+                for n in extrapolating
+            ]
+            per_seed[seed] = None if None in ratios else float(np.exp(np.mean(np.log(ratios))))
+        table["primary"] = {
+            "comparison": f"{mine} / {theirs}: geometric-mean force MAE over the labels both "
+            f"runs cover, geometric mean over the sets {', '.join(extrapolating)}",
+            **compare(per_seed, dict.fromkeys(seeds, 1.0)),
+        }
     table["selection"] = {}
-    for name, rs in by_name.items():
+    for name in strategies:
+        rs = [r for r in runs if r["strategy"] == name]
         row = table["selection"][name] = {}
         for key in ("frames_scored", "fraction_below_threshold", "frames_picked"):
             row[key] = statistics.median(r["selection"][key] or 0 for r in rs)
@@ -164,23 +242,42 @@ def analyse(runs: list[dict], targets: dict[str, float] | None = None) -> dict:
 
 
 def print_tables(table: dict) -> None:
+    primary = table.get("primary")
+    if primary:
+        low, high = primary["interval_95"]
+        print(
+            f"primary: {primary['comparison']}\n  median ratio {words(primary['median'])} "
+            f"[{words(low)}, {words(high)}] over {primary['seeds']} seeds, "
+            f"Wilcoxon p {show(primary['wilcoxon_p'], '.3f')}"
+        )
     columns = [
         ("strategy", "<22", cell("name")),
-        ("area", ">8", cell("median_learning_curve_area", ".4f")),
         ("final", ">8", cell("median_final_force_mae", ".4f")),
         ("labels", ">8", cell("median_labels_to_target", ".0f")),
-        ("reached", ">9", reached),
-        ("ratio vs random [95% CI]", ">28", cell("ratio")),
+        ("reached", ">8", cell("reached", ".2f")),
+        ("area / random [95%]", ">26", cell("area")),
+        ("labels / random [95%]", ">26", cell("labels")),
+        ("Holm p", ">14", cell("holm")),
     ]
-    for name_set, target in table["targets"].items():
-        print(f"\n{name_set}: target test force MAE {target:.4f} eV/Å")
+    sets = list(next(iter(table["rows"].values()), {}))
+    for name_set in sets:
+        target = table["targets"].get(name_set)
+        heading = f"target {target:.4f} eV/Å" if target else "no target fixed before the runs"
+        print(f"\n{name_set}: {heading}")
         rows = []
         for name, by_set in table["rows"].items():
-            ratio = table["labels_ratio_vs_random"].get(name, {}).get(name_set)
-            interval = (
-                f"{show(ratio['median_ratio'], '.2f')} {span(ratio['ci95'])}" if ratio else None
-            )
-            rows.append({**by_set[name_set], "name": name, "ratio": interval})
+            measures = table["secondary"].get(name, {}).get(name_set, {})
+            row = {**by_set[name_set], "name": name}
+            for key, measure in (("area", "area_ratio"), ("labels", "labels_ratio")):
+                if measure in measures:
+                    found = measures[measure]
+                    low, high = found["interval_95"]
+                    row[key] = f"{words(found['median'])} [{words(low)}, {words(high)}]"
+            holm_p = [
+                measures[m].get("holm_p") for m in ("area_ratio", "labels_ratio") if m in measures
+            ]
+            row["holm"] = " ".join(show(p, ".3f") for p in holm_p) or None
+            rows.append(row)
         common.print_table(columns, rows)
     print("\nMD frames scored, and the share at or below the threshold then in force")
     columns = [
@@ -210,9 +307,10 @@ def plot(result: dict, path: Path) -> None:
                 axis.plot(x, y, color=colours[name], alpha=0.35, linewidth=0.8)
             top = min(max(p["labels"] for p in c) for c in curves)
             grid = np.linspace(0, top, 40)
-            median = np.median([_on_grid(c, grid) for c in curves], axis=0)
-            axis.plot(grid, median, color=colours[name], linewidth=2.2, label=name)
-        axis.axhline(result["targets"][name_set], color="grey", linestyle=":", label="target")
+            middle = np.median([_on_grid(c, grid) for c in curves], axis=0)
+            axis.plot(grid, middle, color=colours[name], linewidth=2.2, label=name)
+        if name_set in result["targets"]:
+            axis.axhline(result["targets"][name_set], color="grey", linestyle=":", label="target")
         axis.set_yscale("log")
         axis.set_title(name_set)
         axis.set_xlabel("active-learning labels")
@@ -243,7 +341,7 @@ class Extrapolation(common.CampaignBenchmark):
     """Every strategy with every seed, each run scored on every held-out set."""
 
     name, prefix, finite = "extrapolation", "palflow-extrapolation-", True
-    defaults = {"seeds": [0, 1, 2, 3, 4], "labels": 64, "max_wall": 300.0}
+    defaults = {"seeds": list(range(10)), "labels": 64, "max_wall": 300.0}
     defaults |= {"campaign": str(CAMPAIGN), "campaign_help": "campaign TOML (default: Cu13, EMT)"}
     defaults |= {"test_structures": 24, "test_help": "frames per set"}
     analysis, report, plot = staticmethod(analyse), staticmethod(print_tables), staticmethod(plot)
@@ -294,6 +392,24 @@ class Extrapolation(common.CampaignBenchmark):
             f"{run['wall_s']:.0f} s (+{run['evaluation_s']:.0f} s scoring), final MAE {finals}"
         )
 
+    def protocol(self, args) -> dict:
+        sets = {
+            name: {k: v for k, v in info.items() if k not in ("path", "extxyz")}
+            for name, info in self.sets.items()
+        }
+        return {
+            "campaign": os.path.relpath(args.campaign, ROOT),
+            "sets": sets,
+            "seeds": args.seeds,
+            "labels": args.labels,
+            "pace": args.pace,
+            "max_wall_s": args.max_wall,
+            "site": args.site,
+            "strategies": args.strategies,
+            "targets": args.targets,
+            "primary": {"mine": PRIMARY[0], "theirs": PRIMARY[1], "sets": "all but same"},
+        }
+
     def metadata(self, args, site) -> dict:
         for info in self.sets.values():
             info.pop("path"), info.pop("extxyz")
@@ -311,7 +427,8 @@ class Extrapolation(common.CampaignBenchmark):
 
     def write(self, args, result: dict, work: Path | None = None) -> None:
         """The results with the work folder as ``WORK``, and the total wall time."""
-        common.write_results(args.name, result, plot, finite=True, work=work)
+        figure = plot if "runs" in result else None
+        common.write_results(args.name, result, figure, finite=True, work=work)
         if work is not None:
             print(f"total {result['total_wall_s']:.0f} s")
 

@@ -1,62 +1,248 @@
-"""Ratios of labels or times between benchmark variants, with a bootstrap interval
-over seeds; a run that never reached its target counts as infinitely costly.
+"""Paired comparisons of two benchmark variants over seeds, with every run kept.
 
-Shared by ``extrapolation.py`` (labels to a target against random) and
-``remote_oracle.py`` (wall time to a target, streaming against serial).
+A benchmark compares *mine* (the variant a claim says is better: uncertainty
+selection, streaming, fine-tuning) with *theirs* (its baseline), seed by seed. Two
+kinds of per-seed figure are compared, both "lower is better":
+
+- **an area** under a learning curve (the error averaged over labels or time). The
+  primary figure of a claim (``../shared`` proof rules): every run that produced a
+  curve has one, so nothing is censored. A run without one counts as lost by its side.
+- **a cost to a target** (labels or seconds until the error first reaches a target
+  fixed before the runs). A run that stopped first is *censored*: :class:`Cost` keeps
+  what it had spent, ``reached=False``. It is never dropped.
+
+Censored pairs are resolved against the claim, so that censoring can only weaken it:
+
+========================  ==========================================================
+mine / theirs             the seed's ratio
+========================  ==========================================================
+both reached              ``mine / theirs``
+neither reached           ``1`` (a tie)
+only mine reached         ``mine / spent(theirs)``: an upper bound, as theirs would
+                          have needed more than it spent
+only theirs reached       ``inf``, "never reached": no finite bound is known
+========================  ==========================================================
+
+Over the seeds, :func:`compare` reports the median ratio, a bootstrap 95% interval of
+that median (the seeds resampled in pairs; no resample is ever dropped), the exact
+two-sided Wilcoxon signed-rank p on the log ratios (ties, ratio 1, carry no sign and
+are left out, Wilcoxon's rule) and the share of seeds each side reached the target.
+:func:`holm` corrects the p of the secondary comparisons for multiplicity.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-RESAMPLES, BOOTSTRAP_SEED = 2000, 0
+RESAMPLES, BOOTSTRAP_SEED = 10_000, 0
+EXACT_UP_TO = 50
+"""Untied seeds up to which the Wilcoxon p is exact (counts of 2**50 stay exact floats)."""
 
 
-def median_inf(values: list[float]) -> float:
-    """The median, with ``inf`` for a run that never reached the target."""
-    ordered = sorted(values)
+@dataclass(frozen=True)
+class Cost:
+    """One run's cost to a target: ``value`` is the cost at the target where
+    ``reached``, else what the run spent before it stopped (censored there)."""
+
+    value: float
+    reached: bool = True
+
+    @classmethod
+    def never(cls, spent: float) -> Cost:
+        return cls(spent, reached=False)
+
+
+def seed_ratio(mine: Cost | float | None, theirs: Cost | float | None) -> float:
+    """One seed's ``mine / theirs``, censoring resolved against ``mine`` (see the
+    module's table). A float is an uncensored figure (an area). None is a run that
+    produced none (it failed): ``inf`` where mine has none, else 1, a tie, as a
+    baseline's failure is no evidence for the claim."""
+    if mine is None:
+        return math.inf
+    if theirs is None:
+        return 1.0
+    mine, theirs = _cost(mine), _cost(theirs)
+    if not mine.reached:
+        return 1.0 if not theirs.reached else math.inf
+    if theirs.value <= 0:
+        return 1.0 if mine.value <= 0 else math.inf
+    return mine.value / theirs.value
+
+
+def _cost(value: Cost | float) -> Cost:
+    return value if isinstance(value, Cost) else Cost(float(value))
+
+
+def median(values) -> float:
+    """The median; ``inf`` when the middle reaches a run that never got there."""
+    ordered = np.sort(np.asarray(values, dtype=float))
     n = len(ordered)
-    if n % 2:
-        return ordered[n // 2]
-    low, high = ordered[n // 2 - 1], ordered[n // 2]
-    return math.inf if math.isinf(high) else (low + high) / 2
-
-
-def _ratio(mine: float, theirs: float) -> float:
-    """``mine / theirs``: 1 when both need no label, ``inf`` when only ``mine`` never
-    gets there (or ``theirs`` needs none), NaN (undefined) when neither does."""
-    if math.isinf(mine) and math.isinf(theirs):
+    if n == 0:
         return math.nan
-    if theirs == 0:
-        return 1.0 if mine == 0 else math.inf
-    return mine / theirs
+    if n % 2:
+        return float(ordered[n // 2])
+    low, high = ordered[n // 2 - 1], ordered[n // 2]
+    return math.inf if math.isinf(high) else float((low + high) / 2)
 
 
-def bootstrap_ratio(mine: dict[int, float], theirs: dict[int, float]) -> dict:
-    """Median labels-to-target of ``mine`` over ``theirs`` (per seed; ``inf`` when a
-    run never reached it), and its bootstrap 95% interval over seeds resampled with
-    replacement: paired over the seeds both have, else each resampled alone."""
+def bootstrap_interval(ratios: list[float], resamples: int = RESAMPLES) -> list[float]:
+    """The 95% percentile interval of the median ratio, seeds resampled with
+    replacement; order statistics, so that an infinite bound stays infinite."""
+    values = np.asarray(ratios, dtype=float)
+    if len(values) == 0:
+        return [math.nan, math.nan]
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    shared = sorted(set(mine) & set(theirs))
-    ratios = []
-    for _ in range(RESAMPLES):
-        if shared and len(shared) == len(mine) == len(theirs):
-            draw = rng.choice(shared, size=len(shared))
-            a, b = [mine[s] for s in draw], [theirs[s] for s in draw]
-        else:
-            a = rng.choice(list(mine.values()), size=len(mine)).tolist()
-            b = rng.choice(list(theirs.values()), size=len(theirs)).tolist()
-        ratios.append(_ratio(median_inf(a), median_inf(b)))
-    defined = sorted(r for r in ratios if not math.isnan(r))
-    if defined:  # order statistics: an infinite bound stays infinite
-        n = len(defined)
-        low, high = defined[int(0.025 * (n - 1))], defined[math.ceil(0.975 * (n - 1))]
-    else:
-        low = high = math.nan
-    return {
-        "median_ratio": _ratio(median_inf(list(mine.values())), median_inf(list(theirs.values()))),
-        "ci95": [low, high],
-        "undefined_resamples": len(ratios) - len(defined),
+    draws = np.sort(rng.choice(values, (resamples, len(values))), axis=1)
+    n = len(values)
+    if n % 2:
+        medians = draws[:, n // 2]
+    else:  # the mean of the middle two; inf + finite stays inf
+        medians = np.where(
+            np.isinf(draws[:, n // 2]), math.inf, (draws[:, n // 2 - 1] + draws[:, n // 2]) / 2
+        )
+    medians = np.sort(medians)
+    low = medians[int(math.floor(0.025 * (resamples - 1)))]
+    high = medians[int(math.ceil(0.975 * (resamples - 1)))]
+    return [float(low), float(high)]
+
+
+def wilcoxon_exact(ratios: list[float]) -> float | None:
+    """The exact two-sided Wilcoxon signed-rank p of ``log(ratio)`` against 0.
+
+    Ties (ratio 1) are left out; tied magnitudes share their mean rank; an infinite
+    ratio ranks above every finite one. None with no untied seed, or above
+    :data:`EXACT_UP_TO` untied seeds."""
+    logs = [math.log(r) if r > 0 else -math.inf for r in ratios if r != 1.0]
+    n = len(logs)
+    if n == 0 or n > EXACT_UP_TO:
+        return None
+    finite = [abs(x) for x in logs if math.isfinite(x)]
+    beyond = (max(finite) if finite else 0.0) + 1.0
+    magnitudes = np.array([abs(x) if math.isfinite(x) else beyond for x in logs])
+    doubled = np.rint(2 * _mean_ranks(magnitudes)).astype(int)  # mean ranks: halves
+    positive = int(sum(r for r, x in zip(doubled, logs, strict=True) if x > 0))
+    # the null distribution of 2 W+ over all 2**n sign sets, by convolution
+    counts = np.zeros(int(doubled.sum()) + 1)
+    counts[0] = 1.0
+    for rank in doubled:
+        counts[rank:] = counts[rank:] + counts[:-rank]
+    centre = doubled.sum() / 2
+    sums = np.arange(len(counts))
+    extreme = np.abs(sums - centre) >= abs(positive - centre) - 1e-9
+    return float(counts[extreme].sum() / counts.sum())
+
+
+def _mean_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def compare(
+    mine: Mapping[int, Cost | float | None], theirs: Mapping[int, Cost | float | None]
+) -> dict:
+    """Seed-by-seed ratios ``mine / theirs`` and their summary.
+
+    Both maps are keyed by seed; a seed that only one side has is a run the other side
+    lost (None). Returns ``ratios`` (per seed, ``inf`` as "never reached" once written
+    as JSON by :func:`jsonable_ratios`), ``median``, ``interval_95``, ``wilcoxon_p``,
+    ``seeds``, ``ties`` and, for costs, ``reached`` (the share of seeds per side)."""
+    seeds = sorted(set(mine) | set(theirs))
+    ratios = {seed: seed_ratio(mine.get(seed), theirs.get(seed)) for seed in seeds}
+    values = list(ratios.values())
+    result = {
+        "seeds": len(seeds),
+        "ratios": ratios,
+        "median": median(values),
+        "interval_95": bootstrap_interval(values),
+        "wilcoxon_p": wilcoxon_exact(values),
+        "ties": sum(r == 1.0 for r in values),
     }
+    costs = [v for v in (*mine.values(), *theirs.values()) if isinstance(v, Cost)]
+    if costs:
+        result["reached"] = {
+            "mine": _share(mine.values()),
+            "theirs": _share(theirs.values()),
+        }
+    return result
+
+
+def _share(values) -> float:
+    values = list(values)
+    return sum(isinstance(v, Cost) and v.reached for v in values) / len(values) if values else 0.0
+
+
+def holm(pvalues: Mapping[str, float | None]) -> dict[str, float | None]:
+    """Holm's step-down adjusted p for a family of comparisons (None stays None)."""
+    known = sorted((p, name) for name, p in pvalues.items() if p is not None)
+    adjusted: dict[str, float | None] = {name: None for name in pvalues}
+    running, m = 0.0, len(known)
+    for i, (p, name) in enumerate(known):
+        running = max(running, min(1.0, (m - i) * p))
+        adjusted[name] = running
+    return adjusted
+
+
+def words(ratio: float | None) -> str:
+    """A ratio as a reader should see it: "never reached" rather than a number."""
+    if ratio is None or math.isnan(ratio):
+        return "undefined"
+    return "never reached" if math.isinf(ratio) else f"{ratio:.2f}"
+
+
+def jsonable_ratios(result: dict) -> dict:
+    """``result`` of :func:`compare` with infinite ratios written as "never reached"
+    (JSON has no infinity; a bare null would read as "missing")."""
+
+    def word(value):
+        return "never reached" if isinstance(value, float) and math.isinf(value) else value
+
+    out = dict(result)
+    out["ratios"] = {str(seed): word(r) for seed, r in result["ratios"].items()}
+    out["median"] = word(result["median"])
+    out["interval_95"] = [word(v) for v in result["interval_95"]]
+    return out
+
+
+def log_area(points: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """The geometric-mean error of a learning curve on ``[start, end]``: ``exp`` of the
+    area under ``log(error)`` against ``x`` (labels or seconds), linear between
+    points, over the window's width. The ratio of two is the paired primary figure.
+
+    ``points`` are ``(x, error)``; where several share an ``x`` the last counts. None
+    when the window is empty or the curve has no point in it or a non-positive error."""
+    newest = dict(points)
+    if end <= start or not newest:
+        return None
+    x = np.array(sorted(newest), dtype=float)
+    y = np.array([newest[k] for k in sorted(newest)], dtype=float)
+    if np.any(y <= 0) or x[0] > start or x[-1] < end:
+        return None
+    grid = np.unique(np.concatenate([[start, end], x[(x > start) & (x < end)]]))
+    logs = np.interp(grid, x, np.log(y))
+    return float(np.exp(np.trapezoid(logs, grid) / (end - start)))
+
+
+def paired_window(*curves: list[tuple[float, float]]) -> tuple[float, float]:
+    """The ``x`` range every curve covers: the latest first point to the earliest last."""
+    return max(min(x for x, _ in c) for c in curves), min(max(x for x, _ in c) for c in curves)
+
+
+def for_json(value):
+    """``value`` with every :func:`compare` result in it made JSON-ready by
+    :func:`jsonable_ratios` ("never reached" in words)."""
+    if isinstance(value, dict):
+        if "ratios" in value and "interval_95" in value:
+            value = jsonable_ratios(value)
+        return {k: for_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [for_json(v) for v in value]
+    return value

@@ -13,14 +13,15 @@ never reach the old code.
 **Before and after, interleaved.** "After" is this checkout, as it is (uncommitted
 changes included), or ``--after REV`` checked out like the before side (then this
 checkout may change while the benchmark runs). "Before" is ``--before`` (default
-``664585e``, the last commit before issue 25), checked out with ``git worktree add --detach`` into the work folder
-and removed at the end. For each seed, for each campaign, the two sides run back to
-back, one at a time (the before side first for even seed positions, the after side
-first for odd ones), each as its own ``python -m palflow.pipeline.cli run --site SITE
---campaign FILE --run-dir DIR`` subprocess. The campaign file is the side's example
-with ``seed`` set, and ``--max-wall-s`` / ``--max-labels`` capping ``stop.max_wall_s``
-/ ``stop.max_labels`` where given, for every campaign (``150``) or for one
-(``water_tblite=150``); a cap never raises a budget.
+``664585e``, the last commit before issue 25), checked out with ``git worktree add
+--detach`` into the work folder and removed at the end. For each seed, for each
+campaign, the two sides run back to back, one at a time (the before side first for
+even seed positions, the after side first for odd ones), each as its own ``python -m
+palflow.pipeline.cli run --site SITE --campaign FILE --run-dir DIR`` subprocess. The
+campaign file is the side's example with ``seed`` set, and ``--max-wall-s`` /
+``--max-labels`` capping ``stop.max_wall_s`` / ``stop.max_labels`` where given, for
+every campaign (``150``) or for one (``water_tblite=150``); a cap never raises a
+budget.
 
 **How the before side imports the old code.** palflow is installed editable, under
 the one name ``palflow`` (``palflow.pipeline`` -> ``pipeline/`` and so on), by a
@@ -255,7 +256,7 @@ def code_label(path: str | None, sides: dict[str, Side]) -> str:
     if path is None:
         return "not found"
     where = Path(path).resolve()
-    for name, side in sides.items():
+    for side in sides.values():
         if where.is_relative_to(side.root.resolve() / "pipeline"):
             return expected(side)
     return "elsewhere"
@@ -928,10 +929,20 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     option("--before", default=BEFORE, help="the commit before the change (%(default)s)")
     option("--after", help="the commit after it (default: this checkout, as it is)")
     option("--site", default="laptop.py")
-    option("--max-wall-s", nargs="+", type=caps(float), metavar="[CAMPAIGN=]S",
-           help="cap stop.max_wall_s: S for every campaign, CAMPAIGN=S for one")
-    option("--max-labels", nargs="+", type=caps(int), metavar="[CAMPAIGN=]N",
-           help="cap stop.max_labels: N for every campaign, CAMPAIGN=N for one")
+    option(
+        "--max-wall-s",
+        nargs="+",
+        type=caps(float),
+        metavar="[CAMPAIGN=]S",
+        help="cap stop.max_wall_s: S for every campaign, CAMPAIGN=S for one",
+    )
+    option(
+        "--max-labels",
+        nargs="+",
+        type=caps(int),
+        metavar="[CAMPAIGN=]N",
+        help="cap stop.max_labels: N for every campaign, CAMPAIGN=N for one",
+    )
     option("--timeout", type=float, help="kill a run after this many s (1.5 x wall + 300)")
     option("--work", help="work folder (default: a new temporary one, kept)")
     option("--quick", action="store_true", help="tiny protocol for the test suite")

@@ -136,6 +136,8 @@ def test_remote_oracle(tmp_path):
         "4",
         "--train-task-s",
         "0.3",
+        "--target",
+        "5.0",
         timeout=360,
     )
     result = json.loads((tmp_path / "remote_oracle.json").read_text())
@@ -146,11 +148,13 @@ def test_remote_oracle(tmp_path):
     point = result["points"]["1"]
     assert point["serial"]["reached"] == point["streaming"]["reached"] == 1
     times = {loop: point[loop]["median_wall_to_target_s"] for loop in ("streaming", "serial")}
-    assert result["streaming_over_serial"]["1"] == pytest.approx(
-        times["streaming"] / times["serial"]
-    )
+    comparison = point["streaming_over_serial"]
+    assert comparison["time"]["median"] == pytest.approx(times["streaming"] / times["serial"])
+    assert comparison["time"]["seeds"] == comparison["area"]["seeds"] == 1
+    assert comparison["area"]["median"] > 0
+    assert result["protocol"]["target"] == 5.0 and result["status"] == "finished"
     assert 0 < point["pal_ideal_ratio"] <= 1
-    assert "streaming/serial" in out
+    assert "streaming/serial area" in out
     assert (tmp_path / "remote_oracle.png").stat().st_size > 0
 
 

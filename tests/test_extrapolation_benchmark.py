@@ -36,27 +36,23 @@ def extrapolation(monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_quick_run(tmp_path):
-    out = run_benchmark(tmp_path, "--quick")
+    out = run_benchmark(tmp_path, "--quick", "--target", "same=2.0")
     text = (tmp_path / "extrapolation.json").read_text()
     assert str(ROOT) not in text and str(tmp_path) not in text
     assert tempfile.gettempdir() + "/" not in text
     result = json.loads(text)
     strategies = {"max force spread", "random"}
     assert {r["strategy"] for r in result["runs"]} == strategies
-    assert set(result["targets"]) == set(SETS)
-    assert all(math.isfinite(t) and t > 0 for t in result["targets"].values())
-    assert set(result["labels_ratio_vs_random"]) == strategies
-    for name in strategies:
-        for name_set in SETS:
-            ratio = result["labels_ratio_vs_random"][name][name_set]
-            assert set(ratio) >= {"median_ratio", "ci95"} and len(ratio["ci95"]) == 2
-    # Random against itself, seed by seed: exactly 1 where its median run reaches the
-    # target; undefined (null) where it never does (a tiny run's 2 seeds may not).
-    for name_set, ratio in result["labels_ratio_vs_random"]["random"].items():
-        if result["rows"]["random"][name_set]["median_labels_to_target"] is None:
-            assert ratio["median_ratio"] is None, name_set
-        else:
-            assert ratio["median_ratio"] == 1.0 and ratio["ci95"] == [1.0, 1.0], name_set
+    assert result["status"] == "finished" and result["targets"] == {"same": 2.0}
+    assert result["protocol"]["primary"]["mine"] == "max force spread"
+    assert result["protocol"]["seeds"] == [0, 1] and result["protocol"]["targets"] == {"same": 2.0}
+    assert set(result["secondary"]) == {"max force spread"}
+    for name_set in SETS:
+        area = result["secondary"]["max force spread"][name_set]["area_ratio"]
+        assert area["seeds"] == 2 and len(area["interval_95"]) == 2
+    labels = result["secondary"]["max force spread"]["same"]["labels_ratio"]
+    assert set(labels["reached"]) == {"mine", "theirs"}
+    assert result["primary"]["seeds"] == 2
     for name_set, info in result["sets"].items():
         assert info["n_structures"] == 4 and info["labels_finite"], name_set
         assert 0 < info["mean_abs_force"] <= info["max_abs_force"] < 50
@@ -75,13 +71,13 @@ def test_quick_run(tmp_path):
         assert 0 <= selection["fraction_below_threshold"] <= 1
     spread = [r for r in result["runs"] if r["strategy"] == "max force spread"]
     assert all(r["selection"]["threshold_median"] == 0.03 for r in spread)  # cu_emt.toml's
-    assert "ratio vs random" in out and "at or below the threshold" in out
+    assert "primary: max force spread / random" in out and "at or below the threshold" in out
     assert (tmp_path / "extrapolation.png").stat().st_size > 0
 
     again = run_benchmark(
         tmp_path, "--reanalyse", str(tmp_path / "extrapolation.json"), "--target", "same=1.5"
     )
-    assert "same: target test force MAE 1.5000 eV/Å" in again
+    assert "same: target 1.5000 eV/Å" in again
 
 
 @pytest.mark.timeout(300)
@@ -99,7 +95,7 @@ def test_quick_run_on_a_molecule_scores_torsions(tmp_path):
     assert torsion["periodic_frames"] == 0 and torsion["mean_abs_force"] > 0
     for run in result["runs"]:
         assert [p["labels"] for p in run["curves"]["torsion"]][-1] == 8
-    assert set(result["labels_ratio_vs_random"]["max force spread"]) == set(result["sets"])
+    assert set(result["secondary"]["max force spread"]) == set(result["sets"])
     assert (tmp_path / "ethanol.png").stat().st_size > 0
 
 
@@ -123,45 +119,64 @@ def made_up_run(strategy, seed, hit, final=0.05, sets=SETS):
 
 def test_half_of_random_labels_gives_ratio_one_half(extrapolation):
     runs = [made_up_run("random", s, 16 + 8 * s) for s in range(5)]
-    runs += [made_up_run("fast", s, 8 + 4 * s) for s in range(5)]
+    runs += [made_up_run("max force spread", s, 8 + 4 * s) for s in range(5)]
     table = extrapolation.analyse(runs, {name: 0.2 for name in SETS})
     for name_set in SETS:
-        ratio = table["labels_ratio_vs_random"]["fast"][name_set]
-        assert ratio["median_ratio"] == 0.5 and ratio["ci95"] == [0.5, 0.5]
-        assert table["rows"]["fast"][name_set]["median_labels_to_target"] == 16
+        ratio = table["secondary"]["max force spread"][name_set]["labels_ratio"]
+        assert ratio["median"] == 0.5 and ratio["interval_95"] == [0.5, 0.5]
+        assert ratio["wilcoxon_p"] == pytest.approx(2 / 2**5)
+        assert ratio["reached"] == {"mine": 1.0, "theirs": 1.0}
+        assert table["rows"]["max force spread"][name_set]["median_labels_to_target"] == 16
         assert table["rows"]["random"][name_set]["median_labels_to_target"] == 32
-        assert table["rows"]["fast"][name_set]["reached"] == 5
-    assert table["selection"]["fast"]["fraction_below_threshold"] == 0.25
+    # eight comparisons (4 sets x area, labels), each p = 1/16: Holm multiplies the
+    # smallest by 8
+    holm = [
+        m["holm_p"] for per in table["secondary"]["max force spread"].values() for m in per.values()
+    ]
+    assert min(holm) == pytest.approx(8 * 2 / 2**5)
+    assert table["primary"]["seeds"] == 5 and table["primary"]["median"] < 1
+    assert table["selection"]["random"]["fraction_below_threshold"] == 0.25
 
 
-def test_runs_that_never_reach_the_target(extrapolation):
-    """A run that never gets there needs infinitely many labels: the median can stay
-    finite while the interval's upper bound is infinite (null in the JSON)."""
+def test_runs_that_never_reach_the_target_are_censored_not_dropped(extrapolation):
+    """A run that never gets there is censored at its last version's labels: the
+    median can stay finite while the interval's upper end is "never reached"."""
     runs = [made_up_run("random", s, 20) for s in range(5)]
     hits = [10, 10, 10, None, None]
     runs += [made_up_run("patchy", s, h) for s, h in enumerate(hits)]
     runs += [made_up_run("never", s, None) for s in range(5)]
     table = extrapolation.analyse(runs, {name: 0.2 for name in SETS})
-    patchy = table["labels_ratio_vs_random"]["patchy"]["same"]
-    assert patchy["median_ratio"] == 0.5
-    assert patchy["ci95"][0] == 0.5 and math.isinf(patchy["ci95"][1])
-    never = table["labels_ratio_vs_random"]["never"]["same"]
-    assert math.isinf(never["median_ratio"]) and table["rows"]["never"]["same"]["reached"] == 0
-    saved = json.loads(json.dumps(extrapolation.jsonable(table), allow_nan=False))
-    assert saved["labels_ratio_vs_random"]["patchy"]["same"]["ci95"] == [0.5, None]
-    assert saved["labels_ratio_vs_random"]["never"]["same"]["median_ratio"] is None
+    patchy = table["secondary"]["patchy"]["same"]["labels_ratio"]
+    assert patchy["median"] == 0.5 and patchy["reached"]["mine"] == 0.6
+    assert patchy["interval_95"][0] == 0.5 and math.isinf(patchy["interval_95"][1])
+    never = table["secondary"]["never"]["same"]["labels_ratio"]
+    assert math.isinf(never["median"]) and table["rows"]["never"]["same"]["reached"] == 0
+    from ratios import for_json  # the benchmarks' folder: on the path (the fixture)
+
+    saved = for_json(table)
+    assert saved["secondary"]["patchy"]["same"]["labels_ratio"]["interval_95"] == [
+        0.5,
+        "never reached",
+    ]
+    assert saved["secondary"]["never"]["same"]["labels_ratio"]["median"] == "never reached"
 
 
-def test_default_target_and_area(extrapolation):
-    """The default target of a set is the largest of the strategies' median final MAEs;
-    the area is the mean MAE over the label range."""
+def test_without_a_target_only_areas_are_compared(extrapolation):
+    """No target is taken from the runs; the primary figure is the paired ratio of
+    geometric-mean errors over the labels both runs cover."""
     runs = [made_up_run("random", s, 32, final=0.04) for s in range(3)]
-    runs += [made_up_run("other", s, 32, final=f) for s, f in enumerate((0.06, 0.08, 0.07))]
+    runs += [made_up_run("max force spread", s, 32, final=0.01) for s in range(3)]
     table = extrapolation.analyse(runs)
-    assert table["targets"]["same"] == pytest.approx(0.07)
-    area = (0.5 * (1.0 + 0.1) * 32 + 0.5 * (0.1 + 0.04) * 32) / 64
-    assert table["rows"]["random"]["same"]["median_learning_curve_area"] == pytest.approx(area)
-    assert table["labels_ratio_vs_random"]["other"]["same"]["median_ratio"] == 1.0
+    assert (
+        table["targets"] == {} and "median_labels_to_target" not in table["rows"]["random"]["same"]
+    )
+    assert set(table["secondary"]["max force spread"]["same"]) == {"area_ratio"}
+    # the curves differ only from 32 to 64 labels, log-linearly down to 0.01 against 0.04
+    expected = math.exp(0.5 * 0.5 * (math.log(0.01) - math.log(0.04)))
+    area = table["secondary"]["max force spread"]["hot"]["area_ratio"]
+    assert area["median"] == pytest.approx(expected)
+    assert table["primary"]["median"] == pytest.approx(expected)
+    assert table["primary"]["ratios"] == pytest.approx(dict.fromkeys(range(3), expected))
 
 
 def test_rotatable_bonds_and_torsion_frames(extrapolation):
