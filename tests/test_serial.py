@@ -14,7 +14,10 @@ from tests.test_coordinator import SLOTS, small_campaign
 
 
 @pytest.mark.timeout(400)
-def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path):
+@pytest.mark.parametrize("train", ["plateau", "one task"])
+def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path, train):
+    """Each phase waits for the last; members train until validation stops improving
+    (at least 1 + patience tasks, at most max_train_tasks) or for one task."""
     campaign = small_campaign(stop__max_labels=16)
     run = RunDirectory.create(tmp_path / "run")
     executors = {m: ThreadPoolExecutor(SLOTS[m]) for m in MODULES}
@@ -28,6 +31,9 @@ def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path):
             start,
             poll_s=0.2,
             labels_per_iteration=4,
+            train=train,
+            patience=2,
+            max_train_tasks=5,
         )
         summary = loop.run()
     finally:
@@ -35,9 +41,32 @@ def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path):
             executor.shutdown(wait=True, cancel_futures=True)
     assert summary["labels"] == 16
     assert loop.iterations >= 4, "4 labels per iteration make at least 4 iterations"
+    members = campaign.model.n_members
+    assert len(loop.train_history) >= 4
+    for tasks in loop.train_history:
+        assert sorted(tasks) == list(range(members)), tasks
+        if train == "one task":
+            assert set(tasks.values()) == {1}
+        else:
+            assert all(3 <= n <= 5 for n in tasks.values()), tasks
     events = run.read_events()
     stopped = summary["started_at"] + summary["stopped_at_s"]
     before_stop = [e for e in events if e.get("ended") and e["ended"] <= stopped]
     t0, t1 = summary["started_at"], stopped
     for pair in [("oracle", "train"), ("oracle", "generator"), ("train", "generator")]:
         assert concurrency_fraction(before_stop, t0, t1, pair) == 0.0, pair
+
+
+def test_serial_loop_rejects_bad_training_settings(tmp_path):
+    campaign = small_campaign()
+    run = RunDirectory.create(tmp_path / "run")
+    start = load_start_structure(campaign.system.structure)
+    executors = {m: ThreadPoolExecutor(1) for m in MODULES}
+    try:
+        apps = Apps.from_executors(executors)
+        for bad in ({"train": "forever"}, {"patience": 0}, {"improvement": 1.0}):
+            with pytest.raises(ValueError):
+                SerialLoop(campaign, run, apps, SLOTS, start, **bad)
+    finally:
+        for executor in executors.values():
+            executor.shutdown()

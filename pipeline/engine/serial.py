@@ -6,7 +6,11 @@ on the very same work. One iteration:
 
 1. **label** up to ``labels_per_iteration`` candidates (the initial structures in
    the first), ``slots["oracle"]`` batches at a time;
-2. **train** every member for one task, then evaluate the new ensemble version;
+2. **train** every member until its validation error stops improving (a member
+   whose published validation force MAE has not fallen by ``improvement`` for
+   ``patience`` tasks in a row is done; at most ``max_train_tasks`` tasks), as a
+   user's serial loop would; or, with ``train="one task"``, one task each. Then
+   evaluate the new ensemble version;
 3. **generate**: one MD segment per walker, in the coordinator's groups; the frames
    they select are the next iteration's candidates.
 
@@ -25,6 +29,7 @@ from palflow.pipeline.engine.coordinator import Coordinator
 logger = logging.getLogger(__name__)
 
 PHASES = ("label", "train", "generate")
+TRAINING = ("plateau", "one task")
 
 
 class SerialLoop(Coordinator):
@@ -35,12 +40,40 @@ class SerialLoop(Coordinator):
     labels_per_iteration
         Candidates labelled per iteration (N in PAL's model); by default one batch
         per oracle slot.
+    train
+        ``"plateau"``: each member trains until validation stops improving;
+        ``"one task"``: one training task per member and iteration.
+    patience, improvement, max_train_tasks
+        With ``"plateau"``: a member stops after ``patience`` tasks in a row that did
+        not lower its validation force MAE by the fraction ``improvement``, or after
+        ``max_train_tasks`` tasks in the iteration.
     *args, **kwargs
         As for :class:`~palflow.pipeline.engine.coordinator.Coordinator`.
     """
 
-    def __init__(self, *args: Any, labels_per_iteration: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        labels_per_iteration: int | None = None,
+        train: str = "plateau",
+        patience: int = 2,
+        improvement: float = 0.01,
+        max_train_tasks: int = 30,
+        **kwargs: Any,
+    ):
+        if train not in TRAINING:
+            raise ValueError(f"train={train!r}: expected one of {', '.join(TRAINING)}")
+        if patience < 1 or max_train_tasks < 1 or not 0 <= improvement < 1:
+            raise ValueError("patience and max_train_tasks must be >= 1, 0 <= improvement < 1")
         super().__init__(*args, **kwargs)
+        self.train, self.patience, self.improvement = train, patience, improvement
+        self.max_train_tasks = max_train_tasks
+        self.train_tasks: dict[int, int] = {}
+        """Training tasks per member in the current iteration."""
+        self.train_history: list[dict[int, int]] = []
+        """:attr:`train_tasks` of every finished training phase."""
+        self._best: dict[int, float] = {}
+        self._stale: dict[int, int] = {}
         self.labels_per_iteration = labels_per_iteration or (
             self.slots["oracle"] * self.campaign.oracle.batch_size
         )
@@ -59,8 +92,12 @@ class SerialLoop(Coordinator):
             self._next_phase()
 
     def _next_phase(self) -> None:
+        if self.phase == "train":
+            self.train_history.append(dict(self.train_tasks))
         self.phase = PHASES[(PHASES.index(self.phase) + 1) % len(PHASES)]
         self._done_this_phase = set()
+        if self.phase == "train":
+            self.train_tasks, self._best, self._stale = {}, {}, {}
         if self.phase == "label":
             self.iterations += 1
             self._quota = self.labels_per_iteration
@@ -82,10 +119,15 @@ class SerialLoop(Coordinator):
         if snapshot is None:
             return engine.busy("train") == 0
         for member in state.members:
-            if member.index in self._done_this_phase or not engine.free("train"):
+            if member.index in self._done_this_phase or member.busy:
                 continue
-            self._done_this_phase.add(member.index)
-            self.training.submit_member(member, snapshot)
+            if not engine.free("train"):
+                break
+            if self._trains_on(member):
+                self.train_tasks[member.index] = self.train_tasks.get(member.index, 0) + 1
+                self.training.submit_member(member, snapshot)
+            else:
+                self._done_this_phase.add(member.index)
         if engine.busy("train") or len(self._done_this_phase) < len(state.members):
             return False
         version = state.version
@@ -93,6 +135,22 @@ class SerialLoop(Coordinator):
             self.inference.submit_evaluation()  # evaluation only, no re-scoring
             return False
         return engine.busy("infer") == 0
+
+    def _trains_on(self, member) -> bool:
+        """Whether ``member`` needs another task this iteration; called once per
+        finished task (and once before the first)."""
+        tasks = self.train_tasks.get(member.index, 0)
+        if tasks == 0:
+            return True
+        if self.train == "one task" or tasks >= self.max_train_tasks:
+            return False
+        error = (member.validation or {}).get("force_mae")
+        best = self._best.get(member.index)
+        if error is not None and (best is None or error < best * (1 - self.improvement)):
+            self._best[member.index], self._stale[member.index] = error, 0
+        else:
+            self._stale[member.index] = self._stale.get(member.index, 0) + 1
+        return self._stale[member.index] < self.patience
 
     def _generate(self) -> bool:
         version = self.state.version
