@@ -209,9 +209,9 @@ def held_out_set(campaign, folder: Path, n_structures: int) -> str:
     return str(path)
 
 
-def run_on_site(loop: Callable, campaign, root: Path, site) -> dict:
-    """Run ``campaign`` with ``loop`` (a coordinator class) on the loaded ``site``, in
-    a new run directory ``root``; return its summary."""
+def run_on_site(loop: Callable, campaign, root: Path, site, **options: Any) -> dict:
+    """Run ``campaign`` with ``loop`` (a coordinator class, given ``options`` besides the
+    site's) on the loaded ``site``, in a new run directory ``root``; return its summary."""
     from palflow.pipeline.engine.coordinator import Apps
     from palflow.pipeline.state.rundir import RunDirectory
     from palflow.pipeline.state.structures import load_start_structure
@@ -219,7 +219,7 @@ def run_on_site(loop: Callable, campaign, root: Path, site) -> dict:
     run = RunDirectory.create(root, campaign.model_dump())
     first = campaign.all_systems()[0]
     start = load_start_structure(first.structure, first.vacuum)
-    options = site.coordinator_options(campaign)
+    options = {**site.coordinator_options(campaign), **options}
     return loop(campaign, run, Apps.parsl(), site.slots, start, **options).run()
 
 

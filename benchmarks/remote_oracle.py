@@ -45,9 +45,14 @@ from ratios import Cost, compare, log_area, median, paired_window, words
 common.workers_import_benchmarks()
 common.use_this_interpreter()
 
-LOOPS = ("streaming", "serial", "unpaced")
-"""``unpaced`` is streaming without the pace: labels as fast as the oracle and MD give
-them, PAL's idle oracle turned into labels when training is the bottleneck."""
+LOOPS = ("streaming", "serial", "serial_one_task", "unpaced")
+"""``serial`` trains each member until validation stops improving, the loop a user
+would write; ``serial_one_task`` gives each member one task per iteration, the
+training time per version that streaming gets. ``unpaced`` is streaming without the
+pace: labels as fast as the oracle and MD give them, PAL's idle oracle turned into
+labels when training is the bottleneck."""
+SERIALS = ("serial", "serial_one_task")
+SERIAL_TRAINING = {"serial": "plateau", "serial_one_task": "one task"}
 
 
 def campaign_for(loop: str, ratio: float, seed: int, args, slots: dict, test_file: str):
@@ -109,8 +114,12 @@ def run_one(loop: str, ratio: float, seed: int, args, site, work: Path, test_fil
 
     campaign = campaign_for(loop, ratio, seed, args, site.slots, test_file)
     root = work / f"r{ratio:g}-{loop}-seed{seed}"
-    summary = run_on_site(SerialLoop if loop == "serial" else Coordinator, campaign, root, site)
+    if loop in SERIALS:
+        summary = run_on_site(SerialLoop, campaign, root, site, train=SERIAL_TRAINING[loop])
+    else:
+        summary = run_on_site(Coordinator, campaign, root, site)
     curve = curve_of(summary)
+    members = campaign.model.n_members
     return {
         "loop": loop,
         "ratio": ratio,
@@ -118,9 +127,31 @@ def run_one(loop: str, ratio: float, seed: int, args, site, work: Path, test_fil
         "labels": summary["labels"],
         "wall_s": summary["wall_s"],
         "final_force_mae": curve[-1]["force_mae"] if curve else float("nan"),
-        "task_s": task_seconds(root, site.slots, campaign.model.n_members),
+        "task_s": task_seconds(root, site.slots, members),
+        "phase_s": summary.get("serial", {}).get("phase_s"),
+        "train_tasks": summary.get("serial", {}).get("train_tasks"),
+        "oracle_concurrency": oracle_concurrency(root),
         "curve": curve,
     }
+
+
+def oracle_concurrency(root: Path) -> float | None:
+    """The mean number of oracle tasks running while any was: their summed durations
+    over the length of the union of their intervals (2 for two slots that never
+    queue, 1 for slots that take turns)."""
+    from palflow.pipeline.state.rundir import RunDirectory
+
+    spans = sorted(
+        (e["started"], e["ended"])
+        for e in RunDirectory.open(root).read_events()
+        if e.get("module") == "oracle" and e.get("started") and e.get("ended")
+    )
+    busy, end = 0.0, -math.inf
+    for started, ended in spans:
+        busy += max(0.0, ended - max(started, end))
+        end = max(end, ended)
+    total = sum(ended - started for started, ended in spans)
+    return total / busy if busy > 0 else None
 
 
 def wall_area(run: dict, start: float, end: float) -> float | None:
@@ -171,7 +202,9 @@ def analyse(runs: list[dict], target: float | None = None) -> dict:
                 row[loop]["median_wall_to_target_s"] = median(
                     [c.value if c.reached else math.inf for c in costs]
                 )
-        for mine, theirs in (("streaming", "serial"), ("unpaced", "streaming")):
+        pairs = [("streaming", "serial"), ("streaming", "serial_one_task")]
+        pairs += [("serial_one_task", "serial"), ("unpaced", "streaming")]
+        for mine, theirs in pairs:
             if mine not in by or theirs not in by:
                 continue
             seeds = sorted(set(by[mine]) | set(by[theirs]))
@@ -186,14 +219,33 @@ def analyse(runs: list[dict], target: float | None = None) -> dict:
                     {s: time_to(r, target) for s, r in by[mine].items()},
                     {s: time_to(r, target) for s, r in by[theirs].items()},
                 )
-        if "serial" in at:  # PAL's ideal for the times the serial loop measured
-            measured = {
-                m: median([r["task_s"][m] for r in at["serial"]])
-                for m in ("oracle", "train", "generator")
-            }
-            ideal_s = sum(measured.values()) / max(measured.values())
-            row.update(measured_task_s=measured, pal_ideal_speedup=ideal_s)
-            row["pal_ideal_ratio"] = 1.0 / ideal_s
+        # the stronger serial loop: serial_one_task where its paired area ratio to
+        # serial has a median below 1, else serial (the rule is in the protocol)
+        versus = row.get("serial_one_task_over_serial", {}).get("area", {}).get("median")
+        stronger = "serial_one_task" if versus is not None and versus < 1 else "serial"
+        if stronger in by:
+            row["stronger_serial"] = stronger
+            row["streaming_over_serial"] = row.get(f"streaming_over_{stronger}")
+            phases = [r["phase_s"] for r in at[stronger] if r.get("phase_s")]
+            if phases:  # PAL's ideal for the phase times this serial loop measured
+                measured = {
+                    phase: median([p[phase] or 0.0 for p in phases])
+                    for phase in ("label", "train", "generate")
+                }
+                ideal_s = sum(measured.values()) / max(measured.values())
+                row.update(measured_phase_s=measured, pal_ideal_speedup=ideal_s)
+                row["pal_ideal_ratio"] = 1.0 / ideal_s
+                to_target = (row["streaming_over_serial"] or {}).get("time")
+                if to_target and math.isfinite(to_target["median"]) and to_target["median"] > 0:
+                    row["measured_speedup"] = 1.0 / to_target["median"]
+                    row["measured_over_ideal"] = row["measured_speedup"] / ideal_s
+        row["oracle_concurrency"] = median(
+            [
+                r["oracle_concurrency"]
+                for r in runs
+                if r["ratio"] == ratio and r.get("oracle_concurrency")
+            ]
+        )
         points[f"{ratio:g}"] = row
     return {"points": points}
 
@@ -213,7 +265,10 @@ def print_table(result: dict) -> None:
         ("t_oracle/t_train", ">17", cell("name")),
         ("streaming/serial area", ">24", ratio("streaming_over_serial", "area")),
         ("time to target", ">24", ratio("streaming_over_serial", "time")),
+        ("stronger serial", ">16", cell("stronger_serial")),
         ("PAL ideal", ">11", cell("pal_ideal_ratio", ".2f")),
+        ("measured/ideal", ">15", cell("measured_over_ideal", ".2f")),
+        ("oracle conc.", ">13", cell("oracle_concurrency", ".2f")),
         ("unpaced/streaming area", ">24", ratio("unpaced_over_streaming", "area")),
     ]
     common.print_table(columns, named(result["points"]))
@@ -224,7 +279,12 @@ def plot(result: dict, path: Path) -> None:
     plt = common.pyplot()
     points = result["points"]
     figure, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 4), squeeze=False)
-    colours = {"streaming": "tab:blue", "serial": "tab:orange", "unpaced": "tab:grey"}
+    colours = {
+        "streaming": "tab:blue",
+        "serial": "tab:orange",
+        "serial_one_task": "tab:red",
+        "unpaced": "tab:grey",
+    }
     for axis, (ratio, point) in zip(axes[0], points.items(), strict=True):
         seen = set()
         for run in (r for r in result["runs"] if f"{r['ratio']:g}" == ratio):
@@ -249,12 +309,19 @@ def plot(result: dict, path: Path) -> None:
     common.save_figure(figure, path)
 
 
+def shown_site(site: str) -> str:
+    """The site as the results file names it: relative to the checkout where inside it."""
+    path = Path(site)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else site
+
+
 class RemoteOracle(common.CampaignBenchmark):
     """Per seed, every oracle cost with both loops (and unpaced where asked), the
     loops' order alternating."""
 
     name, prefix, finite, rewrite = "remote_oracle", "palflow-remote-", True, True
     defaults = {"campaign": str(ROOT / "examples" / "cu_emt.toml"), "labels": 64, "max_wall": 600.0}
+    defaults |= {"seeds": list(range(10)), "site": str(ROOT / "benchmarks" / "remote_site.py")}
     analysis, report, plot = staticmethod(analyse), staticmethod(print_table), staticmethod(plot)
     recorded = ("site", "campaign", "seeds", "labels", "batch_size", "ratios", "target")
 
@@ -274,7 +341,7 @@ class RemoteOracle(common.CampaignBenchmark):
 
     def variants(self, args, seed: int, runs: list[dict]):
         for ratio in args.ratios:
-            loops = LOOPS if ratio in args.unpaced_at else LOOPS[:2]
+            loops = LOOPS if ratio in args.unpaced_at else LOOPS[:3]
             for loop in loops if (seed + len(runs)) % 2 == 0 else loops[::-1]:
                 yield ratio, loop
 
@@ -289,10 +356,27 @@ class RemoteOracle(common.CampaignBenchmark):
             "tasks " + ", ".join(f"{k} {v:.1f} s" for k, v in run["task_s"].items())
         )
 
+    def protocol(self, args) -> dict:
+        return super().protocol(args) | {
+            "site": shown_site(args.site),
+            "loops": list(LOOPS),
+            "unpaced_at": args.unpaced_at,
+            "train_task_s": args.train_task_s,
+            "primary": "per ratio, streaming / the stronger serial loop: paired ratio of "
+            "geometric-mean test force MAE over the wall time both runs cover",
+            "stronger_serial": "serial_one_task where its paired area ratio to serial has a "
+            "median below 1, else serial",
+        }
+
     def metadata(self, args, site) -> dict:
         recorded = super().metadata(args, site) | {"campaign": Path(args.campaign).name}
+        recorded["site"] = shown_site(args.site)
+        oracle = next(e for e in site.config.executors if e.label == "oracle")
+        workers = getattr(oracle, "max_workers_per_node", None)
         return recorded | {
             "oracle_slots": site.slots["oracle"],
+            "oracle_workers": workers,
+            "workers_per_oracle_slot": workers / site.slots["oracle"] if workers else None,
             "train_task_s": args.train_task_s,
             "t_train_nominal_s": nominal_train_s(args, site.slots),
         }

@@ -24,15 +24,16 @@ WORKERS = {"oracle": 1, "generator": 2, "train": 2, "infer": 1}
 slots = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
 
 
-def _executor(label: str) -> HighThroughputExecutor:
+def executor(label: str, workers: int) -> HighThroughputExecutor:
+    """The executor of one module, with ``workers`` worker processes."""
     return HighThroughputExecutor(
         label=label,  # the module this executor serves
         address="127.0.0.1",  # loopback only: nothing off this machine connects
         encrypted=True,  # CurveZMQ between interchange and workers
-        max_workers_per_node=WORKERS[label],  # worker processes for this module
-        # WORKERS, not the core count, sizes the pool: HTEX would otherwise cap it
+        max_workers_per_node=workers,  # worker processes for this module
+        # ``workers``, not the core count, sizes the pool: HTEX would otherwise cap it
         # at the cores (cores_per_worker defaults to 1).
-        cores_per_worker=1.0 / WORKERS[label],
+        cores_per_worker=1.0 / workers,
         cpu_affinity="none",  # let the OS spread workers over the cores
         provider=LocalProvider(
             init_blocks=1,
@@ -53,7 +54,7 @@ def _executor(label: str) -> HighThroughputExecutor:
 MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
 
 config = Config(
-    executors=[_executor(label) for label in MODULES],
+    executors=[executor(label, WORKERS[label]) for label in MODULES],
     run_dir="runinfo",  # Parsl's own logs, beside the campaign's run directory
     strategy="none",  # fixed blocks: no scaling on a laptop
     usage_tracking=0,  # send nothing anywhere

@@ -43,6 +43,10 @@ def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path, train):
     assert loop.iterations >= 4, "4 labels per iteration make at least 4 iterations"
     members = campaign.model.n_members
     assert len(loop.train_history) >= 4
+    serial = summary["serial"]
+    assert serial["iterations"] == loop.iterations and serial["train"] == train
+    assert serial["phase_s"]["label"] > 0 and serial["phase_s"]["train"] > 0
+    assert serial["train_tasks"] == [list(t.values()) for t in loop.train_history]
     for tasks in loop.train_history:
         assert sorted(tasks) == list(range(members)), tasks
         if train == "one task":

@@ -22,6 +22,8 @@ and calls the agents' public methods; stopping, bookkeeping and files are the sa
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from typing import Any
 
 from palflow.pipeline.engine.coordinator import Coordinator
@@ -74,6 +76,9 @@ class SerialLoop(Coordinator):
         """:attr:`train_tasks` of every finished training phase."""
         self._best: dict[int, float] = {}
         self._stale: dict[int, int] = {}
+        self.phase_seconds: dict[str, list[float]] = {phase: [] for phase in PHASES}
+        """Wall time of every finished phase, by phase (PAL's t_oracle, t_train, t_gen)."""
+        self._phase_started: float | None = None
         self.labels_per_iteration = labels_per_iteration or (
             self.slots["oracle"] * self.campaign.oracle.batch_size
         )
@@ -82,7 +87,24 @@ class SerialLoop(Coordinator):
         self._quota = self.labels_per_iteration
         self._done_this_phase: set[int] = set()
 
+    def run(self) -> dict:
+        """Run as the coordinator does; the summary adds ``serial``: iterations, the
+        median wall time of each phase, and the training tasks per member and iteration."""
+        summary = super().run()
+        summary["serial"] = {
+            "iterations": self.iterations,
+            "train": self.train,
+            "phase_s": {
+                phase: statistics.median(times) if times else None
+                for phase, times in self.phase_seconds.items()
+            },
+            "train_tasks": [list(tasks.values()) for tasks in self.train_history],
+        }
+        return summary
+
     def submit_ready(self) -> None:
+        if self._phase_started is None:
+            self._phase_started = time.monotonic()
         if self.policy.stopping:
             super().submit_ready()  # drain and finish exactly as the coordinator does
             return
@@ -94,6 +116,9 @@ class SerialLoop(Coordinator):
     def _next_phase(self) -> None:
         if self.phase == "train":
             self.train_history.append(dict(self.train_tasks))
+        now = time.monotonic()
+        self.phase_seconds[self.phase].append(now - (self._phase_started or now))
+        self._phase_started = now
         self.phase = PHASES[(PHASES.index(self.phase) + 1) % len(PHASES)]
         self._done_this_phase = set()
         if self.phase == "train":
