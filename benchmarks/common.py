@@ -356,7 +356,8 @@ class CampaignBenchmark:
     def write(self, args: argparse.Namespace, result: dict, work: Path | None = None) -> None:
         """Write the results file and figure (``work``: the run's work folder)."""
         name = getattr(args, "name", None) or self.name
-        write_results(name, result, self.plot, finite=self.finite)
+        plot = self.plot if "runs" in result else None  # not for the protocol alone
+        write_results(name, result, plot, finite=self.finite, work=work)
 
     # ---------------------------------------------------------- skeleton
     def main(self, argv: list[str] | None = None) -> None:

@@ -272,8 +272,15 @@ def test_models(tmp_path, require_xtb):
         assert {"learning_curve_area", "final_uncertainty_spearman", "energy_increases"} <= set(row)
         assert row["final_force_mae"]["min"] <= row["final_force_mae"]["max"]
     assert result["mace_over_schnet_final_force_mae"] > 0
-    assert {"pairs", "median_ratio"} <= set(result["finetune"])
-    assert result["foundation"]["path"].endswith(".model")
+    tuned = result["finetune"]
+    assert tuned["target_force_mae"] == result["protocol"]["finetune_target_force_mae"] == 0.08
+    assert tuned["foundation_labels"] == result["foundation"]["labels"] == 5  # 1 per molecule
+    for key in ("without_foundation_labels", "with_foundation_labels"):
+        assert tuned[key]["seeds"] == 1 and set(tuned[key]["reached"]) == {"mine", "theirs"}
+    foundation = result["foundation"]
+    assert foundation["path"].startswith("WORK/") and foundation["path"].endswith(".model")
+    assert "CH3CH2OH" not in foundation["molecules"] and len(foundation["sha256"]) == 64
+    assert foundation["oracle"]["method"] != foundation["target_oracle"].get("method")
     assert "MACE / SchNet final test force MAE" in out
     assert (tmp_path / "models.png").stat().st_size > 0
     # The saved runs analyse again without running anything.
