@@ -16,21 +16,24 @@ share in turn. Three variants, each with every seed, interleaved:
 
 Every run is scored on one held-out set (GFN2-xTB MD at the generator's
 temperature, labelled once before the runs), so learning curves compare directly.
-The target MAE is the largest of the variants' median final test force MAEs, unless
-``--target`` sets one: the loosest level that every variant's typical run reaches.
-For each run, the wall time and the labels at the first ensemble version whose test
-force MAE is at or below it; ratios are medians over seeds against ``streaming``.
+Every variant is compared with ``streaming`` seed by seed (``ratios.py``): the primary
+figure is the paired ratio of geometric-mean test force MAE over the wall time both
+runs cover (and, beside it, over the labels); where ``--target`` fixed a test force
+MAE before the runs, the wall-time and label ratios to it, a run that never got
+there censored, never dropped, with the share of seeds that reached it. The protocol
+is written into the results before the first run.
 Writes ``benchmarks/results/time_to_accuracy.json`` and ``.png`` (``--name`` renames
 them, for another campaign).
 """
 
 from __future__ import annotations
 
-import statistics
+import math
 from pathlib import Path
 
 import common
-from common import cell, curve_of, first_at_or_below, named, reached, run_on_site, show
+from common import cell, curve_of, first_at_or_below, named, run_on_site
+from ratios import Cost, compare, log_area, median, paired_window, words
 
 common.use_this_interpreter()
 
@@ -67,50 +70,101 @@ def run_variant(variant: str, seed: int, args, site, work: Path, test_file: str)
     }
 
 
+def costs(run: dict, target: float) -> tuple[Cost, Cost]:
+    """Wall time and labels of the run's first version at or below ``target``; both
+    censored at the run's end when it never got there."""
+    hit = first_at_or_below(run["curve"], target)
+    if hit is None:
+        return Cost.never(run["wall_s"]), Cost.never(float(run["labels"]))
+    return Cost(hit["wall_s"]), Cost(float(hit["labels"]))
+
+
+def area_ratio(mine: dict | None, theirs: dict | None, x: str) -> float | None:
+    """Paired ratio of geometric-mean test force MAE over the ``x`` (``wall_s`` or
+    ``labels``) window both runs cover; None where either run is missing."""
+    if not (mine and theirs and mine["curve"] and theirs["curve"]):
+        return None
+    curves = [[(p[x], p["force_mae"]) for p in r["curve"]] for r in (mine, theirs)]
+    start, end = paired_window(*curves)
+    a, b = (log_area(c, start, end) for c in curves)
+    return None if a is None or b is None else a / b
+
+
 def analyse(runs: list[dict], target: float | None) -> dict:
-    """Target, per-run time and labels to it, and medians and ratios per variant."""
+    """Per variant, medians over seeds; against ``streaming``, seed by seed
+    (:mod:`ratios`), the paired area ratios against wall time and labels and, where
+    ``target`` was fixed before the runs, the wall-time and label ratios to it."""
     by_variant = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
     by_variant = {v: rs for v, rs in by_variant.items() if rs}
-    if target is None:
-        target = max(
-            statistics.median(r["final_force_mae"] for r in rs) for rs in by_variant.values()
-        )
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
     table = {}
     for variant, variant_runs in by_variant.items():
-        reached = [first_at_or_below(r["curve"], target) for r in variant_runs]
-        for run, point in zip(variant_runs, reached, strict=True):
-            run["to_target"] = point
-        hits = [p for p in reached if p is not None]
-        table[variant] = {
+        row = table[variant] = {
             "runs": len(variant_runs),
-            "reached": len(hits),
-            "median_final_force_mae": statistics.median(r["final_force_mae"] for r in variant_runs),
-            "median_wall_s": statistics.median(r["wall_s"] for r in variant_runs),
-            "median_wall_to_target_s": statistics.median(p["wall_s"] for p in hits)
-            if hits
-            else None,
-            "median_labels_to_target": statistics.median(p["labels"] for p in hits)
-            if hits
-            else None,
+            "median_final_force_mae": median([r["final_force_mae"] for r in variant_runs]),
+            "median_wall_s": median([r["wall_s"] for r in variant_runs]),
         }
-    reference = table.get("streaming", {})
-    for row in table.values():
-        for key in ("wall_to_target_s", "labels_to_target"):
-            mine, theirs = row[f"median_{key}"], reference.get(f"median_{key}")
-            row[f"{key}_over_streaming"] = mine / theirs if mine and theirs else None
+        if target is not None:
+            walls, labels = zip(*(costs(r, target) for r in variant_runs), strict=True)
+            row["reached"] = sum(c.reached for c in walls) / len(walls)
+            row["median_wall_to_target_s"] = median(
+                [c.value if c.reached else math.inf for c in walls]
+            )
+            row["median_labels_to_target"] = median(
+                [c.value if c.reached else math.inf for c in labels]
+            )
+        if variant == "streaming" or "streaming" not in by_variant:
+            continue
+        pairs = [(by.get((variant, s)), by.get(("streaming", s))) for s in seeds]
+        row["over_streaming"] = versus = {
+            f"area_{x}": compare(
+                {s: area_ratio(m, t, x) for s, (m, t) in zip(seeds, pairs, strict=True)},
+                dict.fromkeys(seeds, 1.0),
+            )
+            for x in ("wall_s", "labels")
+        }
+        if target is not None:
+            for index, key in enumerate(("wall_to_target", "labels_to_target")):
+                versus[key] = compare(
+                    {
+                        s: costs(m, target)[index]
+                        for s, (m, _) in zip(seeds, pairs, strict=True)
+                        if m
+                    },
+                    {
+                        s: costs(t, target)[index]
+                        for s, (_, t) in zip(seeds, pairs, strict=True)
+                        if t
+                    },
+                )
     return {"target_force_mae": target, "table": table}
 
 
 def print_table(result: dict) -> None:
-    print(f"target test force MAE {result['target_force_mae']:.4f} eV/Å")
+    target = result["target_force_mae"]
+    print(
+        f"target test force MAE {target:.4f} eV/Å" if target else "no target fixed before the runs"
+    )
+
+    def versus(key: str):
+        def shown(row: dict) -> str:
+            found = row.get("over_streaming", {}).get(key)
+            if not found:
+                return "-"
+            low, high = found["interval_95"]
+            return f"{words(found['median'])} [{words(low)}, {words(high)}]"
+
+        return shown
+
     columns = [
         ("variant", "<10", cell("name")),
-        ("reached", ">8", reached),
+        ("reached", ">8", cell("reached", ".2f")),
         ("final MAE", ">11", cell("median_final_force_mae", ".4f")),
-        ("wall to target", ">16", lambda row: show(row["median_wall_to_target_s"], ".0f") + "s"),
-        ("labels to target", ">18", cell("median_labels_to_target", ".0f")),
-        ("wall ratio", ">12", cell("wall_to_target_s_over_streaming", ".2f")),
-        ("labels ratio", ">14", cell("labels_to_target_over_streaming", ".2f")),
+        ("wall to target", ">15", cell("median_wall_to_target_s", ".0f")),
+        ("area/streaming (time)", ">24", versus("area_wall_s")),
+        ("area/streaming (labels)", ">24", versus("area_labels")),
+        ("time to target ratio", ">24", versus("wall_to_target")),
     ]
     common.print_table(columns, named(result["table"]))
 
@@ -128,7 +182,8 @@ def plot(result: dict, path: Path) -> None:
         by_labels.plot([p["labels"] for p in curve], [p["force_mae"] for p in curve], **style)
         by_wall.plot([p["wall_s"] for p in curve], [p["force_mae"] for p in curve], **style)
     for axis in (by_labels, by_wall):
-        axis.axhline(result["target_force_mae"], color="grey", linestyle=":", label="target")
+        if result["target_force_mae"]:
+            axis.axhline(result["target_force_mae"], color="grey", linestyle=":", label="target")
         axis.set_yscale("log")
     by_labels.set_xlabel("active-learning labels")
     by_wall.set_xlabel("wall time, s")
@@ -155,6 +210,16 @@ class TimeToAccuracy(common.CampaignBenchmark):
 
     def run(self, args, site, work: Path, variant: str, seed: int) -> dict:
         return run_variant(variant, seed, args, site, work, self.test_file)
+
+    def protocol(self, args) -> dict:
+        return self.metadata(args, None) | {
+            "variants": args.variants,
+            "target": args.target,
+            "max_wall_s": args.max_wall,
+            "test_structures": args.test_structures,
+            "primary": "each variant / streaming: paired ratio of geometric-mean test force "
+            "MAE over the wall time both runs cover",
+        }
 
     def metadata(self, args, site) -> dict:
         campaign = Path(args.campaign).name if args.campaign else "ethanol (default)"

@@ -163,6 +163,8 @@ def test_time_to_accuracy(tmp_path):
     out = run_benchmark(
         tmp_path,
         "time_to_accuracy.py",
+        "--target",
+        "5.0",
         "--campaign",
         "benchmarks/short_cu13.toml",
         "--site",
@@ -180,8 +182,12 @@ def test_time_to_accuracy(tmp_path):
     assert all(r["labels"] == 8 and r["curve"] for r in result["runs"])
     # The default target is one the typical run of every variant reaches.
     assert all(row["reached"] == 1 for row in result["table"].values())
-    assert result["table"]["streaming"]["labels_to_target_over_streaming"] == 1.0
-    assert "target test force MAE" in out
+    serial = result["table"]["serial"]["over_streaming"]
+    assert set(serial) == {"area_wall_s", "area_labels", "wall_to_target", "labels_to_target"}
+    assert serial["area_wall_s"]["seeds"] == 1 and serial["area_wall_s"]["median"] > 0
+    assert "over_streaming" not in result["table"]["streaming"]
+    assert result["protocol"]["target"] == 5.0
+    assert "target test force MAE 5.0000" in out
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 0
 
 
