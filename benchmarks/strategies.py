@@ -10,9 +10,9 @@ interleaved. Every run is scored on one held-out set labelled before the runs
 
 - the area under the test force MAE against labels, over the label range (mean
   MAE, eV/Å; lower is better; ``summary.json``'s ``learning_curve_area``);
-- the labels at the first version at or below the target MAE (default: the
-  largest of the strategies' median final MAEs, so that every typical run gets
-  there);
+- the labels at the first version at or below the target MAE, where ``--target``
+  fixed one before the runs (never a figure of these runs); a run that never got
+  there counts as never (``ratios.median``), and ``reached`` counts those that did;
 - the final MAE, and the uncertainty's Spearman rho on the held-out set.
 
 Writes ``benchmarks/results/strategies.json`` and ``.png``.
@@ -20,11 +20,13 @@ Writes ``benchmarks/results/strategies.json`` and ``.png``.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
 import common
 from common import cell, first_at_or_below, named, reached, run_on_site
+from ratios import median
 
 common.use_this_interpreter()
 
@@ -66,7 +68,10 @@ def run_strategy(name: str, seed: int, args, site, work: Path, test_file: str) -
 
 
 def print_table(table: dict) -> None:
-    print(f"target test force MAE {table['target_force_mae']:.4f} eV/Å")
+    target = table["target_force_mae"]
+    print(
+        f"target test force MAE {target:.4f} eV/Å" if target else "no target fixed before the runs"
+    )
     columns = [
         ("strategy", "<22", cell("name")),
         ("area (eV/Å)", ">12", cell("median_learning_curve_area", ".4f")),
@@ -82,21 +87,19 @@ def analyse(runs: list[dict], target: float | None) -> dict:
     """Medians per strategy (in the order the runs came), and labels to the target MAE."""
     names = dict.fromkeys(r["strategy"] for r in runs)
     by_name = {n: [r for r in runs if r["strategy"] == n] for n in names}
-    if target is None:
-        target = max(statistics.median(r["final_force_mae"] for r in rs) for rs in by_name.values())
     rows = {}
     for name, strategy_runs in by_name.items():
-        hits = [first_at_or_below(r["curve"], target) for r in strategy_runs]
-        hits = [h["labels"] for h in hits if h is not None]
+        points = [first_at_or_below(r["curve"], target) for r in strategy_runs if target]
+        hits = [math.inf if p is None else p["labels"] for p in points]  # never: censored
         rhos = [r["final_uncertainty_spearman"] for r in strategy_runs]
         rhos = [r for r in rhos if r is not None]
         rows[name] = {
             "runs": len(strategy_runs),
-            "reached": len(hits),
+            "reached": sum(math.isfinite(h) for h in hits) if target else None,
             "median_learning_curve_area": statistics.median(
                 r["learning_curve_area"] for r in strategy_runs
             ),
-            "median_labels_to_target": statistics.median(hits) if hits else None,
+            "median_labels_to_target": median(hits) if hits else None,
             "median_final_force_mae": statistics.median(
                 r["final_force_mae"] for r in strategy_runs
             ),
@@ -122,7 +125,8 @@ def plot(table: dict, path: Path) -> None:
             label=None if name in seen else name,
         )
         seen.add(name)
-    curves.axhline(table["target_force_mae"], color="grey", linestyle=":", label="target")
+    if table["target_force_mae"]:
+        curves.axhline(table["target_force_mae"], color="grey", linestyle=":", label="target")
     curves.set_yscale("log")
     curves.set_xlabel("active-learning labels")
     curves.set_ylabel("test force MAE, eV/Å")
