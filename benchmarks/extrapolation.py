@@ -62,7 +62,7 @@ from common import (
     span,
 )
 from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded
-from ratios import Cost, compare, holm, log_area, median, paired_window, words
+from ratios import Cost, compare, held_to, holm, log_area, median, paired_window, words
 
 common.use_this_interpreter()
 
@@ -111,6 +111,7 @@ def run_strategy(name: str, seed: int, args, site, work: Path, sets: dict) -> di
         "seed": seed,
         "run_dir": f"WORK/{folder}",
         "labels": summary["labels"],
+        "initial_labels": summary["initial_labels"],
         "wall_s": summary["wall_s"],
         "evaluation_s": time.perf_counter() - t0,
         "stop_reason": summary["stop_reason"],
@@ -125,7 +126,9 @@ by the paired ratio of learning-curve areas on the sets that need extrapolation.
 
 
 def curve_points(run: dict, name_set: str) -> list[tuple[float, float]]:
-    return [(p["labels"], p["force_mae"]) for p in run["curves"][name_set]]
+    """The run's learning curve on one set, its last error held to the run's labels."""
+    points = [(p["labels"], p["force_mae"]) for p in run["curves"][name_set]]
+    return held_to(points, run.get("labels", 0))
 
 
 def pair_area_ratio(mine: dict | None, theirs: dict | None, name_set: str) -> float | None:
@@ -140,12 +143,15 @@ def pair_area_ratio(mine: dict | None, theirs: dict | None, name_set: str) -> fl
 
 
 def labels_to(run: dict, name_set: str, target: float) -> Cost:
-    """The labels of the run's first version at or below ``target``; censored at the
-    run's last version's labels when it never got there."""
+    """All the labels (the initial ones too) of the run's first version at or below
+    ``target``; censored at all the labels it had when it never got there."""
+    initial = run.get("initial_labels", 0)
     point = first_at_or_below(run["curves"][name_set], target)
     if point is None:
-        return Cost.never(float(run["curves"][name_set][-1]["labels"]))
-    return Cost(float(point["labels"]))
+        return Cost.never(
+            float(max(run.get("labels", 0), run["curves"][name_set][-1]["labels"]) + initial)
+        )
+    return Cost(float(point["labels"] + initial))
 
 
 def analyse(runs: list[dict], targets: dict[str, float] | None = None) -> dict:
@@ -295,7 +301,7 @@ def plot(result: dict, path: Path) -> None:
     plt = common.pyplot()
     names = list(result["rows"])
     colours = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
-    sets = list(result["targets"])
+    sets = list(result["runs"][0]["curves"]) if result["runs"] else []
     columns = min(2, len(sets))
     rows = math.ceil(len(sets) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)

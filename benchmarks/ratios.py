@@ -66,6 +66,8 @@ def seed_ratio(mine: Cost | float | None, theirs: Cost | float | None) -> float:
     if theirs is None:
         return 1.0
     mine, theirs = _cost(mine), _cost(theirs)
+    if math.isnan(mine.value) or math.isnan(theirs.value):
+        raise ValueError("a NaN figure: give None for a run without one (it loses)")
     if not mine.reached:
         return 1.0 if not theirs.reached else math.inf
     if theirs.value <= 0:
@@ -116,13 +118,16 @@ def wilcoxon_exact(ratios: list[float]) -> float | None:
     Ties (ratio 1) are left out; tied magnitudes share their mean rank; an infinite
     ratio ranks above every finite one. None with no untied seed, or above
     :data:`EXACT_UP_TO` untied seeds."""
+    if any(math.isnan(r) for r in ratios):
+        raise ValueError("a NaN ratio: a run without a figure is None, which loses")
     logs = [math.log(r) if r > 0 else -math.inf for r in ratios if r != 1.0]
     n = len(logs)
     if n == 0 or n > EXACT_UP_TO:
         return None
     finite = [abs(x) for x in logs if math.isfinite(x)]
     beyond = (max(finite) if finite else 0.0) + 1.0
-    magnitudes = np.array([abs(x) if math.isfinite(x) else beyond for x in logs])
+    # rounded: |log(a/b)| and |log(b/a)| may differ in the last bit, a false non-tie
+    magnitudes = np.round([abs(x) if math.isfinite(x) else beyond for x in logs], 12)
     doubled = np.rint(2 * _mean_ranks(magnitudes)).astype(int)  # mean ranks: halves
     positive = int(sum(r for r, x in zip(doubled, logs, strict=True) if x > 0))
     # the null distribution of 2 W+ over all 2**n sign sets, by convolution
@@ -167,24 +172,24 @@ def compare(
         "ties": sum(r == 1.0 for r in values),
     }
     costs = [v for v in (*mine.values(), *theirs.values()) if isinstance(v, Cost)]
-    if costs:
+    if costs:  # over every seed: a side's missing run did not reach the target
         result["reached"] = {
-            "mine": _share(mine.values()),
-            "theirs": _share(theirs.values()),
+            "mine": _share([mine.get(seed) for seed in seeds]),
+            "theirs": _share([theirs.get(seed) for seed in seeds]),
         }
     return result
 
 
-def _share(values) -> float:
-    values = list(values)
+def _share(values: list) -> float:
     return sum(isinstance(v, Cost) and v.reached for v in values) / len(values) if values else 0.0
 
 
 def holm(pvalues: Mapping[str, float | None]) -> dict[str, float | None]:
-    """Holm's step-down adjusted p for a family of comparisons (None stays None)."""
+    """Holm's step-down adjusted p for a family of comparisons. A comparison without a
+    p (None: every seed tied) stays None but counts in the family's size."""
     known = sorted((p, name) for name, p in pvalues.items() if p is not None)
     adjusted: dict[str, float | None] = {name: None for name in pvalues}
-    running, m = 0.0, len(known)
+    running, m = 0.0, len(pvalues)  # a comparison without a p (all ties) still counts
     for i, (p, name) in enumerate(known):
         running = max(running, min(1.0, (m - i) * p))
         adjusted[name] = running
@@ -218,17 +223,28 @@ def log_area(points: list[tuple[float, float]], start: float, end: float) -> flo
     points, over the window's width. The ratio of two is the paired primary figure.
 
     ``points`` are ``(x, error)``; where several share an ``x`` the last counts. None
-    when the window is empty or the curve has no point in it or a non-positive error."""
+    when the window is empty, the curve does not cover it, or an error is not a
+    positive finite number."""
     newest = dict(points)
     if end <= start or not newest:
         return None
     x = np.array(sorted(newest), dtype=float)
     y = np.array([newest[k] for k in sorted(newest)], dtype=float)
-    if np.any(y <= 0) or x[0] > start or x[-1] < end:
-        return None
+    if not np.all(np.isfinite(y)) or np.any(y <= 0) or x[0] > start or x[-1] < end:
+        return None  # a diverged run (NaN, inf) has no area: it loses
     grid = np.unique(np.concatenate([[start, end], x[(x > start) & (x < end)]]))
     logs = np.interp(grid, x, np.log(y))
     return float(np.exp(np.trapezoid(logs, grid) / (end - start)))
+
+
+def held_to(points: list[tuple[float, float]], end: float) -> list[tuple[float, float]]:
+    """``points`` with the last error held to ``end`` (the run's end): a run that stopped
+    improving, or publishing, keeps its last error until it stopped, so that a window
+    ending at its last version does not flatter it."""
+    if not points:
+        return points
+    last_x, last_y = max(points, key=lambda p: p[0])
+    return [*points, (end, last_y)] if end > last_x else list(points)
 
 
 def paired_window(*curves: list[tuple[float, float]]) -> tuple[float, float]:
@@ -236,13 +252,16 @@ def paired_window(*curves: list[tuple[float, float]]) -> tuple[float, float]:
     return max(min(x for x, _ in c) for c in curves), min(max(x for x, _ in c) for c in curves)
 
 
-def for_json(value):
-    """``value`` with every :func:`compare` result in it made JSON-ready by
-    :func:`jsonable_ratios` ("never reached" in words)."""
+def for_json(value, key: str = ""):
+    """``value`` made JSON-ready where it holds costs: every :func:`compare` result
+    (:func:`jsonable_ratios`) and every infinite number under a key naming a cost to a
+    target (``..._to_target...``) in words, "never reached", not null."""
     if isinstance(value, dict):
         if "ratios" in value and "interval_95" in value:
             value = jsonable_ratios(value)
-        return {k: for_json(v) for k, v in value.items()}
+        return {k: for_json(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [for_json(v) for v in value]
+        return [for_json(v, key) for v in value]
+    if "to_target" in key and isinstance(value, float) and math.isinf(value):
+        return "never reached"
     return value

@@ -8,8 +8,9 @@ coordinator on one site (default ``laptop.py``), every strategy with every seed,
 interleaved. Every run is scored on one held-out set labelled before the runs
 (see ``time_to_accuracy.py``). Per strategy, medians over seeds of:
 
-- the area under the test force MAE against labels, over the label range (mean
-  MAE, eV/Å; lower is better; ``summary.json``'s ``learning_curve_area``);
+- against random, seed by seed (``ratios.py``): the paired ratio of geometric-mean
+  test force MAE over the labels both runs cover (lower is better), its bootstrap
+  interval and Wilcoxon p, Holm-corrected over the strategies;
 - the labels at the first version at or below the target MAE, where ``--target``
   fixed one before the runs (never a figure of these runs); a run that never got
   there counts as never (``ratios.median``), and ``reached`` counts those that did;
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import common
 from common import cell, first_at_or_below, named, reached, run_on_site
-from ratios import median
+from ratios import compare, held_to, holm, log_area, median, paired_window, words
 
 common.use_this_interpreter()
 
@@ -67,6 +68,14 @@ def run_strategy(name: str, seed: int, args, site, work: Path, test_file: str) -
     }
 
 
+def area_cell(row: dict) -> str:
+    found = row.get("area_over_random")
+    if not found:
+        return "-"
+    low, high = found["interval_95"]
+    return f"{words(found['median'])} [{words(low)}, {words(high)}]"
+
+
 def print_table(table: dict) -> None:
     target = table["target_force_mae"]
     print(
@@ -74,7 +83,7 @@ def print_table(table: dict) -> None:
     )
     columns = [
         ("strategy", "<22", cell("name")),
-        ("area (eV/Å)", ">12", cell("median_learning_curve_area", ".4f")),
+        ("area / random [95%]", ">24", area_cell),
         ("labels to target", ">18", cell("median_labels_to_target", "g")),
         ("reached", ">9", reached),
         ("final MAE", ">11", cell("median_final_force_mae", ".4f")),
@@ -83,10 +92,29 @@ def print_table(table: dict) -> None:
     common.print_table(columns, named(table["rows"]))
 
 
+def area_over_random(mine: dict | None, theirs: dict | None) -> float | None:
+    """Paired ratio of geometric-mean test force MAE over the labels both runs cover,
+    each curve held at its last error to its run's labels; None where either run has
+    no curve (the strategy's seed is then lost)."""
+    if not (mine and theirs and mine["curve"] and theirs["curve"]):
+        return None
+    curves = [
+        held_to([(p["labels"], p["force_mae"]) for p in r["curve"]], r["labels"])
+        for r in (mine, theirs)
+    ]
+    start, end = paired_window(*curves)
+    a, b = (log_area(c, start, end) for c in curves)
+    return None if a is None or b is None else a / b
+
+
 def analyse(runs: list[dict], target: float | None) -> dict:
-    """Medians per strategy (in the order the runs came), and labels to the target MAE."""
+    """Medians per strategy (in the order the runs came); each strategy against random
+    seed by seed (:mod:`ratios`), by the paired area ratio (their p corrected together
+    by Holm); labels to the target where one was fixed before the runs."""
     names = dict.fromkeys(r["strategy"] for r in runs)
     by_name = {n: [r for r in runs if r["strategy"] == n] for n in names}
+    by = {(r["strategy"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
     rows = {}
     for name, strategy_runs in by_name.items():
         points = [first_at_or_below(r["curve"], target) for r in strategy_runs if target]
@@ -96,15 +124,20 @@ def analyse(runs: list[dict], target: float | None) -> dict:
         rows[name] = {
             "runs": len(strategy_runs),
             "reached": sum(math.isfinite(h) for h in hits) if target else None,
-            "median_learning_curve_area": statistics.median(
-                r["learning_curve_area"] for r in strategy_runs
-            ),
             "median_labels_to_target": median(hits) if hits else None,
-            "median_final_force_mae": statistics.median(
-                r["final_force_mae"] for r in strategy_runs
-            ),
+            "median_final_force_mae": median([r["final_force_mae"] for r in strategy_runs]),
             "median_uncertainty_spearman": statistics.median(rhos) if rhos else None,
         }
+        if name != "random" and "random" in by_name:
+            rows[name]["area_over_random"] = compare(
+                {s: area_over_random(by.get((name, s)), by.get(("random", s))) for s in seeds},
+                dict.fromkeys(seeds, 1.0),
+            )
+    adjusted = holm(
+        {n: r["area_over_random"]["wilcoxon_p"] for n, r in rows.items() if "area_over_random" in r}
+    )
+    for name, p_value in adjusted.items():
+        rows[name]["area_over_random"]["holm_p"] = p_value
     return {"target_force_mae": target, "rows": rows}
 
 
@@ -131,12 +164,13 @@ def plot(table: dict, path: Path) -> None:
     curves.set_xlabel("active-learning labels")
     curves.set_ylabel("test force MAE, eV/Å")
     curves.legend(fontsize=8)
+    shown = [n for n in names if "area_over_random" in table["rows"][n]]
+    medians = [table["rows"][n]["area_over_random"]["median"] for n in shown]
     areas.bar(
-        names,
-        [table["rows"][n]["median_learning_curve_area"] for n in names],
-        color=[colours[n] for n in names],
+        shown, [m if math.isfinite(m) else 0.0 for m in medians], color=[colours[n] for n in shown]
     )
-    areas.set_ylabel("area under the learning curve / labels (eV/Å)")
+    areas.axhline(1.0, color="grey", linestyle=":")
+    areas.set_ylabel("area / random's (median of paired ratios)")
     areas.tick_params(axis="x", rotation=30)
     common.save_figure(figure, path)
 
@@ -145,7 +179,7 @@ class Strategies(common.CampaignBenchmark):
     """Every strategy with every seed, scored on one held-out set."""
 
     analysis, report, plot = staticmethod(analyse), staticmethod(print_table), staticmethod(plot)
-    name, prefix = "strategies", "palflow-strategies-"
+    name, prefix, finite = "strategies", "palflow-strategies-", True
     defaults = {"labels": 80, "max_wall": 400.0, "campaign_help": common.ETHANOL}
     line = (
         "{strategy:<22} seed {seed}: {labels} labels in {wall_s:.0f} s, "

@@ -141,20 +141,27 @@ def test_remote_oracle(tmp_path):
         timeout=360,
     )
     result = json.loads((tmp_path / "remote_oracle.json").read_text())
-    assert {(r["loop"], r["ratio"]) for r in result["runs"]} == {("streaming", 1), ("serial", 1)}
+    loops = {("streaming", 1), ("serial", 1), ("serial_one_task", 1)}
+    assert {(r["loop"], r["ratio"]) for r in result["runs"]} == loops
     assert all(r["labels"] == 8 and r["curve"] for r in result["runs"])
     # The oracle's set cost was spent: each label waits 0.15 s (0.6 s a full batch of 4).
     assert all(r["task_s"]["oracle"] >= 0.15 for r in result["runs"])
     point = result["points"]["1"]
     assert point["serial"]["reached"] == point["streaming"]["reached"] == 1
-    times = {loop: point[loop]["median_wall_to_target_s"] for loop in ("streaming", "serial")}
-    comparison = point["streaming_over_serial"]
-    assert comparison["time"]["median"] == pytest.approx(times["streaming"] / times["serial"])
+    stronger = point["stronger_serial"]
+    assert stronger in ("serial", "serial_one_task")
+    times = {loop: point[loop]["median_wall_to_target_s"] for loop in ("streaming", stronger)}
+    comparison = point["streaming_over_stronger"]
+    assert comparison == point[f"streaming_over_{stronger}"]
+    assert comparison["time"]["median"] == pytest.approx(times["streaming"] / times[stronger])
+    assert result["primary"]["ratio"] == "1" and result["primary"]["median"] > 0
+    assert point["oracle_concurrency"] >= 1
+    assert all(r["phase_s"]["train"] > 0 for r in result["runs"] if r["loop"] != "streaming")
     assert comparison["time"]["seeds"] == comparison["area"]["seeds"] == 1
     assert comparison["area"]["median"] > 0
     assert result["protocol"]["target"] == 5.0 and result["status"] == "finished"
     assert 0 < point["pal_ideal_ratio"] <= 1
-    assert "streaming/serial area" in out
+    assert "streaming/stronger area" in out
     assert (tmp_path / "remote_oracle.png").stat().st_size > 0
 
 
@@ -182,10 +189,11 @@ def test_time_to_accuracy(tmp_path):
     assert all(r["labels"] == 8 and r["curve"] for r in result["runs"])
     # The default target is one the typical run of every variant reaches.
     assert all(row["reached"] == 1 for row in result["table"].values())
-    serial = result["table"]["serial"]["over_streaming"]
+    serial = result["table"]["serial"]["streaming_over_this"]
     assert set(serial) == {"area_wall_s", "area_labels", "wall_to_target", "labels_to_target"}
     assert serial["area_wall_s"]["seeds"] == 1 and serial["area_wall_s"]["median"] > 0
-    assert "over_streaming" not in result["table"]["streaming"]
+    assert result["primary"] == serial["area_wall_s"]
+    assert "streaming_over_this" not in result["table"]["streaming"]
     assert result["protocol"]["target"] == 5.0
     assert "target test force MAE 5.0000" in out
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 0
@@ -249,7 +257,7 @@ def test_models(tmp_path, require_xtb):
         "--site",
         "threads.py",
         "--seeds",
-        "0",
+        "10",
         "--labels",
         "8",
         "--max-wall",
@@ -268,9 +276,9 @@ def test_models(tmp_path, require_xtb):
     )
     result = json.loads((tmp_path / "models.json").read_text())
     assert [(r["variant"], r["seed"]) for r in result["runs"]] == [
-        ("schnet", 0),
-        ("mace", 0),
-        ("finetune", 0),
+        ("schnet", 10),
+        ("mace", 10),
+        ("finetune", 10),
     ]
     assert all(r["curve"] for r in result["runs"])
     for row in result["table"].values():

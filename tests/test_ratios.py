@@ -82,8 +82,11 @@ def test_a_seed_missing_on_one_side_is_not_dropped():
 
 
 def test_holm_adjusts_in_steps():
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    # a comparison without a p (every seed tied) counts in the family
     adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
-    assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06, "d": None})
+    assert adjusted == pytest.approx({"a": 0.04, "b": 0.09, "c": 0.09, "d": None})
 
 
 def test_log_area_is_the_geometric_mean_error_on_the_window():
@@ -99,3 +102,55 @@ def test_log_area_is_the_geometric_mean_error_on_the_window():
     assert paired_window(flat, [(2, 0.3), (8, 0.3)]) == (2, 8)
     assert log_area(flat, 0, 20) is None  # the curve does not reach the window's end
     assert log_area([(0, 0.0), (10, 0.1)], 0, 10) is None
+
+
+def test_a_diverged_run_loses_and_nan_is_refused():
+    """A NaN error (training blew up) has no area, so its seed loses; a NaN ratio or
+    cost is refused rather than read as evidence either way."""
+    from ratios import log_area
+
+    assert log_area([(0, 0.1), (10, math.nan)], 0, 10) is None
+    assert log_area([(0, 0.1), (10, math.inf)], 0, 10) is None
+    assert seed_ratio(None, 0.3) == math.inf
+    with pytest.raises(ValueError):
+        wilcoxon_exact([0.9, 1.1, math.nan])
+    with pytest.raises(ValueError):
+        seed_ratio(Cost(math.nan), Cost(3))
+
+
+def test_wilcoxon_with_tied_magnitudes_matches_the_enumeration():
+    """Ranks of tied magnitudes are shared, including |log(a/b)| = |log(b/a)|, which
+    floating point may not give as equal."""
+    import itertools
+
+    ratios = [1 / 7, 7, 2, 0.5, 3, 0.25]
+    logs = [math.log(r) for r in ratios]
+    magnitudes = [round(abs(x), 12) for x in logs]
+    order = sorted(set(magnitudes))
+    ranks = []
+    for m in magnitudes:  # mean ranks by hand
+        below = sum(x < m for x in magnitudes)
+        ranks.append(below + (magnitudes.count(m) + 1) / 2)
+    observed = sum(r for r, x in zip(ranks, logs, strict=True) if x > 0)
+    centre = sum(ranks) / 2
+    sums = [
+        sum(r for r, sign in zip(ranks, signs, strict=True) if sign)
+        for signs in itertools.product((0, 1), repeat=len(ranks))
+    ]
+    expected = sum(abs(w - centre) >= abs(observed - centre) - 1e-9 for w in sums) / len(sums)
+    assert len(order) == 4 and wilcoxon_exact(ratios) == pytest.approx(expected)
+
+
+def test_reached_shares_count_every_seed_and_json_keeps_never_in_words():
+    from ratios import for_json, held_to
+
+    result = compare({0: Cost(5)}, {0: Cost(10), 1: Cost(10)})
+    assert result["reached"] == {"mine": 0.5, "theirs": 1.0}  # mine's missing run lost
+    row = {"median_labels_to_target": math.inf, "final": 0.2, "area": math.inf}
+    assert for_json(row) == {
+        "median_labels_to_target": "never reached",
+        "final": 0.2,
+        "area": math.inf,
+    }
+    assert held_to([(0, 0.3), (50, 0.1)], 600) == [(0, 0.3), (50, 0.1), (600, 0.1)]
+    assert held_to([(0, 0.3), (50, 0.1)], 50) == [(0, 0.3), (50, 0.1)]
