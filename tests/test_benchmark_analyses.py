@@ -1,0 +1,146 @@
+"""The analyses of the benchmarks that compare variants over seeds, on made-up runs
+with known answers: which side a claim is about, censored runs, held curves."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name: str):
+    """A benchmark script as a module (its siblings import from its folder)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_under_test", ROOT / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(seed, points, wall_s=None, labels=None, **fields):
+    """A run whose curve has ``(wall_s, labels, force_mae)`` points."""
+    curve = [{"wall_s": w, "labels": n, "force_mae": e} for w, n, e in points]
+    return {
+        "seed": seed,
+        "curve": curve,
+        "wall_s": wall_s if wall_s is not None else curve[-1]["wall_s"],
+        "labels": labels if labels is not None else curve[-1]["labels"],
+        "final_force_mae": curve[-1]["force_mae"],
+        **fields,
+    }
+
+
+FAST = [(0, 0, 0.4), (10, 8, 0.2), (20, 16, 0.1)]
+SLOW = [(0, 0, 0.4), (20, 8, 0.2), (40, 16, 0.1)]
+
+
+def test_time_to_accuracy_is_about_streaming():
+    tta = load("time_to_accuracy")
+    runs = [run(s, FAST, variant="streaming") for s in range(3)]
+    runs += [run(s, SLOW, variant="serial") for s in range(3)]
+    result = tta.analyse(runs, target=0.2)
+    versus = result["table"]["serial"]["streaming_over_this"]
+    assert versus["wall_to_target"]["median"] == pytest.approx(0.5)  # 10 s against 20 s
+    assert versus["labels_to_target"]["median"] == pytest.approx(1.0)  # both at 8 labels
+    # over [0, 20] s: log error falls twice as fast for streaming
+    expected = math.exp(
+        (math.log(0.4) + 2 * math.log(0.2) + math.log(0.1)) / 4
+        - (math.log(0.4) + math.log(0.2)) / 2
+    )
+    assert versus["area_wall_s"]["median"] == pytest.approx(expected)
+    assert result["primary"] is versus["area_wall_s"]
+    # serial never reaching the target is censored at its end, against streaming
+    runs[3:] = [run(s, [(0, 0, 0.4), (40, 16, 0.3)], variant="serial") for s in range(3)]
+    never = tta.analyse(runs, target=0.2)["table"]["serial"]["streaming_over_this"]
+    assert never["wall_to_target"]["median"] == pytest.approx(10 / 40)  # a bound, not 0
+    assert never["wall_to_target"]["reached"] == {"mine": 1.0, "theirs": 0.0}
+
+
+def test_a_run_that_stops_improving_keeps_its_last_error_to_its_end():
+    tta = load("time_to_accuracy")
+    stalled = [
+        run(s, [(0, 0, 0.4), (50, 8, 0.1)], wall_s=600, variant="streaming") for s in range(3)
+    ]
+    steady = [
+        run(s, [(0, 0, 0.4), (50, 8, 0.2), (600, 64, 0.01)], variant="serial") for s in range(3)
+    ]
+    result = tta.analyse(stalled + steady, target=None)
+    area = result["table"]["serial"]["streaming_over_this"]["area_wall_s"]
+    assert area["median"] > 1, "streaming stalled at 0.1 for 550 s while serial reached 0.01"
+
+
+def test_remote_oracle_compares_with_the_stronger_serial_loop_and_its_ideal():
+    remote = load("remote_oracle")
+    phases = {"label": 1.0, "train": 1.0, "generate": 0.0}  # PAL's S = 2
+    runs = []
+    for s in range(3):
+        runs.append(run(s, FAST, loop="streaming", ratio=1.0, oracle_concurrency=2.0, phase_s=None))
+        runs.append(run(s, SLOW, loop="serial", ratio=1.0, oracle_concurrency=2.0, phase_s=phases))
+        worse = [(0, 0, 0.4), (40, 16, 0.3)]
+        runs.append(
+            run(s, worse, loop="serial_one_task", ratio=1.0, oracle_concurrency=2.0, phase_s=phases)
+        )
+    result = remote.analyse(runs, target=0.2)
+    point = result["points"]["1"]
+    assert point["stronger_serial"] == "serial"
+    assert point["streaming_over_stronger"] is point["streaming_over_serial"]
+    assert "streaming_over_serial_one_task" in point  # both serial loops are reported
+    assert point["pal_ideal_speedup"] == pytest.approx(2.0)
+    assert point["measured_speedup"] == pytest.approx(2.0)  # 20 s against 10 s
+    assert point["measured_over_ideal"] == pytest.approx(1.0)
+    assert point["oracle_concurrency"] == 2.0
+    assert result["primary"]["ratio"] == "1"
+    assert result["primary"]["median"] == point["streaming_over_serial"]["area"]["median"]
+    assert all(p is None or 0 < p <= 1 for p in result["secondary_holm_p"].values())
+
+
+def test_finetuning_counts_every_label_and_keeps_censored_runs():
+    models = load("models")
+    scratch = [
+        run(s, [(0, 0, 0.3), (1, 40, 0.07)], variant="mace", initial_labels=16) for s in range(3)
+    ]
+    tuned = [
+        run(
+            s,
+            [(0, 0, 0.2), (1, 8, 0.05)],
+            variant="finetune",
+            initial_labels=16,
+            foundation_labels=100,
+        )
+        for s in range(3)
+    ]
+    result = models.finetune_labels(scratch + tuned, target=0.08)
+    assert result["without_foundation_labels"]["median"] == pytest.approx(24 / 56)
+    assert result["with_foundation_labels"]["median"] == pytest.approx(124 / 56)
+    assert result["foundation_labels"] == 100
+    tuned[0] = run(
+        0, [(0, 0, 0.2), (1, 30, 0.1)], variant="finetune", initial_labels=16, foundation_labels=100
+    )
+    censored = models.finetune_labels(scratch + tuned, target=0.08)["without_foundation_labels"]
+    assert math.isinf(censored["ratios"][0]) and censored["reached"]["mine"] == pytest.approx(2 / 3)
+
+
+def test_strategies_compare_paired_areas_with_random():
+    strategies = load("strategies")
+    runs = [run(s, SLOW, strategy="random", final_uncertainty_spearman=None) for s in range(5)]
+    better = [(0, 0, 0.4), (10, 8, 0.1), (20, 16, 0.05)]  # half random's error from 8 labels
+    runs += [run(s, better, strategy="spread", final_uncertainty_spearman=0.5) for s in range(5)]
+    runs += [
+        run(s, SLOW, strategy="same as random", final_uncertainty_spearman=0.1) for s in range(5)
+    ]
+    result = strategies.analyse(runs, target=None)
+    rows = result["rows"]
+    assert "area_over_random" not in rows["random"]
+    assert rows["same as random"]["area_over_random"]["median"] == pytest.approx(1.0)
+    assert rows["same as random"]["area_over_random"]["wilcoxon_p"] is None  # all ties
+    spread = rows["spread"]["area_over_random"]
+    expected = math.exp((math.log(0.1) - math.log(0.2)) * 3 / 4)  # log ratio 0, then -log 2
+    assert spread["median"] == pytest.approx(expected)
+    assert spread["wilcoxon_p"] == pytest.approx(2 / 2**5)
+    assert spread["holm_p"] == pytest.approx(2 * 2 / 2**5)  # a family of two
+    assert rows["spread"]["median_labels_to_target"] is None and rows["spread"]["reached"] is None
