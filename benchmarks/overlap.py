@@ -119,7 +119,11 @@ class MeasuredStreaming(Measured, Coordinator):
 
 
 class MeasuredSerial(Measured, SerialLoop):
-    pass
+    """One training task per member and iteration: PAL's model, whose t_train is one
+    version's training, is what this benchmark checks the scheduling against."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, train="one task", **kwargs)
 
 
 def campaign(iterations: int):
