@@ -146,6 +146,20 @@ class TestCannotProgress:
         )
         assert "no frame scored above the threshold" in watchdog.failure
 
+    def test_no_frame_above_a_threshold_that_selected_before_is_convergence(self, watchdog):
+        """Once the threshold has selected frames (active labels stored), versions that
+        find none above it mean the committee agrees on all its MD visits: a stop, not a
+        failure."""
+        watchdog.state.n_labels_active = 40
+        watchdog.state.n_labels_total = 48
+        self.publish(watchdog)  # the labels so far are the mark to compare with
+        for _ in range(MAX_FRUITLESS_VERSIONS):
+            self.publish(watchdog)
+        assert watchdog.failure is None
+        assert watchdog.state.stop_reason.startswith(
+            f"converged: {MAX_FRUITLESS_VERSIONS} ensemble versions in a row found no frame"
+        )
+
     def test_segments_without_frames_are_named(self, watchdog):
         for _ in range(MAX_FRUITLESS_VERSIONS):
             self.publish(watchdog, frames=0)

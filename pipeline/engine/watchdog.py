@@ -16,6 +16,10 @@ budget, a target error, a wall time). The watchdog ends one that does not:
   budgeted (a one-atom system, a sampling interval longer than the segment, a
   threshold no frame reaches, a measure that raises); or no label stored by
   :data:`MAX_FRUITLESS_ORACLE_TASKS` oracle tasks in a row (every structure failed).
+  The one exception: where the threshold had selected frames before (active labels
+  were stored), no frame above it is the committee agreeing on everything its MD
+  visits. That is convergence at this threshold, and the campaign stops with a stop
+  reason that begins ``converged:``, a success.
 
 Either ends the campaign as failed: ``summary.json`` says ``"failed": true``, the
 reason in ``"failure"`` (also the stop reason) and ``"exit_status": 1``.
@@ -165,13 +169,23 @@ class Watchdog:
             return
         selection = self.campaign.selection
         room = self.campaign.stop.max_labels - state.n_labels_active
+        no_frames = bool(segments and not frames)
         why = (
             "the generator's segments returned no frames (is the sampling interval "
             "longer than a segment?)"
-            if segments and not frames
+            if no_frames
             else f"no frame scored above the threshold ({selection.measure!r}, "
             f"threshold {selection.threshold:g})"
         )
+        if not no_frames and state.n_labels_active > 0:
+            # the threshold selected frames before: the committee now agrees on all the
+            # frames its MD visits, which is convergence at this threshold, not a fault
+            state.request_stop(
+                f"converged: {self.fruitless_versions} ensemble versions in a row found no "
+                f"frame above the selection threshold ({selection.measure!r}, threshold "
+                f"{selection.threshold:g}), with {room} labels still budgeted"
+            )
+            return
         self.fail(
             f"cannot progress: {self.fruitless_versions} ensemble versions in a row brought "
             f"no new candidate and no new label, with {room} labels still budgeted: {why}"
