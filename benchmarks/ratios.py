@@ -257,7 +257,7 @@ def for_json(value, key: str = ""):
     (:func:`jsonable_ratios`) and every infinite number under a key naming a cost to a
     target (``..._to_target...``) in words, "never reached", not null."""
     if isinstance(value, dict):
-        if "ratios" in value and "interval_95" in value:
+        if isinstance(value.get("ratios"), dict) and "interval_95" in value:
             value = jsonable_ratios(value)
         return {k: for_json(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):

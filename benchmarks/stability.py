@@ -723,7 +723,14 @@ def goals(runs: list[dict], campaigns: dict) -> dict:
     """Each goal of the issue, per campaign, with its numbers and a verdict."""
 
     def side_runs(campaign: str, side: str) -> list[dict]:
-        return [r for r in runs if r["campaign"] == campaign and r["side"] == side and r.get("ok")]
+        """Every run of a side with a curve: a run that failed after publishing versions
+        counts with its numbers (its campaign still fails its goals), as in the primary
+        comparison, so that every figure is over the same seeds."""
+        return [
+            r
+            for r in runs
+            if r["campaign"] == campaign and r["side"] == side and (r.get("ok") or r["curve"])
+        ]
 
     def failed(campaign: str) -> bool:
         return any(
