@@ -52,7 +52,9 @@ def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path, train):
         if train == "one task":
             assert set(tasks.values()) == {1}
         else:
-            assert all(3 <= n <= 5 for n in tasks.values()), tasks
+            # at least `patience` tasks: a task without a validation error (too few
+            # frames to judge) counts as no gain, so the first one may too
+            assert all(2 <= n <= 5 for n in tasks.values()), tasks
     events = run.read_events()
     stopped = summary["started_at"] + summary["stopped_at_s"]
     before_stop = [e for e in events if e.get("ended") and e["ended"] <= stopped]

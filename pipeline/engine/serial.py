@@ -47,8 +47,9 @@ class SerialLoop(Coordinator):
         ``"one task"``: one training task per member and iteration.
     patience, improvement, max_train_tasks
         With ``"plateau"``: a member stops after ``patience`` tasks in a row that did
-        not lower its validation force MAE by the fraction ``improvement``, or after
-        ``max_train_tasks`` tasks in the iteration.
+        not lower its validation force MAE by the fraction ``improvement`` (a task
+        that measured none, with too few validation frames, counts as no gain), or
+        after ``max_train_tasks`` tasks in the iteration.
     *args, **kwargs
         As for :class:`~palflow.pipeline.engine.coordinator.Coordinator`.
     """
