@@ -349,7 +349,7 @@ class CampaignBenchmark:
     def protocol(self, args: argparse.Namespace) -> dict:
         """What the results file states before the first run (held-out sets, seeds,
         budgets, variants, targets): by default the options of :attr:`recorded`."""
-        return {key: getattr(args, OPTIONS.get(key, key)) for key in self.recorded}
+        return CampaignBenchmark.metadata(self, args, None)
 
     plot: Callable[[dict, Path], None] | None = None
 

@@ -62,7 +62,7 @@ from common import (
     span,
 )
 from extrapolation_sets import SETS, build_sets, evaluate_versions, run_recorded
-from ratios import Cost, compare, held_to, holm, log_area, median, paired_window, words
+from ratios import Cost, area_ratio, compare, held_to, holm, median, words
 
 common.use_this_interpreter()
 
@@ -136,10 +136,7 @@ def pair_area_ratio(mine: dict | None, theirs: dict | None, name_set: str) -> fl
     None where either run is missing or the window is empty."""
     if mine is None or theirs is None:
         return None
-    a, b = curve_points(mine, name_set), curve_points(theirs, name_set)
-    start, end = paired_window(a, b)
-    area_a, area_b = log_area(a, start, end), log_area(b, start, end)
-    return None if area_a is None or area_b is None else area_a / area_b
+    return area_ratio(curve_points(mine, name_set), curve_points(theirs, name_set))
 
 
 def labels_to(run: dict, name_set: str, target: float) -> Cost:
@@ -433,8 +430,7 @@ class Extrapolation(common.CampaignBenchmark):
 
     def write(self, args, result: dict, work: Path | None = None) -> None:
         """The results with the work folder as ``WORK``, and the total wall time."""
-        figure = plot if "runs" in result else None
-        common.write_results(args.name, result, figure, finite=True, work=work)
+        super().write(args, result, work)
         if work is not None:
             print(f"total {result['total_wall_s']:.0f} s")
 

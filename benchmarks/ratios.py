@@ -247,6 +247,17 @@ def held_to(points: list[tuple[float, float]], end: float) -> list[tuple[float, 
     return [*points, (end, last_y)] if end > last_x else list(points)
 
 
+def area_ratio(mine: list[tuple[float, float]], theirs: list[tuple[float, float]]) -> float | None:
+    """``mine``'s geometric-mean error over ``theirs``' on the window both curves cover
+    (:func:`log_area`): one seed's primary figure. None where either curve is empty or
+    has no area there (a diverged run): that seed's claim loses."""
+    if not mine or not theirs:
+        return None
+    start, end = paired_window(mine, theirs)
+    a, b = log_area(mine, start, end), log_area(theirs, start, end)
+    return None if a is None or b is None else a / b
+
+
 def paired_window(*curves: list[tuple[float, float]]) -> tuple[float, float]:
     """The ``x`` range every curve covers: the latest first point to the earliest last."""
     return max(min(x for x, _ in c) for c in curves), min(max(x for x, _ in c) for c in curves)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import common
 from common import ROOT, cell, curve_of, first_at_or_below, named, run_on_site
-from ratios import Cost, compare, held_to, holm, log_area, median, paired_window, words
+from ratios import Cost, area_ratio, compare, held_to, holm, median, words
 
 # The site's workers import RemoteSlot from this folder; Parsl's HTEX starts its
 # interchange from PATH, so this interpreter's scripts folder comes first.
@@ -173,12 +173,9 @@ def pair_area_ratio(mine: dict | None, theirs: dict | None) -> float | None:
     """``mine``'s geometric-mean test force MAE over ``theirs``' on the wall-time window
     both runs cover, each curve held at its last error to its run's end (the primary
     figure); None where either has no curve."""
-    if not (mine and theirs and mine["curve"] and theirs["curve"]):
+    if not (mine and theirs):
         return None
-    points = [wall_points(r) for r in (mine, theirs)]
-    start, end = paired_window(*points)
-    a, b = (log_area(p, start, end) for p in points)
-    return None if a is None or b is None else a / b
+    return area_ratio(wall_points(mine), wall_points(theirs))
 
 
 def time_to(run: dict, target: float) -> Cost:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import common
 from common import cell, first_at_or_below, named, reached, run_on_site
-from ratios import compare, held_to, holm, log_area, median, paired_window, words
+from ratios import area_ratio, compare, held_to, holm, median, words
 
 common.use_this_interpreter()
 
@@ -96,15 +96,13 @@ def area_over_random(mine: dict | None, theirs: dict | None) -> float | None:
     """Paired ratio of geometric-mean test force MAE over the labels both runs cover,
     each curve held at its last error to its run's labels; None where either run has
     no curve (the strategy's seed is then lost)."""
-    if not (mine and theirs and mine["curve"] and theirs["curve"]):
+    if not (mine and theirs):
         return None
-    curves = [
+    mine_points, theirs_points = (
         held_to([(p["labels"], p["force_mae"]) for p in r["curve"]], r["labels"])
         for r in (mine, theirs)
-    ]
-    start, end = paired_window(*curves)
-    a, b = (log_area(c, start, end) for c in curves)
-    return None if a is None or b is None else a / b
+    )
+    return area_ratio(mine_points, theirs_points)
 
 
 def analyse(runs: list[dict], target: float | None) -> dict:

@@ -35,8 +35,9 @@ import math
 from pathlib import Path
 
 import common
+import ratios
 from common import cell, curve_of, first_at_or_below, named, run_on_site
-from ratios import Cost, compare, held_to, holm, log_area, median, paired_window, words
+from ratios import Cost, compare, held_to, holm, median, words
 
 common.use_this_interpreter()
 
@@ -91,12 +92,9 @@ def points_of(run: dict, x: str) -> list[tuple[float, float]]:
 def area_ratio(mine: dict | None, theirs: dict | None, x: str) -> float | None:
     """Paired ratio of geometric-mean test force MAE over the ``x`` (``wall_s`` or
     ``labels``) window both runs cover; None where either run is missing."""
-    if not (mine and theirs and mine["curve"] and theirs["curve"]):
+    if not (mine and theirs):
         return None
-    curves = [points_of(r, x) for r in (mine, theirs)]
-    start, end = paired_window(*curves)
-    a, b = (log_area(c, start, end) for c in curves)
-    return None if a is None or b is None else a / b
+    return ratios.area_ratio(points_of(mine, x), points_of(theirs, x))
 
 
 PRIMARY = ("serial", "area_wall_s")
