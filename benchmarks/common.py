@@ -181,6 +181,18 @@ def span(pair: Sequence[float | None] | None, fmt: str = ".2f") -> str:
 
 
 # ------------------------------------------------------------------ campaigns
+def commit() -> str:
+    """The checkout's commit, with ``+changes`` when tracked files differ from it."""
+    import subprocess
+
+    def git(*words: str) -> str:
+        done = subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "HEAD")
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def held_out_set(campaign, folder: Path, n_structures: int) -> str:
     """Label the held-out MD frames once, as an extxyz file every run reads."""
     from ase.io import write
@@ -313,6 +325,11 @@ class CampaignBenchmark:
         test_help = get.get("test_help", "held-out frames")
         option("--test-structures", type=int, default=get["test_structures"], help=test_help)
         option("--reanalyse", metavar="JSON", help="no runs: analyse the runs saved in JSON")
+        option(
+            "--rule",
+            default="",
+            help="how the targets and budgets were fixed before the runs (recorded in the protocol)",
+        )
         self.arguments(self.parser)
 
     # ---------------------------------------------------------- hooks
@@ -384,6 +401,8 @@ class CampaignBenchmark:
         site.config.run_dir = str(work / "parsl")
         self.prepare(args, work, site)
         protocol = self.protocol(args)
+        protocol |= {"rule": args.rule, "load_average_before": list(os.getloadavg())}
+        protocol["commit"] = commit()
         self.write(args, {"status": "running", "protocol": protocol})  # before any run
         runs: list[dict] = []
         with parsl.load(site.config):
@@ -396,4 +415,5 @@ class CampaignBenchmark:
         self.report(result)
         result.update(self.metadata(args, site))
         result.update(status="finished", protocol=protocol, runs=runs)
+        result["load_average_after"] = list(os.getloadavg())
         self.write(args, result, work)

@@ -47,9 +47,7 @@ def repeat(test: str, runs: int, first_seed: int = 0) -> dict:
     return {
         "runs": runs,
         "passed": sum(o["passed"] for o in outcomes),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=common.ROOT, capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": common.commit(),
         "load_average_at_end": os.getloadavg(),
         "outcomes": outcomes,
     }
