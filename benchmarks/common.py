@@ -182,7 +182,8 @@ def span(pair: Sequence[float | None] | None, fmt: str = ".2f") -> str:
 
 # ------------------------------------------------------------------ campaigns
 def commit() -> str:
-    """The checkout's commit, with ``+changes`` when tracked files differ from it."""
+    """The checkout's commit, with ``+changes`` when tracked files other than the
+    results in ``benchmarks/results/`` differ from it."""
     import subprocess
 
     def git(*words: str) -> str:
@@ -190,7 +191,7 @@ def commit() -> str:
         return done.stdout.strip()
 
     head = git("rev-parse", "HEAD")
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else "")
 
 
 def held_out_set(campaign, folder: Path, n_structures: int) -> str:
@@ -411,6 +412,9 @@ class CampaignBenchmark:
                 for variant in self.variants(args, seed, runs):
                     runs.append(self.run(args, site, work, variant, seed))
                     print(self.describe(runs[-1]), flush=True)
+                    # Every finished run is on disk at once: a run cut short keeps them.
+                    so_far = {"status": "running", "protocol": protocol, "done": runs}
+                    self.write(args, so_far, work)
         result = self.analyse(runs, args)
         self.report(result)
         result.update(self.metadata(args, site))

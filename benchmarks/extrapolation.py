@@ -431,7 +431,7 @@ class Extrapolation(common.CampaignBenchmark):
     def write(self, args, result: dict, work: Path | None = None) -> None:
         """The results with the work folder as ``WORK``, and the total wall time."""
         super().write(args, result, work)
-        if work is not None:
+        if work is not None and "total_wall_s" in result:
             print(f"total {result['total_wall_s']:.0f} s")
 
 

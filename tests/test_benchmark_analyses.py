@@ -144,3 +144,42 @@ def test_strategies_compare_paired_areas_with_random():
     assert spread["wilcoxon_p"] == pytest.approx(2 / 2**5)
     assert spread["holm_p"] == pytest.approx(2 * 2 / 2**5)  # a family of two
     assert rows["spread"]["median_labels_to_target"] is None and rows["spread"]["reached"] is None
+
+
+def test_a_benchmark_cut_short_keeps_its_protocol_and_every_finished_run(
+    tmp_path, monkeypatch
+):
+    """The protocol (with the rule that fixed it, the commit and the load) is on disk
+    before the first run, and each finished run right after it: a crash in the third
+    run leaves the first two in the results file."""
+    common = load("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+    class Toy(common.CampaignBenchmark):
+        name = "toy"
+        defaults = {"labels": 4, "max_wall": 10.0, "site": "threads.py"}
+
+        def prepare(self, args, work, site):
+            assert not (tmp_path / "toy.json").exists()  # the protocol comes after this
+
+        def variants(self, args, seed, runs):
+            return ["a", "b"]
+
+        def run(self, args, site, work, variant, seed):
+            if seed == 1 and variant == "a":
+                raise RuntimeError("the third run fails")
+            return {"variant": variant, "seed": seed, "run_dir": str(work / variant)}
+
+    with pytest.raises(RuntimeError, match="third run"):
+        Toy("toy").main(["--seeds", "0", "1", "--rule", "targets from pilot seeds 0-4"])
+    text = (tmp_path / "toy.json").read_text()
+    result = __import__("json").loads(text)
+    assert result["status"] == "running"
+    assert [(r["variant"], r["seed"]) for r in result["done"]] == [("a", 0), ("b", 0)]
+    assert result["done"][0]["run_dir"].startswith("WORK")
+    protocol = result["protocol"]
+    assert protocol["rule"] == "targets from pilot seeds 0-4"
+    assert protocol["seeds"] == [0, 1] and protocol["labels"] == 4
+    assert len(protocol["commit"].split("+")[0]) == 40
+    assert len(protocol["load_average_before"]) == 3
