@@ -182,8 +182,8 @@ def span(pair: Sequence[float | None] | None, fmt: str = ".2f") -> str:
 
 # ------------------------------------------------------------------ campaigns
 def commit() -> str:
-    """The checkout's commit, with ``+changes`` when tracked files other than the
-    results in ``benchmarks/results/`` differ from it."""
+    """The checkout's commit, with ``+changes to FILES`` naming the tracked files
+    other than the results in ``benchmarks/results/`` that differ from it."""
     import subprocess
 
     def git(*words: str) -> str:
@@ -191,7 +191,8 @@ def commit() -> str:
         return done.stdout.strip()
 
     head = git("rev-parse", "HEAD")
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else "")
+    changed = git("diff", "HEAD", "--name-only", "--", ".", ":!benchmarks/results").split()
+    return head + (f"+changes to {', '.join(changed)}" if changed else "")
 
 
 def held_out_set(campaign, folder: Path, n_structures: int) -> str:
@@ -329,7 +330,7 @@ class CampaignBenchmark:
         option(
             "--rule",
             default="",
-            help="how the targets and budgets were fixed before the runs (recorded in the protocol)",
+            help="how the targets and budgets were fixed before the runs (in the protocol)",
         )
         self.arguments(self.parser)
 

@@ -146,9 +146,7 @@ def test_strategies_compare_paired_areas_with_random():
     assert rows["spread"]["median_labels_to_target"] is None and rows["spread"]["reached"] is None
 
 
-def test_a_benchmark_cut_short_keeps_its_protocol_and_every_finished_run(
-    tmp_path, monkeypatch
-):
+def test_a_benchmark_cut_short_keeps_its_protocol_and_every_finished_run(tmp_path, monkeypatch):
     """The protocol (with the rule that fixed it, the commit and the load) is on disk
     before the first run, and each finished run right after it: a crash in the third
     run leaves the first two in the results file."""
