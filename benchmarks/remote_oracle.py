@@ -383,9 +383,11 @@ class RemoteOracle(common.CampaignBenchmark):
         print(f"t_train per version (nominal) {nominal:.1f} s", flush=True)
 
     def variants(self, args, seed: int, runs: list[dict]):
-        for ratio in args.ratios:
+        # The order alternates by seed and by ratio (a count of runs would not: with
+        # 9 runs a seed its parity never changes).
+        for index, ratio in enumerate(args.ratios):
             loops = LOOPS if ratio in args.unpaced_at else LOOPS[:3]
-            for loop in loops if (seed + len(runs)) % 2 == 0 else loops[::-1]:
+            for loop in loops if (seed + index) % 2 == 0 else loops[::-1]:
                 yield ratio, loop
 
     def run(self, args, site, work: Path, variant: tuple, seed: int) -> dict:
