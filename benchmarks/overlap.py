@@ -73,6 +73,11 @@ class _Clock:
 
     @property
     def wall_s(self) -> float:
+        if self.started is None or self.stopped is None:
+            raise RuntimeError(
+                "the run stopped before its clock had gone its iterations (labels and "
+                "versions): raise the label budget or the wall limit in campaign()"
+            )
         return self.stopped - self.started
 
 
