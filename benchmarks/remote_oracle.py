@@ -404,6 +404,7 @@ class RemoteOracle(common.CampaignBenchmark):
     def protocol(self, args) -> dict:
         return super().protocol(args) | {
             "site": shown_site(args.site),
+            "campaign": shown_site(args.campaign),  # relative to the checkout, as sites are
             "loops": list(LOOPS),
             "unpaced_at": args.unpaced_at,
             "train_task_s": args.train_task_s,
