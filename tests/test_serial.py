@@ -8,6 +8,7 @@ from palflow.apps.contracts import MODULES
 from palflow.pipeline.engine.coordinator import Apps
 from palflow.pipeline.engine.serial import SerialLoop
 from palflow.pipeline.state.metrics import concurrency_fraction
+from palflow.pipeline.state.records import Member
 from palflow.pipeline.state.rundir import RunDirectory
 from palflow.pipeline.state.structures import load_start_structure
 from tests.test_coordinator import SLOTS, small_campaign
@@ -52,9 +53,9 @@ def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path, train):
         if train == "one task":
             assert set(tasks.values()) == {1}
         else:
-            # at least `patience` tasks: a task without a validation error (too few
-            # frames to judge) counts as no gain, so the first one may too
-            assert all(2 <= n <= 5 for n in tasks.values()), tasks
+            # the first task sets the error to beat (its training loss when there
+            # are too few frames for validation); `patience` more without a gain
+            assert all(3 <= n <= 5 for n in tasks.values()), tasks
     events = run.read_events()
     stopped = summary["started_at"] + summary["stopped_at_s"]
     before_stop = [e for e in events if e.get("ended") and e["ended"] <= stopped]
@@ -76,3 +77,60 @@ def test_serial_loop_rejects_bad_training_settings(tmp_path):
     finally:
         for executor in executors.values():
             executor.shutdown()
+
+
+def _plateau_tasks(tmp_path, results, **settings):
+    """Feed one member the training results in turn, as the loop does after each
+    task; the tasks it asks for, and the loop."""
+    campaign = small_campaign()
+    run = RunDirectory.create(tmp_path / "run")
+    executors = {m: ThreadPoolExecutor(1) for m in MODULES}
+    try:
+        start = load_start_structure(campaign.system.structure)
+        loop = SerialLoop(campaign, run, Apps.from_executors(executors), SLOTS, start, **settings)
+    finally:
+        for executor in executors.values():
+            executor.shutdown()
+    member = Member(0)
+    tasks = 0
+    while loop._trains_on(member):
+        result = results[tasks]
+        tasks += 1
+        loop.train_tasks[0] = tasks
+        member.advance(f"m{tasks}", 8, tasks, result)
+    return tasks, loop
+
+
+@pytest.mark.parametrize(
+    "results, expected",
+    [
+        # judged on validation: the best is 1.0 at task 3, then two tasks without 1%
+        ([{"val_force_mae": e} for e in (2.0, 1.5, 1.0, 0.995, 1.2, 0.5)], 5),
+        # no validation frames: judged on the training loss the same way
+        ([{"train_loss": e, "n_validation": 0} for e in (4.0, 3.0, 3.0, 3.0, 1.0)], 4),
+        # validation appears: the comparison starts afresh on it
+        (
+            [
+                {"train_loss": 4.0},
+                {"train_loss": 3.0},
+                {"val_force_mae": 9.0},
+                {"val_force_mae": 9.5},
+                {"val_force_mae": 9.9},
+                {"val_force_mae": 1.0},
+            ],
+            5,
+        ),
+        # nothing measured (a non-finite loss): every task is one without a gain
+        ([{"train_loss": float("nan")}] * 6, 2),
+    ],
+)
+def test_plateau_rule_stops_after_patience_tasks_without_gain(tmp_path, results, expected):
+    tasks, loop = _plateau_tasks(tmp_path, results, patience=2, improvement=0.01)
+    assert tasks == expected
+    assert loop.capped == 0
+
+
+def test_plateau_rule_counts_members_stopped_by_the_cap(tmp_path):
+    falling = [{"train_loss": 0.5**k} for k in range(10)]
+    tasks, loop = _plateau_tasks(tmp_path, falling, patience=2, max_train_tasks=4)
+    assert (tasks, loop.capped) == (4, 1)

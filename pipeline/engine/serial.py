@@ -6,11 +6,12 @@ on the very same work. One iteration:
 
 1. **label** up to ``labels_per_iteration`` candidates (the initial structures in
    the first), ``slots["oracle"]`` batches at a time;
-2. **train** every member until its validation error stops improving (a member
-   whose published validation force MAE has not fallen by ``improvement`` for
-   ``patience`` tasks in a row is done; at most ``max_train_tasks`` tasks), as a
-   user's serial loop would; or, with ``train="one task"``, one task each. Then
-   evaluate the new ensemble version;
+2. **train** every member until its error stops improving (a member whose
+   validation force MAE has not fallen by ``improvement`` for ``patience`` tasks in
+   a row is done; at most ``max_train_tasks`` tasks), as a user's serial loop
+   would. While the snapshot has too few labels for a validation split (the first
+   iteration, as a rule), the training loss is judged instead. Or, with
+   ``train="one task"``, one task each. Then evaluate the new ensemble version;
 3. **generate**: one MD segment per walker, in the coordinator's groups; the frames
    they select are the next iteration's candidates.
 
@@ -47,9 +48,9 @@ class SerialLoop(Coordinator):
         ``"one task"``: one training task per member and iteration.
     patience, improvement, max_train_tasks
         With ``"plateau"``: a member stops after ``patience`` tasks in a row that did
-        not lower its validation force MAE by the fraction ``improvement`` (a task
-        that measured none, with too few validation frames, counts as no gain), or
-        after ``max_train_tasks`` tasks in the iteration.
+        not lower its validation force MAE by the fraction ``improvement`` (its
+        training loss, when its task had too few frames for validation), or after
+        ``max_train_tasks`` tasks in the iteration (the summary counts these).
     *args, **kwargs
         As for :class:`~palflow.pipeline.engine.coordinator.Coordinator`.
     """
@@ -61,7 +62,7 @@ class SerialLoop(Coordinator):
         train: str = "plateau",
         patience: int = 2,
         improvement: float = 0.01,
-        max_train_tasks: int = 30,
+        max_train_tasks: int = 100,
         **kwargs: Any,
     ):
         if train not in TRAINING:
@@ -75,7 +76,9 @@ class SerialLoop(Coordinator):
         """Training tasks per member in the current iteration."""
         self.train_history: list[dict[int, int]] = []
         """:attr:`train_tasks` of every finished training phase."""
-        self._best: dict[int, float] = {}
+        self.capped = 0
+        """Member-iterations that ended at ``max_train_tasks``, not at a plateau."""
+        self._best: dict[int, tuple[str, float]] = {}
         self._stale: dict[int, int] = {}
         self.phase_seconds: dict[str, list[float]] = {phase: [] for phase in PHASES}
         """Wall time of every finished phase, by phase (PAL's t_oracle, t_train, t_gen)."""
@@ -100,6 +103,7 @@ class SerialLoop(Coordinator):
                 for phase, times in self.phase_seconds.items()
             },
             "train_tasks": [list(tasks.values()) for tasks in self.train_history],
+            "capped": self.capped,
         }
         return summary
 
@@ -168,11 +172,16 @@ class SerialLoop(Coordinator):
         tasks = self.train_tasks.get(member.index, 0)
         if tasks == 0:
             return True
-        if self.train == "one task" or tasks >= self.max_train_tasks:
+        if self.train == "one task":
             return False
-        error = (member.validation or {}).get("force_mae")
+        if tasks >= self.max_train_tasks:
+            self.capped += 1
+            return False
+        error = plateau_error(member)
         best = self._best.get(member.index)
-        if error is not None and (best is None or error < best * (1 - self.improvement)):
+        if error is not None and (
+            best is None or best[0] != error[0] or error[1] < best[1] * (1 - self.improvement)
+        ):
             self._best[member.index], self._stale[member.index] = error, 0
         else:
             self._stale[member.index] = self._stale.get(member.index, 0) + 1
@@ -189,3 +198,15 @@ class SerialLoop(Coordinator):
             self._done_this_phase.add(number)
             self.generator.submit_group(group, version)
         return self.engine.busy("generator") == 0 and len(self._done_this_phase) == len(groups)
+
+
+def plateau_error(member) -> tuple[str, float] | None:
+    """What the plateau rule judges for ``member``: ``("validation", force MAE)``
+    when its latest task measured one, else ``("training", loss)``; None when the
+    task reported neither. A change of kind starts the comparison afresh."""
+    error = (member.validation or {}).get("force_mae")
+    if error is not None:
+        return "validation", float(error)
+    if member.train_loss is not None:
+        return "training", member.train_loss
+    return None

@@ -8,6 +8,7 @@ They are plain dataclasses, saved as they are in ``state.json``
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -49,6 +50,9 @@ class Member:
     validation: dict | None = None
     """Its published state's validation errors (``force_mae``, ``energy_mae_per_atom``)
     and frame count (``n``), as its latest task measured them."""
+    train_loss: float | None = None
+    """Its latest task's mean loss over the last epoch on its training frames (None
+    when the task reported none)."""
 
     def advance(
         self, checkpoint: str, labels: int, epochs: int, result: dict | None = None
@@ -64,6 +68,8 @@ class Member:
             "energy_mae_per_atom": result.get("val_energy_mae"),
             "n": int(result.get("n_validation") or 0),
         }
+        loss = result.get("train_loss")
+        self.train_loss = float(loss) if loss is not None and math.isfinite(loss) else None
         if previous and previous != checkpoint and os.path.exists(previous):
             os.remove(previous)
 
