@@ -195,6 +195,16 @@ def commit() -> str:
     return head + (f"+changes to {', '.join(changed)}" if changed else "")
 
 
+def provenance(args: argparse.Namespace) -> dict:
+    """What a results file records of how it was made, before the first measurement:
+    the options, the commit (:func:`commit`) and the load average."""
+    return {
+        "options": {k: v for k, v in vars(args).items()},
+        "commit": commit(),
+        "load_average_before": list(os.getloadavg()),
+    }
+
+
 def held_out_set(campaign, folder: Path, n_structures: int) -> str:
     """Label the held-out MD frames once, as an extxyz file every run reads."""
     from ase.io import write

@@ -13,6 +13,7 @@ one (events written, state saved); only the handler does nothing. Writes
 from __future__ import annotations
 
 import bisect
+import os
 import statistics
 import tempfile
 import time
@@ -167,9 +168,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--executors", nargs="+", default=["threads", "htex"])
     args = parser.parse_args()
+    protocol = common.provenance(args)
     rows = [measure(kind, args.tasks, args.in_flight, args.workers) for kind in args.executors]
     common.print_table(COLUMNS, rows)
-    common.write_results("coordinator_overhead", rows)
+    result = {"protocol": protocol, "rows": rows, "load_average_after": list(os.getloadavg())}
+    common.write_results("coordinator_overhead", result)
 
 
 if __name__ == "__main__":

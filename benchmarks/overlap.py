@@ -23,6 +23,7 @@ median wall times over ``--repeat`` runs, serial and streaming interleaved. Writ
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -259,6 +260,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
+    protocol = common.provenance(args)
     rows = []
     for site in args.sites:
         for case in args.cases:
@@ -304,10 +306,12 @@ def main() -> None:
                 f"(cold start: S {cold['serial'] / cold['streaming']:4.2f})",
                 flush=True,
             )
-    common.write_results("overlap", rows, plot)
+    result = {"protocol": protocol, "rows": rows, "load_average_after": list(os.getloadavg())}
+    common.write_results("overlap", result, plot)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
+    rows = result["rows"]
     plt = common.pyplot()
     figure, axis = plt.subplots(figsize=(8, 4))
     labels = [f"{r['site']}\ncase {r['case'].split(':')[0]}" for r in rows]

@@ -52,8 +52,18 @@ def test_coordinator_overhead(tmp_path):
         "--executors",
         "threads",
     )
-    (row,) = json.loads((tmp_path / "coordinator_overhead.json").read_text())
+    result = json.loads((tmp_path / "coordinator_overhead.json").read_text())
+    (row,) = result["rows"]
     assert row["tasks"] == 40 and row["throughput_ratio"] > 0
+    assert_provenance(result, tasks=40)
+
+
+def assert_provenance(result: dict, **options) -> None:
+    """The results record their options, commit and the load before and after."""
+    protocol = result["protocol"]
+    assert options.items() <= protocol["options"].items()
+    assert len(protocol["commit"]) >= 40
+    assert len(protocol["load_average_before"]) == 3 and len(result["load_average_after"]) == 3
 
 
 @pytest.mark.timeout(300)
@@ -111,7 +121,9 @@ def test_overlap(tmp_path):
         "2: t_train >> t_oracle, t_gen",
         timeout=360,
     )
-    (row,) = json.loads((tmp_path / "overlap.json").read_text())
+    result = json.loads((tmp_path / "overlap.json").read_text())
+    (row,) = result["rows"]
+    assert_provenance(result, iterations=1)
     assert {"ideal_speedup", "measured_speedup", "measured_over_ideal"} <= set(row)
     assert row["serial_wall_s"] > 0 and row["streaming_wall_s"] > 0
     assert "measured/ideal" in out
