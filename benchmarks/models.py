@@ -53,7 +53,7 @@ from pathlib import Path
 
 import common
 from common import ROOT, cell, first_at_or_below, run_on_site
-from ratios import Cost, compare, words
+from ratios import Cost, area_ratio, compare, held_to, words
 
 from palflow.apps.contracts import CalculatorSpec
 
@@ -64,10 +64,16 @@ COLOURS = {"schnet": "tab:blue", "mace": "tab:orange", "finetune": "tab:green"}
 MACE_CAMPAIGN = ROOT / "examples" / "ethanol_mace.toml"
 PILOT_SEEDS = (0, 1, 2)
 """The seeds of the pilot that fixed :data:`FINETUNE_TARGET`: never reported with it."""
-FINETUNE_TARGET = 0.08
-"""The fine-tuning ratio's target test force MAE, eV/Å, fixed before the runs: the
-pilot's (seeds 0-2, before issue 26) median from-scratch MACE final MAE, 0.073,
-rounded up. Reported runs use other seeds (``--seeds 10 ...``)."""
+FINETUNE_TARGET = 0.14
+"""The fine-tuning ratio's target test force MAE, eV/Å, fixed before the runs for a
+budget of 48 labels: the pilot's (seeds 0-2, ``models.json`` at 744b10c) median
+from-scratch MACE error at the first version with at least 36 labels, every label
+counted (0.1378, 0.2215, 0.1395). Until the 10-seed run it was 0.08, the pilot's
+median final error at its budget of 100 labels (0.073) rounded up; the analysis
+reports the ratio at that target too (:data:`OTHER_TARGETS`). Reported runs use
+other seeds (``--seeds 10 ...``)."""
+OTHER_TARGETS = (0.08,)
+"""Targets also reported, secondary: how the labels ratio moves with the target."""
 RUN_METRICS = (
     "labels",
     "final_force_mae",
@@ -319,20 +325,53 @@ def labels_to(run: dict, target: float) -> Cost:
     return Cost(float(hit["labels"] + initial))
 
 
+def label_points(run: dict) -> list[tuple[float, float]]:
+    """The run's test force MAE against all its labels (the initial ones too), its last
+    error held to the labels it ended with."""
+    initial = run.get("initial_labels", 0)
+    points = [(p["labels"] + initial, p["force_mae"]) for p in run["curve"]]
+    return held_to(points, run["labels"] + initial)
+
+
 def finetune_labels(runs: list[dict], target: float) -> dict:
-    """Seed by seed, the labels the fine-tuned run needs to reach ``target`` over the
-    labels the from-scratch MACE run needs (:mod:`ratios`: censored runs kept), counting
-    every label: without and with the labels behind the foundation."""
-    scratch = {r["seed"]: labels_to(r, target) for r in runs if r["variant"] == "mace"}
-    tuned = {r["seed"]: labels_to(r, target) for r in runs if r["variant"] == "finetune"}
-    finetuned = [r for r in runs if r["variant"] == "finetune"]
-    behind = {r["seed"]: r.get("foundation_labels") or 0 for r in finetuned}
-    with_foundation = {s: Cost(c.value + behind[s], c.reached) for s, c in tuned.items()}
+    """Seed by seed, the fine-tuned run against the from-scratch MACE run (:mod:`ratios`):
+
+    - ``area``: the paired ratio of geometric-mean test force MAE against all labels,
+      over the label range both cover (the foundation's labels left out: with them,
+      the curves share no range);
+    - ``without_foundation_labels``, ``with_foundation_labels``: the labels to
+      ``target``, every label counted (censored runs kept), without and with the
+      labels behind the foundation; ``at_other_targets``: the first at
+      :data:`OTHER_TARGETS`."""
+    scratch_runs = {r["seed"]: r for r in runs if r["variant"] == "mace"}
+    tuned_runs = {r["seed"]: r for r in runs if r["variant"] == "finetune"}
+    seeds = sorted(set(scratch_runs) | set(tuned_runs))
+    behind = {s: r.get("foundation_labels") or 0 for s, r in tuned_runs.items()}
+
+    def labels_ratio(at: float, counted: bool) -> dict:
+        tuned = {s: labels_to(r, at) for s, r in tuned_runs.items()}
+        if counted:
+            tuned = {s: Cost(c.value + behind[s], c.reached) for s, c in tuned.items()}
+        return compare(tuned, {s: labels_to(r, at) for s, r in scratch_runs.items()})
+
+    areas = {
+        s: area_ratio(label_points(tuned_runs[s]), label_points(scratch_runs[s]))
+        if s in tuned_runs and s in scratch_runs and tuned_runs[s]["curve"]
+        and scratch_runs[s]["curve"]
+        else None
+        for s in seeds
+    }  # fmt: skip
     return {
         "target_force_mae": target,
         "foundation_labels": max(behind.values(), default=0),
-        "without_foundation_labels": compare(tuned, scratch),
-        "with_foundation_labels": compare(with_foundation, scratch),
+        "area": compare(areas, dict.fromkeys(seeds, 1.0)),
+        "without_foundation_labels": labels_ratio(target, counted=False),
+        "with_foundation_labels": labels_ratio(target, counted=True),
+        "at_other_targets": {
+            f"{other:g}": labels_ratio(other, counted=False)
+            for other in OTHER_TARGETS
+            if other != target
+        },
     }
 
 
@@ -358,19 +397,29 @@ def print_tables(result: dict) -> None:
     tuned = result.get("finetune")
     if tuned:
         print(
-            f"fine-tuned / from-scratch MACE, all labels to {tuned['target_force_mae']:.3f} eV/Å "
-            f"(goal <= 0.5; {tuned['foundation_labels']} labels behind the foundation):"
+            "fine-tuned / from-scratch MACE: the paired area against all labels, and all "
+            f"labels to {tuned['target_force_mae']:.3f} eV/Å (goal <= 0.5; "
+            f"{tuned['foundation_labels']} labels behind the foundation):"
         )
-        for key in ("without_foundation_labels", "with_foundation_labels"):
-            found = tuned[key]
+        shown_ratios = [(key, tuned[key]) for key in ("area", "without_foundation_labels")]
+        shown_ratios += [("with_foundation_labels", tuned["with_foundation_labels"])]
+        shown_ratios += [
+            (f"without foundation labels, to {other}", found)
+            for other, found in tuned.get("at_other_targets", {}).items()
+        ]
+        for key, found in shown_ratios:
             low, high = found["interval_95"]
-            reached = found.get("reached", {})
+            reached = found.get("reached")
             p_value = common.show(found["wilcoxon_p"], ".3f")
             print(
                 f"  {key.replace('_', ' ')}: {words(found['median'])} "
                 f"[{words(low)}, {words(high)}] over {found['seeds']} seeds, Wilcoxon p "
-                f"{p_value}, reached: fine-tuned {reached.get('mine', 0):.0%}, "
-                f"scratch {reached.get('theirs', 0):.0%}"
+                f"{p_value}"
+                + (
+                    f", reached: fine-tuned {reached['mine']:.0%}, scratch {reached['theirs']:.0%}"
+                    if reached
+                    else ""
+                )
             )
 
 
@@ -407,7 +456,7 @@ def plot(result: dict, path: Path) -> None:
 class Models(common.CampaignBenchmark):
     """SchNet and MACE (and the fine-tuned MACE) with every seed, interleaved."""
 
-    name, prefix = "models", "palflow-models-"
+    name, prefix, rewrite = "models", "palflow-models-", True
     defaults = {"labels": 300, "max_wall": 3600.0, "campaign_help": "SchNet " + common.ETHANOL}
     analysis, report, plot = staticmethod(analyse), staticmethod(print_tables), staticmethod(plot)
     analysed_with, recorded = "at", ("site", "labels", "max_wall_s", "seeds", "test_structures")
