@@ -17,7 +17,7 @@ PAL's case 2 (training is the bottleneck), 1 the balanced point and 10 an oracle
 slow as DFT. N = P: the serial loop labels one batch per oracle slot per iteration,
 and the streaming coordinator is paced to the same labels per ensemble version. After
 the label budget, every loop trains on its final labels for ``--final-training-s``
-(default 30 s), the same time for all.
+(default 15 s), the same time for all.
 
 Per ratio, every loop at every seed, interleaved, on one loaded site (default
 ``benchmarks/remote_site.py``: the laptop site with one oracle worker per oracle
@@ -384,7 +384,7 @@ class RemoteOracle(common.CampaignBenchmark):
         parser.add_argument(
             "--final-training-s",
             type=float,
-            default=30.0,
+            default=15.0,
             help="s every loop trains on its final labels after the label budget",
         )
         parser.add_argument(
