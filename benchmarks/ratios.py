@@ -258,6 +258,21 @@ def area_ratio(mine: list[tuple[float, float]], theirs: list[tuple[float, float]
     return None if a is None or b is None else a / b
 
 
+def area_ratio_to_later_end(
+    mine: list[tuple[float, float]],
+    theirs: list[tuple[float, float]],
+    mine_end: float,
+    theirs_end: float,
+) -> float | None:
+    """:func:`area_ratio` with both curves held at their last error to the later of the
+    two runs' ends: a run that is done sooner keeps its error, it does not leave the
+    window (over wall time, where the faster loop ends first)."""
+    if not mine or not theirs:
+        return None
+    end = max(mine_end, theirs_end)
+    return area_ratio(held_to(mine, end), held_to(theirs, end))
+
+
 def paired_window(*curves: list[tuple[float, float]]) -> tuple[float, float]:
     """The ``x`` range every curve covers: the latest first point to the earliest last."""
     return max(min(x for x, _ in c) for c in curves), min(max(x for x, _ in c) for c in curves)

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import common
 from common import ROOT, cell, curve_of, first_at_or_below, named, run_on_site
-from ratios import Cost, area_ratio, compare, held_to, holm, median, words
+from ratios import Cost, area_ratio_to_later_end, compare, held_to, holm, median, words
 
 # The site's workers import RemoteSlot from this folder; Parsl's HTEX starts its
 # interchange from PATH, so this interpreter's scripts folder comes first.
@@ -168,11 +168,9 @@ def oracle_concurrency(root: Path) -> float | None:
     return total / busy if busy > 0 else None
 
 
-def wall_points(run: dict, end: float | None = None) -> list[tuple[float, float]]:
-    """The run's test force MAE against wall time, its last error held to ``end`` (by
-    default the run's own end)."""
-    points = [(p["wall_s"], p["force_mae"]) for p in run["curve"]]
-    return held_to(points, max(run["wall_s"], end or 0.0))
+def wall_points(run: dict) -> list[tuple[float, float]]:
+    """The run's test force MAE against wall time, its last error held to the run's end."""
+    return held_to([(p["wall_s"], p["force_mae"]) for p in run["curve"]], run["wall_s"])
 
 
 def pair_area_ratio(mine: dict | None, theirs: dict | None) -> float | None:
@@ -180,10 +178,11 @@ def pair_area_ratio(mine: dict | None, theirs: dict | None) -> float | None:
     version to the later run's end, the run that ended first held at its last error
     (a loop that is done sooner keeps its error, it does not leave the window): the
     primary figure. None where either has no curve."""
-    if not (mine and theirs and mine["curve"] and theirs["curve"]):
+    if not (mine and theirs):
         return None
-    end = max(mine["wall_s"], theirs["wall_s"])
-    return area_ratio(wall_points(mine, end), wall_points(theirs, end))
+    return area_ratio_to_later_end(
+        wall_points(mine), wall_points(theirs), mine["wall_s"], theirs["wall_s"]
+    )
 
 
 def time_to(run: dict, target: float) -> Cost:

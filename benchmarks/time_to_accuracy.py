@@ -90,11 +90,13 @@ def points_of(run: dict, x: str) -> list[tuple[float, float]]:
 
 
 def area_ratio(mine: dict | None, theirs: dict | None, x: str) -> float | None:
-    """Paired ratio of geometric-mean test force MAE over the ``x`` (``wall_s`` or
-    ``labels``) window both runs cover; None where either run is missing."""
+    """Paired ratio of geometric-mean test force MAE against ``x`` (``wall_s`` or
+    ``labels``) from the later first version to the later run's end, the run that
+    ended first held at its last error; None where either run is missing."""
     if not (mine and theirs):
         return None
-    return ratios.area_ratio(points_of(mine, x), points_of(theirs, x))
+    ends = [run["wall_s"] if x == "wall_s" else run["labels"] for run in (mine, theirs)]
+    return ratios.area_ratio_to_later_end(points_of(mine, x), points_of(theirs, x), *ends)
 
 
 PRIMARY = ("serial", "area_wall_s")

@@ -11,7 +11,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from ratios import Cost, compare, holm, jsonable_ratios, seed_ratio, wilcoxon_exact, words  # noqa: E402
+from ratios import (  # noqa: E402
+    Cost,
+    area_ratio,
+    area_ratio_to_later_end,
+    compare,
+    holm,
+    jsonable_ratios,
+    seed_ratio,
+    wilcoxon_exact,
+    words,
+)
 
 NEVER = Cost.never
 
@@ -154,3 +164,23 @@ def test_reached_shares_count_every_seed_and_json_keeps_never_in_words():
     }
     assert held_to([(0, 0.3), (50, 0.1)], 600) == [(0, 0.3), (50, 0.1), (600, 0.1)]
     assert held_to([(0, 0.3), (50, 0.1)], 50) == [(0, 0.3), (50, 0.1)]
+
+
+def test_a_run_that_ends_first_keeps_its_last_error_to_the_later_end():
+    fast = [(0.0, 0.4), (10.0, 0.1)]  # done at 10 s
+    slow = [(5.0, 0.4), (40.0, 0.2)]  # first version at 5 s, done at 40 s
+    # on the window both cover (5-10 s) only; fast's last 0.1 would never count again
+    assert area_ratio(fast, slow) is not None
+    ratio = area_ratio_to_later_end(fast, slow, 10.0, 40.0)
+    # 5-40 s: fast falls from 0.2 to 0.1 (log-linear) over 5-10 s, then holds 0.1 for 30 s;
+    # slow falls log-linearly from 0.4 to 0.2 over 5-40 s
+    log_fast = (5 * (math.log(0.2) + math.log(0.1)) / 2 + 30 * math.log(0.1)) / 35
+    log_slow = (math.log(0.4) + math.log(0.2)) / 2
+    assert ratio == pytest.approx(math.exp(log_fast - log_slow))
+    # a run ending before the other's first version still has an area, held to the end
+    early = [(0.0, 0.3), (4.0, 0.1)]
+    assert area_ratio(early, slow) is None
+    assert area_ratio_to_later_end(early, slow, 4.0, 40.0) == pytest.approx(
+        0.1 / math.exp(log_slow)
+    )
+    assert area_ratio_to_later_end([], slow, 4.0, 40.0) is None
