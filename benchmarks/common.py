@@ -199,7 +199,7 @@ def provenance(args: argparse.Namespace) -> dict:
     """What a results file records of how it was made, before the first measurement:
     the options, the commit (:func:`commit`) and the load average."""
     return {
-        "options": {k: v for k, v in vars(args).items()},
+        "options": dict(vars(args)),
         "commit": commit(),
         "load_average_before": list(os.getloadavg()),
     }

@@ -354,13 +354,12 @@ def finetune_labels(runs: list[dict], target: float) -> dict:
             tuned = {s: Cost(c.value + behind[s], c.reached) for s, c in tuned.items()}
         return compare(tuned, {s: labels_to(r, at) for s, r in scratch_runs.items()})
 
-    areas = {
+    areas = {  # None (that seed's claim loses) where a run or its curve is missing
         s: area_ratio(label_points(tuned_runs[s]), label_points(scratch_runs[s]))
-        if s in tuned_runs and s in scratch_runs and tuned_runs[s]["curve"]
-        and scratch_runs[s]["curve"]
+        if s in tuned_runs and s in scratch_runs
         else None
         for s in seeds
-    }  # fmt: skip
+    }
     return {
         "target_force_mae": target,
         "foundation_labels": max(behind.values(), default=0),
@@ -401,9 +400,8 @@ def print_tables(result: dict) -> None:
             f"labels to {tuned['target_force_mae']:.3f} eV/Å (goal <= 0.5; "
             f"{tuned['foundation_labels']} labels behind the foundation):"
         )
-        shown_ratios = [(key, tuned[key]) for key in ("area", "without_foundation_labels")]
-        shown_ratios += [("with_foundation_labels", tuned["with_foundation_labels"])]
-        shown_ratios += [
+        keys = ("area", "without_foundation_labels", "with_foundation_labels")
+        shown_ratios = [(key, tuned[key]) for key in keys] + [
             (f"without foundation labels, to {other}", found)
             for other, found in tuned.get("at_other_targets", {}).items()
         ]
