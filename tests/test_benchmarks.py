@@ -125,6 +125,11 @@ def test_overlap(tmp_path):
     (row,) = result["rows"]
     assert_provenance(result, iterations=1)
     assert {"ideal_speedup", "measured_speedup", "measured_over_ideal"} <= set(row)
+    assert set(row["measured_phase_s"]) == {"label", "train", "generate"}
+    assert row["phase_ideal_speedup"] >= 1
+    assert row["measured_over_phase_ideal"] == pytest.approx(
+        row["measured_speedup"] / row["phase_ideal_speedup"]
+    )
     assert row["serial_wall_s"] > 0 and row["streaming_wall_s"] > 0
     assert "measured/ideal" in out
 
