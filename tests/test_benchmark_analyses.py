@@ -3,6 +3,7 @@ with known answers: which side a claim is about, censored runs, held curves."""
 
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -188,3 +189,46 @@ def test_a_benchmark_cut_short_keeps_its_protocol_and_every_finished_run(tmp_pat
     assert protocol["seeds"] == [0, 1] and protocol["labels"] == 4
     assert len(protocol["commit"].split("+")[0]) == 40
     assert len(protocol["load_average_before"]) == 3
+
+
+def _clock_over(clock, goal, label_times, version_times, step=0.01, end=60.0):
+    """Feed ``clock`` the counts a loop would show at every turn (every ``step`` s)."""
+    for i in range(int(end / step)):
+        now = i * step
+        labels = sum(t <= now for t in label_times)
+        versions = 1 + sum(t <= now for t in version_times)  # the first version
+        if clock.observe(goal, now, labels, versions):
+            return clock.wall_s
+    raise AssertionError("the clock never stopped")
+
+
+@pytest.mark.parametrize("offset", [0.05, 0.5, 0.95])
+def test_overlap_clocks_a_period_from_an_event_to_its_like(monkeypatch, offset):
+    """Streaming: a label every 0.5 s (N = 2 an iteration, so 1 s an iteration of
+    labels), a version every 2 s whatever the labels. Whatever part of a training
+    period is left when the first label comes, 8 iterations take 8 training periods.
+    Clocked from that label to the 8th version after it, they took 7 + offset."""
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    overlap = load("overlap")
+    first_label = 3.0
+    labels = [first_label + 0.5 * k for k in range(60)]
+    versions = [first_label + offset * 2.0 + 2.0 * k for k in range(30)]
+    wall = _clock_over(overlap._SteadyClock(), 8, labels, versions)
+    assert wall == pytest.approx(16.0, abs=0.03)
+    spans = overlap._SteadyClock()
+    _clock_over(spans, 8, labels, versions)
+    assert spans.spans_s["labels"] == pytest.approx(8.0, abs=0.03)
+
+
+def test_overlap_clocks_the_serial_loop_over_whole_iterations(monkeypatch):
+    """Serial: label (1 s, both labels at its end), train (2 s, a version at its end),
+    generate (0.5 s), 3.5 s an iteration: 8 iterations are 28 s on either span."""
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    overlap = load("overlap")
+    labels = [t for k in range(12) for t in (1.0 + 3.5 * k,) * 2]
+    versions = [3.0 + 3.5 * k for k in range(12)]
+    clock = overlap._SteadyClock()
+    assert _clock_over(clock, 8, labels, versions) == pytest.approx(28.0, abs=0.03)
+    assert clock.spans_s == pytest.approx({"labels": 28.0, "versions": 28.0}, abs=0.03)
