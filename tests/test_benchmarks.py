@@ -132,6 +132,20 @@ def test_overlap(tmp_path):
     )
     assert row["serial_wall_s"] > 0 and row["streaming_wall_s"] > 0
     assert "measured/ideal" in out
+    # Streaming's period against its own bottleneck task (PAL's model, its own times)
+    own = row["streaming_task_s"]
+    period = {"oracle": own["oracle"], "train": own["train"], "generator": own["generator"]}
+    assert row["streaming_bottleneck"] == max(period, key=period.get)
+    assert row["streaming_period_over_bottleneck"] == pytest.approx(
+        row["streaming_wall_s"] / max(period.values())
+    )
+    # The rows can be derived again from the saved runs, unchanged
+    saved = tmp_path / "saved.json"
+    (tmp_path / "overlap.json").rename(saved)
+    out = run_benchmark(tmp_path, "overlap.py", "--reanalyse", str(saved))
+    (again,) = json.loads((tmp_path / "overlap.json").read_text())["rows"]
+    assert again == row
+    assert "streaming period / its" in out
 
 
 @pytest.mark.timeout(400)

@@ -36,11 +36,23 @@ def test_serial_loop_runs_its_phases_one_at_a_time(tmp_path, train):
             patience=2,
             max_train_tasks=5,
         )
+        unpublished = []  # members trained but left out of the newest version
+        leave_phase = loop._next_phase
+
+        def next_phase():
+            if loop.phase == "train" and not loop.policy.stopping:
+                unpublished.append([m.index for m in loop.state.members if m.fresh])
+            leave_phase()
+
+        loop._next_phase = next_phase
         summary = loop.run()
     finally:
         for executor in executors.values():
             executor.shutdown(wait=True, cancel_futures=True)
     assert summary["labels"] == 16
+    # Every training phase ends with a version of every member's newest state, also
+    # where members plateau at different task counts
+    assert unpublished and unpublished == [[]] * len(unpublished), unpublished
     assert loop.iterations >= 4, "4 labels per iteration make at least 4 iterations"
     members = campaign.model.n_members
     assert len(loop.train_history) >= 4

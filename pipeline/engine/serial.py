@@ -160,6 +160,17 @@ class SerialLoop(Coordinator):
                 self._done_this_phase.add(member.index)
         if engine.busy("train") or len(self._done_this_phase) < len(state.members):
             return False
+        # Members that plateau at different task counts leave the last tasks of the
+        # others out of any version (one needs every member to have advanced): the
+        # phase ends with a version of every member's newest checkpoint, which the
+        # evaluation and the next MD then use.
+        published = state.maybe_publish_version(final=True)
+        if published is not None:
+            logger.info(
+                "serial loop: ensemble v%d published at the end of training (%d labels)",
+                published.number,
+                published.n_labels,
+            )
         version = state.version
         if version is not None and state.test_ready and state.evaluated_version < version.number:
             self.inference.submit_evaluation()  # evaluation only, no re-scoring

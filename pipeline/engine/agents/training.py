@@ -45,8 +45,10 @@ class TrainingAgent:
             return
         resting = stopping and not context.policy.final_training()
         watchdog = context.policy.watchdog
-        # Least-trained first, so that every member advances and versions get published.
-        for member in sorted(state.members, key=lambda m: m.tasks):
+        # Members not yet in the newest version first, then the least-trained: every
+        # member advances and versions get published, even where members have
+        # trained unequally (the serial loop's plateau rule) before a stop.
+        for member in sorted(state.members, key=lambda m: (m.fresh, m.tasks)):
             if not context.engine.free("train"):
                 return
             # Once resting, each member takes in the last labels once, then stops; one
