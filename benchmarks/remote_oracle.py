@@ -365,6 +365,11 @@ def shown_site(site: str) -> str:
     return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else site
 
 
+def loops_at(ratio: float, args) -> list[str]:
+    """The loops run at ``ratio``: the three, and unpaced where asked."""
+    return list(LOOPS if ratio in args.unpaced_at else LOOPS[:3])
+
+
 class RemoteOracle(common.CampaignBenchmark):
     """Per seed, every oracle cost with both loops (and unpaced where asked), the
     loops' order alternating."""
@@ -396,12 +401,12 @@ class RemoteOracle(common.CampaignBenchmark):
         print(f"t_train per version (nominal) {nominal:.1f} s", flush=True)
 
     def variants(self, args, seed: int, runs: list[dict]):
-        # The order alternates by seed and by ratio (a count of runs would not: with
-        # 9 runs a seed its parity never changes).
+        # The order rotates by seed and by ratio, so that each loop runs first, in the
+        # middle and last alike (reversing three loops always left one in the middle).
         for index, ratio in enumerate(args.ratios):
-            loops = LOOPS if ratio in args.unpaced_at else LOOPS[:3]
-            for loop in loops if (seed + index) % 2 == 0 else loops[::-1]:
-                yield ratio, loop
+            loops = loops_at(ratio, args)
+            turn = (seed + index) % len(loops)
+            yield from ((ratio, loop) for loop in loops[turn:] + loops[:turn])
 
     def run(self, args, site, work: Path, variant: tuple, seed: int) -> dict:
         ratio, loop = variant
@@ -418,7 +423,12 @@ class RemoteOracle(common.CampaignBenchmark):
         return super().protocol(args) | {
             "site": shown_site(args.site),
             "campaign": shown_site(args.campaign),  # relative to the checkout, as sites are
-            "loops": list(LOOPS),
+            "loops": sorted(
+                {loop for r in args.ratios for loop in loops_at(r, args)}, key=LOOPS.index
+            ),
+            "max_wall_s": args.max_wall,
+            "held_out": f"{args.test_structures} frames of oracle MD from the start "
+            "structure (benchmarks/common.py: test_set, seed 12345)",
             "unpaced_at": args.unpaced_at,
             "train_task_s": args.train_task_s,
             "final_training_s": args.final_training_s,

@@ -174,6 +174,12 @@ def test_remote_oracle(tmp_path):
     result = json.loads((tmp_path / "remote_oracle.json").read_text())
     loops = {("streaming", 1), ("serial", 1), ("serial_one_task", 1)}
     assert {(r["loop"], r["ratio"]) for r in result["runs"]} == loops
+    # The protocol names the loops that ran (unpaced ran at no ratio), the wall limit
+    # and the held-out set; seed 0 at the first ratio runs them in their own order
+    protocol = result["protocol"]
+    assert protocol["loops"] == ["streaming", "serial", "serial_one_task"]
+    assert protocol["max_wall_s"] > 0 and protocol["held_out"].startswith("4 frames")
+    assert [r["loop"] for r in result["runs"]] == protocol["loops"]
     assert all(r["labels"] == 8 and r["curve"] for r in result["runs"])
     # The oracle's set cost was spent: each label waits 0.15 s (0.6 s a full batch of 4).
     assert all(r["task_s"]["oracle"] >= 0.15 for r in result["runs"])
