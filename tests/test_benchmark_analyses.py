@@ -232,3 +232,22 @@ def test_overlap_clocks_the_serial_loop_over_whole_iterations(monkeypatch):
     clock = overlap._SteadyClock()
     assert _clock_over(clock, 8, labels, versions) == pytest.approx(28.0, abs=0.03)
     assert clock.spans_s == pytest.approx({"labels": 28.0, "versions": 28.0}, abs=0.03)
+
+
+def test_overlap_counts_the_serial_loops_labels_by_iteration(monkeypatch):
+    """A serial iteration that finds fewer than N candidates to label still counts as
+    one iteration (N labels), and a phase's labels seen over two turns count once."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    overlap = load("overlap")
+    loop = SimpleNamespace(state=SimpleNamespace(n_labels_active=0), iterations=0)
+    counted = []
+    # iteration 0: none yet; 1: both labels in one turn; 2: one label (a short
+    # phase); 3: its two labels in two turns
+    for iteration, labels in [(0, 0), (1, 2), (1, 2), (2, 3), (3, 4), (3, 5)]:
+        loop.iterations, loop.state.n_labels_active = iteration, labels
+        counted.append(overlap.MeasuredSerial.labels_clocked(loop))
+    assert counted == [0, 2, 2, 4, 6, 6]
+    assert overlap.N_LABELS == 2
