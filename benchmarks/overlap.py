@@ -190,6 +190,8 @@ class MeasuredSerial(Measured, SerialLoop):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, train="one task", **kwargs)
+        self._labelled_iterations: set[int] = set()
+        self._labels_seen = 0
 
     def labels_clocked(self) -> int:
         """N for every iteration whose label phase has brought labels in (counted at
@@ -198,12 +200,10 @@ class MeasuredSerial(Measured, SerialLoop):
         a whole extra iteration of the clock (threads case 1 at c870aeb: 9 iterations
         clocked); counted by iterations, it costs none, the conservative side for
         streaming."""
-        seen = getattr(self, "_labelled_iterations", set())
-        self._labelled_iterations = seen
-        if self.state.n_labels_active > getattr(self, "_labels_seen", 0):
-            seen.add(self.iterations)
+        if self.state.n_labels_active > self._labels_seen:
+            self._labelled_iterations.add(self.iterations)
         self._labels_seen = self.state.n_labels_active
-        return N_LABELS * len(seen)
+        return N_LABELS * len(self._labelled_iterations)
 
 
 def campaign(iterations: int):

@@ -371,8 +371,8 @@ def loops_at(ratio: float, args) -> list[str]:
 
 
 class RemoteOracle(common.CampaignBenchmark):
-    """Per seed, every oracle cost with both loops (and unpaced where asked), the
-    loops' order alternating."""
+    """Per seed, every oracle cost with the three loops (and unpaced where asked), the
+    loops' order rotating."""
 
     name, prefix, finite, rewrite = "remote_oracle", "palflow-remote-", True, True
     defaults = {"campaign": str(ROOT / "examples" / "cu_emt.toml"), "labels": 64, "max_wall": 600.0}
@@ -428,7 +428,7 @@ class RemoteOracle(common.CampaignBenchmark):
             ),
             "max_wall_s": args.max_wall,
             "held_out": f"{args.test_structures} frames of oracle MD from the start "
-            "structure (benchmarks/common.py: test_set, seed 12345)",
+            "structure (benchmarks/common.py: held_out_set, seed 12345)",
             "unpaced_at": args.unpaced_at,
             "train_task_s": args.train_task_s,
             "final_training_s": args.final_training_s,

@@ -243,6 +243,7 @@ def test_overlap_counts_the_serial_loops_labels_by_iteration(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     overlap = load("overlap")
     loop = SimpleNamespace(state=SimpleNamespace(n_labels_active=0), iterations=0)
+    loop._labelled_iterations, loop._labels_seen = set(), 0  # as MeasuredSerial starts
     counted = []
     # iteration 0: none yet; 1: both labels in one turn; 2: one label (a short
     # phase); 3: its two labels in two turns
