@@ -19,7 +19,8 @@ of event (label to label, version to version; see :class:`_SteadyClock`). The
 cold-start figure, clocked from the first ensemble version, is reported beside it.
 The ideal S uses the task times measured in the serial run; the measured speedup is
 the ratio of the median wall times over ``--repeat`` runs, serial and streaming
-interleaved. Writes
+interleaved, with the range of measured ÷ ideal over the repeats (each serial run
+paired with the streaming run after it). Writes
 ``benchmarks/results/overlap.json`` and ``overlap.png``.
 """
 
@@ -365,6 +366,11 @@ def summarise(site: str, case: str, runs: dict, iterations: int, repeat: int) ->
     # better than ideal scheduling allows.
     own = period(task_times("streaming"))
     bottleneck = max(own, key=own.get)
+    # The spread over repeats: each serial run paired with the streaming run after it.
+    pairs = [
+        s["wall_s"] / p["wall_s"] / ideal
+        for s, p in zip(runs["serial"], runs["streaming"], strict=True)
+    ]
     return {
         "site": site,
         "case": case,
@@ -377,6 +383,8 @@ def summarise(site: str, case: str, runs: dict, iterations: int, repeat: int) ->
         "ideal_speedup": ideal,
         "measured_speedup": measured,
         "measured_over_ideal": measured / ideal,
+        "measured_over_ideal_runs": pairs,
+        "measured_over_ideal_range": [min(pairs), max(pairs)],
         "measured_phase_s": phase,
         "phase_ideal_speedup": phase_ideal,
         "measured_over_phase_ideal": measured / phase_ideal,
@@ -395,7 +403,8 @@ def show(row: dict) -> None:
     print(
         f"{row['site']:<8}{row['case']:<34}serial {row['serial_wall_s']:6.1f} s  streaming "
         f"{row['streaming_wall_s']:6.1f} s  ideal S {row['ideal_speedup']:4.2f}  measured S "
-        f"{row['measured_speedup']:4.2f}  measured/ideal {row['measured_over_ideal']:4.2f}  "
+        f"{row['measured_speedup']:4.2f}  measured/ideal {row['measured_over_ideal']:4.2f} "
+        f"[{row['measured_over_ideal_range'][0]:4.2f}-{row['measured_over_ideal_range'][1]:4.2f}]  "
         f"(from phases: ideal S {row['phase_ideal_speedup']:4.2f}, "
         f"{row['measured_over_phase_ideal']:4.2f})  streaming period / its "
         f"{row['streaming_bottleneck']} {row['streaming_period_over_bottleneck']:4.2f}  "

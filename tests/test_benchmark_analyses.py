@@ -252,3 +252,28 @@ def test_overlap_counts_the_serial_loops_labels_by_iteration(monkeypatch):
         counted.append(overlap.MeasuredSerial.labels_clocked(loop))
     assert counted == [0, 2, 2, 4, 6, 6]
     assert overlap.N_LABELS == 2
+
+
+def test_overlap_summary_gives_the_median_and_the_range_over_repeats(monkeypatch):
+    """Case 1 (t_oracle = t_train = 1 s, t_gen = 0.1 s; N = P = 2): PAL's ideal from
+    the serial run's task times is (1 + 1 + 0.1) / 1 = 2.1. Three repeats whose serial
+    ÷ streaming walls are 2.1, 1.89 and 2.31: measured ÷ ideal 1.0, 0.9 and 1.1, the
+    median of the walls 1.0 (21 ÷ 10), the range 0.9 to 1.1."""
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    overlap = load("overlap")
+    tasks = {"oracle": 1.0, "train": 1.0, "generator": 0.1}
+    phases = {"label": 1.0, "train": 1.0, "generate": 0.1}
+
+    def run(wall: float) -> dict:
+        return {"wall_s": wall, "cold_wall_s": wall, "task_s": tasks, "phase_s": phases}
+
+    runs = {
+        "serial": [run(21.0), run(18.9), run(23.1)],
+        "streaming": [run(10.0), run(10.0), run(10.0)],
+    }
+    row = overlap.summarise("threads", next(iter(overlap.CASES)), runs, 8, 3)
+    assert row["ideal_speedup"] == pytest.approx(2.1)
+    assert row["measured_over_ideal"] == pytest.approx(1.0)
+    assert row["measured_over_ideal_runs"] == pytest.approx([1.0, 0.9, 1.1])
+    assert row["measured_over_ideal_range"] == pytest.approx([0.9, 1.1])
