@@ -46,9 +46,12 @@ from palflow.apps.sections import TrainingSettings
 
 logger = logging.getLogger(__name__)
 
-EVENT_KEYS = ("published", "gate", "n_validation", "learning_rate", "ema_lag_tasks")
-"""What a training task's line in ``events.jsonl`` adds: the gate's verdict, the rate
-and how far the published average trails the raw weights, in tasks."""
+EVENT_KEYS = (
+    "published", "gate", "n_validation", "learning_rate", "ema_lag_tasks", "epochs_this_task"
+)  # fmt: skip
+"""What a training task's line in ``events.jsonl`` adds: the gate's verdict, the rate,
+how far the published average trails the raw weights, in tasks, and the epochs it ran
+(bounded by ``min_task_s`` too, so a slower machine runs fewer)."""
 
 
 def learning_rate(settings: dict, steps: int, scale: float = 1.0) -> float:
@@ -310,6 +313,7 @@ def _train_member(
         "member": member,
         "checkpoint": str(checkpoint_out),
         "epochs": epochs_done,
+        "epochs_this_task": epochs_this_task,
         "steps": steps_done,
         "learning_rate": learning_rate(settings, steps_done, plateau.scale),
         "n_train": int(len(train_indices)),

@@ -122,6 +122,43 @@ def task_seconds(root: Path, slots: dict, members: int) -> dict[str, float]:
     }
 
 
+def ideal_against(serial_runs: list[dict], comparison: dict | None) -> dict | None:
+    """PAL's ideal speed-up from the phase times that a serial loop's runs measured,
+    and streaming's measured speed-up (time to target) over that loop against it;
+    None without phase times."""
+    phases = [r["phase_s"] for r in serial_runs if r.get("phase_s")]
+    if not phases:
+        return None
+    measured = {
+        phase: median([p[phase] or 0.0 for p in phases]) for phase in ("label", "train", "generate")
+    }
+    ideal_s = sum(measured.values()) / max(measured.values())
+    out = {
+        "measured_phase_s": measured,
+        "pal_ideal_speedup": ideal_s,
+        "pal_ideal_ratio": 1 / ideal_s,
+    }
+    to_target = (comparison or {}).get("time")
+    if to_target and math.isfinite(to_target["median"]) and to_target["median"] > 0:
+        out["measured_speedup"] = 1.0 / to_target["median"]
+        out["measured_over_ideal"] = out["measured_speedup"] / ideal_s
+    return out
+
+
+def epochs_per_task(root: Path) -> float | None:
+    """The median epochs of one training task in a run (they are bounded by time,
+    ``training.min_task_s``, so a slower machine trains fewer); None for runs made
+    before the events recorded them."""
+    from palflow.pipeline.state.rundir import RunDirectory
+
+    epochs = [
+        e["epochs_this_task"]
+        for e in RunDirectory.open(root).read_events()
+        if e.get("kind") == "train" and e.get("ok") and e.get("epochs_this_task") is not None
+    ]
+    return statistics.median(epochs) if epochs else None
+
+
 def run_one(loop: str, ratio: float, seed: int, args, site, work: Path, test_file: str) -> dict:
     from palflow.pipeline.engine.coordinator import Coordinator
     from palflow.pipeline.engine.serial import SerialLoop
@@ -145,6 +182,7 @@ def run_one(loop: str, ratio: float, seed: int, args, site, work: Path, test_fil
         "phase_s": summary.get("serial", {}).get("phase_s"),
         "train_tasks": summary.get("serial", {}).get("train_tasks"),
         "oracle_concurrency": oracle_concurrency(root),
+        "epochs_per_train_task": epochs_per_task(root),
         "curve": curve,
     }
 
@@ -242,19 +280,18 @@ def analyse(runs: list[dict], target: float | None = None) -> dict:
         if stronger in by:
             row["stronger_serial"] = stronger
             row["streaming_over_stronger"] = row.get(f"streaming_over_{stronger}")
-            phases = [r["phase_s"] for r in at[stronger] if r.get("phase_s")]
-            if phases:  # PAL's ideal for the phase times this serial loop measured
-                measured = {
-                    phase: median([p[phase] or 0.0 for p in phases])
-                    for phase in ("label", "train", "generate")
-                }
-                ideal_s = sum(measured.values()) / max(measured.values())
-                row.update(measured_phase_s=measured, pal_ideal_speedup=ideal_s)
-                row["pal_ideal_ratio"] = 1.0 / ideal_s
-                to_target = (row["streaming_over_stronger"] or {}).get("time")
-                if to_target and math.isfinite(to_target["median"]) and to_target["median"] > 0:
-                    row["measured_speedup"] = 1.0 / to_target["median"]
-                    row["measured_over_ideal"] = row["measured_speedup"] / ideal_s
+            ideal = ideal_against(at[stronger], row.get(f"streaming_over_{stronger}"))
+            if ideal:
+                row.update(ideal)
+        # The same against each serial loop: where the loops train differently per
+        # version, no one of them is a like-for-like ideal, so each is given.
+        row["measured_over_ideal_by_loop"] = {
+            loop: (ideal_against(at[loop], row.get(f"streaming_over_{loop}")) or {}).get(
+                "measured_over_ideal"
+            )
+            for loop in SERIALS
+            if loop in at
+        }
         row["oracle_concurrency"] = median(
             [
                 r["oracle_concurrency"]
@@ -288,6 +325,12 @@ def primary_and_holm(points: dict) -> dict:
     }
 
 
+def by_loop(point: dict) -> str:
+    """Measured ÷ ideal against each serial loop's own phases."""
+    found = point.get("measured_over_ideal_by_loop") or {}
+    return ", ".join(common.show(found.get(loop), ".2f") for loop in SERIALS)
+
+
 def print_table(result: dict) -> None:
     def ratio(key: str, measure: str):
         def show_ratio(point: dict) -> str:
@@ -307,6 +350,8 @@ def print_table(result: dict) -> None:
         ("stronger serial", ">16", cell("stronger_serial")),
         ("PAL ideal", ">11", cell("pal_ideal_ratio", ".2f")),
         ("measured/ideal", ">15", cell("measured_over_ideal", ".2f")),
+        ("by loop: serial, one task", ">26", by_loop),
+        ("time to target, one task", ">25", ratio("streaming_over_serial_one_task", "time")),
         ("oracle conc.", ">13", cell("oracle_concurrency", ".2f")),
         ("unpaced/streaming area", ">24", ratio("unpaced_over_streaming", "area")),
     ]

@@ -153,6 +153,7 @@ def test_a_task_publishes_its_average_and_a_rejected_member_keeps_its_last_good_
     )
     assert first["gate"] == FIRST and first["published"]
     assert 0 < first["ema_lag_tasks"] <= 0.5, "the average trails by under half a task"
+    assert first["epochs_this_task"] >= 6, "events record the epochs a task ran (n_epochs 6)"
     assert first["event"]["gate"] == FIRST
     model, extra = load_checkpoint(tmp_path / "m1.pt")
     raw = extra["raw"]

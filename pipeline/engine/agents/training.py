@@ -45,9 +45,10 @@ class TrainingAgent:
             return
         resting = stopping and not context.policy.final_training()
         watchdog = context.policy.watchdog
-        # Members not yet in the newest version first, then the least-trained: every
-        # member advances and versions get published, even where members have
-        # trained unequally (the serial loop's plateau rule) before a stop.
+        # Members that have not advanced since the newest version (not fresh) first,
+        # then the least-trained: every member advances and versions get published,
+        # even where members have trained unequally (the serial loop's plateau rule)
+        # before a stop.
         for member in sorted(state.members, key=lambda m: (m.fresh, m.tasks)):
             if not context.engine.free("train"):
                 return
