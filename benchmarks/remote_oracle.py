@@ -277,20 +277,20 @@ def analyse(runs: list[dict], target: float | None = None) -> dict:
         # serial has a median below 1, else serial (the rule is in the protocol)
         versus = row.get("serial_one_task_over_serial", {}).get("area", {}).get("median")
         stronger = "serial_one_task" if versus is not None and versus < 1 else "serial"
+        ideals = {
+            loop: ideal_against(at[loop], row.get(f"streaming_over_{loop}"))
+            for loop in SERIALS
+            if loop in at
+        }
         if stronger in by:
             row["stronger_serial"] = stronger
             row["streaming_over_stronger"] = row.get(f"streaming_over_{stronger}")
-            ideal = ideal_against(at[stronger], row.get(f"streaming_over_{stronger}"))
-            if ideal:
-                row.update(ideal)
+            if ideals.get(stronger):
+                row.update(ideals[stronger])
         # The same against each serial loop: where the loops train differently per
         # version, no one of them is a like-for-like ideal, so each is given.
         row["measured_over_ideal_by_loop"] = {
-            loop: (ideal_against(at[loop], row.get(f"streaming_over_{loop}")) or {}).get(
-                "measured_over_ideal"
-            )
-            for loop in SERIALS
-            if loop in at
+            loop: (ideal or {}).get("measured_over_ideal") for loop, ideal in ideals.items()
         }
         row["oracle_concurrency"] = median(
             [
