@@ -84,9 +84,11 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
     reasons = state.get("task_failures", {}).values()
     failures = failure_counts(reasons) if state else summary.get("oracle_failures_by_kind", {})
     ensembles = run.ensembles()
-    errors = run.read_jsonl(METRICS_FILE) or state.get("test_errors", [])
-    latest = max(errors, key=lambda e: e.get("version", 0), default={})
-    stop = campaign.get("stop", {})
+    rows = run.read_jsonl(METRICS_FILE) or state.get("test_errors", [])
+    newest = max(rows, key=lambda e: e.get("version", 0), default={})
+    tested = [e for e in rows if e.get("force_mae") is not None]
+    latest = max(tested, key=lambda e: e.get("version", 0), default={})
+    stop, test = campaign.get("stop", {}), campaign.get("test", {})
     return {
         "run_dir": str(run.root),
         "campaign": campaign.get("name", run.root.name),
@@ -98,6 +100,9 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
         "newest_ensemble": str(ensembles[-1][1]) if ensembles else None,
         "test_force_mae": latest.get("force_mae"),
         "test_force_mae_at": {"version": latest.get("version"), "labels": latest.get("labels")},
+        "has_test_set": bool(test.get("file")) or test.get("n_structures", 1) > 0,
+        "validation_force_mae": newest.get("validation_force_mae"),
+        "exploration": newest.get("exploration"),
         "elapsed_s": elapsed_s(run, summary, state, state_name),
         "wall_budget_s": stop.get("max_wall_s"),
         "tasks": tasks_by_module(events),
@@ -173,6 +178,8 @@ def format_status(facts: dict[str, Any]) -> str:
     if facts["test_force_mae"] is not None:
         at = facts["test_force_mae_at"]
         mae = f"{facts['test_force_mae']:.4f} eV/Å (version {at['version']}, {at['labels']} labels)"
+    elif not facts.get("has_test_set", True):
+        mae = "none: no held-out set (test.n_structures = 0), so no independent test error"
     label_line = f"{_count(labels['active'])}{budget} active, {_count(labels['initial'])} initial"
     wall = "-" if facts["elapsed_s"] is None else _clock(facts["elapsed_s"])
     if facts["wall_budget_s"] is not None:
@@ -189,10 +196,28 @@ def format_status(facts: dict[str, Any]) -> str:
         ("oracle failures", f"{failures['total']}" + (f" ({by_kind})" if by_kind else "")),
         ("ensemble versions", str(facts["ensemble_versions"])),
         ("test force MAE", mae),
+        *_convergence_rows(facts),
         ("elapsed", wall),
         ("tasks finished", tasks or "none yet"),
     ]
     return "\n".join(f"{name + ':':<19}{value}" for name, value in rows)
+
+
+def _convergence_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
+    """The validation error and the exploration ratios, where the run records them."""
+    rows = []
+    if facts.get("validation_force_mae") is not None:
+        rows.append(("validation MAE", f"{facts['validation_force_mae']:.4f} eV/Å (ensemble)"))
+    ratios = facts.get("exploration") or {}
+    shares = [
+        f"{name} {r['accurate']:.2f} accurate, {r['candidate']:.2f} candidate, "
+        f"{r['failed']:.2f} failed ({r['segments']} segments)"
+        for name, r in ratios.items()
+        if r.get("accurate") is not None
+    ]
+    if shares:
+        rows.append(("exploration", "; ".join(shares)))
+    return rows
 
 
 def _count(n: int | None) -> str:
@@ -244,17 +269,46 @@ def export_run(root: str | Path, to: str | Path) -> dict[str, Any]:
     ensembles = run.ensembles()
     target.mkdir(parents=True, exist_ok=True)
     write(target / EXPORTED_LABELS, frames, format="extxyz")
-    version = None
+    version, calibration = None, None
     if ensembles:
         version, checkpoint = ensembles[-1]
-        shutil.copyfile(checkpoint, target / EXPORTED_ENSEMBLE)
-    (target / EXPORTED_README).write_text(_readme(run, len(frames), version))
+        calibration = calibration_of(run, version)
+        if calibration is None:
+            shutil.copyfile(checkpoint, target / EXPORTED_ENSEMBLE)
+        else:  # the calibration travels inside the checkpoint
+            from palflow.apps.models.core import load_checkpoint, save_checkpoint
+
+            model, extra = load_checkpoint(checkpoint)
+            save_checkpoint(
+                target / EXPORTED_ENSEMBLE, model, {**extra, "calibration": calibration}
+            )
+    (target / EXPORTED_README).write_text(_readme(run, len(frames), version, calibration))
     return {
         "labels": len(frames),
         "labels_file": str(target / EXPORTED_LABELS),
         "ensemble_version": version,
         "ensemble_file": str(target / EXPORTED_ENSEMBLE) if version is not None else None,
         "readme_file": str(target / EXPORTED_README),
+    }
+
+
+def calibration_of(run: RunDirectory, version: int) -> dict[str, Any] | None:
+    """How the run calibrated ``version``'s spread (the newest fit at or before it):
+    ``force_error_per_spread``, the ``version`` it was fitted at, and the validation
+    ``frames`` it was fitted on; None when the run fitted none."""
+    rows = [
+        row
+        for row in run.read_jsonl(METRICS_FILE)
+        if row.get("calibration") and row.get("version", 0) <= version
+    ]
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: r["version"])
+    return {
+        "force_error_per_spread": float(row["calibration"]),
+        "version": int(row["version"]),
+        "frames": int(sum(group[2] for group in row.get("reliability_validation") or [])),
+        "fitted_on": "validation labels (never trained on, never the held-out set)",
     }
 
 
@@ -278,14 +332,26 @@ def labelled_frames(run: RunDirectory) -> list:
     return frames
 
 
-def _readme(run: RunDirectory, n_labels: int, version: int | None) -> str:
+def _readme(
+    run: RunDirectory, n_labels: int, version: int | None, calibration: dict | None = None
+) -> str:
+    calibrated = (
+        f"""  It also holds force_uncertainty (eV/Å), the structure's expected mean absolute
+  force error: {calibration["force_error_per_spread"]:.3f} x force_disagreement. The factor is
+  the median of error / spread over the run's {calibration["frames"]} validation frames
+  (labels no member trained on; the held-out test set is never used), fitted at
+  version {calibration["version"]}.
+"""
+        if calibration
+        else "  No calibration was fitted (no validation labels), so no force_uncertainty.\n"
+    )
     ensemble = (
         f"""{EXPORTED_ENSEMBLE}
   Ensemble version {version} of the run, an ASE calculator (energies eV, forces eV/Å):
     from palflow.apps.models.calculator import EnsembleCalculator
     atoms.calc = EnsembleCalculator.from_checkpoint("{EXPORTED_ENSEMBLE}", device="cpu")
   Its results also hold force_disagreement (eV/Å), the ensemble's spread.
-"""
+{calibrated}"""
         if version is not None
         else "No ensemble was published yet, so there is no checkpoint.\n"
     )
@@ -329,6 +395,34 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from palflow.pipeline.engine.validation import summary_lines, validate_run
+
+    run = RunDirectory.open(args.run_dir)
+    if not run.ensembles():  # before any site is loaded: nothing created
+        raise RunDirectoryError(
+            f"{run.root} has no published ensemble to validate: run the campaign until it "
+            "publishes one"
+        )
+    logging.getLogger("palflow").setLevel(logging.INFO)
+    if args.site is None:
+        verdict = validate_run(args.run_dir)
+    else:
+        import parsl
+
+        from palflow import apps
+        from palflow.pipeline.config.sites import load_site
+
+        site = load_site(args.site)
+        site.config.run_dir = str(run.root / "validate" / "parsl")
+        with parsl.load(site.config):
+            verdict = validate_run(args.run_dir, submit=apps.validate_md)
+    for line in summary_lines(verdict):
+        print(line)
+    print(f"{run.root / 'validate.json'}: the runs in full (ensemble v{verdict['version']})")
+    return 0 if verdict["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
@@ -355,6 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--to", required=True, metavar="DIR", help="new folder to write")
     export.set_defaults(handler=_export)
+
+    check = commands.add_parser(
+        "validate",
+        help="MD check of the newest ensemble: time to failure, NVE drift (exit 1 on failure)",
+    )
+    check.add_argument("run_dir", metavar="RUN_DIR")
+    check.add_argument(
+        "--site", help="run the MD on this site's generator executor (default: here)"
+    )
+    check.set_defaults(handler=_validate)
     return parser
 
 

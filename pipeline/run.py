@@ -58,7 +58,12 @@ from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
 from palflow.pipeline.observe.live import LiveView, ReportRefresher  # noqa: E402
 from palflow.pipeline.observe.report import build_report  # noqa: E402
 from palflow.pipeline.resume.mend import mend_run  # noqa: E402
-from palflow.pipeline.state.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError  # noqa: E402
+from palflow.pipeline.state.rundir import (  # noqa: E402
+    CAMPAIGN_FILE,
+    SUMMARY_FILE,
+    RunDirectory,
+    RunDirectoryError,
+)
 
 logger = logging.getLogger("palflow")
 
@@ -211,6 +216,18 @@ def report(campaign, run, summary: dict | None, reason: str | None = None) -> No
     if summary["test_force_mae"]:
         first, last = summary["test_force_mae"][0][2], summary["test_force_mae"][-1][2]
         print(f"test force MAE: {first:.4f} -> {last:.4f} eV/Å")
+    elif not summary.get("has_test_set", True):
+        print("test force MAE: none (no held-out set); see validation and exploration below")
+    if summary.get("validation_force_mae") is not None:
+        print(f"ensemble error on validation labels: {summary['validation_force_mae']:.4f} eV/Å")
+    for name, ratios in (summary.get("exploration") or {}).items():
+        if ratios.get("accurate") is not None:
+            print(
+                f"explored frames, {name}: {ratios['accurate']:.0%} accurate, "
+                f"{ratios['candidate']:.0%} candidate, {ratios['failed']:.0%} failed"
+            )
+    for line in (summary.get("validate") or {}).get("lines", []):
+        print(f"MD check: {line}")
     print(
         "busy fraction: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["busy_fraction"].items())
     )
@@ -326,9 +343,34 @@ def execute(campaign, run, site, start, interactive: bool = False) -> dict:
             coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
         view, refresher = watch(coordinator, run, interactive)
         try:
-            return coordinator.run()
+            summary = coordinator.run()
         finally:
             finish_watching(coordinator, run, view, refresher)
+        if campaign.validate.after_campaign and not summary["failed"]:
+            validate_after(campaign, run, summary)
+        return summary
+
+
+def validate_after(campaign, run, summary: dict) -> None:
+    """The campaign's final stage (``validate.after_campaign``): the MD check of its
+    newest ensemble on the site's generator executor; a failed check fails the run."""
+    from palflow import apps
+    from palflow.pipeline.engine.validation import summary_lines, validate_run
+
+    verdict = validate_run(run.root, submit=apps.validate_md, campaign=campaign)
+    lines = summary_lines(verdict)
+    summary["validate"] = {"passed": verdict["passed"], "lines": lines}
+    if not verdict["passed"]:
+        summary.update(
+            failed=True,
+            failure="the MD check failed: " + " | ".join(lines),
+            exit_status=1,
+        )
+    run.write_json(SUMMARY_FILE, summary)
+    try:
+        build_report(run.root)  # again, now with the check
+    except Exception:
+        logger.exception("the report could not be rebuilt after the MD check")
 
 
 def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dict | None]:

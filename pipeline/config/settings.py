@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from palflow.pipeline.config.sections import (
     StopSettings,
     SystemSettings,
     TestSetSettings,
+    ValidateSettings,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 class CampaignError(SettingsError):
     """A campaign file or setting is invalid; the message names the key and the fix."""
+
+
+# The [validate] section's field shadows pydantic's deprecated BaseModel.validate
+# classmethod; on an instance the field wins, which is all palflow reads.
+warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
 
 
 class Campaign(_Section):
@@ -66,6 +73,7 @@ class Campaign(_Section):
     initial: InitialSettings = InitialSettings()
     test: TestSetSettings = TestSetSettings()
     stop: StopSettings = StopSettings()
+    validate: ValidateSettings = ValidateSettings()
 
     @model_serializer(mode="wrap")
     def _one_way_of_systems(self, handler) -> dict[str, Any]:
@@ -88,7 +96,46 @@ class Campaign(_Section):
                 "stop.max_labels = 0 trains on initial.file's labels alone, and no "
                 "initial.file is given: give a label budget of 1 or more, or initial.file"
             )
+        self._check_convergence_settings()
         return self
+
+    @property
+    def has_test_set(self) -> bool:
+        """Whether the campaign labels (or reads) a held-out test set."""
+        return bool(self.test.file) or self.test.n_structures > 0
+
+    def _check_convergence_settings(self) -> None:
+        """The stop rules and the calibration need the data they are measured on."""
+        selection, stop = self.selection, self.stop
+        if not self.has_test_set:
+            if stop.target_force_mae:
+                raise ValueError(
+                    "stop.target_force_mae needs a held-out set, and test.n_structures = 0 "
+                    "labels none: stop on stop.accurate_ratio instead, or label a test set"
+                )
+            with_file = [s.name for s in self.all_systems() if s.test_file]
+            if with_file:
+                raise ValueError(
+                    f"system {with_file[0]!r} gives a test_file, and test.n_structures = 0 "
+                    "labels no held-out set for the others: set test.n_structures, or "
+                    "give test.file"
+                )
+        if stop.accurate_ratio:
+            if selection.measure == "random":
+                raise ValueError(
+                    "stop.accurate_ratio needs a lower trust level, and the random measure "
+                    "has none: choose an uncertainty measure, or stop on another rule"
+                )
+            if selection.threshold_mode == "fixed" and selection.threshold == 0:
+                raise ValueError(
+                    "stop.accurate_ratio needs a lower trust level above 0: with "
+                    "selection.threshold = 0 no frame is ever accurate"
+                )
+        if selection.threshold_mode == "calibrated" and self.training.validation_fraction == 0:
+            raise ValueError(
+                "selection.threshold_mode = 'calibrated' is fitted on validation labels, "
+                "and training.validation_fraction = 0 keeps none: set it above 0 (e.g. 0.1)"
+            )
 
     def all_systems(self) -> list[SystemSettings]:
         """The campaign's systems: ``[[systems]]``, or the one ``[system]``."""
@@ -118,6 +165,9 @@ _HINTS = {
 
 
 def _describe(error: ValidationError, source: str) -> str:
+    problems = error.errors()
+    if len(problems) == 1 and not problems[0]["loc"]:  # a rule across sections: one line
+        return f"{source}: {problems[0]['msg'].removeprefix('Value error, ')}"
     lines = [f"{source}: invalid campaign settings"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])

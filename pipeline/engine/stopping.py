@@ -1,7 +1,8 @@
 """When a campaign stops, and what it still waits for once it has.
 
 The stop conditions are a label budget, a wall-time limit, a target test force MAE,
-and a task returning ``{"stop": reason}``; the progress watchdog
+the accurate ratio of exploration (:mod:`palflow.pipeline.engine.convergence`, no test
+set needed), and a task returning ``{"stop": reason}``; the progress watchdog
 (:mod:`palflow.pipeline.engine.watchdog`) stops a campaign that cannot progress. A stop finishes
 the in-flight oracle work and stores it; training then goes on for
 ``stop.final_training_s`` on the final labels (not after a wall-time stop), and the
@@ -14,9 +15,11 @@ import time
 from typing import Any
 
 from palflow.pipeline.config.settings import Campaign
+from palflow.pipeline.engine.convergence import ExplorationTally
 from palflow.pipeline.engine.core import Engine, TaskRecord
 from palflow.pipeline.engine.watchdog import Watchdog, verdict
 from palflow.pipeline.state.campaign_state import CampaignState
+from palflow.pipeline.state.records import Version
 
 DRAINED_KINDS = ("label", "train", "evaluate")
 """Tasks a stop still waits for: labels being paid for, and training on them."""
@@ -29,6 +32,7 @@ class StopPolicy:
         self.campaign = campaign
         self.state = state
         self.watchdog = Watchdog(campaign, state)
+        self.exploration = ExplorationTally(campaign)
 
     @property
     def stopping(self) -> bool:
@@ -58,6 +62,13 @@ class StopPolicy:
             and now - state.stop_time < stop.final_training_s
             and now - state.t0 < stop.max_wall_s
         )
+
+    def note_version(self, version: Version) -> None:
+        """Take the exploration ratios at a new version; stop once the accurate ratio
+        has held at ``stop.accurate_versions`` versions in a row."""
+        version.exploration = self.exploration.note_version()
+        if self.exploration.converged and not self.stopping:
+            self.state.request_stop(self.exploration.reason())
 
     def note_test_error(self, force_mae: float) -> None:
         """Stop once the held-out force MAE reaches ``stop.target_force_mae``."""

@@ -59,6 +59,8 @@ class RunData:
         self.state = self.run.read_state()
         self.events = self.run.read_events()
         self.metrics = self.run.read_jsonl(METRICS_FILE) or self.state.get("test_errors", [])
+        self.validation = self.run.read_json("validate.json")
+        """The MD check's verdict (``palflow validate``), or None."""
         self.status = run_status(self.root)
         timed = [e for e in self.events if e.get("submitted")]
         if self.summary:
@@ -97,6 +99,12 @@ class RunData:
                 }
             )
         return points
+
+    @property
+    def has_test_set(self) -> bool:
+        """Whether the campaign labels a held-out set (older runs always did)."""
+        test = self.campaign.get("test", {})
+        return bool(test.get("file")) or test.get("n_structures", 1) > 0
 
     def recorded(self, field: str) -> bool:
         """Whether any row of ``metrics.jsonl`` carries ``field`` (even as null): the

@@ -1,0 +1,211 @@
+"""``palflow validate RUN``: can the run's potential be used for production MD?
+
+For each system of the campaign, the newest ensemble runs the MD of ``[validate]``
+(NVE and NVT by default, 20 ps each) through :func:`palflow.apps.validate._validate_md`,
+on the site's generator executor (``--site``) or in this process. A system passes
+when every run lasts the whole duration without a failure and every NVE run's energy
+drift stays within ``validate.max_drift_meV_per_atom_ps``. The verdict, per run and
+per system, goes to ``RUN/validate.json`` (:data:`VALIDATE_FILE`), which the report
+shows; the frames just before each failure go to ``validate/`` as extxyz, for an
+oracle to label before a rerun.
+
+The trust levels are the campaign's: the lower one is the selection threshold, the
+upper one ``selection.upper_threshold`` or, without one, the generator's hard cap
+``generator.max_force_disagreement``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from palflow.pipeline.config.settings import Campaign, campaign_from_dict
+from palflow.pipeline.state.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
+
+logger = logging.getLogger(__name__)
+
+VALIDATE_FILE = "validate.json"
+"""The verdict of the MD check, in the run directory."""
+
+
+def starts_of(run: RunDirectory, system: str, count: int) -> list[str]:
+    """``count`` start structures of ``system``, its start configurations in turn."""
+    homes = sorted(str(p) for p in run.root.glob(f"system/{system}.start[0-9][0-9][0-9].extxyz"))
+    homes = homes or [run.start_structure]
+    return [homes[i % len(homes)] for i in range(count)]
+
+
+def md_settings(campaign: Campaign, system_name: str) -> dict[str, Any]:
+    """What :func:`palflow.apps.validate._validate_md` needs for one system."""
+    check, generator = campaign.validate, campaign.generator
+    system = campaign.system_named(system_name)
+    temperature = (
+        check.temperature_K or (system.temperatures_K or [None])[0] or generator.temperature_K
+    )
+    return {
+        "duration_ps": check.duration_ps,
+        "timestep_fs": check.timestep_fs,
+        "temperature_K": temperature,
+        "friction": generator.friction,
+        "record_interval": check.record_interval,
+        "min_distance": check.min_distance,
+        "max_spread": campaign.selection.upper_threshold or generator.max_force_disagreement,
+        "lower_spread": system.threshold or campaign.selection.threshold,
+    }
+
+
+def judge(campaign: Campaign, system: str, results: list[dict[str, Any]]) -> list[str]:
+    """Why ``system`` fails the check (empty when it passes), one reason per run."""
+    limit = campaign.validate.max_drift_meV_per_atom_ps
+    reasons = []
+    for result in results:
+        for index, run in enumerate(result["runs"]):
+            name = f"{result['ensemble'].upper()} run {index}"
+            if run["failure"]:
+                reasons.append(
+                    f"{name} failed at {run['time_to_failure_ps']:.2f} ps: {run['failure']}"
+                )
+            elif abs(run.get("drift_meV_per_atom_ps") or 0.0) > limit:
+                reasons.append(
+                    f"{name} drifts {run['drift_meV_per_atom_ps']:+.2f} meV/atom/ps "
+                    f"(limit {limit:g})"
+                )
+    return reasons
+
+
+def validate_run(
+    root: str | Path,
+    submit: Callable[..., Future] | None = None,
+    campaign: Campaign | None = None,
+) -> dict[str, Any]:
+    """Run the MD check on the newest ensemble of the run ``root``; write and return
+    the verdict.
+
+    Parameters
+    ----------
+    submit
+        Submits :func:`palflow.apps.validate._validate_md` with its keyword arguments
+        and returns a future (a Parsl app on the site's generator executor); None runs
+        each check here, one after another.
+    campaign
+        Settings to validate with; default the run's own (``campaign.json``).
+
+    Returns
+    -------
+    dict
+        ``passed``, ``version`` (the ensemble checked), ``systems`` (per system:
+        ``passed``, ``reasons`` and the ``runs``), ``settings``, ``wall_s``.
+
+    Raises
+    ------
+    RunDirectoryError
+        When ``root`` is not a run directory or has no published ensemble; nothing is
+        written then.
+    """
+    run = RunDirectory.open(root)
+    ensembles = run.ensembles()
+    if not ensembles:
+        raise RunDirectoryError(
+            f"{run.root} has no published ensemble to validate: run the campaign until "
+            "it publishes one (models/ensemble.v*.pt)"
+        )
+    campaign = campaign or campaign_from_dict(run.read_json(CAMPAIGN_FILE), str(run.root))
+    version, checkpoint = ensembles[-1]
+    check = campaign.validate
+    t0 = time.time()
+    out = run.root / "validate"
+    out.mkdir(exist_ok=True)
+    pending: list[tuple[str, Any]] = []
+    for system in campaign.all_systems():
+        settings = md_settings(campaign, system.name)
+        for ensemble in check.ensembles:
+            stem = f"{system.name}.{ensemble}"
+            kwargs = dict(
+                ensemble_path=str(checkpoint),
+                start_paths=starts_of(run, system.name, check.walkers),
+                ensemble=ensemble,
+                settings=settings,
+                frames_path=str(out / f"{stem}.frames.extxyz"),
+                failures_path=str(out / f"{stem}.failures.extxyz"),
+                seed=check.seed * 1000 + len(pending),
+            )
+            logger.info(
+                "validate: %s %s, %d walker(s), %g ps on ensemble v%d",
+                system.name, ensemble.upper(), check.walkers, check.duration_ps, version,
+            )  # fmt: skip
+            pending.append((system.name, submit(**kwargs) if submit else _run_here(kwargs)))
+    by_system: dict[str, list[dict[str, Any]]] = {}
+    for system, future in pending:
+        result = future.result()
+        by_system.setdefault(system, []).append(result)
+        logger.info(
+            "validate: %s %s done: %s",
+            system,
+            result["ensemble"].upper(),
+            "; ".join(_run_line(r) for r in result["runs"]),
+        )
+    systems = {}
+    for name, results in by_system.items():
+        reasons = judge(campaign, name, results)
+        systems[name] = {"passed": not reasons, "reasons": reasons, "results": results}
+    verdict = {
+        "passed": all(s["passed"] for s in systems.values()),
+        "version": version,
+        "ensemble_path": str(checkpoint.relative_to(run.root)),
+        "systems": systems,
+        "settings": check.model_dump(),
+        "trust_levels": {
+            name: {k: md_settings(campaign, name)[k] for k in ("lower_spread", "max_spread")}
+            for name in systems
+        },
+        "wall_s": time.time() - t0,
+    }
+    partial = run.root / f".{VALIDATE_FILE}.tmp"
+    partial.write_text(json.dumps(verdict, indent=1, default=float))
+    partial.replace(run.root / VALIDATE_FILE)
+    return verdict
+
+
+class _Done:
+    """A finished future, for checks run in this process."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def _run_here(kwargs: dict[str, Any]) -> _Done:
+    from palflow.apps.validate import _validate_md
+
+    return _Done(_validate_md(**kwargs))
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    if run["failure"]:
+        return f"failed at {run['time_to_failure_ps']:.2f} ps ({run['failure']})"
+    drift = run.get("drift_meV_per_atom_ps")
+    return f"{run['simulated_ps']:.1f} ps" + (
+        f", drift {drift:+.3f} meV/atom/ps" if drift is not None else ""
+    )
+
+
+def summary_lines(verdict: dict[str, Any]) -> list[str]:
+    """One line per system: passed, or why not."""
+    lines = []
+    for name, system in verdict["systems"].items():
+        if system["passed"]:
+            runs = [r for result in system["results"] for r in result["runs"]]
+            drifts = [abs(r["drift_meV_per_atom_ps"]) for r in runs if "drift_meV_per_atom_ps" in r]
+            extra = f", largest NVE drift {max(drifts):.3f} meV/atom/ps" if drifts else ""
+            duration = verdict["settings"]["duration_ps"]
+            lines.append(f"{name}: passed ({len(runs)} runs, {duration:g} ps each{extra})")
+        else:
+            lines.append(f"{name}: FAILED: {'; '.join(system['reasons'])}")
+    return lines
