@@ -96,46 +96,12 @@ class Campaign(_Section):
                 "stop.max_labels = 0 trains on initial.file's labels alone, and no "
                 "initial.file is given: give a label budget of 1 or more, or initial.file"
             )
-        self._check_convergence_settings()
         return self
 
     @property
     def has_test_set(self) -> bool:
         """Whether the campaign labels (or reads) a held-out test set."""
         return bool(self.test.file) or self.test.n_structures > 0
-
-    def _check_convergence_settings(self) -> None:
-        """The stop rules and the calibration need the data they are measured on."""
-        selection, stop = self.selection, self.stop
-        if not self.has_test_set:
-            if stop.target_force_mae:
-                raise ValueError(
-                    "stop.target_force_mae needs a held-out set, and test.n_structures = 0 "
-                    "labels none: stop on stop.accurate_ratio instead, or label a test set"
-                )
-            with_file = [s.name for s in self.all_systems() if s.test_file]
-            if with_file:
-                raise ValueError(
-                    f"system {with_file[0]!r} gives a test_file, and test.n_structures = 0 "
-                    "labels no held-out set for the others: set test.n_structures, or "
-                    "give test.file"
-                )
-        if stop.accurate_ratio:
-            if selection.measure == "random":
-                raise ValueError(
-                    "stop.accurate_ratio needs a lower trust level, and the random measure "
-                    "has none: choose an uncertainty measure, or stop on another rule"
-                )
-            if selection.threshold_mode == "fixed" and selection.threshold == 0:
-                raise ValueError(
-                    "stop.accurate_ratio needs a lower trust level above 0: with "
-                    "selection.threshold = 0 no frame is ever accurate"
-                )
-        if selection.threshold_mode == "calibrated" and self.training.validation_fraction == 0:
-            raise ValueError(
-                "selection.threshold_mode = 'calibrated' is fitted on validation labels, "
-                "and training.validation_fraction = 0 keeps none: set it above 0 (e.g. 0.1)"
-            )
 
     def all_systems(self) -> list[SystemSettings]:
         """The campaign's systems: ``[[systems]]``, or the one ``[system]``."""
