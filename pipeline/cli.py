@@ -416,7 +416,7 @@ def _validate(args: argparse.Namespace) -> int:
         site = load_site(args.site)
         site.config.run_dir = str(run.root / "validate" / "parsl")
         with parsl.load(site.config):
-            verdict = validate_run(args.run_dir, submit=apps.validate_md)
+            verdict = validate_run(args.run_dir, apps=apps)
     for line in summary_lines(verdict):
         print(line)
     print(f"{run.root / 'validate.json'}: the runs in full (ensemble v{verdict['version']})")

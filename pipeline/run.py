@@ -357,7 +357,7 @@ def validate_after(campaign, run, summary: dict) -> None:
     from palflow import apps
     from palflow.pipeline.engine.validation import summary_lines, validate_run
 
-    verdict = validate_run(run.root, submit=apps.validate_md, campaign=campaign)
+    verdict = validate_run(run.root, apps=apps, campaign=campaign)
     lines = summary_lines(verdict)
     summary["validate"] = {"passed": verdict["passed"], "lines": lines}
     if not verdict["passed"]:

@@ -231,4 +231,7 @@ class ValidateSettings(_Section):
     """The largest NVE energy drift (absolute slope) that passes."""
     record_interval: int = Field(20, ge=1)
     """Steps between recorded frames (the drift is fitted on them)."""
+    label_frames: int = Field(0, ge=0)
+    """Frames of the runs (evenly spaced) that the oracle labels, for the ensemble's
+    error in production beside its test error; 0: none."""
     seed: int = Field(0, ge=0)

@@ -20,7 +20,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,7 @@ def judge(campaign: Campaign, system: str, results: list[dict[str, Any]]) -> lis
 
 def validate_run(
     root: str | Path,
-    submit: Callable[..., Future] | None = None,
+    apps: Any = None,
     campaign: Campaign | None = None,
 ) -> dict[str, Any]:
     """Run the MD check on the newest ensemble of the run ``root``; write and return
@@ -88,10 +87,10 @@ def validate_run(
 
     Parameters
     ----------
-    submit
-        Submits :func:`palflow.apps.validate._validate_md` with its keyword arguments
-        and returns a future (a Parsl app on the site's generator executor); None runs
-        each check here, one after another.
+    apps
+        Where the tasks run: an object whose ``validate_md``, ``label_batch`` and
+        ``evaluate_test`` submit those apps and return futures (:mod:`palflow.apps`,
+        Parsl apps on the site's executors); None runs each here, one after another.
     campaign
         Settings to validate with; default the run's own (``campaign.json``).
 
@@ -99,7 +98,9 @@ def validate_run(
     -------
     dict
         ``passed``, ``version`` (the ensemble checked), ``systems`` (per system:
-        ``passed``, ``reasons`` and the ``runs``), ``settings``, ``wall_s``.
+        ``passed``, ``reasons``, the ``results`` of its runs and, with
+        ``validate.label_frames``, the ``production`` error of the oracle-labelled
+        frames), ``settings``, ``wall_s``.
 
     Raises
     ------
@@ -138,7 +139,7 @@ def validate_run(
                 "validate: %s %s, %d walker(s), %g ps on ensemble v%d",
                 system.name, ensemble.upper(), check.walkers, check.duration_ps, version,
             )  # fmt: skip
-            pending.append((system.name, submit(**kwargs) if submit else _run_here(kwargs)))
+            pending.append((system.name, (apps or HERE).validate_md(**kwargs)))
     by_system: dict[str, list[dict[str, Any]]] = {}
     for system, future in pending:
         result = future.result()
@@ -153,6 +154,10 @@ def validate_run(
     for name, results in by_system.items():
         reasons = judge(campaign, name, results)
         systems[name] = {"passed": not reasons, "reasons": reasons, "results": results}
+        if check.label_frames:
+            systems[name]["production"] = production_error(
+                campaign, str(checkpoint), results, out / name, apps or HERE
+            )
     verdict = {
         "passed": all(s["passed"] for s in systems.values()),
         "version": version,
@@ -171,8 +176,69 @@ def validate_run(
     return verdict
 
 
+def production_error(
+    campaign: Campaign, checkpoint: str, results: list[dict], folder: Path, apps: Any
+) -> dict[str, Any]:
+    """Label ``validate.label_frames`` frames of the check's runs (evenly spaced over
+    all that were recorded) with the campaign's oracle, and score the ensemble on them:
+    the error in production, beside the test error.
+
+    Returns
+    -------
+    dict
+        ``frames`` labelled, ``failed`` (the oracle could not label them), and the
+        ensemble's ``force_mae`` (eV/Å) and ``energy_mae_per_atom`` (eV/atom) on them
+        (None when none was labelled).
+    """
+    import numpy as np
+    from ase.io import read
+
+    from palflow.apps.contracts import CalculatorSpec
+    from palflow.apps.data.dataset import write_dataset
+
+    frames = [
+        atoms
+        for result in results
+        if Path(result["frames_path"]).stat().st_size
+        for atoms in read(result["frames_path"], index=":")
+    ]
+    count = min(campaign.validate.label_frames, len(frames))
+    picked = [frames[int(i)] for i in np.linspace(0, len(frames) - 1, count)] if count else []
+    empty = {"frames": 0, "failed": 0, "force_mae": None, "energy_mae_per_atom": None}
+    if not picked:
+        return empty
+    folder.mkdir(exist_ok=True)
+    for atoms in picked:
+        atoms.info = {}
+    write_dataset(
+        str(folder / "production.in.npz"), picked, extra={"candidate_id": np.arange(len(picked))}
+    )
+    oracle = campaign.oracle
+    labelled = apps.label_batch(
+        input_path=str(folder / "production.in.npz"),
+        output_path=str(folder / "production.out.npz"),
+        calculator_spec=CalculatorSpec.of(oracle).as_dict(),
+        scratch_dir=str(folder / "scratch"),
+        max_force=oracle.max_force,
+        timeout_s=oracle.timeout_s,
+        isolate=oracle.isolate,
+    ).result()
+    failed = len(labelled["failures"])
+    if not labelled["n_ok"]:
+        return {**empty, "failed": failed}
+    errors = apps.evaluate_test(
+        ensemble_path=checkpoint, test_path=str(folder / "production.out.npz")
+    ).result()
+    return {
+        "frames": labelled["n_ok"],
+        "failed": failed,
+        "force_mae": errors["force_mae"],
+        "energy_mae_per_atom": errors["energy_mae_per_atom"],
+    }
+
+
 class _Done:
-    """A finished future, for checks run in this process."""
+    """A finished future, for tasks run in this process."""
 
     def __init__(self, value: Any) -> None:
         self.value = value
@@ -181,10 +247,17 @@ class _Done:
         return self.value
 
 
-def _run_here(kwargs: dict[str, Any]) -> _Done:
-    from palflow.apps.validate import _validate_md
+class _Here:
+    """The apps :func:`validate_run` needs, run in this process."""
 
-    return _Done(_validate_md(**kwargs))
+    def __getattr__(self, name: str) -> Callable[..., _Done]:
+        from palflow.apps import plain
+
+        function = plain(name)
+        return lambda **kwargs: _Done(function(**kwargs))
+
+
+HERE = _Here()
 
 
 def _run_line(run: dict[str, Any]) -> str:
@@ -208,4 +281,10 @@ def summary_lines(verdict: dict[str, Any]) -> list[str]:
             lines.append(f"{name}: passed ({len(runs)} runs, {duration:g} ps each{extra})")
         else:
             lines.append(f"{name}: FAILED: {'; '.join(system['reasons'])}")
+        production = system.get("production") or {}
+        if production.get("force_mae") is not None:
+            lines[-1] += (
+                f"; error on {production['frames']} oracle-labelled frames of the runs: "
+                f"{production['force_mae']:.4f} eV/Å"
+            )
     return lines
