@@ -405,8 +405,14 @@ def _validate(args: argparse.Namespace) -> int:
             "publishes one"
         )
     logging.getLogger("palflow").setLevel(logging.INFO)
+    versions = [number for number, _ in run.ensembles()]
+    if args.version is not None and args.version not in versions:
+        raise RunDirectoryError(
+            f"{run.root} has no ensemble version {args.version}: it has versions "
+            f"{versions[0]} to {versions[-1]}"
+        )
     if args.site is None:
-        verdict = validate_run(args.run_dir)
+        verdict = validate_run(args.run_dir, version=args.version)
     else:
         import parsl
 
@@ -416,7 +422,7 @@ def _validate(args: argparse.Namespace) -> int:
         site = load_site(args.site)
         site.config.run_dir = str(run.root / "validate" / "parsl")
         with parsl.load(site.config):
-            verdict = validate_run(args.run_dir, apps=apps)
+            verdict = validate_run(args.run_dir, apps=apps, version=args.version)
     for line in summary_lines(verdict):
         print(line)
     print(f"{run.root / 'validate.json'}: the runs in full (ensemble v{verdict['version']})")
@@ -458,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--site", help="run the MD on this site's generator executor (default: here)"
     )
+    check.add_argument("--version", type=int, help="ensemble version (default: the newest)")
     check.set_defaults(handler=_validate)
     return parser
 

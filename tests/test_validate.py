@@ -2,7 +2,6 @@
 failure rules and the drift; a deliberately under-trained ensemble fails where a
 trained one passes; bad input is refused with nothing created."""
 
-
 import numpy as np
 import pytest
 from ase.build import molecule
@@ -46,3 +45,52 @@ def test_validate_refuses_a_run_without_an_ensemble(tmp_path, capsys):
 
     assert main(["validate", str(tmp_path / "nothing-here")]) == 2
     assert "not a palflow run directory" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+def test_validation_catches_an_under_trained_ensemble(tmp_path, capsys):
+    """The campaign's first version (members trained once, on 8 rattled structures)
+    fails the MD check where its final version passes, and the failure frames join the
+    oracle queue of a resumed run."""
+    from palflow.pipeline.engine.validation import validate_run
+    from palflow.pipeline.resume.restore import resume_state
+
+    campaign = small_campaign(stop__max_labels=48, stop__final_training_s=10.0)
+    run, summary = run_campaign(tmp_path, campaign)
+    check = campaign.model_copy(
+        update={
+            "validate": campaign.validate.model_copy(
+                update={"duration_ps": 2.0, "timestep_fs": 2.0, "label_frames": 4}
+            ),
+            "selection": campaign.selection.model_copy(update={"upper_threshold": 0.5}),
+        }
+    )
+    first = validate_run(run.root, campaign=check, version=1)
+    assert not first["passed"], first["systems"]
+    reasons = first["systems"]["main"]["reasons"]
+    assert reasons and all("failed at" in r or "drifts" in r for r in reasons)
+
+    final = validate_run(run.root, campaign=check)
+    assert final["version"] == summary["versions"]
+    assert final["passed"], final["systems"]["main"]["reasons"]
+    nve = [r for r in final["systems"]["main"]["results"] if r["ensemble"] == "nve"][0]
+    assert nve["runs"][0]["simulated_ps"] == pytest.approx(2.0)
+    assert abs(nve["runs"][0]["drift_meV_per_atom_ps"]) <= 1.0
+    production = final["systems"]["main"]["production"]
+    assert production["frames"] == 4 and production["force_mae"] > 0
+    saved = json.loads((run.root / "validate.json").read_text())
+    assert saved["passed"] and saved["version"] == final["version"]
+
+    # The command line: exit 1 and one line per failing system for version 1.
+    run.root.joinpath("campaign.json").write_text(json.dumps(check.model_dump()))
+    assert main(["validate", str(run.root), "--version", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "main: FAILED" in out
+
+    # The failure frames of version 1 are queued first on a resume.
+    failures = list((run.root / "validate").glob("*.failures.extxyz"))
+    assert failures and any(path.stat().st_size for path in failures)
+    state, queue, _ = resume_state(check, RunDirectory.open(run.root))
+    queued = [c for c in queue.candidates() if c.rank == float("inf")]
+    assert queued, "the frames before the failure wait for the oracle"
+    assert not list((run.root / "validate").glob("*.failures.extxyz")), "queued once"

@@ -81,6 +81,7 @@ def validate_run(
     root: str | Path,
     apps: Any = None,
     campaign: Campaign | None = None,
+    version: int | None = None,
 ) -> dict[str, Any]:
     """Run the MD check on the newest ensemble of the run ``root``; write and return
     the verdict.
@@ -93,6 +94,8 @@ def validate_run(
         Parsl apps on the site's executors); None runs each here, one after another.
     campaign
         Settings to validate with; default the run's own (``campaign.json``).
+    version
+        The ensemble version to check; default the newest.
 
     Returns
     -------
@@ -115,8 +118,13 @@ def validate_run(
             f"{run.root} has no published ensemble to validate: run the campaign until "
             "it publishes one (models/ensemble.v*.pt)"
         )
+    if version is not None and version not in dict(ensembles):
+        raise RunDirectoryError(
+            f"{run.root} has no ensemble version {version}: it has versions "
+            f"{ensembles[0][0]} to {ensembles[-1][0]}"
+        )
     campaign = campaign or campaign_from_dict(run.read_json(CAMPAIGN_FILE), str(run.root))
-    version, checkpoint = ensembles[-1]
+    version, checkpoint = (version, dict(ensembles)[version]) if version else ensembles[-1]
     check = campaign.validate
     t0 = time.time()
     out = run.root / "validate"
