@@ -2,6 +2,8 @@
 failure rules and the drift; a deliberately under-trained ensemble fails where a
 trained one passes; bad input is refused with nothing created."""
 
+import json
+
 import numpy as np
 import pytest
 from ase.build import molecule
@@ -9,7 +11,7 @@ from ase.build import molecule
 from palflow.apps.validate import energy_drift, failure_of
 from palflow.pipeline.cli import main
 from palflow.pipeline.state.rundir import RunDirectory
-from tests.test_coordinator import small_campaign
+from tests.test_coordinator import run_campaign, small_campaign
 
 LIMITS = {"max_spread": 1.0, "min_distance": 0.5}
 
