@@ -198,6 +198,12 @@ CASES = {
         lambda d: campaign(d, '[selection]\nmeasure = "random"\n[stop]\naccurate_ratio = 0.9\n'),
         "the random measure has none",
     ),
+    "accurate-ratio stop with a percentile threshold": (
+        lambda d: campaign(
+            d, '[selection]\nthreshold_mode = "percentile"\n[stop]\naccurate_ratio = 0.9\n'
+        ),
+        "a percentile threshold moves with the scores",
+    ),
     "accurate-ratio stop with a zero threshold": (
         lambda d: campaign(d, "[selection]\nthreshold = 0.0\n[stop]\naccurate_ratio = 0.9\n"),
         "no frame is ever accurate",

@@ -236,6 +236,12 @@ def check_convergence_settings(campaign) -> None:
                 "stop.accurate_ratio needs a lower trust level, and the random measure has "
                 "none: choose an uncertainty measure, or stop on another rule"
             )
+        if selection.threshold_mode == "percentile":
+            raise SettingsError(
+                "stop.accurate_ratio needs a lower trust level that stays put, and a "
+                "percentile threshold moves with the scores (a fixed share of frames always "
+                "lies below it): use a fixed or calibrated threshold"
+            )
         if selection.threshold_mode == "fixed" and selection.threshold == 0:
             raise SettingsError(
                 "stop.accurate_ratio needs a lower trust level above 0: with "
