@@ -87,7 +87,8 @@ def _validate_md(
     settings
         ``duration_ps``, ``timestep_fs``, ``temperature_K``, ``friction``,
         ``record_interval`` (steps), ``min_distance`` (Å), ``max_spread`` (eV/Å, the
-        upper trust level; 0: none) and ``lower_spread`` (eV/Å, the lower trust level).
+        upper trust level; 0: none) and ``lower_spread`` (eV/Å, the lower trust level;
+        None: no share above it).
     frames_path, failures_path
         Where the recorded frames, and the frames just before each failure, go (extxyz).
     seed
@@ -97,8 +98,9 @@ def _validate_md(
     -------
     dict
         ``runs``: per walker, ``steps``, ``simulated_ps``, ``time_to_failure_ps`` (None
-        when it ran the whole duration), ``failure`` (why, or None), ``frames``,
-        ``share_above_lower`` and ``share_above_upper``, and for NVE
+        when it ran the whole duration), ``failure`` (why, or None), ``frames``
+        (recorded), ``share_above_lower`` and ``share_above_upper`` (of the frames
+        checked every ``record_interval`` steps, the failing one included), and for NVE
         ``drift_meV_per_atom_ps`` and ``max_deviation_meV_per_atom``; the ensemble
         ``version``; the paths; and where and when the task ran.
     """
@@ -126,7 +128,7 @@ def _validate_md(
     interval = settings["record_interval"]
     dt_ps = settings["timestep_fs"] / 1000
     runs = [
-        {"steps": 0, "failure": None, "time_ps": [], "energy": [], "spread": [], "frames": []}
+        {"steps": 0, "failure": None, "time_ps": [], "energy": [], "frames": [], "checked": []}
         for _ in walkers
     ]
     recorded: list[Atoms] = []
@@ -138,6 +140,8 @@ def _validate_md(
         run["failure"] = failure_of(
             atoms, potential, evaluation.forces, evaluation.force_disagreement, settings
         )
+        if step % interval == 0 or run["failure"]:  # the failing frame counts too
+            run["checked"].append(evaluation.force_disagreement)
         if run["failure"] is None and step % interval == 0:
             frame = atoms.copy()
             frame.info.update(
@@ -146,7 +150,6 @@ def _validate_md(
             run["frames"].append(frame)
             run["time_ps"].append(step * dt_ps)
             run["energy"].append((potential + atoms.get_kinetic_energy()) / len(atoms))
-            run["spread"].append(evaluation.force_disagreement)
         run["steps"] = step
         return run["failure"] is None
 
@@ -161,19 +164,19 @@ def _validate_md(
         recorded.extend(run["frames"])
         if run["failure"]:
             before_failure.extend(run["frames"][-KEPT_BEFORE_FAILURE:])
-        spread = np.asarray(run["spread"], dtype=float)
+        # Every checked frame's spread: the recorded ones, and the one that failed.
+        spread = np.nan_to_num(np.asarray(run["checked"], dtype=float), nan=np.inf)
+        lower, upper = settings["lower_spread"], settings["max_spread"]
         result: dict[str, Any] = {
             "start_path": start_paths[i],
             "steps": run["steps"],
             "simulated_ps": run["steps"] * dt_ps,
             "time_to_failure_ps": run["steps"] * dt_ps if run["failure"] else None,
             "failure": run["failure"],
-            "frames": len(spread),
-            "share_above_lower": float(np.mean(spread > settings["lower_spread"]))
-            if len(spread) else None,
-            "share_above_upper": float(np.mean(spread > settings["max_spread"]))
-            if len(spread) and settings["max_spread"] else None,
-        }  # fmt: skip
+            "frames": len(run["frames"]),
+            "share_above_lower": float(np.mean(spread > lower)) if len(spread) and lower else None,
+            "share_above_upper": float(np.mean(spread > upper)) if len(spread) and upper else None,
+        }
         if ensemble == "nve":
             drift, deviation = energy_drift(np.asarray(run["time_ps"]), np.asarray(run["energy"]))
             result.update(drift_meV_per_atom_ps=drift, max_deviation_meV_per_atom=deviation)

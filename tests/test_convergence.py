@@ -52,9 +52,13 @@ def test_the_accurate_ratio_must_hold_on_a_full_window_at_versions_in_a_row():
     exploration.note_version()
     assert exploration.streak == 0
 
-    for _ in range(2):
+    exploration.add("main", good)  # window: bad, good -> 0.7 again
+    exploration.note_version()
+    assert exploration.streak == 0
+    for streak in (1, 2):  # window: good, good
         exploration.add("main", good)
         exploration.note_version()
+        assert exploration.streak == streak
     assert exploration.converged
     assert "accurate ratio >= 0.8" in exploration.reason()
 

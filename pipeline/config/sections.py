@@ -215,7 +215,9 @@ class ValidateSettings(_Section):
     after_campaign: bool = False
     """Run the check once the campaign stops, on the site's generator executor; its
     verdict goes to ``validate.json``, the report and the exit status."""
-    ensembles: list[Literal["nve", "nvt"]] = Field(default_factory=lambda: ["nve", "nvt"])
+    ensembles: list[Literal["nve", "nvt"]] = Field(
+        default_factory=lambda: ["nve", "nvt"], min_length=1
+    )
     """Which runs each system gets: ``nve`` (velocity Verlet, for the energy drift)
     and ``nvt`` (Langevin, at the temperature)."""
     duration_ps: float = Field(20.0, gt=0)

@@ -132,19 +132,20 @@ _HINTS = {
 
 def _describe(error: ValidationError, source: str) -> str:
     problems = error.errors()
-    if len(problems) == 1 and not problems[0]["loc"]:  # a rule across sections: one line
+    if len(problems) == 1 and not problems[0]["loc"]:  # a rule across sections
         return f"{source}: {problems[0]['msg'].removeprefix('Value error, ')}"
-    lines = [f"{source}: invalid campaign settings"]
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        if item["type"] == "extra_forbidden":
-            lines.append(
-                f"  unknown key '{key}': check its spelling (the README's Campaign settings)"
-            )
-        else:
-            hint = _HINTS.get(item["type"], "")
-            lines.append(f"  '{key}': {item['msg']}{hint} (got {item.get('input')!r})")
-    return "\n".join(lines)
+    lines = [_problem(item) for item in problems]
+    if len(lines) == 1:  # one problem: one line
+        return f"{source}: invalid campaign setting: {lines[0]}"
+    return "\n".join([f"{source}: invalid campaign settings", *(f"  {line}" for line in lines)])
+
+
+def _problem(item: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in item["loc"])
+    if item["type"] == "extra_forbidden":
+        return f"unknown key '{key}': check its spelling (the README's Campaign settings)"
+    hint = _HINTS.get(item["type"], "")
+    return f"'{key}': {item['msg']}{hint} (got {item.get('input')!r})"
 
 
 def campaign_from_dict(data: dict[str, Any], source: str = "<settings>") -> Campaign:

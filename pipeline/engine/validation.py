@@ -9,9 +9,13 @@ per system, goes to ``RUN/validate.json`` (:data:`VALIDATE_FILE`), which the rep
 shows; the frames just before each failure go to ``validate/`` as extxyz, for an
 oracle to label before a rerun.
 
-The trust levels are the campaign's: the lower one is the selection threshold, the
-upper one ``selection.upper_threshold`` or, without one, the generator's hard cap
-``generator.max_force_disagreement``.
+The trust levels are compared with the ensemble's largest atomic force spread
+(eV/Å). Where the campaign selects by that spread (``max_force_spread``), they are
+its own: the lower one the selection threshold (with a calibrated threshold, the
+spread at which the newest calibration expects ``calibration_target``), the upper
+one ``selection.upper_threshold``. Otherwise there is no lower one, and the upper one
+is the generator's hard cap ``generator.max_force_disagreement``, as it is wherever
+``upper_threshold`` is 0.
 """
 
 from __future__ import annotations
@@ -39,10 +43,31 @@ def starts_of(run: RunDirectory, system: str, count: int) -> list[str]:
     return [homes[i % len(homes)] for i in range(count)]
 
 
-def md_settings(campaign: Campaign, system_name: str) -> dict[str, Any]:
+def trust_levels(
+    campaign: Campaign, system_name: str, calibration: float | None = None
+) -> tuple[float | None, float]:
+    """The lower (None: none) and upper trust levels of the force spread, eV/Å (see the
+    module's description); ``calibration`` is the run's newest, for a calibrated
+    threshold."""
+    selection, generator = campaign.selection, campaign.generator
+    if selection.measure != "max_force_spread":  # the levels are in the measure's units
+        return None, generator.max_force_disagreement
+    system = campaign.system_named(system_name)
+    lower = system.threshold or selection.threshold
+    if selection.threshold_mode == "calibrated" and calibration:
+        lower = selection.calibration_target / calibration
+    elif selection.threshold_mode == "percentile":
+        lower = None
+    return lower, selection.upper_threshold or generator.max_force_disagreement
+
+
+def md_settings(
+    campaign: Campaign, system_name: str, calibration: float | None = None
+) -> dict[str, Any]:
     """What :func:`palflow.apps.validate._validate_md` needs for one system."""
     check, generator = campaign.validate, campaign.generator
     system = campaign.system_named(system_name)
+    lower, upper = trust_levels(campaign, system_name, calibration)
     temperature = (
         check.temperature_K or (system.temperatures_K or [None])[0] or generator.temperature_K
     )
@@ -53,9 +78,20 @@ def md_settings(campaign: Campaign, system_name: str) -> dict[str, Any]:
         "friction": generator.friction,
         "record_interval": check.record_interval,
         "min_distance": check.min_distance,
-        "max_spread": campaign.selection.upper_threshold or generator.max_force_disagreement,
-        "lower_spread": system.threshold or campaign.selection.threshold,
+        "max_spread": upper,
+        "lower_spread": lower,
     }
+
+
+def newest_calibration(run: RunDirectory, version: int) -> float | None:
+    """The calibration (force error per unit spread) the run recorded at or before
+    ``version``, or None."""
+    from palflow.pipeline.state.rundir import METRICS_FILE
+
+    rows = [
+        r for r in run.read_jsonl(METRICS_FILE) if r.get("calibration") and r["version"] <= version
+    ]
+    return max(rows, key=lambda r: r["version"])["calibration"] if rows else None
 
 
 def judge(campaign: Campaign, system: str, results: list[dict[str, Any]]) -> list[str]:
@@ -125,13 +161,14 @@ def validate_run(
         )
     campaign = campaign or campaign_from_dict(run.read_json(CAMPAIGN_FILE), str(run.root))
     version, checkpoint = (version, dict(ensembles)[version]) if version else ensembles[-1]
+    calibration = newest_calibration(run, version)
     check = campaign.validate
     t0 = time.time()
     out = run.root / "validate"
     out.mkdir(exist_ok=True)
     pending: list[tuple[str, Any]] = []
     for system in campaign.all_systems():
-        settings = md_settings(campaign, system.name)
+        settings = md_settings(campaign, system.name, calibration)
         for ensemble in check.ensembles:
             stem = f"{system.name}.{ensemble}"
             kwargs = dict(
@@ -173,7 +210,9 @@ def validate_run(
         "systems": systems,
         "settings": check.model_dump(),
         "trust_levels": {
-            name: {k: md_settings(campaign, name)[k] for k in ("lower_spread", "max_spread")}
+            name: dict(
+                zip(("lower", "upper"), trust_levels(campaign, name, calibration), strict=True)
+            )
             for name in systems
         },
         "wall_s": time.time() - t0,
