@@ -15,6 +15,10 @@ every seed, interleaved, on one site, under one label cap (``--labels``):
 - ``accurate``: no held-out set (``test.n_structures = 0``) and a stop on the
   accurate ratio ``--accurate`` (``--window`` segments, ``--versions`` in a row).
 
+The final ensembles of ``--md-rules`` (default: the budget rule, today's default
+campaign) then run ``--md-ps`` of NVE per system (``palflow validate``): passed
+means no failure and a drift of at most 1 meV/atom/ps.
+
 Every oracle call counts: active and initial labels, failed labels, and the
 held-out set's MD steps. The final ensemble of every run is then scored on an
 independent set, labelled once by this script from its own MD and never seen by any
@@ -74,6 +78,31 @@ def oracle_calls(summary: dict, campaign) -> int:
     return summary["labels"] + summary["initial_labels"] + summary["oracle_failures"] + reference
 
 
+STOPPED_BY = {"budget": "label budget", "test_mae": "test force MAE", "accurate": "accurate ratio"}
+"""How each rule's own stop reason begins (``stopping.py``, ``convergence.py``)."""
+
+
+def md_check(root: Path, campaign, args) -> dict:
+    """The issue's MD check of a run's final ensemble: ``--md-ps`` of NVE per system
+    (``palflow validate``, here on this process)."""
+    from palflow.pipeline.engine.validation import validate_run
+
+    check = campaign.validate.model_copy(update={"ensembles": ["nve"], "duration_ps": args.md_ps})
+    verdict = validate_run(root, campaign=campaign.model_copy(update={"validate": check}))
+    runs = [
+        run
+        for system in verdict["systems"].values()
+        for result in system["results"]
+        for run in result["runs"]
+    ]
+    return {
+        "md_passed": verdict["passed"],
+        "md_reasons": [r for s in verdict["systems"].values() for r in s["reasons"]],
+        "md_simulated_ps": min(run["simulated_ps"] for run in runs),
+        "md_drift_meV_per_atom_ps": max(abs(run["drift_meV_per_atom_ps"]) for run in runs),
+    }
+
+
 def run_rule(rule: str, seed: int, args, site, work: Path, independent: str) -> dict:
     from palflow.apps.inference import _evaluate_test
     from palflow.pipeline.config.settings import load_campaign
@@ -85,7 +114,9 @@ def run_rule(rule: str, seed: int, args, site, work: Path, independent: str) -> 
     summary = run_on_site(Coordinator, campaign, root, site)
     ensembles = RunDirectory(root).ensembles()
     final = _evaluate_test(str(ensembles[-1][1]), independent) if ensembles else None
+    checked = md_check(root, campaign, args) if rule in args.md_rules and ensembles else {}
     return {
+        **checked,
         "rule": rule,
         "seed": seed,
         "stop_reason": summary["stop_reason"],
@@ -120,6 +151,10 @@ def analyse(runs: list[dict], target: float | None) -> dict:
             "median_wall_s": _median([r["wall_s"] for r in mine]),
             "median_final_force_mae": _median(errors) if errors else None,
         }
+        checked = [r for r in mine if "md_passed" in r]
+        if checked:
+            rows[rule]["md_passed"] = sum(r["md_passed"] for r in checked)
+            rows[rule]["md_checked"] = len(checked)
         if rule != "test_mae":
             rows[rule]["calls_over_test_mae"] = compare(
                 {s: _get(by, rule, s, "oracle_calls") for s in seeds},
@@ -175,6 +210,11 @@ def print_table(table: dict) -> None:
         ("final MAE", ">10", cell("median_final_force_mae", ".4f")),
         ("calls / test_mae [95%]", ">24", ratio_cell("calls_over_test_mae")),
         ("error / test_mae [95%]", ">24", ratio_cell("error_over_test_mae")),
+        (
+            "MD check",
+            ">9",
+            lambda r: f"{r['md_passed']}/{r['md_checked']}" if "md_passed" in r else "-",
+        ),
     ]
     common.print_table(columns, named(table["rows"]))
     goal = table.get("goal")
@@ -209,10 +249,6 @@ class Convergence(common.CampaignBenchmark):
     analysis, report, plot = staticmethod(analyse), staticmethod(print_table), staticmethod(plot)
     name, prefix, finite = "convergence", "palflow-convergence-", True
     defaults = {"labels": 200, "max_wall": 900.0, "campaign_help": common.ETHANOL}
-    line = (
-        "{rule:<9} seed {seed}: {labels} labels, {oracle_calls} oracle calls in {wall_s:.0f} s, "
-        "final MAE {final_force_mae:.4f} eV/Å ({stop_reason})"
-    )
     recorded = ("site", "labels", "seeds", "campaign")
 
     def arguments(self, parser) -> None:
@@ -224,6 +260,10 @@ class Convergence(common.CampaignBenchmark):
         option("--versions", type=int, default=3, help="versions in a row")
         option("--campaign-test", type=int, default=32, help="held-out frames a campaign labels")
         option("--final-training-s", type=float, default=30.0)
+        option("--md-ps", type=float, default=20.0, help="NVE MD check per final ensemble, ps")
+        option("--md-rules", nargs="*", default=["budget"], choices=RULES,
+               help="rules whose final ensembles get the MD check (default: the default "
+               "campaign's budget rule)")  # fmt: skip
 
     def protocol(self, args) -> dict:
         return {
@@ -236,6 +276,7 @@ class Convergence(common.CampaignBenchmark):
             "campaign_test_structures": args.campaign_test,
             "independent_set": args.test_structures,
             "goal": f"accurate: error <= {GOAL_ERROR}x and oracle calls <= {GOAL_CALLS}x test_mae",
+            "md_check": {"ps": args.md_ps, "rules": args.md_rules, "goal": "9 of 10 pass"},
         }
 
     def variants(self, args, seed: int, runs: list[dict]) -> list[str]:
@@ -244,7 +285,21 @@ class Convergence(common.CampaignBenchmark):
         return args.rules[shift:] + args.rules[:shift]
 
     def run(self, args, site, work: Path, variant: str, seed: int) -> dict:
-        return run_rule(variant, seed, args, site, work, self.test_file)
+        # The independent set as the npz that held_out_set writes beside its extxyz.
+        independent = str(Path(self.test_file).with_suffix(".npz"))
+        return run_rule(variant, seed, args, site, work, independent)
+
+    def describe(self, run: dict) -> str:
+        error = run["final_force_mae"]
+        md = ""
+        if "md_passed" in run:
+            md = f", MD check {'passed' if run['md_passed'] else 'FAILED'}"
+        return (
+            f"{run['rule']:<9} seed {run['seed']}: {run['labels']} labels, "
+            f"{run['oracle_calls']} oracle calls in {run['wall_s']:.0f} s, final MAE "
+            + (f"{error:.4f} eV/Å" if error is not None else "none (no ensemble)")
+            + f"{md} ({run['stop_reason']})"
+        )
 
 
 if __name__ == "__main__":

@@ -296,14 +296,11 @@ def calibration_of(run: RunDirectory, version: int) -> dict[str, Any] | None:
     """How the run calibrated ``version``'s spread (the newest fit at or before it):
     ``force_error_per_spread``, the ``version`` it was fitted at, and the validation
     ``frames`` it was fitted on; None when the run fitted none."""
-    rows = [
-        row
-        for row in run.read_jsonl(METRICS_FILE)
-        if row.get("calibration") and row.get("version", 0) <= version
-    ]
-    if not rows:
+    from palflow.pipeline.engine.validation import calibration_row
+
+    row = calibration_row(run, version)
+    if row is None:
         return None
-    row = max(rows, key=lambda r: r["version"])
     return {
         "force_error_per_spread": float(row["calibration"]),
         "version": int(row["version"]),

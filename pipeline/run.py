@@ -357,13 +357,17 @@ def validate_after(campaign, run, summary: dict) -> None:
     from palflow import apps
     from palflow.pipeline.engine.validation import summary_lines, validate_run
 
-    verdict = validate_run(run.root, apps=apps, campaign=campaign)
-    lines = summary_lines(verdict)
-    summary["validate"] = {"passed": verdict["passed"], "lines": lines}
-    if not verdict["passed"]:
+    try:
+        verdict = validate_run(run.root, apps=apps, campaign=campaign)
+    except Exception as error:  # the campaign's files stay; the check's failure fails it
+        logger.exception("the MD check could not run")
+        summary["validate"] = {"passed": False, "lines": [f"could not run: {one_line(error)}"]}
+    else:
+        summary["validate"] = {"passed": verdict["passed"], "lines": summary_lines(verdict)}
+    if not summary["validate"]["passed"]:
         summary.update(
             failed=True,
-            failure="the MD check failed: " + " | ".join(lines),
+            failure="the MD check failed: " + " | ".join(summary["validate"]["lines"]),
             exit_status=1,
         )
     run.write_json(SUMMARY_FILE, summary)
@@ -397,6 +401,8 @@ def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dic
                 summaries[index] = coordinator.run()
             finally:
                 finish_watching(coordinator, run, view, refresher)
+            if campaign.validate.after_campaign and not summaries[index]["failed"]:
+                validate_after(campaign, run, summaries[index])
         except Exception as error:  # the traceback goes to the run's log; the others go on
             reasons[index] = log_failure(campaign, run, error)
 

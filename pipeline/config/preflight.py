@@ -223,12 +223,12 @@ def check_convergence_settings(campaign) -> None:
                 "stop.target_force_mae needs a held-out set, and test.n_structures = 0 "
                 "labels none: stop on stop.accurate_ratio instead, or label a test set"
             )
-        with_file = [s.name for s in campaign.all_systems() if s.test_file]
-        if with_file:
+        without = [s.name for s in campaign.all_systems() if not s.test_file]
+        if len(without) < len(campaign.all_systems()):  # some systems give a test_file
             raise SettingsError(
-                f"system {with_file[0]!r} gives a test_file, but test.n_structures = 0 "
-                "labels no held-out set for the others: set test.n_structures, or give "
-                "test.file"
+                f"system {without[0]!r} gives no test_file, and test.n_structures = 0 "
+                "labels no held-out frames for it: give every system a test_file, or set "
+                "test.n_structures"
             )
     if stop.accurate_ratio:
         if selection.measure == "random":
@@ -242,11 +242,13 @@ def check_convergence_settings(campaign) -> None:
                 "percentile threshold moves with the scores (a fixed share of frames always "
                 "lies below it): use a fixed or calibrated threshold"
             )
-        if selection.threshold_mode == "fixed" and selection.threshold == 0:
-            raise SettingsError(
-                "stop.accurate_ratio needs a lower trust level above 0: with "
-                "selection.threshold = 0 no frame is ever accurate; raise the threshold"
-            )
+        for system in campaign.all_systems():
+            lower = system.threshold if system.threshold is not None else selection.threshold
+            if selection.threshold_mode == "fixed" and lower == 0:
+                raise SettingsError(
+                    "stop.accurate_ratio needs a lower trust level above 0: with "
+                    "selection.threshold = 0 no frame is ever accurate; raise the threshold"
+                )
     if selection.threshold_mode == "calibrated" and campaign.training.validation_fraction == 0:
         raise SettingsError(
             "selection.threshold_mode = 'calibrated' is fitted on validation labels, and "

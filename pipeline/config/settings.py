@@ -100,8 +100,13 @@ class Campaign(_Section):
 
     @property
     def has_test_set(self) -> bool:
-        """Whether the campaign labels (or reads) a held-out test set."""
-        return bool(self.test.file) or self.test.n_structures > 0
+        """Whether the campaign labels (or reads) a held-out test set: ``test.file``,
+        ``test.n_structures`` above 0, or every system's own ``test_file``."""
+        return (
+            bool(self.test.file)
+            or self.test.n_structures > 0
+            or all(system.test_file for system in self.all_systems())
+        )
 
     def all_systems(self) -> list[SystemSettings]:
         """The campaign's systems: ``[[systems]]``, or the one ``[system]``."""

@@ -83,15 +83,21 @@ def md_settings(
     }
 
 
-def newest_calibration(run: RunDirectory, version: int) -> float | None:
-    """The calibration (force error per unit spread) the run recorded at or before
-    ``version``, or None."""
+def calibration_row(run: RunDirectory, version: int) -> dict[str, Any] | None:
+    """The row of ``metrics.jsonl`` with the newest calibration at or before
+    ``version``, or None where the run fitted none."""
     from palflow.pipeline.state.rundir import METRICS_FILE
 
     rows = [
         r for r in run.read_jsonl(METRICS_FILE) if r.get("calibration") and r["version"] <= version
     ]
-    return max(rows, key=lambda r: r["version"])["calibration"] if rows else None
+    return max(rows, key=lambda r: r["version"]) if rows else None
+
+
+def newest_calibration(run: RunDirectory, version: int) -> float | None:
+    """The calibration (force error per unit spread) at or before ``version``, or None."""
+    row = calibration_row(run, version)
+    return row["calibration"] if row else None
 
 
 def judge(campaign: Campaign, system: str, results: list[dict[str, Any]]) -> list[str]:
@@ -228,7 +234,9 @@ def production_error(
 ) -> dict[str, Any]:
     """Label ``validate.label_frames`` frames of the check's runs (evenly spaced over
     all that were recorded) with the campaign's oracle, and score the ensemble on them:
-    the error in production, beside the test error.
+    the error in production, beside the test error. The oracle runs where the site
+    runs it, as one task without the site's MPI resource specification: an MPI
+    oracle labels these frames with one rank.
 
     Returns
     -------
@@ -241,7 +249,8 @@ def production_error(
     from ase.io import read
 
     from palflow.apps.contracts import CalculatorSpec
-    from palflow.apps.data.dataset import write_dataset
+    from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
+    from palflow.apps.oracles.calculators import OK
 
     frames = [
         atoms
@@ -273,8 +282,13 @@ def production_error(
     failed = len(labelled["failures"])
     if not labelled["n_ok"]:
         return {**empty, "failed": failed}
+    # Only the frames the oracle labelled are scored (a failed one keeps no label).
+    statuses = read_arrays(str(folder / "production.out.npz"))["status"]
+    ok = [a for a, status in zip(read_dataset(str(folder / "production.out.npz")), statuses,
+                                 strict=True) if str(status) == OK]  # fmt: skip
+    write_dataset(str(folder / "production.labelled.npz"), ok)
     errors = apps.evaluate_test(
-        ensemble_path=checkpoint, test_path=str(folder / "production.out.npz")
+        ensemble_path=checkpoint, test_path=str(folder / "production.labelled.npz")
     ).result()
     return {
         "frames": labelled["n_ok"],

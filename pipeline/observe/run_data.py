@@ -72,7 +72,8 @@ class RunData:
         self.t1 = max([e.get("returned", self.t0) for e in self.events] or [self.t0])
 
     def learning_curve(self) -> list[dict[str, Any]]:
-        """The ensemble versions that have a test error, oldest first, one dict each.
+        """The ensemble versions that have a test or a validation error, oldest first,
+        one dict each.
 
         Keys: ``version``, ``labels``, ``wall_s`` (NaN when not recorded), the test
         errors ``force_mae`` (eV/Å) and ``energy_mae`` (meV/atom), the validation
@@ -83,14 +84,14 @@ class RunData:
         """
         points = []
         for index, row in enumerate(self.metrics):
-            if row.get("force_mae") is None:
+            if row.get("force_mae") is None and row.get("val_force_mae") is None:
                 continue
             points.append(
                 {
                     "version": row.get("version", index),
                     "labels": row.get("labels", 0),
                     "wall_s": _number(row.get("wall_s"), np.nan),
-                    "force_mae": row["force_mae"],
+                    "force_mae": row.get("force_mae"),
                     "energy_mae": _milli(row.get("energy_mae_per_atom")),
                     "val_force_mae": _number(row.get("val_force_mae")),
                     "val_energy_mae": _milli(row.get("val_energy_mae_per_atom")),
