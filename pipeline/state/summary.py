@@ -54,7 +54,7 @@ class CampaignSummary:
             "versions": len(self.versions),
             "has_test_set": self.campaign.has_test_set,
             "test_force_mae": [[e["labels"], e["wall_s"], e["force_mae"]] for e in errors],
-            "test_errors": rows,
+            "test_errors": errors,
             # Without a held-out set, these say how far the campaign got.
             "validation_force_mae": newest.get("validation_force_mae"),
             "exploration": newest.get("exploration"),

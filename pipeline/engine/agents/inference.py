@@ -141,6 +141,31 @@ class InferenceAgent:
             len(context.queue),
         )
 
+    @staticmethod
+    def _version_fields(version: Version) -> dict[str, Any]:
+        """What a version's row records of the version itself."""
+        return {
+            "wall_s": version.wall_s,
+            "val_force_mae": version.val_force_mae,
+            "val_energy_mae_per_atom": version.val_energy_mae_per_atom,
+            "held_back": version.held_back,
+            "n_validation": version.n_validation,
+            "exploration": version.exploration,
+        }
+
+    def _record_skipped(self, version: Version) -> None:
+        """A row, without evaluation, for each version published since the last row
+        and before ``version`` (the inference slot was busy when they were newest), so
+        that every version's exploration ratios are in ``metrics.jsonl``."""
+        state = self.context.state
+        last = max((row["version"] for row in state.test_errors), default=0)
+        for skipped in state.versions:
+            if last < skipped.number < version.number:
+                record = {"version": skipped.number, "labels": skipped.n_labels, "force_mae": None}
+                record.update(self._version_fields(skipped), evaluated=False)
+                self.context.run.append_jsonl(METRICS_FILE, record)
+                state.record_test_error(skipped, {}, record)
+
     def per_system(self, evaluation) -> dict[str, dict[str, Any]]:
         """The standard metrics of each system's held-out frames, when the held-out
         set tags its frames with systems (several systems, labelled by palflow)."""
@@ -168,6 +193,7 @@ class InferenceAgent:
 
     def _record_errors(self, version: Version, result: dict[str, Any]) -> None:
         context = self.context
+        self._record_skipped(version)
         has_test = result.get("force_mae") is not None
         validation = result.get("validation")
         if has_test:
@@ -179,14 +205,7 @@ class InferenceAgent:
             record["reliability_test"] = reliability(evaluation)
         else:
             record = {"version": version.number, "labels": version.n_labels, "force_mae": None}
-        record["wall_s"] = version.wall_s
-        record.update(
-            val_force_mae=version.val_force_mae,
-            val_energy_mae_per_atom=version.val_energy_mae_per_atom,
-            held_back=version.held_back,
-            n_validation=version.n_validation,
-            exploration=version.exploration,
-        )
+        record.update(self._version_fields(version))
         if validation is not None:
             checked = evaluation_from_result(validation, version.number, version.n_labels)
             context.selector.calibrate(checked)
