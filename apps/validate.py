@@ -154,11 +154,18 @@ def _validate_md(
         return run["failure"] is None
 
     active = [i for i in range(len(walkers)) if check(i, 0)]
+    tenth = max(n_steps // 10, 1)
     for step in range(1, n_steps + 1):
         if not active:
             break
         dynamics.step(active)
         active = [i for i in active if check(i, step)]
+        if step % tenth == 0:  # progress, in this process's log (a worker's, on a site)
+            logger.info(
+                "%s: %.1f of %.1f ps, %d of %d walkers running, %.0f s",
+                ensemble.upper(), step * dt_ps, n_steps * dt_ps, len(active), len(walkers),
+                time.time() - t_start,
+            )  # fmt: skip
     results = []
     for i, run in enumerate(runs):
         recorded.extend(run["frames"])
