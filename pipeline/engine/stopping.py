@@ -12,6 +12,7 @@ last version is evaluated.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from palflow.pipeline.config.settings import Campaign
@@ -63,12 +64,16 @@ class StopPolicy:
             and now - state.t0 < stop.max_wall_s
         )
 
-    def note_version(self, version: Version) -> None:
-        """Take the exploration ratios at a new version; stop once the accurate ratio
+    def note_version(self, version: Version) -> Version:
+        """Take the exploration ratios at a new version (returned with them; it
+        replaces the newest of ``state.versions``), and stop once the accurate ratio
         has held at ``stop.accurate_versions`` versions in a row."""
-        version.exploration = self.exploration.note_version()
+        version = replace(version, exploration=self.exploration.note_version())
+        if self.state.versions and self.state.versions[-1].number == version.number:
+            self.state.versions[-1] = version
         if self.exploration.converged and not self.stopping:
             self.state.request_stop(self.exploration.reason())
+        return version
 
     def note_test_error(self, force_mae: float) -> None:
         """Stop once the held-out force MAE reaches ``stop.target_force_mae``."""

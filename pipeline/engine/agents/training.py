@@ -96,7 +96,7 @@ class TrainingAgent:
         has); the stop policy takes the exploration ratios at it."""
         version = self.context.state.maybe_publish_version(final=final)
         if version is not None:
-            self.context.policy.note_version(version)
+            version = self.context.policy.note_version(version)
             logger.info("ensemble v%d published (%d labels)", version.number, version.n_labels)
         return version
 
