@@ -29,6 +29,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from palflow.apps.common import draw_velocities, where_and_when
+from palflow.apps.md.dynamics import BatchedDynamics
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,6 @@ def _validate_md(
     """
     import torch
 
-    from palflow.apps.md.dynamics import BatchedDynamics
     from palflow.apps.models.core import default_device, load_checkpoint
 
     t_start = time.time()

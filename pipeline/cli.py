@@ -26,9 +26,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from palflow import apps
 from palflow.apps.contracts import MODULES, failure_counts
 from palflow.apps.errors import InputError
 from palflow.pipeline import run
+from palflow.pipeline.config.sites import load_site
+from palflow.pipeline.engine.validation import calibration_row, summary_lines, validate_run
 from palflow.pipeline.observe.report import build_report
 from palflow.pipeline.observe.run_data import run_status
 from palflow.pipeline.state import run_files
@@ -296,8 +299,6 @@ def calibration_of(run: RunDirectory, version: int) -> dict[str, Any] | None:
     """How the run calibrated ``version``'s spread (the newest fit at or before it):
     ``force_error_per_spread``, the ``version`` it was fitted at, and the validation
     ``frames`` it was fitted on; None when the run fitted none."""
-    from palflow.pipeline.engine.validation import calibration_row
-
     row = calibration_row(run, version)
     if row is None:
         return None
@@ -393,8 +394,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from palflow.pipeline.engine.validation import summary_lines, validate_run
-
     run = RunDirectory.open(args.run_dir)
     if not run.ensembles():  # before any site is loaded: nothing created
         raise RunDirectoryError(
@@ -412,9 +411,6 @@ def _validate(args: argparse.Namespace) -> int:
         verdict = validate_run(args.run_dir, version=args.version)
     else:
         import parsl
-
-        from palflow import apps
-        from palflow.pipeline.config.sites import load_site
 
         site = load_site(args.site)
         site.config.run_dir = str(run.root / "validate" / "parsl")

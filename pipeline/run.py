@@ -50,11 +50,13 @@ if __name__ == "__main__" and importlib.util.find_spec("palflow") is None:
     sys.exit(2)
 
 # palflow's own modules, once the path above is right.
+from palflow import apps  # noqa: E402
 from palflow.apps.errors import InputError  # noqa: E402
 from palflow.pipeline.config.preflight import check_calculator, check_campaign, check_run_path  # noqa: E402
 from palflow.pipeline.config.settings import campaign_from_dict, load_campaign  # noqa: E402
 from palflow.pipeline.config.sites import load_site  # noqa: E402
 from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
+from palflow.pipeline.engine.validation import summary_lines, validate_run  # noqa: E402
 from palflow.pipeline.observe.live import LiveView, ReportRefresher  # noqa: E402
 from palflow.pipeline.observe.report import build_report  # noqa: E402
 from palflow.pipeline.resume.mend import mend_run  # noqa: E402
@@ -224,7 +226,8 @@ def report(campaign, run, summary: dict | None, reason: str | None = None) -> No
         if ratios.get("accurate") is not None:
             print(
                 f"explored frames, {name}: {ratios['accurate']:.0%} accurate, "
-                f"{ratios['candidate']:.0%} candidate, {ratios['failed']:.0%} failed"
+                f"{ratios['candidate']:.0%} candidate, {ratios['failed']:.0%} beyond the "
+                "upper trust level"
             )
     for line in (summary.get("validate") or {}).get("lines", []):
         print(f"MD check: {line}")
@@ -354,9 +357,6 @@ def execute(campaign, run, site, start, interactive: bool = False) -> dict:
 def validate_after(campaign, run, summary: dict) -> None:
     """The campaign's final stage (``validate.after_campaign``): the MD check of its
     newest ensemble on the site's generator executor; a failed check fails the run."""
-    from palflow import apps
-    from palflow.pipeline.engine.validation import summary_lines, validate_run
-
     try:
         verdict = validate_run(run.root, apps=apps, campaign=campaign)
     except Exception as error:  # the campaign's files stay; the check's failure fails it

@@ -27,8 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from palflow.apps import plain
+from palflow.apps.contracts import CalculatorSpec
+from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
+from palflow.apps.oracles.calculators import OK
 from palflow.pipeline.config.settings import Campaign, campaign_from_dict
-from palflow.pipeline.state.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
+from palflow.pipeline.state.rundir import (
+    CAMPAIGN_FILE,
+    METRICS_FILE,
+    RunDirectory,
+    RunDirectoryError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +95,6 @@ def md_settings(
 def calibration_row(run: RunDirectory, version: int) -> dict[str, Any] | None:
     """The row of ``metrics.jsonl`` with the newest calibration at or before
     ``version``, or None where the run fitted none."""
-    from palflow.pipeline.state.rundir import METRICS_FILE
-
     rows = [
         r for r in run.read_jsonl(METRICS_FILE) if r.get("calibration") and r["version"] <= version
     ]
@@ -248,10 +255,6 @@ def production_error(
     import numpy as np
     from ase.io import read
 
-    from palflow.apps.contracts import CalculatorSpec
-    from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
-    from palflow.apps.oracles.calculators import OK
-
     frames = [
         atoms
         for result in results
@@ -312,8 +315,6 @@ class _Here:
     """The apps :func:`validate_run` needs, run in this process."""
 
     def __getattr__(self, name: str) -> Callable[..., _Done]:
-        from palflow.apps import plain
-
         function = plain(name)
         return lambda **kwargs: _Done(function(**kwargs))
 

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from palflow.pipeline.engine.validation import summary_lines
 from palflow.pipeline.observe.figures import FIGURES, draw
 from palflow.pipeline.observe.run_data import RunData
 from palflow.pipeline.state.rundir import (
@@ -83,8 +84,6 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
     if summary.get("learning_curve_area") is not None:
         facts.append(("learning-curve area", f"{summary['learning_curve_area']:.4f} eV/Å"))
     if data.validation:
-        from palflow.pipeline.engine.validation import summary_lines
-
         for line in summary_lines(data.validation):
             facts.append((f"MD check of v{data.validation['version']}", line))
     first = data.metrics[0] if data.metrics else {}
