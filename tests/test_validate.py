@@ -64,7 +64,7 @@ def test_validation_catches_an_under_trained_ensemble(tmp_path, capsys):
             "validate": campaign.validate.model_copy(
                 update={"duration_ps": 2.0, "timestep_fs": 2.0, "label_frames": 4}
             ),
-            "selection": campaign.selection.model_copy(update={"upper_threshold": 0.5}),
+            "selection": campaign.selection.model_copy(update={"upper_threshold": 1.0}),
         }
     )
     first = validate_run(run.root, campaign=check, version=1)
