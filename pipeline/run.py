@@ -50,19 +50,17 @@ if __name__ == "__main__" and importlib.util.find_spec("palflow") is None:
     sys.exit(2)
 
 # palflow's own modules, once the path above is right.
-from palflow import apps  # noqa: E402
 from palflow.apps.errors import InputError  # noqa: E402
 from palflow.pipeline.config.preflight import check_calculator, check_campaign, check_run_path  # noqa: E402
 from palflow.pipeline.config.settings import campaign_from_dict, load_campaign  # noqa: E402
 from palflow.pipeline.config.sites import load_site  # noqa: E402
 from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
-from palflow.pipeline.engine.validation import summary_lines, validate_run  # noqa: E402
+from palflow.pipeline.engine.final_stage import validate_after  # noqa: E402
 from palflow.pipeline.observe.live import LiveView, ReportRefresher  # noqa: E402
 from palflow.pipeline.observe.report import build_report  # noqa: E402
 from palflow.pipeline.resume.mend import mend_run  # noqa: E402
 from palflow.pipeline.state.rundir import (  # noqa: E402
     CAMPAIGN_FILE,
-    SUMMARY_FILE,
     RunDirectory,
     RunDirectoryError,
 )
@@ -352,29 +350,6 @@ def execute(campaign, run, site, start, interactive: bool = False) -> dict:
         if campaign.validate.after_campaign and not summary["failed"]:
             validate_after(campaign, run, summary)
         return summary
-
-
-def validate_after(campaign, run, summary: dict) -> None:
-    """The campaign's final stage (``validate.after_campaign``): the MD check of its
-    newest ensemble on the site's generator executor; a failed check fails the run."""
-    try:
-        verdict = validate_run(run.root, apps=apps, campaign=campaign)
-    except Exception as error:  # the campaign's files stay; the check's failure fails it
-        logger.exception("the MD check could not run")
-        summary["validate"] = {"passed": False, "lines": [f"could not run: {one_line(error)}"]}
-    else:
-        summary["validate"] = {"passed": verdict["passed"], "lines": summary_lines(verdict)}
-    if not summary["validate"]["passed"]:
-        summary.update(
-            failed=True,
-            failure="the MD check failed: " + " | ".join(summary["validate"]["lines"]),
-            exit_status=1,
-        )
-    run.write_json(SUMMARY_FILE, summary)
-    try:
-        build_report(run.root)  # again, now with the check
-    except Exception:
-        logger.exception("the report could not be rebuilt after the MD check")
 
 
 def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dict | None]:
