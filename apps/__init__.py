@@ -33,6 +33,7 @@ APPS = {
     "score_candidates": App("palflow.apps.inference", "_score_candidates", "infer"),
     "evaluate_test": App("palflow.apps.inference", "_evaluate_test", "infer"),
     "mpi_ranks_check": App("palflow.apps.mpi_check", "_mpi_ranks_check", "oracle"),
+    "validate_md": App("palflow.apps.validate", "_validate_md", "generator"),
 }
 
 __all__ = sorted(APPS)

@@ -215,11 +215,14 @@ class ScoreRequest(Request):
 
 @dataclass(frozen=True)
 class EvaluateRequest(Request):
-    """The held-out errors of one version (:func:`palflow.apps.inference._evaluate_test`)."""
+    """The held-out errors of one version, and its errors on the validation labels
+    (:func:`palflow.apps.inference._evaluate_test`); an empty ``test_path`` for a
+    campaign without a held-out set."""
 
     app: ClassVar[str] = "evaluate_test"
     ensemble_path: str
     test_path: str
+    validation_path: str | None = None
 
 
 REQUESTS = (LabelRequest, ReferenceRequest, MDRequest, TrainRequest, ScoreRequest, EvaluateRequest)

@@ -70,30 +70,51 @@ def _score_candidates(
     }
 
 
-def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None) -> dict[str, Any]:
-    """Errors of the ensemble's mean prediction on the held-out set, and its spread.
+def _evaluate_test(
+    ensemble_path: str,
+    test_path: str = "",
+    device: str | None = None,
+    validation_path: str | None = None,
+) -> dict[str, Any]:
+    """Errors of the ensemble's mean prediction on the held-out set, and its spread;
+    and the same on the validation labels, for calibration.
 
     Returns
     -------
     dict
-        ``force_mae`` and ``force_rmse`` (eV/Å, over force components),
-        ``energy_mae_per_atom`` and ``energy_rmse_per_atom`` (eV/atom); per structure,
-        as lists: ``structure_force_error`` (mean absolute force error, eV/Å),
+        For the held-out set ``test_path`` (absent when it is empty): ``force_mae``
+        and ``force_rmse`` (eV/Å, over force components), ``energy_mae_per_atom`` and
+        ``energy_rmse_per_atom`` (eV/atom); per structure, as lists:
+        ``structure_force_error`` (mean absolute force error, eV/Å),
         ``structure_force_spread`` (largest atomic force spread, eV/Å) and
         ``structure_energy_error`` (signed, eV/atom); ``stress_mae`` (eV/Å³, over the
         stress components of the held-out structures with a stress label; None when
-        none has one); the ensemble ``version``; and where and when the task ran.
+        none has one). ``validation``: the same keys for ``validation_path``, or None.
+        Then the ensemble ``version``, and where and when the task ran.
     """
     import torch
 
-    from palflow.apps.models.calculator import predict_structures
     from palflow.apps.models.core import default_device, load_checkpoint
 
     t_start = time.time()
     torch.set_num_threads(1)
     device = device or default_device()
     model, extra = load_checkpoint(ensemble_path, device=device)
-    structures = read_dataset(test_path)
+    result = _errors(model, read_dataset(test_path), device) if test_path else {}
+    validation = _errors(model, read_dataset(validation_path), device) if validation_path else None
+    return {
+        **result,
+        "validation": validation,
+        "version": int(extra.get("version", -1)),
+        **where_and_when(t_start),
+    }
+
+
+def _errors(model, structures: list, device: str) -> dict[str, Any]:
+    """The errors of ``model``'s mean prediction on labelled ``structures`` (the keys
+    of :func:`_evaluate_test`)."""
+    from palflow.apps.models.calculator import predict_structures
+
     predicted = predict_structures(model, structures, device=device)
     force_abs, force_sq, energy_error = [], [], []
     for index, atoms in enumerate(structures):
@@ -120,6 +141,4 @@ def _evaluate_test(ensemble_path: str, test_path: str, device: str | None = None
         "structure_force_error": force_abs.tolist(),
         "structure_force_spread": np.asarray(predicted["force_disagreement"]).tolist(),
         "structure_energy_error": energy_error.tolist(),
-        "version": int(extra.get("version", -1)),
-        **where_and_when(t_start),
     }

@@ -428,7 +428,11 @@ CURVE_KEYS = (
 
 def read_run(run_dir: Path) -> dict:
     """The learning curve and the training tasks of a run directory."""
-    metrics = sorted(read_jsonl(run_dir / "metrics.jsonl"), key=lambda row: row["version"])
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    # Rows of versions the inference slot skipped (``evaluated`` false) hold no errors.
+    metrics = sorted(
+        (row for row in rows if row.get("evaluated", True)), key=lambda row: row["version"]
+    )
     curve = [{key: row.get(key) for key in CURVE_KEYS} for row in metrics]
     train = [e for e in read_jsonl(run_dir / "events.jsonl") if e.get("kind") == "train"]
     unusable = {e.get("task") for e in train if not e.get("ok")}

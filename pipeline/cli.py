@@ -19,19 +19,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from palflow import apps
 from palflow.apps.contracts import MODULES, failure_counts
 from palflow.apps.errors import InputError
 from palflow.pipeline import run
+from palflow.pipeline.config.sites import load_site
+from palflow.pipeline.engine.validation import summary_lines, validate_run
 from palflow.pipeline.observe.report import build_report
 from palflow.pipeline.observe.run_data import run_status
 from palflow.pipeline.state import run_files
+from palflow.pipeline.state.export import (  # noqa: F401 (the export command's names)
+    EXPORTED_ENSEMBLE,
+    EXPORTED_LABELS,
+    EXPORTED_README,
+    export_run,
+    labelled_frames,
+)
 from palflow.pipeline.state.rundir import (
     CAMPAIGN_FILE,
     LABELS_DB,
@@ -43,10 +52,6 @@ from palflow.pipeline.state.rundir import (
 )
 
 logger = logging.getLogger(__name__)
-
-EXPORTED_LABELS = "labels.extxyz"
-EXPORTED_ENSEMBLE = "ensemble.pt"
-EXPORTED_README = "README.txt"
 
 
 # ------------------------------------------------------------------------ status
@@ -84,9 +89,11 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
     reasons = state.get("task_failures", {}).values()
     failures = failure_counts(reasons) if state else summary.get("oracle_failures_by_kind", {})
     ensembles = run.ensembles()
-    errors = run.read_jsonl(METRICS_FILE) or state.get("test_errors", [])
-    latest = max(errors, key=lambda e: e.get("version", 0), default={})
-    stop = campaign.get("stop", {})
+    rows = run.read_jsonl(METRICS_FILE) or state.get("test_errors", [])
+    newest = max(rows, key=lambda e: e.get("version", 0), default={})
+    tested = [e for e in rows if e.get("force_mae") is not None]
+    latest = max(tested, key=lambda e: e.get("version", 0), default={})
+    stop, test = campaign.get("stop", {}), campaign.get("test", {})
     return {
         "run_dir": str(run.root),
         "campaign": campaign.get("name", run.root.name),
@@ -98,6 +105,9 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
         "newest_ensemble": str(ensembles[-1][1]) if ensembles else None,
         "test_force_mae": latest.get("force_mae"),
         "test_force_mae_at": {"version": latest.get("version"), "labels": latest.get("labels")},
+        "has_test_set": bool(test.get("file")) or test.get("n_structures", 1) > 0,
+        "validation_force_mae": newest.get("validation_force_mae"),
+        "exploration": newest.get("exploration"),
         "elapsed_s": elapsed_s(run, summary, state, state_name),
         "wall_budget_s": stop.get("max_wall_s"),
         "tasks": tasks_by_module(events),
@@ -173,6 +183,8 @@ def format_status(facts: dict[str, Any]) -> str:
     if facts["test_force_mae"] is not None:
         at = facts["test_force_mae_at"]
         mae = f"{facts['test_force_mae']:.4f} eV/Å (version {at['version']}, {at['labels']} labels)"
+    elif not facts.get("has_test_set", True):
+        mae = "none: no held-out set (test.n_structures = 0), so no independent test error"
     label_line = f"{_count(labels['active'])}{budget} active, {_count(labels['initial'])} initial"
     wall = "-" if facts["elapsed_s"] is None else _clock(facts["elapsed_s"])
     if facts["wall_budget_s"] is not None:
@@ -189,10 +201,28 @@ def format_status(facts: dict[str, Any]) -> str:
         ("oracle failures", f"{failures['total']}" + (f" ({by_kind})" if by_kind else "")),
         ("ensemble versions", str(facts["ensemble_versions"])),
         ("test force MAE", mae),
+        *_convergence_rows(facts),
         ("elapsed", wall),
         ("tasks finished", tasks or "none yet"),
     ]
     return "\n".join(f"{name + ':':<19}{value}" for name, value in rows)
+
+
+def _convergence_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
+    """The validation error and the exploration ratios, where the run records them."""
+    rows = []
+    if facts.get("validation_force_mae") is not None:
+        rows.append(("validation MAE", f"{facts['validation_force_mae']:.4f} eV/Å (ensemble)"))
+    ratios = facts.get("exploration") or {}
+    shares = [
+        f"{name} {r['accurate']:.2f} accurate, {r['candidate']:.2f} candidate, "
+        f"{r['failed']:.2f} failed ({r['segments']} segments)"
+        for name, r in ratios.items()
+        if r.get("accurate") is not None
+    ]
+    if shares:
+        rows.append(("exploration", "; ".join(shares)))
+    return rows
 
 
 def _count(n: int | None) -> str:
@@ -206,100 +236,6 @@ def _clock(seconds: float) -> str:
 
 def _module_order(module: str) -> int:
     return MODULES.index(module) if module in MODULES else len(MODULES)
-
-
-# ------------------------------------------------------------------------ export
-def export_run(root: str | Path, to: str | Path) -> dict[str, Any]:
-    """Write a run's labels as extxyz, and its newest ensemble, to the new folder ``to``.
-
-    ``labels.extxyz`` holds every label with its energy (eV) and forces (eV/Å) three
-    times over, so that trainers read it unchanged: ``REF_energy`` (info) and
-    ``REF_forces`` (arrays), MACE's default keys since mace-torch 0.3.10; the
-    calculator results ``energy``/``forces`` (what ASE's reader, and NequIP's ASE
-    dataset, take); besides, ``config_type`` (``initial`` or ``active``) and
-    ``candidate_id``. ``ensemble.pt`` is the newest ensemble checkpoint, for
-    :meth:`palflow.apps.models.calculator.EnsembleCalculator.from_checkpoint`.
-
-    Returns
-    -------
-    dict
-        ``labels`` (how many), ``labels_file``, ``ensemble_version`` and
-        ``ensemble_file`` (None when no ensemble is published yet), ``readme_file``.
-
-    Raises
-    ------
-    RunDirectoryError
-        When ``root`` is not a run, has no labels yet, or ``to`` exists and is not
-        empty.
-    """
-    from ase.io import write
-
-    run = RunDirectory.open(root)
-    target = Path(to)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise RunDirectoryError(f"{target} exists and is not empty: export to a new folder")
-    frames = labelled_frames(run)
-    if not frames:
-        raise RunDirectoryError(f"{run.root} has no labels yet: export it once it has some")
-    ensembles = run.ensembles()
-    target.mkdir(parents=True, exist_ok=True)
-    write(target / EXPORTED_LABELS, frames, format="extxyz")
-    version = None
-    if ensembles:
-        version, checkpoint = ensembles[-1]
-        shutil.copyfile(checkpoint, target / EXPORTED_ENSEMBLE)
-    (target / EXPORTED_README).write_text(_readme(run, len(frames), version))
-    return {
-        "labels": len(frames),
-        "labels_file": str(target / EXPORTED_LABELS),
-        "ensemble_version": version,
-        "ensemble_file": str(target / EXPORTED_ENSEMBLE) if version is not None else None,
-        "readme_file": str(target / EXPORTED_README),
-    }
-
-
-def labelled_frames(run: RunDirectory) -> list:
-    """Every label of ``labels.db`` as ``Atoms`` with the keys of :func:`export_run`."""
-    if not run.labels_db.exists() or run.labels_db.stat().st_size == 0:
-        return []  # see count_labels: an empty file must not reach ASE
-    with run.labels() as database:
-        rows = list(database.select())
-    frames = []
-    for row in rows:
-        atoms = row.toatoms()  # a SinglePointCalculator holds the oracle's results
-        results = atoms.calc.results
-        atoms.info["REF_energy"] = float(results["energy"])
-        atoms.arrays["REF_forces"] = results["forces"].copy()
-        if "stress" in results:
-            atoms.info["REF_stress"] = results["stress"].copy()
-        atoms.info["config_type"] = row.get("source", "Default")
-        atoms.info["candidate_id"] = int(row.get("candidate_id", row.id))
-        frames.append(atoms)
-    return frames
-
-
-def _readme(run: RunDirectory, n_labels: int, version: int | None) -> str:
-    ensemble = (
-        f"""{EXPORTED_ENSEMBLE}
-  Ensemble version {version} of the run, an ASE calculator (energies eV, forces eV/Å):
-    from palflow.apps.models.calculator import EnsembleCalculator
-    atoms.calc = EnsembleCalculator.from_checkpoint("{EXPORTED_ENSEMBLE}", device="cpu")
-  Its results also hold force_disagreement (eV/Å), the ensemble's spread.
-"""
-        if version is not None
-        else "No ensemble was published yet, so there is no checkpoint.\n"
-    )
-    return f"""Exported by palflow export from {run.root}
-
-{EXPORTED_LABELS}
-  {n_labels} labelled structures, extended XYZ (energies eV, forces eV/Å).
-  MACE (mace-torch >= 0.3.10) reads it with its default keys, REF_energy and
-  REF_forces: mace_run_train --train_file {EXPORTED_LABELS} ...
-  NequIP's ASE dataset and ase.io.read take energy and forces from the calculator
-  results written in the same file. config_type is initial or active; candidate_id
-  is the structure's id in the run.
-
-{ensemble}"""
 
 
 # ------------------------------------------------------------------------ commands
@@ -329,6 +265,35 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    run = RunDirectory.open(args.run_dir)
+    if not run.ensembles():  # before any site is loaded: nothing created
+        raise RunDirectoryError(
+            f"{run.root} has no published ensemble to validate: run the campaign until it "
+            "publishes one"
+        )
+    logging.getLogger("palflow").setLevel(logging.INFO)
+    versions = [number for number, _ in run.ensembles()]
+    if args.version is not None and args.version not in versions:
+        raise RunDirectoryError(
+            f"{run.root} has no ensemble version {args.version}: it has versions "
+            f"{versions[0]} to {versions[-1]}"
+        )
+    if args.site is None:
+        verdict = validate_run(args.run_dir, version=args.version)
+    else:
+        import parsl
+
+        site = load_site(args.site)
+        site.config.run_dir = str(run.root / "validate" / "parsl")
+        with parsl.load(site.config):
+            verdict = validate_run(args.run_dir, apps=apps, version=args.version)
+    for line in summary_lines(verdict):
+        print(line)
+    print(f"{run.root / 'validate.json'}: the runs in full (ensemble v{verdict['version']})")
+    return 0 if verdict["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
@@ -355,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--to", required=True, metavar="DIR", help="new folder to write")
     export.set_defaults(handler=_export)
+
+    check = commands.add_parser(
+        "validate",
+        help="MD check of the newest ensemble: time to failure, NVE drift (exit 1 on failure)",
+    )
+    check.add_argument("run_dir", metavar="RUN_DIR")
+    check.add_argument(
+        "--site", help="run the MD on this site's generator executor (default: here)"
+    )
+    check.add_argument("--version", type=int, help="ensemble version (default: the newest)")
+    check.set_defaults(handler=_validate)
     return parser
 
 

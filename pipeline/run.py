@@ -55,10 +55,15 @@ from palflow.pipeline.config.preflight import check_calculator, check_campaign, 
 from palflow.pipeline.config.settings import campaign_from_dict, load_campaign  # noqa: E402
 from palflow.pipeline.config.sites import load_site  # noqa: E402
 from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
+from palflow.pipeline.engine.final_stage import validate_after  # noqa: E402
 from palflow.pipeline.observe.live import LiveView, ReportRefresher  # noqa: E402
 from palflow.pipeline.observe.report import build_report  # noqa: E402
 from palflow.pipeline.resume.mend import mend_run  # noqa: E402
-from palflow.pipeline.state.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError  # noqa: E402
+from palflow.pipeline.state.rundir import (  # noqa: E402
+    CAMPAIGN_FILE,
+    RunDirectory,
+    RunDirectoryError,
+)
 
 logger = logging.getLogger("palflow")
 
@@ -211,6 +216,19 @@ def report(campaign, run, summary: dict | None, reason: str | None = None) -> No
     if summary["test_force_mae"]:
         first, last = summary["test_force_mae"][0][2], summary["test_force_mae"][-1][2]
         print(f"test force MAE: {first:.4f} -> {last:.4f} eV/Å")
+    elif not summary.get("has_test_set", True):
+        print("test force MAE: none (no held-out set); see validation and exploration below")
+    if summary.get("validation_force_mae") is not None:
+        print(f"ensemble error on validation labels: {summary['validation_force_mae']:.4f} eV/Å")
+    for name, ratios in (summary.get("exploration") or {}).items():
+        if ratios.get("accurate") is not None:
+            print(
+                f"explored frames, {name}: {ratios['accurate']:.0%} accurate, "
+                f"{ratios['candidate']:.0%} candidate, {ratios['failed']:.0%} beyond the "
+                "upper trust level"
+            )
+    for line in (summary.get("validate") or {}).get("lines", []):
+        print(f"MD check: {line}")
     print(
         "busy fraction: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["busy_fraction"].items())
     )
@@ -326,9 +344,12 @@ def execute(campaign, run, site, start, interactive: bool = False) -> dict:
             coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
         view, refresher = watch(coordinator, run, interactive)
         try:
-            return coordinator.run()
+            summary = coordinator.run()
         finally:
             finish_watching(coordinator, run, view, refresher)
+        if campaign.validate.after_campaign and not summary["failed"]:
+            validate_after(campaign, run, summary)
+        return summary
 
 
 def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dict | None]:
@@ -355,6 +376,8 @@ def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dic
                 summaries[index] = coordinator.run()
             finally:
                 finish_watching(coordinator, run, view, refresher)
+            if campaign.validate.after_campaign and not summaries[index]["failed"]:
+                validate_after(campaign, run, summaries[index])
         except Exception as error:  # the traceback goes to the run's log; the others go on
             reasons[index] = log_failure(campaign, run, error)
 

@@ -185,6 +185,39 @@ CASES = {
         lambda d: campaign(d, "mpi_ranks = 1\nmpi_nodes = 2\n"),
         "every node needs a rank",
     ),
+    # ---- convergence: the stop rules and the calibration need their data
+    "accurate ratio above 1": (
+        lambda d: campaign(d, "[stop]\naccurate_ratio = 1.5\n"),
+        "'stop.accurate_ratio': Input should be less than or equal to 1",
+    ),
+    "accurate-ratio window of 0": (
+        lambda d: campaign(d, "[stop]\naccurate_window = 0\n"),
+        "'stop.accurate_window': Input should be greater than or equal to 1",
+    ),
+    "accurate-ratio stop with the random measure": (
+        lambda d: campaign(d, '[selection]\nmeasure = "random"\n[stop]\naccurate_ratio = 0.9\n'),
+        "the random measure has none",
+    ),
+    "accurate-ratio stop with a percentile threshold": (
+        lambda d: campaign(
+            d, '[selection]\nthreshold_mode = "percentile"\n[stop]\naccurate_ratio = 0.9\n'
+        ),
+        "a percentile threshold moves with the scores",
+    ),
+    "accurate-ratio stop with a zero threshold": (
+        lambda d: campaign(d, "[selection]\nthreshold = 0.0\n[stop]\naccurate_ratio = 0.9\n"),
+        "no frame is ever accurate",
+    ),
+    "target test error without a test set": (
+        lambda d: campaign(d, "[test]\nn_structures = 0\n[stop]\ntarget_force_mae = 0.05\n"),
+        "stop.target_force_mae needs a held-out set",
+    ),
+    "calibrated threshold without validation labels": (
+        lambda d: campaign(
+            d, '[selection]\nthreshold_mode = "calibrated"\n[training]\nvalidation_fraction = 0.0\n'
+        ),
+        "training.validation_fraction = 0 keeps none",
+    ),
     # ---- plug-in options
     "misspelt measure option": (
         lambda d: campaign(d, '[selection]\nmeasure = "ucb"\nmeasure_options = { kapa = 1.0 }\n'),

@@ -279,3 +279,46 @@ def test_report_table_thins_a_long_run_and_keeps_the_last_version(tmp_path):
     _, shown = table_of(html)
     assert [r[0] for r in shown] == [str(v) for v in range(1, 101, 3)] + ["101"]
     assert "One version in 3 of 101 shown" in html
+
+
+NO_TEST_ROWS = [  # a campaign without a held-out set: validation, ratios, calibration
+    {
+        "version": v,
+        "labels": 8 * v,
+        "wall_s": 10.0 * v,
+        "force_mae": None,
+        "validation_force_mae": vf,
+        "exploration": {"main": {"accurate": a, "candidate": 1 - a - 0.05, "failed": 0.05,
+                                 "frames": 100, "segments": 8}},
+        "reliability_validation": [[0.02, 0.03, 4], [0.05, 0.07, 4], [0.1, 0.16, 4]],
+        "calibration": 1.5,
+    }
+    for v, vf, a in ((1, 0.3, 0.2), (2, 0.2, 0.6), (3, 0.1, 0.9))
+]  # fmt: skip
+
+
+def test_a_run_without_a_test_set_reports_ratios_and_calibration(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from palflow.pipeline.observe.figures import plot_convergence
+    from palflow.pipeline.observe.report import build_report
+    from palflow.pipeline.observe.run_data import RunData
+
+    root = fake_run(tmp_path / "run", NO_TEST_ROWS)
+    (root / "campaign.json").write_text(
+        json.dumps({"name": "fake", "test": {"n_structures": 0}, "stop": {"accurate_ratio": 0.85}})
+    )
+    figure = plot_convergence(RunData(root))
+    ratios, reliability = figure.axes
+    lines = lines_by_label(ratios)
+    assert list(lines["accurate"].get_ydata()) == pytest.approx([0.2, 0.6, 0.9])
+    assert list(lines["stop target"].get_ydata()) == pytest.approx([0.85, 0.85])
+    lines = lines_by_label(reliability)
+    assert list(lines["validation labels"].get_xdata()) == pytest.approx([0.02, 0.05, 0.1])
+    assert "error = 1.50 · spread" in lines
+    plt.close(figure)
+
+    page = build_report(root).read_text()
+    assert "no held-out set" in page and "no independent test error" in page
+    assert "0.90 accurate" in page and "force error ≈ 1.50 · spread" in page
+    assert 'id="convergence"' in page and "could not draw" not in page

@@ -203,7 +203,10 @@ class EnsembleCalculator(Calculator):
     ``member_energies`` [K] (eV) and ``member_forces`` [K, N, 3] (eV/Å). For a cell
     periodic in all directions it also gives ``stress`` (Voigt, eV/Å³, the members'
     mean), ``stress_disagreement`` (eV/Å³, :func:`stress_disagreement`) and
-    ``member_stress`` [K, 3, 3].
+    ``member_stress`` [K, 3, 3]. With a ``calibration`` (from the checkpoint that
+    ``palflow export`` writes), ``force_uncertainty`` (eV/Å) is the expected mean
+    absolute force error of the structure: ``calibration`` times
+    ``force_disagreement``, fitted on the run's validation labels.
     """
 
     implemented_properties = ["energy", "forces", "free_energy", "stress"]
@@ -212,6 +215,7 @@ class EnsembleCalculator(Calculator):
         self,
         model: PotentialEnsemble,
         device: str | torch.device | None = None,
+        calibration: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -219,6 +223,8 @@ class EnsembleCalculator(Calculator):
             model = model.to(device)
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.calibration = calibration
+        """Force error per unit of force spread, or None (no ``force_uncertainty``)."""
         self.checkpoint_extra: dict = {}
         """What the checkpoint recorded besides weights, e.g. the ensemble ``version``."""
 
@@ -228,6 +234,9 @@ class EnsembleCalculator(Calculator):
     ) -> EnsembleCalculator:
         """Load an ensemble checkpoint (default device: CUDA when available)."""
         model, extra = load_checkpoint(path, device=device or default_device())
+        kwargs.setdefault(
+            "calibration", (extra.get("calibration") or {}).get("force_error_per_spread")
+        )
         calculator = cls(model, **kwargs)
         calculator.checkpoint_extra = extra
         return calculator
@@ -260,6 +269,8 @@ class EnsembleCalculator(Calculator):
             "member_energies": member_energies[:, 0].copy(),
             "member_forces": member_forces,
         }
+        if self.calibration:
+            self.results["force_uncertainty"] = float(self.calibration * f_max[0])
         if periodic:
             self.results.update(
                 stress=full_3x3_to_voigt_6_stress(member_stress[:, 0].mean(axis=0)),

@@ -210,6 +210,50 @@ def check_settings(campaign) -> None:
             "mpi_nodes"
         )
     measure_options(selection.measure, dict(selection.measure_options))  # SettingsError
+    check_convergence_settings(campaign)
+
+
+def check_convergence_settings(campaign) -> None:
+    """The stop rules and the calibration have the data they are measured on."""
+
+    selection, stop = campaign.selection, campaign.stop
+    if not campaign.has_test_set:
+        if stop.target_force_mae:
+            raise SettingsError(
+                "stop.target_force_mae needs a held-out set, and test.n_structures = 0 "
+                "labels none: stop on stop.accurate_ratio instead, or label a test set"
+            )
+        without = [s.name for s in campaign.all_systems() if not s.test_file]
+        if len(without) < len(campaign.all_systems()):  # some systems give a test_file
+            raise SettingsError(
+                f"system {without[0]!r} gives no test_file, and test.n_structures = 0 "
+                "labels no held-out frames for it: give every system a test_file, or set "
+                "test.n_structures"
+            )
+    if stop.accurate_ratio:
+        if selection.measure == "random":
+            raise SettingsError(
+                "stop.accurate_ratio needs a lower trust level, and the random measure has "
+                "none: choose an uncertainty measure, or stop on another rule"
+            )
+        if selection.threshold_mode == "percentile":
+            raise SettingsError(
+                "stop.accurate_ratio needs a lower trust level that stays put, and a "
+                "percentile threshold moves with the scores (a fixed share of frames always "
+                "lies below it): use a fixed or calibrated threshold"
+            )
+        for system in campaign.all_systems():
+            lower = system.threshold if system.threshold is not None else selection.threshold
+            if selection.threshold_mode == "fixed" and lower == 0:
+                raise SettingsError(
+                    "stop.accurate_ratio needs a lower trust level above 0: with "
+                    "selection.threshold = 0 no frame is ever accurate; raise the threshold"
+                )
+    if selection.threshold_mode == "calibrated" and campaign.training.validation_fraction == 0:
+        raise SettingsError(
+            "selection.threshold_mode = 'calibrated' is fitted on validation labels, and "
+            "training.validation_fraction = 0 keeps none: set it above 0 (e.g. 0.1)"
+        )
 
 
 # ---------------------------------------------------------------- structures

@@ -110,8 +110,9 @@ class SelectionSettings(_Section):
     threshold_mode: Literal["fixed", "percentile", "calibrated"] = "fixed"
     """``fixed``: ``threshold``. ``percentile``: the ``threshold_percentile``-th
     percentile of the last ``threshold_window`` frame scores. ``calibrated``: the
-    score at which the held-out set's force error is expected to reach
-    ``calibration_target``, from the newest evaluation (force measures only)."""
+    score at which the force error is expected to reach ``calibration_target``, fitted
+    on the validation labels (``training.validation_fraction``, never the held-out
+    set) at the newest evaluation (force measures only)."""
     threshold_percentile: float = Field(90.0, ge=0, le=100)
     threshold_window: int = Field(500, ge=1)
     calibration_target: float = Field(0.05, gt=0)
@@ -170,8 +171,10 @@ class InitialSettings(_Section):
 class TestSetSettings(_Section):
     __test__ = False  # not a pytest class despite the name
 
-    n_structures: int = Field(32, ge=1)
-    """Held-out frames, labelled by the oracle, for the test force MAE."""
+    n_structures: int = Field(32, ge=0)
+    """Held-out frames, labelled by the oracle, for the test force MAE. 0 (without
+    ``file``) labels no held-out set: the campaign then reports its validation error
+    and the exploration ratios, and says that no independent test error exists."""
     md_stride: int = Field(10, ge=1)
     """Oracle-driven MD steps between held-out frames."""
     temperature_K: float | None = Field(None, gt=0)
@@ -187,7 +190,50 @@ class StopSettings(_Section):
     ``final_training_s``."""
     max_wall_s: float = Field(540.0, gt=0)
     target_force_mae: float = Field(0.0, ge=0)
-    """Stop when the test force MAE (eV/Å) reaches this; 0 disables."""
+    """Stop when the test force MAE (eV/Å) reaches this; 0 disables. It needs a
+    held-out set."""
+    accurate_ratio: float = Field(0.0, ge=0, le=1)
+    """Stop once the ensemble agrees on what it explores: for every system, at least
+    this share of the frames of its ``accurate_window`` most recent generator segments
+    scored below the lower trust level (the selection threshold), at
+    ``accurate_versions`` ensemble versions in a row (DP-GEN's accurate ratio). Needs
+    no held-out set; 0 disables; e.g. 0.95."""
+    accurate_window: int = Field(8, ge=1)
+    """Generator segments per system, the most recent, that the ratios are taken over."""
+    accurate_versions: int = Field(3, ge=1)
+    """Ensemble versions in a row, each with new segments in the window, at which the
+    accurate ratio must hold before the campaign stops."""
     final_training_s: float = Field(60.0, ge=0)
     """After a stop (other than the wall-time limit), training goes on this long on the
     final labels before the last ensemble version is published, within max_wall_s."""
+
+
+class ValidateSettings(_Section):
+    """``[validate]``: the MD check of the exported potential (``palflow validate``),
+    and whether a campaign runs it as its final stage."""
+
+    after_campaign: bool = False
+    """Run the check once the campaign stops, on the site's generator executor; its
+    verdict goes to ``validate.json``, the report and the exit status."""
+    ensembles: list[Literal["nve", "nvt"]] = Field(
+        default_factory=lambda: ["nve", "nvt"], min_length=1
+    )
+    """Which runs each system gets: ``nve`` (velocity Verlet, for the energy drift)
+    and ``nvt`` (Langevin, at the temperature)."""
+    duration_ps: float = Field(20.0, gt=0)
+    """Simulated time of each run, ps."""
+    timestep_fs: float = Field(0.5, gt=0)
+    temperature_K: float | None = Field(None, gt=0)
+    """Temperature of the NVT runs and of the NVE runs' start; default the generator's."""
+    walkers: int = Field(1, ge=1)
+    """Runs per system and ensemble, from the system's start configurations in turn."""
+    min_distance: float = Field(0.5, gt=0)
+    """Two atoms closer than this (Å) fail the run."""
+    max_drift_meV_per_atom_ps: float = Field(1.0, gt=0)
+    """The largest NVE energy drift (absolute slope) that passes."""
+    record_interval: int = Field(20, ge=1)
+    """Steps between recorded frames (the drift is fitted on them)."""
+    label_frames: int = Field(0, ge=0)
+    """Frames of the runs (evenly spaced) that the oracle labels, for the ensemble's
+    error in production beside its test error; 0: none."""
+    seed: int = Field(0, ge=0)

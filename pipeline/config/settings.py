@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from palflow.pipeline.config.sections import (
     StopSettings,
     SystemSettings,
     TestSetSettings,
+    ValidateSettings,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 class CampaignError(SettingsError):
     """A campaign file or setting is invalid; the message names the key and the fix."""
+
+
+# The [validate] section's field shadows pydantic's deprecated BaseModel.validate
+# classmethod; on an instance the field wins, which is all palflow reads.
+warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
 
 
 class Campaign(_Section):
@@ -66,6 +73,7 @@ class Campaign(_Section):
     initial: InitialSettings = InitialSettings()
     test: TestSetSettings = TestSetSettings()
     stop: StopSettings = StopSettings()
+    validate: ValidateSettings = ValidateSettings()
 
     @model_serializer(mode="wrap")
     def _one_way_of_systems(self, handler) -> dict[str, Any]:
@@ -89,6 +97,16 @@ class Campaign(_Section):
                 "initial.file is given: give a label budget of 1 or more, or initial.file"
             )
         return self
+
+    @property
+    def has_test_set(self) -> bool:
+        """Whether the campaign labels (or reads) a held-out test set: ``test.file``,
+        ``test.n_structures`` above 0, or every system's own ``test_file``."""
+        return (
+            bool(self.test.file)
+            or self.test.n_structures > 0
+            or all(system.test_file for system in self.all_systems())
+        )
 
     def all_systems(self) -> list[SystemSettings]:
         """The campaign's systems: ``[[systems]]``, or the one ``[system]``."""
@@ -118,17 +136,21 @@ _HINTS = {
 
 
 def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid campaign settings"]
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        if item["type"] == "extra_forbidden":
-            lines.append(
-                f"  unknown key '{key}': check its spelling (the README's Campaign settings)"
-            )
-        else:
-            hint = _HINTS.get(item["type"], "")
-            lines.append(f"  '{key}': {item['msg']}{hint} (got {item.get('input')!r})")
-    return "\n".join(lines)
+    problems = error.errors()
+    if len(problems) == 1 and not problems[0]["loc"]:  # a rule across sections
+        return f"{source}: {problems[0]['msg'].removeprefix('Value error, ')}"
+    lines = [_problem(item) for item in problems]
+    if len(lines) == 1:  # one problem: one line
+        return f"{source}: invalid campaign setting: {lines[0]}"
+    return "\n".join([f"{source}: invalid campaign settings", *(f"  {line}" for line in lines)])
+
+
+def _problem(item: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in item["loc"])
+    if item["type"] == "extra_forbidden":
+        return f"unknown key '{key}': check its spelling (the README's Campaign settings)"
+    hint = _HINTS.get(item["type"], "")
+    return f"'{key}': {item['msg']}{hint} (got {item.get('input')!r})"
 
 
 def campaign_from_dict(data: dict[str, Any], source: str = "<settings>") -> Campaign:

@@ -104,6 +104,8 @@ class CampaignView:
     stop_reason: str | None
     systems: dict[str, dict[str, Any]] = field(default_factory=dict)
     """With several systems: per system, its active ``labels`` and newest ``force_mae``."""
+    accurate: dict[str, float] = field(default_factory=dict)
+    """Per system, the accurate share of its recent generator frames (once it has any)."""
 
 
 class Coordinator:
@@ -250,6 +252,11 @@ class Coordinator:
                     .get("force_mae"),
                 }
                 for system in campaign.systems
+            },
+            accurate={
+                name: ratios["accurate"]
+                for name, ratios in self.policy.exploration.ratios().items()
+                if ratios["accurate"] is not None
             },
         )
 

@@ -164,7 +164,7 @@ class SerialLoop(Coordinator):
         # others out of any version (one needs every member to have advanced): the
         # phase ends with a version of every member's newest checkpoint, which the
         # evaluation and the next MD then use.
-        published = state.maybe_publish_version(final=True)
+        published = self.training.publish(final=True)
         if published is not None:
             logger.info(
                 "serial loop: ensemble v%d published at the end of training (%d labels)",
@@ -172,7 +172,7 @@ class SerialLoop(Coordinator):
                 published.n_labels,
             )
         version = state.version
-        if version is not None and state.test_ready and state.evaluated_version < version.number:
+        if version is not None and self.inference.due(version):
             self.inference.submit_evaluation()  # evaluation only, no re-scoring
             return False
         return engine.busy("infer") == 0

@@ -1,7 +1,8 @@
 """When a campaign stops, and what it still waits for once it has.
 
 The stop conditions are a label budget, a wall-time limit, a target test force MAE,
-and a task returning ``{"stop": reason}``; the progress watchdog
+the accurate ratio of exploration (:mod:`palflow.pipeline.engine.convergence`, no test
+set needed), and a task returning ``{"stop": reason}``; the progress watchdog
 (:mod:`palflow.pipeline.engine.watchdog`) stops a campaign that cannot progress. A stop finishes
 the in-flight oracle work and stores it; training then goes on for
 ``stop.final_training_s`` on the final labels (not after a wall-time stop), and the
@@ -11,12 +12,15 @@ last version is evaluated.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from palflow.pipeline.config.settings import Campaign
+from palflow.pipeline.engine.convergence import ExplorationTally
 from palflow.pipeline.engine.core import Engine, TaskRecord
 from palflow.pipeline.engine.watchdog import Watchdog, verdict
 from palflow.pipeline.state.campaign_state import CampaignState
+from palflow.pipeline.state.records import Version
 
 DRAINED_KINDS = ("label", "train", "evaluate")
 """Tasks a stop still waits for: labels being paid for, and training on them."""
@@ -29,6 +33,7 @@ class StopPolicy:
         self.campaign = campaign
         self.state = state
         self.watchdog = Watchdog(campaign, state)
+        self.exploration = ExplorationTally(campaign)
 
     @property
     def stopping(self) -> bool:
@@ -58,6 +63,17 @@ class StopPolicy:
             and now - state.stop_time < stop.final_training_s
             and now - state.t0 < stop.max_wall_s
         )
+
+    def note_version(self, version: Version) -> Version:
+        """Take the exploration ratios at a new version (returned with them; it
+        replaces the newest of ``state.versions``), and stop once the accurate ratio
+        has held at ``stop.accurate_versions`` versions in a row."""
+        version = replace(version, exploration=self.exploration.note_version())
+        if self.state.versions and self.state.versions[-1].number == version.number:
+            self.state.versions[-1] = version
+        if self.exploration.converged and not self.stopping:
+            self.state.request_stop(self.exploration.reason())
+        return version
 
     def note_test_error(self, force_mae: float) -> None:
         """Stop once the held-out force MAE reaches ``stop.target_force_mae``."""

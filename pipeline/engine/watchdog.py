@@ -201,7 +201,7 @@ def verdict(summary: dict[str, Any], failure: str | None = None) -> dict[str, An
         ``failed`` (bool), ``failure`` (one line, or None) and ``exit_status``: 0 when
         the campaign reached a real stop (a budget, a target, a wall time, a module's
         request) with labels stored (initial ones count) and a finite held-out force
-        MAE; 1 otherwise.
+        MAE (without a held-out set: a published ensemble version); 1 otherwise.
     """
     if failure is None:
         errors = summary.get("test_force_mae") or []
@@ -209,6 +209,9 @@ def verdict(summary: dict[str, Any], failure: str | None = None) -> dict[str, An
             failure = f"the campaign ended without reaching a stop ({summary['stop_reason']})"
         elif summary["labels"] + summary["initial_labels"] == 0:
             failure = "no label was stored: see oracle_failures_by_kind in summary.json"
+        elif not summary.get("has_test_set", True):
+            if not summary.get("versions"):
+                failure = "no ensemble version was published"
         elif not errors:
             failure = "no ensemble version was evaluated on the held-out set"
         elif not math.isfinite(errors[-1][2]):

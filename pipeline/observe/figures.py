@@ -9,6 +9,9 @@
 ``uncertainty.png``           the frames' force spread per ensemble version, threshold
 ``uncertainty_vs_error.png``  predicted force spread against true force error, labels
 ``oracle.png``                oracle task durations, and failures by kind
+``convergence.png``           accurate, candidate and failed shares of the explored
+                              frames per version; error against spread (reliability)
+                              on the validation labels and on the held-out set
 ============================  ===========================================================
 
 A figure is a function of the run's data alone; :func:`draw` turns one that fails
@@ -35,6 +38,7 @@ FIGURES = {
     "uncertainty": "Uncertainty per ensemble version",
     "uncertainty_vs_error": "Predicted uncertainty against true error",
     "oracle": "Oracle time and failures",
+    "convergence": "Convergence: exploration ratios and calibration",
 }
 """Every figure of the report, by file stem, with its heading."""
 
@@ -288,6 +292,74 @@ def plot_oracle(data: RunData):
     return figure
 
 
+RATIO_COLOURS = {"accurate": "tab:green", "candidate": "tab:orange", "failed": "tab:red"}
+
+
+def plot_convergence(data: RunData):
+    """Left: per version, the shares of the explored frames that were accurate,
+    candidates and failed (one line style per system), and the accurate-ratio stop's
+    target. Right: the newest version's mean force error against mean spread in five
+    groups of equal size, on the validation labels and on the held-out set, with the
+    fitted calibration error = c · spread."""
+    figure, axes = _figure(width=11, height=4.5, columns=2)
+    ratio_axis, reliability_axis = axes[0]
+    rows = [r for r in data.metrics if r.get("exploration")]
+    styles = ["-", "--", ":", "-."]
+    if rows:
+        systems = list(rows[-1]["exploration"])
+        for index, system in enumerate(systems):
+            for share, colour in RATIO_COLOURS.items():
+                points = [
+                    (r["version"], r["exploration"][system][share])
+                    for r in rows
+                    if r["exploration"].get(system, {}).get(share) is not None
+                ]
+                if points:
+                    label = share if len(systems) == 1 else f"{system}: {share}"
+                    ratio_axis.plot(
+                        *zip(*points, strict=True),
+                        styles[index % len(styles)],
+                        color=colour,
+                        label=label,
+                    )
+        target = data.campaign.get("stop", {}).get("accurate_ratio")
+        if target:
+            ratio_axis.axhline(target, color="black", lw=0.8, ls=":", label="stop target")
+        ratio_axis.set_xlabel("ensemble version")
+        ratio_axis.set_ylabel("share of explored frames")
+        ratio_axis.set_ylim(-0.02, 1.02)
+        ratio_axis.legend(fontsize=8)
+    else:
+        _empty(ratio_axis, "no exploration ratios recorded yet")
+    newest = data.metrics[-1] if data.metrics else {}
+    drawn = False
+    for key, label, marker in (
+        ("reliability_validation", "validation labels", "o"),
+        ("reliability_test", "held-out set", "s"),
+    ):
+        groups = newest.get(key)
+        if groups:
+            spread, error, _ = zip(*groups, strict=True)
+            reliability_axis.plot(spread, error, marker=marker, label=label)
+            drawn = True
+    if drawn:
+        c = newest.get("calibration")
+        if c:
+            top = max(
+                g[0]
+                for k in ("reliability_validation", "reliability_test")
+                for g in newest.get(k) or []
+            )
+            reliability_axis.plot([0, top], [0, c * top], "k:", label=f"error = {c:.2f} · spread")
+        reliability_axis.set_xlabel("ensemble force spread, eV/Å")
+        reliability_axis.set_ylabel("mean absolute force error, eV/Å")
+        reliability_axis.set_title(f"version {newest.get('version')}")
+        reliability_axis.legend(fontsize=8)
+    else:
+        _empty(reliability_axis, "no evaluation with spread and error yet")
+    return figure
+
+
 PLOTS = {
     "learning_curve": plot_learning_curve,
     "timeline": plot_timeline,
@@ -295,6 +367,7 @@ PLOTS = {
     "uncertainty": plot_uncertainty,
     "uncertainty_vs_error": plot_uncertainty_vs_error,
     "oracle": plot_oracle,
+    "convergence": plot_convergence,
 }
 """The function that draws each figure of :data:`FIGURES`."""
 

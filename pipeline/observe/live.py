@@ -45,6 +45,14 @@ class Snapshot:
     extra: dict[str, Any] = field(default_factory=dict)
     systems: dict[str, dict[str, Any]] = field(default_factory=dict)
     """With several systems: each one's active ``labels`` and newest ``force_mae``."""
+    accurate: dict[str, float] = field(default_factory=dict)
+    """Per system, the share of recently explored frames below the lower trust level."""
+
+
+def _accurate_text(accurate: dict[str, float]) -> str:
+    if len(accurate) == 1:
+        return f"{next(iter(accurate.values())):.0%}"
+    return ", ".join(f"{name} {share:.0%}" for name, share in accurate.items())
 
 
 def _system_text(numbers: dict[str, Any]) -> str:
@@ -95,6 +103,7 @@ def snapshot(coordinator, rate: LabelRate) -> Snapshot:
         left_s=max(left, 0.0) if not view.stop_reason else None,
         stopping=view.stop_reason,
         systems=view.systems,
+        accurate=view.accurate,
     )
 
 
@@ -114,9 +123,10 @@ def plain_line(s: Snapshot) -> str:
     version = f"v{s.version} ({s.version_labels} labels)" if s.version else "none yet"
     state = f"stopping: {s.stopping}" if s.stopping else f"left ~{_clock(s.left_s)}"
     systems = "".join(f", {name}: {_system_text(n)}" for name, n in s.systems.items())
+    accurate = f", accurate {_accurate_text(s.accurate)}" if s.accurate else ""
     return (
         f"{s.name}: labels {s.labels}/{s.budget}, queue {s.queue}, in flight [{flight}], "
-        f"ensemble {version}, test force MAE {mae}{systems}, failures {failures}, "
+        f"ensemble {version}, test force MAE {mae}{systems}{accurate}, failures {failures}, "
         f"elapsed {_clock(s.elapsed_s)}, {state}"
     )
 
@@ -141,6 +151,8 @@ def render(s: Snapshot):
     table.add_row("test force MAE", f"{s.test_mae:.4f} eV/Å" if s.test_mae is not None else "-")
     for name, numbers in s.systems.items():
         table.add_row(f"  {name}", _system_text(numbers))
+    if s.accurate:
+        table.add_row("explored, accurate", _accurate_text(s.accurate))
     failures = ", ".join(f"{k} {v}" for k, v in sorted(s.failures.items()))
     table.add_row("failures", failures or "none")
     table.add_row("elapsed", _clock(s.elapsed_s))

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from palflow.pipeline.engine.validation import summary_lines
 from palflow.pipeline.observe.figures import FIGURES, draw
 from palflow.pipeline.observe.run_data import RunData
 from palflow.pipeline.state.rundir import (
@@ -43,8 +44,37 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
         ("active labels", str(versions[-1]["n_labels"] if versions else 0)),
         ("oracle failures", str(len(state.get("task_failures", {})))),
     ]
-    if last.get("force_mae") is not None:
-        facts.append(("latest test force MAE", f"{last['force_mae']:.4f} eV/Å"))
+    tested = [row for row in data.metrics if row.get("force_mae") is not None]
+    if tested:
+        facts.append(("latest test force MAE", f"{tested[-1]['force_mae']:.4f} eV/Å"))
+    elif not data.has_test_set:
+        facts.append(
+            (
+                "test force MAE",
+                "none: no held-out set (test.n_structures = 0), so no "
+                "independent test error; judge by the validation error and the ratios",
+            )
+        )
+    if last.get("validation_force_mae") is not None:
+        facts.append(
+            (
+                "latest ensemble error on validation labels",
+                f"{last['validation_force_mae']:.4f} eV/Å",
+            )
+        )
+    for name, ratios in (last.get("exploration") or {}).items():
+        if ratios.get("accurate") is not None:
+            facts.append(
+                (
+                    f"system {name}: explored frames (last {ratios['segments']} segments)",
+                    f"{ratios['accurate']:.2f} accurate, {ratios['candidate']:.2f} candidate, "
+                    f"{ratios['failed']:.2f} failed",
+                )
+            )
+    if last.get("calibration"):
+        facts.append(
+            ("calibration (validation labels)", f"force error ≈ {last['calibration']:.2f} · spread")
+        )
     if last.get("val_force_mae") is not None:
         facts.append(("latest validation force MAE", f"{last['val_force_mae']:.4f} eV/Å"))
     if last.get("held_back") is not None:
@@ -53,6 +83,9 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
         facts.append(("latest uncertainty Spearman rho", f"{last['uncertainty_spearman']:.2f}"))
     if summary.get("learning_curve_area") is not None:
         facts.append(("learning-curve area", f"{summary['learning_curve_area']:.4f} eV/Å"))
+    if data.validation:
+        for line in summary_lines(data.validation):
+            facts.append((f"MD check of v{data.validation['version']}", line))
     first = data.metrics[0] if data.metrics else {}
     for name, numbers in last.get("systems", {}).items():
         start = first.get("systems", {}).get(name, {}).get("force_mae")

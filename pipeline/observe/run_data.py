@@ -59,6 +59,8 @@ class RunData:
         self.state = self.run.read_state()
         self.events = self.run.read_events()
         self.metrics = self.run.read_jsonl(METRICS_FILE) or self.state.get("test_errors", [])
+        self.validation = self.run.read_json("validate.json")
+        """The MD check's verdict (``palflow validate``), or None."""
         self.status = run_status(self.root)
         timed = [e for e in self.events if e.get("submitted")]
         if self.summary:
@@ -70,7 +72,8 @@ class RunData:
         self.t1 = max([e.get("returned", self.t0) for e in self.events] or [self.t0])
 
     def learning_curve(self) -> list[dict[str, Any]]:
-        """The ensemble versions that have a test error, oldest first, one dict each.
+        """The ensemble versions that have a test or a validation error, oldest first,
+        one dict each.
 
         Keys: ``version``, ``labels``, ``wall_s`` (NaN when not recorded), the test
         errors ``force_mae`` (eV/Å) and ``energy_mae`` (meV/atom), the validation
@@ -81,14 +84,14 @@ class RunData:
         """
         points = []
         for index, row in enumerate(self.metrics):
-            if row.get("force_mae") is None:
+            if row.get("force_mae") is None and row.get("val_force_mae") is None:
                 continue
             points.append(
                 {
                     "version": row.get("version", index),
                     "labels": row.get("labels", 0),
                     "wall_s": _number(row.get("wall_s"), np.nan),
-                    "force_mae": row["force_mae"],
+                    "force_mae": row.get("force_mae"),
                     "energy_mae": _milli(row.get("energy_mae_per_atom")),
                     "val_force_mae": _number(row.get("val_force_mae")),
                     "val_energy_mae": _milli(row.get("val_energy_mae_per_atom")),
@@ -97,6 +100,12 @@ class RunData:
                 }
             )
         return points
+
+    @property
+    def has_test_set(self) -> bool:
+        """Whether the campaign labels a held-out set (older runs always did)."""
+        test = self.campaign.get("test", {})
+        return bool(test.get("file")) or test.get("n_structures", 1) > 0
 
     def recorded(self, field: str) -> bool:
         """Whether any row of ``metrics.jsonl`` carries ``field`` (even as null): the

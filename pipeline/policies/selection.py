@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,9 @@ class Candidate:
     """Oracle attempts that failed transiently so far."""
     priority: float | None = None
     """Place in the queue, highest first, when the measure is not the force spread
-    (e.g. a random draw); None ranks by ``force_disagreement``."""
+    (e.g. a random draw); None ranks by ``force_disagreement``. ``math.inf`` pins it
+    at the front: re-scoring neither re-ranks nor drops it (the frames of a failed
+    MD check, queued on a resume)."""
     system: str = ""
     """The system it belongs to (``[[systems]]``); empty in runs made before."""
 
@@ -148,7 +151,7 @@ class OracleQueue:
         dropped = []
         for candidate_id, (force, energy, *score) in scores.items():
             candidate = self._items.get(candidate_id)
-            if candidate is None or candidate.version > version:
+            if candidate is None or candidate.version > version or candidate.priority == math.inf:
                 continue
             candidate.force_disagreement = force
             candidate.energy_disagreement = energy

@@ -5,7 +5,8 @@
 - :meth:`Selector.score` — a score per frame with the campaign's measure
   (:mod:`palflow.pipeline.policies.measures`);
 - :meth:`Selector.threshold` — the lower trust level now: fixed, a percentile of
-  recent scores, or calibrated against the held-out set's errors;
+  recent scores, or calibrated against the errors on the validation labels (never
+  the held-out test set, which is only reported);
 - :meth:`Selector.out_of_domain` — the upper trust level;
 - :meth:`Selector.pick_batch` — the next oracle batch from the queue, by the
   query (:class:`TopQuery`, :class:`CoresetQuery`, :class:`ClusterQuery` or the
@@ -154,7 +155,8 @@ class Selector:
         self.labelled_descriptors: np.ndarray | None = None
         self.recent: deque[float] = deque(maxlen=settings.threshold_window)
         self.calibration: float | None = None
-        """Force error per unit score on the held-out set, from the newest evaluation."""
+        """Force error per unit score on the validation labels, from the newest
+        evaluation."""
 
     # ---------------------------------------------------------------- scores
     @property
@@ -216,9 +218,11 @@ class Selector:
         return np.zeros(len(scores), bool) if not upper else np.asarray(scores) > upper
 
     def calibrate(self, evaluation: Evaluation) -> None:
-        """Fit force error ≈ c · spread on the held-out set (median ratio), for the
+        """Fit force error ≈ c · spread on ``evaluation`` (median ratio), for the
         ``calibrated`` threshold: the score at which the expected error reaches the
-        target is then target / c. Scores are taken to be in force units."""
+        target is then target / c. Scores are taken to be in force units. The
+        inference agent passes the validation labels' evaluation, never the held-out
+        set's."""
         spread, error = evaluation.force_spread, evaluation.force_error
         usable = (spread > 0) & np.isfinite(error)
         if usable.sum() >= 3:

@@ -10,6 +10,7 @@ but not labelled, which is queued again.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -65,11 +66,35 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
     state.last_candidate_id = max(
         [saved.get("last_candidate_id", 0), *seen, *initial_ids, *state.failures]
     )
+    _queue_validation_failures(run, state, queue)
     if state.labelled:
         state.write_snapshot()
     events = run.read_events()
     next_task_id = max([next_task_id, *(e["task"] + 1 for e in events)])
     return state, queue, next_task_id
+
+
+def _queue_validation_failures(run: RunDirectory, state: CampaignState, queue: OracleQueue) -> None:
+    """The frames just before a failed MD check (``palflow validate``) join the oracle
+    queue ahead of everything, once: a failed check becomes labels on the resume. Each
+    file is renamed ``*.failures.queued.extxyz`` once its frames are queued."""
+    for path in sorted(run.root.glob("validate/*.failures.extxyz")):
+        frames = read(path, index=":") if path.stat().st_size else []
+        system = path.name.removesuffix(".failures.extxyz").rsplit(".", 1)[0]
+        for atoms in frames:
+            spread = float(atoms.info.get("force_spread", 0.0))
+            atoms.info = {}
+            queue.push(
+                Candidate(
+                    state.new_candidate_id(), atoms, spread, 0.0, 0, priority=math.inf,
+                    system=system,
+                )
+            )  # fmt: skip
+        path.rename(path.with_name(path.name.replace(".failures.", ".failures.queued.")))
+        if frames:
+            logger.info(
+                "resume: %d frames of a failed MD check queued (%s)", len(frames), path.name
+            )
 
 
 def saved_state(campaign: Campaign, run: RunDirectory, saved: dict[str, Any]) -> CampaignState:

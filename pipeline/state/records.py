@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -92,6 +93,9 @@ class Version:
     """The same of the energy per atom (eV/atom)."""
     n_validation: int = 0
     """The fewest validation frames any member was judged on."""
+    exploration: dict[str, dict[str, Any]] | None = None
+    """Per system, the exploration ratios when it was published
+    (:meth:`palflow.pipeline.engine.convergence.ExplorationTally.ratios`)."""
 
 
 @dataclass(frozen=True)

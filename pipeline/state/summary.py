@@ -37,7 +37,9 @@ class CampaignSummary:
         """What ``summary.json`` says about the campaign."""
         t_end = time.time()
         kinds = failure_counts(self.failures.values())
-        errors = sorted(self.test_errors, key=lambda e: e["version"])
+        rows = sorted(self.test_errors, key=lambda e: e["version"])
+        errors = [e for e in rows if e.get("force_mae") is not None]
+        newest = rows[-1] if rows else {}
         return {
             "campaign": self.campaign.name,
             "stop_reason": self.stop_reason or "nothing left to run",
@@ -50,8 +52,13 @@ class CampaignSummary:
             "wall_s": t_end - self.t0,
             "stopped_at_s": self.stop_time - self.t0 if self.stop_reason else None,
             "versions": len(self.versions),
+            "has_test_set": self.campaign.has_test_set,
             "test_force_mae": [[e["labels"], e["wall_s"], e["force_mae"]] for e in errors],
             "test_errors": errors,
+            # Without a held-out set, these say how far the campaign got.
+            "validation_force_mae": newest.get("validation_force_mae"),
+            "exploration": newest.get("exploration"),
+            "calibration": newest.get("calibration"),
             # Mean test force MAE over the label range: one number per learning curve.
             "learning_curve_area": learning_curve_area(
                 [e["labels"] for e in errors], [e["force_mae"] for e in errors]

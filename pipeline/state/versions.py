@@ -66,14 +66,15 @@ class VersionPublisher:
     def record_test_error(
         self, version: Version, errors: dict[str, Any], metrics: dict[str, Any] | None = None
     ) -> None:
-        """Keep a version's held-out errors, and the metrology's ``metrics`` besides."""
+        """Keep a version's row of metrics: its held-out errors (None without a
+        held-out set), and the metrology's ``metrics`` besides."""
         self.test_errors.append(
             {
                 **(metrics or {}),
                 "version": version.number,
                 "labels": version.n_labels,
                 "wall_s": version.wall_s,
-                "force_mae": errors["force_mae"],
+                "force_mae": errors.get("force_mae"),
                 "force_rmse": errors.get("force_rmse"),
                 "energy_mae_per_atom": errors.get("energy_mae_per_atom"),
                 "val_force_mae": version.val_force_mae,

@@ -2,7 +2,8 @@
 
 Walkers move in groups: one task advances a group in lockstep, with the generator
 ``generator.kind`` names (:func:`palflow.apps.generator._generate`; MD by default). When a
-segment ends, its frames are scored by the selection measure and the picks enter the
+segment ends, its frames are scored by the selection measure, counted for the
+exploration ratios (:mod:`palflow.pipeline.engine.convergence`), and the picks enter the
 oracle queue; each walker moves on from its last frame, or is reset to the start
 structure when it blew up or left the model's domain. Generators pause while the
 queue holds enough candidates.
@@ -18,6 +19,7 @@ import numpy as np
 
 from palflow.apps.contracts import MDRequest
 from palflow.apps.data.dataset import read_arrays, structures_from_arrays
+from palflow.pipeline.engine.convergence import SegmentCounts
 from palflow.pipeline.engine.core import TaskRecord
 from palflow.pipeline.policies.measures import EnsemblePrediction
 from palflow.pipeline.policies.selection import Candidate, select_frames
@@ -118,6 +120,8 @@ class GeneratorAgent:
             walker.busy = False
         for walker, outcome in zip(task.walkers, result["walkers"], strict=True):
             left_domain = self.queue_picks(outcome, task.version, walker.system)
+            if outcome["blew_up"] and not outcome["n_frames"]:  # the blow-up frame alone
+                self.context.policy.exploration.add(walker.system, SegmentCounts(0, 0, 1))
             reason = outcome["reason"] if outcome["blew_up"] else None
             if left_domain:
                 reason = "a frame scored above selection.upper_threshold"
@@ -155,9 +159,12 @@ class GeneratorAgent:
         else:
             scores = selector.score(prediction, frames)
         outside = selector.out_of_domain(scores)
+        threshold = context.campaign.system_named(system).threshold or selector.threshold()
+        context.policy.exploration.add(
+            system, SegmentCounts.classify(scores, threshold, outside, bool(outcome["blew_up"]))
+        )
         if outside.any():
             scores = scores[: int(np.argmax(outside))]
-        threshold = context.campaign.system_named(system).threshold or selector.threshold()
         picks = select_frames(
             scores, threshold, selection.max_per_trajectory, selection.min_frame_gap
         )

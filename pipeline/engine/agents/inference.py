@@ -1,9 +1,13 @@
-"""The inference agent: held-out errors of each version, and re-scoring of the queue.
+"""The inference agent: errors of each version, and re-scoring of the queue.
 
-Each new ensemble version is evaluated on the held-out set; its errors go to
-``metrics.jsonl`` with the metrology plug-ins' measures. The oracle queue is
-re-scored with a newer version (PAL's dynamic oracle list): candidates no longer
-worth a label drop out, the rest re-order.
+Each new ensemble version is evaluated on the held-out set (when the campaign has
+one) and on the validation labels (when training keeps some); one row per version
+goes to ``metrics.jsonl``, with the metrology plug-ins' measures, the exploration
+ratios, and error against spread on both sets (:func:`reliability`). The calibrated
+threshold is fitted on the validation labels only: the held-out set is never used
+for anything but its report. The oracle queue is re-scored with a newer version
+(PAL's dynamic oracle list): candidates no longer worth a label drop out, the rest
+re-order.
 """
 
 from __future__ import annotations
@@ -61,19 +65,30 @@ class InferenceAgent:
         if not stopping:
             self.submit_rescore()
 
+    def due(self, version: Version) -> bool:
+        """Whether ``version`` still waits for its evaluation (and its row of metrics);
+        with a held-out set, once that is labelled."""
+        state = self.context.state
+        ready = state.test_ready or not self.context.campaign.has_test_set
+        return ready and state.evaluated_version < version.number
+
     def submit_evaluation(self) -> None:
-        """Evaluate the newest version on the held-out set, once."""
+        """Evaluate the newest version on the held-out set and the validation labels,
+        once; with neither, record its row of metrics at once."""
         context = self.context
         state, version = context.state, context.state.version
-        if (
-            version is None
-            or not state.test_ready
-            or state.evaluated_version >= version.number
-            or not context.engine.free("infer")
-        ):
+        if version is None or not self.due(version) or not context.engine.free("infer"):
             return
+        test_path = context.run.test_set if state.test_ready else ""
+        snapshot = state.train_snapshot
+        validation_path = snapshot.valid_path if snapshot is not None else None
         state.evaluated_version = version.number
-        request = EvaluateRequest(ensemble_path=version.path, test_path=context.run.test_set)
+        if not test_path and not validation_path:
+            self._record_errors(version, {"validation": None, "version": version.number})
+            return
+        request = EvaluateRequest(
+            ensemble_path=version.path, test_path=test_path, validation_path=validation_path
+        )
         context.submit(EvaluateTask(version=version), request)
 
     def submit_rescore(self) -> None:
@@ -126,6 +141,31 @@ class InferenceAgent:
             len(context.queue),
         )
 
+    @staticmethod
+    def _version_fields(version: Version) -> dict[str, Any]:
+        """What a version's row records of the version itself."""
+        return {
+            "wall_s": version.wall_s,
+            "val_force_mae": version.val_force_mae,
+            "val_energy_mae_per_atom": version.val_energy_mae_per_atom,
+            "held_back": version.held_back,
+            "n_validation": version.n_validation,
+            "exploration": version.exploration,
+        }
+
+    def _record_skipped(self, version: Version) -> None:
+        """A row, without evaluation, for each version published since the last row
+        and before ``version`` (the inference slot was busy when they were newest), so
+        that every version's exploration ratios are in ``metrics.jsonl``."""
+        state = self.context.state
+        last = max((row["version"] for row in state.test_errors), default=0)
+        for skipped in state.versions:
+            if last < skipped.number < version.number:
+                record = {"version": skipped.number, "labels": skipped.n_labels, "force_mae": None}
+                record.update(self._version_fields(skipped), evaluated=False)
+                self.context.run.append_jsonl(METRICS_FILE, record)
+                state.record_test_error(skipped, {}, record)
+
     def per_system(self, evaluation) -> dict[str, dict[str, Any]]:
         """The standard metrics of each system's held-out frames, when the held-out
         set tags its frames with systems (several systems, labelled by palflow)."""
@@ -153,21 +193,37 @@ class InferenceAgent:
 
     def _record_errors(self, version: Version, result: dict[str, Any]) -> None:
         context = self.context
-        evaluation = evaluation_from_result(result, version.number, version.n_labels)
-        record = measure_version(evaluation, self.metrology)
-        by_system = self.per_system(evaluation)
-        if by_system:
-            record["systems"] = by_system
-        record["wall_s"] = version.wall_s
-        record.update(
-            val_force_mae=version.val_force_mae,
-            val_energy_mae_per_atom=version.val_energy_mae_per_atom,
-            held_back=version.held_back,
-            n_validation=version.n_validation,
-        )
+        self._record_skipped(version)
+        has_test = result.get("force_mae") is not None
+        validation = result.get("validation")
+        if has_test:
+            evaluation = evaluation_from_result(result, version.number, version.n_labels)
+            record = measure_version(evaluation, self.metrology)
+            by_system = self.per_system(evaluation)
+            if by_system:
+                record["systems"] = by_system
+            record["reliability_test"] = reliability(evaluation)
+        else:
+            record = {"version": version.number, "labels": version.n_labels, "force_mae": None}
+        record.update(self._version_fields(version))
+        if validation is not None:
+            checked = evaluation_from_result(validation, version.number, version.n_labels)
+            context.selector.calibrate(checked)
+            record.update(
+                validation_force_mae=validation["force_mae"],
+                reliability_validation=reliability(checked),
+            )
+        record["calibration"] = context.selector.calibration
         context.run.append_jsonl(METRICS_FILE, record)
         context.state.record_test_error(version, result, record)
-        context.selector.calibrate(evaluation)
+        if not has_test:
+            logger.info(
+                "v%d: no held-out set; validation force MAE %s (%d labels)",
+                version.number,
+                "n/a" if validation is None else f"{validation['force_mae']:.4f} eV/Å",
+                version.n_labels,
+            )
+            return
         logger.info(
             "v%d test force MAE %.4f eV/Å (%d labels)",
             version.number,
@@ -175,3 +231,21 @@ class InferenceAgent:
             version.n_labels,
         )
         context.policy.note_test_error(result["force_mae"])
+
+
+def reliability(evaluation, bins: int = 5) -> list[list[float]] | None:
+    """Error against spread: the structures sorted by their force spread into
+    ``bins`` groups of equal size, and per group ``[mean spread, mean force error,
+    structures]`` (eV/Å). A calibrated ensemble lies on error = c · spread; None with
+    fewer structures than groups."""
+    spread = np.asarray(evaluation.force_spread, dtype=float)
+    error = np.asarray(evaluation.force_error, dtype=float)
+    usable = np.isfinite(spread) & np.isfinite(error)
+    spread, error = spread[usable], error[usable]
+    if len(spread) < bins:
+        return None
+    order = np.argsort(spread, kind="stable")
+    return [
+        [float(spread[group].mean()), float(error[group].mean()), int(len(group))]
+        for group in np.array_split(order, bins)
+    ]

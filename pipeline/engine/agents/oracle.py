@@ -81,7 +81,7 @@ class OracleAgent:
 
     def submit_reference(self) -> None:
         """Label the held-out set by oracle-driven MD from each system's start, or read
-        it from ``test.file``.
+        it from ``test.file``; nothing with ``test.n_structures = 0``.
 
         With several systems, each system's frames are labelled by their own task into
         a part of the set; once every part is there, they are joined into the held-out
@@ -89,7 +89,7 @@ class OracleAgent:
         """
         context = self.context
         state, settings, run = context.state, context.campaign, context.run
-        if state.test_ready:
+        if state.test_ready or not settings.has_test_set:
             return
         if settings.test.file:
             state.use_test_file(settings.test.file)

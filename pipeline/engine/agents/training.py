@@ -15,7 +15,7 @@ from typing import Any
 from palflow.apps.contracts import TrainRequest
 from palflow.pipeline.engine.core import TaskRecord
 from palflow.pipeline.engine.watchdog import MAX_FAILURES_IN_A_ROW
-from palflow.pipeline.state.records import Member, Snapshot
+from palflow.pipeline.state.records import Member, Snapshot, Version
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +90,16 @@ class TrainingAgent:
         task.member.busy = False
         task.member.advance(result["checkpoint"], task.labels, result["epochs"], result)
         last_of_stop = context.policy.stopping and context.engine.busy("train") == 0
-        version = context.state.maybe_publish_version(final=last_of_stop)
+        self.publish(final=last_of_stop)
+
+    def publish(self, final: bool = False) -> Version | None:
+        """Publish a new version once every member has advanced (or, ``final``, any
+        has); the stop policy takes the exploration ratios at it."""
+        version = self.context.state.maybe_publish_version(final=final)
         if version is not None:
+            version = self.context.policy.note_version(version)
             logger.info("ensemble v%d published (%d labels)", version.number, version.n_labels)
+        return version
 
     def on_failure(self, task: TrainTask, error: BaseException) -> None:
         task.member.busy = False
