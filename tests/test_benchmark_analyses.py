@@ -277,3 +277,58 @@ def test_overlap_summary_gives_the_median_and_the_range_over_repeats(monkeypatch
     assert row["measured_over_ideal"] == pytest.approx(1.0)
     assert row["measured_over_ideal_runs"] == pytest.approx([1.0, 0.9, 1.1])
     assert row["measured_over_ideal_range"] == pytest.approx([0.9, 1.1])
+
+
+def stop_run(rule, seed, calls, error, reached=True, md=None):
+    """A run of benchmarks/convergence.py: its rule, oracle calls and final error."""
+    fields = {"md_passed": md} if md is not None else {}
+    return {
+        "rule": rule,
+        "seed": seed,
+        "oracle_calls": calls,
+        "final_force_mae": error,
+        "wall_s": 10.0,
+        "reached_stop": reached,
+        **fields,
+    }
+
+
+def test_convergence_compares_every_rule_with_the_test_mae_stop_seed_by_seed():
+    convergence = load("convergence")
+    runs = []
+    for seed in range(4):
+        runs += [
+            stop_run("budget", seed, 400, 0.030, md=seed != 3),
+            stop_run("test_mae", seed, 350, 0.040),
+            stop_run("accurate", seed, 140, 0.044),
+        ]
+    table = convergence.analyse(runs, 0.041)
+    accurate = table["rows"]["accurate"]
+    assert accurate["calls_over_test_mae"]["median"] == pytest.approx(0.4)
+    assert accurate["error_over_test_mae"]["median"] == pytest.approx(1.1)
+    assert table["rows"]["budget"]["md_passed"] == 3 and table["rows"]["budget"]["md_checked"] == 4
+    assert "calls_over_test_mae" not in table["rows"]["test_mae"]
+    assert table["goal"]["met"] is True
+
+
+@pytest.mark.parametrize(
+    "calls, error, reached, met",
+    [
+        (140, 0.050, True, False),  # 1.25x the error
+        (250, 0.040, True, False),  # 0.71x the calls
+        (140, 0.040, False, False),  # the cap stopped it: it tests the cap, not the rule
+    ],
+)
+def test_the_convergence_goal_is_missed_by_error_calls_or_a_run_at_the_cap(
+    calls, error, reached, met
+):
+    convergence = load("convergence")
+    runs = []
+    for seed in range(4):
+        runs += [
+            stop_run("test_mae", seed, 350, 0.040),
+            stop_run("accurate", seed, calls, error, reached=reached or seed > 0),
+        ]
+    if not reached:  # one of four at the cap: 75% stopped by the rule, under 90%
+        assert convergence.analyse(runs, 0.041)["rows"]["accurate"]["stopped_by_rule"] == 3
+    assert convergence.analyse(runs, 0.041)["goal"]["met"] is met

@@ -124,8 +124,11 @@ def test_a_campaign_without_a_test_set_stops_on_the_accurate_ratio(tmp_path):
     for row in with_ratios:
         shares = row["exploration"]["main"]
         assert shares["accurate"] + shares["candidate"] + shares["failed"] == pytest.approx(1)
-    # The stop came after two versions in a row at or above the target.
-    assert all(r["exploration"]["main"]["accurate"] >= 0.5 for r in with_ratios[-2:])
+    # The stop came after two versions in a row at or above the target. Versions of
+    # the final training come after it, and a segment that ended after the stop may
+    # lower their ratio: the pair is somewhere, not necessarily last.
+    shares = [row["exploration"]["main"]["accurate"] for row in with_ratios]
+    assert any(a >= 0.5 and b >= 0.5 for a, b in zip(shares, shares[1:])), shares
     assert rows[-1]["validation_force_mae"] is not None, "validation labels were evaluated"
 
     text = format_status(run_status_facts(run.root))
