@@ -197,7 +197,9 @@ class StopSettings(_Section):
     this share of the frames of its ``accurate_window`` most recent generator segments
     scored below the lower trust level (the selection threshold), at
     ``accurate_versions`` ensemble versions in a row (DP-GEN's accurate ratio). Needs
-    no held-out set; 0 disables; e.g. 0.95."""
+    no held-out set; 0 disables. Its meaning rests on the lower trust level: with a
+    calibrated threshold at your target force error, 0.5 means that the median explored
+    frame is expected below the target (see README, "Is it done")."""
     accurate_window: int = Field(8, ge=1)
     """Generator segments per system, the most recent, that the ratios are taken over."""
     accurate_versions: int = Field(3, ge=1)
