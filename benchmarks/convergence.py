@@ -39,7 +39,7 @@ from pathlib import Path
 
 import common
 from common import cell, named, run_on_site
-from ratios import compare, words
+from ratios import Cost, compare, words
 
 common.use_this_interpreter()
 
@@ -78,15 +78,21 @@ def lower_trust_level(args) -> dict:
     ``--calibrated`` the score at which the expected force error reaches ``--target``,
     fitted on validation labels; by default the campaign's own threshold."""
     if args.calibrated:
-        return {"selection__threshold_mode": "calibrated", "selection__calibration_target": args.target}
+        return {
+            "selection__threshold_mode": "calibrated",
+            "selection__calibration_target": args.target,
+        }
     return {"selection__threshold": args.lower} if args.lower else {}
 
 
-def oracle_calls(summary: dict, campaign) -> int:
-    """Every oracle call of a run: labels stored or failed, and the held-out set's MD
-    (``n_structures`` frames ``md_stride`` steps apart, and the first step)."""
+def oracle_calls(summary: dict, campaign, held_out: bool = True) -> int:
+    """Every oracle call of a run: labels stored or failed, and (``held_out``) the
+    held-out set's MD (``n_structures`` frames ``md_stride`` steps apart, and the first
+    step)."""
     reference = (
-        campaign.test.n_structures * campaign.test.md_stride + 1 if campaign.has_test_set else 0
+        campaign.test.n_structures * campaign.test.md_stride + 1
+        if campaign.has_test_set and held_out
+        else 0
     )
     return summary["labels"] + summary["initial_labels"] + summary["oracle_failures"] + reference
 
@@ -142,15 +148,52 @@ def run_rule(rule: str, seed: int, args, site, work: Path, independent: str) -> 
         if summary["test_force_mae"]
         else None,
         "exploration": summary.get("exploration"),
-        "reached_stop": rule == "budget"
-        or not summary["stop_reason"].startswith(("label budget", "wall-time")),
+        # The rule's own stop (the budget's: any but the wall; copper's committee can
+        # also end a budget run as converged), not the cap, the wall or the watchdog.
+        "reached_stop": not summary["stop_reason"].startswith("wall-time")
+        if rule == "budget"
+        else summary["stop_reason"].startswith(STOPPED_BY[rule]),
+        "held_out_calls": oracle_calls(summary, campaign) - oracle_calls(summary, campaign, False),
+        "lower_trust_level": last_threshold(root),
     }
 
 
-def analyse(runs: list[dict], target: float | None) -> dict:
-    """Per rule: medians; against ``test_mae`` seed by seed, the ratio of oracle calls
-    and of independent final errors. A run whose stop never fired (it ran into the
-    label cap or the wall) keeps its calls and error: the cap is what it cost."""
+def last_threshold(root: Path) -> float | None:
+    """The lower trust level in force at a run's last evaluated version: the fixed
+    threshold, or target / c where calibrated (from ``metrics.jsonl``)."""
+    import json
+
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    factors = [row["calibration"] for row in rows if row.get("calibration")]
+    campaign = json.loads((root / "campaign.json").read_text())["selection"]
+    if campaign["threshold_mode"] == "calibrated" and factors:
+        return campaign["calibration_target"] / factors[-1]
+    return campaign["threshold"]
+
+
+def analyse(runs: list[dict], target: float | None, held_out_calls: int = 0) -> dict:
+    """Per rule: medians; against ``test_mae`` seed by seed, the ratios of oracle calls,
+    of labels and of independent final errors.
+
+    Calls and labels are costs to a rule's own stop: a run that ran into the label cap
+    or the wall instead is censored there (``ratios.Cost``), so that it can only
+    weaken a claim for its rule. Final errors are what each run ended with, never
+    censored. With ``held_out_calls`` (the campaign's held-out MD), a derived row,
+    ``budget_no_test``, is the budget rule without its held-out set: its runs' errors
+    at their calls less that set's (the held-out set trains nothing); the accurate rule
+    is compared with it too, as the question is whether its stop saves anything over
+    spending the budget with no held-out set."""
+    runs = list(runs)
+    if held_out_calls:
+        runs += [
+            {
+                **{k: v for k, v in r.items() if not k.startswith("md_")},
+                "rule": "budget_no_test",
+                "oracle_calls": r["oracle_calls"] - held_out_calls,
+            }
+            for r in runs
+            if r["rule"] == "budget"
+        ]
     by = {(r["rule"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     rows = {}
@@ -160,6 +203,7 @@ def analyse(runs: list[dict], target: float | None) -> dict:
         rows[rule] = {
             "runs": len(mine),
             "stopped_by_rule": sum(r["reached_stop"] for r in mine),
+            "median_labels": _median([r["labels"] for r in mine]),
             "median_oracle_calls": _median([r["oracle_calls"] for r in mine]),
             "median_wall_s": _median([r["wall_s"] for r in mine]),
             "median_final_force_mae": _median(errors) if errors else None,
@@ -168,14 +212,20 @@ def analyse(runs: list[dict], target: float | None) -> dict:
         if checked:
             rows[rule]["md_passed"] = sum(r["md_passed"] for r in checked)
             rows[rule]["md_checked"] = len(checked)
-        if rule != "test_mae":
-            rows[rule]["calls_over_test_mae"] = compare(
-                {s: _get(by, rule, s, "oracle_calls") for s in seeds},
-                {s: _get(by, "test_mae", s, "oracle_calls") for s in seeds},
-            )
-            rows[rule]["error_over_test_mae"] = compare(
+        baselines = ["test_mae"]
+        if rule == "accurate" and held_out_calls:
+            baselines.append("budget_no_test")
+        for baseline in baselines:
+            if rule == baseline:
+                continue
+            for key, field in (("calls", "oracle_calls"), ("labels", "labels")):
+                rows[rule][f"{key}_over_{baseline}"] = compare(
+                    {s: _cost(by, rule, s, field) for s in seeds},
+                    {s: _cost(by, baseline, s, field) for s in seeds},
+                )
+            rows[rule][f"error_over_{baseline}"] = compare(
                 {s: _get(by, rule, s, "final_force_mae") for s in seeds},
-                {s: _get(by, "test_mae", s, "final_force_mae") for s in seeds},
+                {s: _get(by, baseline, s, "final_force_mae") for s in seeds},
             )
     accurate = rows.get("accurate", {})
     goal = None
@@ -189,7 +239,18 @@ def analyse(runs: list[dict], target: float | None) -> dict:
             "stopped_share": stopped,
             "met": bool(calls <= GOAL_CALLS and error <= GOAL_ERROR and stopped >= GOAL_STOPPED),
         }
-    return {"target_force_mae": target, "rows": rows, "goal": goal}
+    return {
+        "target_force_mae": target,
+        "held_out_calls": held_out_calls,
+        "rows": rows,
+        "goal": goal,
+    }
+
+
+def _cost(by: dict, rule: str, seed: int, key: str) -> Cost | None:
+    """A run's cost to its rule's own stop, censored where the cap stopped it."""
+    run = by.get((rule, seed))
+    return None if run is None else Cost(float(run[key]), bool(run["reached_stop"]))
 
 
 def _get(by: dict, rule: str, seed: int, key: str) -> float | None:
@@ -216,15 +277,22 @@ def ratio_cell(key: str):
     return show
 
 
+def times(ratio: float) -> str:
+    """A ratio as "0.54x", or in words where it is not a number."""
+    shown = words(ratio)
+    return f"{shown}x" if shown[0].isdigit() else shown
+
+
 def print_table(table: dict) -> None:
     columns = [
-        ("stop rule", "<10", cell("name")),
+        ("stop rule", "<14", cell("name")),
         ("stopped", ">8", cell("stopped_by_rule", "d")),
+        ("labels", ">7", cell("median_labels", ".0f")),
         ("oracle calls", ">13", cell("median_oracle_calls", ".0f")),
         ("wall, s", ">8", cell("median_wall_s", ".0f")),
         ("final MAE", ">10", cell("median_final_force_mae", ".4f")),
-        ("calls / test_mae [95%]", ">24", ratio_cell("calls_over_test_mae")),
-        ("error / test_mae [95%]", ">24", ratio_cell("error_over_test_mae")),
+        ("calls / test_mae [95%]", ">36", ratio_cell("calls_over_test_mae")),
+        ("error / test_mae [95%]", ">26", ratio_cell("error_over_test_mae")),
         (
             "MD check",
             ">9",
@@ -232,14 +300,25 @@ def print_table(table: dict) -> None:
         ),
     ]
     common.print_table(columns, named(table["rows"]))
+    accurate = table["rows"].get("accurate", {})
+    if "calls_over_budget_no_test" in accurate:
+        show = {
+            key: ratio_cell(f"{key}_over_budget_no_test")(accurate)
+            for key in ("calls", "labels", "error")
+        }
+        print(
+            "accurate / budget_no_test [95%]: "
+            + ", ".join(f"{key} {value}" for key, value in show.items())
+        )
+    if "labels_over_test_mae" in accurate:
+        print(f"accurate / test_mae labels [95%]: {ratio_cell('labels_over_test_mae')(accurate)}")
     goal = table.get("goal")
     if goal:
         print(
             f"goal (calls <= {GOAL_CALLS}x, error <= {GOAL_ERROR}x the test-MAE stop's): "
-            f"calls {goal['calls_ratio']:.2f}x, error {goal['error_ratio']:.2f}x, "
+            f"calls {times(goal['calls_ratio'])}, error {times(goal['error_ratio'])}, "
             f"stopped by its own rule in {goal['stopped_share']:.0%} of runs "
-            f"(needed {GOAL_STOPPED:.0%}): "
-            + ("met" if goal["met"] else "not met")
+            f"(needed {GOAL_STOPPED:.0%}): " + ("met" if goal["met"] else "not met")
         )
 
 
@@ -263,10 +342,16 @@ def plot(table: dict, path: Path) -> None:
 class Convergence(common.CampaignBenchmark):
     """Every stop rule with every seed; final errors on one independent set."""
 
-    analysis, report, plot = staticmethod(analyse), staticmethod(print_table), staticmethod(plot)
-    name, prefix, finite = "convergence", "palflow-convergence-", True
+    report, plot = staticmethod(print_table), staticmethod(plot)
+    name, prefix, finite, rewrite = "convergence", "palflow-convergence-", True, True
     defaults = {"labels": 200, "max_wall": 900.0, "campaign_help": common.ETHANOL}
-    recorded = ("site", "labels", "seeds", "campaign")
+    recorded = ("site", "labels", "seeds", "campaign", "max_wall_s")
+
+    def analyse(self, runs: list[dict], args) -> dict:
+        from palflow.pipeline.config.settings import load_campaign
+
+        stride = load_campaign(args.campaign).test.md_stride
+        return analyse(runs, args.target, args.campaign_test * stride + 1)
 
     def arguments(self, parser) -> None:
         option = parser.add_argument
@@ -276,8 +361,12 @@ class Convergence(common.CampaignBenchmark):
         option("--accurate", type=float, default=0.95, help="accurate-ratio stop")
         option("--window", type=int, default=8, help="segments per window")
         option("--versions", type=int, default=3, help="versions in a row")
-        option("--lower", type=float, default=0.0,
-               help="the accurate rule's lower trust level, eV/Å (default: the campaign's)")
+        option(
+            "--lower",
+            type=float,
+            default=0.0,
+            help="the accurate rule's lower trust level, eV/Å (default: the campaign's)",
+        )
         option("--calibrated", action="store_true",
                help="the accurate rule's lower trust level calibrated to --target on "
                "validation labels")  # fmt: skip
@@ -298,7 +387,9 @@ class Convergence(common.CampaignBenchmark):
             "versions": args.versions,
             "lower_trust_level": lower_trust_level(args) or "the campaign's threshold",
             "campaign_test_structures": args.campaign_test,
-            "independent_set": args.test_structures,
+            "final_training_s": args.final_training_s,
+            "independent_set": f"{args.test_structures} frames of one oracle MD run from "
+            "the start structure (common.held_out_set), labelled once, seen by no campaign",
             "goal": f"accurate: error <= {GOAL_ERROR}x and oracle calls <= {GOAL_CALLS}x "
             f"test_mae, and stopped by its own rule in >= {GOAL_STOPPED:.0%} of runs",
             "md_check": {"ps": args.md_ps, "rules": args.md_rules, "goal": "9 of 10 pass"},

@@ -279,13 +279,14 @@ def test_overlap_summary_gives_the_median_and_the_range_over_repeats(monkeypatch
     assert row["measured_over_ideal_range"] == pytest.approx([0.9, 1.1])
 
 
-def stop_run(rule, seed, calls, error, reached=True, md=None):
+def stop_run(rule, seed, calls, error, reached=True, md=None, labels=None):
     """A run of benchmarks/convergence.py: its rule, oracle calls and final error."""
     fields = {"md_passed": md} if md is not None else {}
     return {
         "rule": rule,
         "seed": seed,
         "oracle_calls": calls,
+        "labels": labels if labels is not None else calls,
         "final_force_mae": error,
         "wall_s": 10.0,
         "reached_stop": reached,
@@ -332,3 +333,34 @@ def test_the_convergence_goal_is_missed_by_error_calls_or_a_run_at_the_cap(
     if not reached:  # one of four at the cap: 75% stopped by the rule, under 90%
         assert convergence.analyse(runs, 0.041)["rows"]["accurate"]["stopped_by_rule"] == 3
     assert convergence.analyse(runs, 0.041)["goal"]["met"] is met
+
+
+def test_convergence_censors_a_run_at_the_cap_and_compares_with_the_budget_without_its_test_set():
+    """A run that the cap stopped has no cost to its own stop: against a test-MAE stop
+    that fired, its seed is "never reached". The budget without its held-out set is
+    the budget's runs at their calls less that set's, with their errors."""
+    convergence = load("convergence")
+    runs = []
+    for seed in range(5):
+        capped = seed < 3
+        runs += [
+            stop_run("budget", seed, 577, 0.030, labels=240),
+            stop_run("test_mae", seed, 450, 0.040, labels=113),
+            stop_run(
+                "accurate",
+                seed,
+                256 if capped else 200,
+                0.033,
+                reached=not capped,
+                labels=240 if capped else 184,
+            ),  # fmt: skip
+        ]
+    table = convergence.analyse(runs, 0.041, held_out_calls=321)
+    accurate, derived = table["rows"]["accurate"], table["rows"]["budget_no_test"]
+    assert math.isinf(accurate["calls_over_test_mae"]["median"])
+    assert accurate["error_over_test_mae"]["median"] == pytest.approx(0.825)
+    assert derived["median_oracle_calls"] == 256 and "md_checked" not in derived
+    assert derived["calls_over_test_mae"]["median"] == pytest.approx(256 / 450)
+    assert accurate["error_over_budget_no_test"]["median"] == pytest.approx(1.1)
+    assert accurate["labels_over_budget_no_test"]["ratios"][4] == pytest.approx(184 / 240)
+    assert table["goal"]["met"] is False
