@@ -100,10 +100,12 @@ def test_a_campaign_without_a_test_set_stops_on_the_accurate_ratio(tmp_path):
         test__n_structures=0,
         stop__max_labels=200,
         # The tiny model's spread stays above the example's 0.03 eV/Å for 200 labels;
-        # a lower trust level of 0.2 eV/Å is reached within the budget.
-        selection__threshold=0.2,
+        # a lower trust level of 0.3 eV/Å is reached within the budget. A window of 3
+        # segments (24 frames) at 0.2 eV/Å swung between 0.1 and 0.7 from version to
+        # version, and once missed two in a row within the budget.
+        selection__threshold=0.3,
         stop__accurate_ratio=0.5,
-        stop__accurate_window=3,
+        stop__accurate_window=4,
         stop__accurate_versions=2,
         training__validation_fraction=0.25,
     )
