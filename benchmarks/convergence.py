@@ -154,21 +154,21 @@ def run_rule(rule: str, seed: int, args, site, work: Path, independent: str) -> 
         if rule == "budget"
         else summary["stop_reason"].startswith(STOPPED_BY[rule]),
         "held_out_calls": oracle_calls(summary, campaign) - oracle_calls(summary, campaign, False),
-        "lower_trust_level": last_threshold(root),
+        "lower_trust_level": last_threshold(root, campaign),
     }
 
 
-def last_threshold(root: Path) -> float | None:
+def last_threshold(root: Path, campaign) -> float | None:
     """The lower trust level in force at a run's last evaluated version: the fixed
-    threshold, or target / c where calibrated (from ``metrics.jsonl``)."""
-    import json
+    threshold, or target / c where calibrated (c from ``metrics.jsonl``)."""
+    from palflow.pipeline.state.rundir import METRICS_FILE, RunDirectory
 
-    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    selection = campaign.selection
+    rows = RunDirectory(root).read_jsonl(METRICS_FILE)
     factors = [row["calibration"] for row in rows if row.get("calibration")]
-    campaign = json.loads((root / "campaign.json").read_text())["selection"]
-    if campaign["threshold_mode"] == "calibrated" and factors:
-        return campaign["calibration_target"] / factors[-1]
-    return campaign["threshold"]
+    if selection.threshold_mode == "calibrated" and factors:
+        return selection.calibration_target / factors[-1]
+    return selection.threshold
 
 
 def analyse(runs: list[dict], target: float | None, held_out_calls: int = 0) -> dict:
