@@ -21,10 +21,12 @@ created). ``palflow run`` (:mod:`palflow.pipeline.cli`) is the same command.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -153,26 +155,61 @@ def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
 
 
 def set_up_logging(quiet: bool, side_by_side: bool) -> None:
-    """Log to stderr (warnings only when ``quiet``); progress lines always."""
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        # With several campaigns, the thread names which campaign a line is about.
-        format=LOG_FORMAT.replace(": ", " [%(threadName)s]: ", 1) if side_by_side else LOG_FORMAT,
-        datefmt="%H:%M:%S",
-    )
-    # Progress lines (palflow.pipeline.observe.live) print even with --quiet.
-    logging.getLogger("palflow.progress").setLevel(logging.INFO)
+    """Log to stderr, warnings only when ``quiet`` (progress lines included)."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_console_record)
+        handler.addFilter(ConsoleFilter())
+        if type(handler) is logging.StreamHandler:  # the console (not pytest's capture)
+            handler.setFormatter(ConsoleFormatter(console_format(side_by_side), "%H:%M:%S"))
 
 
-def _console_record(record: logging.LogRecord) -> bool:
-    """Parsl logs everything to its own files in the run directory; on the console only
-    its warnings, so that the campaign's progress stays readable. A failure's
-    traceback goes to the run's log only."""
-    if getattr(record, "log_file_only", False):
-        return False
-    return not record.name.startswith("parsl") or record.levelno >= logging.WARNING
+def console_format(side_by_side: bool) -> str:
+    # With several campaigns, the thread names which campaign a line is about.
+    return LOG_FORMAT.replace(": ", " [%(threadName)s]: ", 1) if side_by_side else LOG_FORMAT
+
+
+PARSL_NOISE = ("Simple Launcher only supports single node per block",)
+"""Parsl warnings that are no news to a palflow user: an MPI executor's SimpleLauncher
+starts one manager per block by design (its tasks span the block's nodes with srun)."""
+
+
+class ConsoleFilter(logging.Filter):
+    """What reaches the console. Parsl logs everything to its own files in the run
+    directory (``parsl/``); on the console only its warnings, each once (a provider
+    that fails repeats itself every few seconds), so that the campaign's progress stays
+    readable. A failure's traceback goes to the run's log only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "log_file_only", False):
+            return False
+        if not record.name.startswith("parsl"):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        message = record.getMessage()
+        if any(noise in message for noise in PARSL_NOISE):
+            return False
+        key = (record.name, re.sub(r"\d+", "#", message))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Parsl's lines on one console line each, without their tracebacks (those stay in
+    Parsl's own log files in the run directory)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name.startswith("parsl"):
+            record = copy.copy(record)
+            record.msg, record.args = " ".join(record.getMessage().split()), None
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return super().format(record)
 
 
 def log_file(run, thread: str | None = None) -> logging.Handler:

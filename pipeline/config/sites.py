@@ -222,9 +222,13 @@ def _run_site_code(path: Path, doing: str, code: Callable[[], Any]) -> Any:
         raise SiteError(f"{path}: {doing}: {type(error).__name__}: {error}") from None
 
 
-def load_site(name: str) -> Site:
+def load_site(name: str, allow_placeholders: bool = False) -> Site:
     """Import a site file and check its attributes and executors, before anything is
     submitted.
+
+    A placeholder left unedited (``"YOUR_ACCOUNT"`` in a copy of ``hpc.py``) is
+    refused first, unless ``allow_placeholders`` (``palflow check`` lists them
+    itself, with its other findings).
 
     Raises
     ------
@@ -233,7 +237,15 @@ def load_site(name: str) -> Site:
     """
     from parsl.config import Config
 
+    from palflow.pipeline.config.site_check import placeholders
+
     path = resolve_site_path(name)
+    left = [] if allow_placeholders else placeholders(path)
+    if left:
+        raise SiteError(
+            f"{path}: {len(left)} placeholder(s) left unedited, first {left[0]}; "
+            f"`palflow check --site {name}` lists them all"
+        )
     spec = importlib.util.spec_from_file_location(f"palflow_site_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     _run_site_code(path, "the site file does not import", lambda: spec.loader.exec_module(module))

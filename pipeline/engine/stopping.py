@@ -90,6 +90,10 @@ class StopPolicy:
     def task_failed(self, task: TaskRecord, error: BaseException) -> None:
         self.watchdog.failed(task, error)
 
+    def cannot_run(self, task: TaskRecord, reason: str) -> None:
+        """An executor cannot start workers: the campaign stops as failed at once."""
+        self.watchdog.fail(reason)
+
     def fail(self, reason: str) -> None:
         """Stop the campaign as failed (the watchdog's verdict), with ``reason``."""
         self.watchdog.fail(reason)

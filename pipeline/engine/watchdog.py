@@ -21,6 +21,13 @@ budget, a target error, a wall time). The watchdog ends one that does not:
   visits. That is convergence at this threshold, and the campaign stops with a stop
   reason that begins ``converged:``, a success.
 
+* **an executor that cannot start workers.** A task that fails because its
+  executor's provider could not start a block (``sbatch`` refused the job, or the
+  job failed before a worker connected) stops the campaign at once, with the
+  provider's message whole (:func:`provider_failure`). The task's structures are not
+  counted as oracle failures: they go back to the queue, for a ``--resume`` on a
+  mended site.
+
 Either ends the campaign as failed: ``summary.json`` says ``"failed": true``, the
 reason in ``"failure"`` (also the stop reason) and ``"exit_status": 1``.
 :func:`verdict` also fails a campaign that reached a stop having achieved nothing:
@@ -217,6 +224,33 @@ def verdict(summary: dict[str, Any], failure: str | None = None) -> dict[str, An
         elif not math.isfinite(errors[-1][2]):
             failure = f"the newest held-out force MAE is {errors[-1][2]}, not a finite number"
     return {"failed": failure is not None, "failure": failure, "exit_status": int(bool(failure))}
+
+
+def provider_failure(error: BaseException, module: str) -> str | None:
+    """Why ``error`` says that the executor of ``module`` cannot start workers: its
+    provider failed to start blocks (Parsl then fails every task of that executor).
+    One line, with the provider's message whole; None for any other error."""
+    from parsl.executors.errors import BadStateException, ScalingFailed
+    from parsl.jobs.errors import TooManyJobFailuresError
+
+    if isinstance(error, BadStateException):
+        message = error.reason
+    elif isinstance(error, ScalingFailed | TooManyJobFailuresError):
+        message = str(error)
+    else:
+        return None
+    # Parsl lists each failed block as "Error N:\n\t<message>"; one line, repeats once.
+    entries, seen = [], set()
+    for entry in re.split(r"Error \d+:", message):
+        text = " ".join(entry.split())
+        key = re.sub(r"\d+", "#", text)
+        if text and key not in seen:
+            seen.add(key)
+            entries.append(text)
+    said = " | ".join(entries) or "no message"
+    return (
+        f"the {module} executor cannot start workers (its provider failed to start a block): {said}"
+    )
 
 
 class RepeatLog:

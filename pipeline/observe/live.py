@@ -6,8 +6,10 @@ Both are observers: callables the coordinator calls once per turn of its loop
 - :class:`LiveView` draws a panel with ``rich`` on a terminal: labels against the
   budget, the oracle queue, tasks in flight per module, the newest ensemble, the
   latest test force MAE, failures by kind, elapsed time and the expected time left.
-  When the output is not a terminal (a batch job) or with ``--quiet``, it writes
-  the same as one plain log line every ``interval_s`` seconds instead.
+  While it draws, the log's console lines go through the panel's own console
+  (:class:`ConsoleLogHandler`), so they scroll above the panel, which is drawn once,
+  at the bottom. When the output is not a terminal (a batch job), it writes the
+  same as one plain log line every ``interval_s`` seconds instead.
 - :class:`ReportRefresher` rebuilds ``report.html`` in a separate process every few
   minutes (``palflow report RUN_DIR``), never holding the loop up.
 """
@@ -163,6 +165,35 @@ def render(s: Snapshot):
     return Panel(table, title=f"palflow: {s.name}", expand=False)
 
 
+class ConsoleLogHandler(logging.Handler):
+    """Write log records through a rich console, as plain text: while a ``Live``
+    panel draws on that console, each line is printed above it and the panel is
+    drawn again below, instead of the line drawing over the panel."""
+
+    def __init__(self, console, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from rich.text import Text
+
+            # soft_wrap: no line breaks added; the terminal wraps a long line.
+            self.console.print(Text(self.format(record)), soft_wrap=True, highlight=False)
+        except Exception:
+            self.handleError(record)
+
+
+def _console_handlers() -> list[logging.StreamHandler]:
+    """The root logger's handlers that write to the process's stderr or stdout."""
+    return [
+        handler
+        for handler in logging.getLogger().handlers
+        if type(handler) is logging.StreamHandler
+        and getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__)
+    ]
+
+
 class LiveView:
     """The live console view (see the module's description).
 
@@ -180,11 +211,14 @@ class LiveView:
         self.rate = LabelRate()
         self._last = float("-inf")  # the first call always shows
         self._live = None
+        self._swapped: list[tuple[logging.Handler, logging.Handler]] = []
         if interactive:
             from rich.console import Console
             from rich.live import Live
 
-            self._live = Live(console=Console(stderr=True), refresh_per_second=2, transient=False)
+            console = Console(stderr=True)
+            self._live = Live(console=console, refresh_per_second=2, transient=False)
+            self._route_logs(console)
             self._live.start()
 
     def __call__(self, coordinator) -> None:
@@ -206,6 +240,25 @@ class LiveView:
             self(coordinator)
         if self._live is not None:
             self._live.stop()
+            self._live = None
+        root = logging.getLogger()
+        for console_handler, original in self._swapped:
+            root.removeHandler(console_handler)
+            root.addHandler(original)
+        self._swapped = []
+
+    def _route_logs(self, console) -> None:
+        """Swap each console log handler for one printing through ``console``, with
+        the same level, format and filters (restored by :meth:`close`)."""
+        root = logging.getLogger()
+        for original in _console_handlers():
+            handler = ConsoleLogHandler(console, original.level)
+            handler.setFormatter(original.formatter)
+            for kept in original.filters:
+                handler.addFilter(kept)
+            root.removeHandler(original)
+            root.addHandler(handler)
+            self._swapped.append((handler, original))
 
 
 class ReportRefresher:

@@ -132,6 +132,11 @@ class GeneratorAgent:
             else:
                 walker.start_path = outcome["last_frame_path"]
 
+    def on_not_run(self, task: GenerateTask) -> None:
+        """The segment never ran: its walkers keep where they were."""
+        for walker in task.walkers:
+            walker.busy = False
+
     def on_failure(self, task: GenerateTask, error: BaseException) -> None:
         for walker in task.walkers:
             walker.busy = False

@@ -277,10 +277,12 @@ class OracleAgent:
             [c.atoms for c in task.candidates if c.candidate_id not in failed_ids]
         )
         logger.info(
-            "labels: %d active (+%d %s), %d failed, queue %d",
-            state.n_labels_active,
+            "label task %d: %d new %s labels; in all %d active, %d initial, %d failed; queue %d",
+            task.task_id,
             new,
             task.source,
+            state.n_labels_active,
+            state.n_labels_initial,
             state.n_failures,
             len(context.queue),
         )
@@ -296,6 +298,16 @@ class OracleAgent:
         reason = FailureKind.TASK_LOST.reason(f"{type(error).__name__}: {error}")
         for candidate in task.candidates:
             self.retry_or_record(candidate, reason, task.source)
+
+    def on_not_run(self, task: TaskRecord) -> None:
+        """The task never ran (its executor cannot start workers): its structures go
+        back where they came from, their attempts uncounted; a held-out set task
+        is submitted again by a ``--resume``."""
+        for candidate in getattr(task, "candidates", []):
+            if task.source == "initial":
+                self.context.state.pending_initial.append(candidate)
+            else:
+                self.context.queue.push(candidate)
 
     def retry_or_record(self, candidate: Candidate, reason: str, source: str) -> None:
         """Give a transiently failed structure another attempt, or record its failure."""
