@@ -294,6 +294,15 @@ CASES = {
         lambda d: structure(d, "2\n\nCu 0 0 0\nCu 2.5 0 0\n2\n\nU 0 0 0\nU 2.8 0 0\n"),
         "No EMT-potential for U",
     ),
+    "calculator name misspelt": (
+        lambda d: campaign(d, "", '[oracle]\ncalculator = "ase.calculators.emt:ETM"\n'),
+        "oracle.calculator = 'ase.calculators.emt:ETM': module 'ase.calculators.emt' has no "
+        "attribute 'ETM'; did you mean 'ase.calculators.emt:EMT'?",
+    ),
+    "calculator module without its package": (
+        lambda d: campaign(d, "", '[oracle]\ncalculator = "emt:EMT"\n'),
+        "did you mean 'ase.calculators.emt:EMT'?",
+    ),
     "calculator that is not a calculator": (
         lambda d: campaign(
             d, "", '[oracle]\ncalculator = "collections:OrderedDict"\nkwargs = {}\n'
@@ -402,6 +411,7 @@ CASES = {
 }
 
 CLI_CASES = [
+    "calculator name misspelt",
     "oracle timeout infinite",
     "sampling interval longer than the MD segment",
     "misspelt measure option",
@@ -460,6 +470,61 @@ def test_a_name_holding_a_path_puts_nothing_outside_runs(tmp_path):
     result = run_cli("--site", "threads.py", *campaign(tmp_path, "", top='name = "../../escape"\n'))
     assert result.returncode == 2 and "(no path)" in result.stderr
     assert not list(ROOT.parent.glob("escape-*")) and not list(ROOT.glob("escape-*"))
+
+
+def test_messages_name_the_campaign_file_the_setting_and_where_palflow_looked(
+    tmp_path, monkeypatch, capsys
+):
+    """A misspelt calculator and a missing foundation model: the message names the
+    campaign file and the setting, suggests the close name, says where the foundation
+    was looked for (beside the campaign file, then in the current folder) and what to
+    give instead."""
+    from palflow.apps.errors import CalculatorError
+    from palflow.apps.models.backend import ModelError
+    from palflow.pipeline.config.preflight import check_calculator, check_campaign
+    from palflow.pipeline.config.settings import load_campaign
+    from palflow.pipeline.run import main
+
+    folder, elsewhere = tmp_path / "campaigns", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    misspelt = write(folder / "typo.toml", '[oracle]\ncalculator = "ase.calculators.emt:ETM"\n')
+    with pytest.raises(CalculatorError) as refused:
+        check_campaign(load_campaign(misspelt), source=misspelt)
+    assert str(refused.value) == (
+        f"{misspelt}: oracle.calculator = 'ase.calculators.emt:ETM': module "
+        "'ase.calculators.emt' has no attribute 'ETM'; did you mean 'ase.calculators.emt:EMT'?"
+    )
+    plugin = f"{ROOT / 'tests' / 'test_preflight.py'}:NaNCalculatr"  # a file's class
+    with pytest.raises(CalculatorError, match=r"did you mean '.*test_preflight.py:NaNCalculator'"):
+        check_calculator(plugin, misspelt)
+    with pytest.raises(CalculatorError) as refused:  # nothing close: no guess
+        check_calculator("ase.calculators.emt:Zzz", misspelt)
+    assert "did you mean" not in str(refused.value)
+
+    mace = write(
+        folder / "finetune.toml", EMT + '[model]\nname = "mace"\nfoundation = "foundation.model"\n'
+    )
+    campaign_settings = load_campaign(mace)
+    with pytest.raises(ModelError) as refused:
+        check_campaign(campaign_settings, source=mace)
+    message = str(refused.value)
+    assert message.startswith(
+        f"{mace}: model.foundation 'foundation.model' does not exist: looked for "
+        f"{folder / 'foundation.model'} (beside the campaign file) and "
+        f"{elsewhere / 'foundation.model'} (in the current folder). "
+    ), message
+    assert "ensemble.memberK.model from palflow export" in message
+    assert "downloaded beforehand on a machine with internet access" in message
+    assert "\n" not in message
+
+    # Through the command line: exit 2, one line, nothing created.
+    before = set(tmp_path.iterdir())
+    status = main(["--site", "threads.py", "--campaign", mace, "--run-dir", "new-run"])
+    _check(tmp_path, status, capsys.readouterr().err, "(in the current folder", before)
+    assert not (elsewhere / "new-run").exists()
 
 
 # --------------------------------------------------------------- what still passes

@@ -78,6 +78,65 @@ def make_calculator(spec: dict[str, Any], directory: str | Path | None = None) -
     return factory(**kwargs)
 
 
+def close_calculators(path: str, n: int = 3) -> list[str]:
+    """Close spellings of a calculator path ``path`` that does not import: the public
+    callables of its module named like its attribute (``ase.calculators.emt:ETM`` gives
+    ``ase.calculators.emt:EMT``), or, for a bare module name that does not import
+    (``emt:EMT``), the same in ASE's calculator module of that name. Empty when
+    nothing is close."""
+    import difflib
+    import importlib
+    import sys
+
+    file_name, sep, attribute = path.rpartition(":")
+    if sep and file_name.endswith(".py"):
+        # import_object loaded the file as palflow_user.<stem>, if it imports at all.
+        module = sys.modules.get(f"palflow_user.{Path(file_name).stem}")
+        modules = [(file_name, module)] if module is not None else []
+        original = file_name
+    else:
+        module_name, sep, attribute = path.partition(":")
+        if not sep:
+            module_name, _, attribute = path.rpartition(".")
+        if not module_name or not attribute:
+            return []
+        original, names = module_name, [module_name]
+        if "." not in module_name and _find_spec(module_name) is None:
+            names.append(f"ase.calculators.{module_name.lower()}")
+        modules = []
+        for name in names:
+            if _find_spec(name) is None:
+                continue
+            try:
+                modules.append((name, importlib.import_module(name)))
+            except Exception:  # a module that fails on import offers no names
+                continue
+    close = []
+    for name, module in modules:
+        if getattr(module, attribute, None) is not None:
+            if name != original:  # ASE's module has it: the module was misnamed
+                close.append(f"{name}:{attribute}")
+            continue
+        public = {
+            key.lower(): key
+            for key, value in vars(module).items()
+            if not key.startswith("_") and callable(value)
+        }
+        matches = difflib.get_close_matches(attribute.lower(), list(public), n=n, cutoff=0.6)
+        close.extend(f"{name}:{public[match]}" for match in matches)
+    return close[:n]
+
+
+def _find_spec(name: str) -> Any:
+    """``importlib.util.find_spec``, or None where a parent package is missing."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
 def mpi_prefix(spec: dict[str, Any]) -> str:
     """The launch prefix that ``{mpi_prefix}`` in calculator kwargs stands for.
 

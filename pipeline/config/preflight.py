@@ -6,7 +6,8 @@ first. Each failure is one :class:`~palflow.apps.errors.InputError` of the kind 
 fault, naming the problem and the fix; the command line turns it into exit status 2
 with nothing created.
 
-- :func:`check_calculator`: the oracle's calculator imports and gives forces;
+- :func:`check_calculator`: the oracle's calculator imports and gives forces (a
+  name that does not import gets the close names of its module);
 - :func:`check_strategy`: the generators, the selection measure, the query and the
   metrology plug-ins exist;
 - :func:`check_settings`: settings that only make sense together, and the selection
@@ -14,7 +15,8 @@ with nothing created.
 - :func:`read_starts`, :func:`check_structures`: every start structure reads, has
   atoms, no overlapping atoms, a cell where it is periodic, and something to learn;
 - :func:`check_ensemble`: constant pressure only for MD on periodic cells;
-- the model (:func:`palflow.pipeline.config.models.check_model`), the warm start
+- a MACE foundation model file exists (:func:`check_foundation`, naming where it was
+  looked for); the model (:func:`palflow.pipeline.config.models.check_model`), the warm start
   (:func:`palflow.pipeline.resume.warm_start.check_warm_start`) and every labelled
   file (:func:`check_labelled_files`);
 - the trial calls of :mod:`palflow.pipeline.config.trials`, last: each plug-in on a
@@ -37,6 +39,8 @@ from ase.data import covalent_radii
 from palflow.apps.common import import_object
 from palflow.apps.errors import CalculatorError, SettingsError, StructureError
 from palflow.apps.generator import resolve_generator
+from palflow.apps.models.backend import ModelError
+from palflow.apps.oracles.calculators import close_calculators
 from palflow.pipeline.config.models import check_model
 from palflow.pipeline.config.sites import load_site
 from palflow.pipeline.config.trials import trial_oracle, trial_plugins
@@ -63,11 +67,15 @@ SHELL_CHARACTERS = set(" \t\n\r\"'\\$`;&|<>()*?[]{}!#")
 __all__ = ["check_campaign", "check_run_path", "trial_oracle", "trial_plugins"]
 
 
-def check_campaign(campaign, mpi_command: str = "parsl") -> dict[str, list[Atoms]]:
+def check_campaign(
+    campaign, mpi_command: str = "parsl", source: str | os.PathLike | None = None
+) -> dict[str, list[Atoms]]:
     """Every check of a new campaign, cheapest first, the oracle's trial last.
 
-    ``mpi_command`` is the site's launch prefix template (for the oracle's trial).
-    Returns the start structures of each system, by name.
+    ``mpi_command`` is the site's launch prefix template (for the oracle's trial);
+    ``source``, the campaign file, which the messages about the calculator and a
+    missing foundation model name. Returns the start structures of each system, by
+    name.
 
     Raises
     ------
@@ -75,12 +83,13 @@ def check_campaign(campaign, mpi_command: str = "parsl") -> dict[str, list[Atoms
         The first problem found, naming its fix.
     """
 
-    check_calculator(campaign.oracle.calculator)
+    check_calculator(campaign.oracle.calculator, source)
     check_strategy(campaign)
     check_settings(campaign)
     starts = read_starts(campaign)
     check_structures(campaign, starts)
     carrier = element_carrier([atoms for frames in starts.values() for atoms in frames])
+    check_foundation(campaign, source)
     check_model(campaign, carrier)
     check_ensemble(campaign, starts)
     check_warm_start(campaign, carrier)
@@ -90,19 +99,46 @@ def check_campaign(campaign, mpi_command: str = "parsl") -> dict[str, list[Atoms
     return starts
 
 
-def check_calculator(path: str) -> None:
-    """The oracle's calculator imports, and can give forces."""
+def check_calculator(path: str, source: str | os.PathLike | None = None) -> None:
+    """The oracle's calculator imports, and can give forces; a name that does not
+    import gets the close names of its module (``did you mean 'ase.calculators.emt:EMT'?``).
+    ``source`` is the campaign file, named in the message when given."""
 
+    where = f"{source}: " if source else ""
     try:
         calculator = import_object(path)
     except ImportError as error:
-        raise CalculatorError(f"oracle.calculator: {error}") from None
+        close = close_calculators(path)
+        hint = f"; did you mean {_one_of(close)}?" if close else ""
+        raise CalculatorError(f"{where}oracle.calculator = {path!r}: {error}{hint}") from None
     implemented = getattr(calculator, "implemented_properties", None)
     if implemented is not None and "forces" not in implemented:
         raise CalculatorError(
-            f"calculator {path!r} does not compute forces (it implements "
+            f"{where}oracle.calculator = {path!r} does not compute forces (it implements "
             f"{list(implemented)}): pick one whose implemented_properties include 'forces'"
         )
+
+
+def _one_of(names: Sequence[str]) -> str:
+    """``'a'``, ``'a' or 'b'``, ``'a', 'b' or 'c'``."""
+    quoted = [repr(name) for name in names]
+    return " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+
+
+def check_foundation(campaign, source: str | os.PathLike | None = None) -> None:
+    """A MACE foundation model file (``model.foundation``) exists; the message says
+    where it was looked for, beside the campaign file ``source`` and in the current
+    folder, and what to give instead (the model's own checks follow in
+    :func:`palflow.pipeline.config.models.check_model`)."""
+
+    path = getattr(campaign.model, "foundation", None)
+    if campaign.model.name != "mace" or not path or os.path.isfile(path):
+        return
+    from palflow.apps.models.mace import missing_foundation
+
+    folder = Path(source).resolve().parent if source else None
+    where = f"{source}: " if source else ""
+    raise ModelError(where + missing_foundation(path, folder))
 
 
 def check_strategy(campaign) -> None:

@@ -161,7 +161,9 @@ def foundation_elements(path: str) -> tuple[list[int], list[float], float, dict[
         When the file is missing or is not a MACE model.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"model.foundation {path!r} does not exist: download it first")
+        from palflow.apps.models.mace import missing_foundation
+
+        raise ValueError(missing_foundation(path))
     try:
         with _BUILD_LOCK:
             model = torch.load(path, map_location="cpu", weights_only=False)
