@@ -4,6 +4,9 @@
     palflow status runs/cu-emt-20261122-145705 [--json]
     palflow report runs/cu-emt-20261122-145705
     palflow export runs/cu-emt-20261122-145705 --to cu-emt-data
+    palflow validate runs/cu-emt-20261122-145705
+    palflow check --site my_cluster.py --campaign my.toml
+    palflow init [DIR] [--site hpc]
 
 ``run`` is ``python pipeline/run.py`` under another name, with the same options.
 ``status``, ``report`` and ``export`` read the run directory's files alone, also
@@ -32,7 +35,7 @@ from palflow.pipeline import run
 from palflow.pipeline.config.sites import load_site
 from palflow.pipeline.engine.validation import summary_lines, validate_run
 from palflow.pipeline.observe.report import build_report
-from palflow.pipeline.observe.run_data import run_status
+from palflow.pipeline.observe.run_data import run_outcome
 from palflow.pipeline.state import run_files
 from palflow.pipeline.state.export import (  # noqa: F401 (the export command's names)
     EXPORTED_ENSEMBLE,
@@ -66,8 +69,9 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``state`` is ``running``, ``stopped`` (``stop_reason`` says why),
-        ``stopped early`` (killed or crashed, no summary) or ``not started``; the
+        ``state`` is ``running``, ``finished`` or ``failed`` (``stop_reason`` says
+        why, whole), ``stopped early`` (killed or crashed, no summary) or ``not
+        started``; the
         label counts, the oracle failures by kind, the ensemble versions, the latest
         test force MAE (eV/Å), the elapsed wall time (s) and the finished tasks per
         module (and how many of them failed).
@@ -82,7 +86,7 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
     summary = run.read_json(SUMMARY_FILE) or {}
     state = run.read_state()
     events = run.read_events()
-    state_name = run_state(run, state, events)
+    state_name, reason = run_state(run, state, events)
     active, initial = count_labels(run)
     if active is None:  # labels.db unreadable this instant: the last counts written
         active, initial = summary.get("labels"), summary.get("initial_labels")
@@ -98,7 +102,7 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
         "run_dir": str(run.root),
         "campaign": campaign.get("name", run.root.name),
         "state": state_name,
-        "stop_reason": summary.get("stop_reason") if state_name == "stopped" else None,
+        "stop_reason": reason,
         "labels": {"active": active, "initial": initial, "budget": stop.get("max_labels")},
         "oracle_failures": {"total": sum(failures.values()), "by_kind": failures},
         "ensemble_versions": len(ensembles),
@@ -114,15 +118,15 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
     }
 
 
-def run_state(run: RunDirectory, state: dict, events: list[dict]) -> str:
-    """``running``, ``stopped``, ``stopped early`` or ``not started``."""
+def run_state(run: RunDirectory, state: dict, events: list[dict]) -> tuple[str, str | None]:
+    """``running``, ``finished``, ``failed``, ``stopped early`` or ``not started``, and
+    the whole reason of a run that has ended (the report says the same:
+    :func:`~palflow.pipeline.observe.run_data.run_outcome`)."""
 
-    status = run_status(run.root)
-    if status == "finished":
-        return "stopped"
-    if status == "running":
-        return "running"
-    return "stopped early" if state or events else "not started"
+    status, reason = run_outcome(run.root)
+    if status in ("running", "finished", "failed"):
+        return status, reason
+    return ("stopped early" if state or events else "not started"), None
 
 
 def tasks_by_module(events: list[dict]) -> dict[str, dict[str, int]]:
@@ -156,7 +160,7 @@ def count_labels(run: RunDirectory) -> tuple[int | None, int | None]:
 def elapsed_s(run: RunDirectory, summary: dict, state: dict, state_name: str) -> float | None:
     """Wall time of the campaign (s): the summary's once stopped; while running, the
     last saved state's plus the time since it was saved."""
-    if state_name == "stopped" and "wall_s" in summary:
+    if state_name in ("finished", "failed") and "wall_s" in summary:
         return summary["wall_s"]
     if "elapsed_s" not in state:
         return None
@@ -294,6 +298,34 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if verdict["passed"] else 1
 
 
+def _check(args: argparse.Namespace) -> int:
+    from palflow.pipeline.config.site_check import check_site
+
+    logging.getLogger("palflow").setLevel(logging.WARNING)
+    found = check_site(args.site, args.campaign)
+    for line in found.passed:
+        print(f"ok: {line}")
+    for line in found.problems:
+        print(f"problem: {line}")
+    if found.problems:
+        print(f"{len(found.problems)} problem(s): fix them, then check again", file=sys.stderr)
+        return 2
+    print("ready: nothing found that would stop a campaign from starting")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from palflow.pipeline.config.starter import write_starter
+
+    written = write_starter(args.folder, args.site)
+    campaign, site = written["campaign"], written["site"]
+    print(f"{campaign}: every setting at its default, commented out; edit what you change")
+    print(f"{site}: a copy of palflow's {args.site} site; edit the lines marked EDIT")
+    print(f"next: palflow check --site {site} --campaign {campaign}")
+    print(f"then: palflow run --site {site} --campaign {campaign}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
@@ -331,6 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--version", type=int, help="ensemble version (default: the newest)")
     check.set_defaults(handler=_validate)
+
+    site_check = commands.add_parser(
+        "check",
+        help="check a site (and a campaign) before running on it: placeholders, Slurm "
+        "partitions and account, a test job, the campaign's pre-flight (exit 2 on a problem)",
+    )
+    site_check.add_argument("--site", required=True, help="site file, or a shipped site's name")
+    site_check.add_argument("--campaign", help="campaign TOML file to pre-flight on this site")
+    site_check.set_defaults(handler=_check)
+
+    init = commands.add_parser(
+        "init", help="write a commented campaign.toml and a copy of a site to edit"
+    )
+    init.add_argument("folder", nargs="?", default=".", metavar="DIR", help="default: here")
+    init.add_argument(
+        "--site", default="laptop", help="the shipped site to copy (laptop, hpc, ...)"
+    )
+    init.set_defaults(handler=_init)
     return parser
 
 

@@ -63,6 +63,8 @@ from palflow.pipeline.observe.report import build_report  # noqa: E402
 from palflow.pipeline.resume.mend import mend_run  # noqa: E402
 from palflow.pipeline.state.rundir import (  # noqa: E402
     CAMPAIGN_FILE,
+    FAILURE_FILE,
+    SUMMARY_FILE,
     RunDirectory,
     RunDirectoryError,
 )
@@ -98,11 +100,20 @@ def parse_args(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> 
         "--max-wall", type=float, metavar="SECONDS", help="override stop.max_wall_s"
     )
     parser.add_argument(
+        "--final-training",
+        type=float,
+        metavar="SECONDS",
+        help="override stop.final_training_s: training on the final labels after a stop "
+        "(0 skips it; a smoke run's default 60 s is most of its time)",
+    )
+    parser.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue a stopped or killed run; --max-labels/--max-wall may raise its budgets",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings only (no progress lines)"
+    )
     return parser.parse_args(argv)
 
 
@@ -144,6 +155,8 @@ def main(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> int:
                 summaries = [None]
         else:
             summaries = execute_side_by_side(prepared, site, reasons)
+        for index, (_, run, _) in enumerate(prepared):
+            end_run(run, reasons.get(index))
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
@@ -319,6 +332,8 @@ def prepare_run(
         overrides["stop__max_labels"] = args.max_labels
     if args.max_wall is not None:
         overrides["stop__max_wall_s"] = args.max_wall
+    if args.final_training is not None:
+        overrides["stop__final_training_s"] = args.final_training
     if args.resume:
         if args.campaign or args.run_dir:
             raise RunDirectoryError(
@@ -333,6 +348,9 @@ def prepare_run(
         check_calculator(campaign.oracle.calculator)
 
         run.lock()  # first: no other coordinator may be writing what is mended
+        run.file(FAILURE_FILE).unlink(missing_ok=True)  # the last failure is history
+        if overrides:  # raised budgets are the run's settings from now on (status reads them)
+            run.write_json(CAMPAIGN_FILE, campaign.model_dump())
         mend_run(campaign, run)  # rebuilds what the journal can; names what it cannot
         return campaign, run, None
     campaign = load_campaign(campaign_file, **overrides)
@@ -355,11 +373,21 @@ def watch(coordinator, run, interactive: bool):
     return view, refresher
 
 
-def finish_watching(coordinator, run, view, refresher) -> None:
-    """Final view, and the final report (a failure to draw costs only the report)."""
+def finish_watching(coordinator, view, refresher) -> None:
+    """The final view; wait for a report refresh in progress (:func:`end_run` builds
+    the final one)."""
 
     view.close(coordinator)
     refresher.close()
+
+
+def end_run(run, reason: str | None = None) -> None:
+    """After a campaign: record a failure that left no summary (``reason``, in
+    ``failure.json``), release the run's lock, then build the final report, which so
+    says how the run ended (a failure to draw costs only the report)."""
+    if reason is not None and not run.file(SUMMARY_FILE).exists():
+        run.write_json(FAILURE_FILE, {"failure": reason, "at": time.time()})
+    run.unlock()
     try:
         logger.info("report: %s", build_report(run.root))
     except Exception:
@@ -383,7 +411,7 @@ def execute(campaign, run, site, start, interactive: bool = False) -> dict:
         try:
             summary = coordinator.run()
         finally:
-            finish_watching(coordinator, run, view, refresher)
+            finish_watching(coordinator, view, refresher)
         if campaign.validate.after_campaign and not summary["failed"]:
             validate_after(campaign, run, summary)
         return summary
@@ -412,7 +440,7 @@ def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dic
             try:
                 summaries[index] = coordinator.run()
             finally:
-                finish_watching(coordinator, run, view, refresher)
+                finish_watching(coordinator, view, refresher)
             if campaign.validate.after_campaign and not summaries[index]["failed"]:
                 validate_after(campaign, run, summaries[index])
         except Exception as error:  # the traceback goes to the run's log; the others go on

@@ -10,10 +10,10 @@ Three layers, cheapest first; each problem is one line:
    (:func:`~palflow.pipeline.config.sites.load_site`).
 3. **The scheduler** (:func:`slurm_problems`), for every executor whose provider is
    Slurm's: the partition exists (``sinfo``), the account exists where Slurm keeps
-   accounts (``sacctmgr``), and one job shaped like the executor's blocks can be
-   submitted, held, and cancelled (``sbatch --hold``, ``scancel``): Slurm then has
-   judged the partition, account, node count, wall time and the site's own
-   ``#SBATCH`` lines.
+   accounts (``sacctmgr``), and one job shaped like the executor's blocks could
+   start (``sbatch --test-only``: enough nodes, GPUs, time) and can be submitted,
+   held and cancelled (``sbatch --hold``, ``scancel``): Slurm then has judged the
+   partition, account, node count, wall time and the site's own ``#SBATCH`` lines.
 
 With ``--campaign``, the campaign's pre-flight runs too
 (:func:`~palflow.pipeline.config.preflight.check_campaign`: its settings, its
@@ -177,8 +177,11 @@ def _accounts() -> set[str] | None:
 
 
 def _submit_and_cancel(options: tuple[str, ...]) -> str | None:
-    """Submit one held job with ``options`` and cancel it; None when Slurm took it,
-    else what ``sbatch`` said."""
+    """Ask Slurm whether a job with ``options`` could ever start (``--test-only``),
+    then submit one held and cancel it; None when Slurm took it, else what it said."""
+    trial = _slurm("sbatch", "--test-only", *options, "--wrap", "true")
+    if trial.returncode != 0:
+        return f"Slurm says such a job could never start: {_said(trial)}"
     submitted = _slurm(
         "sbatch", "--parsable", "--hold", "--job-name=palflow-check", *options, "--wrap", "true"
     )

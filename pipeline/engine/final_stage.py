@@ -9,7 +9,6 @@ from typing import Any
 from palflow import apps
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.engine.validation import summary_lines, validate_run
-from palflow.pipeline.observe.report import build_report
 from palflow.pipeline.state.rundir import SUMMARY_FILE, RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -34,8 +33,4 @@ def validate_after(campaign: Campaign, run: RunDirectory, summary: dict[str, Any
             failure="the MD check failed: " + " | ".join(summary["validate"]["lines"]),
             exit_status=1,
         )
-    run.write_json(SUMMARY_FILE, summary)
-    try:
-        build_report(run.root)  # again, now with the check
-    except Exception:
-        logger.exception("the report could not be rebuilt after the MD check")
+    run.write_json(SUMMARY_FILE, summary)  # palflow run then builds the final report

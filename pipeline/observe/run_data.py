@@ -15,6 +15,7 @@ import numpy as np
 from palflow.apps.contracts import failure_counts
 from palflow.pipeline.state.rundir import (
     CAMPAIGN_FILE,
+    FAILURE_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
     RunDirectory,
@@ -34,16 +35,32 @@ def _milli(value: Any) -> float | None:
 
 
 def run_status(root: str | Path) -> str:
-    """``running`` (a coordinator holds the lock), ``finished`` or ``stopped early``.
+    """``running`` (a coordinator holds the lock), ``finished`` (it reached a stop),
+    ``failed`` (it stopped as failed, or raised: :func:`run_outcome` says why) or
+    ``stopped early`` (no summary: killed or crashed).
 
-    The lock comes first: a finished run that was resumed keeps its old summary.
+    The lock comes first: a finished run that was resumed keeps its old summary until
+    the resume writes its own. ``palflow run`` releases the lock before it builds the
+    final report, so that report says how the run ended.
     """
+    return run_outcome(root)[0]
+
+
+def run_outcome(root: str | Path) -> tuple[str, str | None]:
+    """The state of :func:`run_status` and, once the run has ended, its whole reason:
+    the stop reason of a finished run, the failure of a failed one."""
     run = RunDirectory(root)
     if run.is_locked():
-        return "running"
-    if run.file(SUMMARY_FILE).exists():
-        return "finished"
-    return "stopped early (no summary: killed or crashed; resume with --resume)"
+        return "running", None
+    summary = run.read_json(SUMMARY_FILE)
+    if summary:
+        if summary.get("failed"):
+            return "failed", summary.get("failure") or summary.get("stop_reason")
+        return "finished", summary.get("stop_reason")
+    crash = run.read_json(FAILURE_FILE)
+    if crash:
+        return "failed", crash.get("failure")
+    return "stopped early (no summary: killed or crashed; resume with --resume)", None
 
 
 class RunData:

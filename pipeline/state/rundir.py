@@ -46,6 +46,9 @@ LABELS_EXTXYZ = "labels.extxyz"
 EVENTS_FILE = "events.jsonl"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+FAILURE_FILE = "failure.json"
+"""Written by ``palflow run`` when a campaign raised before it wrote its summary: the
+one-line reason (its traceback is in ``palflow.log``). A resume removes it."""
 STATE_FILE = "state.json"
 QUEUE_FILE = "state.queue.npz"
 REPORT_FILE = "report.html"
@@ -136,6 +139,8 @@ class RunDirectory:
             When ``root`` is not a run directory (it has no ``campaign.json``).
         """
         run = cls(root)
+        if not run.root.exists():
+            raise RunDirectoryError(f"{run.root} does not exist: give the directory a run wrote")
         if not is_run_directory(run.root):
             raise RunDirectoryError(
                 f"{run.root} is not a palflow run directory (no campaign.json): "
@@ -178,6 +183,17 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"another coordinator is running on {self.root}: stop it first"
             ) from None
+
+    def unlock(self) -> None:
+        """Release the lock of :meth:`lock` (the campaign is over: readers may now say
+        how it ended); nothing when not held."""
+        import fcntl
+
+        handle = getattr(self, "_lock_handle", None)
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+            self._lock_handle = None
 
     def is_locked(self) -> bool:
         """Whether a coordinator holds the lock on this run directory now."""
