@@ -166,6 +166,59 @@ def test_exported_members_match_mace_calculator(ensemble, tmp_path):
     assert ours["energy_disagreement"] > 0 and ours["force_disagreement"] > 0
 
 
+def test_export_gathers_the_newest_versions_mace_model_files(ensemble, ethanol_emt, tmp_path):
+    """``palflow export`` of a run laid out as a MACE run writes it (member checkpoints
+    stacked into versions, each with its members' model files): the newest version's
+    members as ``ensemble.member{k}.model``, byte for byte, and the held-out set; a
+    member file the run lacks is written again from the version's checkpoint."""
+    from mace.calculators import MACECalculator
+
+    from palflow.apps.training import stack_member_checkpoints
+    from palflow.pipeline.state.export import export_run
+    from palflow.pipeline.state.rundir import RunDirectory
+
+    run = RunDirectory.create(tmp_path / "run", mace_campaign(model__n_members=3).model_dump())
+    run.store_labels(ethanol_emt[:6], [{"candidate_id": i, "source": "initial"} for i in range(6)])
+    write_dataset(run.test_set, ethanol_emt[6:10])
+    older = new_ensemble("mace", tiny_spec(ethanol_emt), 3, seed=1).eval()
+    for version, model in ((1, older), (2, ensemble)):
+        members = []
+        for k in range(3):
+            members.append(run.member_checkpoint(k, version))
+            save_checkpoint(members[-1], model.member(k), {})
+        stack_member_checkpoints(members, run.ensemble(version), {"version": version})
+    run.close()
+
+    done = export_run(run.root, tmp_path / "out")
+    names = [f"ensemble.member{k}.model" for k in range(3)]
+    assert [Path(p).name for p in done["model_files"]] == names
+    for k, path in enumerate(done["model_files"]):
+        written = Path(run.ensemble(2).removesuffix(".pt") + f".member{k}.model")
+        assert Path(path).read_bytes() == written.read_bytes()
+    assert done["test_structures"] == 4 and Path(done["test_file"]).is_file()
+    readme = Path(done["readme_file"]).read_text()
+    assert "The 3 members of version 2, each a standard MACE model file" in readme
+
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.15, seed=3)
+    atoms.calc = EnsembleCalculator(ensemble)
+    newest = atoms.get_potential_energy()
+    atoms.calc = EnsembleCalculator(older)
+    assert abs(atoms.get_potential_energy() - newest) > 1e-3, "the versions differ"
+
+    def committee_energy(paths):
+        probe = atoms.copy()
+        probe.calc = MACECalculator(model_paths=paths, device="cpu", default_dtype="float64")
+        return probe.get_potential_energy()
+
+    assert committee_energy(done["model_files"]) == pytest.approx(newest, abs=1e-5)
+
+    Path(run.ensemble(2).removesuffix(".pt") + ".member1.model").unlink()
+    again = export_run(run.root, tmp_path / "again")
+    assert [Path(p).name for p in again["model_files"]] == names
+    assert committee_energy(again["model_files"]) == pytest.approx(newest, abs=1e-5)
+
+
 # ----------------------------------------------------------------- streaming training
 def test_streaming_training_continues_and_takes_in_new_labels(ethanol_emt, tmp_path):
     settings = TrainingSettings(min_task_s=0.0, batch_size=8, learning_rate=1e-2).model_dump()

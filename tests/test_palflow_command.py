@@ -83,7 +83,7 @@ def test_status_of_a_finished_run_matches_its_summary(finished_run):
     summary = json.loads((finished_run / "summary.json").read_text())
     facts = run_status_facts(finished_run)
     assert facts["campaign"] == "cli-test" == summary["campaign"]
-    assert facts["state"] == "stopped"
+    assert facts["state"] == "finished"
     assert facts["stop_reason"] == summary["stop_reason"] == "label budget of 8 reached"
     assert facts["labels"] == {
         "active": summary["labels"],
@@ -201,6 +201,45 @@ def test_export_writes_what_trainers_and_the_calculator_read(finished_run, tmp_p
     probe.calc = calculator
     assert np.isfinite(probe.get_potential_energy()) and np.isfinite(probe.get_forces()).all()
     assert "EnsembleCalculator.from_checkpoint" in (out / "README.txt").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_export_writes_the_held_out_set_with_its_labels(finished_run, tmp_path):
+    """``test.extxyz``: the run's held-out set (``data/test.npz``), with the label keys of
+    ``labels.extxyz``; a SchNet run has no model files of its own format."""
+    from ase.io import read
+
+    from palflow.apps.data.dataset import read_dataset
+    from palflow.pipeline.state.export import export_run
+
+    run = RunDirectory(finished_run)
+    held_out = read_dataset(run.test_set)
+    assert len(held_out) == 8  # test.n_structures of the small campaign
+    done = export_run(finished_run, tmp_path / "out")
+    assert done["test_structures"] == 8
+    assert done["test_file"] == str(tmp_path / "out" / "test.extxyz")
+    assert done["model_files"] == []
+    frames = read(done["test_file"], index=":")
+    assert len(frames) == len(held_out)
+    for atoms, expected in zip(frames, held_out, strict=True):
+        energy, forces = expected.get_potential_energy(), expected.get_forces()
+        assert atoms.info["REF_energy"] == pytest.approx(energy, abs=1e-8)
+        assert np.allclose(atoms.arrays["REF_forces"], forces, atol=1e-7)
+        assert atoms.get_potential_energy() == pytest.approx(energy, abs=1e-8)
+        assert np.allclose(atoms.get_forces(), forces, atol=1e-7)
+        assert np.allclose(atoms.positions, expected.positions, atol=1e-7)
+        assert atoms.info["config_type"] == "test"
+    readme = Path(done["readme_file"]).read_text()
+    assert "test.extxyz\n  The run's held-out set: 8 structures" in readme
+    assert "MACECalculator" not in readme and "member0" not in readme
+
+    # A run without a held-out set (yet): no test file, and the README says so.
+    copy = Path(shutil.copytree(finished_run, tmp_path / "copy"))
+    (copy / "data" / "test.npz").unlink()
+    done = export_run(copy, tmp_path / "out2")
+    assert done["test_file"] is None and done["test_structures"] == 0
+    assert not (tmp_path / "out2" / "test.extxyz").exists()
+    assert "no held-out set (yet)" in Path(done["readme_file"]).read_text()
 
 
 def test_export_reads_in_mace(finished_run, tmp_path):
