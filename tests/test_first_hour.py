@@ -118,7 +118,12 @@ def test_a_run_from_a_folder_of_ones_own_with_init_files(tmp_path):
     assert (set((ROOT / "runs").glob("*")) if (ROOT / "runs").exists() else set()) == before
 
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["failed"] is False and summary["final_training_s"] == 0.0
+    assert summary["failed"] is False
+    # --final-training 0: no training task started after the stop.
+    assert json.loads((run / "campaign.json").read_text())["stop"]["final_training_s"] == 0.0
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    stop = summary["started_at"] + summary["stopped_at_s"]
+    assert not [e for e in events if e["kind"] == "train" and e["submitted"] > stop + 0.5]
     status = palflow("status", str(run), "--json", cwd=home)
     facts = json.loads(status.stdout)
     assert facts["state"] == "finished"
