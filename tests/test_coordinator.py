@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -143,6 +144,49 @@ def test_training_goes_on_after_the_label_budget(tmp_path):
     ]
     # The last version, published after the stop, holds the final training and is evaluated.
     assert summary["test_errors"][-1]["wall_s"] > summary["stopped_at_s"]
+    assert summary["test_errors"][-1]["version"] == summary["versions"]
+    # The summary says what the final training did: 4 s of it at least.
+    final = summary["final_training"]
+    assert final["limit_s"] == 4.0 and final["applied"] is True
+    assert final["train_tasks"] == len([e for e in late_training if e["submitted"] > stopped])
+    assert final["s"] >= 4.0, final
+
+
+def test_final_training_s_says_whether_training_goes_on_after_a_stop(tmp_path):
+    """``stop.final_training_s``: training goes on after a stop while less than that many
+    seconds have passed since it, never after a wall-time stop."""
+    from palflow.pipeline.engine.stopping import StopPolicy
+    from palflow.pipeline.state.campaign_state import CampaignState
+
+    start = load_start_structure(small_campaign().system.structure)
+    for limit, stop, goes_on in (
+        (0.0, "label budget of 24 reached", False),
+        (30.0, "label budget of 24 reached", True),
+        (30.0, "wall-time limit of 240 s reached", False),
+    ):
+        campaign = small_campaign(stop__final_training_s=limit)
+        run = RunDirectory.create(tmp_path / f"run-{limit}-{stop[:4]}")
+        state = CampaignState.new(campaign, run, start)
+        state.t0 = time.time()
+        policy = StopPolicy(campaign, state)
+        state.request_stop(stop)
+        assert policy.final_training() is goes_on, (limit, stop)
+
+
+@pytest.mark.timeout(300)
+def test_no_final_training_only_takes_in_the_last_labels(tmp_path):
+    """``stop.final_training_s = 0``: after the stop each member trains at most once,
+    on the last labels, and the last version, evaluated, holds every label."""
+    campaign = small_campaign(stop__final_training_s=0.0)
+    run, summary = run_campaign(tmp_path, campaign)
+    assert summary["labels"] == 24
+    final = summary["final_training"]
+    assert final["limit_s"] == 0.0 and final["applied"] is True
+    assert final["train_tasks"] <= campaign.model.n_members, final
+    state = json.loads((run.root / "state.json").read_text())
+    total = summary["labels"] + summary["initial_labels"]
+    assert [m["trained_on"] for m in state["members"]] == [total] * campaign.model.n_members
+    assert not any(m["fresh"] for m in state["members"]), "every member is in the last version"
     assert summary["test_errors"][-1]["version"] == summary["versions"]
 
 

@@ -206,8 +206,13 @@ class StopSettings(_Section):
     """Ensemble versions in a row, each with new segments in the window, at which the
     accurate ratio must hold before the campaign stops."""
     final_training_s: float = Field(60.0, ge=0)
-    """After a stop (other than the wall-time limit), training goes on this long on the
-    final labels before the last ensemble version is published, within max_wall_s."""
+    """Final training, in seconds of wall time: after a stop (other than the wall-time
+    limit), the members go on training on the final labels this long, within
+    ``max_wall_s``, before the last ensemble version is published and evaluated.
+    0 trains only as long as each member takes to take in the last labels in one more
+    training task (as every stop does), so that the last version holds every label:
+    the shortest end, e.g. for a smoke run, of which the 60 s default can be most.
+    ``summary.json`` says what it did (``final_training``)."""
 
 
 class ValidateSettings(_Section):

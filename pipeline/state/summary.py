@@ -33,6 +33,23 @@ class CampaignSummary:
     resumes: list[dict[str, Any]]
     active_by_system: Counter[str]
 
+    def final_training(self, events: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """What training did after the stop (None before one): ``limit_s``, the
+        campaign's ``stop.final_training_s``; ``applied``, whether it applied (not
+        after a wall-time stop); ``train_tasks``, the training tasks submitted after
+        the stop (with ``limit_s`` 0, at most one per member, which takes in the last
+        labels); ``s``, from the stop to the return of the last of them (0 without)."""
+        if not self.stop_reason:
+            return None
+        after = [e for e in events if e["kind"] == "train" and e["submitted"] > self.stop_time]
+        returned = [e["returned"] for e in after if e.get("returned")]
+        return {
+            "limit_s": self.campaign.stop.final_training_s,
+            "applied": not self.stop_reason.startswith("wall-time"),
+            "train_tasks": len(after),
+            "s": max(returned) - self.stop_time if returned else 0.0,
+        }
+
     def summary(self, events: list[dict[str, Any]], slots: dict[str, int]) -> dict[str, Any]:
         """What ``summary.json`` says about the campaign."""
         t_end = time.time()
@@ -51,6 +68,7 @@ class CampaignSummary:
             "started_at": self.t0,
             "wall_s": t_end - self.t0,
             "stopped_at_s": self.stop_time - self.t0 if self.stop_reason else None,
+            "final_training": self.final_training(events),
             "versions": len(self.versions),
             "has_test_set": self.campaign.has_test_set,
             "test_force_mae": [[e["labels"], e["wall_s"], e["force_mae"]] for e in errors],
