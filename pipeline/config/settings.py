@@ -148,7 +148,7 @@ def _describe(error: ValidationError, source: str) -> str:
 def _problem(item: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in item["loc"])
     if item["type"] == "extra_forbidden":
-        return f"unknown key '{key}': check its spelling (the README's Campaign settings)"
+        return f"unknown key '{key}': check its spelling (docs/settings.md lists every setting)"
     hint = _HINTS.get(item["type"], "")
     return f"'{key}': {item['msg']}{hint} (got {item.get('input')!r})"
 
