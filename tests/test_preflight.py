@@ -294,6 +294,14 @@ CASES = {
         lambda d: structure(d, "2\n\nCu 0 0 0\nCu 2.5 0 0\n2\n\nU 0 0 0\nU 2.8 0 0\n"),
         "No EMT-potential for U",
     ),
+    "final training negative": (
+        lambda d: campaign(d, "[stop]\nfinal_training_s = -1.0\n"),
+        "'stop.final_training_s'",
+    ),
+    "final training infinite": (
+        lambda d: campaign(d, "[stop]\nfinal_training_s = inf\n"),
+        "'stop.final_training_s'",
+    ),
     "calculator name misspelt": (
         lambda d: campaign(d, "", '[oracle]\ncalculator = "ase.calculators.emt:ETM"\n'),
         "oracle.calculator = 'ase.calculators.emt:ETM': module 'ase.calculators.emt' has no "
