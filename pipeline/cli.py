@@ -265,6 +265,10 @@ def _export(args: argparse.Namespace) -> int:
         print(f"{done['ensemble_file']}: ensemble version {done['ensemble_version']}")
     else:
         print("no ensemble published yet: no checkpoint exported")
+    for path in done.get("model_files") or []:
+        print(f"{path}: one member in its model's own format")
+    if done.get("test_file"):
+        print(f"{done['test_file']}: the held-out set, {done['test_structures']} labelled frames")
     print(f"{done['readme_file']}: how to load them")
     return 0
 

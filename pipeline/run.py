@@ -58,6 +58,7 @@ from palflow.pipeline.config.settings import campaign_from_dict, load_campaign  
 from palflow.pipeline.config.sites import load_site  # noqa: E402
 from palflow.pipeline.engine.coordinator import Apps, Coordinator  # noqa: E402
 from palflow.pipeline.engine.final_stage import validate_after  # noqa: E402
+from palflow.pipeline.engine.watchdog import WorkerStartWatch  # noqa: E402
 from palflow.pipeline.observe.live import LiveView, ReportRefresher  # noqa: E402
 from palflow.pipeline.observe.report import build_report  # noqa: E402
 from palflow.pipeline.resume.mend import mend_run  # noqa: E402
@@ -103,8 +104,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "pipeline/run.py") -> 
         "--final-training",
         type=float,
         metavar="SECONDS",
-        help="override stop.final_training_s: training on the final labels after a stop "
-        "(0 skips it; a smoke run's default 60 s is most of its time)",
+        help="override stop.final_training_s: how long training goes on after a stop "
+        "(0: each member only takes in the last labels once; the default 60 s is most of a "
+        "smoke run's time)",
     )
     parser.add_argument(
         "--resume",
@@ -345,7 +347,7 @@ def prepare_run(
             {key.split("__")[1]: value for key, value in overrides.items()}
         )
         campaign = campaign_from_dict(data, str(run.file(CAMPAIGN_FILE)))
-        check_calculator(campaign.oracle.calculator)
+        check_calculator(campaign.oracle.calculator, run.file(CAMPAIGN_FILE))
 
         run.lock()  # first: no other coordinator may be writing what is mended
         run.file(FAILURE_FILE).unlink(missing_ok=True)  # the last failure is history
@@ -358,18 +360,23 @@ def prepare_run(
     root = Path(args.run_dir or Path("runs") / name)
     if create:
         check_run_path(root, args.site)
-    starts = check_campaign(campaign, mpi_command)
+    starts = check_campaign(campaign, mpi_command, source=campaign_file)
     start = next(iter(starts.values()))[0]
     if not create:
         return campaign, None, start
     return campaign, RunDirectory.create(root, campaign.model_dump()), start
 
 
-def watch(coordinator, run, interactive: bool):
-    """Attach the live view and the report refresher to ``coordinator``."""
+def watch(coordinator, run, interactive: bool, site=None):
+    """Attach the live view, the report refresher and, where the site sets
+    ``worker_start_timeout_s``, the watch on workers that never start."""
+    import parsl
 
     view, refresher = LiveView(interactive), ReportRefresher(run.root)
     coordinator.observers += [view, refresher]
+    if site is not None and site.worker_start_timeout_s:
+        executors = parsl.dfk().executors
+        coordinator.observers.append(WorkerStartWatch(executors, site.worker_start_timeout_s))
     return view, refresher
 
 
@@ -407,7 +414,7 @@ def execute(campaign, run, site, start, interactive: bool = False) -> dict:
             )
         else:
             coordinator = Coordinator(campaign, run, Apps.parsl(), site.slots, start, **options)
-        view, refresher = watch(coordinator, run, interactive)
+        view, refresher = watch(coordinator, run, interactive, site)
         try:
             summary = coordinator.run()
         finally:
@@ -436,7 +443,7 @@ def execute_side_by_side(prepared: list[tuple], site, reasons: dict) -> list[dic
             coordinator = Coordinator(
                 campaign, run, Apps.parsl(), site.slots, start, **site.coordinator_options(campaign)
             )
-            view, refresher = watch(coordinator, run, interactive=False)
+            view, refresher = watch(coordinator, run, interactive=False, site=site)
             try:
                 summaries[index] = coordinator.run()
             finally:

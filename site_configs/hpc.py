@@ -40,6 +40,11 @@ slots = {
 # PALFLOW_MONITORING=1 or True here turns it on. Needs: pip install "parsl[monitoring]".
 MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
 
+# Longest wait (s) for a module's first worker while its tasks wait: past it, the run
+# stops as failed and names the pilot jobs and why Slurm holds them (squeue's reason).
+# EDIT: longer where your queue routinely waits more; None waits however long it takes.
+worker_start_timeout_s = 4 * 3600
+
 config = Config(
     executors=[
         MPIExecutor(  # each oracle task may span ranks and nodes

@@ -53,6 +53,9 @@ def executor(label: str, workers: int) -> HighThroughputExecutor:
 # PALFLOW_MONITORING=1 or True here turns it on. Needs: pip install "parsl[monitoring]".
 MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
 
+# Longest wait (s) for a module's first worker (local processes start in seconds).
+worker_start_timeout_s = 300
+
 config = Config(
     executors=[executor(label, WORKERS[label]) for label in MODULES],
     run_dir="runinfo",  # Parsl's own logs, beside the campaign's run directory

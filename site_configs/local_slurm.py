@@ -51,6 +51,10 @@ def _provider(partition: str, options: str = "", launcher=None) -> SlurmProvider
 # PALFLOW_MONITORING=1 or True here turns it on. Needs: pip install "parsl[monitoring]".
 MONITORING = os.environ.get("PALFLOW_MONITORING", "0") == "1"
 
+# Longest wait (s) for a module's first worker: this cluster starts a job at once, so a
+# job still pending after this is held, or asks for what the node does not have.
+worker_start_timeout_s = 300
+
 config = Config(
     executors=[
         MPIExecutor(

@@ -119,11 +119,9 @@ def test_a_run_from_a_folder_of_ones_own_with_init_files(tmp_path):
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["failed"] is False
-    # --final-training 0: no training task started after the stop.
-    assert json.loads((run / "campaign.json").read_text())["stop"]["final_training_s"] == 0.0
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    stop = summary["started_at"] + summary["stopped_at_s"]
-    assert not [e for e in events if e["kind"] == "train" and e["submitted"] > stop + 0.5]
+    # --final-training 0: after the stop, each member only takes in the last labels.
+    assert summary["final_training"]["limit_s"] == 0.0
+    assert summary["final_training"]["train_tasks"] <= load_campaign().model.n_members
     status = palflow("status", str(run), "--json", cwd=home)
     facts = json.loads(status.stdout)
     assert facts["state"] == "finished"
@@ -242,3 +240,32 @@ def test_site_check_reads_placeholders_off_the_syntax_tree(tmp_path):
         "s.py line 2: A is still the placeholder 'YOUR_ACCOUNT': edit it to your cluster's value",
         "s.py line 4: C is still the placeholder 'YOUR_X': edit it to your cluster's value",
     ]
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_pilot_jobs_that_never_start_stop_the_run_after_the_sites_timeout(slurm_cluster, tmp_path):
+    """The blocks are submitted but held (``#SBATCH --hold``): after the site's
+    ``worker_start_timeout_s`` the run stops as failed, naming the jobs and Slurm's
+    reason, without waiting for the oracle tasks that cannot run; the jobs are gone."""
+    text = (ROOT / "site_configs" / "local_slurm.py").read_text()
+    text = text.replace(
+        '"#SBATCH --oversubscribe\\n"', '"#SBATCH --oversubscribe\\n#SBATCH --hold\\n"'
+    )
+    text = text.replace("worker_start_timeout_s = 300", "worker_start_timeout_s = 20")
+    assert "--hold" in text and "worker_start_timeout_s = 20" in text
+    site = tmp_path / "held.py"
+    site.write_text(text)
+    done = palflow(
+        "run", "--site", str(site), "--campaign", str(small_campaign(tmp_path)),
+        "--run-dir", str(tmp_path / "run"), cwd=tmp_path, timeout=240,
+    )  # fmt: skip
+    console = done.stdout + done.stderr
+    assert done.returncode == 1, console[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    reason = summary["failure"]
+    assert reason.startswith("the oracle executor started no worker within 20 s"), reason
+    assert "PENDING (JobHeldUser)" in reason and summary["oracle_failures"] == 0
+    assert "Traceback" not in console and len(console.splitlines()) < 60, console
+    queue = subprocess.run(["squeue", "-h", "-o", "%j %T"], capture_output=True, text=True)
+    assert "parsl" not in queue.stdout, queue.stdout

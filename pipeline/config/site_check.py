@@ -224,7 +224,7 @@ def check_site(site_name: str, campaign_file: str | None = None) -> CheckResult:
 
         try:
             campaign = load_campaign(campaign_file)
-            check_campaign(campaign, site.mpi_command)
+            check_campaign(campaign, site.mpi_command, source=campaign_file)
         except (InputError, ValidationError) as error:
             result.problems.append(" ".join(str(error).split()))
         else:

@@ -5,8 +5,10 @@ A site is a plain Python module; :class:`SiteSchema` is all palflow reads from i
 (preferred when both exist: a Config loads only once); ``slots``, positive ints of
 tasks in flight per label of :data:`palflow.apps.contracts.MODULES`; ``mpi_command``,
 ``"parsl"`` or a launcher template with ``{ranks}``, ``{nodes}``, ``{hosts}`` (see
-:func:`palflow.apps.oracles.calculators.mpi_prefix`); and ``MONITORING``, a bool that
-requires the config to carry a MonitoringHub (shipped sites set it from ``PALFLOW_MONITORING=1``).
+:func:`palflow.apps.oracles.calculators.mpi_prefix`); ``MONITORING``, a bool that
+requires the config to carry a MonitoringHub (shipped sites set it from
+``PALFLOW_MONITORING=1``); and ``worker_start_timeout_s``, the longest wait for an
+executor's first worker.
 
 Names starting with ``_``, UPPER_CASE constants, imports, functions and classes are
 the file's own. Any other public name, or one resembling a schema name (``slot``,
@@ -64,6 +66,10 @@ class SiteSchema(BaseModel):
     :func:`palflow.apps.oracles.calculators.mpi_prefix`."""
     MONITORING: bool = False
     """Parsl's MonitoringHub is on (the config then carries it)."""
+    worker_start_timeout_s: float | int | None = Field(None, gt=0)
+    """Longest wait (s) for an executor's first worker while its tasks wait; then the
+    campaign stops as failed, naming the pilot jobs and why they wait. None waits as
+    long as the queue takes."""
 
     @field_validator("config")
     @classmethod
@@ -107,6 +113,8 @@ class Site:
     specification, and Parsl composes its launch prefix."""
     monitoring: bool = False
     """The site's ``MONITORING`` switch: Parsl's MonitoringHub records the run."""
+    worker_start_timeout_s: float | None = None
+    """See :attr:`SiteSchema.worker_start_timeout_s`."""
 
     def oracle_resources(self, ranks: int, nodes: int) -> dict[str, int] | None:
         """The resource specification oracle tasks carry on this site, if any."""
@@ -203,7 +211,7 @@ def validate_site(module: types.ModuleType, path: Path) -> SiteSchema:
         problems += _problems(error)
     if not problems:
         return schema
-    known = "config or fresh_config(), slots, mpi_command, MONITORING"
+    known = "config or fresh_config(), slots, mpi_command, MONITORING, worker_start_timeout_s"
     if any(problem.startswith("unknown") for problem in problems):
         problems.append(f"a site sets {known}; name values of its own _private or UPPER_CASE")
     raise SiteError(f"{path}: " + "; ".join(problems))
@@ -277,4 +285,5 @@ def load_site(name: str, allow_placeholders: bool = False) -> Site:
         mpi_command=schema.mpi_command,
         oracle_mpi=bool(getattr(oracle, "enable_mpi_mode", False)),
         monitoring=schema.MONITORING,
+        worker_start_timeout_s=schema.worker_start_timeout_s,
     )

@@ -34,6 +34,9 @@ class StopPolicy:
         self.state = state
         self.watchdog = Watchdog(campaign, state)
         self.exploration = ExplorationTally(campaign)
+        self.dead_modules: set[str] = set()
+        """Modules whose executor cannot start workers: a stop waits for none of their
+        tasks."""
 
     @property
     def stopping(self) -> bool:
@@ -52,7 +55,8 @@ class StopPolicy:
     def keep_waiting(self, engine: Engine) -> bool:
         """Whether the loop waits for tasks in flight: always, until a stop; then only
         for the tasks a stop drains."""
-        return not self.stopping or bool(engine.tasks(*DRAINED_KINDS))
+        drained = [t for t in engine.tasks(*DRAINED_KINDS) if t.module not in self.dead_modules]
+        return not self.stopping or bool(drained)
 
     def final_training(self) -> bool:
         """Whether training goes on after a stop, on the labels the campaign has."""
@@ -92,6 +96,12 @@ class StopPolicy:
 
     def cannot_run(self, task: TaskRecord, reason: str) -> None:
         """An executor cannot start workers: the campaign stops as failed at once."""
+        self.cannot_start(task.module, reason)
+
+    def cannot_start(self, module: str, reason: str) -> None:
+        """The executor of ``module`` cannot start workers: stop as failed, and never
+        wait for its tasks (they would not run)."""
+        self.dead_modules.add(module)
         self.watchdog.fail(reason)
 
     def fail(self, reason: str) -> None:

@@ -253,6 +253,87 @@ def provider_failure(error: BaseException, module: str) -> str | None:
     )
 
 
+class WorkerStartWatch:
+    """An observer of the coordinator's loop (see
+    :attr:`~palflow.pipeline.engine.core.Engine.observers`): the executor of a module
+    that has had tasks waiting ``timeout_s`` seconds without a single worker ever
+    connecting (its pilot jobs queued and never started, or started and never
+    reached the coordinator) stops the campaign as failed, naming the jobs and, on
+    Slurm, why they wait (``squeue``'s reason).
+
+    Parameters
+    ----------
+    executors
+        The loaded Parsl executors by label; those without a provider (thread
+        pools) are not watched.
+    timeout_s
+        The site's ``worker_start_timeout_s``.
+    """
+
+    def __init__(self, executors: dict[str, Any], timeout_s: float, every_s: float = 5.0) -> None:
+        self.executors = {
+            label: executor
+            for label, executor in executors.items()
+            if getattr(executor, "provider", None) is not None
+            and hasattr(executor, "connected_managers")
+        }
+        self.timeout_s = timeout_s
+        self.every_s = every_s
+        self.waiting_since: dict[str, float] = {}
+        self.started: set[str] = set()
+        self._last = 0.0
+
+    def __call__(self, coordinator: Any) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        for label, executor in self.executors.items():
+            if label in self.started:
+                continue
+            if executor.connected_managers():
+                self.started.add(label)
+                continue
+            if not coordinator.engine.busy(label):
+                continue
+            since = self.waiting_since.setdefault(label, now)
+            if now - since >= self.timeout_s:
+                reason = (
+                    f"the {label} executor started no worker within {self.timeout_s:g} s "
+                    f"(the site's worker_start_timeout_s): {_jobs_text(executor)}"
+                )
+                coordinator.policy.cannot_start(label, reason)
+                self.started.add(label)  # said once
+
+
+def _jobs_text(executor: Any) -> str:
+    """The executor's pilot jobs and their states, with Slurm's reason for waiting."""
+    import shutil
+    import subprocess
+
+    jobs = dict(getattr(executor, "blocks_to_job_id", {}))
+    if not jobs:
+        return "no pilot job was submitted"
+    states = {}
+    if shutil.which("squeue") and type(executor.provider).__name__ == "SlurmProvider":
+        done = subprocess.run(
+            ["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(jobs.values())],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        for line in done.stdout.splitlines():
+            job, state, why = (line.split(maxsplit=2) + ["", ""])[:3]
+            states[job] = f"{state} ({why})" if why and why != "None" else state
+    return "; ".join(
+        f"block {block}: job {job} {states.get(job, 'state unknown')}"
+        for block, job in sorted(jobs.items())
+    )
+
+
 class RepeatLog:
     """Log an error in full the first time; its repeats as a counted line, sparsely.
 
