@@ -199,7 +199,7 @@ class StopSettings(_Section):
     ``accurate_versions`` ensemble versions in a row (DP-GEN's accurate ratio). Needs
     no held-out set; 0 disables. Its meaning rests on the lower trust level: with a
     calibrated threshold at your target force error, 0.5 means that the median explored
-    frame is expected below the target (see README, "Is it done")."""
+    frame is expected below the target (see docs/concepts.md, "Is it done")."""
     accurate_window: int = Field(8, ge=1)
     """Generator segments per system, the most recent, that the ratios are taken over."""
     accurate_versions: int = Field(3, ge=1)
