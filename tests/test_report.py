@@ -1,5 +1,6 @@
 """Seeing a run: the report from a recorded run directory, the live view, monitoring."""
 
+import itertools
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from palflow.pipeline.observe.live import LabelRate, LiveView, plain_line, render, snapshot
@@ -154,8 +156,8 @@ def test_cli_run_writes_its_report_and_parsl_monitoring(tmp_path):
             os.environ["PALFLOW_MONITORING"] = env_before
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(figures_in((run_dir / "report.html").read_text())) == set(FIGURES)
-    # --quiet keeps the progress lines: a batch job's log stays readable.
-    assert "palflow.progress" in result.stderr and "labels 12/12" in result.stderr
+    # --quiet: warnings only, the progress lines included (palflow run --help).
+    assert "palflow.progress" not in result.stderr and "labels 12/12" not in result.stderr
     database = run_dir / "parsl" / "monitoring.db"
     assert database.exists()
     with sqlite3.connect(database) as db:
@@ -322,3 +324,245 @@ def test_a_run_without_a_test_set_reports_ratios_and_calibration(tmp_path):
     assert "no held-out set" in page and "no independent test error" in page
     assert "0.90 accurate" in page and "force error ≈ 1.50 · spread" in page
     assert 'id="convergence"' in page and "could not draw" not in page
+
+
+# ------------------------------------------------------------ the figures as seen
+def _in_view(axis, tick) -> bool:
+    low, high = sorted(axis.get_view_interval())
+    slack = 1e-9 * max(abs(high - low), 1e-300)
+    return low - slack <= tick.get_loc() <= high + slack
+
+
+def texts_of(axes) -> list[tuple[str, object]]:
+    """The text a reader sees of one axes: axis labels, tick labels (major and minor,
+    within the view), offset texts, titles, the legend, and texts and annotations."""
+    out: list[tuple[str, object]] = []
+    for name, axis in (("x", axes.xaxis), ("y", axes.yaxis)):
+        if axis.label.get_visible() and axis.label.get_text():
+            out.append((f"{name} label {axis.label.get_text()!r}", axis.label))
+        for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+            if not (tick.get_visible() and _in_view(axis, tick)):
+                continue
+            for label in (tick.label1, tick.label2):
+                if label.get_visible() and label.get_text():
+                    out.append((f"{name} tick {label.get_text()!r}", label))
+        if axis.offsetText.get_visible() and axis.offsetText.get_text():
+            out.append((f"{name} offset {axis.offsetText.get_text()!r}", axis.offsetText))
+    for title in (axes.title, axes._left_title, axes._right_title):
+        if title.get_visible() and title.get_text():
+            out.append((f"title {title.get_text()!r}", title))
+    if axes.legend_ is not None and axes.legend_.get_visible():
+        out.append(("legend", axes.legend_))
+    out += [(f"text {t.get_text()!r}", t) for t in axes.texts if t.get_visible() and t.get_text()]
+    return out
+
+
+def overlapping_text(figure) -> list[str]:
+    """Every pair of boxes from different axes that intersect: the text of one axes
+    (:func:`texts_of`) against the text and the plotting area of another, and the
+    figure's own texts (the suptitle) against all of them. Boxes are Matplotlib's own
+    extents, measured with the figure's renderer once it is drawn. A twin axes shares
+    its parent's area, so only their texts are compared with each other."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    boxes = []  # (owner, what, extent, area of the owner or None)
+    for index, axes in enumerate(figure.axes):
+        area = axes.get_window_extent(renderer)
+        boxes.append((index, "plotting area", area, area))
+        for what, artist in texts_of(axes):
+            boxes.append((index, what, artist.get_window_extent(renderer), area))
+    for text in figure.texts:
+        if text.get_visible() and text.get_text():
+            boxes.append(
+                (-1, f"figure text {text.get_text()!r}", text.get_window_extent(renderer), None)
+            )
+    found = []
+    for (i, a, box_a, area_a), (j, b, box_b, area_b) in itertools.combinations(boxes, 2):
+        if i == j or (a == b == "plotting area"):
+            continue
+        twins = (
+            area_a is not None and area_b is not None and np.allclose(area_a.bounds, area_b.bounds)
+        )
+        if twins and "plotting area" in (a, b):
+            continue
+        if box_a.overlaps(box_b):
+            found.append(
+                f"axes {i} {a} {np.round(box_a.extents).astype(int).tolist()} x "
+                f"axes {j} {b} {np.round(box_b.extents).astype(int).tolist()}"
+            )
+    return found
+
+
+def test_the_overlap_check_sees_a_twin_axis_run_into_its_neighbour():
+    """The learning curve as it was drawn before energy had its own panel: force and
+    energy on twin axes, two panels side by side without a layout engine. The left
+    panel's twin ran into the right panel's labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for axis in (left, right):
+        axis.plot([0, 10, 20], [0.6, 0.3, 0.2])
+        axis.set_yscale("log")
+        axis.set_ylabel("test force MAE, eV/Å")
+        twin = axis.twinx()
+        twin.plot([0, 10, 20], [400, 200, 100])
+        twin.set_ylabel("test energy MAE, meV/atom")
+    found = overlapping_text(figure)
+    plt.close(figure)
+    # The left twin's label and tick labels against the right panel's tick labels; the
+    # right panel's label inside the left panel's plotting area.
+    assert any("y label 'test energy MAE" in f and "y tick" in f for f in found), found
+    assert any("y tick" in f.split(" x ")[0] and "y tick" in f.split(" x ")[1] for f in found)
+    assert any("y label 'test force MAE" in f and "plotting area" in f for f in found), found
+
+
+def stretched(data, factor: float):
+    """``data`` as if every task and every interval between them had taken ``factor``
+    times as long: a run of hours instead of seconds (wider time tick labels, longer
+    idle gaps)."""
+    import copy
+
+    keys = ("submitted", "returned", "started", "ended")
+    long = copy.copy(data)
+    long.events = [
+        {**e, **{k: data.t0 + factor * (e[k] - data.t0) for k in keys if e.get(k)}}
+        for e in data.events
+    ]
+    long.metrics = [
+        {**row, "wall_s": factor * row["wall_s"]} if row.get("wall_s") else row
+        for row in data.metrics
+    ]
+    long.t1 = data.t0 + factor * (data.t1 - data.t0)
+    return long
+
+
+@pytest.fixture(scope="module")
+def recorded_data(recorded_run):
+    from palflow.pipeline.observe.run_data import RunData
+
+    return RunData(recorded_run[0])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stem", list(FIGURES))
+def test_no_text_of_a_report_figure_runs_into_another_panel(recorded_data, stem):
+    """Every report figure of a real run, as recorded (seconds) and stretched to eight
+    hours: no label, tick label, title, legend or annotation of one panel intersects
+    another panel's text or plotting area, or the suptitle."""
+    import matplotlib.pyplot as plt
+
+    from palflow.pipeline.observe.figures import draw
+
+    for data, seen_as in ((recorded_data, "as recorded"), (stretched(recorded_data, 3000), "8 h")):
+        figure = draw(stem, data)
+        found = overlapping_text(figure)
+        drawn = [t.get_text() for a in figure.axes for t in a.texts]
+        plt.close(figure)
+        assert not any(t.startswith("could not draw") for t in drawn), drawn
+        assert found == [], f"{stem} ({seen_as}): " + "\n".join(found)
+
+
+def test_uncertainty_shows_every_version_of_the_run(tmp_path):
+    """55 versions, MD frames under the first 39 only (the generator stopped at the
+    label budget; training went on): the figure spans all 55, shades those without
+    MD, and its histograms are an even sample that includes v39."""
+    import matplotlib.pyplot as plt
+
+    from palflow.pipeline.observe.figures import even_sample, plot_uncertainty
+    from palflow.pipeline.observe.run_data import RunData
+
+    rows = [{**OLD_ROWS[0], "version": v, "labels": min(8 * v, 300)} for v in range(1, 56)]
+    root = fake_run(tmp_path / "run", rows)
+    (root / "generator").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for segment, versions in enumerate((range(1, 20), range(20, 40)), start=1):
+        version = np.repeat(list(versions), 6)
+        np.savez(
+            root / "generator" / f"walker000.seg{segment:05d}.npz",
+            force_disagreement=rng.lognormal(-1.5, 0.5, len(version)),
+            ensemble_version=version,
+        )
+    figure = plot_uncertainty(RunData(root))
+    every, histograms = figure.axes
+    assert every.get_xlim() == (0.5, 55.5)
+    assert "39 of 55 versions" in every.get_title()
+    assert every.get_legend_handles_labels()[1][0] == "no MD under v40-v55"
+    medians = every.containers[0].lines[0]
+    assert list(medians.get_xdata()) == list(range(1, 40)), "one mark per version with frames"
+    shown = [label for label in histograms.get_legend_handles_labels()[1] if label[0] == "v"]
+    assert shown == [f"v{v}" for v in even_sample(list(range(1, 40)), 8)]
+    assert shown[0] == "v1" and shown[-1] == "v39" and len(shown) == 8
+    assert "8 of 39 versions with MD frames, evenly spaced, first and last included" in (
+        histograms.get_title()
+    )
+    plt.close(figure)
+    assert even_sample([3, 5, 9], 8) == [3, 5, 9]
+    assert even_sample(list(range(10)), 4) == [0, 3, 6, 9]
+
+
+def test_the_report_names_each_spearman_rho(recorded_run, recorded_data):
+    """The table's rho ranks the held-out frames by the latest ensemble; the figure's
+    pools the active labels of every version: each says which it is."""
+    import matplotlib.pyplot as plt
+
+    from palflow.pipeline.observe.figures import plot_uncertainty_vs_error
+
+    figure = plot_uncertainty_vs_error(recorded_data)
+    title = figure.axes[0].get_title()
+    plt.close(figure)
+    assert re.match(r"Spearman rho over \d+ active labels: spread when picked", title), title
+    assert "not the table's rho" in title and "held-out frames" in title
+    html = build_report(recorded_run[0]).read_text()
+    last = [r for r in recorded_data.metrics if r.get("uncertainty_spearman") is not None][-1]
+    row = re.search(r"<tr><th>(Spearman rho[^<]*)</th><td>([^<]*)</td></tr>", html)
+    assert row.group(2) == f"{last['uncertainty_spearman']:.2f}"
+    assert f"latest ensemble (v{last['version']}) on 8 held-out frames" in row.group(1)
+    assert "not the rho of the uncertainty figure, over active labels" in row.group(1)
+    assert "latest uncertainty Spearman rho" not in html, "the unnamed row is gone"
+
+
+def test_the_oracle_figure_counts_what_palflow_status_counts(recorded_data):
+    """The label batches and the held-out set's oracle MD (12 and 1 with the default
+    seed): ``palflow status`` counts 13 oracle tasks, and so does the figure (it used to
+    count the label batches alone). With no failure there is no empty failure panel;
+    with failures there is."""
+    import copy
+
+    import matplotlib.pyplot as plt
+
+    from palflow.pipeline.cli import tasks_by_module
+    from palflow.pipeline.observe.figures import plot_oracle
+
+    status = tasks_by_module(recorded_data.events)["oracle"]
+    figure = plot_oracle(recorded_data)
+    assert len(figure.axes) == 1, "no failures: no failure panel"
+    (axis,) = figure.axes
+    title = axis.get_title()
+    assert title.startswith(f"{status['finished']} oracle tasks (palflow status's count)")
+    batches = sum(1 for e in recorded_data.events if e["kind"] == "label")
+    assert status["finished"] == batches + 1, "the label batches and the held-out set's MD"
+    assert f"{batches} label batches, 1 held-out set MD" in title, title
+    assert "no oracle failures" in title
+    drawn = sum(patch.get_height() for patch in axis.patches)
+    assert drawn == status["finished"] - status["failed"] == batches + 1
+    plt.close(figure)
+
+    failing = copy.copy(recorded_data)
+    failing.state = {**recorded_data.state, "task_failures": {"7": "timeout: 60 s", "8": "scf: x"}}
+    lost = {"task": 999, "kind": "label", "module": "oracle", "ok": False, "error": "lost"}
+    failing.events = [*recorded_data.events, lost]
+    figure = plot_oracle(failing)
+    times, failures = figure.axes
+    assert times.get_title().startswith(
+        f"{tasks_by_module(failing.events)['oracle']['finished']} oracle tasks"
+    )
+    assert "1 failed without a duration, not drawn" in times.get_title()
+    bars = {
+        t.get_text(): p.get_height()
+        for t, p in zip(failures.get_xticklabels(), failures.patches, strict=True)
+    }
+    assert bars == {"timeout": 1, "scf": 1, "task failed": 1}
+    plt.close(figure)

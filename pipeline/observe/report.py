@@ -30,6 +30,9 @@ from palflow.pipeline.state.rundir import (
 
 logger = logging.getLogger(__name__)
 
+HELD_OUT_RHO = "Spearman rho, largest atomic force spread vs mean absolute force error"
+"""The facts table's rank correlation (``uncertainty_spearman`` of ``metrics.jsonl``)."""
+
 
 # --------------------------------------------------------------------------- HTML
 def _facts(data: RunData) -> list[tuple[str, str]]:
@@ -79,8 +82,18 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
         facts.append(("latest validation force MAE", f"{last['val_force_mae']:.4f} eV/Å"))
     if last.get("held_back") is not None:
         facts.append(("members held back by the gate (latest)", str(last["held_back"])))
-    if last.get("uncertainty_spearman") is not None:
-        facts.append(("latest uncertainty Spearman rho", f"{last['uncertainty_spearman']:.2f}"))
+    ranked = [row for row in data.metrics if row.get("uncertainty_spearman") is not None]
+    if ranked:
+        row = ranked[-1]
+        frames = sum(group[2] for group in row.get("reliability_test") or [])
+        on = f"{frames} held-out frames" if frames else "the held-out frames"
+        facts.append(
+            (
+                f"{HELD_OUT_RHO} per frame, latest ensemble (v{row.get('version', '?')}) on "
+                f"{on} (not the rho of the uncertainty figure, over active labels)",
+                f"{row['uncertainty_spearman']:.2f}",
+            )
+        )
     if summary.get("learning_curve_area") is not None:
         facts.append(("learning-curve area", f"{summary['learning_curve_area']:.4f} eV/Å"))
     if data.validation:
