@@ -5,7 +5,10 @@
     cli.py / run.py           the command line: validate every input, make the run directory
           |
     config/                   settings.py (the campaign, loading it), sections.py,
-          |                   model_settings.py, models.py, sites.py, preflight.py
+          |                   model_settings.py, models.py, sites.py, preflight.py,
+          |                   quick.py (the first look, before heavy imports),
+          |                   site_check.py (palflow check), starter.py (palflow init),
+          |                   reference.py (docs/settings.md, from the schema)
     engine/coordinator.py     one campaign: wires the pieces, resumes, writes the summary
           |
     engine/core.py            tasks in flight, slots per module, the wait loop, observers

@@ -28,31 +28,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from palflow import apps
-from palflow.apps.contracts import MODULES, failure_counts
 from palflow.apps.errors import InputError
-from palflow.pipeline import run
-from palflow.pipeline.config.sites import load_site
-from palflow.pipeline.engine.validation import summary_lines, validate_run
-from palflow.pipeline.observe.report import build_report
-from palflow.pipeline.observe.run_data import run_outcome
-from palflow.pipeline.state import run_files
-from palflow.pipeline.state.export import (  # noqa: F401 (the export command's names)
-    EXPORTED_ENSEMBLE,
-    EXPORTED_LABELS,
-    EXPORTED_README,
-    export_run,
-    labelled_frames,
-)
-from palflow.pipeline.state.rundir import (
-    CAMPAIGN_FILE,
-    LABELS_DB,
-    METRICS_FILE,
-    STATE_FILE,
-    SUMMARY_FILE,
-    RunDirectory,
-    RunDirectoryError,
-)
+
+# The commands import what they need when they run: a typo on the command line is
+# answered before Parsl, ASE or torch load.
+_EXPORT_NAMES = ("EXPORTED_ENSEMBLE", "EXPORTED_LABELS", "EXPORTED_README", "export_run")
+
+
+def __getattr__(name: str) -> Any:
+    """The export command's names (``palflow.pipeline.cli.export_run``), on first use."""
+    if name in _EXPORT_NAMES or name == "labelled_frames":
+        from palflow.pipeline.state import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +71,14 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
     RunDirectoryError
         When ``root`` is not a run directory.
     """
+    from palflow.apps.contracts import failure_counts
+    from palflow.pipeline.state.rundir import (
+        CAMPAIGN_FILE,
+        METRICS_FILE,
+        SUMMARY_FILE,
+        RunDirectory,
+    )
+
     run = RunDirectory.open(root)  # reading only: no lock
     campaign = run.read_json(CAMPAIGN_FILE) or {}
     summary = run.read_json(SUMMARY_FILE) or {}
@@ -118,10 +116,11 @@ def run_status_facts(root: str | Path) -> dict[str, Any]:
     }
 
 
-def run_state(run: RunDirectory, state: dict, events: list[dict]) -> tuple[str, str | None]:
+def run_state(run, state: dict, events: list[dict]) -> tuple[str, str | None]:
     """``running``, ``finished``, ``failed``, ``stopped early`` or ``not started``, and
     the whole reason of a run that has ended (the report says the same:
     :func:`~palflow.pipeline.observe.run_data.run_outcome`)."""
+    from palflow.pipeline.observe.run_data import run_outcome
 
     status, reason = run_outcome(run.root)
     if status in ("running", "finished", "failed"):
@@ -139,10 +138,12 @@ def tasks_by_module(events: list[dict]) -> dict[str, dict[str, int]]:
     }
 
 
-def count_labels(run: RunDirectory) -> tuple[int | None, int | None]:
+def count_labels(run) -> tuple[int | None, int | None]:
     """Active and initial labels in ``labels.db`` (``source`` of each row); zeros
     before it exists, and ``(None, None)`` when it cannot be read now."""
     import sqlite3
+
+    from palflow.pipeline.state.rundir import LABELS_DB
 
     path = run.file(LABELS_DB)
     # ASE creates the tables of an empty file: never hand it one, or this reader
@@ -157,9 +158,11 @@ def count_labels(run: RunDirectory) -> tuple[int | None, int | None]:
         return None, None
 
 
-def elapsed_s(run: RunDirectory, summary: dict, state: dict, state_name: str) -> float | None:
+def elapsed_s(run, summary: dict, state: dict, state_name: str) -> float | None:
     """Wall time of the campaign (s): the summary's once stopped; while running, the
     last saved state's plus the time since it was saved."""
+    from palflow.pipeline.state.rundir import STATE_FILE
+
     if state_name in ("finished", "failed") and "wall_s" in summary:
         return summary["wall_s"]
     if "elapsed_s" not in state:
@@ -239,11 +242,15 @@ def _clock(seconds: float) -> str:
 
 
 def _module_order(module: str) -> int:
+    from palflow.apps.contracts import MODULES
+
     return MODULES.index(module) if module in MODULES else len(MODULES)
 
 
 # ------------------------------------------------------------------------ commands
 def _status(args: argparse.Namespace) -> int:
+    from palflow.pipeline.state import run_files
+
     # A torn last line is what a running coordinator leaves mid-write, not news.
     logging.getLogger(run_files.__name__).setLevel(logging.ERROR)
     facts = run_status_facts(args.run_dir)
@@ -252,6 +259,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from palflow.pipeline.observe.report import build_report
+    from palflow.pipeline.state.rundir import RunDirectory
 
     RunDirectory.open(args.run_dir)
     print(build_report(args.run_dir))
@@ -259,6 +268,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from palflow.pipeline.state.export import export_run
+
     done = export_run(args.run_dir, args.to)
     print(f"{done['labels_file']}: {done['labels']} labels")
     if done["ensemble_file"]:
@@ -274,6 +285,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from palflow import apps
+    from palflow.pipeline.config.sites import load_site
+    from palflow.pipeline.engine.validation import summary_lines, validate_run
+    from palflow.pipeline.state.rundir import RunDirectory, RunDirectoryError
+
     run = RunDirectory.open(args.run_dir)
     if not run.ensembles():  # before any site is loaded: nothing created
         raise RunDirectoryError(
@@ -388,10 +404,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_look(argv: list[str]) -> None:
+    """:func:`~palflow.pipeline.config.quick.first_look` on the ``--site`` and
+    ``--campaign`` values of a ``palflow run`` command line (argparse judges the rest
+    later)."""
+    from palflow.pipeline.config.quick import first_look
+
+    values: dict[str, list[str]] = {"--site": [], "--campaign": []}
+    for index, word in enumerate(argv):
+        option, equals, value = word.partition("=")
+        if option in values:
+            if equals:
+                values[option].append(value)
+            elif index + 1 < len(argv) and not argv[index + 1].startswith("-"):
+                values[option].append(argv[index + 1])
+    sites = values["--site"]
+    first_look(sites[-1] if sites else None, values["--campaign"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``palflow`` command; returns its exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
+        try:  # a missing file is answered before the run's imports
+            _first_look(argv[1:])
+        except InputError as error:
+            print(f"palflow: error: {error}", file=sys.stderr)
+            return 2
+        from palflow.pipeline import run
+
         return run.main(argv[1:], prog="palflow run")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,11 +1,15 @@
 """A Slurm cluster: CPU nodes label and explore, GPU nodes train and infer.
 
-Run the campaign on a login node, inside the venv palflow is installed in:
+Copy it rather than edit it (``palflow init --site hpc`` writes the copy, site.py),
+edit the lines marked EDIT (docs/sites.md, "Adapting hpc.py to your cluster", lists
+them), check it, then run the campaign on a login node, inside the venv palflow is
+installed in:
 
-    python pipeline/run.py --site hpc.py
+    palflow check --site site.py --campaign campaign.toml
+    palflow run --site site.py --campaign campaign.toml
 
-Edit the lines marked EDIT; the README's "Adapting hpc.py" lists them. Each module
-gets its own pilot jobs (blocks), so a slow DFT queue never holds up training.
+Each module gets its own pilot jobs (blocks), so a slow DFT queue never holds up
+training.
 """
 
 import os

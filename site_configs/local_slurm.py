@@ -4,7 +4,7 @@ Partition ``cpu`` runs the oracle and MD, partition ``gpu`` (GRES gpu:2, stand-i
 devices) runs training and inference, every module in its own pilot jobs submitted
 with sbatch, exactly as on a cluster. Used by the Slurm integration tests:
 
-    python pipeline/run.py --site local_slurm.py
+    palflow run --site local_slurm.py
 """
 
 import os

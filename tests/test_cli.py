@@ -194,7 +194,7 @@ def test_bad_input_exits_2_with_nothing_created(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2
     assert err.strip().splitlines() == [
-        "palflow: error: oracle.calculator: cannot import module 'no_such' of 'no_such:Calc': "
-        "No module named 'no_such'"
+        f"palflow: error: {campaign}: oracle.calculator = 'no_such:Calc': cannot import module "
+        "'no_such' of 'no_such:Calc': No module named 'no_such'"
     ]
     assert set(tmp_path.iterdir()) == before

@@ -17,7 +17,6 @@ finish within ten minutes on two CPU cores. A TOML file overrides any of them::
 from __future__ import annotations
 
 import logging
-import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,14 @@ from typing import Any
 from pydantic import Field, ValidationError, model_serializer, model_validator
 
 # The members' sections live in config/model_settings.py and apps/sections.py; re-exported here.
-from palflow.apps.errors import SettingsError
+from palflow.apps.errors import SettingsError  # noqa: F401 (CampaignError's base)
 from palflow.pipeline.config.model_settings import (  # noqa: F401
     DEFAULT_MODEL,
     ModelSettings,
     TrainingSettings,
     _Section,
 )
+from palflow.pipeline.config.quick import CampaignError, read_campaign_file
 from palflow.pipeline.config.sections import (
     NAME_PATTERN,
     GeneratorSettings,
@@ -46,10 +46,6 @@ from palflow.pipeline.config.sections import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class CampaignError(SettingsError):
-    """A campaign file or setting is invalid; the message names the key and the fix."""
 
 
 # The [validate] section's field shadows pydantic's deprecated BaseModel.validate
@@ -216,14 +212,7 @@ def load_campaign(path: str | Path | None = None, **overrides: Any) -> Campaign:
     source = "<default campaign>"
     if path is not None:
         source = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise CampaignError(f"{path}: campaign file not found") from None
-        except (OSError, UnicodeDecodeError) as error:  # a folder, unreadable, binary
-            raise CampaignError(f"{path}: not a readable campaign file: {error}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise CampaignError(f"{path}: not valid TOML: {error}") from None
+        data = read_campaign_file(path)
         _resolve_relative_files(data, Path(path).resolve().parent)
     for dotted, value in overrides.items():
         *sections, key = dotted.split("__")

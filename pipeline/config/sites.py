@@ -33,21 +33,21 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from palflow.apps.common import _ping
 from palflow.apps.contracts import MODULES
-from palflow.apps.errors import InputError
+from palflow.apps.errors import InputError  # noqa: F401 (SiteError's base, for callers)
+from palflow.pipeline.config.quick import (  # noqa: F401 (here for callers)
+    SITE_DIR,
+    SiteError,
+    first_look,
+    resolve_site_path,
+    shipped_sites,
+)
 
 logger = logging.getLogger(__name__)
 
-# The site configs shipped with palflow (palflow.site_configs), found by name from a
-# checkout and after a plain install alike.
-SITE_DIR = Path(importlib.import_module("palflow.site_configs").__file__).parent
 DEFAULT_SLOTS = {"oracle": 2, "generator": 2, "train": 2, "infer": 1}
 # A name of the file's own this similar to a schema name (difflib ratio, case ignored)
 # is a misspelling: catches MONITORNIG (0.90), spares MONITORING_DB (0.87).
 _MISSPELT = 0.88
-
-
-class SiteError(InputError):
-    """A site config is missing, broken, or breaks the executor-label contract."""
 
 
 class SiteSchema(BaseModel):
@@ -146,23 +146,6 @@ def warm_up(slots: dict[str, int]) -> None:
         future.result()
 
 
-def shipped_sites() -> list[str]:
-    """The file names of the site configs shipped in ``palflow.site_configs``."""
-    return sorted(p.name for p in SITE_DIR.glob("*.py") if not p.name.startswith("_"))
-
-
-def resolve_site_path(name: str) -> Path:
-    """A path as given, else a file of ``site_configs/`` (``laptop`` or ``laptop.py``)."""
-    given = Path(name)
-    if given.is_file():
-        return given.resolve()
-    bundled = SITE_DIR / (name if name.endswith(".py") else f"{name}.py")
-    if bundled.is_file():
-        return bundled
-    known = ", ".join(shipped_sites())
-    raise SiteError(f"site {name!r} not found: give a file path or one of: {known}")
-
-
 def site_attributes(module: types.ModuleType, path: Path) -> dict[str, Any]:
     """The names of ``module`` that are the site's, for :class:`SiteSchema` to judge."""
     imported = {
@@ -245,15 +228,9 @@ def load_site(name: str, allow_placeholders: bool = False) -> Site:
     """
     from parsl.config import Config
 
-    from palflow.pipeline.config.site_check import placeholders
-
     path = resolve_site_path(name)
-    left = [] if allow_placeholders else placeholders(path)
-    if left:
-        raise SiteError(
-            f"{path}: {len(left)} placeholder(s) left unedited, first {left[0]}; "
-            f"`palflow check --site {name}` lists them all"
-        )
+    if not allow_placeholders:
+        first_look(name, None)
     spec = importlib.util.spec_from_file_location(f"palflow_site_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     _run_site_code(path, "the site file does not import", lambda: spec.loader.exec_module(module))

@@ -1,0 +1,76 @@
+"""The first look at a command line, before any heavy import (Parsl, ASE, torch).
+
+A typo in a file name should be answered at once, not after a second or more of
+imports: :func:`first_look` finds the site file (and its unedited placeholders), the
+campaign files with the standard library alone. The
+full checks come after, in :mod:`palflow.pipeline.config.preflight`; these helpers
+are the ones they use too, so each message is spelled once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from palflow.apps.errors import InputError, SettingsError
+
+# The site configs shipped with palflow (palflow.site_configs), found by name from a
+# checkout and after a plain install alike, without importing them.
+SITE_DIR = Path(importlib.util.find_spec("palflow.site_configs").origin).parent
+
+
+class SiteError(InputError):
+    """A site config is missing, broken, or breaks the executor-label contract."""
+
+
+class CampaignError(SettingsError):
+    """A campaign file or setting is invalid; the message names the key and the fix."""
+
+
+def shipped_sites() -> list[str]:
+    """The file names of the site configs shipped in ``palflow.site_configs``."""
+    return sorted(p.name for p in SITE_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def resolve_site_path(name: str) -> Path:
+    """A path as given, else a file of ``site_configs/`` (``laptop`` or ``laptop.py``)."""
+    given = Path(name)
+    if given.is_file():
+        return given.resolve()
+    bundled = SITE_DIR / (name if name.endswith(".py") else f"{name}.py")
+    if bundled.is_file():
+        return bundled
+    known = ", ".join(shipped_sites())
+    raise SiteError(f"site {name!r} not found: give a file path or one of: {known}")
+
+
+def read_campaign_file(path: str | Path) -> dict[str, Any]:
+    """The TOML of a campaign file, or a :class:`CampaignError` saying what is wrong
+    with the file itself (missing, unreadable, not TOML)."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CampaignError(f"{path}: campaign file not found") from None
+    except (OSError, UnicodeDecodeError) as error:  # a folder, unreadable, binary
+        raise CampaignError(f"{path}: not a readable campaign file: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise CampaignError(f"{path}: not valid TOML: {error}") from None
+
+
+def first_look(site: str | None, campaigns: list[str] | None) -> None:
+    """The command line's site and campaign files exist and read; raises the
+    :class:`InputError` the full checks would raise later, sooner."""
+    from palflow.pipeline.config.site_check import placeholders
+
+    if site is not None:
+        path = resolve_site_path(site)
+        left = placeholders(path)
+        if left:
+            raise SiteError(
+                f"{path}: {len(left)} placeholder(s) left unedited, first {left[0]}; "
+                f"`palflow check --site {site}` lists them all"
+            )
+    for campaign in campaigns or []:
+        read_campaign_file(campaign)
