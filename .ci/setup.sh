@@ -5,7 +5,8 @@
 #   bash .ci/setup.sh            Python packages only
 #   bash .ci/setup.sh --system   also Debian's Open MPI, NWChem, Slurm and munge (root or
 #                                sudo), mpi4py, and a running single-node Slurm cluster,
-#                                so that the MPI, DFT and Slurm tests run too
+#                                so that the MPI, DFT and Slurm tests run too; Chromium
+#                                (the report in a browser) and tmux (the live view)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,8 @@ if [ "$system" = 1 ]; then
     [ "$(id -u)" = 0 ] || sudo="sudo"
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq openmpi-bin libopenmpi-dev nwchem cp2k slurm-wlm munge >/dev/null
+    $sudo apt-get install -y -qq openmpi-bin libopenmpi-dev nwchem cp2k slurm-wlm munge \
+        chromium tmux >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}

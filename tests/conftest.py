@@ -1,9 +1,9 @@
 """Shared fixtures, and the rule that a requested program must not be skipped.
 
-A test that needs a missing program (xTB, Slurm, MPI, a GPU) skips with the reason,
-unless PALFLOW_REQUIRE names that marker (comma-separated, or ``all``): then the
-skip becomes a failure. CI sets PALFLOW_REQUIRE=all so nothing it should exercise
-is silently skipped.
+A test that needs a missing program (xTB, Slurm, MPI, a GPU, Chromium, tmux) skips
+with the reason, unless PALFLOW_REQUIRE names that marker (comma-separated, or
+``all``): then the skip becomes a failure. CI (``.ci/run``) names every program it
+installs, so nothing it should exercise is silently skipped.
 """
 
 from __future__ import annotations
@@ -57,3 +57,28 @@ def slurm_is_up() -> bool:
 def slurm_cluster():
     """A running Slurm with idle nodes (.ci/slurm/start.sh starts one)."""
     need("slurm", slurm_is_up(), "no running Slurm cluster (start one: .ci/slurm/start.sh)")
+
+
+def require_program(marker: str, *candidates: str) -> str:
+    """The path of the first of ``candidates`` (a path, or a name on PATH) that exists;
+    skip, or fail when PALFLOW_REQUIRE names ``marker``, when none does."""
+    import shutil
+
+    for candidate in candidates:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    need(marker, False, f"{candidates[-1]} is not installed (.ci/setup.sh --system installs it)")
+    raise AssertionError("unreachable")  # need() skipped or failed
+
+
+@pytest.fixture
+def require_chromium() -> str:
+    """Debian's Chromium, for the report as a browser shows it: its path."""
+    return require_program("chromium", "/usr/bin/chromium", "chromium")
+
+
+@pytest.fixture
+def require_tmux() -> str:
+    """tmux, for the live view in a terminal: its path."""
+    return require_program("tmux", "tmux")
