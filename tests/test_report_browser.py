@@ -39,6 +39,9 @@ FLAGS = (
 )
 """Chromium's switches for a headless render as root, with no network to reach."""
 
+WINDOW = "1280,4000"
+"""The browser window, in pixels: wide as a laptop's screen, tall to show most figures."""
+
 WEB_SCHEMES = ("http", "https", "ws", "wss", "ftp")
 
 
@@ -112,7 +115,7 @@ def probed(report: Path, binary: str, profile: Path) -> str:
     copy = report.with_name(".report-probe.html")
     copy.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
     try:
-        return chromium(binary, profile, "--dump-dom", copy.as_uri())
+        return chromium(binary, profile, f"--window-size={WINDOW}", "--dump-dom", copy.as_uri())
     finally:
         copy.unlink()
 
@@ -148,7 +151,7 @@ def non_white(image: np.ndarray) -> np.ndarray:
 @pytest.mark.timeout(400)
 def test_the_report_in_a_browser(recorded_run, require_chromium, tmp_path):  # noqa: F811
     root, _ = recorded_run
-    report = build_report(root)
+    report = build_report(root)  # by the code under test, not an older report
     page = report.read_text()
 
     # Nothing on the page comes from the web: every resource is inline or local.
@@ -183,43 +186,46 @@ def test_the_report_in_a_browser(recorded_run, require_chromium, tmp_path):  # n
         require_chromium,
         tmp_path / "profile-shot",
         f"--screenshot={shot}",
-        "--window-size=1280,4000",
+        f"--window-size={WINDOW}",
         f"--log-net-log={net_log}",
         report.as_uri(),
     )
     pixels = matplotlib.image.imread(shot)
-    assert pixels.shape[:2] == (4000, 1280)
+    assert pixels.shape[:2] == tuple(int(n) for n in reversed(WINDOW.split(",")))
     colours = np.unique((255 * pixels[..., :3]).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 100, f"{len(colours)} colours: a blank or text-only page"
     drawn = non_white(pixels)
     assert drawn.mean() > 0.03, f"{drawn.mean():.1%} of the pixels are not white"
-    shown = min(page_height, 4000)
+    shown = min(page_height, pixels.shape[0])
     assert drawn[:shown].any(axis=1).mean() > 0.5, "most rows of the page hold something"
     assert requested_urls(net_log) == [], "the report asked the web for nothing"
 
     target = os.environ.get("PALFLOW_REPORT_SCREENSHOT")
     if target:
-        save_screenshot(report, require_chromium, tmp_path, page_height, Path(target))
+        save_screenshot(report, require_chromium, tmp_path, Path(target))
 
 
-def save_screenshot(report: Path, binary: str, tmp_path: Path, height: int, target: Path):
-    """The whole page at 1100 px wide, scaled to 800 and reduced to 256 colours, with
-    the run directory shown as ``runs/<name>``."""
+def save_screenshot(report: Path, binary: str, tmp_path: Path, target: Path) -> None:
+    """The whole page in a window 1200 px wide, scaled to 900 and reduced to 256
+    colours, with the run directory shown as ``runs/<name>``."""
+    import matplotlib.image
     from PIL import Image
 
-    name = re.search(r"<h1>palflow run: (.*?)</h1>", report.read_text()).group(1)
-    shown = re.sub(
-        r"(from <code>)[^<]*(</code>)", rf"\g<1>runs/{name}\g<2>", report.read_text(), count=1
-    )
+    page = report.read_text()
+    name = re.search(r"<h1>palflow run: (.*?)</h1>", page).group(1)
+    shown = re.sub(r"(from <code>)[^<]*(</code>)", rf"\g<1>runs/{name}\g<2>", page, count=1)
     copy = report.with_name(".report-screenshot.html")
     copy.write_text(shown)
     full = tmp_path / "full.png"
     try:
         chromium(binary, tmp_path / "profile-docs", f"--screenshot={full}",
-                 f"--window-size=1100,{height}", copy.as_uri())  # fmt: skip
+                 "--window-size=1200,12000", copy.as_uri())  # fmt: skip
     finally:
         copy.unlink()
+    rows = np.flatnonzero(non_white(matplotlib.image.imread(full)).any(axis=1))
+    assert rows[-1] < 12000 - 1, "the page is taller than the window: make the window taller"
     with Image.open(full) as image:
-        small = image.convert("RGB").resize((800, round(image.height * 800 / image.width)))
+        page_only = image.convert("RGB").crop((0, 0, 1200, min(rows[-1] + 40, 12000)))
+    small = page_only.resize((900, round(page_only.height * 900 / 1200)), Image.LANCZOS)
     target.parent.mkdir(parents=True, exist_ok=True)
     small.quantize(256).save(target, optimize=True)

@@ -211,10 +211,11 @@ def plot_busy(data: RunData):
     busy_axis.set_ylabel("busy, % of the run")
     busy_axis.set_ylim(0, 100)
     gaps = {m: idle_gaps(data, m) for m in modules}
-    gap_axis.bar(modules, [gaps[m][0] for m in modules], color=colours)
+    bars = gap_axis.bar(modules, [gaps[m][0] for m in modules], color=colours)
     gap_axis.set_ylabel("longest idle gap, s")
-    for i, module in enumerate(modules):
-        gap_axis.annotate(f"total {gaps[module][1]:.0f} s", (i, gaps[module][0]), ha="center")
+    # Above each bar, clear of it and of the frame: the module's idle time in all.
+    gap_axis.bar_label(bars, [f"idle {gaps[m][1]:.0f} s in all" for m in modules], padding=3)
+    gap_axis.set_ylim(0, 1.15 * max(max(g[0] for g in gaps.values()), 1e-9))
     return figure
 
 
@@ -304,6 +305,7 @@ def plot_uncertainty(data: RunData):
         every_axis.axhline(data.threshold, color="red", linestyle="--", label="threshold")
     histogram_axis.set_xlabel("largest atomic force spread of an MD frame, eV/Å")
     histogram_axis.set_ylabel("frames")
+    histogram_axis.yaxis.get_major_locator().set_params(integer=True)
     sample = (
         f"all {len(versions)} versions with MD frames"
         if len(shown) == len(versions)
