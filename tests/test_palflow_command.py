@@ -99,7 +99,7 @@ def test_status_of_a_finished_run_matches_its_summary(finished_run):
 
     shown = palflow("status", str(finished_run))
     assert shown.returncode == 0, shown.stderr
-    assert "stopped: label budget of 8 reached" in shown.stdout
+    assert "finished: label budget of 8 reached" in shown.stdout
     assert f"{summary['labels']} of 8 active, {summary['initial_labels']} initial" in shown.stdout
     as_json = palflow("status", str(finished_run), "--json")
     assert as_json.returncode == 0, as_json.stderr
