@@ -129,7 +129,11 @@ def run_state(run, state: dict, events: list[dict]) -> tuple[str, str | None]:
 
 
 def tasks_by_module(events: list[dict]) -> dict[str, dict[str, int]]:
-    """Finished tasks per module, and how many of them failed."""
+    """Finished tasks per module, and how many of them failed (a task whose result
+    could not be used counts once, as failed)."""
+    from palflow.pipeline.state.run_files import one_per_task
+
+    events = one_per_task(events)
     finished = Counter(e["module"] for e in events if "module" in e)
     failed = Counter(e["module"] for e in events if "module" in e and not e.get("ok"))
     return {

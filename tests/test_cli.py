@@ -154,6 +154,15 @@ def test_a_bug_in_the_coordinator_exits_1_with_its_traceback_in_the_run_log(
         "campaign cli-test failed: TypeError: unsupported operand in the coordinator "
         f"(traceback in {run_dir / 'palflow.log'})"
     )
+    # The status and the final report say the same, though no summary was written.
+    from palflow.pipeline.cli import run_status_facts
+
+    reason = last.removeprefix("campaign cli-test failed: ")
+    facts = run_status_facts(run_dir)
+    assert (facts["state"], facts["stop_reason"]) == ("failed", reason)
+    html = (run_dir / "report.html").read_text()
+    assert "<tr><th>status</th><td>failed</td></tr>" in html
+    assert "TypeError: unsupported operand in the coordinator" in html
 
 
 def test_a_bug_before_the_run_exits_1_not_2(tmp_path, monkeypatch, capsys, caplog):

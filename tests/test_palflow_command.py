@@ -298,3 +298,19 @@ def test_bad_command_lines_exit_2(args, finished_run, tmp_path):
     done = palflow(*[a.format(run=finished_run) for a in args], cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "error:" in done.stderr and not done.stdout
+
+
+def test_a_task_whose_result_could_not_be_used_counts_once_as_failed():
+    """Such a task writes two lines to events.jsonl (its result, then its failure)."""
+    from palflow.pipeline.cli import tasks_by_module
+
+    events = [
+        {"task": 1, "module": "oracle", "kind": "label", "ok": True},
+        {"task": 2, "module": "oracle", "kind": "label", "ok": True},
+        {"task": 2, "module": "oracle", "kind": "label", "ok": False, "error": "unusable"},
+        {"task": 3, "module": "train", "kind": "train", "ok": False},
+    ]
+    assert tasks_by_module(events) == {
+        "oracle": {"finished": 2, "failed": 1},
+        "train": {"finished": 1, "failed": 1},
+    }

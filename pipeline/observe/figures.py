@@ -33,6 +33,7 @@ import numpy as np
 from palflow.apps.contracts import MODULES
 from palflow.pipeline.observe.run_data import RunData
 from palflow.pipeline.state.metrics import busy_fractions, module_intervals
+from palflow.pipeline.state.run_files import one_per_task
 
 logger = logging.getLogger(__name__)
 
@@ -351,11 +352,11 @@ ORACLE_KINDS = {"label": "label batches", "reference": "held-out set MD"}
 
 
 def oracle_tasks(events: list[dict]) -> dict[str, list[dict]]:
-    """The oracle module's task records of ``events.jsonl`` by kind: every line whose
-    module is ``oracle``, as ``palflow status`` counts its finished tasks (failed ones
-    included), so that the two totals agree."""
+    """The oracle module's task records of ``events.jsonl`` by kind, one per task
+    (:func:`~palflow.pipeline.state.run_files.one_per_task`), as ``palflow status``
+    counts its finished tasks (failed ones included), so that the two totals agree."""
     by_kind: dict[str, list[dict]] = defaultdict(list)
-    for event in events:
+    for event in one_per_task(events):
         if event.get("module") == "oracle":
             by_kind[event.get("kind", "?")].append(event)
     return dict(by_kind)

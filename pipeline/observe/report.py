@@ -41,7 +41,7 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
     last = data.metrics[-1] if data.metrics else {}
     facts = [
         ("status", data.status),
-        ("stop reason", summary.get("stop_reason", "-")),
+        ("stop reason", data.reason or summary.get("stop_reason") or "-"),
         ("wall time", f"{data.t1 - data.t0:.0f} s"),
         ("ensemble versions", str(len(versions))),
         ("active labels", str(versions[-1]["n_labels"] if versions else 0)),

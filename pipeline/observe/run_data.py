@@ -78,7 +78,8 @@ class RunData:
         self.metrics = self.run.read_jsonl(METRICS_FILE) or self.state.get("test_errors", [])
         self.validation = self.run.read_json("validate.json")
         """The MD check's verdict (``palflow validate``), or None."""
-        self.status = run_status(self.root)
+        self.status, self.reason = run_outcome(self.root)
+        """How the run stands (:func:`run_status`), and why it ended, whole."""
         timed = [e for e in self.events if e.get("submitted")]
         if self.summary:
             self.t0 = self.summary["started_at"]

@@ -15,6 +15,17 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def one_per_task(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lines of ``events.jsonl``, one per task: a task whose result could not be
+    used has two (its result, then its failure), merged here with the last one's
+    values winning. Lines without a task id are kept as they are."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for number, event in enumerate(events):
+        key = event.get("task", ("line", number))
+        merged[key] = {**merged.get(key, {}), **event}
+    return list(merged.values())
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file, none when it is missing; torn or damaged
     lines are skipped, with one warning."""

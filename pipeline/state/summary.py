@@ -12,6 +12,7 @@ from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.policies.metrology import learning_curve_area
 from palflow.pipeline.state.metrics import busy_fractions, concurrency_fraction
 from palflow.pipeline.state.records import Version, Walker
+from palflow.pipeline.state.run_files import one_per_task
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ class CampaignSummary:
                 events, self.t0, t_end, tuple(m for m in MODULES if m != "infer")
             ),
             "slots": slots,
-            "tasks": dict(Counter(e["module"] for e in events)),
-            "failed_tasks": dict(Counter(e["module"] for e in events if not e["ok"])),
+            "tasks": dict(Counter(e["module"] for e in one_per_task(events))),
+            "failed_tasks": dict(Counter(e["module"] for e in one_per_task(events) if not e["ok"])),
             "walker_resets": sum(w.resets for w in self.walkers),
             "resumes": self.resumes,
             # Per system: active labels, and the newest version's held-out errors.
