@@ -130,7 +130,7 @@ def test_a_campaign_without_a_test_set_stops_on_the_accurate_ratio(tmp_path):
     # the final training come after it, and a segment that ended after the stop may
     # lower their ratio: the pair is somewhere, not necessarily last.
     shares = [row["exploration"]["main"]["accurate"] for row in with_ratios]
-    assert any(a >= 0.5 and b >= 0.5 for a, b in zip(shares, shares[1:])), shares
+    assert any(a >= 0.5 and b >= 0.5 for a, b in zip(shares, shares[1:], strict=False)), shares
     assert rows[-1]["validation_force_mae"] is not None, "validation labels were evaluated"
 
     text = format_status(run_status_facts(run.root))
