@@ -350,10 +350,13 @@ def prepare_run(
         check_calculator(campaign.oracle.calculator, run.file(CAMPAIGN_FILE))
 
         run.lock()  # first: no other coordinator may be writing what is mended
-        run.file(FAILURE_FILE).unlink(missing_ok=True)  # the last failure is history
+        mend_run(campaign, run)  # rebuilds what the journal can; names what it cannot
+        # This session's outcome replaces the last one's: until it ends, a killed
+        # resume is "stopped early", not the last session's "finished" or "failed".
+        for previous in (FAILURE_FILE, SUMMARY_FILE):
+            run.file(previous).unlink(missing_ok=True)
         if overrides:  # raised budgets are the run's settings from now on (status reads them)
             run.write_json(CAMPAIGN_FILE, campaign.model_dump())
-        mend_run(campaign, run)  # rebuilds what the journal can; names what it cannot
         return campaign, run, None
     campaign = load_campaign(campaign_file, **overrides)
     name = f"{campaign.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -392,7 +395,7 @@ def end_run(run, reason: str | None = None) -> None:
     """After a campaign: record a failure that left no summary (``reason``, in
     ``failure.json``), release the run's lock, then build the final report, which so
     says how the run ended (a failure to draw costs only the report)."""
-    if reason is not None and not run.file(SUMMARY_FILE).exists():
+    if reason is not None:
         run.write_json(FAILURE_FILE, {"failure": reason, "at": time.time()})
     run.unlock()
     try:

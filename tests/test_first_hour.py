@@ -17,7 +17,7 @@ from palflow.pipeline.config.settings import load_campaign
 from palflow.pipeline.config.starter import write_starter
 from tests.conftest import need
 from tests.test_cli import ROOT, small_campaign
-from tests.test_palflow_command import palflow
+from tests.test_palflow_command import copied_run, finished_run, palflow  # noqa: F401
 
 # A line of palflow.log: time, level, logger [thread]: message.
 LOG_LINE = re.compile(r"^\S+ \S+ (INFO|WARNING|ERROR) (palflow[\w.]*) \[[^\]]*\]: (.*)$")
@@ -221,6 +221,7 @@ def test_a_provider_that_cannot_start_workers_stops_the_run_at_once(slurm_cluste
     assert reason.startswith("the oracle executor cannot start workers")
     assert reason.endswith("Batch job submission failed: Invalid partition name specified")
     assert summary["oracle_failures"] == 0 and summary["stop_reason"] == reason
+    assert summary["oracle_retries_by_kind"] == {}  # put back, not retried as lost
     facts = json.loads(palflow("status", str(tmp_path / "run"), "--json").stdout)
     assert facts["state"] == "failed" and facts["stop_reason"] == reason
     assert f"campaign cli-test failed: {reason}" in done.stdout
@@ -233,8 +234,8 @@ def test_site_check_reads_placeholders_off_the_syntax_tree(tmp_path):
     from palflow.pipeline.config.site_check import placeholders
 
     site = tmp_path / "s.py"
-    site.write_text(
-        '# YOUR_COMMENT is no value\nA = "YOUR_ACCOUNT"\nB = f"x {A}"\nC = ["YOUR_X"]\n'
+    site.write_text(  # neither a comment nor a docstring is a value
+        '"""Was YOUR_ACCOUNT."""  # YOUR_NOTE\nA = "YOUR_ACCOUNT"\nB = f"x {A}"\nC = ["YOUR_X"]\n'
     )
     assert placeholders(site) == [
         "s.py line 2: A is still the placeholder 'YOUR_ACCOUNT': edit it to your cluster's value",
@@ -269,3 +270,51 @@ def test_pilot_jobs_that_never_start_stop_the_run_after_the_sites_timeout(slurm_
     assert "Traceback" not in console and len(console.splitlines()) < 60, console
     queue = subprocess.run(["squeue", "-h", "-o", "%j %T"], capture_output=True, text=True)
     assert "parsl" not in queue.stdout, queue.stdout
+
+
+def test_the_test_job_is_shaped_like_the_blocks_parsl_submits():
+    from parsl.providers import SlurmProvider
+
+    from palflow.pipeline.config.site_check import test_job_options
+
+    provider = SlurmProvider(
+        partition="cpu",
+        account="chem",
+        nodes_per_block=2,
+        walltime="02:00:00",
+        mem_per_node=100,
+        cores_per_node=64,
+        scheduler_options="#SBATCH --gpus-per-node=4  # four GPUs\n#SBATCH --comment='a b'",
+    )
+    options = test_job_options(provider)
+    assert options[:4] == ["--nodes=2", "--time=02:00:00", "--partition=cpu", "--account=chem"]
+    wanted = {"--mem=100g", "--cpus-per-task=64", "--gpus-per-node=4", "--comment=a b"}
+    assert wanted <= set(options)
+    assert "#" not in options and "GPUs" not in options
+
+
+def test_a_resume_that_raises_is_failed_everywhere_not_the_last_sessions_finish(
+    copied_run,  # noqa: F811 (the fixture imported above)
+    monkeypatch,
+    capsys,
+):
+    """A finished run resumed, whose resume raises: exit 1, and status and the report
+    say failed with this session's reason, not the last session's "finished"."""
+    from palflow.pipeline.cli import run_status_facts
+    from palflow.pipeline.engine.coordinator import Coordinator
+    from palflow.pipeline.run import main
+
+    assert run_status_facts(copied_run)["state"] == "finished"
+
+    def broken_resume(*args, **kwargs):
+        raise RuntimeError("the resume broke")
+
+    monkeypatch.setattr(Coordinator, "resume", broken_resume)
+    status = main(["--site", "threads.py", "--resume", str(copied_run), "--max-labels", "12"])
+    assert status == 1
+    facts = run_status_facts(copied_run)
+    assert facts["state"] == "failed"
+    assert facts["stop_reason"].startswith("RuntimeError: the resume broke (traceback in")
+    html = (copied_run / "report.html").read_text()
+    assert "<tr><th>status</th><td>failed</td></tr>" in html and "the resume broke" in html
+    assert "campaign cli-test failed: RuntimeError: the resume broke" in capsys.readouterr().out

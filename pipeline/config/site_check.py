@@ -55,6 +55,9 @@ def placeholders(path: str | Path) -> list[str]:
         tree = ast.parse(path.read_bytes(), str(path))
     except SyntaxError:
         return []  # the import reports it, with its line
+    docstrings = {  # a docstring or a bare string may name a placeholder: no value
+        id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
+    }
     names = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign):
@@ -65,6 +68,8 @@ def placeholders(path: str | Path) -> list[str]:
     lines = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) in docstrings:
+                continue
             for found in PLACEHOLDER.findall(node.value):
                 name = names.get(id(node))
                 what = f"{name} is still" if name else "still holds"
@@ -109,10 +114,15 @@ def test_job_options(provider: Any) -> list[str]:
         options.append(f"--constraint={provider.constraint}")
     if getattr(provider, "exclusive", False):
         options.append("--exclusive")
+    # What Parsl adds to each block's script when it submits one (one task per node).
+    if getattr(provider, "mem_per_node", None) is not None:
+        options.append(f"--mem={provider.mem_per_node}g")
+    if getattr(provider, "cores_per_node", None) is not None:
+        options.append(f"--cpus-per-task={provider.cores_per_node}")
     for line in (provider.scheduler_options or "").splitlines():
         line = line.strip()
-        if line.startswith("#SBATCH"):
-            options += shlex.split(line[len("#SBATCH") :])
+        if line.startswith("#SBATCH"):  # a trailing "# comment" is no option
+            options += shlex.split(line[len("#SBATCH") :], comments=True)
     return options
 
 

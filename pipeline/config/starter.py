@@ -78,6 +78,8 @@ def write_starter(folder: str | Path = ".", site: str = "laptop") -> dict[str, P
         ``site`` is no shipped site.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file: give a folder for palflow init to write to")
     source = resolve_site_path(site)
     if source.parent != resolve_site_path("laptop").parent:
         known = ", ".join(shipped_sites())

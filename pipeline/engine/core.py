@@ -197,6 +197,8 @@ class Engine:
         with ``reason`` (logged once); an agent with ``on_not_run`` puts the task's
         work back uncounted, any other undoes it as after a failure."""
         self.events.append_event({**event, "ok": False, "error": reason, "not_run": True})
+        # Said once per kind (bounded), also when the campaign is already stopping.
+        self.errors.error(task.kind, f"{task.kind} task {task.task_id} did not run", error, False)
         self.outcomes.cannot_run(task, reason)
         put_back = getattr(agent, "on_not_run", None)
         try:

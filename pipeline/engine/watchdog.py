@@ -249,7 +249,8 @@ def provider_failure(error: BaseException, module: str) -> str | None:
             entries.append(text)
     said = " | ".join(entries) or "no message"
     return (
-        f"the {module} executor cannot start workers (its provider failed to start a block): {said}"
+        f"the {module} executor cannot start workers (Parsl put it in a bad state: a block "
+        f"failed to start or to run, or its workers could not join): {said}"
     )
 
 
@@ -290,6 +291,12 @@ class WorkerStartWatch:
         if now - self._last < self.every_s:
             return
         self._last = now
+        try:
+            self._check(coordinator, now)
+        except Exception as error:  # an observer that raises is dropped: keep watching
+            logger.warning("the worker start watch could not check: %s", _describe(error))
+
+    def _check(self, coordinator: Any, now: float) -> None:
         for label, executor in self.executors.items():
             if label in self.started:
                 continue
@@ -297,6 +304,7 @@ class WorkerStartWatch:
                 self.started.add(label)
                 continue
             if not coordinator.engine.busy(label):
+                self.waiting_since.pop(label, None)  # nothing waits: the clock restarts
                 continue
             since = self.waiting_since.setdefault(label, now)
             if now - since >= self.timeout_s:
@@ -318,13 +326,16 @@ def _jobs_text(executor: Any) -> str:
         return "no pilot job was submitted"
     states = {}
     if shutil.which("squeue") and type(executor.provider).__name__ == "SlurmProvider":
-        done = subprocess.run(
-            ["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(jobs.values())],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        try:
+            done = subprocess.run(
+                ["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(jobs.values())],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            done = subprocess.CompletedProcess([], 1, "", "")
         for line in done.stdout.splitlines():
             job, state, why = (line.split(maxsplit=2) + ["", ""])[:3]
             states[job] = f"{state} ({why})" if why and why != "None" else state

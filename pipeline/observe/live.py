@@ -234,10 +234,16 @@ class LiveView:
             logger.info(plain_line(s))
 
     def close(self, coordinator=None) -> None:
-        """Show the final state once more, and give the terminal back."""
-        if coordinator is not None:
-            self._last = float("-inf")
-            self(coordinator)
+        """Show the final state once more, and give the terminal back (also when the
+        last snapshot cannot be taken)."""
+        try:
+            if coordinator is not None:
+                self._last = float("-inf")
+                self(coordinator)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         if self._live is not None:
             self._live.stop()
             self._live = None

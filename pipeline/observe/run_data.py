@@ -52,14 +52,14 @@ def run_outcome(root: str | Path) -> tuple[str, str | None]:
     run = RunDirectory(root)
     if run.is_locked():
         return "running", None
-    summary = run.read_json(SUMMARY_FILE)
+    crash = run.read_json(FAILURE_FILE)  # the last session raised, with or without a summary
+    if crash:
+        return "failed", crash.get("failure")
+    summary = run.read_json(SUMMARY_FILE)  # a resume removes its predecessor's
     if summary:
         if summary.get("failed"):
             return "failed", summary.get("failure") or summary.get("stop_reason")
         return "finished", summary.get("stop_reason")
-    crash = run.read_json(FAILURE_FILE)
-    if crash:
-        return "failed", crash.get("failure")
     return "stopped early (no summary: killed or crashed; resume with --resume)", None
 
 
