@@ -318,3 +318,33 @@ def test_a_resume_that_raises_is_failed_everywhere_not_the_last_sessions_finish(
     html = (copied_run / "report.html").read_text()
     assert "<tr><th>status</th><td>failed</td></tr>" in html and "the resume broke" in html
     assert "campaign cli-test failed: RuntimeError: the resume broke" in capsys.readouterr().out
+
+
+def test_the_console_shows_parsl_once_per_message_and_without_tracebacks():
+    """Parsl's own lines on the console: warnings only, each message once (numbers
+    aside), on one line, no traceback, and not the SimpleLauncher note every MPI
+    site's run printed; palflow's own lines all pass."""
+    import logging
+
+    from palflow.pipeline.run import ConsoleFilter, ConsoleFormatter
+
+    console, formatter = ConsoleFilter(), ConsoleFormatter("%(name)s: %(message)s")
+
+    def record(name, level, message, exc_info=None):
+        return logging.LogRecord(name, level, "x.py", 1, message, None, exc_info)
+
+    try:
+        raise RuntimeError("inside Parsl")
+    except RuntimeError as error:
+        failure = (RuntimeError, error, error.__traceback__)
+    refused = record("parsl.providers.slurm", logging.ERROR, "Retcode:1\nsbatch: job 17", failure)
+    assert console.filter(refused)
+    assert formatter.format(refused) == "parsl.providers.slurm: Retcode:1 sbatch: job 17"
+    assert not console.filter(
+        record("parsl.providers.slurm", logging.ERROR, "Retcode:1\nsbatch: job 18")
+    )
+    assert not console.filter(record("parsl.dataflow", logging.INFO, "Task 3 launched"))
+    launcher = "Simple Launcher only supports single node per block. Requested nodes: 2."
+    assert not console.filter(record("parsl.launchers.launchers", logging.WARNING, launcher))
+    mine = record("palflow.pipeline.engine.core", logging.WARNING, "label task 1 failed")
+    assert console.filter(mine) and console.filter(mine)  # palflow's repeats its own
