@@ -24,7 +24,8 @@
     resume/                   journal.py saves it, restore.py rebuilds it on --resume,
           |                   after mend.py and mend_state.py check every file
     state/rundir.py           every file name of a run (run_files.py: their formats)
-    observe/                  the live view, the report (run_data.py, figures.py)
+    observe/                  the live view, the report (run_data.py, figures.py,
+                              quality_figures.py)
 
 The contracts shared with the apps (module labels, failure kinds, the request each
 app takes) are in :mod:`palflow.apps.contracts`; the table of apps is

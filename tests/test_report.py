@@ -302,7 +302,7 @@ NO_TEST_ROWS = [  # a campaign without a held-out set: validation, ratios, calib
 def test_a_run_without_a_test_set_reports_ratios_and_calibration(tmp_path):
     import matplotlib.pyplot as plt
 
-    from palflow.pipeline.observe.figures import plot_convergence
+    from palflow.pipeline.observe.quality_figures import plot_convergence
     from palflow.pipeline.observe.report import build_report
     from palflow.pipeline.observe.run_data import RunData
 
@@ -454,7 +454,7 @@ def test_no_text_of_a_report_figure_runs_into_another_panel(recorded_data, stem)
     another panel's text or plotting area, or the suptitle."""
     import matplotlib.pyplot as plt
 
-    from palflow.pipeline.observe.figures import draw
+    from palflow.pipeline.observe.report import draw
 
     for data, seen_as in ((recorded_data, "as recorded"), (stretched(recorded_data, 3000), "8 h")):
         figure = draw(stem, data)
@@ -471,7 +471,7 @@ def test_uncertainty_shows_every_version_of_the_run(tmp_path):
     MD, and its histograms are an even sample that includes v39."""
     import matplotlib.pyplot as plt
 
-    from palflow.pipeline.observe.figures import even_sample, plot_uncertainty
+    from palflow.pipeline.observe.quality_figures import even_sample, plot_uncertainty
     from palflow.pipeline.observe.run_data import RunData
 
     rows = [{**OLD_ROWS[0], "version": v, "labels": min(8 * v, 300)} for v in range(1, 56)]
@@ -508,7 +508,7 @@ def test_the_report_names_each_spearman_rho(recorded_run, recorded_data):
     pools the active labels of every version: each says which it is."""
     import matplotlib.pyplot as plt
 
-    from palflow.pipeline.observe.figures import plot_uncertainty_vs_error
+    from palflow.pipeline.observe.quality_figures import plot_uncertainty_vs_error
 
     figure = plot_uncertainty_vs_error(recorded_data)
     title = figure.axes[0].get_title()
@@ -534,7 +534,7 @@ def test_the_oracle_figure_counts_what_palflow_status_counts(recorded_data):
     import matplotlib.pyplot as plt
 
     from palflow.pipeline.cli import tasks_by_module
-    from palflow.pipeline.observe.figures import plot_oracle
+    from palflow.pipeline.observe.quality_figures import plot_oracle
 
     status = tasks_by_module(recorded_data.events)["oracle"]
     figure = plot_oracle(recorded_data)

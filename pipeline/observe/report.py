@@ -7,8 +7,9 @@ few minutes and once at the end) and a crashed one: it reads only what the
 campaign writes as it goes (``events.jsonl``, ``metrics.jsonl``, ``state.json``,
 ``labels.db``, the generator's frame files and the ensemble checkpoints), never the
 coordinator's memory, and it finds them through :class:`palflow.pipeline.state.rundir.RunDirectory`.
-The HTML embeds its figures (:mod:`palflow.pipeline.observe.figures`), so it opens offline, with no
-server; the same figures are written beside it in ``report/``.
+The HTML embeds its figures (:data:`FIGURES`, drawn by :mod:`palflow.pipeline.observe.figures`
+and :mod:`palflow.pipeline.observe.quality_figures`), so it opens offline, with no server;
+the same figures are written beside it in ``report/``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,19 @@ import time
 from pathlib import Path
 
 from palflow.pipeline.engine.validation import summary_lines
-from palflow.pipeline.observe.figures import FIGURES, draw
+from palflow.pipeline.observe.figures import (
+    empty_panel,
+    new_figure,
+    plot_busy,
+    plot_learning_curve,
+    plot_timeline,
+)
+from palflow.pipeline.observe.quality_figures import (
+    plot_convergence,
+    plot_oracle,
+    plot_uncertainty,
+    plot_uncertainty_vs_error,
+)
 from palflow.pipeline.observe.run_data import RunData
 from palflow.pipeline.state.rundir import (
     REPORT_FIGURES,
@@ -32,6 +45,42 @@ logger = logging.getLogger(__name__)
 
 HELD_OUT_RHO = "Spearman rho, largest atomic force spread vs mean absolute force error"
 """The facts table's rank correlation (``uncertainty_spearman`` of ``metrics.jsonl``)."""
+
+
+# ------------------------------------------------------------------------ figures
+FIGURES = {
+    "learning_curve": "Learning curve",
+    "timeline": "Task timeline",
+    "busy": "Busy fraction and idle gaps",
+    "uncertainty": "Uncertainty per ensemble version",
+    "uncertainty_vs_error": "Predicted uncertainty against true error",
+    "oracle": "Oracle time and failures",
+    "convergence": "Convergence: exploration ratios and calibration",
+}
+"""Every figure of the report, by file stem, with its heading."""
+
+PLOTS = {
+    "learning_curve": plot_learning_curve,
+    "timeline": plot_timeline,
+    "busy": plot_busy,
+    "uncertainty": plot_uncertainty,
+    "uncertainty_vs_error": plot_uncertainty_vs_error,
+    "oracle": plot_oracle,
+    "convergence": plot_convergence,
+}
+"""The function that draws each figure of :data:`FIGURES`."""
+
+
+def draw(stem: str, data: RunData):
+    """The Matplotlib figure ``stem`` of :data:`FIGURES`, or one that says why it
+    could not be drawn."""
+    try:
+        return PLOTS[stem](data)
+    except Exception as error:  # one broken figure must not cost the report
+        logger.exception("report: figure %s failed", stem)
+        figure, axes = new_figure()
+        empty_panel(axes[0][0], f"could not draw: {error}")
+        return figure
 
 
 # --------------------------------------------------------------------------- HTML
