@@ -43,6 +43,7 @@ class TrainingSettings(Section):
     learning_rate_plateau_threshold: float = Field(0.01, ge=0, lt=1)
     """A gain is a validation score at least this fraction below the published state's."""
     batch_size: int = Field(16, ge=1)
+    """Labelled structures per optimiser step."""
     loss: Literal["mse", "huber"] = "huber"
     """The penalty of each error: its square, or the Huber penalty (the square up to
     ``huber_delta``, linear beyond), which keeps a few wild labels from dominating."""
@@ -90,13 +91,20 @@ class GeneratorSettings(Section):
     ``"path/to/file.py:function"``, with the signature of
     :class:`palflow.pipeline.policies.protocols.Generator`."""
     n_walkers: int = Field(4, ge=1)
+    """Walkers of each system (a system's own ``n_walkers`` overrides it)."""
     walkers_per_task: int = Field(0, ge=0)
     """Walkers one generator task advances together, in one batched ensemble pass per
     step; 0 spreads the walkers evenly over the site's generator slots."""
     integrator: Literal["langevin", "verlet"] = "langevin"
+    """``"langevin"`` (NVT, or NPT with ``pressure_bar``) or ``"verlet"`` (NVE, or NPH
+    with ``pressure_bar``)."""
     steps_per_task: int = Field(100, ge=1)
+    """MD steps one generator task advances each walker by."""
     timestep_fs: float = Field(0.5, gt=0)
+    """MD time step of the walkers (and of the held-out set's oracle-driven MD), fs."""
     temperature_K: float = Field(500.0, gt=0)
+    """Temperature (K) of the walkers (a system's own ``temperatures_K`` overrides it);
+    the default of ``test.temperature_K`` and ``validate.temperature_K``."""
     friction: float = Field(0.02, gt=0)
     """Langevin friction, 1/fs."""
     sample_interval: int = Field(5, ge=1)

@@ -33,42 +33,16 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from palflow.apps.models import registry
+from palflow.apps.models.backend import BackendSettings
+from palflow.pipeline.config.sections import NAME_PATTERN
+from palflow.pipeline.config.settings import Campaign
+
 REFERENCE_FILE = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 """``docs/settings.md`` of the checkout this module belongs to."""
 
 COMMAND = "python -m palflow.pipeline.config.reference --write"
 """The command that regenerates :data:`REFERENCE_FILE`."""
-
-MEANINGS: dict[str, str] = {
-    "seed": "Seed of the campaign's random numbers: the initial rattles, the held-out MD, "
-    "each member's training, each generator task and the selection's random draws.",
-    "stop.max_wall_s": "Wall-time limit of the campaign; a resumed run counts the time "
-    "earlier sessions spent. The final training (`stop.final_training_s`) fits within it.",
-    "selection.threshold_percentile": 'With `threshold_mode = "percentile"`: the '
-    "percentile of the recent frame scores that is the threshold.",
-    "selection.threshold_window": 'With `threshold_mode = "percentile"`: how many of the '
-    "most recent frame scores the percentile is taken over.",
-    "training.batch_size": "Labelled structures per optimiser step.",
-    "generator.n_walkers": "Walkers of each system (a system's own `n_walkers` overrides it).",
-    "generator.integrator": '`"langevin"` (NVT, or NPT with `pressure_bar`) or '
-    '`"verlet"` (NVE, or NPH with `pressure_bar`).',
-    "generator.steps_per_task": "MD steps one generator task advances each walker by.",
-    "generator.timestep_fs": "MD time step of the walkers (and of the held-out set's "
-    "oracle-driven MD).",
-    "generator.temperature_K": "Temperature of the walkers (a system's own "
-    "`temperatures_K` overrides it); the default of `test.temperature_K` and "
-    "`validate.temperature_K`.",
-    "validate.timestep_fs": "MD time step of the check's runs.",
-    "validate.seed": "Seed of the check's velocities and Langevin noise.",
-    "model.n_features": "Width of SchNet's atom-wise feature vectors.",
-    "model.n_interactions": "SchNet's continuous-filter interaction blocks.",
-    "model.n_rbf": "Gaussian radial basis functions between 0 and `cutoff`.",
-    "model.num_radial_basis": "Bessel radial basis functions (MACE's `num_bessel`).",
-    "model.num_cutoff_basis": "Order of the polynomial cutoff envelope (MACE's "
-    "`num_polynomial_cutoff`).",
-}
-"""Meanings of the fields that carry no attribute docstring, by dotted name. A field's
-own docstring, where it has one, wins."""
 
 UNITS: dict[str, str] = {
     "training.huber_delta": "eV/atom, eV/Å",
@@ -148,10 +122,6 @@ class Table:
 # ------------------------------------------------------------------------ the schema
 def tables() -> list[Table]:
     """Every table of the campaign schema, in the order of the ``Campaign`` class."""
-    from palflow.apps.models import registry
-    from palflow.apps.models.backend import BackendSettings
-    from palflow.pipeline.config.settings import Campaign
-
     top: list[Row] = []
     found: list[Table] = []
     fields = Campaign.model_fields
@@ -203,14 +173,8 @@ def _table(key: str, title: str, cls: type[BaseModel], backend: str = "") -> Tab
 def _row(section: str, name: str, field: FieldInfo, cls: type) -> Row:
     dotted = f"{section}.{name}" if section else name
     doc = field_docstring(cls, name)
-    meaning = _markdown(doc) if doc else MEANINGS.get(dotted, "")
-    return Row(
-        name=dotted,
-        type=type_text(field.annotation, field.metadata),
-        default=default_text(field),
-        unit=unit_of(dotted, doc),
-        meaning=meaning,
-    )
+    kind, default = type_text(field.annotation, field.metadata), default_text(field)
+    return Row(dotted, kind, default, unit_of(dotted, doc), _markdown(doc))
 
 
 def _given(row: Row) -> Row:
@@ -220,11 +184,8 @@ def _given(row: Row) -> Row:
 def field_docstring(cls: type, name: str) -> str:
     """The attribute docstring of field ``name``: the string right below its
     annotation in the class body of ``cls`` or, failing that, of its bases."""
-    for klass in cls.__mro__:
-        doc = _class_docstrings(klass).get(name)
-        if doc:
-            return doc
-    return ""
+    docs = (_class_docstrings(klass).get(name) for klass in cls.__mro__)
+    return next((doc for doc in docs if doc), "")
 
 
 @cache
@@ -249,19 +210,17 @@ def _class_docstrings(cls: type) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------ the cells
+_BOUNDS = {Ge: ("≥", "ge"), Gt: (">", "gt"), Le: ("≤", "le"), Lt: ("<", "lt")}
+
+
 def type_text(annotation: Any, metadata: list[Any] | None = None) -> str:
     """The type as a TOML user reads it, with its bounds (``int, ≥ 1``)."""
     text = _type_name(annotation)
     bounds = []
     for item in metadata or []:
-        if isinstance(item, Ge):
-            bounds.append(f"≥ {_number(item.ge)}")
-        elif isinstance(item, Gt):
-            bounds.append(f"> {_number(item.gt)}")
-        elif isinstance(item, Le):
-            bounds.append(f"≤ {_number(item.le)}")
-        elif isinstance(item, Lt):
-            bounds.append(f"< {_number(item.lt)}")
+        if type(item) in _BOUNDS:
+            sign, attribute = _BOUNDS[type(item)]
+            bounds.append(f"{sign} {_number(getattr(item, attribute))}")
         elif isinstance(item, MinLen):
             bounds.append("not empty" if item.min_length == 1 else f"length ≥ {item.min_length}")
         elif isinstance(item, MaxLen):
@@ -292,8 +251,6 @@ def _type_name(annotation: Any) -> str:
 
 
 def _pattern_text(pattern: str) -> str:
-    from palflow.pipeline.config.sections import NAME_PATTERN
-
     if pattern == NAME_PATTERN:
         return "a plain name: letters, digits, `_.-`"
     return f"matching `{pattern}`"
@@ -305,12 +262,9 @@ def _number(value: Any) -> str:
 
 def default_text(field: FieldInfo) -> str:
     """The default as it would be written in TOML; ``unset`` for None."""
-    if field.default_factory is not None:
-        value = field.default_factory()
-    elif field.default is PydanticUndefined:
+    value = field.get_default(call_default_factory=True)
+    if value is PydanticUndefined:
         return "required"
-    else:
-        value = field.default
     return f"`{toml_value(value)}`" if value is not None else "unset"
 
 
@@ -324,11 +278,9 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        if not value:
-            return "{}"
+    if isinstance(value, dict) and value:
         return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return str(value)
+    return str(value)  # an empty table: {}
 
 
 def unit_of(dotted: str, doc: str) -> str:

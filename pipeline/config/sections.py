@@ -114,7 +114,11 @@ class SelectionSettings(_Section):
     on the validation labels (``training.validation_fraction``, never the held-out
     set) at the newest evaluation (force measures only)."""
     threshold_percentile: float = Field(90.0, ge=0, le=100)
+    """With ``threshold_mode = "percentile"``: the percentile of the recent frame scores
+    that is the threshold."""
     threshold_window: int = Field(500, ge=1)
+    """With ``threshold_mode = "percentile"``: how many of the most recent frame scores
+    the percentile is taken over."""
     calibration_target: float = Field(0.05, gt=0)
     """Force error (eV/Å) a frame should be expected to have to be worth a label."""
     upper_threshold: float = Field(0.0, ge=0)
@@ -189,6 +193,8 @@ class StopSettings(_Section):
     trains on that file's labels alone: the campaign stops at once and trains for
     ``final_training_s``."""
     max_wall_s: float = Field(540.0, gt=0)
+    """Wall-time limit of the campaign (s); a resumed run counts the time earlier
+    sessions spent. The final training (``stop.final_training_s``) fits within it."""
     target_force_mae: float = Field(0.0, ge=0)
     """Stop when the test force MAE (eV/Å) reaches this; 0 disables. It needs a
     held-out set."""
@@ -230,6 +236,7 @@ class ValidateSettings(_Section):
     duration_ps: float = Field(20.0, gt=0)
     """Simulated time of each run, ps."""
     timestep_fs: float = Field(0.5, gt=0)
+    """MD time step of the check's runs, fs."""
     temperature_K: float | None = Field(None, gt=0)
     """Temperature of the NVT runs and of the NVE runs' start; default the generator's."""
     walkers: int = Field(1, ge=1)
@@ -244,3 +251,4 @@ class ValidateSettings(_Section):
     """Frames of the runs (evenly spaced) that the oracle labels, for the ensemble's
     error in production beside its test error; 0: none."""
     seed: int = Field(0, ge=0)
+    """Seed of the check's velocities and Langevin noise."""

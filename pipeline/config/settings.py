@@ -57,6 +57,8 @@ class Campaign(_Section):
     name: str = Field("ethanol-gfn2", pattern=NAME_PATTERN, max_length=100)
     """Names the run directory: a plain file name (letters, digits, ``_.-``)."""
     seed: int = Field(0, ge=0, lt=2**32)
+    """Seed of the campaign's random numbers: the initial rattles, the held-out MD, each
+    member's training, each generator task and the selection's random draws."""
     system: SystemSettings = SystemSettings()
     systems: list[SystemSettings] = []
     """Several systems in one campaign (``[[systems]]``); empty: ``[system]`` alone."""

@@ -40,12 +40,13 @@ HEADER = """\
 def campaign_text(site: str = SITE_NAME, campaign: str = CAMPAIGN_NAME) -> str:
     """The commented campaign file: every table of the schema, every key at its
     default behind ``#``, its meaning (and unit) on the line above."""
-    from palflow.apps.models import registry
+    # Imported here: the schema loads ASE, and every `palflow` command imports this module.
+    from palflow.apps.models.registry import DEFAULT
     from palflow.pipeline.config.reference import tables
 
     lines = [HEADER.format(site=site, campaign=campaign)]
     for table in tables():
-        if table.key == "model" and f'"{registry.DEFAULT}"' not in table.title:
+        if table.key == "model" and f'"{DEFAULT}"' not in table.title:
             continue  # one backend's table; the others are in the reference
         if table.key == "system":  # [system] and [[systems]] share one class
             lines.append("# One system; several are [[systems]] tables with the same keys.")

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from palflow.apps.models import registry
+from palflow.apps.models.backend import ModelBackend
 from palflow.pipeline.engine.validation import calibration_row
 from palflow.pipeline.state.rundir import CAMPAIGN_FILE, RunDirectory, RunDirectoryError
 
@@ -114,9 +116,6 @@ def export_member_files(run: RunDirectory, checkpoint: Path, target: Path) -> li
     some are missing (a run stopped while writing them), written again from the
     checkpoint by the model's backend. Returns their paths; empty for a model without
     its own format."""
-    from palflow.apps.models import registry
-    from palflow.apps.models.backend import ModelBackend
-
     model = run.read_json(CAMPAIGN_FILE).get("model", {})
     found = member_model_files(checkpoint)
     if found and len(found) == model.get("n_members", len(found)):

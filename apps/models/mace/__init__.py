@@ -44,7 +44,9 @@ class MACESettings(BackendSettings):
     num_interactions: int = Field(2, ge=1)
     """Message-passing layers."""
     num_radial_basis: int = Field(8, ge=1)
+    """Bessel radial basis functions (MACE's ``num_bessel``)."""
     num_cutoff_basis: int = Field(5, ge=1)
+    """Order of the polynomial cutoff envelope (MACE's ``num_polynomial_cutoff``)."""
     dtype: Literal["float32", "float64"] = "float64"
     """Precision of MACE's training and MD (MACE advises float64 for MD)."""
     e0s: Literal["average", "oracle"] | dict[str, float] = "average"

@@ -26,8 +26,11 @@ class SchNetSettings(BackendSettings):
     cutoff: float = Field(5.0, gt=0)
     """Neighbour cutoff, Å."""
     n_features: int = Field(32, ge=4)
+    """Width of SchNet's atom-wise feature vectors."""
     n_interactions: int = Field(2, ge=1)
+    """SchNet's continuous-filter interaction blocks."""
     n_rbf: int = Field(16, ge=2)
+    """Gaussian radial basis functions between 0 and ``cutoff``."""
 
 
 class SchNetBackend(ModelBackend):
