@@ -155,7 +155,7 @@ def test_a_bug_in_the_coordinator_exits_1_with_its_traceback_in_the_run_log(
         f"(traceback in {run_dir / 'palflow.log'})"
     )
     # The status and the final report say the same, though no summary was written.
-    from palflow.pipeline.cli import run_status_facts
+    from palflow.pipeline.observe.status import run_status_facts
 
     reason = last.removeprefix("campaign cli-test failed: ")
     facts = run_status_facts(run_dir)

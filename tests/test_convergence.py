@@ -94,7 +94,7 @@ def test_without_a_target_the_ratios_are_recorded_but_never_stop():
 def test_a_campaign_without_a_test_set_stops_on_the_accurate_ratio(tmp_path):
     """No held-out set is labelled; the campaign stops on the accurate ratio, records
     the ratios and the validation error per version, and says no test error exists."""
-    from palflow.pipeline.cli import format_status, run_status_facts
+    from palflow.pipeline.observe.status import format_status, run_status_facts
 
     campaign = small_campaign(
         test__n_structures=0,
@@ -142,7 +142,7 @@ def test_the_calibration_is_fitted_on_validation_labels_never_the_test_set(tmp_p
     """The calibrated threshold's factor is the validation labels' median error/spread,
     recomputed here from the published ensemble, and not the held-out set's."""
     from palflow.apps.inference import _evaluate_test
-    from palflow.pipeline.cli import export_run
+    from palflow.pipeline.state.export import export_run
 
     campaign = small_campaign(
         selection__threshold_mode="calibrated",

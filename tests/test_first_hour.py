@@ -300,7 +300,7 @@ def test_a_resume_that_raises_is_failed_everywhere_not_the_last_sessions_finish(
 ):
     """A finished run resumed, whose resume raises: exit 1, and status and the report
     say failed with this session's reason, not the last session's "finished"."""
-    from palflow.pipeline.cli import run_status_facts
+    from palflow.pipeline.observe.status import run_status_facts
     from palflow.pipeline.engine.coordinator import Coordinator
     from palflow.pipeline.run import main
 
@@ -326,7 +326,7 @@ def test_the_console_shows_parsl_once_per_message_and_without_tracebacks():
     site's run printed; palflow's own lines all pass."""
     import logging
 
-    from palflow.pipeline.run import ConsoleFilter, ConsoleFormatter
+    from palflow.pipeline.observe.console import ConsoleFilter, ConsoleFormatter
 
     console, formatter = ConsoleFilter(), ConsoleFormatter("%(name)s: %(message)s")
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from palflow.pipeline.cli import main, run_status_facts
+from palflow.pipeline.cli import main
+from palflow.pipeline.observe.status import run_status_facts
 from palflow.pipeline.state.rundir import RunDirectory
 from tests.test_cli import ROOT, small_campaign
 
@@ -302,7 +303,7 @@ def test_bad_command_lines_exit_2(args, finished_run, tmp_path):
 
 def test_a_task_whose_result_could_not_be_used_counts_once_as_failed():
     """Such a task writes two lines to events.jsonl (its result, then its failure)."""
-    from palflow.pipeline.cli import tasks_by_module
+    from palflow.pipeline.observe.status import tasks_by_module
 
     events = [
         {"task": 1, "module": "oracle", "kind": "label", "ok": True},

@@ -533,8 +533,8 @@ def test_the_oracle_figure_counts_what_palflow_status_counts(recorded_data):
 
     import matplotlib.pyplot as plt
 
-    from palflow.pipeline.cli import tasks_by_module
     from palflow.pipeline.observe.quality_figures import plot_oracle
+    from palflow.pipeline.observe.status import tasks_by_module
 
     status = tasks_by_module(recorded_data.events)["oracle"]
     figure = plot_oracle(recorded_data)

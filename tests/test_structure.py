@@ -147,9 +147,11 @@ def floors(edges: dict[str, set[str]]) -> dict[str, int]:
     return {node: floor(node) for node in edges}
 
 
-HEAVY_PACKAGES = ("torch", "mace", "e3nn", "parsl", "matplotlib", "xtb", "tblite", "mpi4py")
+HEAVY_PACKAGES = ("torch", "mace", "e3nn", "parsl", "matplotlib", "xtb", "tblite", "mpi4py", "ase")
 """Packages slow to import or optional: a function may import a palflow module that
-loads one of them where it is used, and only such a module."""
+loads one of them where it is used, and only such a module. ASE is one: ``ase.io``
+alone takes 0.7 s (it loads SciPy), most of what ``palflow run`` spent before it
+could say that a file named on its command line is missing."""
 
 
 def light_modules() -> set[str]:

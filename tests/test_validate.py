@@ -46,6 +46,9 @@ def test_validate_refuses_a_run_without_an_ensemble(tmp_path, capsys):
     assert sorted(p.name for p in run.root.iterdir()) == before, "nothing created"
 
     assert main(["validate", str(tmp_path / "nothing-here")]) == 2
+    assert "nothing-here does not exist" in capsys.readouterr().err
+    (tmp_path / "a-folder").mkdir()
+    assert main(["validate", str(tmp_path / "a-folder")]) == 2
     assert "not a palflow run directory" in capsys.readouterr().err
 
 

@@ -40,6 +40,7 @@ from palflow.apps.common import import_object
 from palflow.apps.errors import CalculatorError, SettingsError, StructureError
 from palflow.apps.generator import resolve_generator
 from palflow.apps.models.backend import ModelError
+from palflow.apps.models.mace.foundation import missing_foundation
 from palflow.apps.oracles.calculators import close_calculators
 from palflow.pipeline.config.models import check_model
 from palflow.pipeline.config.sites import load_site
@@ -127,15 +128,11 @@ def _one_of(names: Sequence[str]) -> str:
 
 def check_foundation(campaign, source: str | os.PathLike | None = None) -> None:
     """A MACE foundation model file (``model.foundation``) exists; the message says
-    where it was looked for, beside the campaign file ``source`` and in the current
-    folder, and what to give instead (the model's own checks follow in
-    :func:`palflow.pipeline.config.models.check_model`)."""
-
+    where it was looked for (beside the campaign file ``source``, in the current
+    folder) and what to give instead (:func:`~.models.check_model` checks the rest)."""
     path = getattr(campaign.model, "foundation", None)
     if campaign.model.name != "mace" or not path or os.path.isfile(path):
         return
-    from palflow.apps.models.mace import missing_foundation
-
     folder = Path(source).resolve().parent if source else None
     where = f"{source}: " if source else ""
     raise ModelError(where + missing_foundation(path, folder))
@@ -144,7 +141,6 @@ def check_foundation(campaign, source: str | os.PathLike | None = None) -> None:
 def check_strategy(campaign) -> None:
     """The generators, the selection measure, the query and each metrology plug-in
     exist."""
-
     generators = [campaign.generator.kind, *(s.generator for s in campaign.all_systems())]
     for kind in filter(None, generators):  # each raises PluginError for a bad name
         resolve_generator(kind)

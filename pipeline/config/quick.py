@@ -9,12 +9,17 @@ are the ones they use too, so each message is spelled once.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from palflow.apps.errors import InputError, SettingsError
+
+PLACEHOLDER = re.compile(r"\bYOUR_[A-Z0-9_]+\b")
+"""How the shipped sites mark a value that must be edited."""
 
 # The site configs shipped with palflow (palflow.site_configs), found by name from a
 # checkout and after a plain install alike, without importing them.
@@ -59,11 +64,42 @@ def read_campaign_file(path: str | Path) -> dict[str, Any]:
         raise CampaignError(f"{path}: not valid TOML: {error}") from None
 
 
+def placeholders(path: str | Path) -> list[str]:
+    """One line per placeholder string (``YOUR_...``) left in the site file ``path``,
+    naming its line and, where it is assigned to a name, the name."""
+    path = Path(path)
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except SyntaxError:
+        return []  # the import reports it, with its line
+    docstrings = {  # a docstring or a bare string may name a placeholder: no value
+        id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
+    }
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    for inner in ast.walk(node.value):
+                        names[id(inner)] = target.id
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) in docstrings:
+                continue
+            for found in PLACEHOLDER.findall(node.value):
+                name = names.get(id(node))
+                what = f"{name} is still" if name else "still holds"
+                lines.append(
+                    f"{path.name} line {node.lineno}: {what} the placeholder {found!r}: "
+                    "edit it to your cluster's value"
+                )
+    return sorted(set(lines), key=lambda line: int(line.split(" line ")[1].split(":")[0]))
+
+
 def first_look(site: str | None, campaigns: list[str] | None) -> None:
     """The command line's site and campaign files exist and read; raises the
     :class:`InputError` the full checks would raise later, sooner."""
-    from palflow.pipeline.config.site_check import placeholders
-
     if site is not None:
         path = resolve_site_path(site)
         left = placeholders(path)

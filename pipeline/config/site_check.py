@@ -22,17 +22,17 @@ systems, one oracle call and one model step, here).
 
 from __future__ import annotations
 
-import ast
-import re
 import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-PLACEHOLDER = re.compile(r"\bYOUR_[A-Z0-9_]+\b")
-"""How the shipped sites mark a value that must be edited."""
+from pydantic import ValidationError
+
+from palflow.apps.errors import InputError
+from palflow.pipeline.config.quick import placeholders
+from palflow.pipeline.config.sites import load_site, resolve_site_path
 
 SLURM_TIMEOUT_S = 30.0
 """Longest wait for one Slurm command."""
@@ -45,39 +45,6 @@ class CheckResult:
 
     problems: list[str] = field(default_factory=list)
     passed: list[str] = field(default_factory=list)
-
-
-def placeholders(path: str | Path) -> list[str]:
-    """One line per placeholder string (``YOUR_...``) left in the site file ``path``,
-    naming its line and, where it is assigned to a name, the name."""
-    path = Path(path)
-    try:
-        tree = ast.parse(path.read_bytes(), str(path))
-    except SyntaxError:
-        return []  # the import reports it, with its line
-    docstrings = {  # a docstring or a bare string may name a placeholder: no value
-        id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
-    }
-    names = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign):
-            for target in node.targets:
-                if isinstance(target, ast.Name):
-                    for inner in ast.walk(node.value):
-                        names[id(inner)] = target.id
-    lines = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if id(node) in docstrings:
-                continue
-            for found in PLACEHOLDER.findall(node.value):
-                name = names.get(id(node))
-                what = f"{name} is still" if name else "still holds"
-                lines.append(
-                    f"{path.name} line {node.lineno}: {what} the placeholder {found!r}: "
-                    "edit it to your cluster's value"
-                )
-    return sorted(set(lines), key=lambda line: int(line.split(" line ")[1].split(":")[0]))
 
 
 def _slurm(*argv: str) -> subprocess.CompletedProcess:
@@ -207,11 +174,6 @@ def _submit_and_cancel(options: tuple[str, ...]) -> str | None:
 def check_site(site_name: str, campaign_file: str | None = None) -> CheckResult:
     """Every check of the module's description, on site ``site_name`` and, when given,
     the campaign file ``campaign_file``."""
-    from pydantic import ValidationError
-
-    from palflow.apps.errors import InputError
-    from palflow.pipeline.config.sites import load_site, resolve_site_path
-
     result = CheckResult()
     try:
         path = resolve_site_path(site_name)
@@ -229,7 +191,7 @@ def check_site(site_name: str, campaign_file: str | None = None) -> CheckResult:
     result.problems += scheduler.problems
     result.passed += scheduler.passed
     if campaign_file is not None:
-        from palflow.pipeline.config.preflight import check_campaign
+        from palflow.pipeline.config.preflight import check_campaign  # ASE, torch
         from palflow.pipeline.config.settings import load_campaign
 
         try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from palflow.apps.contracts import MODULE_OF_KIND, MODULES
-from palflow.pipeline.engine.watchdog import RepeatLog, provider_failure
+from palflow.pipeline.engine.watchdog import RepeatLog, describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,6 @@ class Outcomes(Protocol):
     def task_succeeded(self, task: TaskRecord, result: dict[str, Any]) -> None: ...
 
     def task_failed(self, task: TaskRecord, error: BaseException) -> None: ...
-
-    def cannot_run(self, task: TaskRecord, reason: str) -> None:
-        """``task`` failed because its executor cannot start workers: stop now."""
 
 
 class Engine:
@@ -167,13 +164,9 @@ class Engine:
         agent = self._agents[task.kind]
         try:
             result = future.result()
-        except Exception as error:  # a task failure is recorded, never fatal by itself
-            provider = provider_failure(error, task.module)
-            if provider is not None:  # ...but an executor that cannot start workers is
-                self._not_run(agent, task, event, error, provider)
-                return
+        except Exception as error:  # a task failure is recorded, never fatal by itself...
             self.errors.error(task.kind, f"{task.kind} task {task.task_id} failed", error, False)
-            self.events.append_event({**event, "ok": False, "error": _describe(error)})
+            self.events.append_event({**event, "ok": False, "error": describe_error(error)})
             self._failed(agent, task, error)
             return
         event.update(ok=True, started=result.get("t_start"), ended=result.get("t_end"))
@@ -190,23 +183,6 @@ class Engine:
             return
         self.outcomes.task_succeeded(task, result)
 
-    def _not_run(
-        self, agent: Agent, task: TaskRecord, event: dict, error: BaseException, reason: str
-    ) -> None:
-        """``task`` never ran: its executor cannot start workers. The campaign stops
-        with ``reason`` (logged once); an agent with ``on_not_run`` puts the task's
-        work back uncounted, any other undoes it as after a failure."""
-        self.events.append_event({**event, "ok": False, "error": reason, "not_run": True})
-        # Said once per kind (bounded), also when the campaign is already stopping.
-        self.errors.error(task.kind, f"{task.kind} task {task.task_id} did not run", error, False)
-        self.outcomes.cannot_run(task, reason)
-        put_back = getattr(agent, "on_not_run", None)
-        try:
-            put_back(task) if put_back is not None else agent.on_failure(task, error)
-        except Exception as handler_error:
-            headline = f"{task.kind} task {task.task_id}: its work could not be put back"
-            self.errors.error(f"{task.kind} failure", headline, handler_error, True)
-
     def _failed(self, agent: Agent, task: TaskRecord, error: BaseException) -> None:
         try:
             agent.on_failure(task, error)
@@ -214,7 +190,3 @@ class Engine:
             headline = f"{task.kind} task {task.task_id}: its failure could not be handled"
             self.errors.error(f"{task.kind} failure", headline, handler_error, True)
         self.outcomes.task_failed(task, error)
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:500]

@@ -18,7 +18,7 @@ from typing import Any
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.engine.convergence import ExplorationTally
 from palflow.pipeline.engine.core import Engine, TaskRecord
-from palflow.pipeline.engine.watchdog import Watchdog, verdict
+from palflow.pipeline.engine.watchdog import Watchdog, provider_failure, verdict
 from palflow.pipeline.state.campaign_state import CampaignState
 from palflow.pipeline.state.records import Version
 
@@ -92,11 +92,14 @@ class StopPolicy:
         self.watchdog.succeeded(task, result)
 
     def task_failed(self, task: TaskRecord, error: BaseException) -> None:
-        self.watchdog.failed(task, error)
-
-    def cannot_run(self, task: TaskRecord, reason: str) -> None:
-        """An executor cannot start workers: the campaign stops as failed at once."""
-        self.cannot_start(task.module, reason)
+        """Count a failure; one that says the task's executor cannot start workers
+        (:func:`~palflow.pipeline.engine.watchdog.provider_failure`) stops the campaign
+        as failed at once."""
+        reason = provider_failure(error, task.module)
+        if reason is not None:
+            self.cannot_start(task.module, reason)
+        else:
+            self.watchdog.failed(task, error)
 
     def cannot_start(self, module: str, reason: str) -> None:
         """The executor of ``module`` cannot start workers: stop as failed, and never

@@ -294,7 +294,7 @@ class WorkerStartWatch:
         try:
             self._check(coordinator, now)
         except Exception as error:  # an observer that raises is dropped: keep watching
-            logger.warning("the worker start watch could not check: %s", _describe(error))
+            logger.warning("the worker start watch could not check: %s", describe_error(error))
 
     def _check(self, coordinator: Any, now: float) -> None:
         for label, executor in self.executors.items():
@@ -363,10 +363,11 @@ class RepeatLog:
         count = self.seen[key]
         if count == 1:
             exc_info = (type(error), error, error.__traceback__) if traceback else None
-            self.log.warning("%s: %s", headline, _describe(error), exc_info=exc_info)
+            self.log.warning("%s: %s", headline, describe_error(error), exc_info=exc_info)
         elif count <= 5 or count & (count - 1) == 0:
             self.log.warning("%s: same error again (x%d)", headline, count)
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """An error as ``Type: message``, at most 500 characters."""
     return f"{type(error).__name__}: {error}"[:500]

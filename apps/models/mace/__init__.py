@@ -25,6 +25,7 @@ from ase.data import atomic_numbers, chemical_symbols
 from pydantic import Field
 
 from palflow.apps.models.backend import BackendSettings, ModelBackend, ModelError, SpecInputs
+from palflow.apps.models.mace.foundation import missing_foundation
 
 logger = logging.getLogger(__name__)
 
@@ -139,38 +140,6 @@ class MACEBackend(ModelBackend):
     def export(cls, model: Any, stem: str | os.PathLike) -> list[str]:
         """Each member as a standard MACE model file ``{stem}.member{k}.model``."""
         return model.export(str(stem))
-
-
-def missing_foundation(path: str, campaign_folder: str | os.PathLike | None = None) -> str:
-    """The message for a ``model.foundation`` file that does not exist: where it was
-    looked for, and what to give instead.
-
-    A relative path is taken from the campaign file's folder when the file is there
-    (:func:`palflow.pipeline.config.settings.load_campaign`), else from the current
-    folder; ``campaign_folder``, when known, is named too.
-    """
-    here = os.path.abspath(path)
-    if os.path.isabs(path):
-        looked = path
-    elif campaign_folder is None:
-        looked = (
-            f"{here} (in the current folder; a relative path is first looked for beside "
-            "the campaign file)"
-        )
-    else:
-        beside = os.path.join(os.path.abspath(campaign_folder), path)
-        if beside == here:
-            looked = f"{here} (beside the campaign file, which is the current folder)"
-        else:
-            looked = f"{beside} (beside the campaign file) and {here} (in the current folder)"
-    return (
-        f"model.foundation {path!r} does not exist: looked for {looked}. Give the path "
-        "of a MACE model file: one that a palflow MACE run wrote (models/"
-        "ensemble.vNNNNN.memberK.model in its run directory, or ensemble.memberK.model "
-        "from palflow export), or a MACE foundation model (MACE-MP-0, MACE-OFF23 from "
-        "the MACE project's releases) downloaded beforehand on a machine with internet "
-        "access; palflow downloads nothing"
-    )
 
 
 def _require(elements: Sequence[int], table: Sequence[int], where: str) -> None:

@@ -31,6 +31,8 @@ import mace  # noqa: E402, F401  (first: it lets e3nn load its constants under t
 import torch  # noqa: E402
 from ase import Atoms  # noqa: E402
 
+from palflow.apps.models.mace.foundation import missing_foundation  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -161,8 +163,6 @@ def foundation_elements(path: str) -> tuple[list[int], list[float], float, dict[
         When the file is missing or is not a MACE model.
     """
     if not os.path.isfile(path):
-        from palflow.apps.models.mace import missing_foundation
-
         raise ValueError(missing_foundation(path))
     try:
         with _BUILD_LOCK:
