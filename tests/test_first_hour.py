@@ -300,8 +300,8 @@ def test_a_resume_that_raises_is_failed_everywhere_not_the_last_sessions_finish(
 ):
     """A finished run resumed, whose resume raises: exit 1, and status and the report
     say failed with this session's reason, not the last session's "finished"."""
-    from palflow.pipeline.observe.status import run_status_facts
     from palflow.pipeline.engine.coordinator import Coordinator
+    from palflow.pipeline.observe.status import run_status_facts
     from palflow.pipeline.run import main
 
     assert run_status_facts(copied_run)["state"] == "finished"
