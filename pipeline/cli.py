@@ -206,6 +206,11 @@ def _first_look(argv: list[str]) -> None:
                 values[option].append(argv[index + 1])
     sites = values["--site"]
     first_look(sites[-1] if sites else None, values["--campaign"])
+    if values["--campaign"]:  # their settings, with pydantic alone (before Parsl, ase.io)
+        from palflow.pipeline.config.settings import load_campaign
+
+        for campaign in values["--campaign"]:
+            load_campaign(campaign)
 
 
 def main(argv: list[str] | None = None) -> int:

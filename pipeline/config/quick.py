@@ -98,9 +98,8 @@ def placeholders(path: str | Path) -> list[str]:
 
 
 def first_look(site: str | None, campaigns: list[str] | None) -> None:
-    """The command line's site file exists and holds no placeholder, and its campaign
-    files read and hold valid settings (pydantic alone: 0.3 s, before Parsl and
-    ``ase.io``); raises the error the full checks would raise later, sooner."""
+    """The command line's site and campaign files exist and read; raises the
+    :class:`InputError` the full checks would raise later, sooner."""
     if site is not None:
         path = resolve_site_path(site)
         left = placeholders(path)
@@ -110,9 +109,4 @@ def first_look(site: str | None, campaigns: list[str] | None) -> None:
                 f"`palflow check --site {site}` lists them all"
             )
     for campaign in campaigns or []:
-        read_campaign_file(campaign)  # a missing file, before pydantic loads
-    if campaigns:
-        from palflow.pipeline.config.settings import load_campaign
-
-        for campaign in campaigns:
-            load_campaign(campaign)
+        read_campaign_file(campaign)
