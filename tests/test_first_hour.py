@@ -198,17 +198,11 @@ def test_check_against_the_local_slurm(slurm_cluster, tmp_path):
     assert queue.stdout.strip() == ""
 
 
-@pytest.mark.slurm
-@pytest.mark.timeout(300)
-def test_a_provider_that_cannot_start_workers_stops_the_run_at_once(slurm_cluster, tmp_path):
-    """sbatch refuses the blocks (a partition that does not exist): the run stops at
-    the first refusal, exit 1, a short console with no traceback, the provider's
-    message whole in the summary, ``status`` and the report, and no structure counted
-    as a lost oracle task."""
-    site = tmp_path / "refused.py"
-    site.write_text(
-        (ROOT / "site_configs" / "local_slurm.py").read_text().replace('"cpu"', '"nosuchpart"')
-    )
+def fail_on_site(site_text: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the small campaign on a site written from ``site_text``, which must fail it:
+    exit 1, a short console without a traceback. Returns the run and its summary."""
+    site = tmp_path / "site.py"
+    site.write_text(site_text)
     done = palflow(
         "run", "--site", str(site), "--campaign", str(small_campaign(tmp_path)),
         "--run-dir", str(tmp_path / "run"), cwd=tmp_path, timeout=240,
@@ -216,7 +210,18 @@ def test_a_provider_that_cannot_start_workers_stops_the_run_at_once(slurm_cluste
     console = done.stdout + done.stderr
     assert done.returncode == 1, console[-3000:]
     assert "Traceback" not in console and len(console.splitlines()) < 60, console
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    return done, json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_a_provider_that_cannot_start_workers_stops_the_run_at_once(slurm_cluster, tmp_path):
+    """sbatch refuses the blocks (a partition that does not exist): the run stops at
+    the first refusal, exit 1, a short console with no traceback, the provider's
+    message whole in the summary, ``status`` and the report, and no structure counted
+    as a lost oracle task."""
+    site_text = (ROOT / "site_configs" / "local_slurm.py").read_text()
+    done, summary = fail_on_site(site_text.replace('"cpu"', '"nosuchpart"'), tmp_path)
     reason = summary["failure"]
     assert reason.startswith("the oracle executor cannot start workers")
     assert reason.endswith("Batch job submission failed: Invalid partition name specified")
@@ -255,19 +260,10 @@ def test_pilot_jobs_that_never_start_stop_the_run_after_the_sites_timeout(slurm_
     )
     text = text.replace("worker_start_timeout_s = 300", "worker_start_timeout_s = 20")
     assert "--hold" in text and "worker_start_timeout_s = 20" in text
-    site = tmp_path / "held.py"
-    site.write_text(text)
-    done = palflow(
-        "run", "--site", str(site), "--campaign", str(small_campaign(tmp_path)),
-        "--run-dir", str(tmp_path / "run"), cwd=tmp_path, timeout=240,
-    )  # fmt: skip
-    console = done.stdout + done.stderr
-    assert done.returncode == 1, console[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    _, summary = fail_on_site(text, tmp_path)
     reason = summary["failure"]
     assert reason.startswith("the oracle executor started no worker within 20 s"), reason
     assert "PENDING (JobHeldUser)" in reason and summary["oracle_failures"] == 0
-    assert "Traceback" not in console and len(console.splitlines()) < 60, console
     # Parsl cancels its jobs as the run ends; Slurm forgets them a moment later.
     for _ in range(30):
         queue = subprocess.run(["squeue", "-h", "-o", "%j %T"], capture_output=True, text=True)

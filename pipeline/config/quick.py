@@ -82,31 +82,36 @@ def placeholders(path: str | Path) -> list[str]:
                 if isinstance(target, ast.Name):
                     for inner in ast.walk(node.value):
                         names[id(inner)] = target.id
-    lines = []
+    found = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if id(node) in docstrings:
-                continue
-            for found in PLACEHOLDER.findall(node.value):
-                name = names.get(id(node))
-                what = f"{name} is still" if name else "still holds"
-                lines.append(
-                    f"{path.name} line {node.lineno}: {what} the placeholder {found!r}: "
-                    "edit it to your cluster's value"
-                )
-    return sorted(set(lines), key=lambda line: int(line.split(" line ")[1].split(":")[0]))
+        if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
+            continue
+        if id(node) in docstrings:
+            continue
+        what = f"{names[id(node)]} is still" if id(node) in names else "still holds"
+        for placeholder in PLACEHOLDER.findall(node.value):
+            found[node.lineno, placeholder] = (
+                f"{path.name} line {node.lineno}: {what} the placeholder {placeholder!r}: "
+                "edit it to your cluster's value"
+            )
+    return [found[key] for key in sorted(found)]
+
+
+def refuse_placeholders(path: Path, site: str) -> None:
+    """A :class:`SiteError` naming the first placeholder left in the site file ``path``
+    (given as ``site``), if any."""
+    left = placeholders(path)
+    if left:
+        raise SiteError(
+            f"{path}: {len(left)} placeholder(s) left unedited, first {left[0]}; "
+            f"`palflow check --site {site}` lists them all"
+        )
 
 
 def first_look(site: str | None, campaigns: list[str] | None) -> None:
     """The command line's site and campaign files exist and read; raises the
     :class:`InputError` the full checks would raise later, sooner."""
     if site is not None:
-        path = resolve_site_path(site)
-        left = placeholders(path)
-        if left:
-            raise SiteError(
-                f"{path}: {len(left)} placeholder(s) left unedited, first {left[0]}; "
-                f"`palflow check --site {site}` lists them all"
-            )
+        refuse_placeholders(resolve_site_path(site), site)
     for campaign in campaigns or []:
         read_campaign_file(campaign)

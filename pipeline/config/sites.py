@@ -37,7 +37,7 @@ from palflow.apps.errors import InputError  # noqa: F401 (SiteError's base, for 
 from palflow.pipeline.config.quick import (  # noqa: F401 (here for callers)
     SITE_DIR,
     SiteError,
-    first_look,
+    refuse_placeholders,
     resolve_site_path,
     shipped_sites,
 )
@@ -230,7 +230,7 @@ def load_site(name: str, allow_placeholders: bool = False) -> Site:
 
     path = resolve_site_path(name)
     if not allow_placeholders:
-        first_look(name, None)
+        refuse_placeholders(path, name)
     spec = importlib.util.spec_from_file_location(f"palflow_site_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     _run_site_code(path, "the site file does not import", lambda: spec.loader.exec_module(module))

@@ -226,19 +226,24 @@ def verdict(summary: dict[str, Any], failure: str | None = None) -> dict[str, An
     return {"failed": failure is not None, "failure": failure, "exit_status": int(bool(failure))}
 
 
-def provider_failure(error: BaseException, module: str) -> str | None:
-    """Why ``error`` says that the executor of ``module`` cannot start workers: its
-    provider failed to start blocks (Parsl then fails every task of that executor).
-    One line, with the provider's message whole; None for any other error."""
+def cannot_start_workers(error: BaseException) -> bool:
+    """Whether ``error`` is Parsl's word that the task's executor is in a bad state (its
+    provider failed to start or run blocks): every task of that executor fails so."""
     from parsl.executors.errors import BadStateException, ScalingFailed
     from parsl.jobs.errors import TooManyJobFailuresError
 
-    if isinstance(error, BadStateException):
-        message = error.reason
-    elif isinstance(error, ScalingFailed | TooManyJobFailuresError):
-        message = str(error)
-    else:
+    return isinstance(error, BadStateException | ScalingFailed | TooManyJobFailuresError)
+
+
+def provider_failure(error: BaseException, module: str) -> str | None:
+    """Why ``error`` says that the executor of ``module`` cannot start workers
+    (:func:`cannot_start_workers`): one line, with the provider's message whole; None
+    for any other error."""
+    from parsl.executors.errors import BadStateException
+
+    if not cannot_start_workers(error):
         return None
+    message = error.reason if isinstance(error, BadStateException) else str(error)
     # Parsl lists each failed block as "Error N:\n\t<message>"; one line, repeats once.
     entries, seen = [], set()
     for entry in re.split(r"Error \d+:", message):

@@ -47,8 +47,9 @@ EVENTS_FILE = "events.jsonl"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FAILURE_FILE = "failure.json"
-"""Written by ``palflow run`` when a campaign raised before it wrote its summary: the
-one-line reason (its traceback is in ``palflow.log``). A resume removes it."""
+"""Written by ``palflow run`` when a campaign raised (before or after it wrote its
+summary): the one-line reason, its traceback in ``palflow.log``. Read before the
+summary; a resume removes it."""
 STATE_FILE = "state.json"
 QUEUE_FILE = "state.queue.npz"
 REPORT_FILE = "report.html"

@@ -54,6 +54,7 @@ class CampaignSummary:
     def summary(self, events: list[dict[str, Any]], slots: dict[str, int]) -> dict[str, Any]:
         """What ``summary.json`` says about the campaign."""
         t_end = time.time()
+        tasks = one_per_task(events)  # a task whose result was unusable counts once
         kinds = failure_counts(self.failures.values())
         rows = sorted(self.test_errors, key=lambda e: e["version"])
         errors = [e for e in rows if e.get("force_mae") is not None]
@@ -87,8 +88,8 @@ class CampaignSummary:
                 events, self.t0, t_end, tuple(m for m in MODULES if m != "infer")
             ),
             "slots": slots,
-            "tasks": dict(Counter(e["module"] for e in one_per_task(events))),
-            "failed_tasks": dict(Counter(e["module"] for e in one_per_task(events) if not e["ok"])),
+            "tasks": dict(Counter(e["module"] for e in tasks)),
+            "failed_tasks": dict(Counter(e["module"] for e in tasks if not e["ok"])),
             "walker_resets": sum(w.resets for w in self.walkers),
             "resumes": self.resumes,
             # Per system: active labels, and the newest version's held-out errors.

@@ -21,7 +21,7 @@ from palflow.apps.contracts import MDRequest
 from palflow.apps.data.dataset import read_arrays, structures_from_arrays
 from palflow.pipeline.engine.convergence import SegmentCounts
 from palflow.pipeline.engine.core import TaskRecord
-from palflow.pipeline.engine.watchdog import provider_failure
+from palflow.pipeline.engine.watchdog import cannot_start_workers
 from palflow.pipeline.policies.measures import EnsemblePrediction
 from palflow.pipeline.policies.selection import Candidate, select_frames
 from palflow.pipeline.state.records import Version, Walker
@@ -139,7 +139,7 @@ class GeneratorAgent:
             walker.busy = False
 
     def on_failure(self, task: GenerateTask, error: BaseException) -> None:
-        if provider_failure(error, task.module):  # never ran; the campaign stops
+        if cannot_start_workers(error):  # never ran; the campaign stops
             return self.on_not_run(task)
         for walker in task.walkers:
             walker.busy = False

@@ -22,7 +22,7 @@ import numpy as np
 from palflow.apps.contracts import FailureKind, LabelRequest, ReferenceRequest
 from palflow.apps.data.dataset import read_dataset, write_dataset
 from palflow.pipeline.engine.core import TaskRecord
-from palflow.pipeline.engine.watchdog import provider_failure
+from palflow.pipeline.engine.watchdog import cannot_start_workers
 from palflow.pipeline.policies.selection import Candidate, retry_allowed
 from palflow.pipeline.resume.journal import candidate_arrays
 from palflow.pipeline.state.structures import read_labelled_file
@@ -289,7 +289,7 @@ class OracleAgent:
         )
 
     def on_failure(self, task: TaskRecord, error: BaseException) -> None:
-        if provider_failure(error, task.module):  # never ran; the campaign stops
+        if cannot_start_workers(error):  # never ran; the campaign stops
             return self.on_not_run(task)
         if isinstance(task, ReferenceTask):
             self.reference_attempts += 1
