@@ -193,14 +193,15 @@ class TrainRequest(Request):
 
     app: ClassVar[str] = "train_member"
     member: int
-    dataset_path: str
+    dataset_path: str | dict[str, Any]
+    """A dataset file, or a selection of the label log's rows (the coordinator's)."""
     checkpoint_in: str | None
     checkpoint_out: str
     spec: dict[str, Any]
     settings: dict[str, Any]
     seed: int
     n_epochs: int
-    validation_path: str | None
+    validation_path: str | dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ class EvaluateRequest(Request):
     app: ClassVar[str] = "evaluate_test"
     ensemble_path: str
     test_path: str
-    validation_path: str | None = None
+    validation_path: str | dict[str, Any] | None = None
 
 
 REQUESTS = (LabelRequest, ReferenceRequest, MDRequest, TrainRequest, ScoreRequest, EvaluateRequest)

@@ -30,6 +30,7 @@ from ase.io import read, write
 
 from palflow.apps.common import draw_velocities, import_object, require_settings, where_and_when
 from palflow.apps.data.dataset import read_dataset, write_dataset
+from palflow.apps.data.label_log import read_labelled
 from palflow.apps.errors import PluginError
 from palflow.apps.md.dynamics import BatchedDynamics, Evaluation, evaluations
 from palflow.apps.sections import GeneratorSettings
@@ -246,6 +247,21 @@ def write_walkers(
 
 
 # ------------------------------------------------------------------------ rattle
+RATTLE_LABELS = 256
+"""The newest labels of the snapshot that rattling starts from (not all of them: a
+task reads the same few however many labels the campaign holds)."""
+
+
+def _newest_labels(source: str | dict[str, Any] | None) -> list[Atoms]:
+    """The newest :data:`RATTLE_LABELS` labels of a training snapshot (a selection of
+    the label log, or a dataset file); none without one."""
+    if isinstance(source, dict):
+        source = {**source, "start": max(source["start"], source["stop"] - RATTLE_LABELS)}
+    elif not source or not os.path.exists(source):
+        return []
+    return read_labelled(source)[-RATTLE_LABELS:]
+
+
 def _rattle(
     start_paths: list[str],
     ensemble_path: str,
@@ -260,8 +276,9 @@ def _rattle(
 
     Each walker makes ``steps_per_task // sample_interval`` frames. Each frame starts
     from the walker's start structure or, with ``settings["labelled_path"]`` (the
-    newest training snapshot, which the coordinator passes) and even odds, from a
-    labelled structure of the same atoms; every atom moves by N(0, ``rattle_stdev``²)
+    newest training snapshot, which the coordinator passes: its newest
+    :data:`RATTLE_LABELS` labels are read) and even odds, from a labelled structure of
+    the same atoms; every atom moves by N(0, ``rattle_stdev``²)
     Å in each direction, and a periodic cell takes a random symmetric strain with
     components up to ``rattle_strain``. A frame that :func:`blow_up_reason` rejects is
     dropped. The walker's start stays its start: rattling does not drift.
@@ -281,8 +298,7 @@ def _rattle(
     version = int(extra.get("version", -1))
     rng = np.random.default_rng(seed)
     labelled = []
-    if settings.get("labelled_path") and os.path.exists(settings["labelled_path"]):
-        labelled = [a for a in read_dataset(settings["labelled_path"]) if a.calc is not None]
+    labelled = [a for a in _newest_labels(settings.get("labelled_path")) if a.calc is not None]
     n_frames = max(settings["steps_per_task"] // settings["sample_interval"], 1)
 
     starts = [read(path) for path in start_paths]

@@ -11,6 +11,7 @@ import numpy as np
 
 from palflow.apps.common import where_and_when
 from palflow.apps.data.dataset import read_arrays, read_dataset
+from palflow.apps.data.label_log import read_labelled
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def _evaluate_test(
     device = device or default_device()
     model, extra = load_checkpoint(ensemble_path, device=device)
     result = _errors(model, read_dataset(test_path), device) if test_path else {}
-    validation = _errors(model, read_dataset(validation_path), device) if validation_path else None
+    validation_set = read_labelled(validation_path)
+    validation = _errors(model, validation_set, device) if validation_set else None
     return {
         **result,
         "validation": validation,

@@ -21,7 +21,8 @@ import vesin
 from ase import Atoms
 
 from palflow.apps.common import require_settings, where_and_when
-from palflow.apps.data.dataset import read_dataset, structure_key
+from palflow.apps.data.dataset import structure_key
+from palflow.apps.data.label_log import read_labelled
 from palflow.apps.models import registry
 from palflow.apps.models.calculator import evaluate_errors  # noqa: F401 (re-exported)
 from palflow.apps.models.core import (
@@ -66,6 +67,13 @@ def learning_rate(settings: dict, steps: int, scale: float = 1.0) -> float:
     half_life = settings["learning_rate_half_life_steps"]
     scheduled = start if half_life <= 0 else floor + (start - floor) * 0.5 ** (steps / half_life)
     return max(floor, scheduled * scale)
+
+
+def _name(source: str | dict) -> str:
+    """A dataset's name in a message: its path, or the label log's rows."""
+    if isinstance(source, dict):
+        return f"rows {source['start']}-{source['stop']} of the label log {source['store']}"
+    return str(source)
 
 
 def _is_labelled(atoms: Atoms) -> bool:
@@ -149,9 +157,12 @@ def _train_member(
     member
         Member index (recorded in the checkpoint and result).
     dataset_path
-        Training set written by :func:`palflow.apps.data.dataset.write_dataset`; unlabelled
-        structures are skipped. The member trains on all of it: the coordinator's
-        snapshot already holds only the labels to train on (``rolling_window``).
+        Training set: a file written by :func:`palflow.apps.data.dataset.write_dataset`,
+        or a selection of the label log's rows
+        (:meth:`palflow.apps.data.label_log.LabelLog.selection`), as the coordinator
+        gives; unlabelled structures are skipped. The member trains on all of it: the
+        coordinator's snapshot already holds only the labels to train on
+        (``rolling_window``).
     checkpoint_in
         Previous checkpoint of this member to continue from (its raw weights, average
         and optimiser), or ``None`` to start from a fresh model seeded with ``seed``.
@@ -169,7 +180,7 @@ def _train_member(
     n_epochs
         Epochs to run in this call.
     validation_path
-        Optional held-out labels; with the labels this member's bootstrap left out,
+        Optional held-out labels (a file or a selection); with the labels this member's bootstrap left out,
         they are its validation frames, on which the gate judges its new state.
     device
         Torch device; default CUDA when available.
@@ -203,9 +214,11 @@ def _train_member(
     # One thread per task: a site runs tasks side by side in its slots.
     torch.set_num_threads(1)
 
-    structures = [atoms for atoms in read_dataset(dataset_path) if _is_labelled(atoms)]
+    # A selection of the label log is read through this process's cache: a member
+    # that continues reads only the labels appended since its last task here.
+    structures = [a for a in read_labelled(dataset_path, cache=True) if _is_labelled(a)]
     if not structures:
-        raise ValueError(f"{dataset_path} holds no labelled structures")
+        raise ValueError(f"{_name(dataset_path)} holds no labelled structures")
     indices = np.arange(len(structures))
 
     if checkpoint_in is None:
@@ -287,7 +300,7 @@ def _train_member(
     model.load_state_dict(average.state)
     recentre(model, trained_on)
     average.state = clone_state(model.state_dict())
-    held_out = read_dataset(validation_path) if validation_path is not None else []
+    held_out = read_labelled(validation_path)
     validation = [a for a in held_out if _is_labelled(a)]
     validation += [structures[j] for j in indices[multiplicity == 0]]
     verdict = judge(model, average.state, published, validation, settings)

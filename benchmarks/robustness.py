@@ -98,6 +98,8 @@ DAMAGES = [
     ("member checkpoint", "models/member*.pt"),
     ("ensemble version", "models/ensemble.v*.pt"),
     ("events.jsonl", "events.jsonl"),
+    ("label log rows", "data/labels/frames.bin"),
+    ("label log atoms", "data/labels/atoms.bin"),
 ]
 WAYS = ("truncate", "garbage", "delete")
 

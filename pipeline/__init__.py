@@ -37,10 +37,12 @@ One label, from the oracle to the training data, in four files:
    it to ``oracle/batchNNNNNN.out.npz``;
 2. ``engine/agents/oracle.py`` harvests the batch when its task returns;
 3. ``state/labels.py`` stores its good labels in ``labels.db``
-   (:meth:`~palflow.pipeline.state.labels.LabelStore.harvest`) and writes the
-   training snapshot that holds them, ``data/train.NNNNNN.npz``
+   (:meth:`~palflow.pipeline.state.labels.LabelStore.harvest`), appends them to the
+   label log ``data/labels/`` (``apps/data/label_log.py``) and makes the training
+   snapshot the log's newest rows
    (:meth:`~palflow.pipeline.state.labels.LabelStore.write_snapshot`);
-4. ``apps/training.py`` reads the snapshot in the next training task.
+4. ``apps/training.py`` reads those rows in the next training task (only the rows
+   its worker has not read yet).
 
 ``state/rundir.py`` is where each of those file names is spelled.
 """

@@ -212,7 +212,7 @@ def test_a_module_can_stop_the_campaign(tmp_path):
 def test_rolling_window_trains_on_the_newest_labels(tmp_path):
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from palflow.apps.data.dataset import read_dataset
+    from palflow.apps.data.label_log import read_labelled
     from palflow.pipeline.state.campaign_state import CampaignState
 
     campaign = small_campaign(training__rolling_window=5, training__validation_fraction=0.0)
@@ -225,7 +225,7 @@ def test_rolling_window_trains_on_the_newest_labels(tmp_path):
         labelled.append(atoms)
     state.add_labels(labelled[:7], [{"candidate_id": i, "source": "initial"} for i in range(7)])
     state.add_labels(labelled[7:], [{"candidate_id": i, "source": "active"} for i in range(7, 12)])
-    snapshot = read_dataset(state.train_snapshot.train_path)
+    snapshot = read_labelled(state.train_snapshot.train)
     assert [a.get_potential_energy() for a in snapshot] == [7.0, 8.0, 9.0, 10.0, 11.0]
     assert state.train_snapshot.n_labels == 12
 

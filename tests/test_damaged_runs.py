@@ -182,8 +182,8 @@ def test_a_damaged_file_is_mended_or_named(finished, tmp_path, caplog, name, how
         assert any(FILES[name](finished).name in m for m in mends), mends
     else:
         assert not mends, mends
-    assert_no_label_lost(before, run, state.label_ids)
-    assert not set(state.label_ids) & {c.candidate_id for c in queue.candidates()}
+    assert_no_label_lost(before, run, state.label_log.column("candidate_id"))
+    assert not state.labelled_ids & {c.candidate_id for c in queue.candidates()}
     assert all(Path(w.start_path).is_file() for w in state.walkers)
     assert all(m.checkpoint is None or Path(m.checkpoint).is_file() for m in state.members)
     if (run / "damaged").exists():

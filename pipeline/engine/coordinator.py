@@ -207,7 +207,7 @@ class Coordinator:
             next_task_id=next_task_id, **options,
         )  # fmt: skip
         if coordinator.selector.needs_descriptors:  # the diversity measures' reference
-            coordinator.selector.note_labelled(state.labelled)
+            coordinator.selector.note_labelled(state.labelled_structures())
         coordinator._resumed_at = began_at or time.time()
         return coordinator
 
@@ -297,7 +297,7 @@ class Coordinator:
         self.policy.check()
         self.submit_ready()
         self._note_resume_cost()
-        self.journal.save(self.state, self.queue, self.engine.next_task_id)
+        self.journal.save(self.state, self.queue, self.engine)
         return self.policy.keep_waiting(self.engine)
 
     def submit_ready(self) -> None:
@@ -327,7 +327,7 @@ class Coordinator:
 
     def close(self) -> dict[str, Any]:
         """Save everything, write ``summary.json`` and the exports; return the summary."""
-        self.journal.save(self.state, self.queue, self.engine.next_task_id, force=True)
+        self.journal.save(self.state, self.queue, self.engine, force=True)
         self.run_dir.close()
         summary = self.state.summary(self.run_dir.read_events(), self.slots)
         summary.update(self.policy.verdict(summary))  # failed, failure, exit_status

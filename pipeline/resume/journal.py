@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from palflow.apps.data.dataset import read_arrays, read_dataset, write_dataset
 from palflow.pipeline.policies.selection import Candidate, OracleQueue
 from palflow.pipeline.state.campaign_state import CampaignState
 from palflow.pipeline.state.rundir import QUEUE_FILE, RunDirectory
+
+if TYPE_CHECKING:
+    from palflow.pipeline.engine.core import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +99,17 @@ class Journal:
         self._last_save = 0.0
 
     def save(
-        self, state: CampaignState, queue: OracleQueue, next_task_id: int, force: bool = False
+        self, state: CampaignState, queue: OracleQueue, engine: Engine, force: bool = False
     ) -> None:
-        """Write ``state.json`` and ``state.queue.npz``, at most once per interval."""
+        """Write ``state.json`` and ``state.queue.npz``, at most once per interval.
+
+        ``oracle_settled_below`` is the lowest task id of an oracle batch still in
+        flight (or the next task id): every batch below it was harvested, and what
+        failed in it is in the queue saved with it, so a resume reads only the
+        batches from it on (:mod:`palflow.pipeline.resume.restore`).
+        """
+        next_task_id = engine.next_task_id
+        in_flight = [task.task_id for task in engine.tasks("label")]
         now = time.time()
         if not force and now - self._last_save < self.min_interval_s:
             return
@@ -111,6 +123,7 @@ class Journal:
                 "elapsed_s": now - state.t0,
                 "last_candidate_id": state.last_candidate_id,
                 "next_task_id": next_task_id,
+                "oracle_settled_below": min(in_flight, default=next_task_id),
                 "members": [{**asdict(m), "busy": False} for m in state.members],
                 "walkers": [{**asdict(w), "busy": False} for w in state.walkers],
                 "versions": [asdict(v) for v in state.versions],

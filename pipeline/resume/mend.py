@@ -39,6 +39,7 @@ from ase.io import read, write
 from palflow.apps.data.dataset import read_arrays
 from palflow.pipeline.resume import mend_state, warm_start
 from palflow.pipeline.resume.journal import read_candidates
+from palflow.pipeline.resume.mend_labels import CheckedFiles, mend_label_log
 from palflow.pipeline.resume.mend_base import (
     DAMAGED,
     dataset_problem,
@@ -82,10 +83,11 @@ def mend_run(campaign: Any, run: RunDirectory) -> list[str]:
             record_mend(run, mends, None, f"{folder}/ was missing: made again")
             (run.root / folder).mkdir()
     _mend_start_structures(campaign, run, mends)
-    rows, labels_damaged = _check_labels(campaign, run)
-    _mend_oracle_journal(run, {int(r[1]["candidate_id"]) for r in rows}, mends)
+    stored, rows, labels_damaged = _check_labels(campaign, run)
+    _mend_oracle_journal(run, stored, mends)
     if labels_damaged:
         _rebuild_labels(campaign, run, rows, labels_damaged, mends)
+    mend_label_log(run, mends)
     _mend_queue(run, mends)
     for name in (EVENTS_FILE, METRICS_FILE):
         _mend_jsonl(run, name, mends)
@@ -94,7 +96,7 @@ def mend_run(campaign: Any, run: RunDirectory) -> list[str]:
     mend_state.mend_walker_frames(run, mends)
     mend_state.mend_test_sets(run, mends)
     sweep_empty_scratch(run)
-    run.mended = True
+    run.mended, run.mends = True, mends
     return mends
 
 
@@ -138,27 +140,30 @@ def _mend_start_structures(campaign: Any, run: RunDirectory, mends: list[str]) -
 
 
 # ---------------------------------------------------------------- labels
-def _check_labels(campaign: Any, run: RunDirectory) -> tuple[list[tuple[Any, dict]], str | None]:
-    """The rows of ``labels.db`` that read, as ``(atoms, key_value_pairs)``, and why
-    the database is damaged (None when it is sound)."""
+def _check_labels(
+    campaign: Any, run: RunDirectory
+) -> tuple[set[int], list[tuple[Any, dict]], str | None]:
+    """The candidate ids ``labels.db`` holds, and why the database is damaged (None
+    when it is sound) with the rows that still read, as ``(atoms, key_value_pairs)``
+    (none when it is sound: a sound database is checked without reading its rows)."""
     path = run.labels_db
     if not path.exists() or path.stat().st_size == 0:
         # Rebuilt from the journal as always, and said.
         lost = run.oracle_batches() or campaign.initial.file
-        return [], ("is missing" if not path.exists() else "is empty") if lost else None
+        return set(), [], ("is missing" if not path.exists() else "is empty") if lost else None
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
             verdict = connection.execute("PRAGMA quick_check").fetchone()[0]
-        if verdict != "ok":
-            raise sqlite3.DatabaseError(verdict)
-        rows = [
-            (row.toatoms(), dict(row.key_value_pairs)) for row in run.labels().select(sort="id")
-        ]
-        for _, pairs in rows:
-            int(pairs["candidate_id"])
-        return rows, None
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(verdict)
+            (n_rows,) = connection.execute("SELECT count(*) FROM systems").fetchone()
+        stored = run.stored_candidate_ids()
+        if len(stored) != n_rows:
+            raise ValueError(f"{n_rows - len(stored)} of its rows have no candidate id")
+        return set(stored), [], None
     except Exception as error:
-        return _salvage_rows(run), f"is damaged ({why(error)})"
+        rows = _salvage_rows(run)
+        return {int(pairs["candidate_id"]) for _, pairs in rows}, rows, f"is damaged ({why(error)})"
 
 
 def _salvage_rows(run: RunDirectory) -> list[tuple[Any, dict]]:
@@ -225,9 +230,14 @@ def _mend_oracle_journal(run: RunDirectory, stored: set[int], mends: list[str]) 
     """Each oracle batch's input and output must read; ``stored`` are the candidate
     ids whose labels ``labels.db`` holds in rows that read."""
 
+    checked = CheckedFiles(run)
     for _, in_path, out_path in run.oracle_batches():
+        if checked.unchanged(in_path, out_path):
+            continue  # found sound by an earlier resume, and not changed since
         in_bad = dataset_problem(in_path, "candidate_id")
         out_bad = dataset_problem(out_path, "candidate_id", "status") if out_path.exists() else None
+        if not in_bad and not out_bad:
+            checked.add(in_path, out_path)
         if out_bad:
             record_mend(
                 run,
@@ -269,6 +279,7 @@ def _mend_oracle_journal(run: RunDirectory, stored: set[int], mends: list[str]) 
             "restore it from a backup, or move it and its .out.npz out of the run directory "
             "to give those labels up",
         )
+    checked.save()
 
 
 # ---------------------------------------------------------------- the queue

@@ -52,7 +52,10 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
 
     queue = OracleQueue(campaign.selection.max_queue)
     next_task_id = max(int(saved.get("next_task_id", 0)), highest_task_id(run) + 1)
-    seen, next_task_id = _requeue_unlabelled(campaign, run, state, queue, next_task_id)
+    # Batches below the saved mark were harvested before the save; after a mend, or
+    # without a mark (a run of an earlier version), every batch is read again.
+    settled = 0 if getattr(run, "mends", None) else int(saved.get("oracle_settled_below", 0))
+    seen, next_task_id = _requeue_unlabelled(campaign, run, state, queue, next_task_id, settled)
     logger.info(
         "resume: %d candidates sent but not labelled are queued again",
         len(queue) + len(state.pending_initial),
@@ -67,8 +70,7 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
         [saved.get("last_candidate_id", 0), *seen, *initial_ids, *state.failures]
     )
     _queue_validation_failures(run, state, queue)
-    if state.labelled:
-        state.write_snapshot()
+    state.write_snapshot()
     events = run.read_events()
     next_task_id = max([next_task_id, *(e["task"] + 1 for e in events)])
     return state, queue, next_task_id
@@ -128,18 +130,25 @@ def _requeue_unlabelled(
     state: CampaignState,
     queue: OracleQueue,
     next_task_id: int,
+    settled: int = 0,
 ) -> tuple[set[int], int]:
     """Harvest every oracle result not yet stored, and queue again each candidate that
-    was sent but not labelled (or failed with an attempt left).
+    was sent but not labelled (or failed with an attempt left); only the batches from
+    task ``settled`` on are read (those below were harvested, see
+    :meth:`~palflow.pipeline.resume.journal.Journal.save`).
 
     Returns
     -------
     tuple
-        The candidate ids seen in the oracle's inputs, and the next free task id.
+        The candidate ids labelled, given up, or seen in the oracle's inputs read, and
+        the next free task id.
     """
-    seen: set[int] = set(state.label_ids)
-    stored = set(state.label_ids)
+    seen: set[int] = set(state.labelled_ids) | set(state.failures)
+    stored = set(state.labelled_ids)
     batches = run.oracle_batches()
+    if batches:
+        next_task_id = max(next_task_id, batches[-1][0] + 1)
+    batches = [batch for batch in batches if batch[0] >= settled]
     last_batch = {}
     for _, in_path, _ in batches:
         for candidate in read_candidates(in_path)[0]:

@@ -7,7 +7,7 @@ own module:
 * :mod:`palflow.pipeline.state.records`: the walker, member, version and snapshot
   records it keeps;
 * :mod:`palflow.pipeline.state.labels`: harvesting an oracle batch into
-  ``labels.db`` and writing the training snapshot;
+  ``labels.db`` and the label log, and the training snapshot (rows of the log);
 * :mod:`palflow.pipeline.state.versions`: publishing ensemble versions and keeping
   their held-out errors;
 * :mod:`palflow.pipeline.state.summary`: ``summary.json``.
@@ -31,6 +31,7 @@ from ase.io import read, write
 
 from palflow.apps.contracts import CalculatorSpec
 from palflow.apps.data.dataset import write_dataset
+from palflow.apps.data.label_log import LabelLog
 from palflow.pipeline.config.models import resolve_model_spec
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.policies.selection import Candidate
@@ -62,8 +63,9 @@ class CampaignState(LabelStore, VersionPublisher, CampaignSummary):
     members: list[Member]
     t0: float = field(default_factory=time.time)
     versions: list[Version] = field(default_factory=list)
-    labelled: list[Atoms] = field(default_factory=list)
-    label_ids: list[int] = field(default_factory=list)
+    label_log: LabelLog | None = None
+    """Every label, on disk (:mod:`palflow.apps.data.label_log`); made by the first."""
+    labelled_ids: set[int] = field(default_factory=set)
     n_labels_active: int = 0
     n_labels_initial: int = 0
     failures: dict[int, str] = field(default_factory=dict)
@@ -136,10 +138,6 @@ class CampaignState(LabelStore, VersionPublisher, CampaignSummary):
         return self.versions[-1] if self.versions else None
 
     @property
-    def n_labels_total(self) -> int:
-        return len(self.labelled)
-
-    @property
     def n_failures(self) -> int:
         return len(self.failures)
 
@@ -157,7 +155,8 @@ class CampaignState(LabelStore, VersionPublisher, CampaignSummary):
         :func:`palflow.pipeline.config.models.resolve_model_spec`; ``oracle`` is the
         campaign's oracle on this site)."""
         if self.resolved_model is None:
-            spec = resolve_model_spec(campaign, self.labelled, self.elements(), oracle)
+            labelled = self.labelled_structures()
+            spec = resolve_model_spec(campaign, labelled, self.elements(), oracle)
             if spec.get("foundation"):
                 # Workers read the run's own copy: the run directory is where every
                 # node looks, and the user's file may move or change.

@@ -1,11 +1,17 @@
-"""Labels: from an oracle batch's result file into ``labels.db`` and the training snapshot.
+"""Labels: from an oracle batch's result file into ``labels.db`` and the label log.
 
 This is the middle of one label's route. The oracle agent
 (:mod:`palflow.pipeline.engine.agents.oracle`) sends a batch and, once it returns,
 calls :meth:`LabelStore.harvest`; the good labels go into ``labels.db`` in one
-transaction and into a new training snapshot (:meth:`LabelStore.write_snapshot`),
-whose files :mod:`palflow.pipeline.state.rundir` names and the next training task
-(:mod:`palflow.apps.training`) reads.
+transaction, then are appended to the label log (:mod:`palflow.apps.data.label_log`),
+and the training snapshot becomes the log's newest rows
+(:meth:`LabelStore.write_snapshot`): a range, never a copy, which the next training
+task (:mod:`palflow.apps.training`) reads.
+
+``labels.db`` is the campaign's record; the log is what tasks read, and a resume
+mends it from the database (:meth:`LabelStore.restore_labels`): it appends the rows
+the log lacks (a kill between the two writes, or a run directory of a version
+without a log), and rebuilds it when it does not match.
 """
 
 from __future__ import annotations
@@ -13,10 +19,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-import numpy as np
 from ase import Atoms
 
-from palflow.apps.data.dataset import read_arrays, read_dataset, structure_key, write_dataset
+from palflow.apps.data.dataset import read_arrays, read_dataset
+from palflow.apps.data.label_log import LabelLog, LabelLogError
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.state.records import Snapshot, is_initial
 from palflow.pipeline.state.rundir import RunDirectory
@@ -25,16 +31,23 @@ logger = logging.getLogger(__name__)
 
 
 class LabelStore:
-    """The labels part of :class:`~palflow.pipeline.state.campaign_state.CampaignState`."""
+    """The labels part of :class:`~palflow.pipeline.state.campaign_state.CampaignState`.
+
+    In memory: the candidate ids labelled, and counts. The structures stay on disk.
+    """
 
     campaign: Campaign
     run: RunDirectory
-    labelled: list[Atoms]
-    label_ids: list[int]
+    label_log: LabelLog | None
+    labelled_ids: set[int]
     n_labels_active: int
     n_labels_initial: int
     active_by_system: Counter[str]
     train_snapshot: Snapshot | None
+
+    @property
+    def n_labels_total(self) -> int:
+        return len(self.label_log) if self.label_log is not None else 0
 
     def harvest(self, out_path: str, oracle_task: int) -> tuple[int, list[tuple[int, str]]]:
         """Store the good labels of a finished oracle batch, each candidate id once.
@@ -48,16 +61,16 @@ class LabelStore:
         asked = read_arrays(RunDirectory.batch_input_of(out_path))
         answered = read_arrays(out_path)
         structures = read_dataset(out_path)
-        known = set(self.label_ids)
-        good, metadata, failed = [], [], []
+        good, metadata, failed, taken = [], [], [], set()
         for index, atoms in enumerate(structures):
             candidate_id = int(answered["candidate_id"][index])
             status = str(answered["status"][index])
             if status != "ok":
                 failed.append((candidate_id, status))
                 continue
-            if candidate_id in known:
+            if candidate_id in self.labelled_ids or candidate_id in taken:
                 continue
+            taken.add(candidate_id)
             good.append(atoms)
             metadata.append(
                 {
@@ -73,50 +86,112 @@ class LabelStore:
         return len(good), failed
 
     def add_labels(self, structures: list[Atoms], metadata: list[dict]) -> None:
-        """Store new labels and write the training snapshot that includes them."""
+        """Store new labels: ``labels.db`` first (the record), then the label log, and
+        the training snapshot that includes them."""
         if not structures:
             return
         self.run.store_labels(structures, metadata)
-        self.labelled.extend(structures)
-        self.label_ids.extend(m["candidate_id"] for m in metadata)
-        initial = sum(is_initial(m["source"]) for m in metadata)
-        self.active_by_system.update(
-            m.get("system", "") for m in metadata if not is_initial(m["source"])
-        )
-        self.n_labels_initial += initial
-        self.n_labels_active += len(structures) - initial
+        self._log().append(structures, [_log_fields(m) for m in metadata])
+        self._count(metadata)
         self.write_snapshot()
 
-    def restore_labels(self) -> None:
-        """Read back every label of ``labels.db``, on resume (no snapshot is written)."""
-        if not self.run.labels_db.exists():
-            return
-        for row in self.run.labels().select(sort="id"):
-            self.labelled.append(row.toatoms())
-            self.label_ids.append(int(row.candidate_id))
-            if is_initial(row.source):
+    def _log(self) -> LabelLog:
+        if self.label_log is None:
+            self.label_log = LabelLog.create(self.run.label_log)
+        return self.label_log
+
+    def _count(self, metadata: list[dict]) -> None:
+        for m in metadata:
+            self.labelled_ids.add(int(m["candidate_id"]))
+            if is_initial(m["source"]):
                 self.n_labels_initial += 1
             else:
                 self.n_labels_active += 1
-                self.active_by_system[row.get("system", "")] += 1
+                self.active_by_system[m.get("system", "")] += 1
+
+    def restore_labels(self) -> None:
+        """On resume: open the label log, mend it from ``labels.db``, and take its
+        ids and counts (no structure is read, and no snapshot written)."""
+        stored = self.run.stored_candidate_ids()
+        self.label_log = _mended_log(self.run, stored)
+        log = self.label_log
+        names = log.system_names()
+        for candidate_id, initial, system in zip(
+            log.column("candidate_id"), log.column("initial"), names, strict=True
+        ):
+            self.labelled_ids.add(candidate_id)
+            if initial:
+                self.n_labels_initial += 1
+            else:
+                self.n_labels_active += 1
+                self.active_by_system[system] += 1
+
+    def labelled_structures(self, start: int = 0, stop: int | None = None) -> list[Atoms]:
+        """Labels ``[start, stop)`` read back from the log (for what needs the
+        structures themselves, once: a model's spec, the diversity measures)."""
+        from palflow.apps.data.label_log import read_selection
+
+        if self.label_log is None:
+            return []
+        stop = len(self.label_log) if stop is None else stop
+        return read_selection(self.label_log.selection(start, stop, "all", 0.0))
 
     def write_snapshot(self) -> None:
-        """Write the training and validation files of every label so far (or of the
-        newest ``training.rolling_window``)."""
+        """Make the training snapshot the log's labels so far (or its newest
+        ``training.rolling_window``), split by each label's content into training and
+        validation rows: a resumed run and a warm start from this run's labels keep
+        each label on its side."""
+        if self.label_log is None or not len(self.label_log):
+            return
         settings = self.campaign.training
-        window = settings.rolling_window or len(self.labelled)
-        structures = self.labelled[-window:]
-        # A hash of each label's content keeps it on one side for good, in a resumed
-        # run and in a warm start from this run's labels too.
-        keys = np.array([structure_key(atoms) % 1000 for atoms in structures])
-        is_valid = keys / 1000 < settings.validation_fraction
-        if is_valid.all():
-            is_valid[:] = False
-        total = len(self.labelled)
-        train_path, valid_path = self.run.train_snapshot(total)
-        write_dataset(train_path, [s for s, v in zip(structures, is_valid, strict=True) if not v])
-        if not is_valid.any():
-            valid_path = None
-        else:
-            write_dataset(valid_path, [s for s, v in zip(structures, is_valid, strict=True) if v])
-        self.train_snapshot = Snapshot(train_path, valid_path, total)
+        log, total = self.label_log, len(self.label_log)
+        start = max(0, total - (settings.rolling_window or total))
+        fraction = settings.validation_fraction
+        n_valid = log.count_valid(start, total, fraction)
+        valid = None
+        if 0 < n_valid < total - start:  # all validation labels: none is (all train)
+            valid = log.selection(start, total, "valid", fraction)
+        train = log.selection(start, total, "train", fraction)
+        self.train_snapshot = Snapshot(train, valid, total)
+
+
+def _log_fields(metadata: dict) -> dict:
+    """What the label log keeps of a label's ``labels.db`` fields."""
+    return {
+        "candidate_id": int(metadata["candidate_id"]),
+        "initial": is_initial(metadata["source"]),
+        "system": metadata.get("system", "") or "",
+    }
+
+
+def _mended_log(run: RunDirectory, stored: list[int]) -> LabelLog:
+    """The run's label log, matching ``stored`` (the candidate ids of ``labels.db``,
+    in row order): opened, completed with the rows it lacks, or made again from the
+    database when it is missing (a run of an earlier version), damaged or different."""
+    folder = run.label_log
+    try:
+        log = LabelLog.open(folder)
+        have = log.column("candidate_id")
+        if len(have) > len(stored) or have != stored[: len(have)]:
+            raise LabelLogError(f"{folder.name}/ does not match labels.db")
+    except LabelLogError as error:
+        if (folder / "log.json").exists():  # mend_label_log moves a damaged one aside
+            logger.warning("resume: the label log %s: it is made again from labels.db", error)
+        elif stored and any(folder.parent.glob("train.*.npz")):
+            logger.info(
+                "resume: this run of an earlier version keeps its labels in labels.db "
+                "and data/train.*.npz; its %d labels go into the label log data/labels/, "
+                "once (the data/train.*.npz files are no longer read, and may be deleted)",
+                len(stored),
+            )
+        log = LabelLog.create(folder)
+    missing = len(stored) - len(log)
+    if missing > 0:
+        rows = run.labels().select(sort="id", offset=len(log))
+        structures, metadata = [], []
+        for row in rows:
+            structures.append(row.toatoms())
+            metadata.append(_log_fields(dict(row.key_value_pairs)))
+        log.append(structures, metadata)
+        logger.info("resume: %d labels of labels.db appended to the label log", missing)
+    return log

@@ -100,10 +100,12 @@ class Version:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A training snapshot: the labels one training task sees, as files."""
+    """A training snapshot: the labels one training task sees, as selections of the
+    label log's rows (:meth:`palflow.apps.data.label_log.LabelLog.selection`)."""
 
-    train_path: str
-    valid_path: str | None
+    train: dict
+    valid: dict | None
+    """None when the rows hold no validation label."""
     n_labels: int
 
 

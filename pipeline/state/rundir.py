@@ -10,7 +10,8 @@ Layout::
       summary.json         written at the end
       report.html          the run report (observe/report.py), its figures in report/
       system/start.extxyz  the start structure, for walker resets
-      data/                training snapshots and the held-out test set (.npz)
+      data/labels/         the label log: every label once, appended (apps/data/label_log.py)
+      data/                the held-out test set (.npz)
       models/              member checkpoints and one ensemble checkpoint per version
       oracle/              oracle inputs and results (the results are the journal)
       generator/           MD frames and walker states
@@ -254,12 +255,10 @@ class RunDirectory:
         """The held-out frames of one system, before the parts are joined."""
         return self.path("data", f"test.{system}.npz")
 
-    def train_snapshot(self, n_labels: int) -> tuple[str, str]:
-        """The training and validation files of the snapshot holding ``n_labels``."""
-        return (
-            self.path("data", f"train.{n_labels:06d}.npz"),
-            self.path("data", f"valid.{n_labels:06d}.npz"),
-        )
+    @property
+    def label_log(self) -> Path:
+        """The label log's folder (:mod:`palflow.apps.data.label_log`)."""
+        return self.root / "data" / "labels"
 
     def member_checkpoint(self, member: int, task: int) -> str:
         """Member ``member``'s checkpoint after its training task number ``task``."""
@@ -378,6 +377,19 @@ class RunDirectory:
     def labels(self):
         """``labels.db``, opened for reading or writing (see :func:`open_labels`)."""
         return open_labels(self.labels_db)
+
+    def stored_candidate_ids(self) -> list[int]:
+        """The candidate id of each row of ``labels.db``, in row order, read with one
+        query (no row is turned into a structure); none without the database."""
+        import sqlite3
+
+        if not self.labels_db.exists():
+            return []
+        with sqlite3.connect(f"file:{self.labels_db}?mode=ro", uri=True) as connection:
+            found = connection.execute(
+                "SELECT value FROM number_key_values WHERE key = 'candidate_id' ORDER BY id"
+            ).fetchall()
+        return [int(value) for (value,) in found]
 
     def store_labels(self, structures: Sequence[Atoms], metadata: Iterable[dict]) -> None:
         """Add labelled structures to ``labels.db`` in one transaction."""

@@ -99,7 +99,7 @@ class GeneratorAgent:
         if first.temperature_K is not None:
             settings["temperature_K"] = first.temperature_K
         if context.state.train_snapshot is not None:  # what "rattle" perturbs besides the start
-            settings["labelled_path"] = context.state.train_snapshot.train_path
+            settings["labelled_path"] = context.state.train_snapshot.train
         request = MDRequest(
             generator=settings["kind"],
             start_paths=[walker.start_path for walker in group],

@@ -81,7 +81,7 @@ class InferenceAgent:
             return
         test_path = context.run.test_set if state.test_ready else ""
         snapshot = state.train_snapshot
-        validation_path = snapshot.valid_path if snapshot is not None else None
+        validation_path = snapshot.valid if snapshot is not None else None
         state.evaluated_version = version.number
         if not test_path and not validation_path:
             self._record_errors(version, {"validation": None, "version": version.number})

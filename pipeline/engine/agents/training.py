@@ -73,14 +73,14 @@ class TrainingAgent:
         member.tasks += 1
         request = TrainRequest(
             member=member.index,
-            dataset_path=snapshot.train_path,
+            dataset_path=snapshot.train,
             checkpoint_in=member.checkpoint,
             checkpoint_out=out,
             spec=context.state.model_spec(campaign, context.oracle),
             settings=campaign.training.model_dump(),
             seed=campaign.seed * 1000 + member.index,
             n_epochs=campaign.training.epochs_per_task,
-            validation_path=snapshot.valid_path,
+            validation_path=snapshot.valid,
         )
         record = TrainTask(member=member, labels=snapshot.n_labels, checkpoint_out=out)
         context.submit(record, request)
