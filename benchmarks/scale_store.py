@@ -60,7 +60,7 @@ class Store(LabelStore):
     def __init__(self, run: RunDirectory) -> None:
         self.campaign = load_campaign()
         self.run = run
-        self.labelled, self.label_ids = [], []
+        self.label_log, self.labelled_ids = None, set()
         self.n_labels_active = self.n_labels_initial = 0
         self.active_by_system = Counter()
         self.train_snapshot = None

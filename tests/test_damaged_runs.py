@@ -68,6 +68,8 @@ FILES = {
     "events.jsonl": lambda run: run / "events.jsonl",
     "metrics.jsonl": lambda run: run / "metrics.jsonl",
     "campaign.json": lambda run: run / "campaign.json",
+    "label log rows": lambda run: run / "data" / "labels" / "frames.bin",
+    "label log atoms": lambda run: run / "data" / "labels" / "atoms.bin",
 }
 
 
@@ -135,6 +137,13 @@ CASES = [
     ("events.jsonl", "truncate", "mend"),
     ("events.jsonl", "garbage", "mend"),
     ("metrics.jsonl", "truncate", "mend"),
+    # A truncated log lacks its newest rows, which labels.db gives back as after a kill.
+    ("label log rows", "truncate", "quiet"),
+    ("label log rows", "garbage", "mend"),
+    ("label log rows", "delete", "mend"),
+    ("label log atoms", "truncate", "mend"),
+    ("label log atoms", "garbage", "mend"),
+    ("label log atoms", "delete", "mend"),
     ("campaign.json", "truncate", "name"),
     ("campaign.json", "garbage", "name"),
     ("campaign.json", "not an object", "name"),

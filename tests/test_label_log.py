@@ -112,9 +112,9 @@ def test_a_torn_tail_is_trimmed_and_damage_is_found(tmp_path):
     data = bytearray((folder / "atoms.bin").read_bytes())
     data[8 * ATOM_WIDTH * 8 * 3 + 17] ^= 0xFF
     (folder / "atoms.bin").write_bytes(bytes(data))
-    with pytest.raises(LabelLogError, match="damaged atoms in label 3"):
+    with pytest.raises(LabelLogError, match="atoms.bin has damaged atoms in label 3"):
         LabelLog.open(folder, check_crc=True)
-    with pytest.raises(LabelLogError, match="damaged atoms in label 3"):
+    with pytest.raises(LabelLogError, match="atoms.bin has damaged atoms in label 3"):
         read_rows(folder, 0, 6)
     assert len(read_rows(folder, 4, 6)["energy"]) == 2  # the others still read
     # Rows that do not follow each other (garbage in frames.bin).

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -135,11 +136,11 @@ class LabelLog:
         meta, frames = _read(folder)
         whole = frames[:, INTEGER_COLUMNS]
         if not (np.isfinite(whole).all() and np.array_equal(whole, np.round(whole))):
-            raise LabelLogError(f"{folder.name}/ has label rows that do not read")
+            raise LabelLogError(f"{folder.name}/frames.bin has label rows that do not read")
         log = cls(folder, meta, frames)
         problem = log.problem(frames, check_crc)
         if problem:
-            raise LabelLogError(f"{folder.name}/ {problem}")
+            raise LabelLogError(f"{folder.name}/{problem}")
         # Whole rows only, and no atoms beyond the last whole label.
         for name, size in (
             ("frames.bin", len(frames) * FRAME_WIDTH * 8),
@@ -159,16 +160,16 @@ class LabelLog:
         offsets, counts = frames[:, 0], frames[:, 1]
         expected = np.concatenate([[0], np.cumsum(counts)[:-1]])
         if not (np.all(counts >= 1) and np.array_equal(offsets, expected)):
-            return "has label rows that do not follow each other"
+            return "frames.bin has label rows that do not follow each other"
         atoms_size = (self.folder / "atoms.bin").stat().st_size // (ATOM_WIDTH * 8)
         if atoms_size < self._atoms_end:
-            return f"lacks the atoms of its last labels ({atoms_size} of {self._atoms_end})"
+            return f"atoms.bin lacks the atoms of its last labels ({atoms_size} of {self._atoms_end})"
         if check_crc:
             atoms = np.memmap(self.folder / "atoms.bin", dtype=np.float64, mode="r")
             atoms = atoms[: self._atoms_end * ATOM_WIDTH].reshape(-1, ATOM_WIDTH)
             for k, (start, n) in enumerate(zip(offsets.astype(int), counts.astype(int))):
                 if _crc(atoms[start : start + n]) != int(frames[k, COLUMN["crc"]]):
-                    return f"has damaged atoms in label {k}"
+                    return f"atoms.bin has damaged atoms in label {k}"
         return None
 
     # ------------------------------------------------------------ what it holds
@@ -253,7 +254,8 @@ def _read(folder: Path, start: int = 0, stop: int | None = None) -> tuple[dict, 
         )
     path = folder / "frames.bin"
     if not path.exists() or not (folder / "atoms.bin").exists():
-        raise LabelLogError(f"{folder.name}/ lacks frames.bin or atoms.bin")
+        missing = [n for n in ("frames.bin", "atoms.bin") if not (folder / n).exists()]
+        raise LabelLogError(f"{folder.name}/{missing[0]} is missing")
     whole = path.stat().st_size // (FRAME_WIDTH * 8)
     stop = whole if stop is None else min(stop, whole)
     count = max(stop - start, 0) * FRAME_WIDTH
@@ -288,7 +290,7 @@ def read_rows(folder: str | os.PathLike, start: int, stop: int) -> dict[str, np.
     ends = np.cumsum(n_atoms)
     for k, (end, n) in enumerate(zip(ends, n_atoms)):
         if _crc(atoms[end - n : end]) != int(frames[k, COLUMN["crc"]]):
-            raise LabelLogError(f"{folder.name}/ has damaged atoms in label {start + k}")
+            raise LabelLogError(f"{folder.name}/atoms.bin has damaged atoms in label {start + k}")
     c, p, s = COLUMN["cell0"], COLUMN["pbc0"], COLUMN["stress0"]
     return {
         "numbers": atoms[:, 0].astype(np.int64),
@@ -317,34 +319,53 @@ def on_side(split_keys: np.ndarray, side: str, fraction: float) -> np.ndarray:
 
 
 class _Cache:
-    """The structures already read from one log, rows ``[base, base + len)``, by a
-    process that reads it again and again (a training worker): the next read takes
-    only the rows appended since, and rows below the newest start are let go."""
+    """What one process read of one log, as the arrays of the rows read (chunks of
+    :func:`read_rows`), for a process that reads it again and again (a training
+    worker): the next read takes only the rows appended since, and chunks wholly
+    below the newest start are let go. Structures are made afresh for each read, so
+    that no two tasks share one; threads of one process share the cache safely."""
 
-    uid: str | None = None
-    base: int = 0
-    structures: list[Atoms] = []
-    split_keys: np.ndarray = np.zeros(0, dtype=np.int64)
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.uid: str | None = None
+        self.chunks: list[dict[str, np.ndarray]] = []
 
-    def read(self, selection: dict[str, Any]) -> tuple[list[Atoms], np.ndarray]:
+    def rows(self, selection: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+        """The chunks that cover rows ``[start, stop)`` of the selection's log."""
         start, stop = selection["start"], selection["stop"]
-        if self.uid != selection["uid"] or start < self.base:
-            self.uid, self.base, self.structures = selection["uid"], start, []
-            self.split_keys = np.zeros(0, dtype=np.int64)
-        if start > self.base:  # a rolling window moved on
-            drop = min(start - self.base, len(self.structures))
-            self.structures, self.split_keys = self.structures[drop:], self.split_keys[drop:]
-            self.base += drop
-        end = self.base + len(self.structures)
-        if stop > end:
-            arrays = read_rows(selection["store"], end, stop)
-            self.structures += structures_from_arrays(arrays)
-            self.split_keys = np.concatenate([self.split_keys, arrays["split_key"]])
-        rows = slice(start - self.base, stop - self.base)
-        return self.structures[rows], self.split_keys[rows]
+        with self.lock:
+            chunks = self.chunks
+            if self.uid != selection["uid"] or not chunks or start < chunks[0]["row"][0]:
+                self.uid, chunks = selection["uid"], []
+            chunks = [c for c in chunks if c["row"][-1] >= start]  # a window moved on
+            end = chunks[-1]["row"][-1] + 1 if chunks else start
+            if stop > end:
+                chunks.append(read_rows(selection["store"], end, stop))
+            self.chunks = chunks
+        return chunks
 
 
 _cache = _Cache()
+
+
+def _rows_of(chunks: list[dict[str, np.ndarray]], start: int, stop: int) -> dict[str, np.ndarray]:
+    """Rows ``[start, stop)`` of consecutive chunks, as one set of arrays."""
+    per_frame = ("n_atoms", "cells", "pbc", "energy", "stress", "candidate_id", "split_key", "row")
+    per_atom = ("numbers", "positions", "forces")
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in per_frame + per_atom}
+    for chunk in chunks:
+        rows = chunk["row"]
+        first, last = max(start, rows[0]), min(stop, rows[-1] + 1)
+        if first >= last:
+            continue
+        frames = slice(first - rows[0], last - rows[0])
+        offsets = np.concatenate([[0], np.cumsum(chunk["n_atoms"])])
+        atoms = slice(offsets[frames.start], offsets[frames.stop])
+        for key in per_frame:
+            parts[key].append(chunk[key][frames])
+        for key in per_atom:
+            parts[key].append(chunk[key][atoms])
+    return {key: np.concatenate(values) for key, values in parts.items() if values}
 
 
 def read_selection(selection: dict[str, Any], cache: bool = False) -> list[Atoms]:
@@ -354,12 +375,15 @@ def read_selection(selection: dict[str, Any], cache: bool = False) -> list[Atoms
     selection of the same log reads only the rows it has not read yet (the labels
     appended since): one log at a time.
     """
+    start, stop = selection["start"], selection["stop"]
+    if stop <= start:
+        return []
     if cache:
-        structures, keys = _cache.read(selection)
+        arrays = _rows_of(_cache.rows(selection), start, stop)
     else:
-        arrays = read_rows(selection["store"], selection["start"], selection["stop"])
-        structures, keys = structures_from_arrays(arrays), arrays["split_key"]
-    chosen = on_side(keys, selection["side"], selection["validation_fraction"])
+        arrays = read_rows(selection["store"], start, stop)
+    chosen = on_side(arrays["split_key"], selection["side"], selection["validation_fraction"])
+    structures = structures_from_arrays(arrays)
     return [atoms for atoms, keep in zip(structures, chosen, strict=True) if keep]
 
 

@@ -78,14 +78,14 @@ def mend_label_log(run: RunDirectory, mends: list[str]) -> None:
         log = LabelLog.open(folder, check_crc=True)
         have, stored = log.column("candidate_id"), run.stored_candidate_ids()
         if len(have) > len(stored) or have != stored[: len(have)]:
-            problem = "does not hold the labels of labels.db in its order"
+            problem = "frames.bin does not hold the labels of labels.db in their order"
         else:
             return
     except (LabelLogError, OSError) as error:
-        problem = str(error).removeprefix(f"{folder.name}/ ").removeprefix(f"{folder.name}/")
+        problem = str(error).removeprefix(f"{folder.name}/")
     record_mend(
         run,
         mends,
         folder,
-        f"the label log data/labels/ {problem}: it is made again from labels.db",
+        f"the label log's data/labels/{problem}: the log is made again from labels.db",
     )

@@ -13,6 +13,7 @@ re-order.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,8 @@ class ScoreTask(TaskRecord):
     version: Version | None = None
     input_path: str = ""
     """The queue's candidates as sent, for measures that need their structures."""
+    output_path: str = ""
+    """Their scores; both files go once the result is used."""
 
 
 class InferenceAgent:
@@ -109,16 +112,21 @@ class InferenceAgent:
         path, out = context.run.queue_for_scoring(version.number)
         write_dataset(path, [c.atoms for c in candidates], extra=candidate_arrays(candidates))
         request = ScoreRequest(ensemble_path=version.path, input_path=path, output_path=out)
-        context.submit(ScoreTask(version=version, input_path=path), request)
+        context.submit(ScoreTask(version=version, input_path=path, output_path=out), request)
 
     def on_result(self, task: TaskRecord, result: dict[str, Any]) -> None:
         if isinstance(task, EvaluateTask):
             self._record_errors(task.version, result)
         else:
-            self._rescore(task, result)
+            try:
+                self._rescore(task, result)
+            finally:
+                _remove_scored_queue(task)
 
     def on_failure(self, task: TaskRecord, error: BaseException) -> None:
         """Nothing to undo: the next version is evaluated and scores the queue."""
+        if isinstance(task, ScoreTask):
+            _remove_scored_queue(task)
 
     def _rescore(self, task: ScoreTask, result: dict[str, Any]) -> None:
         context = self.context
@@ -249,3 +257,11 @@ def reliability(evaluation, bins: int = 5) -> list[list[float]] | None:
         [float(spread[group].mean()), float(error[group].mean()), int(len(group))]
         for group in np.array_split(order, bins)
     ]
+
+
+def _remove_scored_queue(task: ScoreTask) -> None:
+    """A re-scored queue's files are read once: they go (the run directory keeps
+    what a resume, the report or an export reads, and these are none of those)."""
+    for path in (task.input_path, task.output_path):
+        if os.path.exists(path):
+            os.remove(path)
