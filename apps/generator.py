@@ -29,7 +29,7 @@ from ase.data import covalent_radii
 from ase.io import read, write
 
 from palflow.apps.common import draw_velocities, import_object, require_settings, where_and_when
-from palflow.apps.data.dataset import read_dataset, write_dataset
+from palflow.apps.data.dataset import write_dataset
 from palflow.apps.data.label_log import read_labelled
 from palflow.apps.errors import PluginError
 from palflow.apps.md.dynamics import BatchedDynamics, Evaluation, evaluations

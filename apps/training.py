@@ -180,8 +180,9 @@ def _train_member(
     n_epochs
         Epochs to run in this call.
     validation_path
-        Optional held-out labels (a file or a selection); with the labels this member's bootstrap left out,
-        they are its validation frames, on which the gate judges its new state.
+        Optional held-out labels (a file or a selection); with the labels this
+        member's bootstrap left out, they are its validation frames, on which the
+        gate judges its new state.
     device
         Torch device; default CUDA when available.
 

@@ -30,11 +30,16 @@ ATOMS = 64
 SIGMA_FORCE = 0.1  # the members' force spread, eV/A
 
 
+_CU64 = []
+
+
 def cu64(rng: np.random.Generator | None = None, sigma: float = 0.05):
     """64 atoms of fcc copper (2x2x4 conventional cells), rattled by ``sigma`` A."""
     from ase.build import bulk
 
-    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 4))
+    if not _CU64:
+        _CU64.append(bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 4)))
+    atoms = _CU64[0].copy()
     if rng is not None:
         atoms.positions += rng.normal(0, sigma, atoms.positions.shape)
     return atoms
@@ -104,6 +109,7 @@ class VirtualSite:
         self.standin_cpu = 0.0
         self.submitted: list[float] = []
         self.completed: list[float] = []
+        self.turns: list[float] = []  # from each completion to the next turn's end
         self.reader = DataReader()
         self.kill_at: int | None = None  # labels at which to copy the run (a kill)
         self.killed_copy: str | None = None
@@ -130,7 +136,11 @@ class VirtualSite:
         return submit
 
     def __call__(self, coordinator) -> None:
-        """The observer: complete the earliest task."""
+        """The observer: complete the earliest task. Called once per turn, after the
+        turn's submissions: the time since the last completion is the coordinator's
+        whole handling of it (its result used, its turn done)."""
+        if self.completed and len(self.turns) < len(self.completed):
+            self.turns.append(time.perf_counter() - self.completed[-1])
         if self.kill_at is not None and coordinator.state.n_labels_active >= self.kill_at:
             self._copy_run(coordinator.run_dir.root)
         if not self.pending:
@@ -309,15 +319,17 @@ def percentile_ms(latencies: list[float], q: float) -> float | None:
     return 1e3 * ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
 
 
-def latencies(completed: list[float], submitted: list[float]) -> list[float]:
-    """From each completion to the first submission after it."""
+def latencies(completed: list[float], submitted: list[float], turns: list[float]) -> list[float]:
+    """From each completion to the first submission of the turn that handled it, for
+    the completions whose turn submitted something (a completion whose turn submits
+    nothing, waiting for work, is no latency of the coordinator's)."""
     import bisect
 
     submitted = sorted(submitted)
     out = []
-    for done in completed:
+    for done, turn in zip(completed, turns, strict=False):
         index = bisect.bisect_left(submitted, done)
-        if index < len(submitted):
+        if index < len(submitted) and submitted[index] <= done + turn:
             out.append(submitted[index] - done)
     return out
 
@@ -350,7 +362,7 @@ def simulate(point: dict, work: Path) -> dict:
     summary = coordinator.run()
     cpu, wall = process_cpu() - cpu, time.perf_counter() - wall
     data_bytes, files = run_bytes(run.root)
-    lat = latencies(site.completed, site.submitted)
+    lat = latencies(site.completed, site.submitted, site.turns)
     state, labels = coordinator.state, coordinator.state.n_labels_active
     row = dict(point, palflow=str(Path(palflow.apps.__file__).parent.parent))
     row.update(labels_reached=labels, labels_total=state.n_labels_total)
@@ -361,6 +373,8 @@ def simulate(point: dict, work: Path) -> dict:
     row.update(run_bytes=data_bytes, run_files=files, bytes_per_label=data_bytes / max(labels, 1))
     row.update(peak_rss_mb=peak_mb(), rss_before_mb=rss_before)
     row.update(latency_p50_ms=percentile_ms(lat, 0.5), latency_p99_ms=percentile_ms(lat, 0.99))
+    row.update(turn_p50_ms=percentile_ms(site.turns, 0.5))
+    row.update(turn_p99_ms=percentile_ms(site.turns, 0.99))
     row.update(latencies=len(lat), run_dir=str(run.root), template=template)
     return {**row, "killed_copy": site.killed_copy}
 

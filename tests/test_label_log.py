@@ -231,9 +231,7 @@ def test_a_resume_reads_ids_and_appends_what_the_log_lacks(tmp_path, caplog):
     assert "4 labels of labels.db appended to the label log" in caplog.text
     back = read_selection(resumed.label_log.selection(0, 16, "all", 0.0))
     written = [row.toatoms() for row in run.labels().select(sort="id")]
-    assert [a.get_potential_energy() for a in back] == [
-        a.get_potential_energy() for a in written
-    ]
+    assert [a.get_potential_energy() for a in back] == [a.get_potential_energy() for a in written]
 
 
 def test_a_run_of_the_version_before_the_log_is_migrated_once(tmp_path, caplog):

@@ -1,9 +1,7 @@
 """The label log: every label written once, appended, and read back by row.
 
-A campaign's labels grow for days. Writing the whole training set again on every
-harvest made disk and time grow with the square of the labels; the log writes each
-label once, and a training snapshot is a range of rows (:func:`selection`), never a
-copy. Layout, in the run directory's ``data/labels/``::
+Each label is written once, and a training snapshot is a range of rows
+(:meth:`LabelLog.selection`), never a copy. In the run directory's ``data/labels/``::
 
     atoms.bin    float64, one row per atom:  Z, x, y, z, fx, fy, fz   (Å, eV/Å)
     frames.bin   float64, one row per label: the fields of FRAME_FIELDS
@@ -163,17 +161,20 @@ class LabelLog:
             return "frames.bin has label rows that do not follow each other"
         atoms_size = (self.folder / "atoms.bin").stat().st_size // (ATOM_WIDTH * 8)
         if atoms_size < self._atoms_end:
-            return f"atoms.bin lacks the atoms of its last labels ({atoms_size} of {self._atoms_end})"
+            return (
+                f"atoms.bin lacks the atoms of its last labels ({atoms_size} of {self._atoms_end})"
+            )
         if check_crc:
             atoms = np.memmap(self.folder / "atoms.bin", dtype=np.float64, mode="r")
             atoms = atoms[: self._atoms_end * ATOM_WIDTH].reshape(-1, ATOM_WIDTH)
-            for k, (start, n) in enumerate(zip(offsets.astype(int), counts.astype(int))):
-                if _crc(atoms[start : start + n]) != int(frames[k, COLUMN["crc"]]):
+            bounds = zip(offsets.astype(int), (offsets + counts).astype(int), strict=True)
+            for k, (start, stop) in enumerate(bounds):
+                if _crc(atoms[start:stop]) != int(frames[k, COLUMN["crc"]]):
                     return f"atoms.bin has damaged atoms in label {k}"
         return None
 
     # ------------------------------------------------------------ what it holds
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # labels
         return len(self._columns["candidate_id"])
 
     def column(self, name: str) -> list[int]:
@@ -288,7 +289,7 @@ def read_rows(folder: str | os.PathLike, start: int, stop: int) -> dict[str, np.
     if len(atoms) != total:
         raise LabelLogError(f"{folder.name}/atoms.bin lacks the atoms of labels {start}-{stop}")
     ends = np.cumsum(n_atoms)
-    for k, (end, n) in enumerate(zip(ends, n_atoms)):
+    for k, (end, n) in enumerate(zip(ends, n_atoms, strict=True)):
         if _crc(atoms[end - n : end]) != int(frames[k, COLUMN["crc"]]):
             raise LabelLogError(f"{folder.name}/atoms.bin has damaged atoms in label {start + k}")
     c, p, s = COLUMN["cell0"], COLUMN["pbc0"], COLUMN["stress0"]

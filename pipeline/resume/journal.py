@@ -90,6 +90,11 @@ def read_candidates(path: str | Path) -> tuple[list[Candidate], list[str]]:
     return candidates, sources
 
 
+MAX_SHARE = 20
+"""The journal waits at least this many times its last save's duration before the
+next save."""
+
+
 class Journal:
     """Saves the coordinator's bookkeeping, throttled, and restores it on resume."""
 
@@ -97,6 +102,7 @@ class Journal:
         self.run = run
         self.min_interval_s = min_interval_s
         self._last_save = 0.0
+        self._interval_s = min_interval_s
 
     def save(
         self, state: CampaignState, queue: OracleQueue, engine: Engine, force: bool = False
@@ -108,12 +114,12 @@ class Journal:
         failed in it is in the queue saved with it, so a resume reads only the
         batches from it on (:mod:`palflow.pipeline.resume.restore`).
         """
+        now = time.time()
+        if not force and now - self._last_save < self._interval_s:
+            return
+        self._last_save, began = now, time.perf_counter()
         next_task_id = engine.next_task_id
         in_flight = [task.task_id for task in engine.tasks("label")]
-        now = time.time()
-        if not force and now - self._last_save < self.min_interval_s:
-            return
-        self._last_save = now
         queued = queue.candidates()
         write_dataset(
             self.run.file(QUEUE_FILE), [c.atoms for c in queued], extra=candidate_arrays(queued)
@@ -134,6 +140,10 @@ class Journal:
                 "model_spec": state.resolved_model,
             },
         )
+        # Saving costs more as the queue and the versions grow: at most a twentieth of
+        # the coordinator's time goes to it (never less often than once a minute).
+        spent = time.perf_counter() - began
+        self._interval_s = min(max(self.min_interval_s, MAX_SHARE * spent), 60.0)
 
 
 def labelled_ids_in_results(run: RunDirectory) -> set[int]:

@@ -39,7 +39,6 @@ from ase.io import read, write
 from palflow.apps.data.dataset import read_arrays
 from palflow.pipeline.resume import mend_state, warm_start
 from palflow.pipeline.resume.journal import read_candidates
-from palflow.pipeline.resume.mend_labels import CheckedFiles, mend_label_log
 from palflow.pipeline.resume.mend_base import (
     DAMAGED,
     dataset_problem,
@@ -49,8 +48,10 @@ from palflow.pipeline.resume.mend_base import (
     structure_problem,
     why,
 )
+from palflow.pipeline.resume.mend_labels import CheckedFiles, mend_label_log
 from palflow.pipeline.state.rundir import (
     EVENTS_FILE,
+    LABELS_EXPORTED,
     METRICS_FILE,
     QUEUE_FILE,
     SUBDIRECTORIES,
@@ -194,6 +195,7 @@ def _rebuild_labels(
         side = run.root / f"{run.labels_db.name}{suffix}"
         if suffix and side.exists():
             move_aside(run, side)
+    run.file(LABELS_EXPORTED).unlink(missing_ok=True)  # its rows are in a new order
     record_mend(
         run,
         mends,

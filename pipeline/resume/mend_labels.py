@@ -10,7 +10,8 @@ thorough where something is damaged:
 * :func:`mend_label_log`: the label log (:mod:`palflow.apps.data.label_log`) is
   checked whole (its rows, and each label's CRC) against ``labels.db``'s candidate
   ids, read with one query; one that does not match is moved aside and made again
-  from ``labels.db`` by the resume (:meth:`palflow.pipeline.state.labels.LabelStore.restore_labels`).
+  from ``labels.db`` by the resume
+  (:meth:`palflow.pipeline.state.labels.LabelStore.restore_labels`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from collections import Counter
 
 from ase import Atoms
 
-from palflow.apps.data.dataset import read_arrays, read_dataset
+from palflow.apps.data.dataset import read_arrays, structures_from_arrays
 from palflow.apps.data.label_log import LabelLog, LabelLogError
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.state.records import Snapshot, is_initial
@@ -60,7 +60,7 @@ class LabelStore:
         """
         asked = read_arrays(RunDirectory.batch_input_of(out_path))
         answered = read_arrays(out_path)
-        structures = read_dataset(out_path)
+        structures = structures_from_arrays(answered)
         good, metadata, failed, taken = [], [], [], set()
         for index, atoms in enumerate(structures):
             candidate_id = int(answered["candidate_id"][index])

@@ -59,15 +59,60 @@ def open_labels(path: str | os.PathLike):
     return connect(path, use_lock_file=False)
 
 
-def export_extxyz(database, path: Path) -> None:
+def stored_candidate_ids(path: Path) -> list[int]:
+    """The candidate id of each row of the labels database at ``path``, in row order,
+    read with one query (no row is turned into a structure); none without it."""
+    import sqlite3
+
+    if not path.exists():
+        return []
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+        found = connection.execute(
+            "SELECT value FROM number_key_values WHERE key = 'candidate_id' ORDER BY id"
+        ).fetchall()
+    return [int(value) for (value,) in found]
+
+
+def export_extxyz(database, path: Path, mark: Path) -> None:
     """Write every row of the labels ``database`` to the extended XYZ file ``path``,
-    atomically."""
+    in row order, appending only the rows an earlier export did not write.
+
+    ``mark`` (a small JSON file) says how many rows and bytes the last export left in
+    the file: the next one cuts the file back to those bytes (whatever a
+    killed export appended after) and appends the rows after those. Without it, or
+    when it does not match the file, the whole file is written again, atomically.
+    """
     from ase.io import write
 
-    rows = [row.toatoms(add_additional_information=False) for row in database.select()]
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp, rows, format="extxyz")
-    os.replace(tmp, path)
+    try:
+        done = json.loads(mark.read_text())
+        rows, size = int(done["rows"]), int(done["bytes"])
+        if path.stat().st_size < size:
+            raise ValueError("the file is shorter than its mark")
+    except (OSError, ValueError, KeyError, TypeError):
+        rows, size = 0, 0
+    frames = (
+        row.toatoms(add_additional_information=False)
+        for row in database.select(sort="id", offset=rows)
+    )
+    written = 0
+    if rows:
+        with open(path, "r+") as handle:
+            handle.truncate(size)
+            handle.seek(size)
+            for atoms in frames:
+                write(handle, atoms, format="extxyz")
+                written += 1
+            handle.flush()
+            os.fsync(handle.fileno())
+    else:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as handle:
+            for atoms in frames:
+                write(handle, atoms, format="extxyz")
+                written += 1
+        os.replace(tmp, path)
+    mark.write_text(json.dumps({"rows": rows + written, "bytes": path.stat().st_size}))
 
 
 def jsonable(value: Any) -> Any:

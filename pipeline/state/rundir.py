@@ -33,8 +33,14 @@ from typing import Any
 from ase import Atoms
 
 from palflow.apps.data.dataset import atomic_write_bytes
-from palflow.apps.errors import InputError
-from palflow.pipeline.state.run_files import export_extxyz, jsonable, open_labels, read_jsonl
+from palflow.pipeline.state.run_files import (
+    export_extxyz,
+    jsonable,
+    open_labels,
+    read_jsonl,
+    stored_candidate_ids,
+)
+from palflow.pipeline.state.run_lock import RunDirectoryError, RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,9 @@ SUBDIRECTORIES = ("system", "data", "models", "oracle", "generator", "infer")
 CAMPAIGN_FILE = "campaign.json"
 LABELS_DB = "labels.db"
 LABELS_EXTXYZ = "labels.extxyz"
+LABELS_EXPORTED = ".labels.extxyz.json"
+"""How many rows of ``labels.db`` the last export wrote to ``labels.extxyz`` (the
+next appends the rest); removed when ``labels.db`` is rebuilt."""
 EVENTS_FILE = "events.jsonl"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -55,14 +64,9 @@ STATE_FILE = "state.json"
 QUEUE_FILE = "state.queue.npz"
 REPORT_FILE = "report.html"
 REPORT_FIGURES = "report"
-LOCK_FILE = ".lock"
 
 
-class RunDirectoryError(InputError):
-    """A run directory cannot be created, reopened or locked as asked."""
-
-
-class RunDirectory:
+class RunDirectory(RunLock):
     """Paths and writers for one campaign's run directory."""
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -160,57 +164,6 @@ class RunDirectory:
                 "run with --campaign (labels.db and oracle/ keep what this one labelled)"
             )
         return run
-
-    def lock(self) -> None:
-        """Hold an exclusive lock on the run directory while this process lives.
-
-        The kernel drops the lock when the process ends, however it ends, so a
-        killed coordinator never leaves a stale lock behind.
-
-        Raises
-        ------
-        RunDirectoryError
-            When another coordinator holds it.
-        """
-        import fcntl
-
-        if getattr(self, "_lock_handle", None) is not None:
-            return  # held already (a resume locks before it mends)
-        self._lock_handle = open(self.root / LOCK_FILE, "w")  # noqa: SIM115 (held for life)
-        try:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_handle.close()
-            self._lock_handle = None
-            raise RunDirectoryError(
-                f"another coordinator is running on {self.root}: stop it first"
-            ) from None
-
-    def unlock(self) -> None:
-        """Release the lock of :meth:`lock` (the campaign is over: readers may now say
-        how it ended); nothing when not held."""
-        import fcntl
-
-        handle = getattr(self, "_lock_handle", None)
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
-            self._lock_handle = None
-
-    def is_locked(self) -> bool:
-        """Whether a coordinator holds the lock on this run directory now."""
-        import fcntl
-
-        try:
-            handle = open(self.root / LOCK_FILE)  # noqa: SIM115 (closed below)
-        except FileNotFoundError:
-            return False
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-        return False
 
     def path(self, *parts: str) -> str:
         """Absolute path of a file in the run directory, as a string for apps."""
@@ -339,11 +292,13 @@ class RunDirectory:
         return self.read_json(STATE_FILE) or {}
 
     def write_state(self, state: dict[str, Any]) -> None:
-        self.write_json(STATE_FILE, state)
+        """Write ``state.json`` (compact: it is written every second or so, and grows
+        with the versions)."""
+        self.write_json(STATE_FILE, state, indent=None)
 
-    def write_json(self, name: str, data: Any) -> None:
+    def write_json(self, name: str, data: Any, indent: int | None = 2) -> None:
         """Write ``data`` as JSON atomically."""
-        text = json.dumps(data, indent=2, default=jsonable).encode()
+        text = json.dumps(data, indent=indent, default=jsonable).encode()
         atomic_write_bytes(self.root / name, lambda handle: handle.write(text))
 
     def append_event(self, event: dict[str, Any]) -> None:
@@ -379,17 +334,8 @@ class RunDirectory:
         return open_labels(self.labels_db)
 
     def stored_candidate_ids(self) -> list[int]:
-        """The candidate id of each row of ``labels.db``, in row order, read with one
-        query (no row is turned into a structure); none without the database."""
-        import sqlite3
-
-        if not self.labels_db.exists():
-            return []
-        with sqlite3.connect(f"file:{self.labels_db}?mode=ro", uri=True) as connection:
-            found = connection.execute(
-                "SELECT value FROM number_key_values WHERE key = 'candidate_id' ORDER BY id"
-            ).fetchall()
-        return [int(value) for (value,) in found]
+        """The candidate id of each row of ``labels.db``, in row order (one query)."""
+        return stored_candidate_ids(self.labels_db)
 
     def store_labels(self, structures: Sequence[Atoms], metadata: Iterable[dict]) -> None:
         """Add labelled structures to ``labels.db`` in one transaction."""
@@ -398,9 +344,10 @@ class RunDirectory:
                 database.write(atoms, key_value_pairs=key_value_pairs)
 
     def export_extxyz(self) -> None:
-        """Export ``labels.db`` to ``labels.extxyz`` for tools that do not read ASE db."""
+        """Export ``labels.db`` to ``labels.extxyz`` for tools that do not read ASE db
+        (the rows an earlier export wrote are not written again)."""
         if self.labels_db.exists():
-            export_extxyz(self.labels(), self.root / LABELS_EXTXYZ)
+            export_extxyz(self.labels(), self.root / LABELS_EXTXYZ, self.root / LABELS_EXPORTED)
 
 
 def is_run_directory(path: str | os.PathLike) -> bool:
