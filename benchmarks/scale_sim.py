@@ -110,6 +110,7 @@ class VirtualSite:
         self.submitted: list[float] = []
         self.completed: list[float] = []
         self.turns: list[float] = []  # from each completion to the next turn's end
+        self.kinds: list[str] = []  # the app of each completion
         self.reader = DataReader()
         self.kill_at: int | None = None  # labels at which to copy the run (a kill)
         self.killed_copy: str | None = None
@@ -156,6 +157,7 @@ class VirtualSite:
         self.standin_cpu += time.thread_time() - began
         future.set_result(result)
         self.completed.append(time.perf_counter())
+        self.kinds.append(work.__name__)
 
     def _copy_run(self, root: Path) -> None:
         """Copy the run directory as a kill would leave it (stand-in CPU: not the
@@ -312,6 +314,34 @@ def run_bytes(root: Path) -> tuple[int, int]:
     return sum(p.stat().st_size for p in files), len(files)
 
 
+PARTS = {
+    "labels": ("labels.db", "labels.extxyz", "data", "oracle"),
+    "generator": ("generator",),
+    "models": ("models",),
+}
+"""The run directory's parts that grow with labels, walker segments and versions."""
+
+
+def run_parts(root: Path, labels: int, segments: int, versions: int) -> dict:
+    """Bytes of each part of :data:`PARTS` per what it grows with (labels, walker
+    segments, versions), and of the rest (fixed: settings, start structures, the
+    saved queue). ``data/`` holds the labels (the log, or the old code's training
+    snapshots) and the small held-out set."""
+    root = Path(root)
+    sizes = {}
+    for part, names in PARTS.items():
+        paths = [root / name for name in names]
+        files = [p for path in paths for p in ([path] if path.is_file() else path.rglob("*"))]
+        sizes[part] = sum(p.stat().st_size for p in files if p.is_file())
+    total, _ = run_bytes(root)
+    return {
+        "label_bytes_per_label": sizes["labels"] / max(labels, 1),
+        "generator_bytes_per_segment": sizes["generator"] / max(segments, 1),
+        "model_bytes_per_version": sizes["models"] / max(versions, 1),
+        "other_bytes": total - sum(sizes.values()),
+    }
+
+
 def percentile_ms(latencies: list[float], q: float) -> float | None:
     if not latencies:
         return None
@@ -371,10 +401,20 @@ def simulate(point: dict, work: Path) -> dict:
     row.update(process_cpu_s=cpu, standin_cpu_s=site.standin_cpu)
     row.update(cpu_s_per_label=(cpu - site.standin_cpu) / max(labels, 1))
     row.update(run_bytes=data_bytes, run_files=files, bytes_per_label=data_bytes / max(labels, 1))
+    segments = len(list(run.root.glob("generator/walker*.seg*.npz")))
+    row.update(walker_segments=segments)
+    row.update(run_parts(run.root, state.n_labels_total, segments, len(state.versions)))
     row.update(peak_rss_mb=peak_mb(), rss_before_mb=rss_before)
     row.update(latency_p50_ms=percentile_ms(lat, 0.5), latency_p99_ms=percentile_ms(lat, 0.99))
     row.update(turn_p50_ms=percentile_ms(site.turns, 0.5))
     row.update(turn_p99_ms=percentile_ms(site.turns, 0.99))
+    by_kind: dict[str, list[float]] = {}
+    for kind, turn in zip(site.kinds, site.turns, strict=False):
+        by_kind.setdefault(kind, []).append(turn)
+    row["turn_ms_by_app"] = {
+        kind: {"n": len(t), "p50": percentile_ms(t, 0.5), "p99": percentile_ms(t, 0.99)}
+        for kind, t in sorted(by_kind.items())
+    }
     row.update(latencies=len(lat), run_dir=str(run.root), template=template)
     return {**row, "killed_copy": site.killed_copy}
 

@@ -33,6 +33,9 @@ def test_scale_quick(tmp_path):
             assert row["labels_reached"] == row["labels"]
             assert row["stop_reason"].startswith("label budget")
             finite_positive(row, *FIGURES, "latency_p50_ms", "latency_p99_ms", "versions")
+            finite_positive(row, "turn_p99_ms", "label_bytes_per_label", "walker_segments")
+            finite_positive(row, "generator_bytes_per_segment", "model_bytes_per_version")
+            assert sum(t["n"] for t in row["turn_ms_by_app"].values()) == row["tasks"]
             # the stand-ins' CPU time is measured and taken out, not the whole
             assert 0 < row["standin_cpu_s"] < row["process_cpu_s"]
             assert row["resumed_labels"] == row["labels_total"]
@@ -40,7 +43,8 @@ def test_scale_quick(tmp_path):
         finite_positive(row, "killed_resume_s")
     goals = result["goals"]["after"]
     assert set(goals) == {
-        "cpu_per_label_ratio", "bytes_per_label_flat", "resume_s", "peak_rss_mb", "latency_p99_ms"
+        "cpu_per_label_ratio", "bytes_per_label_flat", "label_bytes_flat", "resume_s",
+        "peak_rss_mb", "latency_p99_ms",
     }  # fmt: skip
     assert all(isinstance(g["met"], bool) and g["value"] is not None for g in goals.values())
     assert "/tmp" not in json.dumps(result) and "/work" not in json.dumps(result)
