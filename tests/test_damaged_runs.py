@@ -390,3 +390,38 @@ def test_a_resume_sweeps_empty_scratch_folders(finished, tmp_path):
     (scratch / "batch000004" / "output.log").write_text("kept\n")
     resume_in_process(run)
     assert sorted(p.name for p in scratch.iterdir()) == ["batch000004"]
+
+
+def test_a_resume_reads_only_the_oracle_batches_that_changed(finished, tmp_path, monkeypatch):
+    """The coordinator notes each batch it harvested (oracle/checked.jsonl), and
+    state.json says below which task every batch was harvested: a resume of a sound
+    run reads no batch again; one damaged since is read, and mended."""
+    from palflow.pipeline.resume import mend, restore
+
+    run = damaged_copy(finished, tmp_path, "events.jsonl", "truncate")  # a harmless mend
+    checked, requeued = [], []
+    real_check, real_read = mend.dataset_problem, restore.read_candidates
+    monkeypatch.setattr(
+        mend, "dataset_problem", lambda p, *k: checked.append(Path(p).name) or real_check(p, *k)
+    )
+    monkeypatch.setattr(
+        restore, "read_candidates", lambda p: requeued.append(Path(p).name) or real_read(p)
+    )
+    state, _, _ = resume_in_process(run)
+    state.run.unlock()
+    assert len(list((run / "oracle").glob("batch*.out.npz"))) >= 2
+    assert not [name for name in checked if name.startswith("batch")], checked
+    # After a mend every batch is read again (the events mend above), and below the mark
+    # none is otherwise: this resume mends nothing.
+    checked.clear(), requeued.clear()
+    state, _, _ = resume_in_process(run)
+    state.run.unlock()
+    assert not [name for name in checked + requeued if name.startswith("batch")]
+    damaged = FILES["oracle output"](run)
+    damage(damaged, "garbage")
+    checked.clear()
+    resume_in_process(run)
+    assert [name for name in checked if name.startswith("batch")] == [
+        damaged.name.replace(".out.", ".in."),
+        damaged.name,
+    ]

@@ -4,9 +4,10 @@ A resume of a sound run must not read every label and every oracle batch again: 
 campaign of 10⁵ labels would take minutes to resume. Two things keep it cheap, and
 thorough where something is damaged:
 
-* :class:`CheckedFiles`: the oracle batches a resume found sound, by size and
-  modification time (``oracle/checked.json``). The next resume reads only batches
-  that are new or changed since; a damaged file changes, and is read.
+* :class:`CheckedFiles`: the oracle batches found sound, by size and modification
+  time (``oracle/checked.jsonl``): by the coordinator as it harvests each batch, and
+  by a resume's mend. A resume reads only batches that are new or changed since; a
+  damaged file changes, and is read.
 * :func:`mend_label_log`: the label log (:mod:`palflow.apps.data.label_log`) is
   checked whole (its rows, and each label's CRC) against ``labels.db``'s candidate
   ids, read with one query; one that does not match is moved aside and made again
@@ -22,32 +23,21 @@ from pathlib import Path
 from palflow.apps.data.dataset import atomic_write_bytes
 from palflow.apps.data.label_log import LabelLog, LabelLogError
 from palflow.pipeline.resume.mend_base import record_mend
-from palflow.pipeline.state.rundir import RunDirectory
-
-CHECKED_FILE = "checked.json"
-"""In ``oracle/``: the batches found sound, by name, with their size and mtime."""
+from palflow.pipeline.state.run_files import read_jsonl
+from palflow.pipeline.state.rundir import RunDirectory, file_stamp
 
 
 class CheckedFiles:
     """The files of ``oracle/`` an earlier resume found sound, and unchanged since."""
 
     def __init__(self, run: RunDirectory) -> None:
-        self.path = run.root / "oracle" / CHECKED_FILE
-        try:
-            self.known: dict[str, list[int]] = json.loads(self.path.read_text())
-            if not isinstance(self.known, dict):
-                raise ValueError("not an object")
-        except (OSError, ValueError):
-            self.known = {}  # none known: every batch is checked
+        self.path = run.checked_batches
+        self.known: dict[str, list[int]] = {}
+        for record in read_jsonl(self.path) if self.path.exists() else []:
+            self.known.update(record)  # a torn or damaged line: those batches are read
         self.found: dict[str, list[int]] = {}
 
-    @staticmethod
-    def _stamp(path: Path) -> list[int]:
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return [-1, -1]
-        return [stat.st_size, stat.st_mtime_ns]
+    _stamp = staticmethod(file_stamp)
 
     def unchanged(self, *paths: Path) -> bool:
         """Whether every one of ``paths`` was found sound as it is now (a missing
@@ -64,7 +54,7 @@ class CheckedFiles:
 
     def save(self) -> None:
         """Keep what this resume found sound (and only that) for the next."""
-        text = json.dumps(self.found, separators=(",", ":")).encode()
+        text = (json.dumps(self.found, separators=(",", ":")) + "\n").encode()
         atomic_write_bytes(self.path, lambda handle: handle.write(text))
 
 

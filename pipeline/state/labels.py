@@ -83,6 +83,8 @@ class LabelStore:
                 }
             )
         self.add_labels(good, metadata)
+        # Both files read whole: a resume need not read them again unless they change.
+        self.run.note_checked(RunDirectory.batch_input_of(out_path), out_path)
         return len(good), failed
 
     def add_labels(self, structures: list[Atoms], metadata: list[dict]) -> None:

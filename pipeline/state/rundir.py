@@ -255,6 +255,19 @@ class RunDirectory(RunLock):
         """The ``.in.npz`` beside an oracle batch's ``.out.npz``."""
         return output_path.replace(".out.npz", ".in.npz")
 
+    @property
+    def checked_batches(self) -> Path:
+        """``oracle/checked.jsonl``: oracle batches found sound, by name, with their
+        size and mtime (:class:`palflow.pipeline.resume.mend_labels.CheckedFiles`)."""
+        return self.root / "oracle" / "checked.jsonl"
+
+    def note_checked(self, *paths: str | Path) -> None:
+        """Say that the files ``paths`` of ``oracle/`` read and are sound, as they are now
+        (one line appended: a resume need not read them again)."""
+        record = {Path(p).name: file_stamp(Path(p)) for p in paths}
+        with open(self.checked_batches, "a") as handle:
+            handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+
     def oracle_scratch(self, name: str) -> str:
         """Where a failed oracle task's scratch is kept for a post-mortem."""
         return self.path("oracle", "scratch", name)
@@ -348,6 +361,15 @@ class RunDirectory(RunLock):
         (the rows an earlier export wrote are not written again)."""
         if self.labels_db.exists():
             export_extxyz(self.labels(), self.root / LABELS_EXTXYZ, self.root / LABELS_EXPORTED)
+
+
+def file_stamp(path: Path) -> list[int]:
+    """A file's size and modification time (ns); ``[-1, -1]`` when it is missing."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return [-1, -1]
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def is_run_directory(path: str | os.PathLike) -> bool:
