@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     slots = args.slots or ([8] if quick else [1, 32, 1000])
     at = args.sweep_labels or (24 if quick else 10_000)
     protocol = common.provenance(args)
+    protocol["load_average_before"] = list(os.getloadavg())
+    protocol["goals"] = GOALS
     plan = {
         "labels": [{**base, "labels": n, "kill": True} for n in labels],
         "walkers": [{**base, "labels": at, "walkers": w} for w in walkers],

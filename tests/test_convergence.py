@@ -141,6 +141,7 @@ def test_a_campaign_without_a_test_set_stops_on_the_accurate_ratio(tmp_path):
 def test_the_calibration_is_fitted_on_validation_labels_never_the_test_set(tmp_path):
     """The calibrated threshold's factor is the validation labels' median error/spread,
     recomputed here from the published ensemble, and not the held-out set's."""
+    from palflow.apps.data.label_log import LabelLog, read_selection
     from palflow.apps.inference import _evaluate_test
     from palflow.pipeline.state.export import export_run
 
@@ -154,9 +155,10 @@ def test_the_calibration_is_fitted_on_validation_labels_never_the_test_set(tmp_p
     last = rows[-1]
     version, checkpoint = run.ensembles()[-1]
     assert last["version"] == version
-    snapshots = sorted(Path(run.path("data")).glob("valid.*.npz"))
-    assert snapshots, "the campaign kept validation labels"
-    result = _evaluate_test(str(checkpoint), run.test_set, validation_path=str(snapshots[-1]))
+    log = LabelLog.open(run.label_log)
+    validation = log.selection(0, len(log), "valid", 0.3)
+    assert read_selection(validation), "the campaign kept validation labels"
+    result = _evaluate_test(str(checkpoint), run.test_set, validation_path=validation)
 
     def median_ratio(errors):
         spread = np.asarray(errors["structure_force_spread"])
