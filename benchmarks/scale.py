@@ -35,13 +35,15 @@ peak memory is its own:
   no latency of the coordinator's); and each turn's whole duration (the result
   used, every submission made, the journal saved), p50 and p99.
 
-Sweeps: labels (16 walkers, 64 oracle slots), walkers (64 slots) and oracle slots
-(256 walkers) at ``--sweep-labels``. The goals of the issue are printed beside the
-results and recorded met or not. With a ``--before`` commit (default 4c36776, before
-the label store), the same simulation runs on that commit's code, a ``git archive``
-of it put first on ``PYTHONPATH`` (each point checks which ``palflow`` it imported):
-up to the largest size that finishes within ``--before-limit-s``; beyond, its figures
-are a power law fitted to the sizes it reached, and marked extrapolated.
+Sweeps: labels (16 walkers, 64 oracle slots), walkers (64 slots) at
+``--sweep-labels`` and oracle slots (256 walkers) at ``--slot-labels``: with one
+oracle slot, 256 walkers make many segments per label, and 10⁴ labels take an hour.
+The goals of the issue are printed beside the results and recorded met or not. With
+a ``--before`` commit (default 4c36776, before the label store), the same simulation
+runs on that commit's code, a ``git archive`` of it put first on ``PYTHONPATH``
+(each point checks which ``palflow`` it imported): up to the largest size that
+finishes within ``--before-limit-s``; beyond, its figures are a power law fitted to
+the sizes it reached, and marked extrapolated.
 
     python benchmarks/scale.py                                # 1e3, 1e4, 1e5 labels
     python benchmarks/scale.py --labels 1000 10000 --no-before
@@ -156,9 +158,15 @@ def fit(rows: list[dict], labels: int) -> dict:
 
 
 def sweep(
-    points: list[dict], tree: Path | None, limit_s: float | None, code: str, folder: Path
+    points: list[dict],
+    tree: Path | None,
+    limit_s: float | None,
+    code: str,
+    folder: Path,
+    ladder: bool = True,
 ) -> list:
-    """Run ``points`` in order; with ``limit_s``, stop at the first that overruns it."""
+    """Run ``points`` in order; with ``limit_s``, stop at the first that overruns it
+    (a ``ladder`` of growing sizes), or skip it (not a ladder)."""
     rows = []
     (folder / code).mkdir(exist_ok=True)
     for point in points:
@@ -166,7 +174,9 @@ def sweep(
         row = run_point(point, tree, limit_s, folder / code)
         if row is None:
             print(f"  {code} {point}: over {limit_s:.0f} s, stopped", flush=True)
-            break
+            if ladder:
+                break
+            continue
         rows.append({**row, "code": code})
         print(
             f"  {code} {point}: {time.perf_counter() - began:.0f} s, "
@@ -271,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=int, nargs="+", help="default 1e3 1e4 1e5")
     parser.add_argument("--walkers", type=int, nargs="+", help="default 1 16 256")
     parser.add_argument("--slots", type=int, nargs="+", help="oracle slots; default 1 32 1000")
-    parser.add_argument("--sweep-labels", type=int, help="labels of the walker and slot sweeps")
+    parser.add_argument("--sweep-labels", type=int, help="labels of the walker sweep (2,000)")
+    parser.add_argument("--slot-labels", type=int, help="labels of the slot sweep (1,000)")
     parser.add_argument("--before", default="4c36776", help="the commit before the change")
     parser.add_argument("--no-before", action="store_true", help="the checkout's code only")
     parser.add_argument(
@@ -290,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or ([24, 48] if quick else [1000, 10_000, 100_000])
     walkers = args.walkers or ([1] if quick else [1, 16, 256])
     slots = args.slots or ([8] if quick else [1, 32, 1000])
-    at = args.sweep_labels or (24 if quick else 10_000)
+    at = args.sweep_labels or (24 if quick else 2_000)
+    at_slots = args.slot_labels or (24 if quick else 1_000)
     protocol = common.provenance(args)
     protocol["load_average_before"] = list(os.getloadavg())
     protocol["goals"] = GOALS
@@ -298,16 +310,20 @@ def main(argv: list[str] | None = None) -> int:
         "labels": [{**base, "labels": n, "kill": True} for n in labels],
         "walkers": [{**base, "labels": at, "walkers": w} for w in walkers],
         "slots": [
-            {**base, "labels": at, "walkers": 4 if quick else 256, "slots": s} for s in slots
+            {**base, "labels": at_slots, "walkers": 4 if quick else 256, "slots": s} for s in slots
         ],
     }
     where = "checkout" if imported().resolve() == common.ROOT.resolve() else "not the checkout"
     codes = {"after": f"{common.commit()[:12]} ({where})"}
     sweeps: dict = {name: {} for name in plan}
+    # What has run so far, in case the run is stopped; removed once the results are.
+    partial = common.RESULTS / f"scale{'_quick' if quick else ''}.partial.json"
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="palflow-before-") as folder:
         for name, points in plan.items():
             print(f"{name} sweep", flush=True)
             sweeps[name]["after"] = sweep(points, None, None, "after", Path(folder))
+            partial.write_text(json.dumps(sweeps, default=str))
         if not args.no_before:
             tree = archive(args.before, Path(folder) / "tree")
             codes["before"] = args.before
@@ -329,10 +345,13 @@ def main(argv: list[str] | None = None) -> int:
             cap = max(reached, default=0)
             for name in ("walkers", "slots"):
                 points = [{**p, "labels": min(p["labels"], cap)} for p in plan[name]]
-                print(f"{name} sweep, before, at {min(at, cap)} labels", flush=True)
+                print(f"{name} sweep, before, at most {cap} labels", flush=True)
                 sweeps[name]["before"] = (
-                    sweep(points, tree, args.before_limit_s, "before", Path(folder)) if cap else []
+                    sweep(points, tree, args.before_limit_s, "before", Path(folder), False)
+                    if cap
+                    else []
                 )
+                partial.write_text(json.dumps(sweeps, default=str))
     for name in plan:
         print(f"\n{name} sweep")
         common.print_table(COLUMNS, [*sweeps[name].get("before", []), *sweeps[name]["after"]])
@@ -359,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": list(os.getloadavg()),
     }
     common.write_results("scale_quick" if quick else "scale", result, plot, finite=True)
+    partial.unlink(missing_ok=True)
     return 0
 
 
