@@ -14,12 +14,13 @@
 3. With ``--corrupt``, instead: kills the coordinator as in 1, and between a kill
    and its resume damages one run file (truncated, garbage or deleted, in turn:
    labels.db, state.json, the queue, the newest oracle output and input, the start
-   structure, the newest member checkpoint and ensemble version, events.jsonl).
+   structure, the newest member checkpoint and ensemble version, events.jsonl, the
+   label log's rows and atoms; 11 kills reach every kind).
    Counts labels lost (stored before the damage, missing at the end; goal 0) and
    resumes that ended clearly: mended with a warning, or stopped with one message
    and exit status 2 (goal: all; the file is then put back and the run resumed).
 
-    python benchmarks/robustness.py --corrupt --kills 6 --labels 30
+    python benchmarks/robustness.py --corrupt --kills 11 --labels 44
 
 Writes ``benchmarks/results/robustness.json`` (``robustness_corrupt.json`` with
 ``--corrupt``).

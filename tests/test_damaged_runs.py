@@ -394,11 +394,13 @@ def test_a_resume_sweeps_empty_scratch_folders(finished, tmp_path):
 
 def test_a_resume_reads_only_the_oracle_batches_that_changed(finished, tmp_path, monkeypatch):
     """The coordinator notes each batch it harvested (oracle/checked.jsonl), and
-    state.json says below which task every batch was harvested: a resume of a sound
-    run reads no batch again; one damaged since is read, and mended."""
+    state.json says below which task every batch was harvested: a resume reads no
+    batch again, also after a mend that leaves the labels and the journal whole (a
+    torn events.jsonl, as a kill leaves); one damaged since is read, and mended; after
+    a mend of the journal (the queue), every batch is read again."""
     from palflow.pipeline.resume import mend, restore
 
-    run = damaged_copy(finished, tmp_path, "events.jsonl", "truncate")  # a harmless mend
+    run = damaged_copy(finished, tmp_path, "events.jsonl", "truncate")
     checked, requeued = [], []
     real_check, real_read = mend.dataset_problem, restore.read_candidates
     monkeypatch.setattr(
@@ -407,21 +409,27 @@ def test_a_resume_reads_only_the_oracle_batches_that_changed(finished, tmp_path,
     monkeypatch.setattr(
         restore, "read_candidates", lambda p: requeued.append(Path(p).name) or real_read(p)
     )
+
+    def batches_read() -> list[str]:
+        names = [name for name in checked + requeued if name.startswith("batch")]
+        checked.clear(), requeued.clear()
+        return names
+
     state, _, _ = resume_in_process(run)
     state.run.unlock()
-    assert len(list((run / "oracle").glob("batch*.out.npz"))) >= 2
-    assert not [name for name in checked if name.startswith("batch")], checked
-    # After a mend every batch is read again (the events mend above), and below the mark
-    # none is otherwise: this resume mends nothing.
-    checked.clear(), requeued.clear()
-    state, _, _ = resume_in_process(run)
-    state.run.unlock()
-    assert not [name for name in checked + requeued if name.startswith("batch")]
+    batches = sorted(p.name for p in (run / "oracle").glob("batch*.npz"))
+    assert len(batches) >= 4
+    assert batches_read() == []
     damaged = FILES["oracle output"](run)
     damage(damaged, "garbage")
-    checked.clear()
+    state, _, _ = resume_in_process(run)  # mended: read, and all read again for the requeue
+    state.run.unlock()
+    read = batches_read()
+    assert read[:2] == [damaged.name.replace(".out.", ".in."), damaged.name], read
+    assert damaged.name.replace(".out.", ".in.") in read[2:]
+    state, _, _ = resume_in_process(run)
+    state.run.unlock()
+    assert batches_read() == []
+    damage(run / "state.queue.npz", "garbage")
     resume_in_process(run)
-    assert [name for name in checked if name.startswith("batch")] == [
-        damaged.name.replace(".out.", ".in."),
-        damaged.name,
-    ]
+    assert {n for n in batches_read() if ".in." in n} == {n for n in batches if ".in." in n}

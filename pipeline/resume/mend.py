@@ -84,16 +84,22 @@ def mend_run(campaign: Any, run: RunDirectory) -> list[str]:
             record_mend(run, mends, None, f"{folder}/ was missing: made again")
             (run.root / folder).mkdir()
     _mend_start_structures(campaign, run, mends)
+    # What the labels and the oracle's journal lost, the resume finds again by reading
+    # every oracle batch; the other mends leave the journal whole.
+    journal = len(mends)
     stored, rows, labels_damaged = _check_labels(campaign, run)
     _mend_oracle_journal(run, stored, mends)
     if labels_damaged:
         _rebuild_labels(campaign, run, rows, labels_damaged, mends)
-    mend_label_log(run, mends)
     _mend_queue(run, mends)
+    journal = len(mends) - journal
+    mend_label_log(run, mends)
     for name in (EVENTS_FILE, METRICS_FILE):
         _mend_jsonl(run, name, mends)
     mend_state.mend_checkpoints(campaign, run, mends)
+    before_state = len(mends)
     mend_state.mend_state(campaign, run, mends)
+    run.journal_mended = bool(journal) or len(mends) > before_state
     mend_state.mend_walker_frames(run, mends)
     mend_state.mend_test_sets(run, mends)
     sweep_empty_scratch(run)
@@ -238,8 +244,6 @@ def _mend_oracle_journal(run: RunDirectory, stored: set[int], mends: list[str]) 
             continue  # found sound by an earlier resume, and not changed since
         in_bad = dataset_problem(in_path, "candidate_id")
         out_bad = dataset_problem(out_path, "candidate_id", "status") if out_path.exists() else None
-        if not in_bad and not out_bad:
-            checked.add(in_path, out_path)
         if out_bad:
             record_mend(
                 run,
@@ -249,6 +253,7 @@ def _mend_oracle_journal(run: RunDirectory, stored: set[int], mends: list[str]) 
                 "labels.db lacks are labelled again",
             )
         if not in_bad:
+            checked.add(in_path, out_path)  # a damaged output was moved aside just above
             continue
         if not out_path.exists() or out_bad:
             record_mend(

@@ -52,9 +52,11 @@ def resume_state(campaign: Campaign, run: RunDirectory) -> tuple[CampaignState, 
 
     queue = OracleQueue(campaign.selection.max_queue)
     next_task_id = max(int(saved.get("next_task_id", 0)), highest_task_id(run) + 1)
-    # Batches below the saved mark were harvested before the save; after a mend, or
-    # without a mark (a run of an earlier version), every batch is read again.
-    settled = 0 if getattr(run, "mends", None) else int(saved.get("oracle_settled_below", 0))
+    # Batches below the saved mark were harvested before the save; after a mend of the
+    # labels, the oracle's files, the queue or state.json, or without a mark (a run of
+    # an earlier version), every batch is read again.
+    journal_mended = getattr(run, "journal_mended", False)
+    settled = 0 if journal_mended else int(saved.get("oracle_settled_below", 0))
     seen, next_task_id = _requeue_unlabelled(campaign, run, state, queue, next_task_id, settled)
     logger.info(
         "resume: %d candidates sent but not labelled are queued again",
