@@ -301,7 +301,7 @@ def _train_member(
     model.load_state_dict(average.state)
     recentre(model, trained_on)
     average.state = clone_state(model.state_dict())
-    held_out = read_labelled(validation_path)
+    held_out = read_labelled(validation_path, cache=True)  # the same rows: no new read
     validation = [a for a in held_out if _is_labelled(a)]
     validation += [structures[j] for j in indices[multiplicity == 0]]
     verdict = judge(model, average.state, published, validation, settings)

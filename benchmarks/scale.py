@@ -253,7 +253,10 @@ def plot(result: dict, path: Path) -> None:
     for ax, metric in zip(axes, METRICS, strict=True):
         for code, style in (("before", "o-"), ("after", "s-")):
             rows = result["sweeps"]["labels"].get(code) or []
-            measured = [r for r in rows if not r.get("extrapolated")]
+            ladder = result["sweeps"]["labels"].get(f"{code}_ladder") or []
+            measured = sorted(
+                [r for r in rows + ladder if not r.get("extrapolated")], key=lambda r: r["labels"]
+            )
             fitted = [r for r in rows if r.get("extrapolated")]
             if measured:
                 ax.plot(

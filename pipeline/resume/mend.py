@@ -93,7 +93,7 @@ def mend_run(campaign: Any, run: RunDirectory) -> list[str]:
         _rebuild_labels(campaign, run, rows, labels_damaged, mends)
     _mend_queue(run, mends)
     journal = len(mends) - journal
-    mend_label_log(run, mends)
+    journal += mend_label_log(run, mends)
     for name in (EVENTS_FILE, METRICS_FILE):
         _mend_jsonl(run, name, mends)
     mend_state.mend_checkpoints(campaign, run, mends)

@@ -58,20 +58,22 @@ class CheckedFiles:
         atomic_write_bytes(self.path, lambda handle: handle.write(text))
 
 
-def mend_label_log(run: RunDirectory, mends: list[str]) -> None:
+def mend_label_log(run: RunDirectory, mends: list[str]) -> bool:
     """Check the label log whole against ``labels.db``; move it aside when it is
-    damaged or does not match (the resume makes it again). A run without a log (a
-    new one, or one of a version before it) is left to the resume."""
+    damaged or does not match (the resume makes it again), and return whether it did.
+    A run without a log (a new one, or one of a version before it) is left to the
+    resume. A log that holds labels ``labels.db`` lacks (it is written after it) says
+    that the database lost rows: the resume then reads every oracle batch again."""
     folder = run.label_log
     if not folder.exists():
-        return
+        return False
     try:
         log = LabelLog.open(folder, check_crc=True)
         have, stored = log.column("candidate_id"), run.stored_candidate_ids()
         if len(have) > len(stored) or have != stored[: len(have)]:
             problem = "frames.bin does not hold the labels of labels.db in their order"
         else:
-            return
+            return False
     except (LabelLogError, OSError) as error:
         problem = str(error).removeprefix(f"{folder.name}/")
     record_mend(
@@ -80,3 +82,4 @@ def mend_label_log(run: RunDirectory, mends: list[str]) -> None:
         folder,
         f"the label log's data/labels/{problem}: the log is made again from labels.db",
     )
+    return True
