@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -235,14 +236,15 @@ def test_an_unreadable_result_costs_its_task_not_the_run(tmp_path):
     """A generator result whose frames file is garbage: the walker resets, the run goes on."""
     from palflow.apps.generator import _run_md
 
-    spoiled = []
+    spoiled, lock = [], threading.Lock()
 
     def generator_with_a_torn_file(*args, **kwargs):
         result = _run_md(*args, **kwargs)
         walker = result["walkers"][0]
-        if not spoiled and walker["n_frames"]:
-            Path(walker["output_path"]).write_bytes(b"PK\x03\x04 torn")
-            spoiled.append(walker["output_path"])
+        with lock:  # two generator tasks may end together, in two threads: one spoils
+            if not spoiled and walker["n_frames"]:
+                Path(walker["output_path"]).write_bytes(b"PK\x03\x04 torn")
+                spoiled.append(walker["output_path"])
         return result
 
     run, summary = run_campaign(tmp_path, small_campaign(), generator=generator_with_a_torn_file)
