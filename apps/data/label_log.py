@@ -35,6 +35,7 @@ from ase import Atoms
 from palflow.apps.data.dataset import (
     atomic_write_bytes,
     full_stress,
+    read_dataset,
     structure_key,
     structures_from_arrays,
 )
@@ -391,8 +392,6 @@ def read_selection(selection: dict[str, Any], cache: bool = False) -> list[Atoms
 def read_labelled(source: str | dict[str, Any] | None, cache: bool = False) -> list[Atoms]:
     """Labelled structures from a dataset file's path or a label log's selection
     (none for ``None``)."""
-    from palflow.apps.data.dataset import read_dataset
-
     if source is None or source == "":
         return []
     if isinstance(source, dict):

@@ -22,7 +22,7 @@ from collections import Counter
 from ase import Atoms
 
 from palflow.apps.data.dataset import read_arrays, structures_from_arrays
-from palflow.apps.data.label_log import LabelLog, LabelLogError
+from palflow.apps.data.label_log import LabelLog, LabelLogError, read_selection
 from palflow.pipeline.config.settings import Campaign
 from palflow.pipeline.state.records import Snapshot, is_initial
 from palflow.pipeline.state.rundir import RunDirectory
@@ -131,8 +131,6 @@ class LabelStore:
     def labelled_structures(self, start: int = 0, stop: int | None = None) -> list[Atoms]:
         """Labels ``[start, stop)`` read back from the log (for what needs the
         structures themselves, once: a model's spec, the diversity measures)."""
-        from palflow.apps.data.label_log import read_selection
-
         if self.label_log is None:
             return []
         stop = len(self.label_log) if stop is None else stop
