@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 BUILTIN: dict[str, str] = {
     "schnet": "palflow.apps.models.schnet:SchNetBackend",
     "mace": "palflow.apps.models.mace:MACEBackend",
+    "sevennet": "palflow.apps.models.sevennet:SevenNetBackend",
 }
 """The built-in backends, by ``model.name``; the first is the default."""
 
