@@ -9,9 +9,10 @@ forbids unknown keys.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -80,6 +81,85 @@ class TrainingSettings(Section):
     min_validation_size: int = Field(8, ge=1)
     """With fewer validation frames than this the gate does not judge (every state is
     published, and the metrics say the gate did not judge)."""
+    train_only: Literal["all", "readout", "last_interaction"] = "all"
+    """Which weights training moves: all of them; only the readout (``"readout"``); or
+    the last message-passing layer and the readout (``"last_interaction"``); the rest
+    stay as the member started, e.g. the foundation's (``model.foundation``), so that
+    few labels move fewer weights. Forces still train (they are derivatives with
+    respect to the positions). Each backend's model names its parts; with one that
+    does not, the first training task fails, naming the backend."""
+    replay_fraction: float = Field(0.0, ge=0, lt=1)
+    """Share of each batch of ``batch_size`` frames that is replay frames (at least one
+    when above 0; 0: no replay): labelled frames of the domain a fine-tuned member
+    should not forget, trained on their forces and stress only, never their energy
+    (another level of theory has another energy reference). They are never validation
+    frames."""
+    replay_source: Literal["file", "foundation"] = "file"
+    """Where replay frames come from: ``"file"``, ``replay_file``; ``"foundation"``,
+    pseudo-labels: each member's own forces (and stress) as it starts, from the
+    foundation model (or a warm start), on ``replay_size`` rattled copies of its first
+    training frames, made once at its first task and kept in its checkpoint."""
+    replay_file: str | None = None
+    """With ``replay_source = "file"``: labelled frames (extended XYZ, or any file ASE
+    reads) with forces in eV/Å, e.g. a few hundred frames of the foundation's own
+    training data; energies are not needed. A relative path is from the current
+    folder."""
+    replay_size: int = Field(64, ge=1)
+    """With ``replay_source = "foundation"``: pseudo-labelled frames per member."""
+    replay_rattle: float = Field(0.05, gt=0)
+    """Standard deviation of the displacements that make the pseudo-labelled copies of
+    the training frames, Å (``replay_source = "foundation"``)."""
+
+    @field_validator("replay_file")
+    @classmethod
+    def _readable_replay_file(cls, path: str | None) -> str | None:
+        return None if path is None else _check_replay_file(path)
+
+    @model_validator(mode="after")
+    def _replay_settings_agree(self) -> TrainingSettings:
+        fraction, source = self.replay_fraction, self.replay_source
+        if fraction > 0 and source == "file" and self.replay_file is None:
+            raise ValueError(
+                f"replay_fraction = {fraction:g} takes replay frames from replay_file, and "
+                "none is given: give a file of labelled frames, or replay_source = 'foundation'"
+            )
+        if self.replay_file is not None and source != "file":
+            raise ValueError(
+                "replay_file is read only with replay_source = 'file', not 'foundation': "
+                "drop one of them"
+            )
+        if fraction == 0 and (self.replay_file is not None or source != "file"):
+            raise ValueError(
+                "replay_fraction = 0 puts no replay frame in a batch, so replay_file or "
+                "replay_source = 'foundation' does nothing: set replay_fraction (e.g. 0.25)"
+            )
+        if fraction > 0 and self.batch_size < 2:
+            raise ValueError(
+                f"replay_fraction = {fraction:g} needs batch_size >= 2: a batch holds at "
+                "least one of the campaign's labels and one replay frame"
+            )
+        return self
+
+
+def _check_replay_file(path: str) -> str:
+    """``path`` made absolute (a worker's folder is not the user's), once its first
+    frame reads and has forces; the training task reads every frame and checks each
+    (:func:`palflow.apps.fine_tuning.read_replay_file`)."""
+    from ase.io import read  # slow to import (SciPy): only where a replay file is given
+
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(full):
+        raise ValueError(f"no file {full}: give a file of labelled frames with forces")
+    try:
+        first = read(full, index=0)
+    except Exception as error:
+        raise ValueError(f"{full} does not parse as a structure file: {error}") from None
+    if "forces" not in (getattr(first.calc, "results", None) or {}):
+        raise ValueError(
+            f"{full} holds no forces (its first frame has none): replay trains on forces, "
+            "in eV/Å, so give a file with a forces column"
+        )
+    return full
 
 
 class GeneratorSettings(Section):

@@ -23,6 +23,7 @@ from ase import Atoms
 from palflow.apps.common import require_settings, where_and_when
 from palflow.apps.data.dataset import structure_key
 from palflow.apps.data.label_log import read_labelled
+from palflow.apps.fine_tuning import optimizer_for, replay_for
 from palflow.apps.models import registry
 from palflow.apps.models.calculator import evaluate_errors  # noqa: F401 (re-exported)
 from palflow.apps.models.core import (
@@ -111,12 +112,13 @@ def _penalty(settings: dict):
     )
 
 
-def _loss(model: PotentialEnsemble, batch, settings: dict) -> torch.Tensor:
+def _loss(model: PotentialEnsemble, batch, settings: dict, n_replay: int = 0) -> torch.Tensor:
     """``energy_weight`` * the mean penalty (:func:`_penalty`) of the per-atom energy
     errors (eV/atom) + ``force_weight`` * that of the force errors (eV/Å) +
     ``stress_weight`` * that of the virial errors per atom (eV/atom, the stress error
     times the volume over the atom count, so that it weighs like the energy term), over
-    the structures with a stress label."""
+    the structures with a stress label. The batch's last ``n_replay`` structures are
+    replay frames (:mod:`palflow.apps.fine_tuning`): no energy term."""
     energy_weight, force_weight = settings["energy_weight"], settings["force_weight"]
     stress_weight = settings["stress_weight"]
     square = _penalty(settings)
@@ -124,6 +126,7 @@ def _loss(model: PotentialEnsemble, batch, settings: dict) -> torch.Tensor:
     out = model(batch, compute_forces=True, compute_stress=with_stress)
     n_atoms = batch.n_atoms.to(out["energy"].dtype)
     energy_error = (out["energy"] - batch.energy.to(out["energy"].dtype)) / n_atoms
+    energy_error = energy_error[:, : batch.n_structures - n_replay]
     loss = energy_weight * square(energy_error)
     if force_weight > 0 and batch.forces.numel() > 0:
         force_error = out["forces"] - batch.forces.to(out["forces"].dtype)
@@ -190,13 +193,15 @@ def _train_member(
     ------
     ValueError
         Naming every key of :class:`~palflow.apps.sections.TrainingSettings` that
-        ``settings`` lacks.
+        ``settings`` lacks; or for a ``train_only`` the model cannot freeze, or replay
+        frames it cannot use (:mod:`palflow.apps.fine_tuning`).
 
     Returns
     -------
     dict
         ``member``, ``checkpoint``, ``epochs`` and ``steps`` (totals so far),
-        ``learning_rate``, ``n_train``, ``train_loss`` (mean over the last epoch),
+        ``learning_rate``, ``n_train``, ``n_replay`` (replay frames,
+        :mod:`palflow.apps.fine_tuning`), ``train_loss`` (mean over the last epoch),
         ``published`` and ``gate`` (the validation gate's verdict,
         :mod:`palflow.apps.publication`), ``n_validation`` (the member's validation
         frames), ``val_force_mae`` (eV/Å) and ``val_energy_mae`` (eV/atom) of the state
@@ -207,7 +212,8 @@ def _train_member(
 
     The checkpoint's weights are the member's published state; its ``extra`` holds the
     raw weights (``raw``) that training continues from, the average (``average``),
-    the optimiser state and the plateau's state (``plateau``).
+    the optimiser state (of the parameters ``train_only`` names), the plateau's state
+    (``plateau``) and, with foundation replay, the pseudo-labelled frames (``replay``).
     """
     t_start = time.time()
     require_settings(settings, TrainingSettings.model_fields, "training")
@@ -234,9 +240,8 @@ def _train_member(
         published = clone_state(model.state_dict())
         if "raw" in extra:
             model.load_state_dict(extra["raw"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
-    if "optimizer" in extra:
-        optimizer.load_state_dict(extra["optimizer"])
+    # Only the parameters train_only names (apps/fine_tuning.py), the rest frozen.
+    optimizer = optimizer_for(model, settings, extra)
     epochs_done = int(extra.get("epochs", 0))
     steps_done = int(extra.get("steps", 0))
     plateau = RateOnPlateau(extra.get("plateau"))
@@ -251,8 +256,13 @@ def _train_member(
     unique = np.unique(train_indices)
     unique_graphs = _graphs([structures[j] for j in unique], model.spec.cutoff)
     graphs = dict(zip(unique, unique_graphs, strict=True))
-    batch_size = int(settings["batch_size"])
-    planned_steps = n_epochs * math.ceil(len(train_indices) / batch_size)
+    trained_on = [structures[j] for j in unique]
+    replay = replay_for(
+        model, settings, extra, checkpoint_in is None, trained_on, seed, epochs_done, device
+    )
+    # A batch: batch_size frames, of which replay.per_batch are replay frames.
+    per_step = replay.own_per_batch
+    planned_steps = n_epochs * math.ceil(len(train_indices) / per_step)
     average = WeightAverage(
         model.state_dict(), settings["average_decay"], extra.get("average"), planned_steps
     )
@@ -267,15 +277,16 @@ def _train_member(
         epochs_this_task += 1
         order = np.random.default_rng([seed, epochs_done]).permutation(train_indices)
         total, count = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            batch = collate([graphs[j] for j in chosen], device)
+        for start in range(0, len(order), per_step):
+            chosen = order[start : start + per_step]
+            replayed = replay.draw(len(chosen))
+            batch = collate([graphs[j] for j in chosen] + replayed, device)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(settings, steps_done, plateau.scale)
             steps_done += 1
             steps_this_task += 1
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss(model, batch, settings)
+            loss = _loss(model, batch, settings, len(replayed))
             loss.backward()
             optimizer.step()
             average.update(model.state_dict())
@@ -289,12 +300,11 @@ def _train_member(
     # The raw and the averaged state, each with its energy offset on its own training
     # labels removed; then the gate: the averaged state against the published one, on
     # this member's validation frames (the held-out labels and those its resample left out).
-    trained_on = [structures[j] for j in unique]
     if not finite_state(model.state_dict()) and published is not None:
         # Diverged: go on from the published state, with a fresh optimiser and average.
         logger.warning("member %d: non-finite weights; restarting from its published state", member)
         model.load_state_dict(published)
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
+        optimizer = optimizer_for(model, settings, {})
         average = WeightAverage(published, settings["average_decay"], None, planned_steps)
     recentre(model, trained_on)
     raw = clone_state(model.state_dict())
@@ -321,6 +331,8 @@ def _train_member(
             "raw": raw,
             "average": average.to_dict(),
             "plateau": plateau.to_dict(),
+            "train_only": settings["train_only"],  # the part the optimiser's state is of
+            **({"replay": replay.stored} if replay.stored is not None else {}),
         },
     )
     result = {
@@ -331,6 +343,7 @@ def _train_member(
         "steps": steps_done,
         "learning_rate": learning_rate(settings, steps_done, plateau.scale),
         "n_train": int(len(train_indices)),
+        "n_replay": len(replay.graphs),
         "train_loss": float(train_loss),
         "published": verdict.publish,
         "gate": verdict.gate,

@@ -267,6 +267,20 @@ class SchNetEnsemble(torch.nn.Module):
         self.energy_scale.fill_(scale)
         logger.debug("energy reference fitted: elements %s, scale %.4g eV", present, scale)
 
+    def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
+        """The parameters that ``training.train_only = part`` trains: ``"readout"``,
+        the two readout layers; ``"last_interaction"``, the last interaction block and
+        the readout; ``"all"``, every one. The embedding and the other interaction
+        blocks are the backbone (the energy reference and scale are buffers)."""
+        readout = [*self.readout1.parameters(), *self.readout2.parameters()]
+        if part == "readout":
+            return readout
+        if part == "last_interaction":
+            return [*self.interactions[-1].parameters(), *readout]
+        if part == "all":
+            return list(self.parameters())
+        raise ValueError(f"no part {part!r}: 'all', 'readout' or 'last_interaction'")
+
     @torch.no_grad()
     def shift_energy(self, per_atom: torch.Tensor) -> None:
         """Add ``per_atom[k]`` eV per atom to member k's energies (its every reference
