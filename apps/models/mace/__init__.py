@@ -26,6 +26,7 @@ from pydantic import Field
 
 from palflow.apps.models.backend import BackendSettings, ModelBackend, ModelError, SpecInputs
 from palflow.apps.models.mace.foundation import missing_foundation
+from palflow.apps.models.mace.neighbours import cutoff_problem
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,19 @@ class MACEBackend(ModelBackend):
 
     @classmethod
     def check(cls, settings: MACESettings, start: Atoms) -> None:
+        """Refuse, in one line, a foundation file palflow cannot fine-tune or that lacks
+        an element of ``start``, an ``e0s`` table that does, and a cutoff that gives
+        the periodic ``start`` an absurd neighbour count
+        (:mod:`palflow.apps.models.mace.neighbours`)."""
         elements = sorted(set(int(z) for z in start.numbers))
+        r_max = settings.r_max
         if settings.foundation:
             if not os.path.isfile(settings.foundation):  # before torch and mace load
                 raise ModelError(missing_foundation(settings.foundation))
             from palflow.apps.models.mace.spec import foundation_elements
 
             try:
-                table, *_ = foundation_elements(settings.foundation)
+                table, _, r_max, _ = foundation_elements(settings.foundation)
             except ValueError as error:
                 raise ModelError(str(error)) from None
             _require(elements, table, f"the foundation model {settings.foundation!r}")
@@ -90,26 +96,30 @@ class MACEBackend(ModelBackend):
             if unknown:
                 raise ModelError(f"model.e0s names unknown elements {unknown}")
             _require(elements, [atomic_numbers[s] for s in settings.e0s], "model.e0s")
+        problem = cutoff_problem(start, r_max, settings.foundation)
+        if problem:
+            raise ModelError(problem)
 
     @classmethod
     def resolve_spec(cls, settings: MACESettings, given: SpecInputs) -> dict[str, Any]:
         """The element table, E0s (eV) and mean neighbour count of every member, or a
         foundation model's table, architecture and cutoff (see the module)."""
-        from palflow.apps.models.mace.spec import foundation_elements, mean_neighbours
+        from palflow.apps.models.mace.spec import foundation_spec, mean_neighbours
 
         labelled, start, oracle = given.labelled, given.start, given.oracle
         spec = settings.model_dump(exclude={"name", "n_members", "e0s"})
         elements = sorted({int(z) for atoms in [start, *labelled] for z in atoms.numbers})
         if settings.foundation:
-            # The foundation's table and architecture stay; the E0s of the campaign's own
-            # elements are re-fitted to its oracle as model.e0s says (a foundation trained
-            # on another level of theory is offset by eV per atom), the others kept.
-            table, e0s, r_max, architecture = foundation_elements(settings.foundation)
+            # The foundation's table and architecture stay (the campaign's r_max, channels,
+            # correlation, ... are not used); the E0s of the campaign's own elements are
+            # re-fitted to its oracle as model.e0s says (a foundation trained on another
+            # level of theory is offset by eV per atom), the others kept.
+            foundation = foundation_spec(settings.foundation)
+            table = foundation["atomic_numbers"]
             _require(elements, table, f"the foundation model {settings.foundation!r}")
             own = dict(zip(elements, _e0s(settings, labelled, elements, oracle), strict=True))
-            e0s = [own.get(z, e0) for z, e0 in zip(table, e0s, strict=True)]
-            path = os.path.abspath(settings.foundation)
-            spec.update(architecture, r_max=r_max, atomic_numbers=table, e0s=e0s, foundation=path)
+            e0s = [own.get(z, e0) for z, e0 in zip(table, foundation["e0s"], strict=True)]
+            spec.update(foundation, e0s=e0s, foundation=os.path.abspath(settings.foundation))
             return spec
         if isinstance(settings.e0s, dict):
             table = sorted(atomic_numbers[s] for s in settings.e0s)
@@ -145,10 +155,14 @@ class MACEBackend(ModelBackend):
 def _require(elements: Sequence[int], table: Sequence[int], where: str) -> None:
     missing = [chemical_symbols[z] for z in elements if z not in set(table)]
     if missing:
-        raise ModelError(
-            f"the campaign's element(s) {', '.join(missing)} are not in {where}: "
-            "give every element an E0, or choose a model that knows them"
+        fix = (
+            "choose a foundation model that knows them (MACE-MP-0 knows Z = 1 to 89), or "
+            "drop model.foundation"
+            if where.startswith("the foundation")
+            else "give every element an E0, or choose a model that knows them"
         )
+        names = ", ".join(missing)
+        raise ModelError(f"the campaign's element(s) {names} are not in {where}: {fix}")
 
 
 def _e0s(

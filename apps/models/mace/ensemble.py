@@ -17,7 +17,8 @@ campaign (:meth:`palflow.apps.models.mace.MACEBackend.resolve_spec`), so that ev
 member has the same architecture and members can be stacked. With ``foundation``,
 every member starts from that MACE model file (``torch.load`` of a file the user
 gave: a pickle, so only trusted files), its readout perturbed with the member's seed
-so that members disagree.
+so that members disagree; a checkpoint of such members loads without the file too,
+from the architecture its spec keeps (:mod:`palflow.apps.models.mace.rebuild`).
 
 Units: Å, eV, eV/Å.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,25 +47,47 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ the ensemble
-def _new_member(spec: MACESpec, seed: int) -> torch.nn.Module:
-    """One MACE model with ``spec``'s architecture, or a perturbed foundation copy."""
+def _new_member(spec: MACESpec, seed: int, shape_only: bool = False) -> torch.nn.Module:
+    """One MACE model with ``spec``'s architecture, or a perturbed foundation copy;
+    with ``shape_only`` (its weights about to be loaded), rebuilt from the spec when the
+    foundation file is gone."""
+    rebuilt = shape_only and bool(spec.foundation) and not os.path.isfile(spec.foundation)
     with _BUILD_LOCK:
-        key = (spec, seed)
+        key = (spec, 0 if rebuilt else seed, rebuilt)  # a rebuilt one's weights are not kept
         if key not in _BUILT:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                _BUILT[key] = _build_member(spec, seed)
+                _BUILT[key] = _rebuild(spec) if rebuilt else _build_member(spec, seed)
         return copy.deepcopy(_BUILT[key])
 
 
-_BUILT: dict[tuple[MACESpec, int], torch.nn.Module] = {}
-"""Members as first built, per spec and seed: building one compiles e3nn's code for
-seconds, a copy takes a fraction of that, and a worker loads the same architecture
-for every task (checkpoints overwrite the weights)."""
+_BUILT: dict[tuple[MACESpec, int, bool], torch.nn.Module] = {}
+"""Members as first built, per spec, seed and whether rebuilt without the foundation
+file: building one compiles e3nn's code for seconds, a copy takes a fraction of that,
+and a worker loads the same architecture for every task (checkpoints overwrite the
+weights)."""
+
+
+def _rebuild(spec: MACESpec) -> torch.nn.Module:
+    """The architecture of a member fine-tuned from a foundation file that is gone."""
+    if not spec.foundation_architecture:
+        raise FileNotFoundError(
+            f"the MACE members were fine-tuned from {spec.foundation}, which no longer "
+            "exists (a run directory moved, or its checkpoint copied elsewhere), and their "
+            "spec does not describe that architecture: put the file back there"
+        )
+    from palflow.apps.models.mace.rebuild import rebuild
+
+    return rebuild(spec.foundation_architecture, DTYPES[spec.dtype])
 
 
 def _build_member(spec: MACESpec, seed: int) -> torch.nn.Module:
     if spec.foundation:
+        if not os.path.isfile(spec.foundation):
+            raise FileNotFoundError(
+                f"a new MACE member starts from the foundation model file {spec.foundation}, "
+                "which no longer exists: put it back there"
+            )
         model = torch.load(spec.foundation, map_location="cpu", weights_only=False)
         _perturb_readout(model, seed)
         with torch.no_grad():  # the campaign's E0s (MACEBackend.resolve_spec)
@@ -134,7 +158,10 @@ class MACEEnsemble(torch.nn.Module):
         if n_members < 1:
             raise ValueError(f"n_members must be >= 1, got {n_members}")
         self.spec = spec
-        self.members = torch.nn.ModuleList(_new_member(spec, seed + k) for k in range(n_members))
+        shape_only = str(device) == "meta"  # from_state_dict: the weights come next
+        self.members = torch.nn.ModuleList(
+            _new_member(spec, seed + k, shape_only) for k in range(n_members)
+        )
         if device is not None and str(device) != "meta":
             self.to(device)
         self.register_buffer(
@@ -272,6 +299,30 @@ class MACEEnsemble(torch.nn.Module):
         """Add ``per_atom[k]`` eV per atom to member k's energies (its readout shift)."""
         for member, value in zip(self.members, per_atom, strict=True):
             member.scale_shift.shift.add_(value.to(member.scale_shift.shift))
+
+    def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
+        """The parameters of every member that ``training.train_only = part`` trains.
+
+        ``"all"``: all of them. ``"readout"``: the readout blocks alone (one per
+        message-passing layer: MACE sums an energy read out after each); the element
+        embedding, the radial MLPs, the interactions and the products stay as they are.
+        ``"last_interaction"``: the last interaction block, its product (the symmetric
+        contraction) and the readouts. MACE's E0s, scale and shift are buffers, never
+        trained.
+        """
+        if part == "all":
+            return list(self.parameters())
+        blocks: list[torch.nn.Module] = []
+        for member in self.members:
+            if part == "last_interaction":
+                blocks += [member.interactions[-1], member.products[-1]]
+            elif part != "readout":
+                raise ValueError(
+                    f"unknown training.train_only {part!r} for MACE: 'all', 'readout' or "
+                    "'last_interaction'"
+                )
+            blocks += list(member.readouts)
+        return [p for block in blocks for p in block.parameters()]
 
     def member(self, index: int) -> MACEEnsemble:
         """A K=1 copy of member ``index``."""

@@ -1,6 +1,7 @@
 """What palflow says of a ``model.foundation`` file it cannot find: where it looked,
-and what to give instead. Standard library only, so the pre-flight can say it before
-torch and MACE load."""
+and what to give instead; for a bare name such as ``"medium"`` or ``"mace-mp-0"``
+(which MACE's own ``mace_mp()`` would download), that it is a name, not a file.
+Standard library only, so the pre-flight can say it before torch and MACE load."""
 
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ def missing_foundation(path: str, campaign_folder: str | os.PathLike | None = No
             looked = f"{here} (beside the campaign file, which is the current folder)"
         else:
             looked = f"{beside} (beside the campaign file) and {here} (in the current folder)"
+    if _is_a_name(path):
+        return (
+            f"model.foundation {path!r} is a name, not a file (looked for {looked}): "
+            "palflow downloads nothing, so the names by which MACE's mace_mp() and "
+            "mace_off() fetch their models from the internet ('small', 'medium', "
+            "'mace-mp-0', ...) will not do. Download the model file beforehand on a machine "
+            "with internet access (MACE-MP-0, MACE-OFF23 from the MACE project's releases) "
+            'and give its path, e.g. model.foundation = "mace-mp-0-small.model"'
+        )
     return (
         f"model.foundation {path!r} does not exist: looked for {looked}. Give the path "
         "of a MACE model file: one that a palflow MACE run wrote (models/"
@@ -37,3 +47,9 @@ def missing_foundation(path: str, campaign_folder: str | os.PathLike | None = No
         "the MACE project's releases) downloaded beforehand on a machine with internet "
         "access; palflow downloads nothing"
     )
+
+
+def _is_a_name(path: str) -> bool:
+    """Whether ``path`` reads as a model's name rather than a file's path: no folder
+    and no suffix (``"medium"``, ``"mace-mp-0"``, ``"small-0b3"``)."""
+    return "/" not in path and os.sep not in path and "." not in path

@@ -109,6 +109,10 @@ class MACESpec:
         Mean neighbour count within ``r_max`` (MACE normalises messages by it).
     foundation
         A MACE model file every member starts from, or None.
+    foundation_architecture
+        With ``foundation``, its architecture as JSON
+        (:func:`palflow.apps.models.mace.rebuild.describe`), so that a checkpoint loads
+        once the file is gone; None for an architecture JSON cannot name.
     """
 
     r_max: float
@@ -123,6 +127,7 @@ class MACESpec:
     e0s: tuple[float, ...]
     avg_num_neighbors: float
     foundation: str | None = None
+    foundation_architecture: str | None = None
 
     @property
     def cutoff(self) -> float:
@@ -160,30 +165,112 @@ def foundation_elements(path: str) -> tuple[list[int], list[float], float, dict[
     Raises
     ------
     ValueError
-        When the file is missing or is not a MACE model.
+        When the file is missing or is not a MACE model palflow can fine-tune
+        (:func:`load_foundation`).
     """
-    if not os.path.isfile(path):
-        raise ValueError(missing_foundation(path))
-    try:
-        with _BUILD_LOCK:
-            model = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(f"model.foundation {path!r} is not a MACE model file: {error}") from None
-    if not all(hasattr(model, a) for a in ("atomic_numbers", "r_max", "interactions")):
-        raise ValueError(
-            f"model.foundation {path!r} is not a MACE model file "
-            f"(it holds a {type(model).__name__})"
-        )
-    from e3nn import o3
+    model = load_foundation(path)
+    numbers, e0s = _table(model)
+    return numbers, e0s, float(model.r_max), _architecture(model)
 
+
+def foundation_spec(path: str) -> dict[str, Any]:
+    """Every field of :class:`MACESpec` that a foundation model file fixes: its table,
+    E0s (eV), cutoff (Å), layers, channels, max_L, mean neighbour count, correlation and
+    radial basis, and the architecture as JSON. The campaign's own values of these are
+    not used with a foundation."""
+    from palflow.apps.models.mace.rebuild import describe
+
+    model = load_foundation(path)
+    numbers, e0s = _table(model)
+    products = model.products[0].symmetric_contractions
+    try:  # mace-torch 0.3.x's contraction keeps one weight per order above the first
+        correlation = len(products.contractions[0].weights) + 1
+    except AttributeError:
+        correlation = int(products.contraction_degree)
+    return {
+        **_architecture(model),
+        "atomic_numbers": numbers,
+        "e0s": e0s,
+        "r_max": float(model.r_max),
+        "correlation": int(correlation),
+        "num_radial_basis": int(model.radial_embedding.bessel_fn.bessel_weights.numel()),
+        "num_cutoff_basis": int(model.radial_embedding.cutoff_fn.p),
+        "foundation_architecture": describe(model),
+    }
+
+
+def _table(model: torch.nn.Module) -> tuple[list[int], list[float]]:
+    """The element table and its E0s (eV) of a single-head MACE model."""
     numbers = [int(z) for z in model.atomic_numbers]
     e0s = model.atomic_energies_fn.atomic_energies.detach().reshape(-1, len(numbers))[0]
+    return numbers, [float(e) for e in e0s]
+
+
+def _architecture(model: torch.nn.Module) -> dict[str, Any]:
+    from e3nn import o3
+
     # A one-layer MACE keeps its hidden irreps as a string.
     hidden = o3.Irreps(str(model.interactions[0].hidden_irreps))
-    architecture = {
+    return {
         "num_interactions": int(model.num_interactions),
         "num_channels": int(hidden.count("0e")),
         "max_L": int(hidden.lmax),
         "avg_num_neighbors": float(model.interactions[0].avg_num_neighbors),
     }
-    return numbers, [float(e) for e in e0s], float(model.r_max), architecture
+
+
+def load_foundation(path: str) -> torch.nn.Module:
+    """The MACE model of a ``model.foundation`` file, on the CPU, checked.
+
+    palflow fine-tunes single-head ``ScaleShiftMACE`` models (MACE-MP, MACE-OFF, the
+    files palflow writes). Every refusal is one line naming the file and the fix.
+
+    Raises
+    ------
+    ValueError
+        When the file is missing, does not load, holds something else than a model (a
+        dictionary of weights, a palflow checkpoint), a MACE model without an energy
+        scale and shift, or a model with several heads.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(missing_foundation(path))
+    where = f"model.foundation {path!r}"
+    try:
+        with _BUILD_LOCK:
+            model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{where} is not a MACE model file: {first}") from None
+    if isinstance(model, dict) and {"model", "spec", "state_dict"} <= set(model):
+        raise ValueError(
+            f"{where} is a palflow ensemble checkpoint, not a MACE model file: give one of "
+            "its members' MACE files (models/ensemble.vNNNNN.memberK.model beside it, or "
+            "ensemble.memberK.model from palflow export); to continue a run's members "
+            "instead, give it as initial.ensemble"
+        )
+    if isinstance(model, dict) and _is_state_dict(model):
+        raise ValueError(
+            f"{where} holds only weights ({len(model)} tensors, a state_dict), not a model: "
+            "give the whole model file, as torch.save(model) and MACE's training write it"
+        )
+    if not all(hasattr(model, a) for a in ("atomic_numbers", "r_max", "interactions")):
+        raise ValueError(f"{where} is not a MACE model file (it holds a {type(model).__name__})")
+    if not hasattr(model, "scale_shift") or not hasattr(model, "atomic_energies_fn"):
+        raise ValueError(
+            f"{where} is a {type(model).__name__} without an energy scale and shift: palflow "
+            "fine-tunes ScaleShiftMACE models (MACE-MP, MACE-OFF, the files palflow writes)"
+        )
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    if len(heads) > 1:
+        raise ValueError(
+            f"{where} has {len(heads)} heads ({', '.join(map(str, heads))}): palflow "
+            "fine-tunes a single-head model; extract the head to start from with MACE's "
+            f"mace_select_head --head_name NAME --output_file one_head.model {path}"
+        )
+    return model
+
+
+def _is_state_dict(data: dict) -> bool:
+    """Tensors under module paths (``"interactions.0.linear.weight"``)."""
+    tensors = bool(data) and all(torch.is_tensor(v) for v in data.values())
+    return tensors and any("." in str(key) for key in data)
