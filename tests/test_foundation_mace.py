@@ -577,3 +577,27 @@ def test_campaigns_fine_tune_again_and_warm_start_end_to_end(tmp_path, universal
         _, earlier = load_checkpoint(run_a.member_checkpoints(k)[-1][1])
         steps = [load_checkpoint(p)[1]["steps"] for _, p in run_b.member_checkpoints(k)]
         assert min(steps) >= earlier["steps"] and max(steps) > earlier["steps"]
+
+
+@pytest.mark.parametrize(
+    ("part", "trained"),
+    [("readout", {"readouts"}), ("last_interaction", {"interactions.1", "products.1", "readouts"})],
+)
+def test_a_training_task_moves_only_the_part_it_trains(fine_tuned, tmp_path, part, trained):
+    """A task with ``training.train_only`` from the universal file: the weights outside
+    the part stay the foundation's exactly (the E0s, scale and shift are buffers), and
+    the last layer moves when it is trained (the readouts move anyway: each member's
+    starts perturbed)."""
+    settings = TrainingSettings(**{**TRAINING, "train_only": part}).model_dump()
+    write_dataset(tmp_path / "train.npz", fine_tuned.labels)
+    data, out = str(tmp_path / "train.npz"), str(tmp_path / "m.pt")
+    _train_member(0, data, None, out, dict(fine_tuned.spec), settings, 0, 2, device="cpu")
+    _, extra = load_checkpoint(out)
+    start = torch.load(fine_tuned.run.foundation_model, weights_only=False)
+    blocks = ("readouts", "interactions.1", "products.1")
+    moved = {
+        next((b for b in blocks if name.startswith(b)), name)
+        for name, value in start.named_parameters()
+        if not torch.equal(extra["raw"][f"members.0.{name}"], value.detach())
+    }
+    assert moved == trained
