@@ -201,3 +201,40 @@ def test_an_element_the_foundation_lacks_is_refused(spec):
     backend = registry.backend("sevennet")
     with pytest.raises(ModelError, match="Og are not in the SevenNet foundation"):
         backend.check(backend.settings(), Atoms("CuOg", positions=[[0, 0, 0], [0, 0, 2.5]]))
+
+
+@pytest.mark.slow
+def test_campaign_starts_from_the_foundation_as_version_0(tmp_path):
+    """examples/cu_sevennet.toml, small: the untrained foundation is published as
+    version 0 (its energy reference refitted), drives the first MD segments before any
+    member has trained, and its held-out error is the first row of metrics."""
+    import json
+
+    from palflow.pipeline.config.settings import load_campaign
+    from tests.test_mace import EXAMPLES, metrics, run_on_threads
+
+    campaign = load_campaign(
+        EXAMPLES / "cu_sevennet.toml",
+        model__n_members=2,
+        initial__n_structures=4,
+        test__n_structures=6,
+        generator__steps_per_task=10,
+        training__min_task_s=0.0,
+        training__epochs_per_task=1,
+        stop__max_labels=2,
+        stop__max_wall_s=240.0,
+        stop__final_training_s=0.0,
+    )
+    run, summary = run_on_threads(tmp_path, campaign)
+
+    assert (run.root / "models" / "ensemble.v00000.pt").is_file()
+    assert (run.root / "models" / "ensemble.v00000.member1.pth").is_file()
+    rows = metrics(run)
+    assert rows[0]["version"] == 0 and rows[0]["force_mae"] > 0
+    events = [json.loads(line) for line in (run.root / "events.jsonl").read_text().splitlines()]
+    first_md = min(e["submitted"] for e in events if e["kind"] == "generate")
+    first_trained = min(e["returned"] for e in events if e["kind"] == "train")
+    assert first_md < first_trained, "version 0 drives the first walkers"
+    state = json.loads((run.root / "state.json").read_text())
+    assert [v["number"] for v in state["versions"]][:2] == [0, 1]
+    assert summary["versions"] == state["versions"][-1]["number"]

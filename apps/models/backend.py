@@ -45,7 +45,8 @@ class BackendSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     name: str
-    """The backend: ``"schnet"``, ``"mace"``, or an import path ``"module:Backend"``."""
+    """The backend: ``"schnet"``, ``"mace"``, ``"sevennet"``, or an import path
+    ``"module:Backend"``."""
     n_members: int = Field(4, ge=2)
     """Members of the committee (ensemble size K)."""
     # A subclass also gives ``cutoff``, the model's neighbour cutoff in Å (a field or a
@@ -136,6 +137,13 @@ class ModelBackend(ABC):
             which ``ensemble_class().spec_class.from_dict`` takes. A key
             ``"foundation"`` names a model file that workers read from the run's copy.
         """
+
+    @classmethod
+    def starts_from_foundation(cls, spec: dict[str, Any]) -> bool:
+        """Whether members start from a pretrained model (default: the spec names a
+        ``foundation`` file). Such a campaign publishes the untrained members as
+        version 0, which drives the first walkers and records the zero-shot error."""
+        return bool(spec.get("foundation"))
 
     @classmethod
     def missing_elements(cls, spec: dict[str, Any], structures: Sequence[Atoms]) -> list[str]:

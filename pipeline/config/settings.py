@@ -172,6 +172,7 @@ def _resolve_relative_files(data: dict[str, Any], folder: Path) -> None:
         ("system", "structure"),
         ("test", "file"),
         ("model", "foundation"),
+        ("training", "replay_file"),
         ("initial", "file"),
         ("initial", "ensemble"),
     ):

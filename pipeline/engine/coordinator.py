@@ -96,7 +96,8 @@ class CampaignView:
     max_wall_s: float
     queue: int
     in_flight: dict[str, int]
-    versions: int
+    version: int | None
+    """The newest ensemble version's number (0: the foundation), or None."""
     version_labels: int | None
     test_force_mae: float | None
     failures: dict[str, int]
@@ -236,7 +237,7 @@ class Coordinator:
             max_wall_s=campaign.stop.max_wall_s,
             queue=len(self.queue),
             in_flight=self.engine.busy_counts(),
-            versions=len(state.versions),
+            version=version.number if version else None,
             version_labels=version.n_labels if version else None,
             test_force_mae=state.test_errors[-1]["force_mae"] if state.test_errors else None,
             failures=failure_counts(state.failures.values()),

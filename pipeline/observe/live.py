@@ -97,7 +97,7 @@ def snapshot(coordinator, rate: LabelRate) -> Snapshot:
         budget=view.budget,
         queue=view.queue,
         in_flight=view.in_flight,
-        version=view.versions or None,
+        version=view.version,
         version_labels=view.version_labels,
         test_mae=view.test_force_mae,
         failures=view.failures,
@@ -122,7 +122,7 @@ def plain_line(s: Snapshot) -> str:
     flight = " ".join(f"{m} {n}" for m, n in s.in_flight.items())
     failures = ", ".join(f"{k} {v}" for k, v in sorted(s.failures.items())) or "none"
     mae = f"{s.test_mae:.4f} eV/Å" if s.test_mae is not None else "-"
-    version = f"v{s.version} ({s.version_labels} labels)" if s.version else "none yet"
+    version = f"v{s.version} ({s.version_labels} labels)" if s.version is not None else "none yet"
     state = f"stopping: {s.stopping}" if s.stopping else f"left ~{_clock(s.left_s)}"
     systems = "".join(f", {name}: {_system_text(n)}" for name, n in s.systems.items())
     accurate = f", accurate {_accurate_text(s.accurate)}" if s.accurate else ""
@@ -148,7 +148,8 @@ def render(s: Snapshot):
     table.add_row("oracle queue", str(s.queue))
     table.add_row("in flight", "  ".join(f"{m} {n}" for m, n in s.in_flight.items()))
     table.add_row(
-        "ensemble", f"v{s.version} on {s.version_labels} labels" if s.version else "none yet"
+        "ensemble",
+        f"v{s.version} on {s.version_labels} labels" if s.version is not None else "none yet",
     )
     table.add_row("test force MAE", f"{s.test_mae:.4f} eV/Å" if s.test_mae is not None else "-")
     for name, numbers in s.systems.items():

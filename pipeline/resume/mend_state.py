@@ -76,7 +76,9 @@ def rebuilt_state(campaign: Any, run: RunDirectory) -> dict[str, Any]:
         for n, e in sorted(errors.items())
     ]
     # Versions past the last one with a record are added, as on any resume, from models/.
-    contiguous = [v for i, v in enumerate(versions, start=1) if v["number"] == i]
+    # (Numbered from 0 where the foundation was published as version 0.)
+    first = 0 if versions and versions[0]["number"] == 0 else 1
+    contiguous = [v for i, v in enumerate(versions, start=first) if v["number"] == i]
     return {
         "elapsed_s": elapsed,
         "next_task_id": max([highest_task_id(run), *(e["task"] for e in events)]) + 1,

@@ -239,4 +239,4 @@ def _restore_checkpoints(state: CampaignState, run: RunDirectory) -> None:
     state.versions.sort(key=lambda v: v.number)
     newest = state.versions[-1].number if state.versions else 0
     state.test_errors = [e for e in state.test_errors if e["version"] <= newest]
-    state.evaluated_version = max((e["version"] for e in state.test_errors), default=0)
+    state.evaluated_version = max((e["version"] for e in state.test_errors), default=-1)

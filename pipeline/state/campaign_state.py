@@ -75,7 +75,7 @@ class CampaignState(LabelStore, VersionPublisher, CampaignSummary):
     stop_reason: str | None = None
     stop_time: float = 0.0
     test_ready: bool = False
-    evaluated_version: int = 0
+    evaluated_version: int = -1
     rescored_version: int = 0
     last_candidate_id: int = 0
     resumes: list[dict[str, Any]] = field(default_factory=list)

@@ -71,7 +71,9 @@ class CampaignSummary:
             "wall_s": t_end - self.t0,
             "stopped_at_s": self.stop_time - self.t0 if self.stop_reason else None,
             "final_training": self.final_training(events),
-            "versions": len(self.versions),
+            # The newest version's number: the count of trained versions (version 0,
+            # where there is one, is the untrained foundation).
+            "versions": self.versions[-1].number if self.versions else 0,
             "has_test_set": self.campaign.has_test_set,
             "test_force_mae": [[e["labels"], e["wall_s"], e["force_mae"]] for e in errors],
             "test_errors": errors,

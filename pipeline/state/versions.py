@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from palflow.apps.models import registry
 from palflow.pipeline.state.records import Member, Version
 from palflow.pipeline.state.rundir import RunDirectory
 
@@ -37,7 +38,7 @@ class VersionPublisher:
         # only once it publishes.
         from palflow.apps.training import stack_member_checkpoints
 
-        number = len(self.versions) + 1
+        number = self.versions[-1].number + 1 if self.versions else 1
         path = self.run.ensemble(number)
         stack_member_checkpoints(
             [m.checkpoint for m in self.members],
@@ -60,6 +61,24 @@ class VersionPublisher:
             val_energy_mae_per_atom=_mean_validation(self.members, "energy_mae_per_atom"),
             n_validation=min((m.validation or {}).get("n", 0) for m in self.members),
         )
+        self.versions.append(version)
+        return version
+
+    def publish_foundation(self, spec: dict[str, Any], seeds: list[int]) -> Version:
+        """Publish version 0: the K members as each first trains from the foundation
+        (its weights, the member's readout perturbation, the energy reference refitted
+        to the labels so far), before any gradient step. It drives the first walkers,
+        and its held-out error is the foundation's zero-shot error."""
+        from palflow.apps.models.core import save_checkpoint
+
+        backend = registry.backend(spec["name"])
+        labelled = self.labelled_structures()
+        members = [backend.new_member(spec, labelled, seed, device="cpu") for seed in seeds]
+        ensemble = type(members[0]).stack(members).eval()
+        path = self.run.ensemble(0)
+        save_checkpoint(path, ensemble, {"version": 0, "labels": 0, "zero_shot": True})
+        backend.export(ensemble, str(path).removesuffix(".pt"))
+        version = Version(0, path, self.n_labels_active, time.time() - self.t0)
         self.versions.append(version)
         return version
 

@@ -21,8 +21,8 @@ class SchNetSettings(BackendSettings):
     """``[model]`` of palflow's compact SchNet."""
 
     name: Literal["schnet"] = "schnet"
-    """``schnet`` (palflow's compact SchNet), ``mace`` (mace-torch), or a backend's
-    import path."""
+    """``schnet`` (palflow's compact SchNet), ``mace`` (mace-torch), ``sevennet``
+    (sevenn, from SevenNet-0), or a backend's import path."""
     cutoff: float = Field(5.0, gt=0)
     """Neighbour cutoff, Å."""
     n_features: int = Field(32, ge=4)

@@ -107,6 +107,11 @@ class SevenNetBackend(ModelBackend):
         return spec
 
     @classmethod
+    def starts_from_foundation(cls, spec: dict[str, Any]) -> bool:
+        """Unless from scratch: SevenNet-0 is pretrained."""
+        return not spec.get("from_scratch")
+
+    @classmethod
     def missing_elements(cls, spec: dict[str, Any], structures: Sequence[Atoms]) -> list[str]:
         """Elements of ``structures`` that the foundation does not know."""
         from palflow.apps.models.sevennet.ensemble import SevenNetSpec, read_checkpoint

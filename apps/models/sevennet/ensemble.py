@@ -111,20 +111,15 @@ def _build(spec: SevenNetSpec, seed: int) -> torch.nn.Module:
     from sevenn.model_build import build_E3_equivariant_model
     from sevenn.util import model_from_checkpoint
 
-    if not spec.from_scratch:
-        model, _ = model_from_checkpoint(copy.deepcopy(read_checkpoint(spec.checkpoint)))
-    else:
+    model, config = model_from_checkpoint(copy.deepcopy(read_checkpoint(spec.checkpoint)))
+    if spec.from_scratch:
+        # The same architecture, fresh weights; the foundation's per-element energy
+        # shift and scale stay, refitted to the oracle as for a fine-tuned member.
+        rescale = model._modules["rescale_atomic_energy"].state_dict()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            config = copy.deepcopy(read_checkpoint(spec.checkpoint)["config"])
             model = build_E3_equivariant_model(config)
-            # The foundation's per-element energy shift and scale stay: a fresh model
-            # starts from the same reference, refitted to the oracle like a fine-tuned one.
-            state = read_checkpoint(spec.checkpoint)["model_state_dict"]
-            model.load_state_dict(
-                {k: v for k, v in state.items() if k.startswith("rescale_atomic_energy")},
-                strict=False,
-            )
+        model._modules["rescale_atomic_energy"].load_state_dict(rescale)
     model.set_is_batch_data(True)
     _perturb_readout(model, seed, spec.readout_noise)
     return model

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from palflow.apps.contracts import TrainRequest
+from palflow.apps.models import registry
 from palflow.pipeline.engine.core import TaskRecord
 from palflow.pipeline.engine.watchdog import MAX_FAILURES_IN_A_ROW
 from palflow.pipeline.state.records import Member, Snapshot, Version
@@ -43,6 +44,8 @@ class TrainingAgent:
         snapshot = state.train_snapshot
         if snapshot is None:
             return
+        if not state.versions and not stopping:
+            self.publish_foundation()
         resting = stopping and not context.policy.final_training()
         watchdog = context.policy.watchdog
         # Members that have not advanced since the newest version (not fresh) first,
@@ -91,6 +94,18 @@ class TrainingAgent:
         task.member.advance(result["checkpoint"], task.labels, result["epochs"], result)
         last_of_stop = context.policy.stopping and context.engine.busy("train") == 0
         self.publish(final=last_of_stop)
+
+    def publish_foundation(self) -> Version | None:
+        """Version 0, before any member trains, when the members start from a
+        pretrained model (``ModelBackend.starts_from_foundation``)."""
+        context = self.context
+        spec = context.state.model_spec(context.campaign, context.oracle)
+        if not registry.backend(spec["name"]).starts_from_foundation(spec):
+            return None
+        seeds = [context.campaign.seed * 1000 + m.index for m in context.state.members]
+        version = context.policy.note_version(context.state.publish_foundation(spec, seeds))
+        logger.info("ensemble v0 published: the foundation, before any training (zero-shot)")
+        return version
 
     def publish(self, final: bool = False) -> Version | None:
         """Publish a new version once every member has advanced (or, ``final``, any
