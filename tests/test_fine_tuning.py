@@ -294,3 +294,19 @@ def test_a_fresh_member_of_a_mace_foundation_labels_its_own_replay_frames(tmp_pa
     assert len(stored) == 6
     for atoms, forces in zip(stored, predicted, strict=True):
         np.testing.assert_allclose(atoms.calc.results["forces"], forces, atol=1e-4)
+
+
+def test_the_preflight_refuses_train_only_for_a_backend_without_parts(monkeypatch):
+    """A backend that names no parts of its weights (``trains_parts`` false) cannot
+    train one alone: refused before anything runs, naming the setting and the backend."""
+    from palflow.apps.models.backend import ModelError
+    from palflow.apps.models.schnet import SchNetBackend
+    from palflow.pipeline.config.models import check_model
+
+    start = bulk("Cu", "fcc", a=3.6, cubic=True)
+    campaign = load_campaign(None, training__train_only="readout")
+    check_model(campaign, start)  # SchNet names its readout
+    monkeypatch.setattr(SchNetBackend, "trains_parts", False)
+    with pytest.raises(ModelError, match="train_only = 'readout'.*'schnet'"):
+        check_model(campaign, start)
+    check_model(load_campaign(None), start)  # "all" needs no parts

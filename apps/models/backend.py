@@ -104,10 +104,14 @@ class ModelBackend(ABC):
     requirements
         Distribution names the model needs installed (``"mace-torch"``); the
         pre-flight refuses a campaign whose environment lacks one, naming it.
+    trains_parts
+        Whether the ensemble class has ``trainable_parameters(part)`` for
+        ``training.train_only``; the pre-flight refuses that setting otherwise.
     """
 
     settings: ClassVar[type[BackendSettings]]
     requirements: ClassVar[tuple[str, ...]] = ()
+    trains_parts: ClassVar[bool] = False
 
     # ------------------------------------------------------------- in the coordinator
     @classmethod

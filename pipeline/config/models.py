@@ -40,6 +40,12 @@ def check_model(campaign: Campaign, start: Atoms) -> None:
             f"model.name = {campaign.model.name!r} needs {', '.join(missing)}, which this "
             f"environment lacks: pip install {' '.join(missing)}"
         )
+    part = campaign.training.train_only
+    if part != "all" and not backend.trains_parts:
+        raise ModelError(
+            f"training.train_only = {part!r}: the model backend {campaign.model.name!r} "
+            "names no parts of its weights to train alone; use train_only = 'all'"
+        )
     backend.check(campaign.model, start)
 
 

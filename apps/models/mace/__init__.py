@@ -72,6 +72,7 @@ class MACEBackend(ModelBackend):
 
     settings = MACESettings
     requirements = ("mace-torch", "torch", "vesin")
+    trains_parts = True
 
     @classmethod
     def check(cls, settings: MACESettings, start: Atoms) -> None:

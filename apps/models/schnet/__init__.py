@@ -39,6 +39,7 @@ class SchNetBackend(ModelBackend):
 
     settings = SchNetSettings
     requirements = ("torch", "vesin")
+    trains_parts = True
 
     @classmethod
     def resolve_spec(cls, settings: SchNetSettings, given: SpecInputs) -> dict[str, Any]:

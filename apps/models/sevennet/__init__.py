@@ -79,6 +79,7 @@ class SevenNetBackend(ModelBackend):
 
     settings = SevenNetSettings
     requirements = ("sevenn", "torch", "vesin")
+    trains_parts = True
 
     @classmethod
     def check(cls, settings: SevenNetSettings, start: Atoms) -> None:
