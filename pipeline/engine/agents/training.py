@@ -44,8 +44,8 @@ class TrainingAgent:
         snapshot = state.train_snapshot
         if snapshot is None:
             return
-        if not state.versions and not stopping:
-            self.publish_foundation()
+        if not (state.versions or stopping or any(m.checkpoint for m in state.members)):
+            self.publish_foundation()  # not for a warm start: its members have checkpoints
         resting = stopping and not context.policy.final_training()
         watchdog = context.policy.watchdog
         # Members that have not advanced since the newest version (not fresh) first,
