@@ -179,7 +179,8 @@ def train_one(
                     best, best_state = score, {k: v.clone() for k, v in model.state_dict().items()}
             if step >= max_steps:
                 break
-    model.load_state_dict(best_state)
+    if best_state is not None:  # else every validation was non-finite: diverged
+        model.load_state_dict(best_state)
     errors = evaluate_errors(model.eval(), test, "cpu")
     return {
         "n": len(frames),
@@ -223,15 +224,17 @@ def analyse(result: dict) -> dict:
         if variant == "mace_scratch" or variant not in runs:
             continue
         mine = {int(s): c for s, c in runs[variant].items()}
+        # Seeds that both sides finished (a seed not run in time is reported as such).
+        paired = sorted(set(mine) & set(base))
         labels = compare(
-            {s: labels_to(c, target) for s, c in mine.items()},
-            {s: labels_to(c, target) for s, c in base.items() if s in mine},
+            {s: labels_to(mine[s], target) for s in paired},
+            {s: labels_to(base[s], target) for s in paired},
         )
-        area = compare(
-            {s: _area(c, base[s]) for s, c in mine.items() if s in base},
-            {s: 1.0 for s in mine if s in base},
-        )
+        area = compare({s: _area(mine[s], base[s]) for s in paired}, {s: 1.0 for s in paired})
+        labels["seeds_paired"] = paired
         comparisons[variant] = {"labels_to_target": labels, "area_ratio": area}
+        mine_mean = np.median([_mean_error(mine[s]) for s in paired]) if paired else None
+        comparisons[variant]["median_force_mae_over_its_ladder"] = mine_mean
         p[f"{variant}/labels"] = labels["wilcoxon_p"]
         p[f"{variant}/area"] = area["wilcoxon_p"]
     primary = "sevennet_finetune/labels"
@@ -269,6 +272,10 @@ def analyse(result: dict) -> dict:
 def _median(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.median(values)) if values else None
+
+
+def _mean_error(curve: list[dict]) -> float:
+    return float(np.exp(np.mean([np.log(p["force_mae"]) for p in curve])))
 
 
 def _area(mine: list[dict], theirs: list[dict]) -> float | None:
