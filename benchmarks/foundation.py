@@ -24,7 +24,8 @@ a ladder of n (a learning curve; each n from its fresh start):
   by GFN2-xTB for water), its file's sha256 recorded.
 
 Every variant trains with palflow's loss (``training._loss``) and Adam; a fifth of
-the n labels (at least one, from n = 4) is its validation set, on which the best state
+the n labels (n // 5: none below 5 labels, where the training labels
+themselves choose) is its validation set, on which the best state
 is kept (early stopping): those labels count among the n. One member per run (K = 1):
 the ensemble's size does not change what one member learns from n labels.
 
@@ -39,12 +40,13 @@ on both systems with the interval's upper end below 1. Secondary (Holm): the
 learning-curve area ratio (``ratios.log_area`` over the labels both cover), and the
 other variants against ``mace_scratch``.
 
-Writes ``benchmarks/results/foundation_<system>.json``; ``--report`` merges them into
+Writes ``benchmarks/results/foundation_<system>_<part>.json``; ``--report`` merges them into
 ``foundation.json`` and ``foundation.png``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -95,7 +97,8 @@ def protocol(args) -> dict:
         "variants": {v: {"ladder": LADDERS[v], "training": TRAINING[v]} for v in args.variants},
         "seeds_per_variant": {v: _seeds(args, v) for v in args.variants},
         "batch_size": BATCH,
-        "validation": "a fifth of the n labels (at least 1 from n = 4), best state kept",
+        "validation": "n // 5 of the n labels (none below 5: the training labels choose); "
+        "best state kept",
         "training": "max(min steps, epochs x batches per epoch) Adam steps; TRAINING",
         "revisions": [
             "first launch void: torch on 2 threads per process, two processes on 2 cores "
@@ -232,6 +235,7 @@ def analyse(result: dict) -> dict:
         )
         area = compare({s: _area(mine[s], base[s]) for s in paired}, {s: 1.0 for s in paired})
         labels["seeds_paired"] = paired
+        labels["seeds_unfinished"] = sorted((set(mine) | set(base)) - set(paired))
         comparisons[variant] = {"labels_to_target": labels, "area_ratio": area}
         mine_mean = np.median([_mean_error(mine[s]) for s in paired]) if paired else None
         comparisons[variant]["median_force_mae_over_its_ladder"] = mine_mean
@@ -272,6 +276,17 @@ def analyse(result: dict) -> dict:
 def _median(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.median(values)) if values else None
+
+
+def _sevenn_provenance() -> dict:
+    """The sevenn version and the sha256 of SevenNet-0's checkpoint (MPtrj, PBE)."""
+    from importlib.metadata import version
+
+    from sevenn.util import pretrained_name_to_path
+
+    path = Path(pretrained_name_to_path("7net-0"))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"version": version("sevenn"), "checkpoint": path.name, "sha256": digest}
 
 
 def _mean_error(curve: list[dict]) -> float:
@@ -340,7 +355,12 @@ def merged(system: str) -> dict | None:
     }
     for part in loaded:
         for variant, curves in part["runs"].items():
-            result["runs"].setdefault(variant, {}).update(curves)
+            seen = result["runs"].setdefault(variant, {})
+            twice = sorted(set(seen) & set(curves))
+            if twice:
+                raise ValueError(f"{system}: {variant} seeds {twice} are in two parts")
+            seen.update(curves)
+    result["sevenn"] = _sevenn_provenance()
     finals = [curve[-1]["force_mae"] for curve in result["pilots"].values()]
     result["pilot_final_force_mae"] = finals
     result["target_force_mae"] = float(np.median(finals)) if finals else None
@@ -356,6 +376,9 @@ def report() -> None:
         analysis = result.get("analysis", {})
         pilots = sorted(result["pilots"])
         target = result["target_force_mae"]
+        if target is None:
+            print(f"{system}: no pilot finished, so no target")
+            continue
         print(f"{system}: target {target:.4f} eV/Å (mace_scratch's largest n, pilots {pilots})")
         for variant, comparison in analysis.get("comparisons", {}).items():
             labels, area = comparison["labels_to_target"], comparison["area_ratio"]
