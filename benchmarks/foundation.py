@@ -282,9 +282,9 @@ def _sevenn_provenance() -> dict:
     """The sevenn version and the sha256 of SevenNet-0's checkpoint (MPtrj, PBE)."""
     from importlib.metadata import version
 
-    from sevenn.util import pretrained_name_to_path
+    from palflow.apps.models.sevennet.ensemble import SevenNetSpec  # mace, then e3nn
 
-    path = Path(pretrained_name_to_path("7net-0"))
+    path = Path(SevenNetSpec(5.0, package_model="7net-0").checkpoint)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return {"version": version("sevenn"), "checkpoint": path.name, "sha256": digest}
 
