@@ -418,6 +418,8 @@ def plot(merged: dict, path: Path) -> None:
         if "target_force_mae" in result:
             ax.axhline(result["target_force_mae"], color="grey", ls="--", label="target")
         ax.set(xscale="log", yscale="log", xlabel="labels", ylabel="test force MAE (eV/Å)")
+        ax.set_xticks([2, 4, 8, 16, 32, 64], labels=["2", "4", "8", "16", "32", "64"])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.set_title(system)
         ax.legend(fontsize=7)
     common.save_figure(figure, path)
