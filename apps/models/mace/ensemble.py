@@ -39,9 +39,9 @@ from palflow.apps.models.graph import AtomsBatch
 from palflow.apps.models.mace.spec import (  # it imports mace before anything imports e3nn
     _BUILD_LOCK,
     DTYPES,
+    LockedCommittee,
     MACESpec,
 )
-from palflow.apps.models.protocol import common_spec
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _perturb_readout(model: torch.nn.Module, seed: int, scale: float = 0.1) -> N
             parameter.mul_(1.0 + scale * noise)
 
 
-class MACEEnsemble(torch.nn.Module):
+class MACEEnsemble(LockedCommittee, torch.nn.Module):
     """K MACE members evaluated on one shared graph (see the module's description).
 
     Parameters
@@ -171,12 +171,6 @@ class MACEEnsemble(torch.nn.Module):
     @property
     def n_members(self) -> int:
         return len(self.members)
-
-    def __call__(self, *args, **kwargs):
-        # The shared lock is taken before torch.nn.Module.__call__ runs: while another
-        # thread builds a member, torch.fx has that method patched.
-        with _BUILD_LOCK.shared():
-            return super().__call__(*args, **kwargs)
 
     def forward(
         self, batch: AtomsBatch, compute_forces: bool = True, compute_stress: bool = False
@@ -323,22 +317,6 @@ class MACEEnsemble(torch.nn.Module):
                 )
             blocks += list(member.readouts)
         return [p for block in blocks for p in block.parameters()]
-
-    def member(self, index: int) -> MACEEnsemble:
-        """A K=1 copy of member ``index``."""
-        if not -self.n_members <= index < self.n_members:
-            raise IndexError(f"member {index} out of range for K={self.n_members}")
-        with _BUILD_LOCK:
-            module = copy.deepcopy(self.members[index])
-        return self.stack_modules(self.spec, [module])
-
-    @classmethod
-    def stack(cls, members: Sequence[MACEEnsemble]) -> MACEEnsemble:
-        """Concatenate ensembles (usually K=1 members)."""
-        spec = common_spec(members)
-        with _BUILD_LOCK:
-            modules = [copy.deepcopy(module) for m in members for module in m.members]
-        return cls.stack_modules(spec, modules).train(members[0].training)
 
     def export(self, stem: str) -> list[str]:
         """Write each member as a standard MACE model file ``{stem}.member{k}.model``,

@@ -13,6 +13,7 @@ keeps MACE's code generation away from other threads' forward passes lives here 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 from ase import Atoms  # noqa: E402
 
 from palflow.apps.models.mace.foundation import missing_foundation  # noqa: E402
+from palflow.apps.models.protocol import common_spec  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,35 @@ class _BuildLock:
 
 
 _BUILD_LOCK = _BuildLock()
+
+
+class LockedCommittee:
+    """What a committee of e3nn members (``self.members``, a ``ModuleList``) shares,
+    MACE's and SevenNet's: forward passes under the shared build lock, members copied
+    under the exclusive one. A subclass of ``torch.nn.Module`` lists it first and
+    gives ``stack_modules(spec, modules)``."""
+
+    def __call__(self, *args, **kwargs):
+        # Taken before torch.nn.Module.__call__ runs: while another thread builds a
+        # member, torch.fx has that method patched.
+        with _BUILD_LOCK.shared():
+            return super().__call__(*args, **kwargs)
+
+    def member(self, index: int):
+        """A K=1 copy of member ``index``."""
+        if not -self.n_members <= index < self.n_members:
+            raise IndexError(f"member {index} out of range for K={self.n_members}")
+        with _BUILD_LOCK:
+            module = copy.deepcopy(self.members[index])
+        return self.stack_modules(self.spec, [module])
+
+    @classmethod
+    def stack(cls, members: Sequence):
+        """Concatenate ensembles (usually K=1 members)."""
+        spec = common_spec(members)
+        with _BUILD_LOCK:
+            modules = [copy.deepcopy(module) for m in members for module in m.members]
+        return cls.stack_modules(spec, modules).train(members[0].training)
 
 
 @dataclass(frozen=True)

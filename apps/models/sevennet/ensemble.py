@@ -40,8 +40,7 @@ from palflow.apps.models.graph import AtomsBatch, build_batch
 
 # mace.spec imports mace before anything imports e3nn, so that e3nn's constants load
 # under torch >= 2.6; its build lock serialises e3nn's code generation, as for MACE.
-from palflow.apps.models.mace.spec import _BUILD_LOCK
-from palflow.apps.models.protocol import common_spec
+from palflow.apps.models.mace.spec import _BUILD_LOCK, LockedCommittee
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ def _perturb_readout(model: torch.nn.Module, seed: int, scale: float) -> None:
             parameter.mul_(1.0 + scale * noise)
 
 
-class SevenNetEnsemble(torch.nn.Module):
+class SevenNetEnsemble(LockedCommittee, torch.nn.Module):
     """K SevenNet members evaluated on one shared graph (see the module).
 
     Parameters
@@ -176,10 +175,6 @@ class SevenNetEnsemble(torch.nn.Module):
     @property
     def n_members(self) -> int:
         return len(self.members)
-
-    def __call__(self, *args, **kwargs):
-        with _BUILD_LOCK.shared():  # torch.fx patches Module.__call__ during a build
-            return super().__call__(*args, **kwargs)
 
     def forward(
         self, batch: AtomsBatch, compute_forces: bool = True, compute_stress: bool = False
@@ -308,22 +303,6 @@ class SevenNetEnsemble(torch.nn.Module):
         return chosen
 
     # ------------------------------------------------------------------ members
-    def member(self, index: int) -> SevenNetEnsemble:
-        """A K=1 copy of member ``index``."""
-        if not -self.n_members <= index < self.n_members:
-            raise IndexError(f"member {index} out of range for K={self.n_members}")
-        with _BUILD_LOCK:
-            module = copy.deepcopy(self.members[index])
-        return self.stack_modules(self.spec, [module])
-
-    @classmethod
-    def stack(cls, members: Sequence[SevenNetEnsemble]) -> SevenNetEnsemble:
-        """Concatenate ensembles (usually K=1 members)."""
-        spec = common_spec(members)
-        with _BUILD_LOCK:
-            modules = [copy.deepcopy(module) for m in members for module in m.members]
-        return cls.stack_modules(spec, modules).train(members[0].training)
-
     @classmethod
     def stack_modules(cls, spec: SevenNetSpec, modules: list[torch.nn.Module]) -> SevenNetEnsemble:
         ensemble = cls.__new__(cls)
