@@ -7,6 +7,9 @@
   integrator, NVE with velocity Verlet, NPT with ``pressure_bar`` set: stochastic cell
   rescaling on top of either), records every ``sample_interval``-th frame with the
   ensemble's disagreement on it, and stops a walker early when it blows up;
+- ``"biased_md"``, ``"metadynamics"`` and ``"replica_exchange"``: the same MD, with
+  what :class:`palflow.apps.md.explorer.Exploration` adds (an uncertainty bias, hills
+  on collective variables, exchanges along a temperature ladder);
 - ``"rattle"`` (:func:`_rattle`): random displacements and cell strains around each
   walker's start and around the labelled structures, scored in one batched pass;
 - ``"module:function"`` or ``"path/to/file.py:function"``: a user's function with the
@@ -25,53 +28,22 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from ase.data import covalent_radii
-from ase.io import read, write
+from ase.io import read
 
 from palflow.apps.common import draw_velocities, import_object, require_settings, where_and_when
-from palflow.apps.data.dataset import write_dataset
 from palflow.apps.data.label_log import read_labelled
 from palflow.apps.errors import PluginError
-from palflow.apps.md.dynamics import BatchedDynamics, Evaluation, evaluations
+from palflow.apps.md.dynamics import BatchedDynamics, evaluations
+from palflow.apps.md.explorer import Exploration
+from palflow.apps.md.walkers import (  # noqa: F401 (plug-ins import these from here)
+    add_frame,
+    blow_up_reason,
+    new_record,
+    write_walkers,
+)
 from palflow.apps.sections import GeneratorSettings
 
 logger = logging.getLogger(__name__)
-
-
-def blow_up_reason(
-    atoms: Atoms,
-    force_disagreement: float,
-    settings: dict[str, Any],
-) -> str | None:
-    """Say why a walker's frame is unphysical, or None when it is fine.
-
-    A walker has blown up when the ensemble disagrees beyond the hard cap, when two
-    atoms come closer than ``min_distance`` (Å) or than ``min_distance_factor`` times
-    the sum of their covalent radii (where an oracle's forces are absurd), or, for a
-    non-periodic system, when an atom has flown farther than ``max_neighbour_distance``
-    (Å) from all others.
-    """
-    if not np.isfinite(force_disagreement):
-        return "non-finite force disagreement"
-    if force_disagreement > settings["max_force_disagreement"]:
-        return f"force disagreement {force_disagreement:.3g} eV/Å above the hard cap"
-    if len(atoms) < 2:
-        return None
-    distances = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
-    np.fill_diagonal(distances, np.inf)
-    if distances.min() < settings["min_distance"]:
-        return f"atoms {distances.min():.3g} Å apart"
-    radii = covalent_radii[atoms.numbers]
-    bonded = settings["min_distance_factor"] * (radii[:, None] + radii[None, :])
-    closest = np.unravel_index(np.argmin(distances - bonded), distances.shape)
-    if settings["min_distance_factor"] > 0 and distances[closest] < bonded[closest]:
-        return (
-            f"atoms {distances[closest]:.3g} Å apart, under {settings['min_distance_factor']:g} "
-            "of their covalent radii's sum"
-        )
-    if not atoms.pbc.any() and distances.min(axis=1).max() > settings["max_neighbour_distance"]:
-        return "an atom flew away from the rest"
-    return None
 
 
 def _run_md(
@@ -132,18 +104,22 @@ def _run_md(
     version = int(extra.get("version", -1))
     rng = np.random.default_rng(seed)
     walkers = [read(path) for path in start_paths]
-    for atoms in walkers:
+    exploration = Exploration(settings, walkers, rng)
+    for atoms, temperature_K in zip(walkers, exploration.temperatures_K(), strict=True):
         if not atoms.get_momenta().any():
-            draw_velocities(atoms, settings["temperature_K"], rng)
-    dynamics = BatchedDynamics(model, walkers, settings, rng, device)
+            draw_velocities(atoms, temperature_K, rng)
+    dynamics = BatchedDynamics(model, walkers, settings, rng, device, bias=exploration.bias)
 
     records = [new_record() for _ in walkers]
     last_good = [atoms.copy() for atoms in walkers]
     reasons: list[str | None] = [None] * len(walkers)
+    resets: list[str | None] = [None] * len(walkers)
     active = list(range(len(walkers)))
     interval = settings["sample_interval"]
     for step in range(1, settings["steps_per_task"] + 1):
+        exploration.before_step(dynamics)
         dynamics.step(active)
+        exploration.after_step(dynamics, active, step)
         if step % interval:
             continue
         for i in list(active):
@@ -154,96 +130,27 @@ def _run_md(
                 continue
             frame = walkers[i].copy()
             frame.calc = None
-            add_frame(records[i], frame, evaluation, step)
+            add_frame(records[i], frame, evaluation, step, exploration.frame_extras(i, dynamics))
             last_good[i] = frame
+            resets[i] = exploration.stop_reason(evaluation.force_disagreement)
+            if resets[i] is not None:
+                active.remove(i)
         if not active:
             break
 
     results = write_walkers(
         records, last_good, reasons, output_paths, last_frame_paths, version, model.n_members
     )
+    for result, reset in zip(results, resets, strict=True):
+        if reset is not None:  # frames kept; the coordinator resets the walker
+            result.update(reset=True, reason=reset)
     return {
         "walkers": results,
         "n_frames": sum(r["n_frames"] for r in results),
         "version": version,
+        **exploration.finish(output_paths),
         **where_and_when(t_start),
     }
-
-
-def new_record() -> dict[str, list]:
-    """One walker's frames and what the potential said on each, for :func:`write_walkers`."""
-    return {key: [] for key in ("frames", "force", "energy", "steps", "members_e", "members_f",
-                                "members_s")}  # fmt: skip
-
-
-def add_frame(record: dict[str, list], frame: Atoms, evaluation: Evaluation, step: int) -> None:
-    record["frames"].append(frame)
-    record["force"].append(evaluation.force_disagreement)
-    record["energy"].append(evaluation.energy_disagreement)
-    record["steps"].append(step)
-    record["members_e"].append(evaluation.member_energies)
-    record["members_f"].append(evaluation.member_forces)
-    record["members_s"].append(evaluation.member_stress)
-
-
-def write_walkers(
-    records: list[dict[str, list]],
-    last_good: list[Atoms],
-    reasons: list[str | None],
-    output_paths: list[str],
-    last_frame_paths: list[str],
-    version: int,
-    n_members: int,
-) -> list[dict[str, Any]]:
-    """Write each walker's frames and last sound frame; return the per-walker results.
-
-    ``records[i]`` (:func:`new_record`) holds the walker's ``frames``, ``force`` and
-    ``energy`` disagreements, ``steps``, and the members' energies (``members_e``),
-    forces (``members_f``) and stresses (``members_s``, None without a cell), frame by
-    frame.
-    """
-    results = []
-    for i, record in enumerate(records):
-        n_frames = len(record["frames"])
-        stresses = {}
-        if n_frames and all(s is not None for s in record["members_s"]):
-            stresses["member_stress"] = np.asarray(record["members_s"], dtype=float).reshape(
-                n_frames, n_members, 3, 3
-            )
-        write_dataset(
-            output_paths[i],
-            record["frames"],
-            extra={
-                **stresses,
-                "force_disagreement": np.asarray(record["force"], dtype=float),
-                "energy_disagreement": np.asarray(record["energy"], dtype=float),
-                "step": np.asarray(record["steps"], dtype=np.int64),
-                "ensemble_version": np.full(len(record["frames"]), version, dtype=np.int64),
-                # What every member said, for the coordinator's selection measure.
-                "member_energies": np.asarray(record["members_e"], dtype=float).reshape(
-                    len(record["frames"]), n_members
-                ),
-                "member_forces": np.asarray(record["members_f"], dtype=np.float32).reshape(
-                    len(record["frames"]), n_members, len(last_good[i]), 3
-                ),
-            },
-        )
-        # Written beside, then renamed: a kill mid-write never leaves a torn walker state.
-        partial = f"{last_frame_paths[i]}.{os.getpid()}.tmp"
-        write(partial, last_good[i], format="extxyz")
-        os.replace(partial, last_frame_paths[i])
-        results.append(
-            {
-                "output_path": output_paths[i],
-                "last_frame_path": last_frame_paths[i],
-                "n_frames": len(record["frames"]),
-                "force_disagreement": record["force"],
-                "energy_disagreement": record["energy"],
-                "blew_up": reasons[i] is not None,
-                "reason": reasons[i],
-            }
-        )
-    return results
 
 
 # ------------------------------------------------------------------------ rattle
@@ -349,7 +256,13 @@ def rattled(base: Atoms, settings: dict[str, Any], rng: np.random.Generator) -> 
 
 
 # ------------------------------------------------------------------- the app
-GENERATORS = {"md": _run_md, "rattle": _rattle}
+GENERATORS = {
+    "md": _run_md,
+    "biased_md": _run_md,
+    "metadynamics": _run_md,
+    "replica_exchange": _run_md,
+    "rattle": _rattle,
+}
 """The built-in generators by ``generator.kind``."""
 
 

@@ -9,6 +9,7 @@ forbids unknown keys.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Literal
 
@@ -162,14 +163,60 @@ def _check_replay_file(path: str) -> str:
     return full
 
 
+BUILT_IN_GENERATORS = ("md", "biased_md", "metadynamics", "replica_exchange", "rattle")
+"""``generator.kind``'s built-in names."""
+
+CV_ATOMS = {"distance": 2, "angle": 3, "dihedral": 4}
+"""How many atoms each geometric collective variable takes."""
+
+
+class CollectiveVariable(Section):
+    """One collective variable of ``generator.collective_variables``."""
+
+    kind: Literal["distance", "angle", "dihedral", "coordination"]
+    """``"distance"`` (Å), ``"angle"`` and ``"dihedral"`` (radians; a dihedral is
+    periodic), or ``"coordination"``: the smooth count ``Σ (1 - (r/r0)^6) / (1 -
+    (r/r0)^12)`` over the pairs of ``atoms`` with ``to_atoms``."""
+    atoms: list[int] = Field(min_length=1)
+    """0-based atom indices: 2, 3 or 4 of them, or a coordination's first group."""
+    to_atoms: list[int] = []
+    """A coordination's second group."""
+    width: float = Field(gt=0)
+    """The hills' width along this variable (its own unit)."""
+    r0: float = Field(2.0, gt=0)
+    """A coordination's switching distance, Å."""
+    name: str = ""
+    """A label for the report (default: the kind and the atoms)."""
+
+    @model_validator(mode="after")
+    def _atoms_fit_the_kind(self) -> CollectiveVariable:
+        wanted = CV_ATOMS.get(self.kind)
+        if wanted is not None and len(self.atoms) != wanted:
+            raise ValueError(f"a {self.kind} takes {wanted} atoms, not {len(self.atoms)}")
+        if self.kind == "coordination" and not self.to_atoms:
+            raise ValueError("a coordination needs to_atoms, the second group")
+        if min(self.atoms + self.to_atoms) < 0:
+            raise ValueError("atom indices count from 0")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.kind} {'-'.join(map(str, self.atoms))}"
+
+
 class GeneratorSettings(Section):
     kind: str = "md"
     """What proposes candidates: ``"md"`` (molecular dynamics on the ensemble: NVT with
-    the Langevin integrator, NVE with Verlet, NPT with ``pressure_bar``), ``"rattle"``
+    the Langevin integrator, NVE with Verlet, NPT with ``pressure_bar``), the MD that
+    explores further (``"biased_md"``: pushed towards the committee's disagreement;
+    ``"metadynamics"``: well-tempered, on ``collective_variables``;
+    ``"replica_exchange"``: parallel tempering on ``temperature_ladder_K``), ``"rattle"``
     (random displacements and cell strains around the start and the labelled
     structures), or a user's generator, ``"module:function"`` or
     ``"path/to/file.py:function"``, with the signature of
-    :class:`palflow.pipeline.policies.protocols.Generator`."""
+    :class:`palflow.pipeline.policies.protocols.Generator`. A bias only decides where
+    walkers go: their frames are scored by the unbiased committee and labelled by the
+    unbiased oracle."""
     n_walkers: int = Field(4, ge=1)
     """Walkers of each system (a system's own ``n_walkers`` overrides it)."""
     walkers_per_task: int = Field(0, ge=0)
@@ -213,13 +260,101 @@ class GeneratorSettings(Section):
     """``kind = "rattle"``: standard deviation of the atomic displacements, Å."""
     rattle_strain: float = Field(0.02, ge=0)
     """``kind = "rattle"``: largest cell strain component (periodic cells only)."""
+    temperature_schedule: list[list[float]] = []
+    """A ramp of each walker's temperature over its own MD steps: ``[[step, factor],
+    ...]`` with steps rising from 0, the factor multiplying the walker's temperature,
+    linear in between and held after the last point (``[[0, 1], [2000, 2]]`` heats
+    each walker to twice its temperature over 2,000 steps). The phase is the walker's
+    own: it restarts when the walker is reset. Empty: a constant temperature."""
+    schedule_repeats: bool = False
+    """Repeat ``temperature_schedule`` from its start after its last point (annealing
+    cycles) instead of holding it."""
+    # ---- biased_md
+    bias_shape: Literal["udd", "hal"] = "udd"
+    """``kind = "biased_md"``: the bias energy from the committee's energy variance
+    σ² over N atoms. ``"udd"`` (uncertainty-driven dynamics): ``A (exp(-σ²/(N B²)) -
+    1)``, a well of depth ``A`` and width ``B``; ``"hal"`` (hyperactive learning):
+    ``-τ σ``. Its forces need only the members' energies and forces."""
+    bias_strength: float = Field(0.5, ge=0)
+    """The bias's strength when ``bias_force_fraction`` is 0: ``A`` in eV for
+    ``"udd"``, ``τ`` (no unit) for ``"hal"``."""
+    bias_width_eV: float = Field(0.02, gt=0)
+    """``B`` of the ``"udd"`` shape, eV: the energy spread per √atom over which the
+    bias saturates."""
+    bias_force_fraction: float = Field(0.2, ge=0, le=2)
+    """The adaptive strength: the bias's mean force per atom is kept at this fraction
+    of the physical one (running means over about 20 steps, per walker). 0: the fixed
+    ``bias_strength``."""
+    max_bias_force: float = Field(1.0, gt=0)
+    """The largest bias force on one atom, eV/Å: a guard against runaway."""
+    bias_trust_level: float = Field(1.0, ge=0)
+    """The upper trust level of a biased walker, eV/Å of force disagreement: past it
+    the walker stops, its frames so far are kept, and it is reset to its start
+    (0: no such level; ``max_force_disagreement`` still applies)."""
+    # ---- metadynamics
+    collective_variables: list[CollectiveVariable] = []
+    """``kind = "metadynamics"``: the collective variables, e.g. ``[{kind =
+    "dihedral", atoms = [4, 6, 8, 14], width = 0.35}]``; atoms are 0-based indices of
+    each system's structure, and distances follow periodic boundaries."""
+    hill_height_eV: float = Field(0.05, gt=0)
+    """The height of a hill before well-tempering, eV."""
+    hill_interval: int = Field(25, ge=1)
+    """MD steps between hills."""
+    bias_factor: float = Field(10.0, gt=1)
+    """Well-tempered metadynamics' bias factor γ = (T + ΔT) / T, above 1: a hill is
+    ``hill_height_eV · exp(-V / (k ΔT))`` high where the bias is already ``V``."""
+    shared_hills: bool = False
+    """The walkers of a system build one bias together (multiple walkers): a walker
+    sees the hills of the others of its task at once and the others' at its next
+    task. False: each walker its own bias."""
+    # ---- replica_exchange
+    temperature_ladder_K: list[float] = []
+    """``kind = "replica_exchange"``: the ladder, in K, rising; a system's walkers run
+    in ladders of this length (its walker count a multiple of it), each ladder in one
+    task, the walker ``i`` of a ladder at its ``i``-th temperature."""
+    exchange_interval: int = Field(20, ge=1)
+    """MD steps between exchange attempts (neighbours on the ladder, even and odd
+    pairs in turn)."""
 
     @field_validator("kind")
     @classmethod
     def _known_generator(cls, kind: str) -> str:
-        if kind in ("md", "rattle") or ":" in kind:
+        if kind in BUILT_IN_GENERATORS or ":" in kind:
             return kind
         raise ValueError(
-            f"unknown generator {kind!r}: built in are 'md' and 'rattle', or give "
-            "'module:function' or 'path/to/file.py:function'"
+            f"unknown generator {kind!r}: built in are {', '.join(map(repr, BUILT_IN_GENERATORS))}"
+            ", or give 'module:function' or 'path/to/file.py:function'"
         )
+
+    @field_validator("temperature_schedule")
+    @classmethod
+    def _rising_schedule(cls, points: list[list[float]]) -> list[list[float]]:
+        if any(len(p) != 2 for p in points):
+            raise ValueError("give [step, factor] pairs, e.g. [[0, 1.0], [2000, 2.0]]")
+        steps = [p[0] for p in points]
+        if points and (steps[0] != 0 or any(b <= a for a, b in itertools.pairwise(steps))):
+            raise ValueError(f"its steps {steps} must start at 0 and rise")
+        if any(p[1] <= 0 for p in points):
+            raise ValueError("its factors must be above 0")
+        return points
+
+    @field_validator("temperature_ladder_K")
+    @classmethod
+    def _sorted_ladder(cls, ladder: list[float]) -> list[float]:
+        if any(t <= 0 for t in ladder) or any(b <= a for a, b in itertools.pairwise(ladder)):
+            raise ValueError(f"{ladder} must rise strictly, every temperature above 0 K")
+        return ladder
+
+    @model_validator(mode="after")
+    def _what_the_kind_needs(self) -> GeneratorSettings:
+        if self.kind == "metadynamics" and not self.collective_variables:
+            raise ValueError(
+                'generator.kind = "metadynamics" needs generator.collective_variables, '
+                'e.g. [{kind = "dihedral", atoms = [4, 6, 8, 14], width = 0.35}]'
+            )
+        if self.kind == "replica_exchange" and len(self.temperature_ladder_K) < 2:
+            raise ValueError(
+                'generator.kind = "replica_exchange" needs generator.temperature_ladder_K: '
+                f"at least two temperatures, rising (given {self.temperature_ladder_K})"
+            )
+        return self

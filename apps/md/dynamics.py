@@ -89,13 +89,31 @@ class BatchedDynamics:
         Random numbers for the thermostat and the barostat.
     device
         Device for the ensemble passes.
+    bias
+        Extra forces on top of the potential's (:class:`palflow.apps.md.bias.UncertaintyBias`,
+        :class:`palflow.apps.md.metadynamics.Metadynamics`): an object whose
+        ``forces(i, atoms, evaluation, kT)`` gives walker ``i``'s bias forces [n, 3]
+        and bias energy. :attr:`results` stay the potential's own.
+
+    Attributes
+    ----------
+    kT
+        Each walker's temperature times Boltzmann's constant (eV), which a generator
+        may change between steps (ramps, ladders).
+    bias_energy
+        Each walker's bias energy at its last evaluation, eV (0 without a bias).
     """
 
-    def __init__(self, model, walkers: list[Atoms], settings: dict[str, Any], rng, device=None):
+    def __init__(
+        self, model, walkers: list[Atoms], settings: dict[str, Any], rng, device=None, bias=None
+    ):
         self.model, self.device, self.rng = model, device, rng
         self.walkers = walkers
         self.dt = settings["timestep_fs"] * units.fs
-        self.kT = units.kB * settings["temperature_K"]
+        self.kT = np.full(len(walkers), units.kB * settings["temperature_K"])
+        self.bias = bias
+        self.bias_forces: dict[int, np.ndarray] = {}
+        self.bias_energy = np.zeros(len(walkers))
         self.langevin = settings["integrator"] == "langevin"
         self.c1 = float(np.exp(-settings["friction"] / units.fs * self.dt))
         self.pressure = settings.get("pressure_bar")
@@ -110,6 +128,7 @@ class BatchedDynamics:
             self.barostat_time = settings["barostat_time_fs"] * units.fs
             self.compressibility = settings["compressibility_per_bar"] / units.bar
         self.results = self._evaluate(range(len(walkers)))
+        self._add_bias(range(len(walkers)))
 
     @property
     def constant_pressure(self) -> bool:
@@ -129,6 +148,38 @@ class BatchedDynamics:
         )
         return dict(zip(active, evaluations(out), strict=True))
 
+    def _add_bias(self, active) -> None:
+        if self.bias is None:
+            return
+        for i in active:
+            forces, energy = self.bias.forces(i, self.walkers[i], self.results[i], self.kT[i])
+            self.bias_forces[i], self.bias_energy[i] = forces, energy
+
+    def forces(self, i: int) -> np.ndarray:
+        """The forces walker ``i`` moves by: the potential's, plus the bias's."""
+        forces = self.results[i].forces
+        return forces + self.bias_forces[i] if i in self.bias_forces else forces
+
+    def swap(self, i: int, j: int) -> None:
+        """Exchange the configurations of walkers ``i`` and ``j`` (positions, cells,
+        ``info`` and what the potential said), each keeping its temperature: momenta
+        are rescaled by the square root of the temperatures' ratio."""
+        a, b = self.walkers[i], self.walkers[j]
+        ratio = np.sqrt(self.kT[i] / self.kT[j])
+        state_a = (a.get_positions(), a.get_cell(), a.get_momenta(), dict(a.info))
+        a.set_cell(b.get_cell())
+        a.set_positions(b.get_positions())
+        a.set_momenta(b.get_momenta() * ratio)
+        a.info = dict(b.info)
+        b.set_cell(state_a[1])
+        b.set_positions(state_a[0])
+        b.set_momenta(state_a[2] / ratio)
+        b.info = state_a[3]
+        self.results[i], self.results[j] = self.results[j], self.results[i]
+        if self.bias_forces:
+            self.bias_forces[i], self.bias_forces[j] = self.bias_forces[j], self.bias_forces[i]
+        self.bias_energy[[i, j]] = self.bias_energy[[j, i]]
+
     def _evaluate_with_calculator(self, atoms: Atoms) -> Evaluation:
         work = atoms.copy()
         work.calc = self.model
@@ -144,29 +195,31 @@ class BatchedDynamics:
         for i in active:
             atoms = self.walkers[i]
             masses = atoms.get_masses()[:, None]
-            momenta = atoms.get_momenta() + half * self.results[i].forces
+            momenta = atoms.get_momenta() + half * self.forces(i)
             positions = atoms.get_positions() + half * momenta / masses
             if self.langevin:
                 noise = self.rng.standard_normal(momenta.shape)
-                momenta = self.c1 * momenta + np.sqrt((1 - self.c1**2) * masses * self.kT) * noise
+                kT = self.kT[i]
+                momenta = self.c1 * momenta + np.sqrt((1 - self.c1**2) * masses * kT) * noise
             atoms.set_positions(positions + half * momenta / masses)
             atoms.set_momenta(momenta)
             if self.constant_pressure:
-                self._rescale_cell(atoms, self.results[i].stress)
+                self._rescale_cell(atoms, self.results[i].stress, self.kT[i])
         self.results.update(self._evaluate(active))
+        self._add_bias(active)
         for i in active:
             atoms = self.walkers[i]
-            atoms.set_momenta(atoms.get_momenta() + half * self.results[i].forces)
+            atoms.set_momenta(atoms.get_momenta() + half * self.forces(i))
 
-    def _rescale_cell(self, atoms: Atoms, stress: np.ndarray) -> None:
+    def _rescale_cell(self, atoms: Atoms, stress: np.ndarray, kT: float) -> None:
         """One stochastic cell rescaling step (isotropic) from the last stress (3x3)."""
         volume = atoms.get_volume()
         momenta, masses = atoms.get_momenta(), atoms.get_masses()[:, None]
         kinetic_pressure = float((momenta**2 / masses).sum()) / (3 * volume)
         pressure = kinetic_pressure - float(np.trace(stress)) / 3
         rate = self.compressibility / self.barostat_time
-        drift = -rate * (self.pressure - pressure - self.kT / volume) * self.dt
-        noise = np.sqrt(2 * self.kT * rate * self.dt / volume) * self.rng.standard_normal()
+        drift = -rate * (self.pressure - pressure - kT / volume) * self.dt
+        noise = np.sqrt(2 * kT * rate * self.dt / volume) * self.rng.standard_normal()
         # A wild stress (an ensemble far outside its data) would shrink the cell to
         # nothing in one step, and its neighbour list would fill the memory; the cell
         # moves at most MAX_CELL_STRAIN per step, and the walker's checks catch the rest.

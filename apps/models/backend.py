@@ -107,11 +107,17 @@ class ModelBackend(ABC):
     trains_parts
         Whether the ensemble class has ``trainable_parameters(part)`` for
         ``training.train_only``; the pre-flight refuses that setting otherwise.
+    committee
+        Whether its members disagree where they do not know (a committee of
+        independently trained members). A backend whose members are copies of one
+        model sets it False, and the pre-flight refuses ``generator.kind =
+        "biased_md"``, which follows their disagreement.
     """
 
     settings: ClassVar[type[BackendSettings]]
     requirements: ClassVar[tuple[str, ...]] = ()
     trains_parts: ClassVar[bool] = False
+    committee: ClassVar[bool] = True
 
     # ------------------------------------------------------------- in the coordinator
     @classmethod

@@ -14,9 +14,10 @@ with nothing created.
   measure's options against what the measure reads;
 - :func:`read_starts`, :func:`check_structures`: every start structure reads, has
   atoms, no overlapping atoms, a cell where it is periodic, and something to learn;
-- :func:`check_ensemble`: constant pressure only for MD on periodic cells;
-- a MACE foundation model file exists (:func:`check_foundation`, naming where it was
-  looked for); the model (:func:`palflow.pipeline.config.models.check_model`), the warm start
+- :mod:`palflow.pipeline.config.exploration`: constant pressure only for MD on
+  periodic cells, and what the exploring generators need of systems and model;
+- a MACE foundation model file exists (:func:`check_foundation`), the model
+  (:func:`palflow.pipeline.config.models.check_model`), the warm start
   (:func:`palflow.pipeline.resume.warm_start.check_warm_start`) and every labelled
   file (:func:`check_labelled_files`);
 - the trial calls of :mod:`palflow.pipeline.config.trials`, last: each plug-in on a
@@ -42,6 +43,7 @@ from palflow.apps.generator import resolve_generator
 from palflow.apps.models.backend import ModelError
 from palflow.apps.models.mace.foundation import missing_foundation
 from palflow.apps.oracles.calculators import close_calculators
+from palflow.pipeline.config.exploration import check_ensemble, check_exploration
 from palflow.pipeline.config.models import check_model
 from palflow.pipeline.config.sites import load_site
 from palflow.pipeline.config.trials import trial_oracle, trial_plugins
@@ -93,6 +95,7 @@ def check_campaign(
     check_foundation(campaign, source)
     check_model(campaign, carrier)
     check_ensemble(campaign, starts)
+    check_exploration(campaign, starts)
     check_warm_start(campaign, carrier)
     check_labelled_files(campaign)
     trial_plugins(campaign, starts)
@@ -170,28 +173,6 @@ def check_labelled_files(campaign) -> None:
                 read_labelled_file(path)
             except ValueError as error:  # does not parse, or lacks labels
                 raise StructureError(str(error)) from None
-
-
-def check_ensemble(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
-    """Constant pressure only for MD, and on start structures with a cell periodic in
-    all directions. ``starts`` maps each system's name to its start structures."""
-    for system in campaign.all_systems():
-        settings = campaign.generator_for(system)
-        pressure, kind = settings["pressure_bar"], settings["kind"]
-        if pressure is None:
-            continue
-        where = f"system {system.name!r}: " if campaign.systems else ""
-        if kind != "md":
-            raise SettingsError(
-                f"{where}a pressure is for MD, not for the generator {kind!r}: drop it, or "
-                "use the 'md' generator"
-            )
-        if any(not a.pbc.all() or a.cell.volume < 1e-6 for a in starts[system.name]):
-            raise StructureError(
-                f"{where}pressure_bar = {pressure:g} asks for constant pressure, but the start "
-                f"structure {system.structure!r} has no cell periodic in all three directions: "
-                "give a periodic structure, or drop the pressure"
-            )
 
 
 # ---------------------------------------------------------------- settings

@@ -277,6 +277,14 @@ class RunDirectory(RunLock):
         stem = f"walker{walker:03d}.seg{segment:05d}"
         return self.path("generator", f"{stem}.npz"), self.path("generator", f"{stem}.last.extxyz")
 
+    def walker_hills(self, walker: int) -> str:
+        """A metadynamics walker's hills (:mod:`palflow.apps.md.metadynamics`)."""
+        return self.path("generator", "hills", f"walker{walker:03d}.npz")
+
+    def exchange_records(self) -> list[Path]:
+        """The exchange counts of every replica-exchange task, in order."""
+        return sorted(self.root.glob("generator/walker*.seg*.exchanges.json"))
+
     def walker_segments(self) -> list[tuple[int, Path]]:
         """``(walker, frames file)`` of every MD segment written, in order."""
         found = sorted(self.root.glob("generator/walker*.seg*.npz"))

@@ -67,17 +67,35 @@ class GeneratorAgent:
 
     def walker_groups(self) -> list[list[Walker]]:
         """The walkers, in the groups that one generator task advances together: only
-        walkers of one system at one temperature share a task. The walkers of a
-        system that has reached its own label cap (``max_labels``) rest."""
+        walkers of one system at one temperature share a task, and a system that
+        runs replica exchange goes in whole ladders (its walkers in order, one per
+        rung). The walkers of a system that has reached its own label cap
+        (``max_labels``) rest."""
         context = self.context
         walkers = [w for w in context.state.walkers if not self.system_is_full(w.system)]
         size = context.campaign.generator.walkers_per_task or -(
             -len(context.state.walkers) // context.engine.slots["generator"]
         )
         alike: dict[tuple, list[Walker]] = {}
+        sizes: dict[tuple, int] = {}
         for walker in walkers:
-            alike.setdefault((walker.system, walker.temperature_K), []).append(walker)
-        return [group[i : i + size] for group in alike.values() for i in range(0, len(group), size)]
+            settings = self.settings_of(walker.system)
+            if settings["kind"] == "replica_exchange":
+                key = (walker.system, None)
+                sizes[key] = len(settings["temperature_ladder_K"])
+            else:
+                key = (walker.system, walker.temperature_K)
+            alike.setdefault(key, []).append(walker)
+        return [
+            group[i : i + sizes.get(key, size)]
+            for key, group in alike.items()
+            for i in range(0, len(group), sizes.get(key, size))
+        ]
+
+    def settings_of(self, system: str) -> dict[str, Any]:
+        """The generator section as the walkers of ``system`` run it."""
+        campaign = self.context.campaign
+        return campaign.generator_for(campaign.system_named(system))
 
     def system_is_full(self, name: str) -> bool:
         """Whether the system ``name`` has its own label cap and has reached it."""
@@ -100,6 +118,13 @@ class GeneratorAgent:
             settings["temperature_K"] = first.temperature_K
         if context.state.train_snapshot is not None:  # what "rattle" perturbs besides the start
             settings["labelled_path"] = context.state.train_snapshot.train
+        if settings["kind"] == "metadynamics":  # each walker's hills, and its system's
+            settings["hills_paths"] = [context.run.walker_hills(w.walker_id) for w in group]
+            settings["shared_hills_paths"] = [
+                context.run.walker_hills(w.walker_id)
+                for w in context.state.walkers
+                if w.system == first.system
+            ]
         request = MDRequest(
             generator=settings["kind"],
             start_paths=[walker.start_path for walker in group],
@@ -123,7 +148,7 @@ class GeneratorAgent:
             left_domain = self.queue_picks(outcome, task.version, walker.system)
             if outcome["blew_up"] and not outcome["n_frames"]:  # the blow-up frame alone
                 self.context.policy.exploration.add(walker.system, SegmentCounts(0, 0, 1))
-            reason = outcome["reason"] if outcome["blew_up"] else None
+            reason = outcome["reason"] if outcome["blew_up"] or outcome.get("reset") else None
             if left_domain:
                 reason = "a frame scored above selection.upper_threshold"
             if reason:
