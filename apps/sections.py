@@ -276,8 +276,9 @@ class GeneratorSettings(Section):
     1)``, a well of depth ``A`` and width ``B``; ``"hal"`` (hyperactive learning):
     ``-τ σ``. Its forces need only the members' energies and forces."""
     bias_strength: float = Field(0.5, ge=0)
-    """The bias's strength when ``bias_force_fraction`` is 0: ``A`` in eV for
-    ``"udd"``, ``τ`` (no unit) for ``"hal"``."""
+    """The bias's strength, ``A`` in eV for ``"udd"``, ``τ`` (no unit) for ``"hal"``:
+    fixed when ``bias_force_fraction`` is 0, otherwise the most the adaptive strength
+    may reach."""
     bias_width_eV: float = Field(0.02, gt=0)
     """``B`` of the ``"udd"`` shape, eV: the energy spread per √atom over which the
     bias saturates."""
@@ -287,7 +288,7 @@ class GeneratorSettings(Section):
     ``bias_strength``."""
     max_bias_force: float = Field(1.0, gt=0)
     """The largest bias force on one atom, eV/Å: a guard against runaway."""
-    bias_trust_level: float = Field(1.0, ge=0)
+    bias_trust_level: float = Field(2.0, ge=0)
     """The upper trust level of a biased walker, eV/Å of force disagreement: past it
     the walker stops, its frames so far are kept, and it is reset to its start
     (0: no such level; ``max_force_disagreement`` still applies)."""

@@ -14,7 +14,9 @@ and forces: ∂σ²/∂x = -(2/K) Σ_k (E_k - Ē) F_k. Two shapes
 
 With ``bias_force_fraction`` the strength (A or τ) adapts, walker by walker, so that
 the bias's mean force per atom stays that fraction of the physical one (running
-means, as hyperactive learning does); ``max_bias_force`` caps the force on any atom.
+means, as hyperactive learning does), up to ``bias_strength``: where the committee
+disagrees so much that the well is flat, no strength could make it pull, and none
+is tried. ``max_bias_force`` caps the force on any atom.
 The bias only moves the walkers: the frames they record carry the unbiased
 committee's predictions.
 """
@@ -61,7 +63,8 @@ class UncertaintyBias:
 
     def __init__(self, settings: dict[str, Any], n_walkers: int) -> None:
         self.shape = settings["bias_shape"]
-        self.strength = np.full(n_walkers, float(settings["bias_strength"]))
+        self.largest_strength = float(settings["bias_strength"])
+        self.strength = np.full(n_walkers, self.largest_strength)
         self.width = settings["bias_width_eV"]
         self.fraction = settings["bias_force_fraction"]
         self.largest = settings["max_bias_force"]
@@ -96,8 +99,9 @@ class UncertaintyBias:
         for means, forces in ((self.physical, physical), (self.unit, unit)):
             size = float(np.linalg.norm(forces, axis=1).mean())
             means[i] = size if np.isnan(means[i]) else (1 - weight) * means[i] + weight * size
-        if self.unit[i] > 0:
-            self.strength[i] = self.fraction * self.physical[i] / self.unit[i]
+        if self.unit[i] > 0:  # never past the largest strength: a saturated well stays flat
+            wanted = self.fraction * self.physical[i] / self.unit[i]
+            self.strength[i] = min(wanted, self.largest_strength)
 
     def state(self) -> dict[str, list[float]]:
         """What a report shows: each walker's strength now."""
