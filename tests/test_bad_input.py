@@ -308,9 +308,9 @@ CASES = {
     "unknown generator of a system": (
         lambda d: [
             "--campaign",
-            write(d / "c.toml", '[[systems]]\nname = "a"\ngenerator = "metadynamics"\n'),
+            write(d / "c.toml", '[[systems]]\nname = "a"\ngenerator = "umbrella"\n'),
         ],
-        "unknown generator 'metadynamics'",
+        "unknown generator 'umbrella'",
     ),
     "held-out file of a system without labels": (
         lambda d: [

@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ase import Atoms
+from pydantic import ValidationError
 
 from palflow.apps.errors import SettingsError, StructureError
 from palflow.apps.md.colvars import largest_index
 from palflow.apps.models import registry
+from palflow.apps.sections import GeneratorSettings
 
 MD_KINDS = ("md", "biased_md", "metadynamics", "replica_exchange")
 """The generators that run palflow's MD (and so may run at constant pressure)."""
@@ -53,6 +55,11 @@ def check_exploration(campaign, starts: Mapping[str, Sequence[Atoms]]) -> None:
         settings = campaign.generator_for(system)
         where = f"system {system.name!r}: " if campaign.systems else ""
         kind = settings["kind"]
+        try:  # a system's own generator, checked as [generator] is
+            GeneratorSettings.model_validate(settings)
+        except ValidationError as error:
+            message = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise SettingsError(f"{where}{message}") from None
         if kind == "metadynamics":
             _check_variables(settings["collective_variables"], starts[system.name], where)
         elif kind == "biased_md":
