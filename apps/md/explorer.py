@@ -68,8 +68,13 @@ class Exploration:
                 )
             self.exchange = ReplicaExchange(ladder, settings["exchange_interval"], rng)
             base = list(ladder)
-            for i, atoms in enumerate(walkers):
-                atoms.info.setdefault(REPLICA_KEY, i)
+            # A walker reset to its start has lost its replica: it takes one of those
+            # missing from the ladder, so that the replicas stay a permutation.
+            present = {a.info[REPLICA_KEY] for a in walkers if REPLICA_KEY in a.info}
+            missing = iter(sorted(set(range(len(ladder))) - present))
+            for atoms in walkers:
+                if REPLICA_KEY not in atoms.info:
+                    atoms.info[REPLICA_KEY] = next(missing, len(ladder))
         self.base_K = np.asarray(base, dtype=float)
         for atoms in walkers:
             atoms.info[STEPS_KEY] = int(atoms.info.get(STEPS_KEY, 0))

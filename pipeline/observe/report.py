@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from palflow.pipeline.engine.validation import summary_lines
+from palflow.pipeline.observe.exploration_figures import exchange_rates, plot_exploration
 from palflow.pipeline.observe.figures import (
     empty_panel,
     new_figure,
@@ -56,6 +57,7 @@ FIGURES = {
     "uncertainty_vs_error": "Predicted uncertainty against true error",
     "oracle": "Oracle time and failures",
     "convergence": "Convergence: exploration ratios and calibration",
+    "exploration": "Exploration: visited collective variables, bias, exchanges",
 }
 """Every figure of the report, by file stem, with its heading."""
 
@@ -67,6 +69,7 @@ PLOTS = {
     "uncertainty_vs_error": plot_uncertainty_vs_error,
     "oracle": plot_oracle,
     "convergence": plot_convergence,
+    "exploration": plot_exploration,
 }
 """The function that draws each figure of :data:`FIGURES`."""
 
@@ -123,6 +126,13 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
                     f"{ratios['failed']:.2f} failed",
                 )
             )
+    generator = data.campaign.get("generator", {})
+    if generator.get("kind", "md") != "md":
+        facts.append(("generator", generator["kind"]))
+    rates = exchange_rates(data)
+    if rates is not None and rates["attempted"] is not None:
+        shares = rates["accepted"] / rates["attempted"].clip(min=1)
+        facts.append(("exchange rates, coldest pair first", ", ".join(f"{s:.2f}" for s in shares)))
     if last.get("calibration"):
         facts.append(
             ("calibration (validation labels)", f"force error ≈ {last['calibration']:.2f} · spread")
