@@ -119,24 +119,33 @@ def _run_md(
     for step in range(1, settings["steps_per_task"] + 1):
         exploration.before_step(dynamics)
         dynamics.step(active)
-        exploration.after_step(dynamics, active, step)
-        if step % interval:
-            continue
-        for i in list(active):
-            evaluation = dynamics.results[i]
-            reasons[i] = blow_up_reason(walkers[i], evaluation.force_disagreement, settings)
-            if reasons[i] is not None:
-                active.remove(i)
-                continue
-            frame = walkers[i].copy()
-            frame.calc = None
-            add_frame(records[i], frame, evaluation, step, exploration.frame_extras(i, dynamics))
-            last_good[i] = frame
-            resets[i] = exploration.stop_reason(evaluation.force_disagreement)
-            if resets[i] is not None:
-                active.remove(i)
+        exploration.after_step(dynamics, active)
+        if step % interval == 0:
+            for i in list(active):
+                evaluation = dynamics.results[i]
+                reasons[i] = blow_up_reason(walkers[i], evaluation.force_disagreement, settings)
+                if reasons[i] is not None:
+                    active.remove(i)
+                    continue
+                frame = walkers[i].copy()
+                frame.calc = None
+                extras = exploration.frame_extras(i, dynamics)
+                add_frame(records[i], frame, evaluation, step, extras)
+                last_good[i] = frame
+                resets[i] = exploration.stop_reason(evaluation.force_disagreement)
+                if resets[i] is not None:
+                    active.remove(i)
         if not active:
             break
+        # A walker that has blown up since its last check exchanges with no one.
+        exploration.exchange_now(
+            dynamics,
+            active,
+            step,
+            sound=lambda i: (
+                blow_up_reason(walkers[i], dynamics.results[i].force_disagreement, settings) is None
+            ),
+        )
 
     results = write_walkers(
         records, last_good, reasons, output_paths, last_frame_paths, version, model.n_members

@@ -300,7 +300,7 @@ class GeneratorSettings(Section):
     hill_height_eV: float = Field(0.05, gt=0)
     """The height of a hill before well-tempering, eV."""
     hill_interval: int = Field(25, ge=1)
-    """MD steps between hills."""
+    """MD steps between hills, counted in each walker's own steps (so across tasks)."""
     bias_factor: float = Field(10.0, gt=1)
     """Well-tempered metadynamics' bias factor γ = (T + ΔT) / T, above 1: a hill is
     ``hill_height_eV · exp(-V / (k ΔT))`` high where the bias is already ``V``."""
@@ -315,7 +315,8 @@ class GeneratorSettings(Section):
     task, the walker ``i`` of a ladder at its ``i``-th temperature."""
     exchange_interval: int = Field(20, ge=1)
     """MD steps between exchange attempts (neighbours on the ladder, even and odd
-    pairs in turn)."""
+    pairs in turn), at most ``steps_per_task``; walkers that have blown up are left
+    out."""
 
     @field_validator("kind")
     @classmethod
@@ -357,5 +358,22 @@ class GeneratorSettings(Section):
             raise ValueError(
                 'generator.kind = "replica_exchange" needs generator.temperature_ladder_K: '
                 f"at least two temperatures, rising (given {self.temperature_ladder_K})"
+            )
+        thermostatted = "a ladder" if self.kind == "replica_exchange" else None
+        thermostatted = thermostatted or ("a schedule" if self.temperature_schedule else None)
+        if thermostatted and self.integrator == "verlet":
+            raise ValueError(
+                f'{thermostatted} of temperatures needs a thermostat: integrator = "verlet" '
+                'keeps none; use "langevin"'
+            )
+        if self.kind == "replica_exchange" and self.temperature_schedule:
+            raise ValueError(
+                "replica exchange keeps each rung at its ladder temperature: drop "
+                "generator.temperature_schedule (or widen the ladder)"
+            )
+        if self.kind == "replica_exchange" and self.exchange_interval > self.steps_per_task:
+            raise ValueError(
+                f"generator.exchange_interval = {self.exchange_interval} is longer than a task "
+                f"(steps_per_task = {self.steps_per_task}): no exchange would be tried"
             )
         return self

@@ -247,8 +247,8 @@ CASES = {
         "a pressure is for MD, not for the generator 'rattle'",
     ),
     "unknown generator": (
-        lambda d: ["--campaign", write(d / "c.toml", '[generator]\nkind = "metadynamics"\n')],
-        "unknown generator 'metadynamics'",
+        lambda d: ["--campaign", write(d / "c.toml", '[generator]\nkind = "umbrella"\n')],
+        "unknown generator 'umbrella'",
     ),
     "generator plug-in missing": (
         lambda d: [

@@ -441,3 +441,127 @@ def test_every_exploring_example_validates():
     for name in ("ethanol_biased", "ethanol_replica_exchange", "alanine_metadynamics"):
         campaign = load_campaign(ROOT / "examples" / f"{name}.toml")
         assert campaign.generator.kind in ("biased_md", "replica_exchange", "metadynamics")
+
+
+# ---------------------------------------------------------------- what a second reader asked
+def argon_dynamics(temperatures, settings=None, bias=None, n=2):
+    """Batched Langevin MD of ``n`` Ar13 clusters on ASE's Lennard-Jones (one walker at a
+    time through the calculator), each at its own temperature."""
+    from palflow.apps.common import draw_velocities
+    from palflow.apps.md.dynamics import BatchedDynamics
+
+    rng = np.random.default_rng(0)
+    walkers = []
+    for k in range(n):
+        atoms = read(ROOT / "examples" / "structures" / "ar13.xyz")
+        draw_velocities(atoms, temperatures[k], rng)
+        walkers.append(atoms)
+    given = {"timestep_fs": 5.0, "temperature_K": 40.0, "friction": 0.05, **(settings or {})}
+    settings = GeneratorSettings(**given).model_dump()
+    calculator = LennardJones(sigma=3.405, epsilon=0.0104, rc=10.0)
+    dynamics = BatchedDynamics(calculator, walkers, settings, rng, bias=bias)
+    dynamics.kT = units.kB * np.asarray(temperatures, dtype=float)
+    return dynamics
+
+
+def test_each_walker_is_thermostatted_at_its_own_temperature():
+    dynamics = argon_dynamics([10.0, 40.0])
+    kinetic = []
+    for step in range(1500):
+        dynamics.step([0, 1])
+        if step >= 300:
+            kinetic.append([a.get_temperature() for a in dynamics.walkers])
+    measured = np.mean(kinetic, axis=0)
+    assert measured == pytest.approx([10.0, 40.0], rel=0.15)
+
+
+def test_a_swap_exchanges_configurations_and_rescales_momenta():
+    dynamics = argon_dynamics([10.0, 40.0])
+    a, b = (w.copy() for w in dynamics.walkers)
+    dynamics.walkers[0].info["tag"], dynamics.walkers[1].info["tag"] = "a", "b"
+    results = list(dynamics.results.values())
+    dynamics.swap(0, 1)
+    first, second = dynamics.walkers
+    assert np.allclose(first.positions, b.positions) and np.allclose(second.positions, a.positions)
+    assert np.allclose(first.get_momenta(), b.get_momenta() * np.sqrt(10 / 40))
+    assert np.allclose(second.get_momenta(), a.get_momenta() * np.sqrt(40 / 10))
+    assert (first.info["tag"], second.info["tag"]) == ("b", "a")
+    assert dynamics.results[0] is results[1] and dynamics.results[1] is results[0]
+
+
+class Push:
+    """A bias of a constant force on atom 0."""
+
+    def forces(self, i, atoms, evaluation, kT):
+        forces = np.zeros((len(atoms), 3))
+        forces[0, 0] = 0.2
+        return forces, 0.0
+
+
+def test_the_bias_forces_move_the_walkers():
+    plain, pushed = argon_dynamics([20.0, 20.0]), argon_dynamics([20.0, 20.0], bias=Push())
+    for _ in range(50):
+        plain.step([0, 1])
+        pushed.step([0, 1])
+    shift = pushed.walkers[0].positions[0, 0] - plain.walkers[0].positions[0, 0]
+    assert shift > 0.1, "the push (0.2 eV/Å for 250 fs: about 0.2 Å) moved atom 0 along x"
+    assert np.allclose(pushed.forces(0)[0, 0] - pushed.results[0].forces[0, 0], 0.2)
+
+
+def test_a_reset_walker_takes_the_replica_missing_from_its_ladder(tmp_path, ethanol_ensemble):
+    starts = ethanol_starts(tmp_path, 3)
+    for path, replica in ((starts[0], 2), (starts[2], 0)):  # walker 1 was reset: no replica
+        atoms = read(path)
+        atoms.info[REPLICA_KEY] = replica
+        write(path, atoms)
+    result = explore(tmp_path, "replica_exchange", ethanol_ensemble, starts,
+                     temperature_ladder_K=[300.0, 360.0, 430.0], exchange_interval=20)  # fmt: skip
+    first = [int(read_arrays(w["output_path"])["replica"][0]) for w in result["walkers"]]
+    assert first == [2, 1, 0]
+
+
+def test_hills_follow_each_walkers_own_steps_across_tasks(tmp_path, ethanol_ensemble):
+    start = ethanol_starts(tmp_path, 1)
+    hills = [str(tmp_path / "hills" / "walker000.npz")]
+    counts = []
+    for task in range(3):  # 20 steps a task, a hill every 30 of the walker's steps
+        folder = tmp_path / f"task{task}"
+        folder.mkdir()
+        result = explore(folder, "metadynamics", ethanol_ensemble, start, hills_paths=hills,
+                         collective_variables=dihedrals(0.3), hill_interval=30)  # fmt: skip
+        start = [result["walkers"][0]["last_frame_path"]]
+        counts.append(result["hills"])
+    assert counts == [0, 1, 2]
+    assert np.load(hills[0])["steps"].tolist() == [30, 60]
+
+
+def test_a_pair_both_groups_hold_counts_once():
+    atoms = rattled_ethanol()
+    overlapping = {"kind": "coordination", "atoms": [0, 1, 2], "to_atoms": [1, 2], "r0": 1.6}
+    value, _ = colvars.evaluate(atoms, [overlapping])
+    distances = atoms.get_all_distances()
+    pairs = {(0, 1), (0, 2), (1, 2)}
+    x = np.array([distances[i, j] for i, j in pairs]) / 1.6
+    assert value[0] == pytest.approx(((1 - x**6) / (1 - x**12)).sum())
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"kind": "replica_exchange", "temperature_ladder_K": [300.0, 400.0],
+          "integrator": "verlet"}, "needs a thermostat"),
+        ({"temperature_schedule": [[0, 1.0], [100, 2.0]], "integrator": "verlet"},
+         "needs a thermostat"),
+        ({"kind": "replica_exchange", "temperature_ladder_K": [300.0, 400.0],
+          "temperature_schedule": [[0, 1.0], [100, 2.0]]}, "drop generator.temperature_schedule"),
+        ({"kind": "replica_exchange", "temperature_ladder_K": [300.0, 400.0],
+          "exchange_interval": 500}, "no exchange would be tried"),
+        ({"temperature_schedule": [[10, 1.0]]}, "must start at 0"),
+    ],
+    ids=["ladder-verlet", "schedule-verlet", "ladder-schedule", "interval", "schedule-start"],
+)  # fmt: skip
+def test_settings_that_cannot_work_together_are_refused(given, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        GeneratorSettings(**given)

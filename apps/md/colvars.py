@@ -53,7 +53,9 @@ def dihedral(atoms: Atoms, indices: list[int]) -> tuple[float, dict[int, np.ndar
     a, b, c, d = indices
     f, g, h = _vector(atoms, b, a), _vector(atoms, c, b), _vector(atoms, c, d)
     normal_a, normal_b = np.cross(f, g), np.cross(h, g)
-    aa, bb, gn = normal_a @ normal_a, normal_b @ normal_b, np.linalg.norm(g)
+    # Three atoms in a line leave the dihedral undefined: its gradient stays finite.
+    aa, bb = max(normal_a @ normal_a, 1e-12), max(normal_b @ normal_b, 1e-12)
+    gn = np.linalg.norm(g)
     phi = float(np.arctan2(np.cross(normal_b, normal_a) @ g / gn, normal_a @ normal_b))
     fg, hg = f @ g, h @ g
     grad_a = -gn / aa * normal_a
@@ -66,14 +68,17 @@ def dihedral(atoms: Atoms, indices: list[int]) -> tuple[float, dict[int, np.ndar
 def coordination(
     atoms: Atoms, first: list[int], second: list[int], r0: float, n: int = 6, m: int = 12
 ) -> tuple[float, dict[int, np.ndarray]]:
-    """``Σ (1 - (r/r0)^n) / (1 - (r/r0)^m)`` over the pairs of two groups (an atom is
-    never paired with itself)."""
+    """``Σ (1 - (r/r0)^n) / (1 - (r/r0)^m)`` over the pairs of two groups: an atom is
+    never paired with itself, and a pair both groups hold counts once."""
     positions = atoms.get_positions()
     vectors, lengths = get_distances(
         positions[first], positions[second], cell=atoms.cell, pbc=atoms.pbc
     )
     x = lengths / r0
-    same = np.asarray(first)[:, None] == np.asarray(second)[None, :]
+    a, b = np.asarray(first)[:, None], np.asarray(second)[None, :]
+    # i-j and j-i are one pair: where both orders occur, keep the one with i < j.
+    twice = np.isin(a, second) & np.isin(b, first) & (a > b)
+    same = (a == b) | twice
     near = np.abs(x - 1.0) < 1e-6  # the removable singularity at r = r0
     x = np.where(near, 1.0 + 1e-6, x)
     top, bottom = 1 - x**n, 1 - x**m

@@ -95,15 +95,22 @@ class Exploration:
     def before_step(self, dynamics) -> None:
         dynamics.kT = units.kB * self.temperatures_K()
 
-    def after_step(self, dynamics, active: list[int], step: int) -> None:
-        """Count the active walkers' steps, drop hills, and attempt exchanges."""
+    def after_step(self, dynamics, active: list[int]) -> None:
+        """Count the active walkers' steps, and drop hills every ``hill_interval`` of
+        a walker's own steps."""
         for i in active:
             self.walkers[i].info[STEPS_KEY] += 1
-        if isinstance(self.bias, Metadynamics) and step % self.settings["hill_interval"] == 0:
+        if isinstance(self.bias, Metadynamics):
             for i in active:
-                self.bias.deposit(i, dynamics.kT[i], self.walkers[i].info[STEPS_KEY])
+                steps = self.walkers[i].info[STEPS_KEY]
+                if steps % self.settings["hill_interval"] == 0:
+                    self.bias.deposit(i, dynamics.kT[i], steps)
+
+    def exchange_now(self, dynamics, active: list[int], step: int, sound) -> None:
+        """Every ``exchange_interval`` steps of the task, one round of exchanges
+        between the ``active`` walkers that are ``sound(i)`` (not blown up)."""
         if self.exchange is not None and step % self.exchange.interval == 0:
-            self.exchange.attempt(dynamics, active)
+            self.exchange.attempt(dynamics, [i for i in active if sound(i)])
 
     def stop_reason(self, force_disagreement: float) -> str | None:
         """Why a biased walker stops here and is reset: past the upper trust level."""
