@@ -48,6 +48,7 @@ faint, medians bold; the visited φ/ψ of alanine's walkers per generator).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -292,6 +293,13 @@ class Exploration(common.CampaignBenchmark):
         option("--hot", type=float, default=1000.0, help="ethanol's hot set's MD, K")
         option("--name", default=self.name, help="results file stem (benchmarks/results/NAME.*)")
         option("--quick", action="store_true", help="a tiny run (tests)")
+        option(
+            "--overrides",
+            type=json.loads,
+            default=None,
+            help='more campaign overrides per generator, as JSON: {"metadynamics": '
+            '{"generator__hill_height_eV": 0.1}} (recorded in the protocol)',
+        )
 
     def parse(self, argv: list[str] | None):
         args = super().parse(argv)
@@ -317,7 +325,7 @@ class Exploration(common.CampaignBenchmark):
                     campaign_of(args, system), **overrides(args, system, g, 0, None)
                 )
                 self.resolved.setdefault(system, {})[g] = {
-                    "overrides": generators(system)[g],
+                    "overrides": generators(system)[g] | (args.overrides or {}).get(g, {}),
                     "generator_settings": campaign.generator.model_dump(),
                 }
         self.sets = {}

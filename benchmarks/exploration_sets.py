@@ -180,7 +180,8 @@ def overrides(args, system: str, generator: str, seed: int, test_file: str | Non
     given = {"selection__max_labels_per_version": args.pace}
     if test_file is not None:
         given |= common.budget(args, seed, test_file)
-    return given | (QUICK if args.quick else {}) | generators(system)[generator]
+    extra = (getattr(args, "overrides", None) or {}).get(generator, {})
+    return given | (QUICK if args.quick else {}) | generators(system)[generator] | extra
 
 
 def failed(run: dict | None) -> bool:
