@@ -270,23 +270,24 @@ class GeneratorSettings(Section):
     """Repeat ``temperature_schedule`` from its start after its last point (annealing
     cycles) instead of holding it."""
     # ---- biased_md
-    bias_shape: Literal["udd", "hal"] = "udd"
+    bias_shape: Literal["udd", "hal"] = "hal"
     """``kind = "biased_md"``: the bias energy from the committee's energy variance
     σ² over N atoms. ``"udd"`` (uncertainty-driven dynamics): ``A (exp(-σ²/(N B²)) -
     1)``, a well of depth ``A`` and width ``B``; ``"hal"`` (hyperactive learning):
     ``-τ σ``. Its forces need only the members' energies and forces."""
-    bias_strength: float = Field(0.5, ge=0)
+    bias_strength: float = Field(100.0, ge=0)
     """The bias's strength, ``A`` in eV for ``"udd"``, ``τ`` (no unit) for ``"hal"``:
     fixed when ``bias_force_fraction`` is 0, otherwise the most the adaptive strength
-    may reach."""
+    may reach (100: no ceiling in practice; give a UDD well its depth, e.g. 0.5)."""
     bias_width_eV: float = Field(0.02, gt=0)
     """``B`` of the ``"udd"`` shape, eV: the energy spread per √atom over which the
     bias saturates."""
-    bias_force_fraction: float = Field(0.2, ge=0, le=2)
+    bias_force_fraction: float = Field(0.5, ge=0, le=2)
     """The adaptive strength: the bias's mean force per atom is kept at this fraction
     of the physical one (running means over about 20 steps, per walker). 0: the fixed
-    ``bias_strength``."""
-    max_bias_force: float = Field(1.0, gt=0)
+    ``bias_strength``. The defaults (``"hal"``, 0.5, no ceiling, 2 eV/Å) are those that
+    measured best (``docs/performance.md``, exploring generators)."""
+    max_bias_force: float = Field(2.0, gt=0)
     """The largest bias force on one atom, eV/Å: a guard against runaway."""
     bias_trust_level: float = Field(2.0, ge=0)
     """The upper trust level of a biased walker, eV/Å of force disagreement: past it
