@@ -285,8 +285,9 @@ class GeneratorSettings(Section):
     bias_force_fraction: float = Field(0.5, ge=0, le=2)
     """The adaptive strength: the bias's mean force per atom is kept at this fraction
     of the physical one (running means over about 20 steps, per walker). 0: the fixed
-    ``bias_strength``. The defaults (``"hal"``, 0.5, no ceiling, 2 eV/Å) are those that
-    measured best (``docs/performance.md``, exploring generators)."""
+    ``bias_strength``. The defaults (``"hal"``, 0.5, no ceiling, 2 eV/Å) are a bias that
+    acts (the ``"udd"`` well of the earlier defaults was flat in most frames); a gain in
+    accuracy over plain MD is not shown (``docs/performance.md``)."""
     max_bias_force: float = Field(2.0, gt=0)
     """The largest bias force on one atom, eV/Å: a guard against runaway."""
     bias_trust_level: float = Field(2.0, ge=0)
