@@ -82,3 +82,19 @@ def require_chromium() -> str:
 def require_tmux() -> str:
     """tmux, for the live view in a terminal: its path."""
     return require_program("tmux", "tmux")
+
+
+@pytest.fixture
+def ensemble_path(tmp_path):
+    """A small untrained SchNet committee (3 members, version 2) saved as a checkpoint:
+    what a generator task loads (a test module may define its own)."""
+    import torch
+
+    from palflow.apps.models.core import save_checkpoint
+    from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
+
+    torch.manual_seed(0)
+    model = SchNetEnsemble(ModelSpec(cutoff=4.0, n_features=16, n_interactions=2, n_rbf=8), 3)
+    path = tmp_path / "ensemble.pt"
+    save_checkpoint(path, model, {"version": 2})
+    return str(path)

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from ase import Atoms, units
 from ase.build import bulk, molecule
 from ase.calculators.lj import LennardJones
@@ -20,8 +19,7 @@ from palflow.apps.md.dynamics import Evaluation
 from palflow.apps.md.metadynamics import Hills, Metadynamics
 from palflow.apps.md.tempering import REPLICA_KEY, STEPS_KEY, ReplicaExchange, schedule_factor
 from palflow.apps.models.calculator import predict_structures
-from palflow.apps.models.core import load_checkpoint, save_checkpoint
-from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
+from palflow.apps.models.core import load_checkpoint
 from palflow.pipeline.config.sections import GeneratorSettings
 from tests.test_cli import ROOT, run_cli
 
@@ -279,15 +277,6 @@ def test_exchanges_follow_the_metropolis_probability():
 
 
 # ---------------------------------------------------------------- the generators
-@pytest.fixture
-def ethanol_ensemble(tmp_path):
-    torch.manual_seed(0)
-    model = SchNetEnsemble(ModelSpec(cutoff=4.0, n_features=16, n_interactions=2, n_rbf=8), 3)
-    path = tmp_path / "ensemble.pt"
-    save_checkpoint(path, model, {"version": 1})
-    return str(path)
-
-
 def ethanol_starts(tmp_path, n):
     paths = []
     for i in range(n):
@@ -296,14 +285,14 @@ def ethanol_starts(tmp_path, n):
     return paths
 
 
-def test_biased_md_records_the_unbiased_committee_and_its_bias(tmp_path, ethanol_ensemble):
-    result = explore(tmp_path, "biased_md", ethanol_ensemble, ethanol_starts(tmp_path, 2),
+def test_biased_md_records_the_unbiased_committee_and_its_bias(tmp_path, ensemble_path):
+    result = explore(tmp_path, "biased_md", ensemble_path, ethanol_starts(tmp_path, 2),
                       temperature_schedule=[[0, 1.0], [20, 2.0]])  # fmt: skip
     arrays = read_arrays(result["walkers"][0]["output_path"])
     assert arrays["bias_energy"].shape == (4,) and (arrays["bias_energy"] < 0).all()
     # the temperature each recorded step ran at: 500 K times 1 + (steps before it) / 20
     assert arrays["temperature_K"].tolist() == pytest.approx([600, 725, 850, 975])
-    model, _ = load_checkpoint(ethanol_ensemble)
+    model, _ = load_checkpoint(ensemble_path)
     frames = structures_from_arrays(arrays)
     unbiased = predict_structures(model.eval(), frames, None, batch_size=len(frames))
     assert arrays["force_disagreement"] == pytest.approx(unbiased["force_disagreement"], rel=1e-4)
@@ -314,22 +303,22 @@ def test_biased_md_records_the_unbiased_committee_and_its_bias(tmp_path, ethanol
     assert len(result["bias_strength"]) == 2
 
 
-def test_a_biased_walker_past_the_trust_level_stops_and_is_reset(tmp_path, ethanol_ensemble):
-    result = explore(tmp_path, "biased_md", ethanol_ensemble, ethanol_starts(tmp_path, 1),
+def test_a_biased_walker_past_the_trust_level_stops_and_is_reset(tmp_path, ensemble_path):
+    result = explore(tmp_path, "biased_md", ensemble_path, ethanol_starts(tmp_path, 1),
                       bias_trust_level=1e-9)  # fmt: skip
     walker = result["walkers"][0]
     assert walker["reset"] and "trust level" in walker["reason"]
     assert walker["n_frames"] == 1 and not walker["blew_up"], "its frame is kept"
 
 
-def test_metadynamics_drops_hills_and_resumes_from_them(tmp_path, ethanol_ensemble):
+def test_metadynamics_drops_hills_and_resumes_from_them(tmp_path, ensemble_path):
     cvs = [{"kind": "dihedral", "atoms": a, "width": 0.3} for a in ETHANOL_DIHEDRALS]
     starts = ethanol_starts(tmp_path, 2)
     hills = [str(tmp_path / "hills" / f"walker{i:03d}.npz") for i in range(2)]
 
     def segment(folder):
         folder.mkdir()
-        result = explore(folder, "metadynamics", ethanol_ensemble, starts, hills_paths=hills,
+        result = explore(folder, "metadynamics", ensemble_path, starts, hills_paths=hills,
                          collective_variables=cvs, hill_interval=5)  # fmt: skip
         return result, read_arrays(result["walkers"][0]["output_path"])
 
@@ -344,9 +333,9 @@ def test_metadynamics_drops_hills_and_resumes_from_them(tmp_path, ethanol_ensemb
     assert arrays["bias_energy"][0] > 0
 
 
-def test_replica_exchange_keeps_a_ladder_and_records_its_exchanges(tmp_path, ethanol_ensemble):
+def test_replica_exchange_keeps_a_ladder_and_records_its_exchanges(tmp_path, ensemble_path):
     ladder = [300.0, 360.0, 430.0]
-    result = explore(tmp_path, "replica_exchange", ethanol_ensemble, ethanol_starts(tmp_path, 3),
+    result = explore(tmp_path, "replica_exchange", ensemble_path, ethanol_starts(tmp_path, 3),
                       temperature_ladder_K=ladder, exchange_interval=2,
                       steps_per_task=40)  # fmt: skip
     record = json.loads((tmp_path / "frames0.exchanges.json").read_text())
@@ -357,7 +346,7 @@ def test_replica_exchange_keeps_a_ladder_and_records_its_exchanges(tmp_path, eth
     for rung, walker in zip(ladder, result["walkers"], strict=True):
         assert read_arrays(walker["output_path"])["temperature_K"] == pytest.approx(rung)
     with pytest.raises(ValueError, match="one walker per rung"):
-        explore(tmp_path, "replica_exchange", ethanol_ensemble, ethanol_starts(tmp_path, 2),
+        explore(tmp_path, "replica_exchange", ensemble_path, ethanol_starts(tmp_path, 2),
                  temperature_ladder_K=ladder)  # fmt: skip
 
 
@@ -508,26 +497,26 @@ def test_the_bias_forces_move_the_walkers():
     assert np.allclose(pushed.forces(0)[0, 0] - pushed.results[0].forces[0, 0], 0.2)
 
 
-def test_a_reset_walker_takes_the_replica_missing_from_its_ladder(tmp_path, ethanol_ensemble):
+def test_a_reset_walker_takes_the_replica_missing_from_its_ladder(tmp_path, ensemble_path):
     starts = ethanol_starts(tmp_path, 3)
     for path, replica in ((starts[0], 2), (starts[2], 0)):  # walker 1 was reset: no replica
         atoms = read(path)
         atoms.info[REPLICA_KEY] = replica
         write(path, atoms)
-    result = explore(tmp_path, "replica_exchange", ethanol_ensemble, starts,
+    result = explore(tmp_path, "replica_exchange", ensemble_path, starts,
                      temperature_ladder_K=[300.0, 360.0, 430.0], exchange_interval=20)  # fmt: skip
     first = [int(read_arrays(w["output_path"])["replica"][0]) for w in result["walkers"]]
     assert first == [2, 1, 0]
 
 
-def test_hills_follow_each_walkers_own_steps_across_tasks(tmp_path, ethanol_ensemble):
+def test_hills_follow_each_walkers_own_steps_across_tasks(tmp_path, ensemble_path):
     start = ethanol_starts(tmp_path, 1)
     hills = [str(tmp_path / "hills" / "walker000.npz")]
     counts = []
     for task in range(3):  # 20 steps a task, a hill every 30 of the walker's steps
         folder = tmp_path / f"task{task}"
         folder.mkdir()
-        result = explore(folder, "metadynamics", ethanol_ensemble, start, hills_paths=hills,
+        result = explore(folder, "metadynamics", ensemble_path, start, hills_paths=hills,
                          collective_variables=dihedrals(0.3), hill_interval=30)  # fmt: skip
         start = [result["walkers"][0]["last_frame_path"]]
         counts.append(result["hills"])

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from ase import units
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
@@ -14,23 +13,12 @@ from ase.io import read, write
 from palflow.apps.common import draw_velocities
 from palflow.apps.data.dataset import read_arrays, write_dataset
 from palflow.apps.generator import BatchedDynamics, _generate, resolve_generator
-from palflow.apps.models.core import save_checkpoint
-from palflow.apps.models.schnet.network import ModelSpec, SchNetEnsemble
 from palflow.apps.oracles.calculators import label_structure
 from palflow.pipeline.config.sections import GeneratorSettings
 from tests.test_coordinator import run_campaign, small_campaign
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BOND_STRETCH = str(EXAMPLES / "plugins" / "bond_stretch.py") + ":generate"
-
-
-@pytest.fixture
-def ensemble_path(tmp_path):
-    torch.manual_seed(0)
-    model = SchNetEnsemble(ModelSpec(cutoff=4.0, n_features=16, n_interactions=2, n_rbf=8), 3)
-    path = tmp_path / "ensemble.pt"
-    save_checkpoint(path, model, {"version": 2})
-    return str(path)
 
 
 def copper(tmp_path, name="cu.extxyz"):
